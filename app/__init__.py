@@ -1,0 +1,1 @@
+"""Metrics-as-a-service pipeline: wiring, settings, models, store, web and commands."""

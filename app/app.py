@@ -1,0 +1,54 @@
+"""Faust wiring: the app, its topics and its table. Agents live in ``agents/``, one module per stream job.
+
+Everything is configured from :class:`app.settings.Settings` (environment variables), read once at import.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from app.settings import Settings
+
+settings = Settings.from_env()
+
+
+def create_app(s: Settings) -> faust.App:
+    return faust.App(
+        s.app_id,
+        broker=s.broker_url,
+        store=s.store_url,
+        datadir=s.data_dir,
+        topic_partitions=s.partitions,
+        topic_replication_factor=s.replication_factor,
+        # The embedded broker has no transactions; correctness comes from idempotent effects instead
+        # (tables/windows.py), so at-least-once is the right guarantee everywhere.
+        processing_guarantee="at_least_once",
+        producer_acks=-1,  # a minute is only "emitted" once every in-sync replica has it
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=s.heartbeat_interval_s,
+        broker_rebalance_timeout=s.rebalance_timeout_s,
+        web_enabled=False,  # our own aiohttp server (app/web.py) serves the API
+        key_serializer="raw",
+        value_serializer="raw",
+        table_standby_replicas=0,
+        # A single aggregation message may carry 500+ observations and a closing minute several KB of
+        # digests: allow the producer to batch them.
+        producer_max_request_size=8 * 1024 * 1024,
+    )
+
+
+app = create_app(settings)
+
+observations_topic = app.topic(settings.observations_topic, key_type=bytes, value_type=bytes,
+                               partitions=settings.partitions)
+metrics_topic = app.topic(settings.metrics_topic, key_type=bytes, value_type=bytes,
+                          partitions=settings.partitions)
+dlq_topic = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+sink_dlq_topic = app.topic(settings.sink_dlq_topic, key_type=bytes, value_type=bytes,
+                           partitions=settings.partitions)
+
+# Open windows and per-app progress, keyed by input partition (tables/state.py). Not a Faust windowed
+# table on purpose: we own the window lifecycle (tables/windows.py). RocksDB-backed with a changelog.
+windows_table = app.Table("windows", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                          key_serializer="raw", value_serializer="raw", default=None)

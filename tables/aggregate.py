@@ -1,0 +1,307 @@
+"""One mergeable bucket of metrics for (app, process type, time bucket).
+
+The same class is the open window in the aggregation agent, the record on ``metrics-1m``, the payload in
+DynamoDB and (merged) a coarser point at query time: counts and sums add, max is max, means are weighted,
+percentiles come from merged t-digests -- never from averaging percentiles.
+
+Serialized with :meth:`to_record` (JSON-able, ``v`` is bumped when the layout or digest parameters change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tables.digest import DEFAULT_MAX_CENTROIDS, Digest
+
+RECORD_VERSION = 1
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class Stat:
+    """sum, count, max of a gauge-like series (memory, load). Mean = sum / count."""
+
+    __slots__ = ("sum", "n", "max")
+
+    def __init__(self, total: float = 0.0, n: int = 0, maximum: float | None = None) -> None:
+        self.sum = total
+        self.n = n
+        self.max = maximum
+
+    def add(self, v: float) -> None:
+        self.sum += v
+        self.n += 1
+        if self.max is None or v > self.max:
+            self.max = v
+
+    def merge(self, other: "Stat") -> None:
+        self.sum += other.sum
+        self.n += other.n
+        if other.max is not None and (self.max is None or other.max > self.max):
+            self.max = other.max
+
+    def to_list(self) -> list[Any]:
+        return [self.sum, self.n, self.max]
+
+    @classmethod
+    def from_list(cls, v: list[Any]) -> "Stat":
+        return cls(float(v[0]), int(v[1]), None if v[2] is None else float(v[2]))
+
+    def mean(self) -> float | None:
+        return self.sum / self.n if self.n else None
+
+
+class Timer:
+    """A latency-like series: exact count/sum/max plus a digest for percentiles."""
+
+    __slots__ = ("digest", "n", "sum", "max")
+
+    def __init__(self, max_centroids: int) -> None:
+        self.digest = Digest(max_centroids)
+        self.n = 0
+        self.sum = 0.0
+        self.max: float | None = None
+
+    def add(self, v: float) -> None:
+        self.digest.add(v)
+        self.n += 1
+        self.sum += v
+        if self.max is None or v > self.max:
+            self.max = v
+
+    def merge(self, other: "Timer") -> None:
+        self.digest.merge(other.digest)
+        self.n += other.n
+        self.sum += other.sum
+        if other.max is not None and (self.max is None or other.max > self.max):
+            self.max = other.max
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "s": self.sum, "max": self.max, "d": self.digest.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], max_centroids: int) -> "Timer":
+        t = cls(max_centroids)
+        t.n, t.sum, t.max = int(d["n"]), float(d["s"]), d["max"]
+        t.digest = Digest.from_dict(d["d"], max_centroids)
+        return t
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "count": self.n, "sum": self.sum, "max": self.max,
+            "mean": self.sum / self.n if self.n else None,
+            "p50": self.digest.quantile(0.5), "p95": self.digest.quantile(0.95),
+            "p99": self.digest.quantile(0.99),
+        }
+
+
+class Gauge:
+    """A custom gauge: mean/max over the bucket and the value of the latest sample (by event time)."""
+
+    __slots__ = ("stat", "last", "last_ts_ms")
+
+    def __init__(self) -> None:
+        self.stat = Stat()
+        self.last: float | None = None
+        self.last_ts_ms = -1
+
+    def add(self, v: float, ts_ms: int) -> None:
+        self.stat.add(v)
+        if ts_ms >= self.last_ts_ms:
+            self.last, self.last_ts_ms = v, ts_ms
+
+    def merge(self, other: "Gauge") -> None:
+        self.stat.merge(other.stat)
+        if other.last_ts_ms >= self.last_ts_ms:
+            self.last, self.last_ts_ms = other.last, other.last_ts_ms
+
+
+@dataclass(frozen=True, slots=True)
+class BucketKey:
+    app: str
+    process_type: str
+    start_ms: int
+
+
+class Aggregate:
+    """Everything known about one (app, process type, bucket). Bounded size whatever the traffic."""
+
+    __slots__ = ("key", "resolution_s", "offset", "requests", "response", "status", "failed", "errors",
+                 "rss", "swap", "total", "quota_mb", "load", "timers", "counters", "gauges",
+                 "max_centroids")
+
+    def __init__(self, key: BucketKey, *, resolution_s: int = 60,
+                 max_centroids: int = DEFAULT_MAX_CENTROIDS) -> None:
+        self.key = key
+        self.resolution_s = resolution_s
+        self.max_centroids = max_centroids
+        self.offset = -1  # highest input offset folded in: replays at or below it are skipped
+        self.response = Timer(max_centroids)
+        self.requests = 0  # == response.n; kept apart for readability of the hot path
+        self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100 (1..5)
+        self.failed = 0
+        self.errors: dict[str, int] = {}
+        self.rss = Stat()
+        self.swap = Stat()
+        self.total = Stat()
+        self.quota_mb: float | None = None
+        self.load = Stat()
+        self.timers: dict[str, Timer] = {}
+        self.counters: dict[str, float] = {}
+        self.gauges: dict[str, Gauge] = {}
+
+    # --- adding observations (hot path: called once per observation) ------------------------------
+    def add_request(self, status: int, service_ms: float, code: str | None) -> None:
+        self.requests += 1
+        self.response.add(service_ms)
+        self.status[status // 100] += 1
+        if status >= 500:
+            self.failed += 1
+        if code is not None:
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+    def add_runtime(self, rss_mb: float | None, swap_mb: float | None, total_mb: float | None,
+                    quota_mb: float | None, load_1m: float | None) -> None:
+        if rss_mb is not None:
+            self.rss.add(rss_mb)
+        if swap_mb is not None:
+            self.swap.add(swap_mb)
+        if total_mb is not None:
+            self.total.add(total_mb)
+        if quota_mb is not None and (self.quota_mb is None or quota_mb > self.quota_mb):
+            self.quota_mb = quota_mb
+        if load_1m is not None:
+            self.load.add(load_1m)
+
+    def add_metric(self, name: str, kind: str, value: float, ts_ms: int) -> None:
+        if kind == "timer":
+            t = self.timers.get(name)
+            if t is None:
+                t = self.timers[name] = Timer(self.max_centroids)
+            t.add(value)
+        elif kind == "counter":
+            self.counters[name] = self.counters.get(name, 0.0) + value
+        else:
+            g = self.gauges.get(name)
+            if g is None:
+                g = self.gauges[name] = Gauge()
+            g.add(value, ts_ms)
+
+    # --- combining ---------------------------------------------------------------------------------
+    def merge(self, other: "Aggregate") -> None:
+        """Fold another bucket in (rollups, query-time merging). Exact for counts/sums/max."""
+        self.requests += other.requests
+        self.response.merge(other.response)
+        self.status = [a + b for a, b in zip(self.status, other.status)]
+        self.failed += other.failed
+        for code, n in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+        self.rss.merge(other.rss)
+        self.swap.merge(other.swap)
+        self.total.merge(other.total)
+        if other.quota_mb is not None and (self.quota_mb is None or other.quota_mb > self.quota_mb):
+            self.quota_mb = other.quota_mb
+        self.load.merge(other.load)
+        for name, t in other.timers.items():
+            mine = self.timers.get(name)
+            if mine is None:
+                mine = self.timers[name] = Timer(self.max_centroids)
+            mine.merge(t)
+        for name, v in other.counters.items():
+            self.counters[name] = self.counters.get(name, 0.0) + v
+        for name, g in other.gauges.items():
+            mg = self.gauges.get(name)
+            if mg is None:
+                mg = self.gauges[name] = Gauge()
+            mg.merge(g)
+        self.offset = max(self.offset, other.offset)
+
+    # --- serialization -----------------------------------------------------------------------------
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "v": RECORD_VERSION, "app": self.key.app, "proc": self.key.process_type,
+            "start_ms": self.key.start_ms, "res_s": self.resolution_s, "off": self.offset,
+            "mc": self.max_centroids,
+        }
+        if self.requests:
+            rec["req"] = self.requests
+            rec["resp"] = self.response.to_dict()
+            rec["st"] = self.status[1:]
+            rec["fail"] = self.failed
+        if self.errors:
+            rec["err"] = self.errors
+        if self.rss.n or self.swap.n or self.total.n or self.quota_mb is not None:
+            rec["mem"] = {"rss": self.rss.to_list(), "swap": self.swap.to_list(),
+                          "total": self.total.to_list(), "quota": self.quota_mb}
+        if self.load.n:
+            rec["load"] = self.load.to_list()
+        if self.timers:
+            rec["tim"] = {k: t.to_dict() for k, t in self.timers.items()}
+        if self.counters:
+            rec["cnt"] = self.counters
+        if self.gauges:
+            rec["gau"] = {k: [*g.stat.to_list(), g.last, g.last_ts_ms] for k, g in self.gauges.items()}
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "Aggregate":
+        if rec.get("v") != RECORD_VERSION:
+            raise ValueError(f"unsupported aggregate record version {rec.get('v')!r}")
+        mc = int(rec.get("mc", DEFAULT_MAX_CENTROIDS))
+        agg = cls(BucketKey(rec["app"], rec["proc"], int(rec["start_ms"])),
+                  resolution_s=int(rec["res_s"]), max_centroids=mc)
+        agg.offset = int(rec.get("off", -1))
+        if "req" in rec:
+            agg.requests = int(rec["req"])
+            agg.response = Timer.from_dict(rec["resp"], mc)
+            agg.status = [0, *(int(x) for x in rec["st"])]
+            agg.failed = int(rec["fail"])
+        agg.errors = {k: int(v) for k, v in rec.get("err", {}).items()}
+        mem = rec.get("mem")
+        if mem:
+            agg.rss, agg.swap, agg.total = (Stat.from_list(mem[k]) for k in ("rss", "swap", "total"))
+            agg.quota_mb = mem.get("quota")
+        if "load" in rec:
+            agg.load = Stat.from_list(rec["load"])
+        agg.timers = {k: Timer.from_dict(v, mc) for k, v in rec.get("tim", {}).items()}
+        agg.counters = {k: float(v) for k, v in rec.get("cnt", {}).items()}
+        for k, v in rec.get("gau", {}).items():
+            g = Gauge()
+            g.stat = Stat.from_list(v[:3])
+            g.last, g.last_ts_ms = v[3], int(v[4])
+            agg.gauges[k] = g
+        return agg
+
+    def summary(self) -> dict[str, Any]:
+        """The query API's point for this bucket; a section is absent when it had no data."""
+        point: dict[str, Any] = {"ts": self.key.start_ms // 1000}
+        if self.requests:
+            r = self.response.summary()
+            point["requests"] = self.requests
+            point["response_ms"] = {k: r[k] for k in ("p50", "p95", "p99", "max", "mean")}
+            point["status"] = {c: n for c, n in zip(STATUS_CLASSES, self.status[1:]) if n}
+            point["failed"] = self.failed
+        if self.errors:
+            point["errors"] = dict(self.errors)
+        mem: dict[str, Any] = {}
+        for name, stat in (("rss", self.rss), ("swap", self.swap), ("total", self.total)):
+            if stat.n:
+                mem[f"{name}_mean"] = stat.mean()
+                mem[f"{name}_max"] = stat.max
+        if self.quota_mb is not None:
+            mem["quota"] = self.quota_mb
+        if mem:
+            point["memory_mb"] = mem
+        if self.load.n:
+            point["load"] = {"mean": self.load.mean(), "max": self.load.max}
+        custom: dict[str, Any] = {}
+        for name, t in self.timers.items():
+            s = t.summary()
+            custom[name] = {"type": "timer", **{k: s[k] for k in ("p50", "p95", "p99", "max", "count", "sum")}}
+        for name, v in self.counters.items():
+            custom[name] = {"type": "counter", "sum": v}
+        for name, g in self.gauges.items():
+            custom[name] = {"type": "gauge", "mean": g.stat.mean(), "max": g.stat.max, "last": g.last}
+        if custom:
+            point["metrics"] = custom
+        return point

@@ -1,0 +1,181 @@
+"""Window lifecycle with explicit timestamps and a manual clock (tables/windows.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from app.clock import ManualClock
+from tables.windows import IngestResult, PartitionWindows
+
+T0 = 1_764_000_000_000 - 1_764_000_000_000 % 60_000  # a minute boundary
+
+
+def router(ts: int, *, app: str = "shop", dyno: str = "web.1", status: int = 200, svc: float = 10.0,
+           code: str | None = None) -> dict[str, Any]:
+    return {"kind": "router", "app": app, "dyno": dyno, "ts": ts, "status": status, "service_ms": svc,
+            "connect_ms": 1.0, "bytes": 10, "code": code}
+
+
+def msg(*obs: Any) -> bytes:
+    return orjson.dumps(list(obs))
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+def pw(clock: ManualClock) -> PartitionWindows:
+    return PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
+                            max_message_bytes=1_000_000, max_centroids=100)
+
+
+def ingest(pw: PartitionWindows, offset: int, value: bytes) -> IngestResult:
+    r = IngestResult()
+    pw.ingest(offset, value, r)
+    return r
+
+
+def test_aggregates_per_app_process_minute(pw: PartitionWindows) -> None:
+    r = ingest(pw, 0, msg(router(T0 + 1), router(T0 + 2, status=503, code="H12"),
+                          router(T0 + 3, dyno="worker.1"), router(T0 + 60_001), router(T0 + 5, app="blog")))
+    assert r.counts.accepted == 5 and not r.dead
+    keys = {(k.app, k.process_type, k.start_ms) for k in pw.windows}
+    assert keys == {("shop", "web", T0), ("shop", "worker", T0), ("shop", "web", T0 + 60_000),
+                    ("blog", "web", T0)}
+    web = next(a for k, a in pw.windows.items() if k.app == "shop" and k.process_type == "web"
+               and k.start_ms == T0)
+    assert (web.requests, web.failed, web.errors, web.status[2], web.status[5]) == (2, 1, {"H12": 1}, 1, 1)
+
+
+def test_window_closes_on_app_watermark_after_grace(pw: PartitionWindows) -> None:
+    ingest(pw, 0, msg(router(T0 + 1)))
+    ingest(pw, 1, msg(router(T0 + 60_000 + 9_999)))  # end + grace not reached yet
+    assert [a.key.start_ms for a in pw.due()] == []
+    ingest(pw, 2, msg(router(T0 + 70_000)))  # = end + grace
+    assert [a.key.start_ms for a in pw.due()] == [T0]
+
+
+def test_late_within_grace_is_merged_after_close_is_dead_lettered(pw: PartitionWindows) -> None:
+    ingest(pw, 0, msg(router(T0 + 1)))
+    ingest(pw, 1, msg(router(T0 + 65_000)))
+    r = ingest(pw, 2, msg(router(T0 + 30)))  # within grace: merged
+    assert r.counts.accepted == 1
+    ingest(pw, 3, msg(router(T0 + 70_000)))
+    due = pw.due()
+    assert due[0].requests == 2
+    pw.mark_closed(due)
+    r = ingest(pw, 4, msg(router(T0 + 40), router(T0 + 70_001)))
+    assert (r.counts.late, r.counts.accepted) == (1, 1)
+    assert r.dead[0].kind == "late" and r.dead[0].index == 0 and "closed" in r.dead[0].reason
+
+
+def test_idle_partition_closes_on_wall_clock(pw: PartitionWindows, clock: ManualClock) -> None:
+    ingest(pw, 0, msg(router(T0 + 1)))
+    clock.set(T0 + 30_000)  # idle long enough, but the wall clock is before end + grace
+    assert pw.due() == []
+    clock.set(T0 + 50_000)
+    ingest(pw, 1, msg(router(T0 + 2, app="other")))  # input keeps the partition busy
+    clock.set(T0 + 79_999)  # past end + grace, but only 29.999 s idle
+    assert pw.due() == []
+    clock.set(T0 + 80_000)
+    assert sorted(a.key.app for a in pw.due()) == ["other", "shop"]
+
+
+def test_backlog_replay_does_not_close_on_wall_clock(pw: PartitionWindows, clock: ManualClock) -> None:
+    """Hours-old data consumed now: the partition is busy, so only event time closes windows."""
+    clock.set(T0 + 3 * 3600_000)
+    ingest(pw, 0, msg(router(T0 + 1)))
+    clock.advance(1_000)
+    ingest(pw, 1, msg(router(T0 + 50_000)))
+    assert pw.due() == []
+    ingest(pw, 2, msg(router(T0 + 70_000)))
+    assert [a.key.start_ms for a in pw.due()] == [T0]
+
+
+def test_quiet_app_closes_when_partition_moves_on(pw: PartitionWindows) -> None:
+    ingest(pw, 0, msg(router(T0 + 1, app="quiet")))
+    ingest(pw, 1, msg(router(T0 + 60_000 + 10_000 + 29_999, app="busy")))
+    assert [a.key.app for a in pw.due()] == []
+    ingest(pw, 2, msg(router(T0 + 60_000 + 10_000 + 30_000, app="busy")))
+    assert [a.key.app for a in pw.due()] == ["quiet"]
+
+
+def test_replayed_offsets_are_not_counted_twice(pw: PartitionWindows) -> None:
+    ingest(pw, 5, msg(router(T0 + 1), router(T0 + 2)))
+    r = ingest(pw, 5, msg(router(T0 + 1), router(T0 + 2)))
+    assert r.counts.skipped_replay == 1 and r.counts.accepted == 0
+    assert sum(a.requests for a in pw.windows.values()) == 2
+
+
+def test_window_offset_guards_partial_persistence(pw: PartitionWindows, clock: ManualClock) -> None:
+    """Window persisted, partition/app offsets not: the window-level offset still skips the replay."""
+    ingest(pw, 7, msg(router(T0 + 1)))
+    agg = next(iter(pw.windows.values()))
+    fresh = PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
+                             max_message_bytes=1_000_000, max_centroids=100)
+    fresh.restore([agg], {}, -1)
+    r = IngestResult()
+    fresh.ingest(7, msg(router(T0 + 1), router(T0 + 60_001)), r)
+    assert r.counts.skipped_replay == 1 and r.counts.accepted == 1
+    assert agg.requests == 1
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (b"{not json", "malformed JSON"),
+    (b"42", "JSON object or array"),
+    (b"x" * 2_000_000, "exceeds"),
+])
+def test_whole_message_rejects(pw: PartitionWindows, bad: bytes, reason: str) -> None:
+    r = ingest(pw, 0, bad)
+    assert r.counts.rejected == 1 and reason in r.dead[0].reason and r.dead[0].index == -1
+
+
+def test_bad_records_rejected_next_to_valid_ones(pw: PartitionWindows) -> None:
+    good = router(T0 + 1)
+    body = ("[" + ",".join([
+        orjson.dumps(good).decode(),
+        '{"kind":"router","app":"shop","dyno":"web.1","ts":%d,"status":200,"service_ms":NaN}' % (T0 + 2),
+        '{"kind":"router","app":"shop","dyno":"web.1","ts":%d,"status":200,"service_ms":-1}' % (T0 + 3),
+        '{"kind":"router","app":"shop","dyno":"web.1","ts":"yesterday","status":200,"service_ms":1}',
+        '{"kind":"router","app":"shop","dyno":"web.1","ts":%d,"status":200,"service_ms":Infinity}' % (T0 + 4),
+        '{"kind":"teleport","app":"shop","dyno":"web.1","ts":%d}' % (T0 + 5),
+        '{"kind":"router","app":"shop|x","dyno":"web.1","ts":%d,"status":200,"service_ms":1}' % (T0 + 6),
+        '{"kind":"router","app":"shop","dyno":"web.1","ts":%d,"status":700,"service_ms":1}' % (T0 + 7),
+        '{"kind":"metric","app":"shop","dyno":"web.1","ts":%d,"name":"q","type":"histo","value":1}' % (T0 + 8),
+        '{"kind":"runtime","app":"shop","dyno":"web.1","ts":%d}' % (T0 + 9),
+        '{"kind":"router","app":"shop","dyno":"web.1","ts":%d,"status":200,"service_ms":1}' % (T0 + 10**9),
+        '"just a string"',
+        orjson.dumps(good).decode(),
+    ]) + "]").encode()
+    r = ingest(pw, 0, body)
+    assert r.counts.accepted == 2
+    assert r.counts.rejected == 11
+    assert [d.index for d in r.dead] == list(range(1, 12))
+    assert all(d.reason for d in r.dead)
+    assert sum(a.requests for a in pw.windows.values()) == 2
+
+
+def test_runtime_and_custom_metrics(pw: PartitionWindows) -> None:
+    base = {"app": "shop", "dyno": "web.1"}
+    ingest(pw, 0, msg(
+        {**base, "kind": "runtime", "ts": T0 + 1, "memory_rss_mb": 100.0, "memory_swap_mb": 0.0,
+         "memory_total_mb": 110.0, "memory_quota_mb": 512.0, "load_avg_1m": 0.5},
+        {**base, "kind": "runtime", "ts": T0 + 2, "memory_rss_mb": 300.0, "load_avg_1m": 1.5},
+        {**base, "kind": "metric", "ts": T0 + 3, "name": "db.query_ms", "type": "timer", "value": 3.0},
+        {**base, "kind": "metric", "ts": T0 + 4, "name": "jobs", "type": "counter", "value": 2},
+        {**base, "kind": "metric", "ts": T0 + 6, "name": "queue", "type": "gauge", "value": 7},
+        {**base, "kind": "metric", "ts": T0 + 5, "name": "queue", "type": "gauge", "value": 9},
+    ))
+    point = next(iter(pw.windows.values())).summary()
+    assert point["memory_mb"] == {"rss_mean": 200.0, "rss_max": 300.0, "swap_mean": 0.0, "swap_max": 0.0,
+                                  "total_mean": 110.0, "total_max": 110.0, "quota": 512.0}
+    assert point["load"] == {"mean": 1.0, "max": 1.5}
+    assert point["metrics"]["db.query_ms"]["count"] == 1
+    assert point["metrics"]["jobs"] == {"type": "counter", "sum": 2.0}
+    assert point["metrics"]["queue"] == {"type": "gauge", "mean": 8.0, "max": 9.0, "last": 7.0}
+    assert "requests" not in point
