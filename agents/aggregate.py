@@ -70,31 +70,46 @@ class Aggregator:
     async def process_batch(self, messages: Sequence[tuple[int, int, bytes | None]]) -> IngestResult:
         """Fold ``(partition, offset, value)`` messages in, persist, emit what became due."""
         result = IngestResult()
+        by_partition: dict[int, list[tuple[int, bytes | None]]] = {}
+        for p, offset, value in messages:
+            by_partition.setdefault(p, []).append((offset, value))
         async with self.lock:
-            by_partition: dict[int, list[tuple[int, bytes | None]]] = {}
-            for p, offset, value in messages:
-                by_partition.setdefault(p, []).append((offset, value))
-            self._ensure_loaded(by_partition)
-            dead_by_partition: dict[int, list[Rejected]] = {}
-            for p, msgs in by_partition.items():
-                pw = self.partitions[p]
-                first_dead = len(result.dead)
-                for offset, value in msgs:
-                    pw.ingest(offset, value, result)
-                if len(result.dead) > first_dead:
-                    dead_by_partition[p] = result.dead[first_dead:]
-                self.counters.inc("table_records_written", self.state.persist(pw))
-            self._count(result)
-            for p, dead in dead_by_partition.items():
-                await self.dead_letter(p, dead)
-            await self._close([self.partitions[p] for p in by_partition])
+            try:
+                await self._process(by_partition, result)
+            except BaseException:
+                # Memory may now be ahead of the table: rebuild these partitions from the table when the
+                # batch is redelivered, so nothing is skipped or counted twice.
+                self.revoke(by_partition)
+                raise
         return result
+
+    async def _process(self, by_partition: dict[int, list[tuple[int, bytes | None]]],
+                       result: IngestResult) -> None:
+        self._ensure_loaded(by_partition)
+        dead_by_partition: dict[int, list[Rejected]] = {}
+        for p, msgs in by_partition.items():
+            pw = self.partitions[p]
+            first_dead = len(result.dead)
+            for offset, value in msgs:
+                pw.ingest(offset, value, result)
+            if len(result.dead) > first_dead:
+                dead_by_partition[p] = result.dead[first_dead:]
+            self.counters.inc("table_records_written", self.state.persist(pw))
+        self._count(result)
+        for p, dead in dead_by_partition.items():
+            await self.dead_letter(p, dead)
+        await self._close([self.partitions[p] for p in by_partition])
 
     async def close_idle(self, assigned: Iterable[int]) -> int:
         """Wall-clock pass: close due windows of every assigned partition (idle ones included)."""
         async with self.lock:
             self._ensure_loaded(assigned)
-            return await self._close(list(self.partitions.values()))
+            held = list(self.partitions)
+            try:
+                return await self._close([self.partitions[p] for p in held])
+            except BaseException:
+                self.revoke(held)
+                raise
 
     async def _close(self, pws: list[PartitionWindows]) -> int:
         due = [(pw, pw.due()) for pw in pws]

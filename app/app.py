@@ -28,7 +28,7 @@ def create_app(s: Settings) -> faust.App:
         broker_session_timeout=s.session_timeout_s,
         broker_heartbeat_interval=s.heartbeat_interval_s,
         broker_rebalance_timeout=s.rebalance_timeout_s,
-        web_enabled=False,  # our own aiohttp server (app/web.py) serves the API
+        web_enabled=True,  # served by our own aiohttp service (app/worker.py Runtime), not faust.web
         key_serializer="raw",
         value_serializer="raw",
         table_standby_replicas=0,
@@ -51,4 +51,4 @@ sink_dlq_topic = app.topic(settings.sink_dlq_topic, key_type=bytes, value_type=b
 # Open windows and per-app progress, keyed by input partition (tables/state.py). Not a Faust windowed
 # table on purpose: we own the window lifecycle (tables/windows.py). RocksDB-backed with a changelog.
 windows_table = app.Table("windows", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          key_serializer="raw", value_serializer="raw", default=None)
+                          default=None)

@@ -2,7 +2,9 @@
 
 Keys (bytes) start with the input partition so a worker can rebuild exactly the partitions it owns:
 ``{p}|w|{app}|{proc}|{start_ms}`` an open window (Aggregate record), ``{p}|a|{app}`` an app's progress,
-``{p}|p`` the partition's fully-applied offset. Values are orjson.
+``{p}|p`` the partition's fully-applied offset. Values are orjson; window values are zlib-compressed
+(level 1: a 1000-centroid digest is ~25 KB of JSON, ~5 KB compressed, for ~0.1 ms) because each batch
+rewrites every window it touched into the changelog.
 
 Faust routes every table write (changelog partition and RocksDB column) by the "current event". Writes
 here happen in batches that mix partitions, and from the wall-clock closer outside any stream, so
@@ -16,6 +18,8 @@ import contextlib
 import weakref
 from types import SimpleNamespace
 from typing import Any, Iterator
+
+import zlib
 
 import orjson
 from faust import streams as faust_streams
@@ -70,7 +74,7 @@ class WindowTableState:
         p = pw.partition
         with partition_context(self.source_topic, p):
             for agg in wins:
-                self.table[window_key(p, agg.key)] = orjson.dumps(agg.to_record())
+                self.table[window_key(p, agg.key)] = zlib.compress(orjson.dumps(agg.to_record()), 1)
             for app, prog in apps:
                 self.table[app_key(p, app)] = orjson.dumps(prog.to_record())
             self.table[partition_key(p)] = orjson.dumps(pw.offset)
@@ -102,10 +106,11 @@ class WindowTableState:
                 continue
             wins, apps, offset = out[p]
             kind, _, name = rest.partition("|")
-            value = orjson.loads(raw)
             if kind == "w":
-                wins.append(Aggregate.from_record(value))
-            elif kind == "a":
+                wins.append(Aggregate.from_record(orjson.loads(zlib.decompress(raw))))
+                continue
+            value = orjson.loads(raw)
+            if kind == "a":
                 apps[name] = AppProgress.from_record(value)
             elif kind == "p":
                 out[p] = (wins, apps, int(value))

@@ -1,0 +1,1 @@
+"""Window and digest state: Digest, Aggregate (one mergeable bucket), PartitionWindows (lifecycle), table binding."""

@@ -1,0 +1,141 @@
+"""Helpers to run real worker processes against the session's broker and DynamoDB Local."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.admin import ensure_topics
+from app.commands import start_worker, wait_http, worker_env
+from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.settings import Settings
+from app.store import DynamoStore
+from app.traffic import Truth
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+
+class Pipeline:
+    """One isolated deployment (own topics, group, table, state dir) on the shared real parts."""
+
+    def __init__(self, broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp: Path, **overrides: str) -> None:
+        uid = uuid.uuid4().hex[:8]
+        self.broker, self.dynamo, self.tmp = broker, dynamo, tmp
+        self.env_overrides = {
+            "METRICS_APP_ID": f"t{uid}",
+            "METRICS_OBSERVATIONS_TOPIC": f"obs-{uid}",
+            "METRICS_METRICS_TOPIC": f"m1-{uid}",
+            "METRICS_DLQ_TOPIC": f"dlq-{uid}",
+            "METRICS_SINK_DLQ_TOPIC": f"sdlq-{uid}",
+            "METRICS_TABLE_NAME": f"metrics-{uid}",
+            "METRICS_PARTITIONS": "4",
+            "METRICS_GRACE_S": "2",
+            "METRICS_IDLE_TIMEOUT_S": "3",
+            "METRICS_CLOSE_INTERVAL_S": "0.5",
+            "METRICS_SESSION_TIMEOUT_S": "6",
+            "METRICS_REBALANCE_TIMEOUT_S": "4",
+            "METRICS_SINK_WITHIN_S": "0.2",
+            **overrides,
+        }
+        self.settings = Settings.from_env(
+            {**self.env_overrides, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
+        self.web_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.log_path = ARTIFACTS / f"worker-{uid}.log"
+        asyncio.run(ensure_topics(broker.address, self.settings))
+
+    def start(self, *, data_dir: Path) -> None:
+        env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(data_dir), web_port=self.web_port,
+                         extra=self.env_overrides)
+        self.proc = start_worker(env, log_path=self.log_path)
+        wait_http(f"{self.url}/healthz", 120, self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/v1/stats", timeout=5) as r:
+            counters: dict[str, int] = json.load(r)["counters"]
+            return counters
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as r:
+            return json.load(r)
+
+    def wait_stats(self, pred: Any, timeout_s: float, what: str) -> dict[str, int]:
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, f"worker died; see {self.log_path}"
+            last = self.stats()
+            if pred(last):
+                return last
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; counters {last}; log {self.log_path}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def stored(self, apps: list[str], procs: list[str], since_s: int, until_s: int) -> dict[tuple[str, str, int], Any]:
+        """Every minute DynamoDB holds for these series, decoded."""
+        async def go() -> dict[tuple[str, str, int], Any]:
+            store = DynamoStore(self.settings)
+            await store.start()
+            try:
+                out = {}
+                for app in apps:
+                    for proc in procs:
+                        for item in await store.query(app, proc, 60, since_s, until_s):
+                            out[(app, proc, item.ts_s * 1000)] = json.loads(item.payload)
+                return out
+            finally:
+                await store.stop()
+        return asyncio.run(go())
+
+
+def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -> None:
+    """Counts, failed, errors and max exact; p50/p95/p99 within 1 % of numpy's exact percentiles."""
+    from tables.aggregate import Aggregate
+
+    assert set(truth.service_ms) <= set(stored), sorted(set(truth.service_ms) - set(stored))[:5]
+    for key, values in truth.service_ms.items():
+        agg = Aggregate.from_record(stored[key])
+        point = agg.summary()
+        arr = np.asarray(values)
+        assert point["requests"] == len(values), key
+        assert point["failed"] == truth.failed.get(key, 0), key
+        assert point.get("errors", {}) == dict(truth.errors.get(key, {})), key
+        assert point["response_ms"]["max"] == arr.max(), key
+        assert abs(point["response_ms"]["mean"] - arr.mean()) <= 1e-6 * arr.mean(), key
+        for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+            exact = float(np.quantile(arr, q))
+            got = point["response_ms"][name]
+            assert abs(got - exact) <= 0.01 * exact, (key, name, got, exact)
+    for key, rss_max in truth.rss_max.items():
+        assert Aggregate.from_record(stored[key]).summary()["memory_mb"]["rss_max"] == rss_max, key
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")

@@ -1,0 +1,153 @@
+"""DynamoStore against a real DynamoDB Local (session fixture ``dynamodb_endpoint``).
+
+Covers what moto cannot vouch for: the real wire format of binary attributes, 1 MB Query pages, the real
+duplicate-key rule of BatchWriteItem, and the emulator's TTL API.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import replace
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest
+from botocore.exceptions import ClientError
+
+from app.clock import ManualClock
+from app.errors import StoreError
+from app.settings import Settings
+from app.store import DynamoStore, MetricItem
+
+pytestmark = pytest.mark.integration
+
+# DynamoDB Local really runs TTL deletion against the machine's clock (within seconds, unlike AWS's days),
+# so test minutes must be recent: a fixed 2023 timestamp would be swept mid-test.
+NOW_MS = time.time_ns() // 1_000_000
+T0 = (NOW_MS // 1000 - 3600) // 60 * 60
+
+StoreFactory = Callable[..., Awaitable[DynamoStore]]
+
+
+@pytest.fixture
+async def make_store(dynamodb_endpoint: str) -> AsyncIterator[StoreFactory]:
+    """Factory: a started store on a uniquely named table; every table is deleted afterwards."""
+    stores: list[DynamoStore] = []
+
+    async def make(*, clock: ManualClock | None = None, **overrides: Any) -> DynamoStore:
+        values: dict[str, Any] = {"table_name": f"it-{uuid.uuid4().hex[:12]}",
+                                  "dynamodb_endpoint": dynamodb_endpoint}
+        values.update(overrides)
+        store = DynamoStore(replace(Settings(), **values), clock=clock or ManualClock(NOW_MS))
+        stores.append(store)
+        await store.start()
+        return store
+
+    yield make
+    for store in stores:
+        if store._client is not None:
+            try:
+                await store._client.delete_table(TableName=store._table)
+            except ClientError:
+                pass
+            await store.stop()
+
+
+def item(ts_s: int, payload: bytes = b'{"n":1}', *, app: str = "shop", pt: str = "web") -> MetricItem:
+    return MetricItem(app=app, process_type=pt, resolution_s=60, ts_s=ts_s, payload=payload)
+
+
+async def test_round_trip(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.ping()
+    payloads = [b"", b"\x00\xff binary-safe", b'{"p99":12.5}']
+    await store.put_many([item(T0 + 60 * i, p) for i, p in enumerate(payloads)]
+                         + [item(T0, b"other", app="other")])
+    got = await store.query("shop", "web", 60, T0, T0 + 120)  # until is exclusive
+    assert got == [item(T0, payloads[0]), item(T0 + 60, payloads[1])]
+    assert await store.query("other", "web", 60, T0, T0 + 60) == [item(T0, b"other", app="other")]
+
+
+async def test_replay_overwrites(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.put_many([item(T0, b"first")])
+    await store.put_many([item(T0, b"second")])
+    assert await store.query("shop", "web", 60, T0, T0 + 60) == [item(T0, b"second")]
+
+
+async def test_more_than_25_items_and_duplicates(make_store: StoreFactory) -> None:
+    store = await make_store(sink_concurrency=4)
+    items = [item(T0 + 60 * (i % 200), f"v{i}".encode()) for i in range(260)]  # 60 keys given twice
+    await store.put_many(items)
+    got = await store.query("shop", "web", 60, T0, T0 + 60 * 200)
+    assert len(got) == 200
+    assert got[0].payload == b"v200" and got[59].payload == b"v259" and got[60].payload == b"v60"
+
+
+async def test_real_dynamodb_rejects_duplicate_keys_in_one_batch(make_store: StoreFactory,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """Why put_many dedupes (moto only rejects identical items, not identical keys)."""
+    if getattr(request.getfixturevalue("dynamo"), "kind", "") == "moto":
+        pytest.skip("running on the moto fallback, which accepts duplicate keys with different items")
+    store = await make_store()
+    put = [{"PutRequest": {"Item": {"pk": {"S": "shop#web#60"}, "ts": {"N": str(T0)}, "d": {"B": p}}}}
+           for p in (b"a", b"b")]
+    with pytest.raises(ClientError) as err:
+        await store._client.batch_write_item(RequestItems={store._table: put})
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+
+
+async def test_compression(make_store: StoreFactory) -> None:
+    store = await make_store(compress_over_bytes=1024)
+    big = b"[" + b",".join(b"[%d.25,%d]" % (i, i % 5) for i in range(50_000)) + b"]"  # ~600 KB raw
+    await store.put_many([item(T0, big), item(T0 + 60, b"tiny")])
+    raw = await store._client.get_item(TableName=store._table,
+                                       Key={"pk": {"S": "shop#web#60"}, "ts": {"N": str(T0)}})
+    assert raw["Item"]["z"] == {"N": "1"} and len(raw["Item"]["d"]["B"]) < 400_000
+    got = await store.query("shop", "web", 60, T0, T0 + 120)
+    assert [g.payload for g in got] == [big, b"tiny"]
+
+
+async def test_oversized_item_is_rejected(make_store: StoreFactory) -> None:
+    store = await make_store()
+    with pytest.raises(StoreError) as err:
+        await store.put_many([item(T0, os.urandom(400_001))])
+    assert not err.value.retriable
+
+
+async def test_ttl_enabled_and_expired_items_filtered(make_store: StoreFactory) -> None:
+    clock = ManualClock(NOW_MS)
+    store = await make_store(clock=clock, ttl_days=1.0)
+    ttl = await store._client.describe_time_to_live(TableName=store._table)
+    assert ttl["TimeToLiveDescription"].get("TimeToLiveStatus") in ("ENABLED", "ENABLING")
+    await store.put_many([item(T0, b"old"), item(T0 + 60, b"new")])
+    # Past T0's expires_at on the store's clock, but not on the emulator's (which would delete the item).
+    clock.set((T0 + 86400) * 1000)
+    assert await store.query("shop", "web", 60, T0, T0 + 120) == [item(T0 + 60, b"new")]
+    clock.set(NOW_MS)
+    assert len(await store.query("shop", "web", 60, T0, T0 + 120)) == 2  # not deleted, only hidden
+
+
+async def test_query_paginates(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    pages = 0
+    original = store._client.query
+
+    async def counting(**kwargs: Any) -> Any:
+        nonlocal pages
+        pages += 1
+        return await original(**kwargs)
+
+    monkeypatch.setattr(store._client, "query", counting)
+    items = [item(T0 + 60 * i, os.urandom(100_000)) for i in range(15)]  # ~1.5 MB: Query pages at 1 MB
+    await store.put_many(items)
+    assert await store.query("shop", "web", 60, T0, T0 + 60 * 15) == items
+    assert pages >= 2
+
+
+async def test_start_twice_on_existing_table(make_store: StoreFactory) -> None:
+    first = await make_store()
+    await first.put_many([item(T0)])
+    second = await make_store(table_name=first._table)  # exists, TTL already enabled
+    assert await second.query("shop", "web", 60, T0, T0 + 60) == [item(T0)]
