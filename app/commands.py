@@ -123,9 +123,10 @@ def main() -> int:
     if cmd == "local":
         return local(sys.argv[2:])
     # Everything else is a Faust command (worker, tables, agents, ...).
-    from app.worker import app
+    import app.worker  # noqa: F401 - registers the agents, timer and web service on the Faust app
+    from app.app import app as faust_app
 
-    app.main()
+    faust_app.main()
     return 0
 
 

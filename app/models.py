@@ -21,7 +21,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -86,7 +86,7 @@ _valid_names: set[str] = set()
 _proc_of_dyno: dict[str, str] = {}
 
 
-def valid_app(app: Any) -> bool:
+def valid_app(app: Any) -> TypeGuard[str]:
     if app in _valid_names:
         return True
     if type(app) is str and _NAME.match(app):
@@ -112,7 +112,7 @@ def process_type(dyno: Any) -> str | None:
     return proc
 
 
-def number(v: Any) -> bool:
+def number(v: Any) -> TypeGuard[float]:
     """A finite JSON number (bool is not a number here)."""
     t = type(v)
     return (t is float and math.isfinite(v)) or t is int

@@ -38,7 +38,8 @@ class _PartitionEvent:
 @contextlib.contextmanager
 def partition_context(topic: str, partition: int) -> Iterator[None]:
     event = _PartitionEvent(topic, partition)
-    token = faust_streams._current_event.set(weakref.ref(event))  # noqa: SLF001 - see module docstring
+    # Duck-typed stand-in for an Event (see module docstring); Faust reads only .message.partition/.topic.
+    token = faust_streams._current_event.set(weakref.ref(event))  # type: ignore[arg-type]
     try:
         yield
     finally:

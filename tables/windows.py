@@ -125,7 +125,7 @@ class PartitionWindows:
             if type(o) is not dict:
                 self._reject(result, "observation must be a JSON object", o, offset, i, None)
                 continue
-            app = o.get("app")
+            app: Any = o.get("app")  # a validated str from here on (checked when it changes)
             if app != last_app:
                 if not models.valid_app(app):
                     self._reject(result, "app must be 1..100 characters of [A-Za-z0-9._-]", o, offset, i, None)

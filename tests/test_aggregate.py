@@ -1,0 +1,61 @@
+"""Digest and Aggregate: serialization, tdigest interoperability, exact merges."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import orjson
+from tdigest import TDigest as PyTDigest
+
+from tables.aggregate import Aggregate, BucketKey
+from tables.digest import Digest
+
+
+def test_digest_dict_is_readable_by_the_tdigest_package_and_back() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(3, 1) for _ in range(5000)]
+    d = Digest(200)
+    d.add_many(values)
+    py = PyTDigest()
+    py.update_from_dict(d.to_dict())
+    assert abs(py.percentile(50) - np.quantile(values, 0.5)) / np.quantile(values, 0.5) < 0.02
+    back = Digest.from_dict(py.to_dict(), 200)  # tdigest's own dict form
+    assert back.count == 5000
+    assert abs(back.quantile(0.95) - np.quantile(values, 0.95)) / np.quantile(values, 0.95) < 0.02
+
+
+def test_merged_minutes_give_the_percentiles_of_all_observations() -> None:
+    rng = random.Random(5)
+    key = BucketKey("shop", "web", 0)
+    hour = Aggregate(key, resolution_s=3600)
+    everything: list[float] = []
+    for minute in range(60):
+        agg = Aggregate(BucketKey("shop", "web", minute * 60_000))
+        for _ in range(500):
+            v = rng.lognormvariate(3, 0.8)
+            everything.append(v)
+            agg.add_request(503 if v > 200 else 200, v, "H12" if v > 400 else None)
+        # through the wire format, as the rollup and query paths see it
+        hour.merge(Aggregate.from_record(orjson.loads(orjson.dumps(agg.to_record()))))
+    arr = np.asarray(everything)
+    s = hour.summary()
+    assert s["requests"] == 30_000 and s["response_ms"]["max"] == arr.max()
+    assert s["failed"] == int((arr > 200).sum()) and s["errors"].get("H12", 0) == int((arr > 400).sum())
+    for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+        exact = float(np.quantile(arr, q))
+        assert abs(s["response_ms"][name] - exact) <= 0.01 * exact, name
+
+
+def test_record_round_trip_keeps_every_section() -> None:
+    agg = Aggregate(BucketKey("shop", "web", 60_000), max_centroids=50)
+    agg.add_request(200, 12.0, None)
+    agg.add_request(404, 3.0, None)
+    agg.add_runtime(100.0, 1.0, 120.0, 512.0, 0.7)
+    agg.add_metric("db.query_ms", "timer", 4.0, 60_001)
+    agg.add_metric("jobs", "counter", 3.0, 60_002)
+    agg.add_metric("queue", "gauge", 9.0, 60_003)
+    agg.offset = 41
+    again = Aggregate.from_record(orjson.loads(orjson.dumps(agg.to_record())))
+    assert again.summary() == agg.summary()
+    assert again.offset == 41 and again.max_centroids == 50

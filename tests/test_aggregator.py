@@ -1,0 +1,104 @@
+"""The aggregation job's logic (agents/aggregate.py) over a mapping-backed table, with a manual clock."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import orjson
+import pytest
+
+from agents.aggregate import Aggregator, dead_letter_record
+from app.clock import ManualClock
+from app.settings import Settings
+from app.stats import Counters
+from tables.aggregate import Aggregate
+from tables.state import WindowTableState
+from tables.windows import Rejected
+from tests.test_windows import T0, msg, router
+
+SETTINGS = Settings(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
+
+
+class Harness:
+    def __init__(self, table: dict[bytes, bytes], clock: ManualClock, *, fail_emit: bool = False) -> None:
+        self.emitted: list[Aggregate] = []
+        self.dead: list[tuple[int, Rejected]] = []
+        self.fail_emit = fail_emit
+        self.counters = Counters()
+        self.agg = Aggregator(SETTINGS, WindowTableState(table, "observations"), emit=self.emit,
+                              dead_letter=self.dead_letter, counters=self.counters, clock=clock)
+
+    async def emit(self, aggs: Sequence[Aggregate]) -> None:
+        if self.fail_emit:
+            raise ConnectionError("broker down")
+        self.emitted.extend(aggs)
+
+    async def dead_letter(self, partition: int, dead: Sequence[Rejected]) -> None:
+        self.dead.extend((partition, d) for d in dead)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+async def test_batches_across_partitions_emit_each_minute_once(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1), router(T0 + 2))),
+                               (1, 0, msg(router(T0 + 3, app="blog")))])
+    await h.agg.process_batch([(0, 1, msg(router(T0 + 70_000))), (1, 1, msg(router(T0 + 70_000, app="blog")))])
+    assert sorted((a.key.app, a.requests) for a in h.emitted) == [("blog", 1), ("shop", 2)]
+    # Emitted minutes are gone from the table; the open next minute and progress records remain.
+    assert not any(b"|w|" in k and str(T0).encode() in k for k in table)
+    clock.set(T0 + 70_000 + 30_000 + 60_000)
+    assert await h.agg.close_idle({0, 1}) == 2
+    assert await h.agg.close_idle({0, 1}) == 0
+    assert len(h.emitted) == 4
+    assert h.counters.values["minutes_emitted"] == 4 and h.counters.values["windows_open"] == 0
+
+
+async def test_restart_restores_open_windows_and_skips_replays(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    first = Harness(table, clock)
+    await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 2)))])
+    # "Crash": a new worker with the same table sees offsets 0..1 again (uncommitted) and then offset 2.
+    second = Harness(table, clock)
+    res = await second.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 2))),
+                                          (0, 2, msg(router(T0 + 3), router(T0 + 80_000)))])
+    assert res.counts.skipped_replay == 2 and res.counts.accepted == 2
+    assert [(a.key.start_ms, a.requests) for a in second.emitted] == [(T0, 3)]
+
+
+async def test_emit_failure_keeps_minute_and_reloads_state(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table, clock, fail_emit=True)
+    with pytest.raises(ConnectionError):
+        await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert h.agg.partitions == {}  # in-memory state dropped: it is rebuilt from the table
+    h.fail_emit = False
+    # Faust redelivers the batch (offsets were not acknowledged).
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert [(a.key.start_ms, a.requests) for a in h.emitted] == [(T0, 1)]
+
+
+async def test_bad_and_late_records_are_dead_lettered_with_source(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(3, 10, b"{oops"), (3, 11, msg(router(T0 + 1), {"kind": "x"}))])
+    await h.agg.process_batch([(3, 12, msg(router(T0 + 80_000)))])  # closes the first minute
+    await h.agg.process_batch([(3, 13, msg(router(T0 + 5)))])
+    kinds = [(p, d.kind, d.offset, d.index) for p, d in h.dead]
+    assert kinds == [(3, "rejected", 10, -1), (3, "rejected", 11, 1), (3, "late", 13, 0)]
+    rec: dict[str, Any] = orjson.loads(dead_letter_record("observations", 3, h.dead[2][1]))
+    assert rec["source"] == {"topic": "observations", "partition": 3, "offset": 13, "index": 0}
+    assert rec["kind"] == "late" and rec["record"]["ts"] == T0 + 5 and rec["app"] == "shop"
+    c = h.counters.values
+    assert (c["observations_accepted"], c["observations_rejected"], c["observations_late"]) == (2, 2, 1)
+
+
+async def test_live_view_returns_open_windows(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1), router(T0 + 60_001), router(T0 + 2, dyno="worker.1")))])
+    live = h.agg.live("shop", "web", T0, T0 + 120_000)
+    assert sorted(a.key.start_ms for a in live) == [T0, T0 + 60_000]
+    assert h.agg.live("shop", "web", T0 + 60_000, T0 + 120_000)[0].requests == 1
