@@ -138,7 +138,8 @@ class Aggregator:
         """Open windows of one app/process type in ``[since_ms, until_ms)`` (for the query API)."""
         out = []
         for pw in self.partitions.values():
-            for key, agg in pw.windows.items():
+            for agg in pw.windows.values():
+                key = agg.key
                 if key.app == app and key.process_type == process_type and since_ms <= key.start_ms < until_ms:
                     out.append(agg)
         return out

@@ -9,6 +9,7 @@ Serialized with :meth:`to_record` (JSON-able, ``v`` is bumped when the layout or
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,44 +53,77 @@ class Stat:
 
 
 class Timer:
-    """A latency-like series: exact count/sum/max plus a digest for percentiles."""
+    """A latency-like series: exact count/sum/max plus a digest for percentiles.
 
-    __slots__ = ("digest", "n", "sum", "max")
+    Values are appended to ``pending`` (the aggregation hot path does only that) and folded into
+    count/sum/max/digest by :meth:`flush` with C builtins, once per batch.
+    """
+
+    __slots__ = ("digest", "pending", "_n", "_sum", "_max")
 
     def __init__(self, max_centroids: int) -> None:
         self.digest = Digest(max_centroids)
-        self.n = 0
-        self.sum = 0.0
-        self.max: float | None = None
+        self.pending: list[float] = []
+        self._n = 0
+        self._sum = 0.0
+        self._max: float | None = None
 
     def add(self, v: float) -> None:
-        self.digest.add(v)
-        self.n += 1
-        self.sum += v
-        if self.max is None or v > self.max:
-            self.max = v
+        self.pending.append(v)
+
+    def flush(self) -> None:
+        p = self.pending
+        if p:
+            self._n += len(p)
+            self._sum += math.fsum(p)
+            m = max(p)
+            if self._max is None or m > self._max:
+                self._max = m
+            self.digest.add_many(p)
+            self.digest.flush()
+            p.clear()  # same list object: the hot path may hold its bound append
+
+    @property
+    def n(self) -> int:
+        self.flush()
+        return self._n
+
+    @property
+    def sum(self) -> float:
+        self.flush()
+        return self._sum
+
+    @property
+    def max(self) -> float | None:
+        self.flush()
+        return self._max
 
     def merge(self, other: "Timer") -> None:
+        self.flush()
+        other.flush()
         self.digest.merge(other.digest)
-        self.n += other.n
-        self.sum += other.sum
-        if other.max is not None and (self.max is None or other.max > self.max):
-            self.max = other.max
+        self._n += other._n
+        self._sum += other._sum
+        if other._max is not None and (self._max is None or other._max > self._max):
+            self._max = other._max
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "s": self.sum, "max": self.max, "d": self.digest.to_dict()}
+        self.flush()
+        return {"n": self._n, "s": self._sum, "max": self._max, "d": self.digest.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], max_centroids: int) -> "Timer":
         t = cls(max_centroids)
-        t.n, t.sum, t.max = int(d["n"]), float(d["s"]), d["max"]
+        t._n, t._sum, t._max = int(d["n"]), float(d["s"]), d["max"]
         t.digest = Digest.from_dict(d["d"], max_centroids)
         return t
 
     def summary(self) -> dict[str, Any]:
+        self.flush()
+        n = self._n
         return {
-            "count": self.n, "sum": self.sum, "max": self.max,
-            "mean": self.sum / self.n if self.n else None,
+            "count": n, "sum": self._sum, "max": self._max,
+            "mean": self._sum / n if n else None,
             "p50": self.digest.quantile(0.5), "p95": self.digest.quantile(0.95),
             "p99": self.digest.quantile(0.99),
         }
@@ -126,7 +160,7 @@ class BucketKey:
 class Aggregate:
     """Everything known about one (app, process type, bucket). Bounded size whatever the traffic."""
 
-    __slots__ = ("key", "resolution_s", "offset", "requests", "response", "status", "failed", "errors",
+    __slots__ = ("key", "resolution_s", "offset", "response", "status", "failed", "errors",
                  "rss", "swap", "total", "quota_mb", "load", "timers", "counters", "gauges",
                  "max_centroids")
 
@@ -136,8 +170,7 @@ class Aggregate:
         self.resolution_s = resolution_s
         self.max_centroids = max_centroids
         self.offset = -1  # highest input offset folded in: replays at or below it are skipped
-        self.response = Timer(max_centroids)
-        self.requests = 0  # == response.n; kept apart for readability of the hot path
+        self.response = Timer(max_centroids)  # one value per request: its count is the request count
         self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100 (1..5)
         self.failed = 0
         self.errors: dict[str, int] = {}
@@ -150,9 +183,12 @@ class Aggregate:
         self.counters: dict[str, float] = {}
         self.gauges: dict[str, Gauge] = {}
 
-    # --- adding observations (hot path: called once per observation) ------------------------------
+    @property
+    def requests(self) -> int:
+        return self.response.n
+
+    # --- adding observations (tables/windows.py inlines add_request on its hot path) ----------------
     def add_request(self, status: int, service_ms: float, code: str | None) -> None:
-        self.requests += 1
         self.response.add(service_ms)
         self.status[status // 100] += 1
         if status >= 500:
@@ -190,7 +226,6 @@ class Aggregate:
     # --- combining ---------------------------------------------------------------------------------
     def merge(self, other: "Aggregate") -> None:
         """Fold another bucket in (rollups, query-time merging). Exact for counts/sums/max."""
-        self.requests += other.requests
         self.response.merge(other.response)
         self.status = [a + b for a, b in zip(self.status, other.status)]
         self.failed += other.failed
@@ -224,7 +259,6 @@ class Aggregate:
             "mc": self.max_centroids,
         }
         if self.requests:
-            rec["req"] = self.requests
             rec["resp"] = self.response.to_dict()
             rec["st"] = self.status[1:]
             rec["fail"] = self.failed
@@ -251,8 +285,7 @@ class Aggregate:
         agg = cls(BucketKey(rec["app"], rec["proc"], int(rec["start_ms"])),
                   resolution_s=int(rec["res_s"]), max_centroids=mc)
         agg.offset = int(rec.get("off", -1))
-        if "req" in rec:
-            agg.requests = int(rec["req"])
+        if "resp" in rec:
             agg.response = Timer.from_dict(rec["resp"], mc)
             agg.status = [0, *(int(x) for x in rec["st"])]
             agg.failed = int(rec["fail"])

@@ -33,6 +33,8 @@ from tables.aggregate import Aggregate, BucketKey
 from tables.digest import DEFAULT_MAX_CENTROIDS
 
 WINDOW_MS = 60_000
+WinKey = tuple[str, str, int]
+"""(app, process type, window start ms): a plain tuple hashes far faster than a dataclass on the hot path."""
 
 
 @dataclass(slots=True)
@@ -91,44 +93,53 @@ class PartitionWindows:
         self.max_message_bytes = max_message_bytes
         self.max_centroids = max_centroids
         self.window_ms = window_ms
-        self.windows: dict[BucketKey, Aggregate] = {}
+        self.windows: dict[WinKey, Aggregate] = {}
         self.apps: dict[str, AppProgress] = {}
         self.offset = -1  # every message at or below this offset is fully applied
         self.wm_ms = -1
         self.last_input_wall_ms = clock.now_ms()
-        self.dirty_windows: set[BucketKey] = set()
+        self.dirty_windows: set[WinKey] = set()
         self.dirty_apps: set[str] = set()
 
     # --- input -------------------------------------------------------------------------------------
     def ingest(self, offset: int, value: bytes | None, result: IngestResult) -> None:
-        """Fold one input message in. Never raises on bad data: rejects are appended to ``result``."""
+        """Fold one input message in. Never raises on bad data: rejects are appended to ``result``.
+
+        The hot path (once per observation) is written flat on purpose: local names, tuple keys, one
+        list append per request; counts, sums, max and digests are folded once per batch (Timer.flush).
+        """
         now_ms = self.clock.now_ms()
         self.last_input_wall_ms = now_ms
         if offset <= self.offset:
             result.counts.skipped_replay += 1
             return
-        data = models.decode(value, self.max_message_bytes)
-        if isinstance(data, models.Reject):
+        decoded = models.decode(value, self.max_message_bytes)
+        if isinstance(decoded, models.Reject):
             result.counts.rejected += 1
-            result.dead.append(Rejected("rejected", data.reason, data.record, offset, -1, None))
+            result.dead.append(Rejected("rejected", decoded.reason, decoded.record, offset, -1, None))
             return
+        for rej in decoded.rejects:
+            result.counts.rejected += 1
+            result.dead.append(Rejected("rejected", rej.reason, rej.record, offset, rej.index, None))
         future_ms = now_ms + self.max_future_ms
         window_ms = self.window_ms
         apps = self.apps
         windows = self.windows
-        touched: set[BucketKey] = set()
+        touched: dict[WinKey, tuple[Aggregate, Any, list[int]]] = {}
         seen_apps: set[str] = set()
         counts = result.counts
+        accepted = 0
         last_app: str | None = None
         prog = AppProgress()
-        for i, o in enumerate(data):
-            if type(o) is not dict:
-                self._reject(result, "observation must be a JSON object", o, offset, i, None)
-                continue
-            app: Any = o.get("app")  # a validated str from here on (checked when it changes)
+        proc_of = models.process_type
+        Router = models.Router
+        Runtime = models.Runtime
+        for i, o in enumerate(decoded.observations):
+            app = o.app
             if app != last_app:
                 if not models.valid_app(app):
-                    self._reject(result, "app must be 1..100 characters of [A-Za-z0-9._-]", o, offset, i, None)
+                    self._reject(result, "app must be 1..100 characters of [A-Za-z0-9._-]", o, offset,
+                                 i, decoded.indexes, None)
                     continue
                 got = apps.get(app)
                 if got is None:
@@ -138,68 +149,77 @@ class PartitionWindows:
             if offset <= prog.offset:
                 counts.skipped_replay += 1
                 continue
-            proc = models.process_type(o.get("dyno"))
+            proc = proc_of(o.dyno)
             if proc is None:
-                self._reject(result, "dyno must look like web.1", o, offset, i, app)
+                self._reject(result, "dyno must look like web.1", o, offset, i, decoded.indexes, app)
                 continue
-            ts = o.get("ts")
-            if type(ts) is not int or ts < 0:
-                self._reject(result, "ts must be epoch milliseconds (integer)", o, offset, i, app)
-                continue
+            ts = o.ts
             if ts > future_ms:
                 self._reject(result, f"ts is more than {self.max_future_ms} ms ahead of the wall clock",
-                             o, offset, i, app)
-                continue
-            kind = o.get("kind")
-            if kind == "router":
-                reason = models.check_router(o)
-            elif kind == "runtime":
-                reason = models.check_runtime(o)
-            elif kind == "metric":
-                reason = models.check_metric(o)
-            else:
-                reason = "kind must be router, runtime or metric"
-            if reason is not None:
-                self._reject(result, reason, o, offset, i, app)
+                             o, offset, i, decoded.indexes, app)
                 continue
             if ts < prog.closed_ms:
                 counts.late += 1
                 result.dead.append(Rejected(
                     "late", f"minute already closed: ts {ts} < {prog.closed_ms} (grace {self.grace_ms} ms)",
-                    models.echo(o), offset, i, app))
+                    models.echo(o), offset, i if decoded.indexes is None else decoded.indexes[i], app))
                 continue
-            key = BucketKey(app, proc, ts - ts % window_ms)
-            agg = windows.get(key)
-            if agg is None:
-                agg = windows[key] = Aggregate(key, max_centroids=self.max_centroids)
-            elif offset <= agg.offset:
-                counts.skipped_replay += 1
-                continue
-            if kind == "router":
-                agg.add_request(o["status"], o["service_ms"], o.get("code"))
-            elif kind == "runtime":
-                agg.add_runtime(o.get("memory_rss_mb"), o.get("memory_swap_mb"), o.get("memory_total_mb"),
-                                o.get("memory_quota_mb"), o.get("load_avg_1m"))
+            cls = o.__class__
+            if cls is Runtime:
+                r: models.Runtime = o  # type: ignore[assignment]
+                if (r.memory_rss_mb is None and r.memory_swap_mb is None and r.memory_total_mb is None
+                        and r.memory_quota_mb is None and r.load_avg_1m is None):
+                    self._reject(result, "runtime sample has no memory_* or load_avg_1m field", o, offset, i,
+                                 decoded.indexes, app)
+                    continue
+            elif cls is not Router:
+                m: models.Metric = o  # type: ignore[assignment]
+                if m.type == "timer" and m.value < 0:
+                    self._reject(result, "timer value must be >= 0", o, offset, i, decoded.indexes, app)
+                    continue
+            key = (app, proc, ts - ts % window_ms)
+            slot = touched.get(key)
+            if slot is None:
+                agg = windows.get(key)
+                if agg is None:
+                    agg = windows[key] = Aggregate(BucketKey(*key), max_centroids=self.max_centroids)
+                elif offset <= agg.offset:
+                    counts.skipped_replay += 1
+                    continue
+                slot = touched[key] = (agg, agg.response.pending.append, agg.status)
+            if cls is Router:
+                slot[1](o.service_ms)  # type: ignore[union-attr]
+                status = o.status  # type: ignore[union-attr]
+                slot[2][status // 100] += 1
+                if status >= 500:
+                    slot[0].failed += 1
+                if o.code is not None:  # type: ignore[union-attr]
+                    errs = slot[0].errors
+                    errs[o.code] = errs.get(o.code, 0) + 1  # type: ignore[union-attr]
+            elif cls is Runtime:
+                slot[0].add_runtime(r.memory_rss_mb, r.memory_swap_mb, r.memory_total_mb, r.memory_quota_mb,
+                                    r.load_avg_1m)
             else:
-                agg.add_metric(o["name"], o["type"], o["value"], ts)
-            touched.add(key)
-            counts.accepted += 1
+                slot[0].add_metric(m.name, m.type, m.value, ts)
+            accepted += 1
             if ts > prog.wm_ms:
                 prog.wm_ms = ts
                 if ts > self.wm_ms:
                     self.wm_ms = ts
-        # Stamp offsets after the whole message: several observations of one message may share a window.
-        for key in touched:
-            windows[key].offset = offset
+        counts.accepted += accepted
+        # Stamp offsets after the whole message: several observations of one message share a window.
+        for key, (agg, _, _) in touched.items():
+            agg.offset = offset
+            self.dirty_windows.add(key)
         for app in seen_apps:
             apps[app].offset = offset
-        self.dirty_windows |= touched
         self.dirty_apps |= seen_apps
         self.offset = offset
 
-    def _reject(self, result: IngestResult, reason: str, record: Any, offset: int, index: int,
-                app: str | None) -> None:
+    def _reject(self, result: IngestResult, reason: str, record: Any, offset: int, i: int,
+                indexes: list[int] | None, app: str | None) -> None:
         result.counts.rejected += 1
+        index = i if indexes is None else indexes[i]
         result.dead.append(Rejected("rejected", reason, models.echo(record), offset, index, app))
 
     # --- closing -----------------------------------------------------------------------------------
@@ -210,7 +230,8 @@ class PartitionWindows:
         grace_ms = self.grace_ms
         part_limit = self.wm_ms - grace_ms - self.idle_timeout_ms
         out = []
-        for key, agg in self.windows.items():
+        for agg in self.windows.values():
+            key = agg.key
             end_ms = key.start_ms + self.window_ms
             app_wm = self.apps[key.app].wm_ms if key.app in self.apps else -1
             if (app_wm >= end_ms + grace_ms or end_ms <= part_limit
@@ -227,12 +248,9 @@ class PartitionWindows:
             if end_ms > prog.closed_ms:
                 prog.closed_ms = end_ms
                 self.dirty_apps.add(agg.key.app)
-            self.windows.pop(agg.key, None)
-            self.dirty_windows.discard(agg.key)
-
-    def flush_digests(self) -> None:
-        for key in self.dirty_windows:
-            self.windows[key].response.digest.flush()
+            k = (agg.key.app, agg.key.process_type, agg.key.start_ms)
+            self.windows.pop(k, None)
+            self.dirty_windows.discard(k)
 
     def take_dirty(self) -> tuple[list[Aggregate], list[tuple[str, AppProgress]]]:
         """Windows and app progress changed since the last call, to persist once per batch."""
@@ -246,7 +264,7 @@ class PartitionWindows:
     def restore(self, windows: list[Aggregate], apps: dict[str, AppProgress], offset: int) -> None:
         """Rebuild from table state after a restart or rebalance."""
         for agg in windows:
-            self.windows[agg.key] = agg
+            self.windows[(agg.key.app, agg.key.process_type, agg.key.start_ms)] = agg
         self.apps.update(apps)
         self.offset = max(self.offset, offset)
         for agg in windows:
