@@ -35,6 +35,7 @@ def create_app(s: Settings) -> faust.App:
         # A single aggregation message may carry 500+ observations and a closing minute several KB of
         # digests: allow the producer to batch them.
         producer_max_request_size=8 * 1024 * 1024,
+        consumer_max_fetch_size=s.fetch_max_partition_bytes,
     )
 
 

@@ -37,6 +37,9 @@ class Settings:
     are reassigned only after it: low values recover faster but tolerate shorter GC/IO stalls."""
     heartbeat_interval_s: float = 1.0
     rebalance_timeout_s: float = 6.0
+    fetch_max_partition_bytes: int = 16 * 1024 * 1024
+    """Per-partition fetch size. Faust's 1 MB default returns ~16 batched messages per fetch and leaves
+    the worker waiting on the network; measured throughput rises with larger fetches."""
 
     # --- windows -------------------------------------------------------------------------------------
     grace_s: float = 30.0
