@@ -85,7 +85,8 @@ class Settings:
     read_timeout_s: float = 10.0
     """Per socket read; a stuck request is abandoned and retried instead of stalling the sink."""
     max_attempts: int = 5
-    """botocore 'standard' retry attempts for throttling and 5xx (plus our own UnprocessedItems retry)."""
+    """botocore 'standard' retries after the first request (5 -> up to 6 requests) for throttling and 5xx;
+    UnprocessedItems and longer outages are retried by the store and the sink with their own backoff."""
     sink_concurrency: int = 16
     """BatchWriteItem requests in flight from one sink."""
     sink_batch_max: int = 500
