@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import Any, Awaitable, Callable, Sequence
 
 import orjson
@@ -62,10 +63,12 @@ class Sink:
             except (ValueError, orjson.JSONDecodeError) as exc:
                 bad.append((v, f"not a metrics-1m record: {exc}"))
         attempt = 0
+        started = time.monotonic()
         while items:
             try:
                 await self.store.put_many(items)
                 self.counters.inc("sink_items_written", len(items))
+                self.counters.observe("sink_batch_seconds", time.monotonic() - started)
                 break
             except RetriableError as exc:
                 attempt += 1

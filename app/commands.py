@@ -16,8 +16,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from app.settings import Settings
+    from app.stats import Counters
 
 
 def worker_env(broker_url: str, dynamodb_endpoint: str, *, data_dir: str, web_port: int,
@@ -38,6 +45,13 @@ def start_worker(env: dict[str, str], *, log_path: Path | None = None) -> subpro
     return subprocess.Popen([sys.executable, "-m", "app", "worker", "-l", "info"], env=env,
                             stdout=out or None, stderr=subprocess.STDOUT if out else None,
                             cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def start_role(role: str, env: dict[str, str], *, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m app <role>`` (ingest, web) as a child process."""
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen([sys.executable, "-m", "app", role], env=env, stdout=out or None,
+                            stderr=subprocess.STDOUT if out else None, cwd=str(Path(__file__).resolve().parent.parent))
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -62,7 +76,8 @@ def local(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     broker, dynamo = EmbeddedBroker(), EmbeddedDynamo()
-    worker: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    ingest_port = args.web_port + 1
     try:
         broker.start()
         dynamo.start()
@@ -74,54 +89,177 @@ def local(argv: list[str]) -> int:
         data_dir = tempfile.mkdtemp(prefix="minutely-")
         env = worker_env(broker.url, dynamo.endpoint, data_dir=data_dir, web_port=args.web_port)
         worker = start_worker(env)
+        children.append(worker)
+        ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port)})
+        children.append(ingest)
         wait_http(f"http://127.0.0.1:{args.web_port}/healthz", 120, worker)
+        wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
+        os.environ.update({"METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
+        drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(args.apps)]))
         print(f"\nbroker      {broker.address} (Kafka protocol, tansu)")
         print(f"dynamodb    {dynamo.endpoint} ({dynamo.kind})")
         print(f"query       http://127.0.0.1:{args.web_port}/v1/apps/app-0/metrics?process_type=web")
         print(f"counters    http://127.0.0.1:{args.web_port}/v1/stats")
-        print("demo        " + ("off" if args.no_demo else f"{args.rate} requests/s over {args.apps} apps"))
+        print(f"drain       http://127.0.0.1:{ingest_port}/v1/drains/logplex  (app-0 drain token: "
+              f"{drain_tokens['app-0']})")
+        print("demo        " + ("off" if args.no_demo else
+                                f"{args.rate} requests/s over {args.apps} apps, through the drain"))
         print("Ctrl-C stops everything.\n", flush=True)
-        asyncio.run(_serve(broker.address, args, worker))
+        asyncio.run(_serve(args, ingest_port, drain_tokens, children))
     except KeyboardInterrupt:
         pass
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
             try:
-                worker.wait(timeout=20)
+                child.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                child.kill()
         dynamo.stop()
         broker.stop()
         print("stopped.", flush=True)
     return 0
 
 
-async def _serve(bootstrap: str, args: argparse.Namespace, worker: subprocess.Popen[bytes]) -> None:
+async def _demo_tokens(apps: list[str]) -> dict[str, str]:
     from app.settings import Settings
-    from app.traffic import run_demo
+    from app.tokens import TokenStore
+
+    store = TokenStore(Settings.from_env())
+    await store.start()
+    try:
+        return {app: (await store.create(app, "drain"))[0] for app in apps}
+    finally:
+        await store.stop()
+
+
+async def _serve(args: argparse.Namespace, ingest_port: int, drain_tokens: dict[str, str],
+                 children: list[subprocess.Popen[bytes]]) -> None:
+    from app import loadgen
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks = []
+    demo: asyncio.Task[object] | None = None
     if not args.no_demo:
-        tasks.append(asyncio.create_task(run_demo(bootstrap, Settings.from_env().observations_topic,
-                                                  rate_per_s=args.rate, apps=args.apps, stop=stop)))
-    while not stop.is_set() and worker.poll() is None:
+        gen_args = argparse.Namespace(
+            mode="drain", apps=args.apps, dynos=2, rate=args.rate, duration=10**9, realtime=True, seed=1,
+            start_ms=None, url=f"http://127.0.0.1:{ingest_port}", frame_lines=200, concurrency=4, truth=None,
+            token=[f"{a}={t}" for a, t in drain_tokens.items()], bootstrap="", topic="")
+        demo = asyncio.create_task(loadgen.run(gen_args))
+    while not stop.is_set() and all(c.poll() is None for c in children):
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except asyncio.TimeoutError:
             pass
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if demo is not None:
+        demo.cancel()
+        await asyncio.gather(demo, return_exceptions=True)
+
+
+def serve(role: str) -> int:
+    """``python -m app ingest`` / ``python -m app web``: the HTTP-only roles."""
+    import logging
+
+    from aiohttp import web
+
+    from app.settings import Settings
+    from app.stats import counters
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    if role == "ingest":
+        from app.ingest import build
+
+        webapp = build(settings, counters)
+    else:
+        webapp = build_web_role(settings, counters)
+    web.run_app(webapp, host=settings.web_host, port=settings.web_port, access_log=None, print=None)
+    return 0
+
+
+def build_web_role(settings: "Settings", counters: "Counters") -> "web.Application":
+    """Query API without stream jobs: closed minutes from DynamoDB (open ones are served by workers)."""
+    from typing import AsyncIterator
+
+    from aiohttp import web
+
+    from app.query import MetricsQuery
+    from app.store import DynamoStore
+    from app.web import make_web_app
+
+    store = DynamoStore(settings)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await store.start()
+        yield
+        await store.stop()
+
+    webapp = make_web_app(MetricsQuery(store), settings, counters)
+    webapp.cleanup_ctx.append(lifecycle)
+    return webapp
+
+
+def tokens(argv: list[str]) -> int:
+    """``python -m app tokens create|list|revoke``."""
+    from app.settings import Settings
+    from app.tokens import KINDS, TokenStore
+
+    ap = argparse.ArgumentParser(prog="python -m app tokens")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="create a token; it is printed once and stored only hashed")
+    c.add_argument("--app", required=True)
+    c.add_argument("--kind", required=True, choices=KINDS)
+    ls = sub.add_parser("list", help="list token ids (never the tokens)")
+    ls.add_argument("--app")
+    rv = sub.add_parser("revoke", help="revoke a token by the id `list` shows")
+    rv.add_argument("id")
+    args = ap.parse_args(argv)
+
+    async def go() -> int:
+        from app import models
+
+        store = TokenStore(Settings.from_env())
+        await store.start()
+        try:
+            if args.cmd == "create":
+                if not models.valid_app(args.app):
+                    print("app must be 1..100 characters of [A-Za-z0-9._-]", file=sys.stderr)
+                    return 2
+                token, info = await store.create(args.app, args.kind)
+                print(token)
+                print(f"id {info.id} app {info.app} kind {info.kind} (store the token now; it is not shown again)",
+                      file=sys.stderr)
+            elif args.cmd == "list":
+                for t in await store.list(args.app):
+                    print(f"{t.id}  {t.app}  {t.kind}  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t.created_s))}")
+            else:
+                if not await store.revoke(args.id):
+                    print(f"no token with id {args.id}", file=sys.stderr)
+                    return 1
+                print(f"revoked {args.id}")
+            return 0
+        finally:
+            await store.stop()
+
+    return asyncio.run(go())
 
 
 def main() -> int:
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "local":
         return local(sys.argv[2:])
+    if cmd in ("ingest", "web"):
+        return serve(cmd)
+    if cmd == "tokens":
+        return tokens(sys.argv[2:])
+    if cmd == "loadgen":
+        from app.loadgen import main as loadgen_main
+
+        return loadgen_main(sys.argv[2:])
     # Everything else is a Faust command (worker, tables, agents, ...).
     import app.worker  # noqa: F401 - registers the agents, timer and web service on the Faust app
     from app.app import app as faust_app
@@ -130,4 +268,4 @@ def main() -> int:
     return 0
 
 
-__all__ = ["main", "local", "worker_env", "start_worker", "wait_http", "free_port"]
+__all__ = ["main", "local", "serve", "tokens", "worker_env", "start_worker", "start_role", "wait_http", "free_port"]

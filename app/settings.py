@@ -94,6 +94,18 @@ class Settings:
     backoff_base_ms: int = 50
     backoff_max_ms: int = 5000
 
+    # --- ingestion (drains, JSON API) -----------------------------------------------------------------
+    ingest_max_body_bytes: int = 4 * 1024 * 1024
+    """Larger request bodies get 413. Logplex frames are far smaller; JSON batches should be split."""
+    dedup_window_s: float = 900.0
+    """How long a delivered Logplex-Frame-Id is remembered: retries within it are answered 2xx, not re-counted."""
+    dedup_lease_s: float = 30.0
+    """An in-flight claim on a frame id; a crashed attempt's claim is taken over after it."""
+    ingest_chunk_observations: int = 1000
+    """Observations per produced Kafka message (the batched array form)."""
+    produce_timeout_s: float = 10.0
+    """Kafka must acknowledge (acks=all) within this, else the request gets 503 and the sender retries."""
+
     # --- web -----------------------------------------------------------------------------------------
     web_host: str = "127.0.0.1"
     web_port: int = 6066

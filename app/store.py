@@ -44,6 +44,7 @@ from botocore.exceptions import (
 from app.clock import Clock, SystemClock
 from app.errors import StoreError, StoreUnavailable
 from app.settings import PREFIX, Settings
+from app.stats import Counters
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,10 @@ class DynamoStore:
     short-lived clients pay endpoint resolution, credential lookup and TLS handshakes on every use."""
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
-                 jitter: Callable[[], float] = random.random) -> None:
-        """``sleep`` and ``jitter`` (a float in [0, 1)) are injected so backoff is tested without waiting."""
+                 jitter: Callable[[], float] = random.random, counters: Counters | None = None) -> None:
+        """``sleep`` and ``jitter`` (a float in [0, 1)) are injected so backoff is tested without waiting.
+        ``counters`` receives ``sink_unprocessed_items`` (throttling shows there before writes fail)."""
+        self._counters = counters
         self._settings = settings
         self._table = settings.table_name
         self._clock: Clock = clock or SystemClock()
@@ -252,6 +255,8 @@ class DynamoStore:
             pending = resp.get("UnprocessedItems", {}).get(self._table, [])
             if not pending:
                 return
+            if self._counters is not None:
+                self._counters.inc("sink_unprocessed_items", len(pending))
             log.debug("BatchWriteItem left %d of %d items unprocessed (round %d)",
                       len(pending), len(chunk), attempt + 1)
         raise StoreUnavailable(

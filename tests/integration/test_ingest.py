@@ -1,0 +1,196 @@
+"""Ingestion protocol on real parts: the ingest app against tansu and DynamoDB Local."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from typing import Any, AsyncIterator
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from app.admin import ensure_topics
+from app.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.ingest import build
+from app.loadgen import frame
+from app.settings import Settings
+from app.stats import Counters
+from app.tokens import TokenStore
+from tests.test_logplex import LOAD, MEMORY, ROUTER_ERROR, ROUTER_INFO
+
+pytestmark = pytest.mark.integration
+
+
+def make_settings(broker_url: str, endpoint: str, **kw: Any) -> Settings:
+    uid = uuid.uuid4().hex[:8]
+    return Settings(broker_url=broker_url, dynamodb_endpoint=endpoint, table_name=f"ing-{uid}",
+                    observations_topic=f"obs-{uid}", dlq_topic=f"dlq-{uid}", metrics_topic=f"m-{uid}",
+                    sink_dlq_topic=f"sd-{uid}", partitions=2, app_id=f"ing{uid}", produce_timeout_s=3, **kw)
+
+
+async def read_topic(broker: EmbeddedBroker, topic: str, *, wait_s: float = 2.0) -> list[tuple[bytes, bytes]]:
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, bootstrap_servers=broker.address, auto_offset_reset="earliest",
+                         group_id=None, enable_auto_commit=False)
+    await c.start()
+    try:
+        out: list[tuple[bytes, bytes]] = []
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while asyncio.get_running_loop().time() < deadline:
+            for records in (await c.getmany(timeout_ms=200)).values():
+                out.extend((r.key, r.value) for r in records)
+        return out
+    finally:
+        await c.stop()
+
+
+class Env:
+    def __init__(self, settings: Settings, client: TestClient[Any, Any], counters: Counters,
+                 tokens: dict[str, str]) -> None:
+        self.settings, self.client, self.counters, self.tokens = settings, client, counters, tokens
+
+
+@pytest.fixture
+async def env(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, aiohttp_client: Any) -> AsyncIterator[Env]:
+    s = make_settings(broker.url, dynamo.endpoint, ingest_max_body_bytes=64 * 1024)
+    await ensure_topics(broker.address, s)
+    store = TokenStore(s)
+    await store.start()
+    tokens = {kind: (await store.create("myapp", kind))[0] for kind in ("drain", "write", "read")}
+    tokens["other-drain"] = (await store.create("other", "drain"))[0]
+    await store.stop()
+    counters = Counters()
+    client = await aiohttp_client(build(s, counters))
+    for _ in range(100):  # the producer connects in the background
+        if (await client.post("/v1/observations", data=b"[]", headers=_bearer(tokens["write"]))).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    yield Env(s, client, counters, tokens)
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def drain_headers(token: str, count: int, frame_id: str | None = None) -> dict[str, str]:
+    h = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(count), "Logplex-Drain-Token": token,
+         "User-Agent": "Logplex/v123"}
+    if frame_id:
+        h["Logplex-Frame-Id"] = frame_id
+    return h
+
+
+async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: Env, broker: EmbeddedBroker) -> None:
+    body = frame([ROUTER_INFO, ROUTER_ERROR, MEMORY, LOAD, b"<40>1 2012-11-30T06:45:29+00:00 host app web.3 - hi",
+                  b"<158>1 2012-11-30T06:45:29+00:00 host heroku router - at=info nonsense"])
+    headers = drain_headers(env.tokens["drain"], 6, "frame-1")
+    for _ in range(3):  # Logplex retries with the same Frame-Id
+        r = await env.client.post("/v1/drains/logplex", data=body, headers=headers)
+        assert r.status == 204
+    records = await read_topic(broker, env.settings.observations_topic)
+    assert len(records) == 1 and records[0][0] == b"myapp"
+    obs = orjson.loads(records[0][1])
+    assert [o["kind"] for o in obs] == ["router", "router", "runtime", "runtime"]
+    assert {o["app"] for o in obs} == {"myapp"}  # the token's app; host=myapp.herokuapp.com is not trusted
+    dead = await read_topic(broker, env.settings.dlq_topic, wait_s=1)
+    assert len(dead) == 1 and "lacks" in orjson.loads(dead[0][1])["reason"]
+    c = env.counters.values
+    assert (c["drain_frames"], c["drain_frames_deduplicated"], c["drain_lines_ignored"]) == (1, 2, 1)
+
+
+async def test_frame_dedup_survives_an_ingest_restart(env: Env, broker: EmbeddedBroker, aiohttp_client: Any) -> None:
+    body = frame([ROUTER_INFO])
+    assert (await env.client.post("/v1/drains/logplex", data=body,
+                                  headers=drain_headers(env.tokens["drain"], 1, "f-restart"))).status == 204
+    await env.client.close()
+    restarted = await aiohttp_client(build(env.settings, Counters()))
+    r = await restarted.post("/v1/drains/logplex", data=body, headers=drain_headers(env.tokens["drain"], 1, "f-restart"))
+    assert r.status == 204
+    assert len(await read_topic(broker, env.settings.observations_topic)) == 1
+
+
+async def test_protocol_errors_produce_nothing(env: Env, broker: EmbeddedBroker) -> None:
+    body = frame([ROUTER_INFO, LOAD])
+    cases = [
+        (drain_headers(env.tokens["drain"], 3, "f-count"), body, 400, "msg_count_mismatch"),
+        ({"Content-Type": "application/logplex-1"}, body, 401, "missing_token"),
+        (drain_headers("mk_drain_not-a-token", 2), body, 403, "invalid_token"),
+        (drain_headers(env.tokens["write"], 2), body, 403, "invalid_token"),  # a write token is not a drain token
+        (drain_headers(env.tokens["drain"], 1), b"abc <40>1", 400, "malformed_frame"),
+        (drain_headers(env.tokens["drain"], 1), b"x" * (65 * 1024), 413, "body_too_large"),
+    ]
+    for headers, data, status, code in cases:
+        r = await env.client.post("/v1/drains/logplex", data=data, headers=headers)
+        assert r.status == status, (code, await r.text())
+        assert (await r.json())["error"]["code"] == code
+    assert await read_topic(broker, env.settings.observations_topic, wait_s=1) == []
+
+
+async def test_token_in_basic_auth_or_url(env: Env, broker: EmbeddedBroker) -> None:
+    basic = base64.b64encode(f"drain:{env.tokens['drain']}".encode()).decode()
+    r1 = await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]),
+                               headers={"Authorization": f"Basic {basic}", "Logplex-Msg-Count": "1"})
+    r2 = await env.client.post(f"/v1/drains/logplex?token={env.tokens['drain']}", data=frame([ROUTER_INFO]))
+    assert (r1.status, r2.status) == (204, 204)
+    assert len(await read_topic(broker, env.settings.observations_topic)) == 2
+
+
+async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broker: EmbeddedBroker) -> None:
+    good = {"kind": "router", "app": "myapp", "dyno": "web.1", "ts": 1764000000000, "status": 200, "service_ms": 3}
+    foreign = {**good, "app": "other"}
+    broken = {**good, "status": "OK"}
+    r = await env.client.post("/v1/observations", data=orjson.dumps([good, foreign, broken, good]),
+                              headers=_bearer(env.tokens["write"]))
+    body = await r.json()
+    assert r.status == 200 and body["accepted"] == 2
+    assert [x["index"] for x in body["rejected"]] == [1, 2]
+    assert "token is for app 'myapp'" in body["rejected"][0]["reason"] and "status" in body["rejected"][1]["reason"]
+    nd = b"\n".join(orjson.dumps(x) for x in (good, good, good)) + b"\n"
+    r = await env.client.post("/v1/observations", data=nd, headers=_bearer(env.tokens["write"]))
+    assert r.status == 200 and (await r.json())["accepted"] == 3
+    r = await env.client.post("/v1/observations", data=b"{nope", headers=_bearer(env.tokens["write"]))
+    assert r.status == 400 and (await r.json())["error"]["code"] == "malformed_body"
+    r = await env.client.post("/v1/observations", data=orjson.dumps([foreign]), headers=_bearer(env.tokens["write"]))
+    assert r.status == 400 and (await r.json())["error"]["code"] == "no_valid_records"
+    r = await env.client.post("/v1/observations", data=orjson.dumps([good]), headers=_bearer(env.tokens["read"]))
+    assert r.status == 403
+    produced = [o for _, v in await read_topic(broker, env.settings.observations_topic) for o in orjson.loads(v)]
+    assert len(produced) == 5 and {o["app"] for o in produced} == {"myapp"}
+
+
+async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: EmbeddedDynamo, aiohttp_client: Any) -> None:
+    own = EmbeddedBroker()
+    own.start()
+    s = make_settings(own.url, dynamo.endpoint)
+    await ensure_topics(own.address, s)
+    store = TokenStore(s)
+    await store.start()
+    token = (await store.create("myapp", "drain"))[0]
+    await store.stop()
+    client = await aiohttp_client(build(s, Counters()))
+    headers = drain_headers(token, 1, "f-down")
+    for _ in range(100):
+        r = await client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=drain_headers(token, 1))
+        if r.status == 204:
+            break
+        await asyncio.sleep(0.1)
+    own.stop()
+    r = await client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=headers)
+    assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+    assert (await r.json())["error"]["code"] == "unavailable"
+    # The failed attempt released its claim on the frame id: the retry is not refused as in flight.
+    own2 = EmbeddedBroker(port=own.port)
+    own2.start()
+    try:
+        await ensure_topics(own2.address, s)
+        for _ in range(60):
+            r = await client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=headers)
+            if r.status == 204:
+                break
+            await asyncio.sleep(0.5)
+        assert r.status == 204
+    finally:
+        own2.stop()
