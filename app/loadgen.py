@@ -64,8 +64,10 @@ def frame(lines: list[bytes]) -> bytes:
 
 
 class Progress:
-    def __init__(self, total_s: float, unit: str) -> None:
-        self.total_s, self.unit, self.t0, self.n, self.last = total_s, unit, time.monotonic(), 0, 0.0
+    """A one-line progress bar on stderr: share of the event-time span generated, count, achieved rate."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit, self.t0, self.n, self.last, self.fraction = unit, time.monotonic(), 0, 0.0, 0.0
 
     def add(self, n: int) -> None:
         self.n += n
@@ -73,7 +75,7 @@ class Progress:
         if now - self.last >= 0.5:
             self.last = now
             el = now - self.t0
-            filled = int(30 * min(1.0, el / self.total_s)) if self.total_s else 30
+            filled = int(30 * min(1.0, self.fraction))
             sys.stderr.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {el:5.1f}s {self.n:,} {self.unit} "
                              f"{self.n / max(el, 1e-9):,.0f}/s ")
             sys.stderr.flush()
@@ -110,7 +112,7 @@ async def run(args: argparse.Namespace) -> Truth:
     truth = Truth()
     per_app_s = max(1, round(args.rate / args.apps))  # router requests per app per second of event time
     seconds = int(args.duration)
-    progress = Progress(args.duration if args.realtime else 0, "lines" if args.mode == "drain" else "observations")
+    progress = Progress("lines" if args.mode == "drain" else "observations")
     tokens = dict(t.split("=", 1) for t in args.token or [])
     if args.mode == "drain":
         missing = [a for a in gen.apps if a not in tokens]
@@ -139,6 +141,7 @@ async def run(args: argparse.Namespace) -> Truth:
     t0 = time.monotonic()
     try:
         for second in range(seconds):
+            progress.fraction = (second + 1) / max(seconds, 1)
             for app in gen.apps:
                 obs = [as_logged(o) for o in gen.batch(app, per_app_s, 1000)]
                 for o in obs:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.admin import ensure_topics
-from app.commands import start_worker, wait_http, worker_env
+from app.commands import start_role, start_worker, wait_http, worker_env
 from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
 from app.settings import Settings
 from app.store import DynamoStore
@@ -61,6 +61,15 @@ class Pipeline:
         self.proc = start_worker(env, log_path=self.log_path)
         wait_http(f"{self.url}/healthz", 120, self.proc)
 
+    def start_ingest(self) -> str:
+        """An ingest process (``python -m app ingest``) for this deployment; returns its base URL."""
+        port = free_port()
+        env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(self.tmp), web_port=port,
+                         extra=self.env_overrides)
+        self.ingest_proc = start_role("ingest", env, log_path=self.log_path.with_name(self.log_path.stem + "-ingest.log"))
+        wait_http(f"http://127.0.0.1:{port}/healthz", 60, self.ingest_proc)
+        return f"http://127.0.0.1:{port}"
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
@@ -91,6 +100,10 @@ class Pipeline:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        ingest = getattr(self, "ingest_proc", None)
+        if ingest is not None and ingest.poll() is None:
+            ingest.send_signal(signal.SIGTERM)
+            ingest.wait(timeout=20)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
