@@ -22,6 +22,7 @@ typecheck: install
 
 bench: install
 	$(PY) -m tests.bench.bench_pipeline
+	$(PY) -m tests.bench.bench_ingest
 
 install: $(VENV)/.installed $(DDB_DIR)/emulator/DynamoDBLocal.jar
 

@@ -151,7 +151,7 @@ class Ingest:
                 await self.dedup.complete(info.app, frame_id)
             self.counters.inc("drain_frames")
             self.counters.inc("drain_lines_ignored", frame.ignored)
-            self.counters.inc("ingest_observations_produced", len(frame.observations))
+            self.counters.inc("ingest_observations_produced", len(frame.encoded))
             return web.Response(status=204)
         except RetriableError as exc:
             return error(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
@@ -161,7 +161,10 @@ class Ingest:
                          {"Retry-After": "30"})
 
     async def _deliver(self, app: str, frame: logplex.ParsedFrame, frame_id: str | None) -> None:
-        records = chunks(app, frame.observations, self.settings.ingest_chunk_observations)
+        size = self.settings.ingest_chunk_observations
+        key = app.encode()
+        records = [(key, b"[" + b",".join(frame.encoded[i:i + size]) + b"]")
+                   for i in range(0, len(frame.encoded), size)]
         dead = [(app.encode(), orjson.dumps({"kind": "rejected", "reason": b.reason, "app": app, "record": b.line,
                                              "source": {"drain_frame": frame_id}})) for b in frame.bad]
         if records:

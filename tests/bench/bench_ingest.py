@@ -1,0 +1,116 @@
+"""Drain lines per second for one ingest process, HTTP in -> Kafka acknowledged (acks=all).
+
+    make bench    # or: python -m tests.bench.bench_ingest [--lines N]
+
+The load comes from a separate process (tests/bench/drain_client.py, aiohttp, 16 connections) posting
+Logplex frames of 500 lines (Heroku router lines with runtime samples mixed in). Rows: parse-only speed in
+this process, end to end without Frame-Ids, and end to end with Frame-Ids (DynamoDB Local dedup claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+from app import loadgen
+from app.admin import ensure_topics
+from app.commands import start_role, wait_http, worker_env
+from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.logplex import parse_frame
+from app.settings import Settings
+from app.tokens import TokenStore
+from app.traffic import Generator
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
+
+
+def build_frames(n_lines: int, per_frame: int = 500) -> list[tuple[bytes, int]]:
+    gen = Generator(apps=1, dynos=4, seed=9, start_ms=int(time.time() * 1000) - 3_600_000)
+    lines: list[bytes] = []
+    while len(lines) < n_lines:
+        for o in gen.batch("app-0", 1000, 1000):
+            lines.extend(loadgen.render(loadgen.as_logged(o)))
+        gen.now_ms += 1000
+    lines = lines[:n_lines]
+    return [(loadgen.frame(lines[i:i + per_frame]), len(lines[i:i + per_frame])) for i in range(0, len(lines), per_frame)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+    frames = build_frames(args.lines)
+    n_lines = sum(n for _, n in frames)
+
+    t0 = time.perf_counter()
+    for body, _ in frames:
+        parse_frame(body, "app-0")
+    parse_rate = n_lines / (time.perf_counter() - t0)
+
+    broker, dynamo = EmbeddedBroker(), EmbeddedDynamo()
+    broker.start()
+    dynamo.start()
+    uid = uuid.uuid4().hex[:6]
+    overrides = {"METRICS_OBSERVATIONS_TOPIC": f"bi-{uid}", "METRICS_DLQ_TOPIC": f"bid-{uid}",
+                 "METRICS_TABLE_NAME": f"bi-{uid}", "METRICS_PARTITIONS": "4"}
+    settings = Settings.from_env({**overrides, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
+    proc = None
+    rows: list[tuple[str, float]] = [("parse only (this process, no HTTP/Kafka)", parse_rate)]
+    try:
+        asyncio.run(ensure_topics(broker.address, settings))
+
+        async def token() -> str:
+            store = TokenStore(settings)
+            await store.start()
+            try:
+                return (await store.create("app-0", "drain"))[0]
+            finally:
+                await store.stop()
+
+        tok = asyncio.run(token())
+        port = free_port()
+        proc = start_role("ingest", worker_env(broker.url, dynamo.endpoint, data_dir=tempfile.mkdtemp(),
+                                               web_port=port, extra=overrides))
+        wait_http(f"http://127.0.0.1:{port}/healthz", 60, proc)
+        path = Path(tempfile.mkdtemp()) / "frames.json"
+        path.write_bytes(orjson.dumps([(b.decode("latin-1"), n) for b, n in frames]))
+        for label, extra in (("end to end, HTTP in -> Kafka acked (no Frame-Id)", []),
+                             ("end to end, with Logplex-Frame-Id dedup (DynamoDB Local)", ["--frame-ids"])):
+            out = subprocess.run([sys.executable, "-m", "tests.bench.drain_client",
+                                  f"http://127.0.0.1:{port}/v1/drains/logplex", tok, str(path),
+                                  str(args.concurrency), *extra], cwd=str(ROOT), capture_output=True, text=True,
+                                 check=True, env=os.environ)
+            lines, secs, failures = out.stdout.split()
+            if int(failures):
+                raise RuntimeError(f"{failures} frames were not accepted")
+            rows.append((label, int(lines) / float(secs)))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=20)
+        dynamo.stop()
+        broker.stop()
+    text = "\n".join([
+        f"Ingest benchmark ({os.cpu_count()} cores, {n_lines:,} drain lines in frames of 500, load from a separate "
+        f"process with {args.concurrency} connections)", "",
+        "| what | lines/s |", "|---|---:|", *[f"| {w} | {r:,.0f} |" for w, r in rows], "",
+        f"- end to end vs target 200,000 lines/s: **{rows[1][1] / 200_000:.0%}**",
+    ])
+    print(text)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "bench-ingest.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

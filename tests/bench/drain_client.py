@@ -1,0 +1,48 @@
+"""Load for the ingest benchmark, from its own process: POST pre-built Logplex frames as fast as accepted.
+
+    python -m tests.bench.drain_client URL TOKEN FRAMES_FILE CONCURRENCY [--frame-ids]
+Prints ``<lines> <seconds> <non_2xx>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+
+import aiohttp
+import orjson
+
+
+async def main() -> None:
+    url, token, path, concurrency = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    frame_ids = "--frame-ids" in sys.argv
+    frames: list[tuple[bytes, int]] = [(f.encode("latin-1"), n) for f, n in orjson.loads(open(path, "rb").read())]
+    queue = list(reversed(frames))
+    failures = 0
+    lines = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failures, lines
+        while queue:
+            body, n = queue.pop()
+            headers = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(n),
+                       "Logplex-Drain-Token": token}
+            if frame_ids:
+                headers["Logplex-Frame-Id"] = uuid.uuid4().hex
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if r.status >= 300:
+                    failures += 1
+                else:
+                    lines += n
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        print(lines, time.perf_counter() - t0, failures)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
