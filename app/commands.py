@@ -148,7 +148,7 @@ async def _serve(args: argparse.Namespace, ingest_port: int, drain_tokens: dict[
         gen_args = argparse.Namespace(
             mode="drain", apps=args.apps, dynos=2, rate=args.rate, duration=10**9, realtime=True, seed=1,
             start_ms=None, url=f"http://127.0.0.1:{ingest_port}", frame_lines=200, concurrency=4, truth=None,
-            token=[f"{a}={t}" for a, t in drain_tokens.items()], bootstrap="", topic="")
+            token=[f"{a}={t}" for a, t in drain_tokens.items()], bootstrap="", topic="", quiet=True)
         demo = asyncio.create_task(loadgen.run(gen_args))
     while not stop.is_set() and all(c.poll() is None for c in children):
         try:

@@ -66,13 +66,14 @@ def frame(lines: list[bytes]) -> bytes:
 class Progress:
     """A one-line progress bar on stderr: share of the event-time span generated, count, achieved rate."""
 
-    def __init__(self, unit: str) -> None:
+    def __init__(self, unit: str, *, quiet: bool = False) -> None:
         self.unit, self.t0, self.n, self.last, self.fraction = unit, time.monotonic(), 0, 0.0, 0.0
+        self.quiet = quiet
 
     def add(self, n: int) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= 0.5:
+        if not self.quiet and now - self.last >= 0.5:
             self.last = now
             el = now - self.t0
             filled = int(30 * min(1.0, self.fraction))
@@ -81,6 +82,8 @@ class Progress:
             sys.stderr.flush()
 
     def done(self) -> None:
+        if self.quiet:
+            return
         el = time.monotonic() - self.t0
         sys.stderr.write(f"\nsent {self.n:,} {self.unit} in {el:.1f}s ({self.n / max(el, 1e-9):,.0f}/s)\n")
 
@@ -112,7 +115,7 @@ async def run(args: argparse.Namespace) -> Truth:
     truth = Truth()
     per_app_s = max(1, round(args.rate / args.apps))  # router requests per app per second of event time
     seconds = int(args.duration)
-    progress = Progress("lines" if args.mode == "drain" else "observations")
+    progress = Progress("lines" if args.mode == "drain" else "observations", quiet=getattr(args, "quiet", False))
     tokens = dict(t.split("=", 1) for t in args.token or [])
     if args.mode == "drain":
         missing = [a for a in gen.apps if a not in tokens]
@@ -216,5 +219,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--frame-lines", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--truth", help="write exact per-minute aggregates (JSON) here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     asyncio.run(run(ap.parse_args(argv)))
     return 0
