@@ -194,3 +194,41 @@ async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: Embed
         assert r.status == 204
     finally:
         own2.stop()
+
+
+async def test_tokens_cli_create_list_revoke_and_stored_hashed(dynamo: EmbeddedDynamo) -> None:
+    import os
+    import subprocess
+    import sys
+
+    s = make_settings("kafka://127.0.0.1:1", dynamo.endpoint)
+    env = {**os.environ, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint, "METRICS_TABLE_NAME": s.table_name}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", "tokens", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    created = await asyncio.to_thread(cli, "create", "--app", "shop", "--kind", "read")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("mk_read_") and "not shown again" in created.stderr
+    listed = await asyncio.to_thread(cli, "list", "--app", "shop")
+    token_id = listed.stdout.split()[0]
+    assert listed.returncode == 0 and "shop" in listed.stdout and token not in listed.stdout
+    store = TokenStore(s)
+    await store.start()
+    try:
+        assert (await store.verify(token, "read", "shop")) is not None
+        assert (await store.verify(token, "read", "other")) is None  # usable for per-app read auth
+        items = (await store.client.scan(TableName=store.table))["Items"]
+        assert token not in orjson.dumps(items).decode()  # only the SHA-256 is stored
+        revoked = await asyncio.to_thread(cli, "revoke", token_id)
+        assert revoked.returncode == 0
+        fresh = TokenStore(s)  # another process: no cache
+        await fresh.start()
+        assert (await fresh.verify(token, "read")) is None
+        await fresh.stop()
+        bad = await asyncio.to_thread(cli, "create", "--app", "bad|name", "--kind", "read")
+        assert bad.returncode == 2
+    finally:
+        await store.stop()
