@@ -51,6 +51,7 @@ class Pipeline:
             {**self.env_overrides, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
         self.web_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.others: list[subprocess.Popen[bytes]] = []
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"worker-{uid}.log"
         asyncio.run(ensure_topics(broker.address, self.settings))
@@ -60,6 +61,16 @@ class Pipeline:
                          extra=self.env_overrides)
         self.proc = start_worker(env, log_path=self.log_path)
         wait_http(f"{self.url}/healthz", 120, self.proc)
+
+    def start_second_worker(self, *, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+        """Another worker in the same consumer group (a rebalance splits the partitions)."""
+        port = free_port()
+        env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(data_dir), web_port=port,
+                         extra=self.env_overrides)
+        proc = start_worker(env, log_path=self.log_path.with_name(self.log_path.stem + "-2.log"))
+        self.others.append(proc)
+        wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc)
+        return proc, f"http://127.0.0.1:{port}"
 
     def start_ingest(self) -> str:
         """An ingest process (``python -m app ingest``) for this deployment; returns its base URL."""
@@ -100,6 +111,13 @@ class Pipeline:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        for other in self.others:
+            if other.poll() is None:
+                other.send_signal(signal.SIGTERM)
+                try:
+                    other.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    other.kill()
         ingest = getattr(self, "ingest_proc", None)
         if ingest is not None and ingest.poll() is None:
             ingest.send_signal(signal.SIGTERM)

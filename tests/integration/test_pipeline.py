@@ -87,3 +87,38 @@ def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: EmbeddedBrok
         check_against_truth(stored, gen.truth)
     finally:
         p.stop()
+
+
+def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+                                                                tmp_path: Path) -> None:
+    """A second worker joins mid-stream: partitions (and their open minutes) move through the changelog."""
+    import json
+    import urllib.request
+
+    p = Pipeline(broker, dynamo, tmp_path)
+    start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
+    gen = Generator(apps=4, dynos=2, seed=13, start_ms=start_ms, keep_truth=True)
+    msgs = gen.messages(per_message=200, span_ms=15_000)
+    first = [next(msgs) for _ in range(4 * 4 * 2 + 4)]
+    second = [next(msgs) for _ in range(4 * 4 * 3)]
+    p.start(data_dir=tmp_path / "a")
+    try:
+        asyncio.run(produce(broker.address, p.settings.observations_topic, first))
+        p.wait_stats(lambda s: s["observations_accepted"] >= sum(len(orjson.loads(v)) for _, v in first), 60,
+                     "first part aggregated")
+        _, url_b = p.start_second_worker(data_dir=tmp_path / "b")
+        asyncio.run(produce(broker.address, p.settings.observations_topic, second))
+        assert gen.truth is not None
+        minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
+        deadline = time.monotonic() + 120
+        while True:
+            stored = p.stored(gen.apps, ["web", "worker"], start_ms // 1000, start_ms // 1000 + 3600)
+            if len(stored) >= minutes or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len(stored) == minutes
+        check_against_truth(stored, gen.truth)
+        with urllib.request.urlopen(f"{url_b}/v1/stats", timeout=5) as r:
+            assert json.load(r)["counters"]["minutes_emitted"] > 0, "the second worker took no partitions"
+    finally:
+        p.stop()
