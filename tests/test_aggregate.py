@@ -59,3 +59,29 @@ def test_record_round_trip_keeps_every_section() -> None:
     again = Aggregate.from_record(orjson.loads(orjson.dumps(agg.to_record())))
     assert again.summary() == agg.summary()
     assert again.offset == 41 and again.max_centroids == 50
+
+
+def test_integer_latencies_give_numpy_exact_percentiles_in_exact_mode() -> None:
+    """Router times are integer ms: few distinct values, so percentiles are exact, even after merges."""
+    rng = np.random.default_rng(11)
+    values = np.floor(rng.lognormal(3, 0.8, 50_000))
+    parts = [Digest() for _ in range(5)]
+    for part, chunk in zip(parts, np.array_split(values, 5)):
+        part.add_many(chunk.tolist())
+    merged = Digest.from_dict(orjson.loads(orjson.dumps(parts[0].to_dict())))
+    for part in parts[1:]:
+        merged.merge(Digest.from_dict(orjson.loads(orjson.dumps(part.to_dict()))))
+    assert merged.exact and merged.count == 50_000
+    for q in (0.5, 0.95, 0.99, 0.999):
+        assert merged.quantile(q) == float(np.quantile(values, q))
+    py = PyTDigest()
+    py.update_from_dict(merged.to_dict())  # the exact form is still tdigest's centroid list
+    assert abs(py.percentile(95) - np.quantile(values, 0.95)) <= 0.02 * np.quantile(values, 0.95)
+
+
+def test_many_distinct_values_switch_to_a_bounded_tdigest() -> None:
+    d = Digest(max_centroids=200, exact_limit=500)
+    rng = random.Random(2)
+    d.add_many(rng.lognormvariate(3, 1) for _ in range(20_000))
+    assert d.count == 20_000 and not d.exact
+    assert len(d.to_dict()["centroids"]) <= 200
