@@ -97,6 +97,25 @@ def chunks(app: str, observations: Sequence[Any], size: int) -> list[tuple[bytes
     return [(key, encode(observations[i:i + size])) for i in range(0, len(observations), size)]
 
 
+Handler = Callable[["Ingest", web.Request], Awaitable[web.Response]]
+
+
+def answers_unavailable(handler: Handler) -> Handler:
+    """Dependencies down -> 503 with Retry-After (the sender retries); never a 5xx without one."""
+
+    async def wrapped(self: "Ingest", request: web.Request) -> web.Response:
+        try:
+            return await handler(self, request)
+        except RetriableError as exc:
+            return error(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
+        except PipelineError as exc:
+            log.error("%s failed: %s", request.path, exc)
+            return error(503, "misconfigured", "the service is misconfigured; the operator has the cause in the "
+                                               "log", {"Retry-After": "30"})
+
+    return wrapped
+
+
 class Ingest:
     def __init__(self, settings: Settings, *, tokens: TokenStore, dedup: FrameDedup, produce: Produce,
                  counters: Counters) -> None:
@@ -116,49 +135,45 @@ class Ingest:
             return error(403, "invalid_token", f"the token is unknown, revoked, or not a {kind} token")
         return info
 
+    @answers_unavailable
     async def drain(self, request: web.Request) -> web.Response:
+        info = await self._auth(request, "drain")
+        if isinstance(info, web.Response):
+            return info
+        body = await _read(request)
+        if isinstance(body, web.Response):
+            return body
         try:
-            info = await self._auth(request, "drain")
-            if isinstance(info, web.Response):
-                return info
-            body = await _read(request)
-            if isinstance(body, web.Response):
-                return body
-            try:
-                frame = logplex.parse_frame(body, info.app)
-            except logplex.FrameError as exc:
-                return error(400, "malformed_frame", str(exc))
-            count = request.headers.get("Logplex-Msg-Count")
-            if count is not None and (not count.isdigit() or int(count) != frame.messages):
-                return error(400, "msg_count_mismatch",
-                             f"Logplex-Msg-Count is {count!r} but the frame holds {frame.messages} messages")
-            frame_id = request.headers.get("Logplex-Frame-Id")
+            frame = logplex.parse_frame(body, info.app)
+        except logplex.FrameError as exc:
+            return error(400, "malformed_frame", str(exc))
+        count = request.headers.get("Logplex-Msg-Count")
+        if count is not None and (not count.isdigit() or int(count) != frame.messages):
+            return error(400, "msg_count_mismatch",
+                         f"Logplex-Msg-Count is {count!r} but the frame holds {frame.messages} messages")
+        frame_id = request.headers.get("Logplex-Frame-Id")
+        if frame_id is not None and len(frame_id) > 200:
+            return error(400, "bad_frame_id", "Logplex-Frame-Id longer than 200 characters")
+        if frame_id:
+            claim = await self.dedup.claim(info.app, frame_id)
+            if claim is Claim.DONE:
+                self.counters.inc("drain_frames_deduplicated")
+                return web.Response(status=204)
+            if claim is Claim.BUSY:
+                return error(503, "frame_in_flight", "this frame is being delivered; retry",
+                             {"Retry-After": "2"})
+        try:
+            await self._deliver(info.app, frame, frame_id)
+        except BaseException:
             if frame_id:
-                claim = await self.dedup.claim(info.app, frame_id)
-                if claim is Claim.DONE:
-                    self.counters.inc("drain_frames_deduplicated")
-                    return web.Response(status=204)
-                if claim is Claim.BUSY:
-                    return error(503, "frame_in_flight", "this frame is being delivered; retry",
-                                 {"Retry-After": "2"})
-            try:
-                await self._deliver(info.app, frame, frame_id)
-            except BaseException:
-                if frame_id:
-                    await self.dedup.release(info.app, frame_id)
-                raise
-            if frame_id:
-                await self.dedup.complete(info.app, frame_id)
-            self.counters.inc("drain_frames")
-            self.counters.inc("drain_lines_ignored", frame.ignored)
-            self.counters.inc("ingest_observations_produced", len(frame.encoded))
-            return web.Response(status=204)
-        except RetriableError as exc:
-            return error(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
-        except PipelineError as exc:
-            log.error("drain request failed: %s", exc)
-            return error(503, "misconfigured", "the service is misconfigured; the operator has the cause in the log",
-                         {"Retry-After": "30"})
+                await self.dedup.release(info.app, frame_id)
+            raise
+        if frame_id:
+            await self.dedup.complete(info.app, frame_id)
+        self.counters.inc("drain_frames")
+        self.counters.inc("drain_lines_ignored", frame.ignored)
+        self.counters.inc("ingest_observations_produced", len(frame.encoded))
+        return web.Response(status=204)
 
     async def _deliver(self, app: str, frame: logplex.ParsedFrame, frame_id: str | None) -> None:
         size = self.settings.ingest_chunk_observations
@@ -173,44 +188,38 @@ class Ingest:
             await self.produce(self.settings.dlq_topic, dead)
             self.counters.inc("drain_lines_bad", len(dead))
 
+    @answers_unavailable
     async def observations(self, request: web.Request) -> web.Response:
-        try:
-            info = await self._auth(request, "write")
-            if isinstance(info, web.Response):
-                return info
-            body = await _read(request)
-            if isinstance(body, web.Response):
-                return body
-            parsed = parse_json_body(body, self.settings.max_message_bytes)
-            if isinstance(parsed, models.Reject):
-                return error(400, "malformed_body", parsed.reason)
-            good: list[Any] = []
-            rejected: list[dict[str, Any]] = []
-            for index, item in parsed:
-                if isinstance(item, models.Reject):
-                    rejected.append({"index": index, "reason": item.reason})
-                elif item.app != info.app:
-                    rejected.append({"index": index, "reason": f"record is for app {item.app!r} but the token is "
-                                                               f"for app {info.app!r}"})
-                else:
-                    good.append(item)
-            if not good:
-                if not rejected:
-                    return json_response({"accepted": 0, "rejected": []})
-                return json_response({"error": {"code": "no_valid_records",
-                                                "message": "every record was rejected; see rejected"},
-                                      "rejected": rejected[:1000]}, 400)
-            await self.produce(self.settings.observations_topic,
-                               chunks(info.app, good, self.settings.ingest_chunk_observations))
-            self.counters.inc("ingest_observations_produced", len(good))
-            self.counters.inc("ingest_records_rejected", len(rejected))
-            return json_response({"accepted": len(good), "rejected": rejected[:1000]})
-        except RetriableError as exc:
-            return error(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
-        except PipelineError as exc:
-            log.error("observations request failed: %s", exc)
-            return error(503, "misconfigured", "the service is misconfigured; the operator has the cause in the log",
-                         {"Retry-After": "30"})
+        info = await self._auth(request, "write")
+        if isinstance(info, web.Response):
+            return info
+        body = await _read(request)
+        if isinstance(body, web.Response):
+            return body
+        parsed = parse_json_body(body, self.settings.max_message_bytes)
+        if isinstance(parsed, models.Reject):
+            return error(400, "malformed_body", parsed.reason)
+        good: list[Any] = []
+        rejected: list[dict[str, Any]] = []
+        for index, item in parsed:
+            if isinstance(item, models.Reject):
+                rejected.append({"index": index, "reason": item.reason})
+            elif item.app != info.app:
+                rejected.append({"index": index, "reason": f"record is for app {item.app!r} but the token is "
+                                                           f"for app {info.app!r}"})
+            else:
+                good.append(item)
+        if not good:
+            if not rejected:
+                return json_response({"accepted": 0, "rejected": []})
+            return json_response({"error": {"code": "no_valid_records",
+                                            "message": "every record was rejected; see rejected"},
+                                  "rejected": rejected[:1000]}, 400)
+        await self.produce(self.settings.observations_topic,
+                           chunks(info.app, good, self.settings.ingest_chunk_observations))
+        self.counters.inc("ingest_observations_produced", len(good))
+        self.counters.inc("ingest_records_rejected", len(rejected))
+        return json_response({"accepted": len(good), "rejected": rejected[:1000]})
 
 
 async def _read(request: web.Request) -> bytes | web.Response:

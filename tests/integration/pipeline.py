@@ -146,6 +146,17 @@ class Pipeline:
         return asyncio.run(go())
 
 
+def wait_stored(p: Pipeline, apps: list[str], start_ms: int, minutes: int, timeout_s: float = 120) -> dict[
+        tuple[str, str, int], Any]:
+    """Poll DynamoDB until it holds ``minutes`` minutes of these apps (or the timeout); returns them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = p.stored(apps, ["web", "worker"], start_ms // 1000, start_ms // 1000 + 3600)
+        if len(stored) >= minutes or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.5)
+
+
 def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -> None:
     """Counts, failed, errors and max exact; p50/p95/p99 within 1 % of numpy's exact percentiles."""
     from tables.aggregate import Aggregate

@@ -11,7 +11,7 @@ import pytest
 
 from app.embedded import EmbeddedBroker, EmbeddedDynamo
 from app.traffic import Generator, produce
-from tests.integration.pipeline import Pipeline, check_against_truth
+from tests.integration.pipeline import Pipeline, check_against_truth, wait_stored
 
 pytestmark = pytest.mark.integration
 
@@ -77,12 +77,7 @@ def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: EmbeddedBrok
         # The restarted worker counts only what it had not applied; replays are skipped.
         p.wait_stats(lambda s: s["sink_items_written"] >= 1 and s["windows_open"] == 0
                      and s["observations_accepted"] >= 1, 120, "restarted worker caught up")
-        deadline = time.monotonic() + 60
-        while True:
-            stored = p.stored(gen.apps, ["web", "worker"], start_ms // 1000, start_ms // 1000 + 3600)
-            if len(stored) >= minutes or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        stored = wait_stored(p, gen.apps, start_ms, minutes)
         assert len(stored) == minutes
         check_against_truth(stored, gen.truth)
     finally:
@@ -110,12 +105,7 @@ def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: Embedded
         asyncio.run(produce(broker.address, p.settings.observations_topic, second))
         assert gen.truth is not None
         minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
-        deadline = time.monotonic() + 120
-        while True:
-            stored = p.stored(gen.apps, ["web", "worker"], start_ms // 1000, start_ms // 1000 + 3600)
-            if len(stored) >= minutes or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+        stored = wait_stored(p, gen.apps, start_ms, minutes)
         assert len(stored) == minutes
         check_against_truth(stored, gen.truth)
         with urllib.request.urlopen(f"{url_b}/v1/stats", timeout=5) as r:
