@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import orjson
 
@@ -32,13 +32,17 @@ class Aggregator:
     """Owns the open windows of the partitions this worker is assigned."""
 
     def __init__(self, settings: Settings, state: WindowTableState, *, emit: Emit, dead_letter: DeadLetter,
-                 counters: Counters, clock: Clock | None = None) -> None:
+                 counters: Counters, clock: Clock | None = None,
+                 owns: Callable[[int], bool] | None = None) -> None:
         self.settings = settings
         self.state = state
         self.emit = emit
         self.dead_letter = dead_letter
         self.counters = counters
         self.clock = clock or SystemClock()
+        # Whether this worker owns an input partition right now. Events of a partition revoked while they
+        # sat in the batch buffer must not be applied, persisted or closed here: the new owner does that.
+        self.owns = owns or (lambda p: True)
         self.partitions: dict[int, PartitionWindows] = {}
         # One batch or one close at a time: both mutate the same windows.
         self.lock = asyncio.Lock()
@@ -74,6 +78,9 @@ class Aggregator:
         for p, offset, value in messages:
             by_partition.setdefault(p, []).append((offset, value))
         async with self.lock:
+            for p in [p for p in by_partition if not self.owns(p)]:
+                log.info("dropping %d buffered messages of partition %d: revoked", len(by_partition.pop(p)), p)
+                self.revoke([p])
             try:
                 await self._process(by_partition, result)
             except BaseException:
@@ -100,19 +107,29 @@ class Aggregator:
             await self.dead_letter(p, dead)
         await self._close([self.partitions[p] for p in by_partition])
 
-    async def close_idle(self, assigned: Iterable[int]) -> int:
-        """Wall-clock pass: close due windows of every assigned partition (idle ones included)."""
+    async def close_idle(self, assigned: Iterable[int], highwaters: Mapping[int, int | None] | None = None) -> int:
+        """Wall-clock pass over the partitions this worker owns (idle ones included).
+
+        ``highwaters``: the next offset the broker holds per partition; a partition whose highwater is
+        past our applied offset has messages waiting and is not idle (None: unknown, not idle).
+        """
+        owned = set(assigned)
         async with self.lock:
-            self._ensure_loaded(assigned)
+            self.revoke([p for p in self.partitions if p not in owned])
+            self._ensure_loaded(owned)
             held = list(self.partitions)
+            caught_up = {p: highwaters is None or (highwaters.get(p) is not None
+                                                   and (highwaters.get(p) or 0) <= self.partitions[p].offset + 1)
+                         for p in held}
             try:
-                return await self._close([self.partitions[p] for p in held])
+                return await self._close([self.partitions[p] for p in held], caught_up)
             except BaseException:
                 self.revoke(held)
                 raise
 
-    async def _close(self, pws: list[PartitionWindows]) -> int:
-        due = [(pw, pw.due()) for pw in pws]
+    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool] | None = None) -> int:
+        # Within a batch the partition just delivered input, so only event time can close windows here.
+        due = [(pw, pw.due(caught_up=True if caught_up is None else caught_up[pw.partition])) for pw in pws]
         due = [(pw, aggs) for pw, aggs in due if aggs]
         if due:
             # 1. emitted and acknowledged ...
@@ -171,8 +188,14 @@ def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
             await dlq_topic.send(key=(d.app or "").encode(),
                                  value=dead_letter_record(settings.observations_topic, partition, d))
 
+    def owns(partition: int) -> bool:
+        # The consumer's current assignment: the same set Faust's commit filter uses, so offsets of
+        # events we drop here are never committed by this worker (the new owner processes them).
+        return any(tp.partition == partition and tp.topic == settings.observations_topic
+                   for tp in faust_app.consumer.assignment())
+
     aggregator = Aggregator(settings, WindowTableState(windows_table, settings.observations_topic),
-                            emit=emit, dead_letter=dead_letter, counters=counters)
+                            emit=emit, dead_letter=dead_letter, counters=counters, owns=owns)
 
     @faust_app.agent(observations_topic, name="aggregate")
     async def aggregate(stream: Any) -> None:
@@ -184,9 +207,14 @@ def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
     async def close_idle() -> None:
         if faust_app.rebalancing or not faust_app.tables.recovery.completed.is_set():
             return
-        assigned = {tp.partition for tp in faust_app.assignor.assigned_actives()
-                    if tp.topic == settings.observations_topic}
-        await aggregator.close_idle(assigned)
+        assigned = {tp for tp in faust_app.assignor.assigned_actives() if tp.topic == settings.observations_topic}
+        highwaters: dict[int, int | None] = {}
+        for tp in assigned:
+            try:
+                highwaters[tp.partition] = faust_app.consumer.highwater(tp)
+            except Exception:  # not fetched yet / assignment changing: unknown, so not idle
+                highwaters[tp.partition] = None
+        await aggregator.close_idle({tp.partition for tp in assigned}, highwaters)
 
     @faust_app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:

@@ -6,9 +6,10 @@ drop late keys silently (../shared/notes/pitfalls.md). Here instead:
 * **Closing** a window ``[start, end)`` of app A happens when the first of these holds:
   1. A's event-time watermark (max ``ts`` seen for A) >= end + grace;
   2. the partition's watermark >= end + grace + idle timeout (A went quiet, others moved on);
-  3. the partition received nothing for ``idle_timeout_ms`` of wall time and the wall clock is past
-     end + grace (an idle partition's minute still closes). During a backlog replay the partition is
-     busy, so wall time never closes windows ahead of their data.
+  3. the partition has no messages waiting (its highwater is at our offset), received nothing for
+     ``idle_timeout_ms`` of wall time, and the wall clock is past end + grace (an idle partition's minute
+     still closes). During a backlog replay, or while a restart or rebalance holds the backlog back, the
+     partition is not idle, so wall time never closes windows ahead of their data.
   All three are monotonic in ``end``, so an app's windows close in order and ``closed_ms`` (the end of
   its last closed window) is the lateness boundary: an event with ``ts < closed_ms`` is late.
 * **Idempotence** (at-least-once input): every window remembers the highest input offset folded into
@@ -223,10 +224,14 @@ class PartitionWindows:
         result.dead.append(Rejected("rejected", reason, models.echo(record), offset, index, app))
 
     # --- closing -----------------------------------------------------------------------------------
-    def due(self) -> list[Aggregate]:
-        """Windows to close now, oldest first."""
+    def due(self, *, caught_up: bool = True) -> list[Aggregate]:
+        """Windows to close now, oldest first.
+
+        ``caught_up`` is False while the partition has messages waiting (a backlog, or the pause of a
+        restart or rebalance): then it is not idle, however long nothing arrived.
+        """
         now_ms = self.clock.now_ms()
-        idle = now_ms - self.last_input_wall_ms >= self.idle_timeout_ms
+        idle = caught_up and now_ms - self.last_input_wall_ms >= self.idle_timeout_ms
         grace_ms = self.grace_ms
         part_limit = self.wm_ms - grace_ms - self.idle_timeout_ms
         out = []

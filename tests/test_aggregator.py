@@ -102,3 +102,26 @@ async def test_live_view_returns_open_windows(clock: ManualClock) -> None:
     live = h.agg.live("shop", "web", T0, T0 + 120_000)
     assert sorted(a.key.start_ms for a in live) == [T0, T0 + 60_000]
     assert h.agg.live("shop", "web", T0 + 60_000, T0 + 120_000)[0].requests == 1
+
+
+async def test_events_of_a_revoked_partition_are_not_applied_or_closed(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    owned = {0, 1}
+    h = Harness(table, clock)
+    h.agg.owns = lambda p: p in owned
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (1, 0, msg(router(T0 + 2, app="blog")))])
+    owned.discard(1)  # rebalance: partition 1 moves to another worker while events sit in our buffer
+    res = await h.agg.process_batch([(1, 1, msg(router(T0 + 80_000, app="blog"))), (0, 1, msg(router(T0 + 3)))])
+    assert res.counts.accepted == 1 and 1 not in h.agg.partitions
+    clock.set(T0 + 10 * 60_000)
+    await h.agg.close_idle(owned, {0: 2})
+    assert [(a.key.app, a.requests) for a in h.emitted] == [("shop", 2)]  # blog's minute is the new owner's
+
+
+async def test_a_partition_with_messages_waiting_is_not_idle(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1)))])
+    clock.set(T0 + 10 * 60_000)  # long quiet, minute long over on the wall clock ...
+    assert await h.agg.close_idle({0}, {0: 5}) == 0  # ... but offsets 1..4 are still to be read
+    assert await h.agg.close_idle({0}, {0: None}) == 0  # highwater unknown: not idle either
+    assert await h.agg.close_idle({0}, {0: 1}) == 1  # caught up: the idle partition's minute closes

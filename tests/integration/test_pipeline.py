@@ -57,8 +57,11 @@ def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: Emb
 
 def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
                                                             tmp_path: Path) -> None:
-    """SIGKILL between minutes, restart on an empty state dir: state comes back from the changelog."""
-    p = Pipeline(broker, dynamo, tmp_path)
+    """SIGKILL between minutes, restart on an empty state dir: state comes back from the changelog.
+
+    The idle timeout is longer than the test's pause between the halves: a caught-up partition that is
+    quiet longer than that closes its minutes, as designed, and the second half would then be late."""
+    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20")
     start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
     gen = Generator(apps=2, dynos=2, seed=11, start_ms=start_ms, keep_truth=True)
     msgs = gen.messages(per_message=300, span_ms=15_000)
@@ -90,7 +93,7 @@ def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: Embedded
     import json
     import urllib.request
 
-    p = Pipeline(broker, dynamo, tmp_path)
+    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20")
     start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
     gen = Generator(apps=4, dynos=2, seed=13, start_ms=start_ms, keep_truth=True)
     msgs = gen.messages(per_message=200, span_ms=15_000)
