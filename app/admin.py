@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 
 def topic_names(settings: Settings) -> list[str]:
     return [settings.observations_topic, settings.metrics_topic, settings.dlq_topic, settings.sink_dlq_topic,
-            f"{settings.app_id}-windows-changelog"]
+            f"{settings.app_id}-windows-changelog",
+            settings.alerts_topic, settings.autoscale_topic, settings.policy_commands_topic,
+            f"{settings.app_id}-monitors-changelog", f"{settings.app_id}-autoscale-changelog",
+            f"{settings.app_id}-rollups-changelog"]
 
 
 async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
@@ -31,7 +34,11 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
         missing = [t for t in topic_names(settings) if t not in existing]
         if missing:
             try:
-                await admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor)
+                await admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor,
+                                                    # changelogs keep only the latest value per key, so a
+                                                    # new node recovers state, not the whole history
+                                                    topic_configs={"cleanup.policy": "compact"}
+                                                    if t.endswith("-changelog") else {})
                                            for t in missing])
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process

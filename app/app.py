@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import faust
 
+from app.ops import json_logging_config
 from app.settings import Settings
 
 settings = Settings.from_env()
@@ -36,6 +37,8 @@ def create_app(s: Settings) -> faust.App:
         # digests: allow the producer to batch them.
         producer_max_request_size=8 * 1024 * 1024,
         consumer_max_fetch_size=s.fetch_max_partition_bytes,
+        # JSON lines without secrets for log pipelines (app/ops.py); Faust's colored text otherwise.
+        logging_config=json_logging_config("INFO") if s.log_format == "json" else None,
     )
 
 
@@ -52,4 +55,24 @@ sink_dlq_topic = app.topic(settings.sink_dlq_topic, key_type=bytes, value_type=b
 # Open windows and per-app progress, keyed by input partition (tables/state.py). Not a Faust windowed
 # table on purpose: we own the window lifecycle (tables/windows.py). RocksDB-backed with a changelog.
 windows_table = app.Table("windows", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                          default=None)
+
+# --- alerting and autoscaling (agents/alerts.py, agents/autoscale.py) ---
+alerts_topic = app.topic(settings.alerts_topic, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+autoscale_topic = app.topic(settings.autoscale_topic, key_type=bytes, value_type=bytes,
+                            partitions=settings.partitions)
+policy_commands_topic = app.topic(settings.policy_commands_topic, key_type=bytes, value_type=bytes,
+                                  partitions=settings.partitions)
+# Monitors / autoscaling policies with their state (one value per app) and pending deliveries. Written only
+# from the agents' streams, so every key lives in the partition of its app's minutes; changelogged, so a
+# restart keeps definitions and state.
+monitors_table = app.Table("monitors", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                           default=None)
+autoscale_table = app.Table("autoscale", partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                            default=None)
+
+# --- query API and rollups (agents/rollup.py) ---
+# Partial 10 min / 1 h / 2 h buckets with the minutes merged into each, written from the rollup agent's
+# stream on metrics-1m (key = app), so each app's buckets live in the partition of its minutes.
+rollups_table = app.Table("rollups", partitions=settings.partitions, key_type=bytes, value_type=bytes,
                           default=None)

@@ -96,9 +96,12 @@ def local(argv: list[str]) -> int:
         wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
         os.environ.update({"METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
         drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(args.apps)]))
+        read_token = asyncio.run(_demo_tokens(["app-0"], kind="read"))["app-0"]
         print(f"\nbroker      {broker.address} (Kafka protocol, tansu)")
         print(f"dynamodb    {dynamo.endpoint} ({dynamo.kind})")
-        print(f"query       http://127.0.0.1:{args.web_port}/v1/apps/app-0/metrics?process_type=web")
+        print(f"dashboard   http://127.0.0.1:{args.web_port}/dashboard/  (app-0 read token: {read_token})")
+        print(f"query       curl -H 'Authorization: Bearer {read_token}' "
+              f"'http://127.0.0.1:{args.web_port}/v1/apps/app-0/metrics?process_type=web'")
         print(f"counters    http://127.0.0.1:{args.web_port}/v1/stats")
         print(f"drain       http://127.0.0.1:{ingest_port}/v1/drains/logplex  (app-0 drain token: "
               f"{drain_tokens['app-0']})")
@@ -123,14 +126,14 @@ def local(argv: list[str]) -> int:
     return 0
 
 
-async def _demo_tokens(apps: list[str]) -> dict[str, str]:
+async def _demo_tokens(apps: list[str], kind: str = "drain") -> dict[str, str]:
     from app.settings import Settings
     from app.tokens import TokenStore
 
     store = TokenStore(Settings.from_env())
     await store.start()
     try:
-        return {app: (await store.create(app, "drain"))[0] for app in apps}
+        return {app: (await store.create(app, kind))[0] for app in apps}
     finally:
         await store.stop()
 
@@ -169,8 +172,13 @@ def serve(role: str) -> int:
     from app.settings import Settings
     from app.stats import counters
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from app.ops import setup_json_logging
+
     settings = Settings.from_env()
+    if settings.log_format == "json":
+        setup_json_logging("INFO")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if role == "ingest":
         from app.ingest import build
 
@@ -189,16 +197,24 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
 
     from app.query import MetricsQuery
     from app.store import DynamoStore
-    from app.web import make_web_app
+    from app.tokens import TokenStore
+    from app.web import make_web_app, token_authorizer
 
-    store = DynamoStore(settings)
+    from app.ops import add_ops_routes
+
+    store = DynamoStore(settings, counters=counters)
+    tokens = TokenStore(settings)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await store.start()
+        await tokens.start()
         yield
+        await tokens.stop()
         await store.stop()
 
-    webapp = make_web_app(MetricsQuery(store), settings, counters)
+    webapp = make_web_app(MetricsQuery(store, settings=settings, counters=counters), settings, counters,
+                          authorize=token_authorizer(tokens),
+                          extra=lambda w: add_ops_routes(w, counters=counters, checks={"dynamodb": store.ping}))
     webapp.cleanup_ctx.append(lifecycle)
     return webapp
 

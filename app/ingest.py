@@ -287,6 +287,17 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         await dedup.stop()
         await tokens.stop()
 
-    webapp = make_ingest_app(ingest, settings)
+    from app import ops
+
+    checks = {
+        "broker": ops.broker_check(settings.broker_url),
+        "producer": ops.flag_check(lambda: producer.ready, message="the Kafka producer is not connected yet",
+                                   action="check METRICS_BROKER_URL and that the brokers are reachable "
+                                          "(it keeps retrying)"),
+        "tokens": tokens.ping,
+        "dedup": dedup.ping,
+    }
+    webapp = make_ingest_app(ingest, settings, extra=lambda w: ops.add_ops_routes(w, counters=counters,
+                                                                                   checks=checks))
     webapp.cleanup_ctx.append(lifecycle)
     return webapp

@@ -107,10 +107,94 @@ class Settings:
     """Kafka must acknowledge (acks=all) within this, else the request gets 503 and the sender retries."""
 
     # --- web -----------------------------------------------------------------------------------------
+    log_format: str = "text"
+    """``json``: one JSON object per line, secrets redacted (containers: the image sets it). ``text``: for
+    people at a terminal."""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     max_query_points: int = 10080
     """Largest answer (points) a query may ask for."""
+
+    # --- query API and rollups ---
+    query_settle_s: float = 300.0
+    """A bucket whose end is at least this far in the past is final: its stored point is cached as immutable
+    and rollup resolutions read the precomputed item. Newer buckets are merged from minutes (+ the open
+    minute) on every read. Must exceed grace + idle timeout + the sink's delay (30 + 30 + ~1 s by default);
+    a backlog longer than this shows as a gap until the cache entry is rechecked (query_cache_max_age_s)."""
+    query_cache_max_bytes: int = 64 * 1024 * 1024
+    """Memory bound of the in-process caches (final points per series, rendered answers); least recently
+    used series are evicted beyond it."""
+    query_cache_max_age_s: float = 600.0
+    """Cached final ranges are re-read from DynamoDB after this long, which bounds how long a minute written
+    after query_settle_s (a worker backlog) stays invisible to a process that cached its absence."""
+    query_tail_ttl_s: float = 1.0
+    """Answers that include non-final buckets (the live edge) are reused for this long: hot dashboards cost
+    one DynamoDB read per series per interval instead of one per request."""
+    query_use_rollups: bool = True
+    """Read 10 min / 1 h / 2 h points from the rollup items (agents/rollup.py). Off: merge the minutes at
+    read time (measured much slower; see README), e.g. while a new deployment backfills rollups."""
+    rollup_evict_after_s: float = 7200.0
+    """Partial rollup buckets stay in the worker's table until this long after their end, so a late or
+    redelivered minute merges without a DynamoDB read; after it, the stored item is read back instead."""
+    rollup_batch_max: int = 500
+    rollup_within_s: float = 0.5
+    dashboard_assets_dir: str = ""
+    """Directory holding uPlot's ``uPlot.iife.min.js`` and ``uPlot.min.css`` (installed by ``make install``
+    into ``.deps/uplot/dist``). Empty: that directory next to the source tree."""
+
+    # --- alerting and autoscaling ---
+    alerts_topic: str = "alerts"
+    """Monitor transitions (firing, still_firing, resolved), key = app."""
+    autoscale_topic: str = "autoscale"
+    """One autoscaling decision per policy and closed minute, key = app."""
+    policy_commands_topic: str = "policy-commands"
+    """Configuration changes from the web API, key = app, so each lands in the partition of the app's
+    minutes and is applied by the worker that evaluates them (agents/alerts.py)."""
+    max_monitors_per_app: int = 20
+    """Bounds the per-app table value rewritten every minute."""
+    policy_apply_timeout_s: float = 5.0
+    """How long a write request waits to see its change applied before answering 202 instead of 201/200."""
+    notify_queue_max: int = 1000
+    """Deliveries waiting to be sent; beyond it they stay in the table outbox for the next sweep."""
+    notify_concurrency: int = 8
+    """Deliveries sent at once: a slow receiver occupies one worker, not the alert agent."""
+    notify_timeout_s: float = 10.0
+    """Per attempt (HTTP request or SMTP session)."""
+    notify_max_attempts: int = 8
+    """With the backoff below: about 4 minutes of retries before a delivery is given up (and logged)."""
+    notify_backoff_base_ms: int = 1000
+    notify_backoff_max_ms: int = 120_000
+    outbox_sweep_interval_s: float = 10.0
+    """How often deliveries left in the outbox (restart, full queue) are submitted again."""
+    smtp_host: str = ""
+    """Empty: e-mail targets fail with a logged reason (webhooks still work)."""
+    smtp_port: int = 587
+    smtp_tls: str = "starttls"
+    """none | starttls | tls (implicit TLS, usually port 465)."""
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_from: str = "minutely alerts <alerts@minutely.invalid>"
+    smtp_ca_file: str = ""
+    """CA bundle for the SMTP server's certificate; empty: the system's."""
+    formation_url: str = ""
+    """The platform's formation API, e.g. ``https://api.example.com/apps/{app}/formation/{process_type}``;
+    each scaling decision is sent there as ``{"quantity": n, ...}``. Empty: decisions only go to the topic."""
+    formation_method: str = "PATCH"
+    formation_token: str = ""
+    """Sent as ``Authorization: Bearer``."""
+    formation_secret: str = ""
+    """HMAC-SHA256 key for the formation call's X-Minutely-Signature header (empty: unsigned)."""
+    autoscale_history_min: int = 60
+    """Minutes of history the capacity model looks at (the platform's documented past hour)."""
+    autoscale_min_requests: int = 20
+    """Minutes with fewer requests say nothing reliable about p95 and are left out of the model."""
+    autoscale_up_cooldown_min: int = 1
+    autoscale_down_cooldown_min: int = 5
+    """Minutes after any step before scaling down: a new dyno's effect shows only after it booted."""
+    autoscale_down_stable_min: int = 5
+    """Consecutive minutes within target and with headroom before one dyno is removed."""
+    autoscale_down_headroom: float = 0.2
+    """Scaling down keeps this fraction of the estimated capacity spare."""
 
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -171,5 +255,8 @@ class Settings:
         if not 20 <= self.digest_max_centroids <= 2000:
             raise ConfigError("digest_max_centroids must be within 20..2000",
                               action=f"set {PREFIX}DIGEST_MAX_CENTROIDS")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}",
+                              action=f"set {PREFIX}LOG_FORMAT=json (or text)")
         if self.ttl_days <= 0:
             raise ConfigError("ttl_days must be > 0", action=f"set {PREFIX}TTL_DAYS")

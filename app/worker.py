@@ -12,20 +12,56 @@ from typing import Any
 from aiohttp import web
 from mode import Service
 
-from agents import aggregate, sink
+from agents import aggregate, alerts, autoscale, rollup, sink
+from app import ops
 from app.app import app, settings
+from app.notify import Notifier
+from app.policies_api import CommandResults, add_policy_routes
 from app.query import MetricsQuery
 from app.stats import counters
 from app.store import DynamoStore
-from app.web import make_web_app
+from app.tokens import TokenStore
+from app.web import make_web_app, token_authorizer
 
 log = logging.getLogger(__name__)
 
-store = DynamoStore(settings)
+store = DynamoStore(settings, counters=counters)
 store_ready = asyncio.Event()
 aggregator = aggregate.bind(app, settings, counters)
 sink_job = sink.bind(app, settings, store, counters, store_ready)
-query = MetricsQuery(store, live=aggregator.live)
+rollup_job = rollup.bind(app, settings, store, counters, store_ready)
+query = MetricsQuery(store, live=aggregator.live, settings=settings, counters=counters)
+tokens = TokenStore(settings)
+notifier = Notifier(settings, counters)
+policy_results = CommandResults()
+alert_engine = alerts.bind(app, settings, counters, notifier, policy_results)
+autoscaler = autoscale.bind(app, settings, counters, notifier, policy_results)
+policy_backend = alerts.policy_backend(app, settings, monitors=alert_engine.doc, policies=autoscaler.doc,
+                                       results=policy_results)
+
+
+def _recovered() -> bool:
+    """First table recovery done and no rebalance recovery running (TableManagerT does not declare it)."""
+    tables: Any = app.tables
+    return bool(tables.recovery.completed.is_set() and not tables.recovery.in_recovery)
+
+
+def add_routes(webapp: web.Application) -> None:
+    """Policies API, /readyz (Kafka, table recovery, DynamoDB) and /metrics on the worker's web app."""
+    add_policy_routes(webapp, policy_backend)
+    ops.add_ops_routes(
+        webapp, counters=counters,
+        checks={
+            "broker": ops.broker_check(settings.broker_url),
+            "recovery": ops.flag_check(
+                _recovered, message="table recovery has not finished",
+                action="wait: window state is being rebuilt from RocksDB or the changelog; if it lasts, read the "
+                       "worker log and minutely_consumer_lag_*"),
+            "dynamodb": store.ping,
+        },
+        refresh=ops.lag_refresher(app, counters, observations_topic=settings.observations_topic,
+                                  metrics_topic=settings.metrics_topic),
+    )
 
 
 class Runtime(Service):
@@ -37,8 +73,13 @@ class Runtime(Service):
 
     async def on_start(self) -> None:
         await store.start()
+        await tokens.start()
         store_ready.set()
-        self._runner = web.AppRunner(make_web_app(query, settings, counters), access_log=None)
+        await notifier.start()
+        self._runner = web.AppRunner(make_web_app(query, settings, counters,
+                                                  extra=add_routes,
+                                                  authorize=token_authorizer(tokens)),
+                                     access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, settings.web_host, settings.web_port).start()
         log.info("web API on http://%s:%d", settings.web_host, settings.web_port)
@@ -46,6 +87,8 @@ class Runtime(Service):
     async def on_stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        await notifier.stop()
+        await tokens.stop()
         await store.stop()
 
 

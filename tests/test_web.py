@@ -1,99 +1,249 @@
-"""The HTTP API (app/web.py) with an in-memory store and a live source."""
+"""The HTTP API (app/web.py): auth without existence leaks, limits, caching headers, OpenAPI, dashboard."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import uuid
+from dataclasses import replace
+from typing import Any, AsyncIterator
 
+import numpy as np
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from app.clock import ManualClock
 from app.errors import StoreUnavailable
-from app.query import MetricsQuery
+from app.openapi import OPENAPI_PATH
+from app.query import ROLLUP_RESOLUTIONS, MetricsQuery, merge_buckets
 from app.settings import Settings
 from app.stats import Counters
-from app.store import MetricItem
-from app.web import make_web_app
-from tables.aggregate import Aggregate, BucketKey
+from app.tokens import TokenStore
+from app.web import make_web_app, token_authorizer
+from tests.test_query import SETTINGS, T0, MemoryStore, minute, put_minutes
+from tests.test_store import _moto_aio, aws  # noqa: F401  (fixtures)
 
-T0_S = 1_764_000_000 - 1_764_000_000 % 60
-
-
-def agg(start_s: int, n: int) -> Aggregate:
-    a = Aggregate(BucketKey("shop", "web", start_s * 1000), max_centroids=50)
-    for i in range(n):
-        a.add_request(200 if i % 10 else 503, float(i + 1), "H12" if i == 0 else None)
-    a.add_runtime(100.0, 0.0, 110.0, 512.0, 0.5)
-    return a
+NOW_S = T0 + 7200 + 30
+TOKENS = {"tok-shop": "shop", "tok-other": "other"}
 
 
-class MemoryStore:
-    def __init__(self, aggs: list[Aggregate], fail: bool = False) -> None:
-        self.aggs = aggs
-        self.fail = fail
+async def authorize(token: str) -> str | None:
+    return TOKENS.get(token)
 
-    async def put_many(self, items: Sequence[MetricItem]) -> None:
-        raise NotImplementedError
 
-    async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
-                    until_s: int) -> list[MetricItem]:
-        if self.fail:
-            raise StoreUnavailable("DynamoDB unreachable", retry_after_s=2)
-        return [MetricItem(a.key.app, a.key.process_type, 60, a.key.start_ms // 1000,
-                           orjson.dumps(a.to_record()))
-                for a in self.aggs if app == a.key.app and since_s <= a.key.start_ms // 1000 < until_s]
+def auth(token: str = "tok-shop") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any) -> TestClient[Any, Any]:
-    store = MemoryStore([agg(T0_S, 10), agg(T0_S + 60, 20)])
-    live = agg(T0_S + 120, 5)
-    query = MetricsQuery(store, live=lambda app, proc, s, u: [live] if app == "shop" and s <= live.key.start_ms < u
-                         else [])
-    c: TestClient[Any, Any] = await aiohttp_client(make_web_app(query, Settings(max_query_points=1440),
-                                                                Counters()))
+def store() -> MemoryStore:
+    s = MemoryStore(ManualClock(NOW_S * 1000))
+    minutes = [minute(T0 + 60 * i, np.arange(1.0, 11.0 + i), mc=50) for i in range(120)]
+    put_minutes(s, minutes)
+    for res in ROLLUP_RESOLUTIONS:  # as agents/rollup.py writes them
+        for b, agg in merge_buckets(minutes, res).items():
+            s.items[("shop", "web", res, b)] = orjson.dumps(agg.to_record())
+    return s
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, store: MemoryStore) -> TestClient[Any, Any]:
+    live = minute(NOW_S - NOW_S % 60, np.arange(1.0, 6.0), mc=50)
+    query = MetricsQuery(store, lambda a, p, s, u: [live] if a == "shop" and s <= live.key.start_ms < u else [],
+                         settings=SETTINGS, clock=store.clock, counters=Counters())
+    c: TestClient[Any, Any] = await aiohttp_client(
+        make_web_app(query, replace(SETTINGS, max_query_points=1440), Counters(), authorize=authorize))
     return c
 
 
 async def test_points_from_store_and_open_minute(client: TestClient[Any, Any]) -> None:
-    r = await client.get(f"/v1/apps/shop/metrics?process_type=web&since={T0_S}&until={T0_S + 600}")
+    r = await client.get(f"/v1/apps/shop/metrics?process_type=web&since={NOW_S - 600}&until={NOW_S + 60}",
+                         headers=auth())
     assert r.status == 200
     body = await r.json()
     assert (body["app"], body["process_type"], body["resolution_s"]) == ("shop", "web", 60)
-    assert [p["ts"] for p in body["points"]] == [T0_S, T0_S + 60, T0_S + 120]
+    assert [p["ts"] for p in body["points"]][-1] == NOW_S - NOW_S % 60  # the still-open minute
+    assert body["points"][-1]["requests"] == 5
     first = body["points"][0]
-    assert first["requests"] == 10 and first["failed"] == 1 and first["errors"] == {"H12": 1}
-    assert first["status"] == {"2xx": 9, "5xx": 1}
-    assert first["response_ms"]["max"] == 10.0 and first["response_ms"]["mean"] == 5.5
-    assert first["memory_mb"]["quota"] == 512.0 and first["load"] == {"mean": 0.5, "max": 0.5}
-    assert body["points"][2]["requests"] == 5  # the still-open minute
+    assert first["ts"] == NOW_S - NOW_S % 60 - 600
+    assert set(first) >= {"requests", "response_ms", "status", "failed", "errors", "memory_mb", "load"}
+
+
+async def test_resolution_auto_and_explicit(client: TestClient[Any, Any]) -> None:
+    since = T0
+    for qs, res, n in (("", 600, 13), ("&resolution=1h", 3600, 3), ("&resolution=60", 60, 121),
+                       ("&resolution=auto", 600, 13)):
+        r = await client.get(f"/v1/apps/shop/metrics?since={since}&until={NOW_S + 60}{qs}", headers=auth())
+        body = await r.json()
+        assert r.status == 200 and body["resolution_s"] == res, (qs, body)
+        assert len(body["points"]) == n, qs
+    body = await (await client.get(f"/v1/apps/shop/metrics?since={T0}&until={T0 + 3600}&resolution=10m",
+                                   headers=auth())).json()
+    assert sum(p["requests"] for p in body["points"]) == sum(10 + i for i in range(60))
+
+
+async def test_missing_token_is_401_and_wrong_kind_or_unknown_token_too(client: TestClient[Any, Any]) -> None:
+    r = await client.get("/v1/apps/shop/metrics")
+    assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = await client.get("/v1/apps/shop/metrics", headers=auth("nope"))
+    assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_token"
+    r = await client.get("/v1/apps/shop/metrics?token=tok-shop")  # query-string tokens are not accepted
+    assert r.status == 401
+
+
+@pytest.mark.parametrize("path", ["/v1/apps/{app}/metrics",
+                                  "/v1/apps/{app}/metrics?since=abc",
+                                  "/v1/apps/{app}/metrics?resolution=5m",
+                                  "/v1/apps/{app}/metrics?since=0&until=2000000000",
+                                  "/v1/apps/{app}/metrics?process_type=we%7Cb"])
+async def test_other_apps_token_gets_exactly_the_answer_of_a_missing_app(client: TestClient[Any, Any],
+                                                                        path: str) -> None:
+    """Token for 'other': 'shop' (exists, has data) and 'ghost' (never existed) are indistinguishable."""
+    answers = []
+    for app in ("shop", "ghost"):
+        r = await client.get(path.format(app=app), headers=auth("tok-other"))
+        body = (await r.read()).replace(app.encode(), b"APP")
+        answers.append((r.status, r.headers["Content-Type"], body))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 404 and b'"not_found"' in answers[0][2]
 
 
 @pytest.mark.parametrize("qs,code", [
     ("since=abc&until=1", "invalid_range"),
-    (f"since={T0_S}&until={T0_S}", "invalid_range"),
-    (f"since=0&until={T0_S}", "range_too_large"),
+    (f"since={T0}&until={T0}", "invalid_range"),
+    (f"since=0&until={T0}", "range_too_large"),
+    (f"since={T0 - 31 * 86400}&until={T0}", "range_too_large"),
+    (f"since={T0 - 2 * 86400}&until={T0}&resolution=1m", "too_many_points"),
+    (f"since={T0}&until={T0 + 60}&resolution=5m", "invalid_resolution"),
     ("process_type=we%7Cb", "invalid_process_type"),
 ])
 async def test_bad_queries_get_400_with_reason(client: TestClient[Any, Any], qs: str, code: str) -> None:
-    r = await client.get(f"/v1/apps/shop/metrics?{qs}")
+    r = await client.get(f"/v1/apps/shop/metrics?{qs}", headers=auth())
     assert r.status == 400
-    assert (await r.json())["error"]["code"] == code
+    err = (await r.json())["error"]
+    assert err["code"] == code and err["message"]
 
 
-async def test_unknown_app_is_empty_not_error(client: TestClient[Any, Any]) -> None:
-    r = await client.get(f"/v1/apps/nobody/metrics?since={T0_S}&until={T0_S + 600}")
-    assert r.status == 200 and (await r.json())["points"] == []
+async def test_thirty_days_at_auto_resolution_is_allowed(client: TestClient[Any, Any]) -> None:
+    r = await client.get(f"/v1/apps/shop/metrics?since={NOW_S - 30 * 86400}&until={NOW_S}", headers=auth())
+    body = await r.json()
+    assert r.status == 200 and body["resolution_s"] == 7200
+    # the final 2 h bucket (rollup item) and the current one (minutes + the open minute, merged now)
+    assert [p["requests"] for p in body["points"]] == [sum(10 + i for i in range(120)), 5]
+
+
+async def test_etag_and_cache_control(client: TestClient[Any, Any]) -> None:
+    final = f"/v1/apps/shop/metrics?since={T0}&until={T0 + 3600}"
+    r = await client.get(final, headers=auth())
+    assert r.status == 200 and r.headers["Cache-Control"] == "private, max-age=3600"
+    etag = r.headers["ETag"]
+    r2 = await client.get(final, headers={**auth(), "If-None-Match": etag})
+    assert r2.status == 304 and r2.headers["ETag"] == etag and await r2.read() == b""
+    live = await client.get(f"/v1/apps/shop/metrics?since={NOW_S - 600}&until={NOW_S + 60}", headers=auth())
+    assert live.headers["Cache-Control"] == "private, no-cache" and live.headers["ETag"] != etag
 
 
 async def test_store_down_is_503_with_retry_after(aiohttp_client: Any) -> None:
-    c = await aiohttp_client(make_web_app(MetricsQuery(MemoryStore([], fail=True)), Settings(), Counters()))
-    r = await c.get(f"/v1/apps/shop/metrics?since={T0_S}&until={T0_S + 60}")
+    store = MemoryStore(ManualClock(NOW_S * 1000))
+    store.fail_queries = 1
+    c = await aiohttp_client(make_web_app(MetricsQuery(store, settings=SETTINGS, clock=store.clock), SETTINGS,
+                                          Counters(), authorize=authorize))
+    r = await c.get(f"/v1/apps/shop/metrics?since={T0}&until={T0 + 60}", headers=auth())
     assert r.status == 503 and r.headers["Retry-After"] == "2"
     assert (await r.json())["error"]["code"] == "unavailable"
 
 
-async def test_stats_and_health(client: TestClient[Any, Any]) -> None:
+async def test_token_store_down_is_503_not_401(aiohttp_client: Any) -> None:
+    async def down(token: str) -> str | None:
+        raise StoreUnavailable("tokens table unreachable", retry_after_s=3)
+
+    c = await aiohttp_client(make_web_app(MetricsQuery(MemoryStore(ManualClock(0))), SETTINGS, Counters(),
+                                          authorize=down))
+    r = await c.get("/v1/apps/shop/metrics", headers=auth())
+    assert r.status == 503 and r.headers["Retry-After"] == "3"
+
+
+async def test_without_a_verifier_every_token_is_refused(aiohttp_client: Any) -> None:
+    c = await aiohttp_client(make_web_app(MetricsQuery(MemoryStore(ManualClock(0))), SETTINGS, Counters()))
+    assert (await c.get("/v1/apps/shop/metrics", headers=auth())).status == 401
+
+
+async def test_whoami(client: TestClient[Any, Any]) -> None:
+    r = await client.get("/v1/whoami", headers=auth())
+    assert r.status == 200 and await r.json() == {"app": "shop", "kind": "read"}
+    assert (await client.get("/v1/whoami")).status == 401
+
+
+async def test_open_endpoints_stay_open(client: TestClient[Any, Any]) -> None:
     assert (await client.get("/healthz")).status == 200
     body = await (await client.get("/v1/stats")).json()
     assert set(body["counters"]) == set(body["help"])
+    r = await client.get("/nowhere")
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+    r = await client.post("/v1/apps/shop/metrics")
+    assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_openapi_document_describes_the_api(client: TestClient[Any, Any]) -> None:
+    r = await client.get(OPENAPI_PATH)
+    assert r.status == 200
+    doc = await r.json()
+    assert doc["openapi"].startswith("3.1")
+    op = doc["paths"]["/v1/apps/{app}/metrics"]["get"]
+    assert {p["name"] for p in op["parameters"]} == {"app", "process_type", "since", "until", "resolution"}
+    assert {"200", "304", "400", "401", "404", "503"} <= set(op["responses"])
+    codes = set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"])
+    import inspect
+
+    import app.web as web_module
+    used = {c for c in ("unauthorized", "invalid_token", "not_found", "invalid_process_type", "invalid_range",
+                        "invalid_resolution", "range_too_large", "too_many_points", "unavailable", "store_error")
+            if f'"{c}"' in inspect.getsource(web_module)}
+    assert used <= codes and len(used) == 10
+    for path in doc["paths"]:  # every documented path is routed
+        r = await client.get(path.replace("{app}", "shop"), headers=auth())
+        assert r.status in (200, 400), path
+
+
+async def test_dashboard_and_vendored_chart_library_are_served(client: TestClient[Any, Any]) -> None:
+    r = await client.get("/dashboard", allow_redirects=False)
+    assert r.status == 302 and r.headers["Location"] == "/dashboard/"
+    page = await client.get("/dashboard/")
+    assert page.status == 200 and page.content_type == "text/html"
+    html = await page.text()
+    assert "vendor/uPlot.iife.min.js" in html and "dashboard.js" in html and "cdn" not in html.lower()
+    for path in ("/dashboard/dashboard.js", "/dashboard/dashboard.css", "/dashboard/vendor/uPlot.iife.min.js",
+                 "/dashboard/vendor/uPlot.min.css"):
+        r = await client.get(path)
+        assert r.status == 200 and len(await r.read()) > 100, f"{path}: run `make install` (npm pack uplot)"
+    assert (await client.get("/dashboard/vendor/..%2Fpackage.json")).status == 404
+    assert (await client.get("/dashboard/secret.py")).status == 404
+
+
+async def test_missing_chart_library_says_how_to_install(aiohttp_client: Any, tmp_path: Any) -> None:
+    c = await aiohttp_client(make_web_app(MetricsQuery(MemoryStore(ManualClock(0))),
+                                          replace(SETTINGS, dashboard_assets_dir=str(tmp_path)), Counters()))
+    r = await c.get("/dashboard/vendor/uPlot.iife.min.js")
+    assert r.status == 404 and "make install" in (await r.json())["error"]["message"]
+
+
+@pytest.fixture
+async def token_store(aws: None) -> AsyncIterator[TokenStore]:  # noqa: F811
+    s = TokenStore(replace(Settings(), table_name=f"t-{uuid.uuid4().hex[:10]}", dynamodb_endpoint=""))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def test_token_store_wiring_accepts_read_tokens_of_the_app_only(aiohttp_client: Any,
+                                                                      token_store: TokenStore) -> None:
+    read, _ = await token_store.create("shop", "read")
+    write, _ = await token_store.create("shop", "write")
+    other, _ = await token_store.create("other", "read")
+    store = MemoryStore(ManualClock(NOW_S * 1000))
+    c = await aiohttp_client(make_web_app(MetricsQuery(store, settings=SETTINGS, clock=store.clock), SETTINGS,
+                                          Counters(), authorize=token_authorizer(token_store)))
+    q = f"/v1/apps/shop/metrics?since={T0}&until={T0 + 60}"
+    assert (await c.get(q, headers=auth(read))).status == 200
+    assert (await c.get(q, headers=auth(write))).status == 401
+    assert (await c.get(q, headers=auth(other))).status == 404

@@ -20,6 +20,7 @@ from app.commands import start_role, start_worker, wait_http, worker_env
 from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
 from app.settings import Settings
 from app.store import DynamoStore
+from app.tokens import TokenStore
 from app.traffic import Truth
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -90,8 +91,20 @@ class Pipeline:
             counters: dict[str, int] = json.load(r)["counters"]
             return counters
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as r:
+    def read_token(self, app: str) -> str:
+        """A read token for ``app`` (the metrics API requires one)."""
+        async def go() -> str:
+            store = TokenStore(self.settings)
+            await store.start()
+            try:
+                return (await store.create(app, "read"))[0]
+            finally:
+                await store.stop()
+        return asyncio.run(go())
+
+    def get(self, path: str, *, token: str | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urllib.request.urlopen(urllib.request.Request(f"{self.url}{path}", headers=headers), timeout=10) as r:
             return json.load(r)
 
     def wait_stats(self, pred: Any, timeout_s: float, what: str) -> dict[str, int]:

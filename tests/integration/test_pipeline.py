@@ -44,7 +44,7 @@ def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: Emb
         check_against_truth(stored, gen.truth)
         # The HTTP view answers from DynamoDB with the documented shape.
         body = p.get(f"/v1/apps/app-0/metrics?process_type=web&since={start_ms // 1000}"
-                     f"&until={start_ms // 1000 + 3600}")
+                     f"&until={start_ms // 1000 + 3600}&resolution=1m", token=p.read_token("app-0"))
         assert body["resolution_s"] == 60 and len(body["points"]) == 4
         first = body["points"][0]
         assert first["ts"] == start_ms // 1000

@@ -1,0 +1,357 @@
+"""Stream job: closed minutes (``metrics-1m``) + configuration commands -> monitor events (``alerts``) and
+notifications (webhooks, e-mail).
+
+**Where configuration lives, and why commands.** Monitors are evaluated on the app's closed minutes,
+which arrive on ``metrics-1m`` partition ``murmur2(app) % N`` (key = app). Their definitions and state are
+one value per app in the changelogged ``monitors`` table, in that same partition, so the worker that
+evaluates an app owns its monitors and a restart (or another machine, from the changelog) resumes with
+definitions and state. The web API does not write that table: it produces a command (key = app) to the
+``policy-commands`` topic, which has as many partitions as ``metrics-1m``, so the command lands in the same
+partition number, Faust assigns both to the same worker (co-partitioned topics), and this agent applies it
+from inside its stream, where Faust routes the table write to the right changelog partition by itself.
+Compared with writing the table from the HTTP handler (computing the partition and faking the stream
+context, as tables/state.py must for its wall-clock closer):
+
+* any worker can accept a change -- the handler's worker need not own the app's partition, and a
+  changelog write by a non-owner would never reach the owner's in-memory/RocksDB copy;
+* the table has one writer, the agent, so a definition change never races a minute's state update;
+* the change is durable once the broker acknowledged it (acks=all), and it is applied in order with
+  at-least-once delivery; applying a command twice has the same effect (ids are assigned by the API).
+
+The commands topic is a queue, not the store: once applied, the table's (compacted) changelog holds the
+definition, so the topic's ordinary retention is fine.
+
+**Ordering of effects per minute** (at-least-once input, no transactions): the events are published and
+acknowledged first, then the monitor state and the pending deliveries (the outbox) are written to the
+table, then the deliveries are handed to the background :class:`~app.notify.Notifier`. A crash before
+the table write re-applies the minute (it is not yet recorded as applied) and re-sends the same events
+(same ``event_id``); a crash after it loses nothing, because a delivery leaves the outbox only when its
+receiver settled it (delivered, or refused/given up and logged). The outbox is swept periodically, so
+deliveries survive restarts and a full queue; a receiver may see a delivery twice around a crash and can
+drop it by ``X-Minutely-Event``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, MutableMapping, Sequence
+
+import orjson
+from aiokafka.partitioner import murmur2
+
+from app.clock import Clock, SystemClock
+from app.errors import RetriableError
+from app.notify import EMAIL, WEBHOOK, Delivery, DeliveryResult, DoneCallback, Notifier
+from app.policies_api import LOCAL, REMOTE, UNKNOWN, CommandResults, PolicyBackend
+from app.settings import Settings
+from app.stats import Counters
+from tables.monitors import (LATENCY, MONITOR_OPS, AlertEvent, AppMonitors, AppPolicies, Command, Minute,
+                             Outcome, Targets, apply_monitor_command)
+from tables.state import partition_context
+
+log = logging.getLogger(__name__)
+
+Table = MutableMapping[bytes, Any]
+PublishAlerts = Callable[[Sequence[AlertEvent]], Awaitable[None]]
+"""Sends events to the alerts topic and returns once the broker acknowledged all of them."""
+
+OUTBOX_PREFIX = b"o|"
+
+
+def partition_for(app: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as aiokafka and the Java client) picks for
+    key = app: where the app's minutes, commands and table values live."""
+    h: int = murmur2(app.encode())
+    return (h & 0x7FFFFFFF) % partitions
+
+
+def minute_iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def peek_minute(value: bytes) -> tuple[dict[str, Any], str, str, int] | None:
+    """The record and its (app, process type, start) without decoding digests; None when malformed."""
+    try:
+        rec = orjson.loads(value)
+        app, proc, start_ms = rec["app"], rec["proc"], rec["start_ms"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not (isinstance(app, str) and isinstance(proc, str) and isinstance(start_ms, int)):
+        return None
+    return rec, app, proc, start_ms
+
+
+class Outbox:
+    """Deliveries kept in an agent's table until their receiver settled them (``o|{app}|{delivery id}``).
+
+    :meth:`put` runs inside the agent's stream (the current event routes the write); the done-callback and
+    :meth:`sweep` run outside any stream and set the app's partition explicitly, and only while this worker
+    still owns that partition (otherwise its new owner settles the delivery).
+    """
+
+    def __init__(self, table: Table, notifier: Notifier, *, context_topic: str,
+                 owns: Callable[[int], bool]) -> None:
+        self.table = table
+        self.notifier = notifier
+        self.context_topic = context_topic
+        self.owns = owns
+
+    @staticmethod
+    def key(app: str, slot: str) -> bytes:
+        return b"o|" + f"{app}|{slot}".encode()
+
+    def put(self, app: str, partition: int, deliveries: Sequence[tuple[str, Delivery]]) -> None:
+        """``(slot, delivery)`` pairs; a slot holds one pending delivery (a newer one replaces it)."""
+        for slot, d in deliveries:
+            self.table[self.key(app, slot)] = orjson.dumps({"p": partition, "app": app, "slot": slot,
+                                                            "d": d.to_record()})
+
+    def send(self, app: str, partition: int, deliveries: Sequence[tuple[str, Delivery]]) -> None:
+        for slot, d in deliveries:
+            self.notifier.submit(d, self._on_done(app, partition, slot))
+
+    def _on_done(self, app: str, partition: int, slot: str) -> DoneCallback:
+        def done(d: Delivery, result: DeliveryResult) -> None:
+            if not result.final or not self.owns(partition):
+                return  # kept: sent again by the next sweep here, or by the partition's new owner
+            key = self.key(app, slot)
+            with partition_context(self.context_topic, partition):
+                raw = self.table.get(key)
+                # Only if the slot still holds this delivery: a newer one written meanwhile stays.
+                if raw is not None and orjson.loads(raw)["d"]["id"] == d.id:
+                    del self.table[key]
+        return done
+
+    def sweep(self) -> int:
+        """Submit every pending delivery of an owned partition that is not already on its way."""
+        inflight = self.notifier.inflight
+        n = 0
+        for k, raw in list(self.table.items()):
+            if raw is None or not bytes(k).startswith(OUTBOX_PREFIX):
+                continue
+            rec = orjson.loads(raw)
+            p = int(rec["p"])
+            d = Delivery.from_record(rec["d"])
+            if d.id in inflight or not self.owns(p):
+                continue
+            if self.notifier.submit(d, self._on_done(rec["app"], p, rec["slot"])):
+                n += 1
+        if n:
+            log.info("outbox: %d pending deliveries submitted again", n)
+        return n
+
+
+# --- alert notifications --------------------------------------------------------------------------------
+
+def describe(e: AlertEvent) -> tuple[str, str]:
+    """(subject, text) of an alert e-mail."""
+    if e.metric == LATENCY:
+        what = "p95 response time"
+        value = "no requests" if e.value is None else f"{e.value:.0f} ms"
+        threshold = f"{e.threshold:g} ms"
+    else:
+        what = "error rate"
+        value = "no requests" if e.value is None else f"{e.value:.2%}"
+        threshold = f"{e.threshold:.2%}"
+    head = {"firing": "FIRING", "still_firing": "STILL FIRING", "resolved": "RESOLVED"}[e.event]
+    # No "[tag]" prefix: Python's header folder splits a long subject that starts with "[" after the colon.
+    subject = f"{head} {e.app}/{e.process_type}: {what} {value} (threshold {threshold})"
+    lines = [
+        f"App:           {e.app}",
+        f"Process type:  {e.process_type}",
+        f"Monitor:       {e.monitor_id} ({e.metric} >= {threshold} for {e.sensitivity_min} min)",
+        f"State:         {e.event}",
+        f"Minute:        {minute_iso(e.minute_start_ms)} ({e.requests} requests)",
+        f"Value:         {value}",
+    ]
+    if e.firing_since_ms is not None:
+        lines.append(f"Firing since:  {minute_iso(e.firing_since_ms)}")
+    lines.append(f"Event id:      {e.event_id}")
+    return subject, "\n".join(lines) + "\n"
+
+
+def event_deliveries(kind: str, event_id: str, body: dict[str, Any], targets: Targets, subject: str,
+                     text: str) -> list[tuple[str, Delivery]]:
+    """One delivery per target of an event; the slot is the delivery id (each is kept until settled)."""
+    payload = orjson.dumps({"type": kind, **body}).decode()
+    out: list[tuple[str, Delivery]] = []
+    for addr in targets.email:
+        d = Delivery(f"{event_id}/email/{addr}", event_id, EMAIL, addr, text, subject=subject)
+        out.append((d.id, d))
+    for i, hook in enumerate(targets.webhooks):
+        d = Delivery(f"{event_id}/webhook/{i}", event_id, WEBHOOK, hook.url, payload, secret=hook.secret)
+        out.append((d.id, d))
+    return out
+
+
+def alert_deliveries(e: AlertEvent, targets: Targets) -> list[tuple[str, Delivery]]:
+    subject, text = describe(e)
+    return event_deliveries("alert", e.event_id, e.to_record(), targets, subject, text)
+
+
+# --- the engine ---------------------------------------------------------------------------------------------
+
+def doc_key(app: str) -> bytes:
+    return b"m|" + app.encode()
+
+
+class AlertEngine:
+    """Applies minutes and monitor commands to the ``monitors`` table (any mapping: tests use a dict)."""
+
+    def __init__(self, table: Table, settings: Settings, counters: Counters, *, publish: PublishAlerts,
+                 outbox: Outbox, results: CommandResults | None = None, clock: Clock | None = None) -> None:
+        self.table = table
+        self.settings = settings
+        self.counters = counters
+        self.publish = publish
+        self.outbox = outbox
+        self.results = results
+        self.clock = clock or SystemClock()
+
+    def doc(self, app: str) -> AppMonitors | None:
+        raw = self.table.get(doc_key(app))
+        return None if raw is None else AppMonitors.from_bytes(raw)
+
+    async def on_minute(self, partition: int, value: bytes, *, closed_at_ms: int | None = None) -> list[AlertEvent]:
+        peeked = peek_minute(value)
+        if peeked is None:
+            self.counters.inc("policy_minutes_invalid")
+            log.warning("alerts: skipped a metrics-1m record that is not a minute")
+            return []
+        rec, app, proc, start_ms = peeked
+        doc = self.doc(app)
+        if doc is None or not any(m.config.process_type == proc and start_ms > m.state.last_minute_ms
+                                  for m in doc.monitors.values()):
+            return []  # no monitor for this process type, or a replayed minute
+        try:
+            minute = Minute.from_record(rec)
+        except ValueError as exc:
+            self.counters.inc("policy_minutes_invalid")
+            log.warning("alerts: skipped minute %s/%s/%d: %s", app, proc, start_ms, exc)
+            return []
+        events = doc.observe(minute)
+        if events:
+            await self.publish(events)
+            self.counters.inc("alerts_published", len(events))
+        deliveries = [d for e in events for d in alert_deliveries(e, doc.monitors[e.monitor_id].config.targets)]
+        self.outbox.put(app, partition, deliveries)
+        self.table[doc_key(app)] = doc.to_bytes()
+        self.outbox.send(app, partition, deliveries)
+        if closed_at_ms is not None:
+            now_ms = self.clock.now_ms()
+            for e in events:
+                if e.event != "still_firing":
+                    self.counters.observe("alert_lag_seconds", max(0, now_ms - closed_at_ms) / 1000)
+        for e in events:
+            log.info("alert %s %s: %s=%s threshold %s minute %s", e.event, e.monitor_id, e.metric, e.value,
+                     e.threshold, minute_iso(e.minute_start_ms))
+        return events
+
+    def on_command(self, partition: int, cmd: Command) -> Outcome | None:
+        if cmd.op not in MONITOR_OPS:
+            return None
+        doc = self.doc(cmd.app) or AppMonitors()
+        outcome = apply_monitor_command(doc, cmd, max_monitors=self.settings.max_monitors_per_app)
+        if outcome.status < 300:
+            if doc.monitors:
+                self.table[doc_key(cmd.app)] = doc.to_bytes()
+            elif doc_key(cmd.app) in self.table:
+                del self.table[doc_key(cmd.app)]
+            self.counters.inc("policy_commands_applied")
+        log.info("policy command %s %s %s -> %d", cmd.id, cmd.op, cmd.app, outcome.status)
+        if self.results is not None:
+            self.results.resolve(cmd.id, outcome)
+        return outcome
+
+
+def decode_command(value: bytes | None, counters: Counters | None) -> Command | None:
+    """None for a malformed command (counted and logged when ``counters`` is given: one agent reports)."""
+    if value is None:
+        return None
+    try:
+        return Command.from_bytes(value)
+    except ValueError as exc:
+        if counters is not None:
+            counters.inc("policy_commands_rejected")
+            log.warning("skipped a malformed policy command: %s", exc)
+        return None
+
+
+# --- Faust binding ---------------------------------------------------------------------------------------------
+
+def owned_partitions(faust_app: Any, topic: str) -> set[int] | None:
+    """Partitions of ``topic`` this worker actively owns; None while partitions move or tables recover."""
+    if faust_app.rebalancing or not faust_app.tables.recovery.completed.is_set():
+        return None
+    return {tp.partition for tp in faust_app.assignor.assigned_actives() if tp.topic == topic}
+
+
+def owns_partition(faust_app: Any, settings: Settings) -> Callable[[int], bool]:
+    def owns(p: int) -> bool:
+        owned = owned_partitions(faust_app, settings.metrics_topic)
+        return owned is not None and p in owned
+    return owns
+
+
+def bind(faust_app: Any, settings: Settings, counters: Counters, notifier: Notifier,
+         results: CommandResults) -> AlertEngine:
+    from app.app import alerts_topic, monitors_table
+    from app.notify import validate_settings
+
+    validate_settings(settings)
+    source = faust_app.topic(settings.metrics_topic, settings.policy_commands_topic, key_type=bytes,
+                             value_type=bytes)
+
+    async def publish(events: Sequence[AlertEvent]) -> None:
+        futs = [await alerts_topic.send(key=e.app.encode(), value=orjson.dumps(e.to_record())) for e in events]
+        for fut in futs:
+            await fut
+
+    outbox = Outbox(monitors_table, notifier, context_topic=settings.metrics_topic,
+                    owns=owns_partition(faust_app, settings))
+    engine = AlertEngine(monitors_table, settings, counters, publish=publish, outbox=outbox, results=results)
+
+    @faust_app.agent(source, name="alerts")
+    async def alerts_agent(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            if msg.topic == settings.policy_commands_topic:
+                cmd = decode_command(event.value, counters)
+                if cmd is not None:
+                    engine.on_command(msg.partition, cmd)
+            elif event.value is not None:
+                closed_at_ms = int(msg.timestamp * 1000) if msg.timestamp else None
+                await engine.on_minute(msg.partition, event.value, closed_at_ms=closed_at_ms)
+
+    @faust_app.timer(settings.outbox_sweep_interval_s, name="alerts_outbox_sweep")
+    async def sweep() -> None:
+        if owned_partitions(faust_app, settings.metrics_topic) is not None:
+            outbox.sweep()
+
+    return engine
+
+
+def policy_backend(faust_app: Any, settings: Settings, *, monitors: Callable[[str], AppMonitors | None],
+                   policies: Callable[[str], AppPolicies | None], results: CommandResults) -> PolicyBackend:
+    """The web API's view of this worker: ownership, local tables, and the commands topic."""
+    from aiokafka.errors import KafkaError
+
+    from app.app import policy_commands_topic
+
+    async def send(app: str, value: bytes) -> None:
+        try:
+            fut = await policy_commands_topic.send(key=app.encode(), value=value)
+            await fut
+        except KafkaError as exc:
+            raise RetriableError(f"policy command not acknowledged: {exc!r}",
+                                 action="check the brokers; the client may retry") from None
+
+    def owner(app: str) -> str:
+        owned = owned_partitions(faust_app, settings.metrics_topic)
+        if owned is None:
+            return UNKNOWN
+        return LOCAL if partition_for(app, settings.partitions) in owned else REMOTE
+
+    return PolicyBackend(owner=owner, monitors=monitors, policies=policies, send=send, results=results,
+                         apply_timeout_s=settings.policy_apply_timeout_s)

@@ -1,0 +1,240 @@
+"""Stream job: ``metrics-1m`` -> 10 min / 1 h / 2 h rollup items in DynamoDB.
+
+Why precomputed: a 7-day chart at 2 h resolution reads 84 rollup items instead of 10,080 minutes (each a
+~5 KB compressed 1000-centroid digest); merging at read time was measured far slower (README, "Metrics
+API"). The query API still merges minutes for the newest, not yet final buckets (app/query.py).
+
+State and idempotence (at-least-once input, no transactions)
+-------------------------------------------------------------
+``metrics-1m`` is keyed by app, so every minute of an app arrives on one partition and the partial buckets
+of that app live in the same partition of the changelogged ``rollups`` table. A value holds the merged
+:class:`Aggregate` and the set of minute starts already in it (``mins``). For each batch:
+
+1. minutes are grouped by (app, process type, resolution, bucket); a bucket not in the table is read back
+   from DynamoDB (it was evicted, or this is the first deployment), else it starts empty;
+2. a minute whose start is already in ``mins`` is skipped (redelivery), the others are merged;
+3. changed buckets are written to DynamoDB (``put_many``: returns only when every item was accepted; the
+   item carries ``mins`` too, so the read-back in 1. is exact);
+4. only then the table values are written; Faust flushes them before it commits the batch's offsets.
+
+A crash before 4. redelivers the batch; the table does not hold its minutes yet, so they are merged again
+into the same previous state and the same items are overwritten. A crash after 4. skips them in step 2.
+While DynamoDB throttles or is down the batch is retried with backoff and nothing is consumed meanwhile.
+Buckets leave the table ``rollup_evict_after_s`` after their end (wall clock); a later minute re-merges
+into the stored item via step 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import zlib
+from typing import Any, Awaitable, Callable, MutableMapping, Sequence
+
+import orjson
+
+from app.clock import Clock, SystemClock
+from app.errors import RetriableError, StoreError
+from app.query import ROLLUP_RESOLUTIONS, bucket_of
+from app.settings import WINDOW_S, Settings
+from app.stats import Counters
+from app.store import MetricItem, MetricsStore
+from tables.aggregate import Aggregate, BucketKey
+from tables.state import partition_context
+
+log = logging.getLogger(__name__)
+
+Table = MutableMapping[bytes, Any]
+Sleep = Callable[[float], Awaitable[None]]
+BucketId = tuple[str, str, int, int]
+"""(app, process type, resolution_s, bucket start s)"""
+READ_CONCURRENCY = 16
+
+
+def table_key(b: BucketId) -> bytes:
+    return f"r|{b[0]}|{b[1]}|{b[2]}|{b[3]}".encode()
+
+
+class Bucket:
+    """A partial rollup bucket: the merged aggregate and the minute starts (s) already merged."""
+
+    __slots__ = ("agg", "mins", "partition")
+
+    def __init__(self, agg: Aggregate, mins: set[int], partition: int) -> None:
+        self.agg = agg
+        self.mins = mins
+        self.partition = partition
+
+    def record(self) -> dict[str, Any]:
+        rec = self.agg.to_record()
+        rec["mins"] = sorted(self.mins)
+        return rec
+
+    def encode(self) -> bytes:
+        rec = self.record()
+        rec["p"] = self.partition
+        rec["end_s"] = self.agg.key.start_ms // 1000 + self.agg.resolution_s
+        return zlib.compress(orjson.dumps(rec), 1)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], partition: int) -> "Bucket":
+        return cls(Aggregate.from_record(rec), {int(m) for m in rec.get("mins", ())}, partition)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Bucket":
+        rec = orjson.loads(zlib.decompress(raw))
+        return cls.from_record(rec, int(rec["p"]))
+
+
+def decode_minute(value: bytes) -> Aggregate:
+    """A ``metrics-1m`` record's aggregate; ValueError when it is not one."""
+    try:
+        rec = orjson.loads(value)
+        if not isinstance(rec, dict) or rec.get("res_s") != WINDOW_S:
+            raise ValueError("not a one-minute aggregate record")
+        return Aggregate.from_record(rec)
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed metrics-1m record: {exc}") from None
+
+
+class Rollup:
+    def __init__(self, table: Table, store: MetricsStore, settings: Settings, counters: Counters, *,
+                 context_topic: str, clock: Clock | None = None, sleep: Sleep = asyncio.sleep) -> None:
+        self.table = table
+        self.store = store
+        self.settings = settings
+        self.counters = counters
+        self.context_topic = context_topic
+        self.clock = clock or SystemClock()
+        self.sleep = sleep
+
+    async def process(self, batch: Sequence[tuple[int, bytes]]) -> int:
+        """Fold a batch of ``(partition, metrics-1m value)`` into the rollups; returns buckets written.
+        Returns only once DynamoDB accepted them (retrying while it is unavailable)."""
+        groups: dict[BucketId, tuple[int, list[Aggregate]]] = {}
+        for partition, value in batch:
+            try:
+                minute = decode_minute(value)
+            except ValueError as exc:
+                self.counters.inc("rollup_minutes_invalid")
+                log.warning("rollup: skipping a metrics-1m record on partition %d: %s", partition, exc)
+                continue
+            start_s = minute.key.start_ms // 1000
+            for res in ROLLUP_RESOLUTIONS:
+                bid = (minute.key.app, minute.key.process_type, res, bucket_of(start_s, res))
+                groups.setdefault(bid, (partition, []))[1].append(minute)
+        if not groups:
+            return 0
+        attempt = 0
+        while True:
+            try:
+                return await self._apply(groups)
+            except RetriableError as exc:
+                attempt += 1
+                self.counters.inc("rollup_retries")
+                s = self.settings
+                delay_s = min(s.backoff_max_ms / 1000, max(exc.retry_after_s, s.backoff_base_ms / 1000 * 2 ** attempt))
+                delay_s *= 0.5 + random.random() / 2
+                log.warning("rollup: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
+                await self.sleep(delay_s)
+
+    async def _apply(self, groups: dict[BucketId, tuple[int, list[Aggregate]]]) -> int:
+        buckets = await self._load(groups)
+        changed: list[tuple[BucketId, Bucket]] = []
+        merged = replayed = 0
+        for bid, (_, minutes) in groups.items():
+            bucket = buckets[bid]
+            dirty = False
+            for m in minutes:
+                start_s = m.key.start_ms // 1000
+                if start_s in bucket.mins:
+                    replayed += 1
+                    continue
+                bucket.agg.merge(m)
+                bucket.mins.add(start_s)
+                merged += 1
+                dirty = True
+            if dirty:
+                changed.append((bid, bucket))
+        if changed:
+            items = [MetricItem(bid[0], bid[1], bid[2], bid[3], orjson.dumps(b.record())) for bid, b in changed]
+            try:
+                await self.store.put_many(items)
+                self.counters.inc("rollup_items_written", len(items))
+            except StoreError as exc:
+                # Not retriable (permissions, schema). The state below still holds the merge, so the bucket's
+                # next minute writes it in full once the cause is fixed.
+                self.counters.inc("rollup_failed", len(items))
+                log.error("rollup: DynamoDB refused %d rollup items for good: %s", len(items), exc)
+            for bid, b in changed:
+                with partition_context(self.context_topic, b.partition):
+                    self.table[table_key(bid)] = b.encode()
+        self.counters.inc("rollup_minutes_merged", merged)
+        self.counters.inc("rollup_minutes_replayed", replayed)
+        return len(changed)
+
+    async def _load(self, groups: dict[BucketId, tuple[int, list[Aggregate]]]) -> dict[BucketId, Bucket]:
+        out: dict[BucketId, Bucket] = {}
+        missing: list[tuple[BucketId, int, Aggregate]] = []
+        for bid, (partition, minutes) in groups.items():
+            with partition_context(self.context_topic, partition):
+                raw = self.table.get(table_key(bid))
+            if raw is not None:
+                out[bid] = Bucket.decode(raw)
+            else:
+                missing.append((bid, partition, minutes[0]))
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read_back(bid: BucketId, partition: int, first: Aggregate) -> None:
+            async with gate:
+                items = await self.store.query(bid[0], bid[1], bid[2], bid[3], bid[3] + 1)
+            self.counters.inc("rollup_store_reads")
+            if items:
+                out[bid] = Bucket.from_record(orjson.loads(items[0].payload), partition)
+            else:
+                out[bid] = Bucket(Aggregate(BucketKey(bid[0], bid[1], bid[3] * 1000), resolution_s=bid[2],
+                                            max_centroids=first.max_centroids), set(), partition)
+
+        await asyncio.gather(*(read_back(*m) for m in missing))
+        return out
+
+    def evict(self, owned: set[int]) -> int:
+        """Delete buckets of owned partitions that ended more than ``rollup_evict_after_s`` ago."""
+        cutoff_s = self.clock.now_ms() // 1000 - int(self.settings.rollup_evict_after_s)
+        doomed: list[tuple[bytes, int]] = []
+        for key, raw in list(self.table.items()):
+            if raw is None:
+                continue
+            rec = orjson.loads(zlib.decompress(raw))
+            if int(rec["p"]) in owned and int(rec["end_s"]) <= cutoff_s:
+                doomed.append((key, int(rec["p"])))
+        for key, p in doomed:
+            with partition_context(self.context_topic, p):
+                if key in self.table:
+                    del self.table[key]
+        return len(doomed)
+
+
+def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
+         ready: asyncio.Event) -> Rollup:
+    from agents.alerts import owned_partitions
+    from app.app import metrics_topic, rollups_table
+
+    rollup = Rollup(rollups_table, store, settings, counters, context_topic=settings.metrics_topic)
+
+    @faust_app.agent(metrics_topic, name="rollup")
+    async def rollup_agent(stream: Any) -> None:
+        await ready.wait()  # the store's client is created by the runtime service
+        async for events in stream.take_events(settings.rollup_batch_max, within=settings.rollup_within_s):
+            await rollup.process([(e.message.partition, e.value) for e in events if e.value is not None])
+
+    @faust_app.timer(60.0, name="rollup_evict")
+    async def evict() -> None:
+        owned = owned_partitions(faust_app, settings.metrics_topic)
+        if owned is not None:
+            n = rollup.evict(owned)
+            if n:
+                log.info("rollup: evicted %d finished buckets from the table", n)
+
+    return rollup

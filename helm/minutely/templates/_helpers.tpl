@@ -1,0 +1,222 @@
+{{/* Names ---------------------------------------------------------------------------------------------- */}}
+{{- define "minutely.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "minutely.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "<fullname>-<role>", kept within 63 characters. Call with (dict "ctx" $ "role" "worker"). */}}
+{{- define "minutely.roleName" -}}
+{{- printf "%s-%s" (include "minutely.fullname" .ctx | trunc 55 | trimSuffix "-") .role -}}
+{{- end -}}
+
+{{- define "minutely.serviceAccountName" -}}
+{{- if .ctx.Values.serviceAccount.create -}}
+{{- include "minutely.roleName" . -}}
+{{- else -}}
+{{- default "default" .ctx.Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels --------------------------------------------------------------------------------------------- */}}
+{{- define "minutely.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "minutely.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .role }}
+{{- end -}}
+
+{{- define "minutely.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "minutely.selectorLabels" . }}
+app.kubernetes.io/part-of: minutely
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Image: by digest when one is given (immutable), else by tag (default: appVersion). */}}
+{{- define "minutely.image" -}}
+{{- $img := .Values.image -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* METRICS_BROKER_URL in Faust's form: kafka://h1:9092;kafka://h2:9092 */}}
+{{- define "minutely.brokerUrl" -}}
+{{- $urls := list -}}
+{{- range .Values.kafka.brokers -}}
+{{- $urls = append $urls (printf "kafka://%s" .) -}}
+{{- end -}}
+{{- join ";" $urls -}}
+{{- end -}}
+
+{{/* Checks that cut across values (the schema checks each value alone). */}}
+{{- define "minutely.validate" -}}
+{{- if gt (int .Values.worker.replicas) (int .Values.kafka.partitions) -}}
+{{- fail (printf "worker.replicas (%d) is larger than kafka.partitions (%d): the extra workers would get no partition. Lower worker.replicas, or install with more partitions under a new kafka.appId (partitions cannot be raised in place)." (int .Values.worker.replicas) (int .Values.kafka.partitions)) -}}
+{{- end -}}
+{{- range $k, $v := .Values.config.extra -}}
+{{- if not (regexMatch "^METRICS_[A-Z0-9_]+$" $k) -}}
+{{- fail (printf "config.extra key %q is not a METRICS_<NAME> setting: use the names in app/settings.py (METRICS_ + field name in upper case)" $k) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod template shared by all roles. Call with (dict "ctx" $ "role" "web" "spec" .Values.web). */}}
+{{- define "minutely.podTemplate" -}}
+{{- $ctx := .ctx -}}
+{{- $v := $ctx.Values -}}
+{{- $spec := .spec -}}
+{{- $port := int $v.config.webPort -}}
+metadata:
+  labels:
+    {{- include "minutely.labels" . | nindent 4 }}
+    {{- with $spec.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include (print $ctx.Template.BasePath "/configmap.yaml") $ctx | sha256sum }}
+    {{- if $v.metrics.podAnnotations }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ $port | quote }}
+    prometheus.io/path: /metrics
+    {{- end }}
+    {{- with $spec.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "minutely.serviceAccountName" . }}
+  # Workload identity (IRSA, GKE) does not need the API token; nothing here talks to the Kubernetes API.
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ $spec.terminationGracePeriodSeconds }}
+  {{- with $spec.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $v.podSecurityContext | nindent 4 }}
+  {{- if and (eq .role "worker") $v.kafka.ensureTopics }}
+  initContainers:
+    - name: ensure-topics
+      image: {{ include "minutely.image" $ctx }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      command: ["python", "-m", "app.ops", "ensure-topics"]
+      {{- include "minutely.envFrom" . | nindent 6 }}
+      securityContext:
+        {{- toYaml $v.securityContext | nindent 8 }}
+      resources:
+        requests: {cpu: 50m, memory: 128Mi}
+        limits: {cpu: 500m, memory: 256Mi}
+      volumeMounts:
+        - {name: tmp, mountPath: /tmp}
+        {{- if $v.credentials.awsSecret }}
+        - {name: aws-credentials, mountPath: /var/run/secrets/minutely/aws, readOnly: true}
+        {{- end }}
+  {{- end }}
+  containers:
+    - name: {{ .role }}
+      image: {{ include "minutely.image" $ctx }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      args:
+        {{- toYaml $spec.args | nindent 8 }}
+      {{- include "minutely.envFrom" . | nindent 6 }}
+      ports:
+        - name: http
+          containerPort: {{ $port }}
+          protocol: TCP
+      startupProbe:
+        httpGet: {path: /healthz, port: http}
+        {{- toYaml $spec.probes.startup | nindent 8 }}
+      livenessProbe:
+        httpGet: {path: /healthz, port: http}
+        {{- toYaml $spec.probes.liveness | nindent 8 }}
+      readinessProbe:
+        httpGet: {path: /readyz, port: http}
+        {{- toYaml $spec.probes.readiness | nindent 8 }}
+      resources:
+        {{- toYaml $spec.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $v.securityContext | nindent 8 }}
+      volumeMounts:
+        - {name: data, mountPath: /var/lib/minutely}
+        - {name: tmp, mountPath: /tmp}
+        {{- if $v.credentials.awsSecret }}
+        - {name: aws-credentials, mountPath: /var/run/secrets/minutely/aws, readOnly: true}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir: {sizeLimit: 256Mi}
+    {{- if ne .role "worker" }}
+    - name: data
+      emptyDir: {sizeLimit: 256Mi}
+    {{- end }}
+    {{- if $v.credentials.awsSecret }}
+    - name: aws-credentials
+      secret:
+        secretName: {{ $v.credentials.awsSecret }}
+        defaultMode: 0440
+        items:
+          - {key: credentials, path: credentials}
+    {{- end }}
+  {{- with $spec.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/* Settings from the ConfigMap, secrets by reference, role-specific env. */}}
+{{- define "minutely.envFrom" -}}
+{{- $v := .ctx.Values -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "minutely.fullname" .ctx }}
+{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env }}
+env:
+  {{- if $v.credentials.awsSecret }}
+  - name: AWS_SHARED_CREDENTIALS_FILE
+    value: /var/run/secrets/minutely/aws/credentials
+  {{- end }}
+  {{- range $v.credentials.secretEnv }}
+  - name: {{ .name }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ .secretName }}
+        key: {{ .key }}
+  {{- end }}
+  {{- with .spec.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
