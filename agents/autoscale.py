@@ -20,11 +20,12 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from agents.alerts import Outbox, Table, decode_command, event_deliveries, minute_iso, owned_partitions, \
-    owns_partition, peek_minute
+from agents.alerts import (Outbox, Table, decode_command, event_deliveries, minute_iso, owned_partitions,
+                           owns_partition, peek_minute)
+from app.errors import ConfigError
 from app.notify import FORMATION, Delivery, Notifier
 from app.policies_api import CommandResults
-from app.settings import Settings
+from app.settings import PREFIX, Settings
 from app.stats import Counters
 from tables.monitors import (POLICY_OPS, AppPolicies, AutoscaleParams, Command, Decision, Minute, Outcome,
                              apply_policy_command)
@@ -35,7 +36,12 @@ PublishDecision = Callable[[Decision], Awaitable[None]]
 
 
 def params_from(settings: Settings) -> AutoscaleParams:
+    """The model's constants from the settings; ConfigError when they make no sense."""
     s = settings
+    if min(s.autoscale_history_min, s.autoscale_min_requests, s.autoscale_up_cooldown_min,
+           s.autoscale_down_cooldown_min, s.autoscale_down_stable_min) < 1 or not 0 <= s.autoscale_down_headroom < 1:
+        raise ConfigError("autoscale_* minutes and min_requests must be >= 1 (steps are at least a minute apart) "
+                          "and autoscale_down_headroom within [0, 1)", action=f"set {PREFIX}AUTOSCALE_*")
     return AutoscaleParams(history_min=s.autoscale_history_min, min_requests=s.autoscale_min_requests,
                            up_cooldown_min=s.autoscale_up_cooldown_min,
                            down_cooldown_min=s.autoscale_down_cooldown_min,

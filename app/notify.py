@@ -61,7 +61,11 @@ class DeliveryFailed(PipelineError):
 
 
 class DeliveryUnavailable(RetriableError):
-    """The receiver is unreachable, slow or asked us to come back later."""
+    """The receiver is unreachable, slow or asked us to come back later. ``retry_after_s`` is the receiver's
+    Retry-After (0 when it sent none: our own backoff decides)."""
+
+    def __init__(self, message: str, *, action: str = "", retry_after_s: float = 0.0) -> None:
+        super().__init__(message, action=action, retry_after_s=retry_after_s)
 
 
 def validate_settings(s: Settings) -> None:
@@ -74,6 +78,10 @@ def validate_settings(s: Settings) -> None:
     if s.notify_timeout_s <= 0 or s.notify_backoff_base_ms <= 0 or s.notify_backoff_max_ms < s.notify_backoff_base_ms:
         raise ConfigError("notify_timeout_s > 0 and 0 < notify_backoff_base_ms <= notify_backoff_max_ms required",
                           action=f"set {PREFIX}NOTIFY_TIMEOUT_S / {PREFIX}NOTIFY_BACKOFF_*")
+    if s.max_monitors_per_app < 1 or s.policy_apply_timeout_s < 0 or s.outbox_sweep_interval_s <= 0:
+        raise ConfigError("max_monitors_per_app >= 1, policy_apply_timeout_s >= 0 and outbox_sweep_interval_s > 0 "
+                          "required", action=f"set {PREFIX}MAX_MONITORS_PER_APP / POLICY_APPLY_TIMEOUT_S / "
+                                             "OUTBOX_SWEEP_INTERVAL_S")
     if s.formation_url and "{app}" not in s.formation_url:
         raise ConfigError("formation_url must contain {app} (and may contain {process_type})",
                           action=f"set {PREFIX}FORMATION_URL, e.g. https://api.example.com/apps/{{app}}/formation/"

@@ -17,6 +17,7 @@ from app import ops
 from app.app import app, settings
 from app.notify import Notifier
 from app.policies_api import CommandResults, add_policy_routes
+from app.policies_api import token_authorizer as policy_authorizer
 from app.query import MetricsQuery
 from app.stats import counters
 from app.store import DynamoStore
@@ -48,7 +49,8 @@ def _recovered() -> bool:
 
 def add_routes(webapp: web.Application) -> None:
     """Policies API, /readyz (Kafka, table recovery, DynamoDB) and /metrics on the worker's web app."""
-    add_policy_routes(webapp, policy_backend)
+    # Monitors/policies: the app's read token to look, its write token to change (same tokens as the APIs).
+    add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
     ops.add_ops_routes(
         webapp, counters=counters,
         checks={

@@ -91,13 +91,13 @@ class Pipeline:
             counters: dict[str, int] = json.load(r)["counters"]
             return counters
 
-    def read_token(self, app: str) -> str:
-        """A read token for ``app`` (the metrics API requires one)."""
+    def read_token(self, app: str, kind: str = "read") -> str:
+        """A token for ``app`` (read: the metrics and policy reads; write: policy changes)."""
         async def go() -> str:
             store = TokenStore(self.settings)
             await store.start()
             try:
-                return (await store.create(app, "read"))[0]
+                return (await store.create(app, kind))[0]
             finally:
                 await store.stop()
         return asyncio.run(go())
