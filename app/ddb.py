@@ -5,6 +5,7 @@ Same client configuration and credentials rules as the metrics store (app/store.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import aioboto3
@@ -12,6 +13,8 @@ import aioboto3
 from app.errors import ConfigError, PipelineError
 from app.settings import Settings
 from app.store import classify_error, client_config, client_credentials
+
+log = logging.getLogger(__name__)
 
 
 class DynamoTable:
@@ -24,6 +27,7 @@ class DynamoTable:
         self.table = table
         self._client: Any = None
         self._ctx: Any = None
+        self._setup_pending = False
 
     async def start(self) -> None:
         if self._client is not None:
@@ -34,11 +38,22 @@ class DynamoTable:
         self._client = await self._ctx.__aenter__()
         if self.settings.create_table:
             try:
-                await self._ensure_table()
-            except PipelineError:
-                raise
-            except Exception as exc:
-                raise self.error(exc, "CreateTable") from exc
+                await self._setup()
+            except PipelineError as exc:
+                if not exc.retriable:
+                    raise
+                # DynamoDB unreachable at start: keep running and report not-ready; ping() retries.
+                log.warning("%s: table setup deferred, DynamoDB unavailable: %s", self.table, exc)
+                self._setup_pending = True
+
+    async def _setup(self) -> None:
+        try:
+            await self._ensure_table()
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise self.error(exc, "CreateTable") from exc
+        self._setup_pending = False
 
     async def stop(self) -> None:
         if self._ctx is not None:
@@ -46,6 +61,9 @@ class DynamoTable:
         self._client = self._ctx = None
 
     async def ping(self) -> None:
+        """Readiness: the table answers (and was set up, if that had to wait for DynamoDB)."""
+        if self._setup_pending:
+            await self._setup()
         try:
             await self.client.describe_table(TableName=self.table)
         except Exception as exc:

@@ -174,6 +174,7 @@ class DynamoStore:
         self._jitter = jitter
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
+        self._setup_pending = False  # table setup waiting for DynamoDB to answer (see start/ping)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -189,7 +190,13 @@ class DynamoStore:
                 "dynamodb", endpoint_url=s.dynamodb_endpoint or None, config=client_config(s)))
             self._stack = stack
             if s.create_table:
-                await self._ensure_table()
+                try:
+                    await self._ensure_table()
+                except StoreUnavailable as exc:
+                    # DynamoDB unreachable at start: keep the process up and not-ready; ping() retries the
+                    # setup, and writes back off until it succeeds (the sink applies backpressure).
+                    log.warning("table setup deferred, DynamoDB unavailable: %s", exc)
+                    self._setup_pending = True
         except BaseException:
             self._client = None
             self._stack = None
@@ -204,6 +211,9 @@ class DynamoStore:
 
     async def ping(self) -> None:
         """Health check: the table is reachable and described (StoreUnavailable / StoreError otherwise)."""
+        if self._setup_pending:
+            await self._ensure_table()
+            self._setup_pending = False
         try:
             await self._c().describe_table(TableName=self._table)
         except Exception as e:

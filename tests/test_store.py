@@ -441,3 +441,15 @@ async def test_unreachable_endpoint_is_retriable() -> None:
             await store.put_many([item(T0)])
     finally:
         await store.stop()
+
+
+async def test_start_with_dynamodb_down_keeps_running_and_ping_reports() -> None:
+    """A process started while DynamoDB is unreachable stays up (not ready) instead of crash-looping."""
+    s = Settings(dynamodb_endpoint="http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0, table_name="down")
+    store = DynamoStore(s)
+    await store.start()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    finally:
+        await store.stop()

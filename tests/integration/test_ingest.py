@@ -83,6 +83,21 @@ def drain_headers(token: str, count: int, frame_id: str | None = None) -> dict[s
     return h
 
 
+async def test_ingest_readiness_and_metrics(env: Env, dynamo: EmbeddedDynamo, aiohttp_client: Any) -> None:
+    r = await env.client.get("/readyz")
+    assert r.status == 200, await r.text()
+    assert set((await r.json())["checks"]) == {"broker", "producer", "tokens", "dedup"}
+    await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=drain_headers(env.tokens["drain"], 1))
+    text = await (await env.client.get("/metrics")).text()
+    assert "minutely_drain_frames_total 1.0" in text
+    # DynamoDB unreachable (tokens/dedup tables): not ready, with the reason.
+    down = make_settings(env.settings.broker_url, "http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0)
+    c = await aiohttp_client(build(down, Counters()))
+    r = await c.get("/readyz")
+    body = await r.json()
+    assert r.status == 503 and body["status"] == "not_ready" and body["checks"]["tokens"] != "ok"
+
+
 async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: Env, broker: EmbeddedBroker) -> None:
     body = frame([ROUTER_INFO, ROUTER_ERROR, MEMORY, LOAD, b"<40>1 2012-11-30T06:45:29+00:00 host app web.3 - hi",
                   b"<158>1 2012-11-30T06:45:29+00:00 host heroku router - at=info nonsense"])

@@ -51,6 +51,15 @@ def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: Emb
         assert set(first["response_ms"]) == {"p50", "p95", "p99", "max", "mean"}
         assert first["requests"] == len(gen.truth.service_ms[("app-0", "web", start_ms)])
         assert {"rss_mean", "rss_max", "quota"} <= set(first["memory_mb"])
+        # Operational endpoints on a real worker: ready (broker, recovery, DynamoDB) and Prometheus text.
+        assert p.get("/readyz") == {"status": "ready",
+                                    "checks": {"broker": "ok", "recovery": "ok", "dynamodb": "ok"}}
+        import urllib.request
+
+        with urllib.request.urlopen(f"{p.url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert f"minutely_observations_accepted_total {float(n_obs)}" in text
+        assert "# HELP minutely_observations_rejected_total" in text and "minutely_windows_open" in text
     finally:
         p.stop()
 
