@@ -31,7 +31,10 @@ from typing import Any
 # patterns are strict enough that the captured bytes are safe to embed in JSON unescaped.
 _ROUTER_FAST = re.compile(
     rb"<\d{1,3}>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) \S+ heroku router \S+ at=(?:info|error)(?: code=(H\d{1,3}))?.* dyno=([\w.\-]{1,100}) "
-    rb"connect=(\d{0,9})(?:ms)? service=(\d{1,8})(?:ms)? status=([1-5]\d\d)(?: bytes=(\d{0,15}))?")
+    rb"connect=(0|[1-9]\d{0,8}|)(?:ms)? service=(0|[1-9]\d{0,7})(?:ms)? status=([1-5]\d\d)"
+    rb"(?: bytes=(0|[1-9]\d{0,14}|)(?=\s|$))?")
+# Numbers with leading zeros ("bytes=007") are not JSON: such lines miss the fast path and are converted
+# with int() by the general path.
 _ROUTER_HEAD = re.compile(rb"at=(\w+)(?: code=(H\d{1,3}))?")
 _ROUTER_TAIL = re.compile(
     rb"dyno=(\S+) connect=(\d*)(?:ms)? service=(\d+)(?:ms)? status=(\d+)(?: bytes=(\d*))?")

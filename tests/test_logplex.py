@@ -108,3 +108,10 @@ def test_fuzz_arbitrary_bytes_raise_only_frame_error(body: bytes) -> None:
         parse_frame(body, "fuzz")
     except FrameError:
         pass
+
+
+def test_leading_zeros_still_give_valid_json() -> None:
+    line = ROUTER_INFO.replace(b"bytes=415", b"bytes=007").replace(b"service=2ms", b"service=02ms")
+    p = parse_frame(frame([line, ROUTER_INFO.replace(b"connect=0ms", b"connect=00ms")]), "myapp")
+    assert [(o["bytes"], o["service_ms"]) for o in p.observations] == [(7, 2.0), (415, 2)]
+    assert p.observations[1]["connect_ms"] == 0.0
