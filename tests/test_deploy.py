@@ -194,7 +194,15 @@ def test_network_policy_opens_only_what_each_role_uses(default_docs: list[Doc]) 
         assert np["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
         egress_ports = {(p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"]}
         expected = {(53, "UDP"), (53, "TCP"), (443, "TCP")} | ({(9092, "TCP")} if role != "web" else set())
+        if role == "worker":  # policy reads are forwarded to the owning worker, only to worker pods
+            expected |= {(6066, "TCP")}
+            to_workers = [r for r in np["egress"] if r["ports"] == [{"port": 6066, "protocol": "TCP"}]]
+            assert to_workers[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
         assert egress_ports == expected, role
+    sts = one(default_docs, "StatefulSet", f"{RELEASE}-minutely-worker")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in sts["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["METRICS_ADVERTISED_URL"]["value"].startswith(f"http://$(POD_NAME).{RELEASE}-minutely-worker.")
     smtp = {"ports": [{"port": 587, "protocol": "TCP"}]}
     docs = render({"networkPolicy": {"extraEgress": [smtp], "kafka": {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}]}}})
     worker = one(docs, "NetworkPolicy", f"{RELEASE}-minutely-worker")["spec"]["egress"]

@@ -202,8 +202,17 @@ spec:
 envFrom:
   - configMapRef:
       name: {{ include "minutely.fullname" .ctx }}
-{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env }}
+{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env (eq .role "worker") }}
 env:
+  {{- if eq .role "worker" }}
+  {{- /* Each worker's stable address (headless Service): other workers forward policy reads for the apps
+         it owns to it (app/policies_api.py); Faust advertises it as the worker's canonical URL. */}}
+  - name: POD_NAME
+    valueFrom:
+      fieldRef: {fieldPath: metadata.name}
+  - name: METRICS_ADVERTISED_URL
+    value: {{ printf "http://$(POD_NAME).%s.%s.svc:%d" (include "minutely.roleName" (dict "ctx" .ctx "role" "worker")) .ctx.Release.Namespace (int $v.config.webPort) | quote }}
+  {{- end }}
   {{- if $v.credentials.awsSecret }}
   - name: AWS_SHARED_CREDENTIALS_FILE
     value: /var/run/secrets/minutely/aws/credentials
