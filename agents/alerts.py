@@ -43,11 +43,11 @@ from aiokafka.partitioner import murmur2
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError
 from app.notify import EMAIL, WEBHOOK, Delivery, DeliveryResult, DoneCallback, Notifier
-from app.policies_api import LOCAL, REMOTE, UNKNOWN, CommandResults, PolicyBackend
-from app.settings import Settings
+from app.policies_api import LOCAL, REMOTE, UNKNOWN, CommandResults, Forwarder, Locate, PolicyBackend
+from app.settings import PREFIX, Settings
 from app.stats import Counters
-from tables.monitors import (LATENCY, MONITOR_OPS, AlertEvent, AppMonitors, AppPolicies, Command, Minute,
-                             Outcome, Targets, apply_monitor_command)
+from tables.monitors import (LATENCY, MONITOR_DELETE, MONITOR_DELETED, MONITOR_OPS, AlertEvent, AppMonitors,
+                             AppPolicies, Command, Minute, Outcome, Targets, apply_monitor_command)
 from tables.state import partition_context
 
 log = logging.getLogger(__name__)
@@ -155,16 +155,22 @@ def describe(e: AlertEvent) -> tuple[str, str]:
         value = "no requests" if e.value is None else f"{e.value:.2%}"
         threshold = f"{e.threshold:.2%}"
     head = {"firing": "FIRING", "still_firing": "STILL FIRING", "resolved": "RESOLVED"}[e.event]
+    deleted = e.reason == MONITOR_DELETED
     # No "[tag]" prefix: Python's header folder splits a long subject that starts with "[" after the colon.
-    subject = f"{head} {e.app}/{e.process_type}: {what} {value} (threshold {threshold})"
+    subject = (f"{head} {e.app}/{e.process_type}: monitor deleted ({what}, threshold {threshold})" if deleted
+               else f"{head} {e.app}/{e.process_type}: {what} {value} (threshold {threshold})")
     lines = [
         f"App:           {e.app}",
         f"Process type:  {e.process_type}",
         f"Monitor:       {e.monitor_id} ({e.metric} >= {threshold} for {e.sensitivity_min} min)",
-        f"State:         {e.event}",
-        f"Minute:        {minute_iso(e.minute_start_ms)} ({e.requests} requests)",
-        f"Value:         {value}",
     ]
+    if deleted:
+        lines += [f"State:         {e.event}: the monitor was deleted while firing; no further events follow",
+                  f"Minute:        {minute_iso(e.minute_start_ms)} (the first one it no longer evaluates)"]
+    else:
+        lines += [f"State:         {e.event}",
+                  f"Minute:        {minute_iso(e.minute_start_ms)} ({e.requests} requests)",
+                  f"Value:         {value}"]
     if e.firing_since_ms is not None:
         lines.append(f"Firing since:  {minute_iso(e.firing_since_ms)}")
     lines.append(f"Event id:      {e.event_id}")
@@ -248,16 +254,28 @@ class AlertEngine:
                      e.threshold, minute_iso(e.minute_start_ms))
         return events
 
-    def on_command(self, partition: int, cmd: Command) -> Outcome | None:
+    async def on_command(self, partition: int, cmd: Command) -> Outcome | None:
+        """Apply a monitor command. Deleting a firing monitor resolves it: the ``resolved`` event is published
+        and its deliveries kept in the outbox with the same ordering of effects as a minute's."""
         if cmd.op not in MONITOR_OPS:
             return None
         doc = self.doc(cmd.app) or AppMonitors()
+        gone = doc.monitors.get(cmd.monitor_id) if cmd.op == MONITOR_DELETE else None
         outcome = apply_monitor_command(doc, cmd, max_monitors=self.settings.max_monitors_per_app)
         if outcome.status < 300:
+            resolved = gone.deleted(cmd.app) if gone is not None else None
+            deliveries: list[tuple[str, Delivery]] = []
+            if resolved is not None and gone is not None:
+                await self.publish([resolved])
+                self.counters.inc("alerts_published")
+                deliveries = alert_deliveries(resolved, gone.config.targets)
+                self.outbox.put(cmd.app, partition, deliveries)
+                log.info("alert resolved %s: monitor deleted while firing", resolved.monitor_id)
             if doc.monitors:
                 self.table[doc_key(cmd.app)] = doc.to_bytes()
             elif doc_key(cmd.app) in self.table:
                 del self.table[doc_key(cmd.app)]
+            self.outbox.send(cmd.app, partition, deliveries)
             self.counters.inc("policy_commands_applied")
         log.info("policy command %s %s %s -> %d", cmd.id, cmd.op, cmd.app, outcome.status)
         if self.results is not None:
@@ -319,7 +337,7 @@ def bind(faust_app: Any, settings: Settings, counters: Counters, notifier: Notif
             if msg.topic == settings.policy_commands_topic:
                 cmd = decode_command(event.value, counters)
                 if cmd is not None:
-                    engine.on_command(msg.partition, cmd)
+                    await engine.on_command(msg.partition, cmd)
             elif event.value is not None:
                 closed_at_ms = int(msg.timestamp * 1000) if msg.timestamp else None
                 await engine.on_minute(msg.partition, event.value, closed_at_ms=closed_at_ms)
@@ -332,9 +350,48 @@ def bind(faust_app: Any, settings: Settings, counters: Counters, notifier: Notif
     return engine
 
 
+def owner_locator(faust_app: Any, settings: Settings, *, table_name: str = "monitors") -> Locate:
+    """The advertised URL (Faust ``canonical_url``) of the worker that owns an app, from Faust's router.
+
+    ``router.key_store(table, key)`` hashes the key with the producer's partitioner over the table's
+    changelog topic and looks the partition up in the assignment every member received. The key is the
+    app itself, not the table key (``m|{app}``): the table's values live in the partition of the app's
+    minutes, which the changelog shares (same partition count, co-partitioned). That this is
+    :func:`partition_for` is checked on every call -- a different partitioner or partition count would
+    otherwise route reads to the wrong worker silently.
+    """
+    async def locate(app: str) -> str | None:
+        changelog: str = faust_app.tables[table_name].changelog_topic.get_topic_name()
+        key = app.encode()
+        try:
+            tp = faust_app.producer.key_partition(changelog, key)
+        except TypeError:
+            # The producer has no metadata for the changelog topic yet (it never wrote to it): fetch it.
+            try:
+                await faust_app.producer._ensure_producer().partitions_for(changelog)
+                tp = faust_app.producer.key_partition(changelog, key)
+            except Exception as exc:  # noqa: BLE001 - any failure here means "not known yet"
+                log.warning("owner of %r unknown: no metadata for %s: %r", app, changelog, exc)
+                return None
+        expected = partition_for(app, settings.partitions)
+        if tp.partition != expected:
+            log.error("owner of %r unknown: Faust puts key %r in partition %d of %s, the app's minutes are in "
+                      "partition %d; check %sPARTITIONS against the topics", app, key, tp.partition,
+                      changelog, expected, PREFIX)
+            return None
+        try:
+            url = faust_app.router.key_store(table_name, key)
+        except KeyError:
+            return None  # no assignment received yet for that partition
+        return str(url)
+    return locate
+
+
 def policy_backend(faust_app: Any, settings: Settings, *, monitors: Callable[[str], AppMonitors | None],
-                   policies: Callable[[str], AppPolicies | None], results: CommandResults) -> PolicyBackend:
-    """The web API's view of this worker: ownership, local tables, and the commands topic."""
+                   policies: Callable[[str], AppPolicies | None], results: CommandResults,
+                   forwarder: Forwarder | None = None) -> PolicyBackend:
+    """The web API's view of this worker: ownership, local tables, the commands topic, and where another
+    worker's app is read (when ``forwarder`` is given)."""
     from aiokafka.errors import KafkaError
 
     from app.app import policy_commands_topic
@@ -354,4 +411,6 @@ def policy_backend(faust_app: Any, settings: Settings, *, monitors: Callable[[st
         return LOCAL if partition_for(app, settings.partitions) in owned else REMOTE
 
     return PolicyBackend(owner=owner, monitors=monitors, policies=policies, send=send, results=results,
-                         apply_timeout_s=settings.policy_apply_timeout_s)
+                         apply_timeout_s=settings.policy_apply_timeout_s,
+                         locate=owner_locator(faust_app, settings) if forwarder is not None else None,
+                         forwarder=forwarder)

@@ -5,6 +5,8 @@ Everything is configured from :class:`app.settings.Settings` (environment variab
 
 from __future__ import annotations
 
+import socket
+
 import faust
 
 from app.ops import json_logging_config
@@ -30,6 +32,9 @@ def create_app(s: Settings) -> faust.App:
         broker_heartbeat_interval=s.heartbeat_interval_s,
         broker_rebalance_timeout=s.rebalance_timeout_s,
         web_enabled=True,  # served by our own aiohttp service (app/worker.py Runtime), not faust.web
+        # Where the other workers reach this one: the partition assignment carries it, and reads of an app
+        # owned elsewhere are forwarded there (app/policies_api.py).
+        canonical_url=s.advertised_url or f"http://{socket.gethostname()}:{s.web_port}",
         key_serializer="raw",
         value_serializer="raw",
         table_standby_replicas=0,

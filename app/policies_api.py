@@ -4,7 +4,7 @@
     POST   /v1/apps/{app}/monitors                      create -> 201 (id assigned here)
     GET    /v1/apps/{app}/monitors/{id}
     PUT    /v1/apps/{app}/monitors/{id}                 replace the definition (state kept) -> 200
-    DELETE /v1/apps/{app}/monitors/{id}                 -> 204
+    DELETE /v1/apps/{app}/monitors/{id}                 -> 204 (a firing monitor is resolved: ``resolved`` event)
     GET    /v1/apps/{app}/autoscaling                   list
     GET    /v1/apps/{app}/autoscaling/{process_type}
     PUT    /v1/apps/{app}/autoscaling/{process_type}    create (201) or replace (200); process type: web
@@ -17,9 +17,15 @@ is this process the handler waits for the result (up to ``policy_apply_timeout_s
 201/200/204/404/409 like a synchronous API; otherwise the command is durable but its outcome not
 observable here, and the answer is 202 with the command id.
 
-**Reads** come from this worker's table, so they need the app's partition to be assigned here: another
-worker's app gets 421 ``not_owner`` (route by app, or ask that worker), and 503 ``rebalancing`` with
-Retry-After while partitions move.
+**Reads** come from the table of the worker that owns the app's partition. Any worker answers them: when
+the app is another worker's, the GET is forwarded once to that worker (its advertised URL, from Faust's
+partition assignment) and its answer relayed -- status, body, ``Content-Type``, ``ETag`` and the other
+headers in :data:`RELAYED_HEADERS` -- by a :class:`Forwarder` with one long-lived HTTP session. A forwarded
+request carries :data:`FORWARDED_HEADER`; a worker receiving one never forwards again, so a disagreement
+between two workers' views of the assignment ends in a 503, not a loop. 503 ``rebalancing`` with
+Retry-After while partitions move (or the owner's URL is not known yet), 503 ``owner_unavailable`` when the
+owner does not answer in time. Without a forwarder (or an owner locator) another worker's app gets 421
+``not_owner``.
 
 **Authorization** is a hook: ``authorize(request, app) -> bool`` (sync or async), default allow. A refusal is
 401 when the request has no ``Authorization`` header and 403 otherwise; a credential store that is down
@@ -36,7 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, web
+from yarl import URL
 
 from app import models
 from app.errors import PipelineError, RetriableError
@@ -54,6 +61,16 @@ UNKNOWN = "unknown"
 Authorize = Callable[[web.Request, str], "bool | Awaitable[bool]"]
 Send = Callable[[str, bytes], Awaitable[None]]
 """Produce a command (key = app) and return once the broker acknowledged it; RetriableError when down."""
+Locate = Callable[[str], Awaitable["str | None"]]
+"""The base URL of the worker that owns an app's partition; None while it is not known (partitions move)."""
+
+FORWARDED_HEADER = "X-Minutely-Forwarded-By"
+"""Set (to the sender's advertised URL) on a forwarded read: the receiver answers it itself, never forwards."""
+FORWARDED_REQUEST_HEADERS = ("Authorization", "Accept", "If-None-Match", "If-Modified-Since")
+RELAYED_HEADERS = ("Content-Type", "ETag", "Last-Modified", "Cache-Control", "Vary", "Retry-After",
+                   "WWW-Authenticate", "Location")
+"""End-to-end headers of the owner's answer passed to the client; hop-by-hop and encoding headers are not
+(the body is relayed decoded, and its length is set again)."""
 
 
 class CommandResults:
@@ -79,6 +96,58 @@ class CommandResults:
         return len(self._waiting)
 
 
+def same_origin(a: str, b: str) -> bool:
+    """Whether two base URLs name the same server (scheme, host, port; default ports made explicit)."""
+    ua, ub = URL(a), URL(b)
+    return (ua.scheme, (ua.host or "").lower(), ua.port) == (ub.scheme, (ub.host or "").lower(), ub.port)
+
+
+class Forwarder:
+    """Forwards a read to the worker that owns the app and relays its answer.
+
+    Owns one HTTP session for the process's lifetime (:meth:`start` / :meth:`stop`): connections to the
+    other workers are reused, and every forward is bounded by ``timeout_s`` (``connect_timeout_s`` to open
+    a connection), so a stuck owner costs the client a 503 with Retry-After, not a hung request.
+    """
+
+    def __init__(self, *, self_url: str, timeout_s: float = 5.0, connect_timeout_s: float = 1.0) -> None:
+        self.self_url = self_url
+        self.timeout = ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+        self._session: ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            # No cookies, and no proxy from the environment: workers talk to each other directly.
+            self._session = ClientSession(timeout=self.timeout, cookie_jar=DummyCookieJar(), trust_env=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def is_self(self, url: str) -> bool:
+        return same_origin(url, self.self_url)
+
+    async def forward(self, request: web.Request, owner_url: str) -> web.Response:
+        """The owner's answer to the same method, path and query (with the client's credentials)."""
+        if self._session is None:
+            raise RuntimeError("Forwarder.forward before start()")
+        target = URL(owner_url).join(request.rel_url)
+        headers = {h: request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in request.headers}
+        headers[FORWARDED_HEADER] = self.self_url
+        try:
+            async with self._session.request(request.method, target, headers=headers,
+                                             allow_redirects=False) as resp:
+                body = await resp.read()
+                relayed = {h: v for h in RELAYED_HEADERS if (v := resp.headers.get(h)) is not None}
+                return web.Response(status=resp.status, body=body or None, headers=relayed)
+        except (ClientError, asyncio.TimeoutError) as exc:
+            log.warning("read %s %s not forwarded to its owner %s: %r", request.method, request.rel_url,
+                        owner_url, exc)
+            return error(503, "owner_unavailable", "the worker that evaluates this app did not answer; retry "
+                                                   "shortly", {"Retry-After": "1"})
+
+
 @dataclass
 class PolicyBackend:
     """What the routes need from the worker: who owns an app, the local tables, the commands topic."""
@@ -90,6 +159,9 @@ class PolicyBackend:
     send: Send
     results: CommandResults
     apply_timeout_s: float = 5.0
+    locate: Locate | None = None
+    """Where another worker's app is read (its owner's advertised URL); with ``forwarder``."""
+    forwarder: Forwarder | None = None
 
 
 BACKEND_KEY: web.AppKey[PolicyBackend] = web.AppKey("policy_backend", PolicyBackend)
@@ -165,15 +237,31 @@ async def _app_of(request: web.Request) -> str:
     return app
 
 
-def _ownership(backend: PolicyBackend, app: str) -> str:
+def _rebalancing() -> _Refused:
+    return _Refused(error(503, "rebalancing", "partitions are being reassigned; retry shortly",
+                          {"Retry-After": "1"}))
+
+
+async def _read_here(request: web.Request, backend: PolicyBackend, app: str) -> None:
+    """Returns when this worker owns ``app`` and serves the read itself; otherwise raises _Refused with
+    the answer: the owner's (forwarded once), 503 while ownership is unclear, or 421 without forwarding."""
     own = backend.owner(app)
+    if own == LOCAL:
+        return
     if own == UNKNOWN:
-        raise _Refused(error(503, "rebalancing", "partitions are being reassigned; retry shortly",
-                             {"Retry-After": "1"}))
-    if own == REMOTE:
+        raise _rebalancing()
+    fwd = backend.forwarder
+    if fwd is None or backend.locate is None:
         raise _Refused(error(421, "not_owner", f"app {app!r} is evaluated by another worker; send the request "
                                                "to that worker (route by app)"))
-    return own
+    if FORWARDED_HEADER in request.headers:
+        # The sender's assignment says we own the app, ours says not: one of them is stale, and it settles
+        # with the rebalance. Forwarding again could loop.
+        raise _rebalancing()
+    owner_url = await backend.locate(app)
+    if owner_url is None or fwd.is_self(owner_url):
+        raise _rebalancing()  # no URL yet, or the URL map is newer/older than the assignment
+    raise _Refused(await fwd.forward(request, owner_url))
 
 
 async def _body(request: web.Request) -> Any:
@@ -238,7 +326,7 @@ def _monitor_id(request: web.Request) -> str:
 async def list_monitors(request: web.Request) -> web.Response:
     app = await _app_of(request)
     backend = request.app[BACKEND_KEY]
-    _ownership(backend, app)
+    await _read_here(request, backend, app)
     doc = backend.monitors(app)
     monitors = [] if doc is None else [m.public() for m in doc.monitors.values()]
     return json_response({"app": app, "monitors": monitors})
@@ -249,7 +337,7 @@ async def get_monitor(request: web.Request) -> web.Response:
     app = await _app_of(request)
     monitor_id = _monitor_id(request)
     backend = request.app[BACKEND_KEY]
-    _ownership(backend, app)
+    await _read_here(request, backend, app)
     doc = backend.monitors(app)
     m = None if doc is None else doc.monitors.get(monitor_id)
     if m is None:
@@ -319,7 +407,7 @@ def _process_type(request: web.Request) -> str:
 async def list_policies(request: web.Request) -> web.Response:
     app = await _app_of(request)
     backend = request.app[BACKEND_KEY]
-    _ownership(backend, app)
+    await _read_here(request, backend, app)
     doc = backend.policies(app)
     policies = [] if doc is None else [a.public() for a in doc.policies.values()]
     return json_response({"app": app, "policies": policies})
@@ -330,7 +418,7 @@ async def get_policy(request: web.Request) -> web.Response:
     app = await _app_of(request)
     proc = _process_type(request)
     backend = request.app[BACKEND_KEY]
-    _ownership(backend, app)
+    await _read_here(request, backend, app)
     doc = backend.policies(app)
     a = None if doc is None else doc.policies.get(proc)
     if a is None:

@@ -112,6 +112,10 @@ class Settings:
     people at a terminal."""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    advertised_url: str = ""
+    """How the other workers reach this worker's web port (Faust's ``canonical_url``): reads of an app
+    another worker owns are forwarded there. Empty: ``http://{hostname}:{web_port}``. Must differ per worker;
+    on Kubernetes the StatefulSet pod's DNS name, ``http://<pod>.<headless service>.<namespace>.svc:6066``."""
     max_query_points: int = 10080
     """Largest answer (points) a query may ask for."""
 
@@ -130,6 +134,11 @@ class Settings:
     query_tail_ttl_s: float = 1.0
     """Answers that include non-final buckets (the live edge) are reused for this long: hot dashboards cost
     one DynamoDB read per series per interval instead of one per request."""
+    query_tail_read_interval_s: float = 5.0
+    """A live answer's refresh re-reads the stored part of its live edge (minutes since the last final bucket,
+    partial rollup items) at most this often; in between it re-renders only the open minute. A minute this
+    worker closed is read at once (and until it is found), so this only delays a minute written by another
+    worker's sink by up to this long; it keeps DynamoDB calls (~3 ms of event loop each) off most refreshes."""
     query_use_rollups: bool = True
     """Read 10 min / 1 h / 2 h points from the rollup items (agents/rollup.py). Off: merge the minutes at
     read time (measured much slower; see README), e.g. while a new deployment backfills rollups."""

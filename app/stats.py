@@ -80,6 +80,18 @@ CATALOGUE: Final[dict[str, str]] = {
     "query_cache_bytes": "Bytes held by the query caches (bounded by METRICS_QUERY_CACHE_MAX_BYTES).",
     "query_items_read": "DynamoDB items read by metric queries. Growing much faster than misses: queries "
                         "merge minutes at read time (check METRICS_QUERY_USE_ROLLUPS and the rollup agent).",
+    "query_prefix_reused": "Live answers refreshed by re-rendering only their tail (the final part of the body "
+                           "and its hash were reused). Low next to query_cache_misses with hot live ranges: "
+                           "the series cache is too small (METRICS_QUERY_CACHE_MAX_BYTES).",
+    "query_tail_points_reused": "Tail points whose stored inputs were unchanged, so no digest was decoded. "
+                                "Informational.",
+    "events_stored": "Alert and autoscaling events written to DynamoDB for the dashboard (agents/events.py).",
+    "events_invalid": "Records on the alerts/autoscale topics the events job could not read (skipped). "
+                      "Non-zero: a producer writes another format there.",
+    "events_retries": "Event batches retried while DynamoDB throttled or was unreachable (the job stops "
+                      "consuming meanwhile). Sustained: DynamoDB capacity or network.",
+    "events_failed": "Event batches DynamoDB refused for good (permissions, schema); dropped, the log names "
+                     "the cause. Non-zero: fix the table or IAM; the dashboard misses those markers.",
     "query_auth_refused": "Metric requests refused for a missing or invalid read token (401). Rising: a "
                           "dashboard or client uses a revoked token; issue a new read token.",
     "rollup_minutes_merged": "Minutes merged into 10 min / 1 h / 2 h rollup buckets (three per minute).",

@@ -109,7 +109,9 @@ def _not_found(app: str) -> web.Response:
     return error(404, "not_found", f"no app {app!r} for this token")
 
 
-async def get_metrics(request: web.Request) -> web.Response:
+async def _series_request(request: web.Request) -> tuple[str, str, int, int] | web.Response:
+    """Auth, then process type and range, shared by /metrics and /events: (app, process type, since, until)
+    or the error to answer."""
     settings = request.app[SETTINGS_KEY]
     app = request.match_info["app"]
     granted = await _token_app(request)
@@ -128,10 +130,19 @@ async def get_metrics(request: web.Request) -> web.Response:
         return error(400, "invalid_range", str(exc))
     if since_s >= until_s:
         return error(400, "invalid_range", "since must be before until")
-    span_s = until_s - since_s
-    if span_s > settings.ttl_s + 2 * 7200:  # slack: a 30-day range aligned outward to 2 h buckets
+    if until_s - since_s > settings.ttl_s + 2 * 7200:  # slack: a 30-day range aligned outward to 2 h buckets
         return error(400, "range_too_large", f"at most {settings.ttl_days:g} days (the retention) per request; "
                      "narrow since/until")
+    return app, proc, since_s, until_s
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    parsed = await _series_request(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    app, proc, since_s, until_s = parsed
+    span_s = until_s - since_s
     try:
         res = parse_resolution(request.query.get("resolution"), span_s)
     except ValueError as exc:
@@ -150,6 +161,19 @@ async def get_metrics(request: web.Request) -> web.Response:
     if inm is not None and ans.etag in (t.strip() for t in inm.split(",")):
         return web.Response(status=304, headers=headers)
     return web.Response(body=ans.body, content_type="application/json", headers=headers)
+
+
+async def get_events(request: web.Request) -> web.Response:
+    """Alert transitions and autoscaling steps in ``[since, until)`` (agents/events.py), oldest first."""
+    parsed = await _series_request(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        body = await request.app[QUERY_KEY].events(*parsed)
+    except (RetriableError, StoreError) as exc:
+        return _unavailable(exc)
+    return web.Response(body=body, content_type="application/json",
+                        headers={"Cache-Control": LIVE_CACHE_CONTROL, "Vary": "Authorization"})
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -233,6 +257,7 @@ def make_web_app(query: MetricsQuery, settings: Settings, counters: Counters,
     webapp[AUTH_KEY] = authorize or _refuse_all
     webapp[OPENAPI_KEY] = orjson.dumps(document(settings))
     webapp.router.add_get("/v1/apps/{app}/metrics", get_metrics)
+    webapp.router.add_get("/v1/apps/{app}/events", get_events)
     webapp.router.add_get("/v1/whoami", whoami)
     webapp.router.add_get(OPENAPI_PATH, get_openapi)
     webapp.router.add_get("/v1/stats", get_stats)

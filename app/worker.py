@@ -9,20 +9,22 @@ import asyncio
 import logging
 from typing import Any
 
+import orjson
 from aiohttp import web
 from mode import Service
 
-from agents import aggregate, alerts, autoscale, rollup, sink
+from agents import aggregate, alerts, autoscale, events, rollup, sink
 from app import ops
 from app.app import app, settings
 from app.notify import Notifier
-from app.policies_api import CommandResults, add_policy_routes
+from app.openapi import document, with_policy_routes
+from app.policies_api import CommandResults, Forwarder, add_policy_routes
 from app.policies_api import token_authorizer as policy_authorizer
 from app.query import MetricsQuery
 from app.stats import counters
 from app.store import DynamoStore
 from app.tokens import TokenStore
-from app.web import make_web_app, token_authorizer
+from app.web import OPENAPI_KEY, make_web_app, token_authorizer
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,17 @@ store_ready = asyncio.Event()
 aggregator = aggregate.bind(app, settings, counters)
 sink_job = sink.bind(app, settings, store, counters, store_ready)
 rollup_job = rollup.bind(app, settings, store, counters, store_ready)
+events_job = events.bind(app, settings, store, counters, store_ready)  # markers for the dashboard
 query = MetricsQuery(store, live=aggregator.live, settings=settings, counters=counters)
 tokens = TokenStore(settings)
 notifier = Notifier(settings, counters)
 policy_results = CommandResults()
 alert_engine = alerts.bind(app, settings, counters, notifier, policy_results)
 autoscaler = autoscale.bind(app, settings, counters, notifier, policy_results)
+# Reads of an app another worker owns are forwarded to it (one long-lived HTTP session, started below).
+policy_forwarder = Forwarder(self_url=str(app.conf.canonical_url))
 policy_backend = alerts.policy_backend(app, settings, monitors=alert_engine.doc, policies=autoscaler.doc,
-                                       results=policy_results)
+                                       results=policy_results, forwarder=policy_forwarder)
 
 
 def _recovered() -> bool:
@@ -51,6 +56,7 @@ def add_routes(webapp: web.Application) -> None:
     """Policies API, /readyz (Kafka, table recovery, DynamoDB) and /metrics on the worker's web app."""
     # Monitors/policies: the app's read token to look, its write token to change (same tokens as the APIs).
     add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
+    webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(settings)))  # only workers serve them
     ops.add_ops_routes(
         webapp, counters=counters,
         checks={
@@ -78,6 +84,7 @@ class Runtime(Service):
         await tokens.start()
         store_ready.set()
         await notifier.start()
+        await policy_forwarder.start()
         self._runner = web.AppRunner(make_web_app(query, settings, counters,
                                                   extra=add_routes,
                                                   authorize=token_authorizer(tokens)),
@@ -89,6 +96,7 @@ class Runtime(Service):
     async def on_stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        await policy_forwarder.stop()
         await notifier.stop()
         await tokens.stop()
         await store.stop()

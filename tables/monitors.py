@@ -57,6 +57,8 @@ MAX_WEBHOOKS = 5
 OK = "ok"
 FIRING = "firing"
 RESOLVED = "resolved"
+MONITOR_DELETED = "monitor_deleted"
+"""``reason`` of the ``resolved`` event of a monitor deleted while firing."""
 
 _EMAIL = re.compile(r"^[^@\s,;<>\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
 _MONITOR_ID = re.compile(r"^mon_[0-9a-f]{12}$")
@@ -287,6 +289,9 @@ class AlertEvent:
     threshold: float
     sensitivity_min: int
     firing_since_ms: int | None
+    reason: str = ""
+    """Set when the event is not the outcome of a minute: ``monitor_deleted``. Left out of the record
+    when empty, so ordinary events keep their shape."""
 
     @property
     def event_id(self) -> str:
@@ -298,7 +303,7 @@ class AlertEvent:
                 "process_type": self.process_type, "monitor_id": self.monitor_id, "metric": self.metric,
                 "minute_start_ms": self.minute_start_ms, "value": self.value, "requests": self.requests,
                 "threshold": self.threshold, "sensitivity_min": self.sensitivity_min,
-                "firing_since_ms": self.firing_since_ms}
+                "firing_since_ms": self.firing_since_ms, **({"reason": self.reason} if self.reason else {})}
 
 
 class Monitor:
@@ -345,6 +350,17 @@ class Monitor:
         elif st.last_notified_ms is None or minute_ms - st.last_notified_ms >= cfg.notify_every_min * WINDOW_MS:
             st.last_notified_ms = minute_ms
             events.append(event("still_firing"))
+
+    def deleted(self, app: str) -> AlertEvent | None:
+        """The ``resolved`` event a firing monitor owes when it is deleted (None when not firing): whoever
+        saw ``firing`` would otherwise wait for a resolve forever. No minute caused it, so it carries no
+        value and the minute after the last one applied; being derived from the state alone, a redelivered
+        delete command repeats the same event id."""
+        cfg, st = self.config, self.state
+        if st.status != FIRING:
+            return None
+        return AlertEvent(RESOLVED, app, cfg.process_type, cfg.id, cfg.metric, st.last_minute_ms + WINDOW_MS, None,
+                          0, cfg.threshold, cfg.sensitivity_min, st.firing_since_ms, MONITOR_DELETED)
 
     def to_record(self) -> dict[str, Any]:
         return {"cfg": self.config.to_record(), "st": self.state.to_record()}

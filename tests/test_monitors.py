@@ -18,9 +18,9 @@ from app.policies_api import CommandResults
 from app.settings import Settings
 from app.stats import Counters
 from tables.aggregate import Aggregate, BucketKey
-from tables.monitors import (ERROR_RATE, LATENCY, MONITOR_CREATE, MONITOR_DELETE, MONITOR_REPLACE,
-                             AlertEvent, AppMonitors, Command, Minute, Monitor, MonitorConfig, Targets,
-                             ValidationError, Webhook, apply_monitor_command, parse_monitor)
+from tables.monitors import (ERROR_RATE, LATENCY, MONITOR_CREATE, MONITOR_DELETE, MONITOR_DELETED,
+                             MONITOR_REPLACE, AlertEvent, AppMonitors, Command, Minute, Monitor, MonitorConfig,
+                             Targets, ValidationError, Webhook, apply_monitor_command, parse_monitor)
 
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % 60_000
 MID = "mon_000000000001"
@@ -351,7 +351,7 @@ def outbox_keys(table: dict[bytes, bytes]) -> list[bytes]:
 async def test_engine_publishes_persists_and_settles_deliveries() -> None:
     table: dict[bytes, bytes] = {}
     h = Harness(table)
-    h.engine.on_command(3, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 2, targets=TARGETS)))
+    await h.engine.on_command(3, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 2, targets=TARGETS)))
     assert await h.engine.on_minute(3, record(0, 800)) == []
     events = await h.engine.on_minute(3, record(1, 800), closed_at_ms=T0 + 10 * 60_000 - 1500)
     assert [(e.event, e.minute_start_ms) for e in events] == [("firing", T0 + 60_000)]
@@ -385,7 +385,7 @@ async def test_engine_skips_unmonitored_apps_and_bad_records() -> None:
 async def test_publish_failure_leaves_the_minute_unapplied_and_the_retry_repeats_the_same_events() -> None:
     table: dict[bytes, bytes] = {}
     h = Harness(table)
-    h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
+    await h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
     before = dict(table)
     h.fail_publish = True
     with pytest.raises(ConnectionError):
@@ -399,7 +399,7 @@ async def test_publish_failure_leaves_the_minute_unapplied_and_the_retry_repeats
 async def test_restart_resends_unsettled_deliveries_from_the_outbox() -> None:
     table: dict[bytes, bytes] = {}
     h = Harness(table)
-    h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
+    await h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
     # The worker stops before the receivers answered: deliveries are abandoned, not forgotten.
     h.sender.hold = asyncio.Event()
     await h.engine.on_minute(0, record(0, 800))
@@ -422,7 +422,7 @@ async def test_restart_resends_unsettled_deliveries_from_the_outbox() -> None:
 async def test_refused_deliveries_leave_the_outbox_and_lost_partitions_keep_them() -> None:
     table: dict[bytes, bytes] = {}
     h = Harness(table)
-    h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
+    await h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
     h.sender.refuse = True
     await h.engine.on_minute(0, record(0, 800))
     await h.notifier.join()
@@ -442,9 +442,63 @@ async def test_commands_resolve_waiting_requests_and_empty_docs_are_deleted() ->
     table: dict[bytes, bytes] = {}
     h = Harness(table)
     fut = h.results.expect("c1")
-    h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency()))
+    await h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency()))
     assert fut.done() and fut.result().status == 201 and doc_key("shop") in table
-    assert h.engine.on_command(0, Command("c2", "policy.delete", "shop", process_type="web")) is None
-    h.engine.on_command(0, Command("c3", MONITOR_DELETE, "shop", monitor_id=MID))
+    assert await h.engine.on_command(0, Command("c2", "policy.delete", "shop", process_type="web")) is None
+    await h.engine.on_command(0, Command("c3", MONITOR_DELETE, "shop", monitor_id=MID))
     assert doc_key("shop") not in table
     assert h.counters.values["policy_commands_applied"] == 2
+
+
+async def test_deleting_a_firing_monitor_resolves_it() -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table)
+    other = latency(500, 1, mid="mon_000000000002")  # not firing: deleting it sends nothing
+    await h.engine.on_command(0, Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=TARGETS)))
+    await h.engine.on_command(0, Command("c2", MONITOR_CREATE, "shop", monitor=other))
+    await h.engine.on_minute(0, record(0, 800))
+    await h.engine.on_minute(0, record(1, 800))
+    await h.notifier.join()
+    h.sender.sent.clear()
+    assert [e.event for e in h.published] == ["firing", "firing"]
+    h.published.clear()
+    # ``other`` fires too: a higher threshold resolves it at minute 2, so only MID is firing at the delete.
+    await h.engine.on_command(0, Command("c3", MONITOR_REPLACE, "shop", monitor=latency(900, 1, mid=other.id)))
+    await h.engine.on_minute(0, record(2, 800))
+    assert [(e.monitor_id, e.event) for e in h.published] == [(other.id, "resolved")]
+    await h.notifier.join()
+    h.published.clear()
+    h.sender.sent.clear()
+
+    # Broker down: nothing changes, and the redelivered command repeats the same event.
+    h.fail_publish = True
+    before = dict(table)
+    with pytest.raises(ConnectionError):
+        await h.engine.on_command(0, Command("c4", MONITOR_DELETE, "shop", monitor_id=MID))
+    assert table == before
+    h.fail_publish = False
+    fut = h.results.expect("c4")
+    outcome = await h.engine.on_command(0, Command("c4", MONITOR_DELETE, "shop", monitor_id=MID))
+    assert outcome is not None and outcome.status == 204 and fut.result().status == 204
+    (e,) = h.published
+    assert (e.event, e.monitor_id, e.minute_start_ms, e.value, e.requests, e.reason) == (
+        "resolved", MID, T0 + 3 * 60_000, None, 0, MONITOR_DELETED)
+    assert e.firing_since_ms == T0 and e.event_id == f"shop/{MID}/{T0 + 3 * 60_000}/resolved"
+    assert e.to_record()["reason"] == "monitor_deleted"
+    assert list(AppMonitors.from_bytes(table[doc_key("shop")]).monitors) == [other.id]
+    await h.notifier.join()
+    assert sorted((d.channel, d.event_id) for d in h.sender.sent) == [("email", e.event_id), ("webhook", e.event_id)]
+    email = next(d for d in h.sender.sent if d.channel == "email")
+    assert email.subject == "RESOLVED shop/web: monitor deleted (p95 response time, threshold 500 ms)"
+    webhook = orjson.loads(next(d for d in h.sender.sent if d.channel == "webhook").body)
+    assert (webhook["type"], webhook["event"], webhook["reason"]) == ("alert", "resolved", "monitor_deleted")
+    assert outbox_keys(table) == []
+
+    # A monitor that is not firing resolves nothing; a second delete is a 404 and sends nothing.
+    h.published.clear()
+    assert (await h.engine.on_command(0, Command("c5", MONITOR_DELETE, "shop", monitor_id=other.id))).status == 204
+    assert (await h.engine.on_command(0, Command("c6", MONITOR_DELETE, "shop", monitor_id=MID))).status == 404
+    assert h.published == [] and doc_key("shop") not in table
+    # Events of minutes keep their shape: no ``reason`` key.
+    assert "reason" not in AlertEvent("firing", "shop", "web", MID, LATENCY, T0, 800.0, 10, 500.0, 1, T0).to_record()
+    await h.notifier.stop()

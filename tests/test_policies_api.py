@@ -8,24 +8,26 @@ from the topic; the Kafka path itself is covered by tests/integration/test_alert
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
-from agents.alerts import AlertEngine, Outbox, decode_command
+from agents.alerts import AlertEngine, Outbox, decode_command, owner_locator, partition_for
 from agents.autoscale import AutoscaleEngine
 from app.errors import RetriableError, StoreUnavailable
 from app.notify import Notifier
-from app.policies_api import (LOCAL, REMOTE, UNKNOWN, CommandResults, PolicyBackend, add_policy_routes,
-                              token_authorizer)
+from app.embedded import free_port
+from app.policies_api import (FORWARDED_HEADER, LOCAL, REMOTE, UNKNOWN, CommandResults, Forwarder, Locate,
+                              PolicyBackend, add_policy_routes, same_origin, token_authorizer)
 from app.settings import Settings
 from app.stats import Counters
 from tables.monitors import Decision
 
 AClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+AServer = Callable[..., Awaitable[TestServer]]
 
 MONITOR = {"process_type": "web", "metric": "LATENCY", "threshold": 500, "sensitivity_min": 5,
            "notify_every_min": 60, "email": ["ops@example.com"],
@@ -61,24 +63,28 @@ class Worker:
         self.apply = True
         self.broker_down = False
         self.sent: list[tuple[str, bytes]] = []
+        self.consuming: set[asyncio.Task[None]] = set()
 
     async def send(self, app: str, value: bytes) -> None:
         if self.broker_down:
             raise RetriableError("broker unavailable", retry_after_s=2.0)
         self.sent.append((app, value))
         if self.apply:
-            asyncio.get_running_loop().call_soon(self.consume, value)
+            task = asyncio.get_running_loop().create_task(self.consume(value))
+            self.consuming.add(task)
+            task.add_done_callback(self.consuming.discard)
 
-    def consume(self, value: bytes) -> None:
+    async def consume(self, value: bytes) -> None:
         cmd = decode_command(value, self.counters)
         assert cmd is not None
-        self.alerts.on_command(0, cmd)
+        await self.alerts.on_command(0, cmd)
         self.autoscale.on_command(0, cmd)
 
-    def backend(self, timeout_s: float = 2.0) -> PolicyBackend:
+    def backend(self, timeout_s: float = 2.0, *, locate: Locate | None = None,
+                forwarder: Forwarder | None = None) -> PolicyBackend:
         return PolicyBackend(owner=lambda app: self.ownership, monitors=self.alerts.doc,
                              policies=self.autoscale.doc, send=self.send, results=self.results,
-                             apply_timeout_s=timeout_s)
+                             apply_timeout_s=timeout_s, locate=locate, forwarder=forwarder)
 
 
 @pytest.fixture
@@ -273,3 +279,235 @@ async def test_broker_down_and_apply_timeout(aiohttp_client: AClient, worker: Wo
     worker.apply = False  # sent, but the agent is slow to apply it
     r = await c.post("/v1/apps/shop/monitors", json=MONITOR)
     assert r.status == 202 and len(worker.results) == 0
+
+
+# --- reads of another worker's app: forwarded to its owner ------------------------------------------------------
+
+SELF_URL = "http://worker-1.workers.test:6066"
+
+
+@pytest.fixture
+async def forwarder() -> AsyncIterator[Forwarder]:
+    f = Forwarder(self_url=SELF_URL, timeout_s=0.5, connect_timeout_s=0.5)
+    await f.start()
+    yield f
+    await f.stop()
+
+
+def base_url(server: TestServer) -> str:
+    return f"http://{server.host}:{server.port}"
+
+
+def located_at(url: str | None, asked: list[str] | None = None) -> Locate:
+    async def locate(app: str) -> str | None:
+        if asked is not None:
+            asked.append(app)
+        return url
+    return locate
+
+
+async def non_owner_client(aiohttp_client: AClient, forwarder: Forwarder, locate: Locate,
+                           authorize: Any = None) -> TestClient[Any, Any]:
+    w = Worker()
+    w.ownership = REMOTE
+    w.apply = False
+    webapp = web.Application()
+    add_policy_routes(webapp, w.backend(locate=locate, forwarder=forwarder), authorize=authorize)
+    return await aiohttp_client(webapp)
+
+
+class FakeOwner:
+    """An owner that records what reaches it and answers with headers a relay must pass (or must not)."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.requests: list[web.Request] = []
+        self.delay_s = delay_s
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(request)
+        await asyncio.sleep(self.delay_s)
+        headers = {"ETag": '"v7"', "Cache-Control": "private, max-age=5", "X-Internal": "not for clients",
+                   "Set-Cookie": "owner=1"}
+        if request.headers.get("If-None-Match") == '"v7"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=orjson.dumps({"app": "shop", "monitors": [], "query": request.query_string}),
+                            content_type="application/json", headers=headers)
+
+    async def serve(self, aiohttp_server: AServer) -> TestServer:
+        app = web.Application()
+        app.router.add_get("/v1/apps/{app}/{tail:.*}", self.handle)
+        return await aiohttp_server(app)
+
+
+async def test_reads_on_a_non_owner_return_the_owners_answers(aiohttp_client: AClient, aiohttp_server: AServer,
+                                                              worker: Worker, forwarder: Forwarder) -> None:
+    owner_app = web.Application()
+    add_policy_routes(owner_app, worker.backend())
+    owner_server = await aiohttp_server(owner_app)
+    owner = await aiohttp_client(owner_server)
+    mid = (await (await owner.post("/v1/apps/shop/monitors", json=MONITOR)).json())["id"]
+    assert (await owner.put("/v1/apps/shop/autoscaling/web", json=POLICY)).status == 201
+
+    asked: list[str] = []
+    other = await non_owner_client(aiohttp_client, forwarder, located_at(base_url(owner_server), asked))
+    for path in ["/v1/apps/shop/monitors", f"/v1/apps/shop/monitors/{mid}", "/v1/apps/shop/monitors/mon_0123456789ab",
+                 "/v1/apps/shop/autoscaling", "/v1/apps/shop/autoscaling/web", "/v1/apps/blog/monitors"]:
+        mine, theirs = await owner.get(path), await other.get(path)
+        assert (theirs.status, await theirs.read()) == (mine.status, await mine.read()), path
+        assert theirs.headers["Content-Type"] == mine.headers["Content-Type"] == "application/json", path
+    assert asked == ["shop"] * 5 + ["blog"]
+    assert [m["id"] for m in (await (await other.get("/v1/apps/shop/monitors")).json())["monitors"]] == [mid]
+
+
+async def test_forwarding_relays_status_and_headers_and_passes_credentials(
+        aiohttp_client: AClient, aiohttp_server: AServer, forwarder: Forwarder) -> None:
+    fake = FakeOwner()
+    server = await fake.serve(aiohttp_server)
+    c = await non_owner_client(aiohttp_client, forwarder, located_at(base_url(server)),
+                               authorize=lambda request, app: request.headers.get("Authorization") == "Bearer r")
+    creds = {"Authorization": "Bearer r", "Cookie": "session=client", "X-Other": "1"}
+    r = await c.get("/v1/apps/shop/monitors?since=5", headers=creds)
+    assert r.status == 200 and (await r.json())["query"] == "since=5"
+    assert (r.headers["ETag"], r.headers["Cache-Control"]) == ('"v7"', "private, max-age=5")
+    assert r.content_type == "application/json"
+    assert "X-Internal" not in r.headers and "Set-Cookie" not in r.headers
+    sent = fake.requests[0].headers
+    assert sent["Authorization"] == "Bearer r" and sent[FORWARDED_HEADER] == SELF_URL
+    assert "Cookie" not in sent and "X-Other" not in sent
+
+    r = await c.get("/v1/apps/shop/monitors", headers={**creds, "If-None-Match": '"v7"'})
+    assert r.status == 304 and r.headers["ETag"] == '"v7"' and await r.read() == b""
+
+    # Refused here first: a request without credentials never reaches the owner.
+    r = await c.get("/v1/apps/shop/monitors")
+    assert r.status == 401 and len(fake.requests) == 2
+
+
+async def test_a_forwarded_read_is_never_forwarded_again(aiohttp_client: AClient, aiohttp_server: AServer,
+                                                         forwarder: Forwarder) -> None:
+    fake = FakeOwner()
+    server = await fake.serve(aiohttp_server)
+    c = await non_owner_client(aiohttp_client, forwarder, located_at(base_url(server)))
+    # The sender thought this worker owns the app; this worker thinks not: stale views during a rebalance.
+    r = await c.get("/v1/apps/shop/monitors", headers={FORWARDED_HEADER: "http://worker-0.workers.test:6066"})
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert (await r.json())["error"]["code"] == "rebalancing" and fake.requests == []
+
+
+@pytest.mark.parametrize("located", [SELF_URL, "http://WORKER-1.workers.test:6066/", None])
+async def test_never_forwards_to_itself_nor_without_an_owner(aiohttp_client: AClient, forwarder: Forwarder,
+                                                             located: str | None) -> None:
+    c = await non_owner_client(aiohttp_client, forwarder, located_at(located))
+    r = await c.get("/v1/apps/shop/autoscaling/web")
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert (await r.json())["error"]["code"] == "rebalancing"
+
+
+async def test_an_owner_that_does_not_answer_is_a_retriable_503(aiohttp_client: AClient, aiohttp_server: AServer,
+                                                                forwarder: Forwarder) -> None:
+    c = await non_owner_client(aiohttp_client, forwarder, located_at(f"http://127.0.0.1:{free_port()}"))
+    r = await c.get("/v1/apps/shop/monitors")
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert (await r.json())["error"]["code"] == "owner_unavailable"
+
+    slow = FakeOwner(delay_s=2.0)  # beyond the forwarder's 0.5 s
+    server = await slow.serve(aiohttp_server)
+    c = await non_owner_client(aiohttp_client, forwarder, located_at(base_url(server)))
+    r = await c.get("/v1/apps/shop/monitors")
+    assert r.status == 503 and (await r.json())["error"]["code"] == "owner_unavailable"
+
+
+async def test_writes_are_not_forwarded(aiohttp_client: AClient, forwarder: Forwarder) -> None:
+    asked: list[str] = []
+    c = await non_owner_client(aiohttp_client, forwarder, located_at("http://127.0.0.1:1", asked))
+    assert (await c.post("/v1/apps/shop/monitors", json=MONITOR)).status == 202
+    assert (await c.put("/v1/apps/shop/autoscaling/web", json=POLICY)).status == 202
+    assert asked == []
+
+
+def test_same_origin() -> None:
+    assert same_origin("http://a.example:80", "http://A.example/")
+    assert same_origin("https://a.example", "https://a.example:443/x")
+    assert not same_origin("http://a.example:6066", "http://a.example:6067")
+    assert not same_origin("http://a.example", "https://a.example")
+
+
+class FakeFaust:
+    """What owner_locator uses of a Faust app: the table's changelog, the producer's partitioner, the router."""
+
+    def __init__(self, *, partitions: int, metadata: bool, urls: dict[int, str]) -> None:
+        from types import SimpleNamespace
+
+        from aiokafka.partitioner import DefaultPartitioner
+        from aiokafka.structs import TopicPartition
+
+        self.partitions, self.metadata, self.urls = partitions, metadata, urls
+        self.keys: list[tuple[str, bytes]] = []
+        changelog = SimpleNamespace(get_topic_name=lambda: "t-monitors-changelog")
+        self.tables = {"monitors": SimpleNamespace(changelog_topic=changelog)}
+        fake = self
+
+        class Producer:
+            def key_partition(self, topic: str, key: bytes) -> TopicPartition:
+                if not fake.metadata:
+                    raise TypeError("'NoneType' object is not iterable")  # aiokafka without topic metadata
+                parts = list(range(fake.partitions))
+                return TopicPartition(topic, DefaultPartitioner()(key, parts, parts))
+
+            def _ensure_producer(self) -> Any:
+                async def partitions_for(topic: str) -> set[int]:
+                    fake.metadata = True
+                    return set(range(fake.partitions))
+                return SimpleNamespace(partitions_for=partitions_for)
+
+        class Router:
+            def key_store(self, table_name: str, key: bytes) -> str:
+                fake.keys.append((table_name, key))
+                tp = Producer().key_partition("t-monitors-changelog", key)
+                return fake.urls[tp.partition]
+
+        self.producer, self.router = Producer(), Router()
+
+
+async def test_owner_locator_asks_faust_for_the_apps_partition() -> None:
+    settings = Settings(partitions=4)
+    urls = {p: f"http://worker-{p % 2}.workers.test:6066" for p in range(4)}
+    fake = FakeFaust(partitions=4, metadata=False, urls=urls)
+    locate = owner_locator(fake, settings)
+    for app in ["shop", "blog", "a", "a-much-longer-app-name.example"]:
+        assert await locate(app) == urls[partition_for(app, 4)]
+    # The key is the app (the partition of its minutes), not the table key m|{app}.
+    assert fake.keys[0] == ("monitors", b"shop")
+    # A partition count that differs from the topics': Faust would route elsewhere, so no owner is named.
+    assert partition_for("blog", 3) != partition_for("blog", 4)
+    mismatched = owner_locator(FakeFaust(partitions=4, metadata=True, urls=urls), Settings(partitions=3))
+    assert await mismatched("blog") is None
+    # No assignment yet for the partition.
+    assert await owner_locator(FakeFaust(partitions=4, metadata=True, urls={}), settings)("shop") is None
+
+
+# --- OpenAPI ------------------------------------------------------------------------------------------------
+
+def test_openapi_document_describes_every_policy_route() -> None:
+    from openapi_spec_validator import validate
+
+    from app.openapi import document, with_policy_routes
+
+    base = document(Settings())
+    doc = with_policy_routes(base)
+    validate(doc)
+    assert set(base["paths"]) < set(doc["paths"]) and "/v1/apps/{app}/monitors" not in base["paths"]
+    webapp = web.Application()
+    add_policy_routes(webapp, Worker().backend())
+    routed = {(r.resource.canonical, r.method.lower()) for r in webapp.router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    documented = {(path, method) for path, item in doc["paths"].items() if path not in base["paths"]
+                  for method in item if method != "parameters"}
+    assert documented == routed
+    for path, method in documented:
+        op = doc["paths"][path][method]
+        assert op["security"] == [{"bearer": []}] and {"400", "401", "403", "503"} <= set(op["responses"]), op
+        if method == "get":
+            assert "421" in op["responses"] and "forwarded" in op["description"]
+        else:
+            assert "202" in op["responses"]

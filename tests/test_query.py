@@ -19,7 +19,8 @@ from app.store import MetricItem
 from tables.aggregate import Aggregate, BucketKey
 
 T0 = 1_764_000_000 - 1_764_000_000 % 7200  # a 2 h boundary
-SETTINGS = replace(Settings(), query_settle_s=300.0, query_tail_ttl_s=1.0, query_cache_max_age_s=600.0)
+SETTINGS = replace(Settings(), query_settle_s=300.0, query_tail_ttl_s=1.0, query_cache_max_age_s=600.0,
+                   query_tail_read_interval_s=0.0)
 
 
 class MemoryStore:
@@ -240,3 +241,81 @@ async def test_tail_starts_from_the_partial_rollup_item_and_merges_only_newer_mi
     doc = orjson.loads((await q.answer("shop", "web", 3600, T0 + 3600, T0 + 7200)).body)
     assert [p["requests"] for p in doc["points"]] == [19 * 20 + 5]
     assert store.queries[-1] == ("shop", "web", 60, T0 + 3600 + 15 * 60, T0 + 7200)  # only the 4 newer minutes
+
+
+@pytest.mark.parametrize("res", [60, 3600])
+async def test_live_refresh_reuses_the_final_prefix_and_unchanged_tail_points_with_identical_results(
+        res: int) -> None:
+    """A refresh re-renders only the tail; its body and ETag equal a computation from scratch."""
+    now_s = T0 + 3 * 3600 + 20 * 60 + 10
+    clock = ManualClock(now_s * 1000)
+    store = MemoryStore(clock)
+    minutes = [minute(T0 + 60 * i, np.arange(1.0, 21.0 + i % 7), mc=50) for i in range(3 * 60 + 19)]
+    put_minutes(store, minutes)
+    for b, agg in merge_buckets(minutes, 3600).items():
+        rec = agg.to_record()
+        rec["mins"] = [m.key.start_ms // 1000 for m in minutes if b <= m.key.start_ms // 1000 < b + 3600]
+        store.items[("shop", "web", 3600, b)] = orjson.dumps(rec)
+    live = [minute(now_s - now_s % 60, np.arange(1.0, 6.0), mc=50)]
+    counters = Counters()
+    q = MetricsQuery(store, lambda a, p, s, u: [m for m in live if s <= m.key.start_ms < u], settings=SETTINGS,
+                     clock=clock, counters=counters)
+
+    async def fresh() -> tuple[bytes, str]:
+        scratch = MetricsQuery(store, lambda a, p, s, u: [m for m in live if s <= m.key.start_ms < u],
+                               settings=SETTINGS, clock=clock)
+        a = await scratch.answer("shop", "web", res, T0, now_s + 60)
+        return a.body, a.etag
+
+    a1 = await q.answer("shop", "web", res, T0, now_s + 60)
+    assert (a1.body, a1.etag) == await fresh() and not a1.final
+    # The open minute changes and a new minute is stored; the edge has not moved.
+    live[0] = minute(now_s - now_s % 60, np.arange(1.0, 9.0), mc=50)
+    put_minutes(store, [minute(now_s - now_s % 60 - 60, np.arange(1.0, 4.0), mc=50)])
+    clock.advance(1500)
+    assert await q.answer("shop", "web", res, T0, now_s + 60) is a1  # stale, refreshed in the background
+    await asyncio.sleep(0.01)
+    a2 = await q.answer("shop", "web", res, T0, now_s + 60)
+    assert a2 is not a1 and (a2.body, a2.etag) == await fresh()
+    assert counters.values["query_prefix_reused"] == 1
+    # At 1 min the stored tail minutes that did not change are not decoded again; the 1 h tail bucket holds
+    # the open minute, so it is merged anew.
+    assert counters.values["query_tail_points_reused"] >= (3 if res == 60 else 0)
+    # The edge moves a minute on: the prefix is rebuilt (one more final point at 1 min) and still identical.
+    clock.advance(60_000)
+    now_s += 60
+    live[0] = minute(now_s - now_s % 60, np.arange(1.0, 3.0), mc=50)
+    q2 = await q.answer("shop", "web", res, T0, now_s + 60)
+    assert (q2.body, q2.etag) == await fresh()
+
+
+async def test_live_refresh_reads_dynamodb_every_interval_or_when_a_minute_closed_here() -> None:
+    settings = replace(SETTINGS, query_tail_read_interval_s=5.0)
+    now_s = T0 + 3600 + 10
+    clock = ManualClock(now_s * 1000)
+    store = MemoryStore(clock)
+    put_minutes(store, [minute(now_s - 10 - 60 * i, np.arange(1.0, 11.0), mc=50) for i in range(1, 4)])
+    open_minute = minute(now_s - 10, np.arange(1.0, 6.0), mc=50)
+    live = [open_minute]
+    q = MetricsQuery(store, lambda a, p, s, u: [m for m in live if s <= m.key.start_ms < u], settings=settings,
+                     clock=clock)
+    rng = ("shop", "web", 60, now_s - 240, now_s + 60)
+
+    async def refresh(ms: int) -> int:
+        clock.advance(ms)
+        await q.answer(*rng)  # stale: refreshed in the background
+        await asyncio.sleep(0.01)
+        return (await q.answer(*rng)).points
+
+    assert (await q.answer(*rng)).points == 4 and len(store.queries) == 1
+    # Another worker's sink stores a minute: within the interval only the open minute is re-rendered ...
+    put_minutes(store, [minute(now_s - 10 - 240, np.arange(1.0, 3.0), mc=50)])
+    assert await refresh(1500) == 4 and len(store.queries) == 1
+    # ... and the interval after the last read, DynamoDB is read again.
+    assert await refresh(4000) == 5 and len(store.queries) == 2
+    # The open minute closes here: read at once, and on every refresh until the sink has stored it.
+    live.clear()
+    assert await refresh(1100) == 4 and len(store.queries) == 3
+    put_minutes(store, [open_minute])
+    assert await refresh(1100) == 5 and len(store.queries) == 4
+    assert await refresh(1100) == 5 and len(store.queries) == 4  # found: back to the interval

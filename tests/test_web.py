@@ -95,7 +95,10 @@ async def test_missing_token_is_401_and_wrong_kind_or_unknown_token_too(client: 
                                   "/v1/apps/{app}/metrics?since=abc",
                                   "/v1/apps/{app}/metrics?resolution=5m",
                                   "/v1/apps/{app}/metrics?since=0&until=2000000000",
-                                  "/v1/apps/{app}/metrics?process_type=we%7Cb"])
+                                  "/v1/apps/{app}/metrics?process_type=we%7Cb",
+                                  "/v1/apps/{app}/events",
+                                  "/v1/apps/{app}/events?since=abc",
+                                  "/v1/apps/{app}/events?since=0&until=2000000000"])
 async def test_other_apps_token_gets_exactly_the_answer_of_a_missing_app(client: TestClient[Any, Any],
                                                                         path: str) -> None:
     """Token for 'other': 'shop' (exists, has data) and 'ghost' (never existed) are indistinguishable."""
@@ -192,6 +195,9 @@ async def test_openapi_document_describes_the_api(client: TestClient[Any, Any]) 
     op = doc["paths"]["/v1/apps/{app}/metrics"]["get"]
     assert {p["name"] for p in op["parameters"]} == {"app", "process_type", "since", "until", "resolution"}
     assert {"200", "304", "400", "401", "404", "503"} <= set(op["responses"])
+    ev = doc["paths"]["/v1/apps/{app}/events"]["get"]
+    assert {p["name"] for p in ev["parameters"]} == {"app", "process_type", "since", "until"}
+    assert {"200", "400", "401", "404", "503"} <= set(ev["responses"]) and ev["security"] == [{"bearer": []}]
     codes = set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"])
     import inspect
 
@@ -247,3 +253,40 @@ async def test_token_store_wiring_accepts_read_tokens_of_the_app_only(aiohttp_cl
     assert (await c.get(q, headers=auth(read))).status == 200
     assert (await c.get(q, headers=auth(write))).status == 401
     assert (await c.get(q, headers=auth(other))).status == 404
+
+
+async def test_events_endpoint_serves_stored_events_with_the_same_auth_rules(client: TestClient[Any, Any],
+                                                                             store: MemoryStore) -> None:
+    from agents.events import ALERT, AUTOSCALE, EventsJob
+    from tests.test_events import alert, decision
+
+    await EventsJob(store, SETTINGS, Counters()).write(
+        [(ALERT, alert(NOW_S - 600)), (AUTOSCALE, decision(NOW_S - 300, 2, 3)),
+         (ALERT, alert(NOW_S - 7000))], now_s=NOW_S)
+    r = await client.get(f"/v1/apps/shop/events?process_type=web&since={NOW_S - 3600}&until={NOW_S}",
+                         headers=auth())
+    assert r.status == 200 and r.headers["Cache-Control"] == "private, no-cache"
+    body = await r.json()
+    assert [(e["kind"], e["ts"]) for e in body["events"]] == [("alert", bucket(NOW_S - 600)),
+                                                              ("autoscale", bucket(NOW_S - 300))]
+    assert (await client.get("/v1/apps/shop/events")).status == 401
+    assert (await client.get("/v1/apps/shop/events", headers=auth("nope"))).status == 401
+    r = await client.get(f"/v1/apps/shop/events?since={NOW_S}&until={NOW_S}", headers=auth())
+    assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_range"
+    r = await client.get("/v1/apps/shop/events?process_type=we%7Cb", headers=auth())
+    assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_process_type"
+    r = await client.get("/v1/apps/shop/events?process_type=worker", headers=auth())  # none: an empty list
+    assert r.status == 200 and (await r.json())["events"] == []
+
+
+def bucket(ts: int) -> int:
+    return ts - ts % 60
+
+
+async def test_events_store_down_is_503(aiohttp_client: Any) -> None:
+    store = MemoryStore(ManualClock(NOW_S * 1000))
+    store.fail_queries = 1
+    c = await aiohttp_client(make_web_app(MetricsQuery(store, settings=SETTINGS, clock=store.clock), SETTINGS,
+                                          Counters(), authorize=authorize))
+    r = await c.get("/v1/apps/shop/events", headers=auth())
+    assert r.status == 503 and r.headers["Retry-After"] == "2"

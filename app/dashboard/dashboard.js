@@ -7,7 +7,10 @@
   const REFRESH_MS = 60000;
   const CLASS_COLORS = { "1xx": "#9aa", "2xx": "#3a7", "3xx": "#58c", "4xx": "#e90", "5xx": "#c33" };
   const PALETTE = ["#c33", "#e90", "#58c", "#93c", "#3a7", "#888", "#c6c", "#088"];
-  const state = { fetches: 0, charts: {}, last: null, token: null, app: null, timer: null, seq: 0 };
+  const ALERT_COLORS = { firing: "#c00", still_firing: "#e60", resolved: "#2a2" };
+  const SCALE_COLORS = { up: "#06c", down: "#639" };
+  const state = { fetches: 0, charts: {}, last: null, events: [], markers: {}, drawn: {}, token: null, app: null,
+                  timer: null, seq: 0 };
   window.dashboard = state;
 
   function showError(message) {
@@ -70,7 +73,52 @@
     };
   }
 
-  function draw(name, xs, series, log) {
+  // Markers: alert transitions on the response-time chart, scaling steps on the dyno-load chart. Each is a
+  // vertical line at its minute with a short label; window.dashboard.markers lists what was drawn (tests).
+  function markerSpecs(events) {
+    const alerts = events.filter((e) => e.kind === "alert").map((e) => ({
+      ts: e.ts, color: ALERT_COLORS[e.status] || "#c00",
+      label: (e.status === "resolved" ? "▼ " : "▲ ") + (e.metric === "ERROR_RATE" ? "errors " : "p95 ") +
+             e.status.replace("_", " "),
+      title: `${e.status} ${e.metric} value ${e.value} threshold ${e.threshold} (${e.monitor_id})`,
+    }));
+    const scaling = events.filter((e) => e.kind === "autoscale").map((e) => ({
+      ts: e.ts, color: SCALE_COLORS[e.action] || "#06c",
+      label: `dynos ${e.from_dynos}→${e.to_dynos}`, title: `${e.action}: ${e.reason || ""}`,
+    }));
+    return { response: alerts, load: scaling };
+  }
+
+  function markerPlugin(name, markers) {
+    return { hooks: { draw: [(u) => {
+      const ctx = u.ctx;
+      const [x0, x1] = [u.scales.x.min, u.scales.x.max];
+      ctx.save();
+      ctx.font = `${Math.round(11 * devicePixelRatio)}px system-ui, sans-serif`;
+      ctx.textAlign = "left";  // uPlot's axes leave other alignments set on the shared context
+      ctx.textBaseline = "alphabetic";
+      let row = 0;
+      state.drawn[name] = [];
+      for (const m of markers) {
+        if (m.ts < x0 || m.ts > x1) continue;
+        const x = Math.round(u.valToPos(m.ts, "x", true));
+        ctx.strokeStyle = m.color;
+        ctx.fillStyle = m.color;
+        ctx.lineWidth = 1.5 * devicePixelRatio;
+        ctx.setLineDash([5 * devicePixelRatio, 3 * devicePixelRatio]);
+        ctx.beginPath();
+        ctx.moveTo(x, u.bbox.top);
+        ctx.lineTo(x, u.bbox.top + u.bbox.height);
+        ctx.stroke();
+        ctx.setLineDash([]);
+        ctx.fillText(m.label, x + 3 * devicePixelRatio, u.bbox.top + (12 + 12 * (row++ % 3)) * devicePixelRatio);
+        state.drawn[name].push(m.label);
+      }
+      ctx.restore();
+    }] } };
+  }
+
+  function draw(name, xs, series, log, markers, res) {
     const el = $("chart-" + name);
     if (state.charts[name]) { state.charts[name].destroy(); delete state.charts[name]; }
     el.textContent = "";
@@ -85,18 +133,25 @@
     const opts = {
       width: Math.max(320, el.clientWidth || 900), height: 220,
       // Response times span 1 ms .. 30 s (router timeouts): a log axis keeps p50 readable next to max.
-      scales: log ? { x: { time: true }, y: { distr: 3, log: 10 } } : { x: { time: true } },
+      // x runs to the end of the newest bucket, so a marker inside that bucket is still on the chart.
+      scales: Object.assign({ x: { time: true, range: (u, mn, mx) => [mn, mx + res] } },
+                            log ? { y: { distr: 3, log: 10 } } : {}),
       series: [{}, ...shown.map(([label, stroke, , extra]) => Object.assign(
         { label, stroke, width: 1.5, spanGaps: false, points: { show: xs.length < 200 } }, extra || {}))],
       axes: [{}, { size: 60 }],
+      plugins: markers && markers.length ? [markerPlugin(name, markers)] : [],
     };
+    state.markers[name] = markers || [];
     state.charts[name] = new uPlot(opts, [xs, ...shown.map((s) => s[2])], el);
   }
 
-  function render(doc) {
+  function render(doc, events) {
     const specs = chartSpecs(doc);
+    const markers = markerSpecs(events);
+    state.markers = {};
+    state.drawn = {};
     for (const name of ["response", "throughput", "errors", "memory", "load"]) {
-      draw(name, specs.xs, specs[name].series, specs[name].log);
+      draw(name, specs.xs, specs[name].series, specs[name].log, markers[name], doc.resolution_s);
     }
   }
 
@@ -109,13 +164,21 @@
     const qs = new URLSearchParams({ process_type: proc, since: String(until - span), until: String(until) });
     setStatus("loading…");
     try {
-      const doc = await api("/v1/apps/" + encodeURIComponent(state.app) + "/metrics?" + qs);
+      const base = "/v1/apps/" + encodeURIComponent(state.app);
+      const [doc, ev] = await Promise.all([
+        api(base + "/metrics?" + qs),
+        // Markers are an extra: the charts still show when the events cannot be read.
+        api(base + "/events?" + new URLSearchParams({ process_type: proc, since: String(until - span),
+                                                      until: String(until) })).catch(() => ({ events: [] })),
+      ]);
       if (seq !== state.seq) return;  // a newer request (range switch) superseded this one
       clearError();
       state.last = doc;
-      render(doc);
+      state.events = ev.events;
+      render(doc, ev.events);
       setStatus(`${doc.app} · ${doc.process_type} · ${doc.points.length} points at ${doc.resolution_s / 60} min ` +
-                `resolution · updated ${new Date().toLocaleTimeString()} · refreshes every minute`);
+                `resolution · ${ev.events.length} alert/scaling events ` +
+                `· updated ${new Date().toLocaleTimeString()} · refreshes every minute`);
     } catch (e) {
       if (seq !== state.seq) return;
       showError(explain(e));

@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
 from app.notify import verify_signature
+from app.policies_api import FORWARDED_HEADER
 from app.traffic import produce
 from tests.integration.pipeline import Pipeline
 
@@ -299,3 +300,63 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: EmbeddedBroker, 
         p.stop()
         smtp.stop()
         receiver.stop()
+
+
+def get(base: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+    """One GET, no retries: (status, headers, decoded JSON body)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}", headers=headers), timeout=15) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
+
+
+def test_reads_on_a_worker_that_does_not_own_the_app(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+                                                     tmp_path: Path) -> None:
+    """Two workers, the app's partition on one of them: a GET on either returns the owner's answer."""
+    uid = uuid.uuid4().hex[:8]
+    p = Pipeline(broker, dynamo, tmp_path, **{
+        "METRICS_ALERTS_TOPIC": f"alerts-{uid}", "METRICS_AUTOSCALE_TOPIC": f"autoscale-{uid}",
+        "METRICS_POLICY_COMMANDS_TOPIC": f"policy-{uid}"})
+    try:
+        p.start(data_dir=tmp_path / "state-1")
+        write, read = p.read_token("shop", "write"), p.read_token("shop", "read")
+        status, mon = api(p.url, "POST", "/v1/apps/shop/monitors", {
+            "metric": "LATENCY", "threshold": 500, "sensitivity_min": 5, "notify_every_min": 5,
+            "webhooks": [{"url": "https://hooks.example.com/minutely", "secret": SECRET}]}, token=write)
+        assert status == 201, mon
+        status, pol = api(p.url, "PUT", "/v1/apps/shop/autoscaling/web", {
+            "min_dynos": 1, "max_dynos": 3, "p95_target_ms": 300, "current_dynos": 1}, token=write)
+        assert status == 201, pol
+        _, url2 = p.start_second_worker(data_dir=tmp_path / "state-2")
+
+        # The owner is the worker that answers a request marked as already forwarded (it never forwards one);
+        # the other answers it 503. Wait until the rebalance gave each worker its partitions.
+        auth = {"Authorization": f"Bearer {read}"}
+        deadline = time.monotonic() + 90
+        while True:
+            guarded = {base: get(base, "/v1/apps/shop/monitors", {**auth, FORWARDED_HEADER: "http://test"})[0]
+                       for base in (p.url, url2)}
+            if sorted(guarded.values()) == [200, 503]:
+                break
+            assert time.monotonic() < deadline, guarded
+            time.sleep(0.5)
+        owner = next(base for base, st in guarded.items() if st == 200)
+        other = url2 if owner == p.url else p.url
+
+        for path in ["/v1/apps/shop/monitors", f"/v1/apps/shop/monitors/{mon['id']}", "/v1/apps/shop/autoscaling",
+                     "/v1/apps/shop/autoscaling/web", "/v1/apps/shop/monitors/mon_0123456789ab"]:
+            status, body = api(other, "GET", path, token=read)  # retried while partitions settle
+            o_status, o_headers, o_body = get(owner, path, auth)
+            f_status, f_headers, f_body = get(other, path, auth)
+            assert (status, body) == (o_status, o_body) == (f_status, f_body), path
+            assert f_headers["Content-Type"] == o_headers["Content-Type"], path
+        status, listed = api(other, "GET", "/v1/apps/shop/monitors", token=read)
+        assert status == 200 and [m["id"] for m in listed["monitors"]] == [mon["id"]]
+        # Credentials are checked as on the owner: none is a 401, a write token (not a read token) a 403.
+        assert get(other, "/v1/apps/shop/monitors", {})[0] == 401
+        assert get(other, "/v1/apps/shop/monitors", {"Authorization": f"Bearer {write}"})[0] == 403
+        # Workers document the routes they serve.
+        assert "/v1/apps/{app}/monitors" in get(other, "/v1/openapi.json", {})[2]["paths"]
+    finally:
+        p.stop()

@@ -3,14 +3,19 @@ that went through the whole pipeline. A screenshot is kept in artifacts/dashboar
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+import orjson
+
 from app.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.traffic import produce
 from tests.integration.pipeline import ARTIFACTS
 from tests.integration.test_query_api import Served, start_served
 
@@ -31,8 +36,11 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 @pytest.fixture(scope="module")
 def served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    s = start_served(broker, dynamo, tmp_path_factory.mktemp("dashboard"))
+    uid = uuid.uuid4().hex[:8]
+    s = start_served(broker, dynamo, tmp_path_factory.mktemp("dashboard"),
+                     METRICS_ALERTS_TOPIC=f"alerts-{uid}", METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}")
     try:
+        publish_events(broker, s)
         yield s
     finally:
         s.pipeline.stop()
@@ -53,6 +61,25 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def publish_events(broker: EmbeddedBroker, s: Served) -> None:
+    """Alert transitions and a scaling step for app-0, in the records' published format (tables/monitors.py
+    AlertEvent / Decision .to_record), on the worker's own topics; waits until the events job stored them."""
+    settings = s.pipeline.settings
+    fire_ms, resolve_ms, scale_ms = ((s.start_s + m * 60) * 1000 for m in (3, 9, 5))
+    alerts = [{"event_id": f"app-0/mon_t/{ms}/{ev}", "event": ev, "app": "app-0", "process_type": "web",
+               "monitor_id": "mon_t", "metric": "LATENCY", "minute_start_ms": ms, "value": 900.0, "requests": 300,
+               "threshold": 500.0, "sensitivity_min": 1, "firing_since_ms": fire_ms}
+              for ms, ev in ((fire_ms, "firing"), (resolve_ms, "resolved"))]
+    decision = {"event_id": f"app-0/web/{scale_ms}/autoscale", "app": "app-0", "process_type": "web",
+                "minute_start_ms": scale_ms, "action": "up", "from_dynos": 2, "to_dynos": 3,
+                "reason": "p95 over target", "requests": 300, "p95_ms": 900.0, "p95_target_ms": 500.0,
+                "capacity_per_dyno": 100.0, "needed_dynos": 3, "min_dynos": 1, "max_dynos": 5,
+                "pinned_at_max": False}
+    asyncio.run(produce(broker.address, settings.alerts_topic, [(b"app-0", orjson.dumps(a)) for a in alerts]))
+    asyncio.run(produce(broker.address, settings.autoscale_topic, [(b"app-0", orjson.dumps(decision))]))
+    s.pipeline.wait_stats(lambda st: st["events_stored"] >= 3, 60, "alert/autoscale events stored")
 
 
 def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -108,6 +135,10 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     labels = browser.execute_script(
         "return window.dashboard.charts.throughput.series.slice(1).map((s) => s.label)")
     assert "failed (≥500)" in labels
+    # Alert transitions on the response-time chart, the scaling step on the dyno-load chart, drawn on the canvas.
+    drawn = browser.execute_script("return window.dashboard.drawn")
+    assert drawn["response"] == ["▲ p95 firing", "▼ p95 resolved"], drawn
+    assert drawn["load"] == ["dynos 2→3"], drawn
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
@@ -117,7 +148,7 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     Select(browser.find_element(By.ID, "range")).select_by_value("7200")
     wait_for(lambda: browser.execute_script("return window.dashboard.last.resolution_s") == 60, 20,
              "the 2 h range at 1 min resolution")
-    assert browser.execute_script("return window.dashboard.fetches") == fetches + 1
+    assert browser.execute_script("return window.dashboard.fetches") == fetches + 2  # metrics + events
     plotted = browser.execute_script(PLOTTED, list(CHARTS))
     assert all(plotted[c] > 0 for c in CHARTS), plotted
     browser.save_screenshot(str(Path(ARTIFACTS / "dashboard-2h.png")))

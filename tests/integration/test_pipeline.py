@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
 from pathlib import Path
 
 import orjson
@@ -52,8 +53,15 @@ def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: Emb
         assert first["requests"] == len(gen.truth.service_ms[("app-0", "web", start_ms)])
         assert {"rss_mean", "rss_max", "quota"} <= set(first["memory_mb"])
         # Operational endpoints on a real worker: ready (broker, recovery, DynamoDB) and Prometheus text.
-        assert p.get("/readyz") == {"status": "ready",
-                                    "checks": {"broker": "ok", "recovery": "ok", "dynamodb": "ok"}}
+        deadline = time.monotonic() + 30  # readiness is eventual: each check has a 2 s budget
+        while True:
+            try:
+                ready = p.get("/readyz")
+                break
+            except urllib.error.HTTPError as exc:
+                assert time.monotonic() < deadline, exc.read()
+                time.sleep(0.5)
+        assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "dynamodb": "ok"}}
         import urllib.request
 
         with urllib.request.urlopen(f"{p.url}/metrics", timeout=5) as r:

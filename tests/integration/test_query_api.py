@@ -58,10 +58,12 @@ def create_tokens(p: Pipeline, apps: list[str]) -> dict[str, str]:
     return asyncio.run(go())
 
 
-def start_served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp: Path, *, minutes: int = 20) -> Served:
+def start_served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp: Path, *, minutes: int = 20,
+                 **overrides: str) -> Served:
     """A worker with ``minutes`` of generated traffic for 2 apps, ending about two minutes ago, aligned so that
-    the 10-minute buckets are final (settle 60 s) and come from the rollup items."""
-    p = Pipeline(broker, dynamo, tmp, METRICS_QUERY_SETTLE_S="60")
+    the 10-minute buckets are final (settle 60 s) and come from the rollup items. ``overrides``: more
+    worker environment (METRICS_*)."""
+    p = Pipeline(broker, dynamo, tmp, **{"METRICS_QUERY_SETTLE_S": "60", **overrides})
     now_s = int(time.time())
     start_s = (now_s - 150) - (now_s - 150) % 600 - minutes * 60
     gen = Generator(apps=2, dynos=2, seed=5, start_ms=start_s * 1000, keep_truth=True)

@@ -1,0 +1,179 @@
+"""Stream job: alert transitions (``alerts``) and autoscaling decisions (``autoscale``) -> DynamoDB, so the
+dashboard can draw them as markers (``GET /v1/apps/{app}/events``, app/web.py).
+
+**Storage.** Events live in the metrics table through the same store, as one item per (app, process type,
+minute) with resolution 0: partition key ``{app}#{process_type}#0``, sort key the minute start (epoch s),
+``expires_at`` = minute + retention like every other item. The payload is ``{"events": [...]}``, sorted by
+``id``. Why a per-minute list rather than one item per event: several events can share a minute (a latency
+and an error-rate monitor firing together, plus a scaling step) and the sort key is an integer second, so a
+key derived from the event id could collide and silently overwrite another event. The list is merged by
+``event_id`` (the producers' deterministic ids), so a redelivered event replaces itself and writing is
+idempotent: read the minute's item, merge, put. Both topics are keyed by app with as many partitions as
+``metrics-1m``, so one worker handles all of an app's events and the read-merge-write has a single writer
+(outside the moments a partition moves between workers; the at-least-once redelivery after a move writes
+the same events again).
+
+**What is kept.** Every alert event (``firing``, ``still_firing``, ``resolved``) and the autoscaling decisions
+that change the dyno count. ``hold`` decisions (one per minute per policy) are not stored: they would double
+the table's writes for apps with a policy, and a marker per minute draws nothing useful. The count between
+two steps is the previous step's ``to_dynos``.
+
+**Order of effects.** A batch's offsets are acknowledged only after DynamoDB accepted its items; while
+DynamoDB throttles or is down the job retries with backoff and stops consuming (backpressure). An item
+DynamoDB refuses for good (permissions, schema) is logged and counted, and the batch is dropped: markers
+are a view, never worth stalling the app's alert history behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any, Iterable, Sequence
+
+import orjson
+
+from app.errors import RetriableError, StoreError
+from app.settings import WINDOW_S, Settings
+from app.stats import Counters
+from app.store import MetricItem, MetricsStore
+
+log = logging.getLogger(__name__)
+
+EVENTS_RESOLUTION_S = 0
+"""The ``resolution_s`` of event items: no metric series uses 0, so the partition keys never meet."""
+ALERT, AUTOSCALE = "alert", "autoscale"
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def decode_event(kind: str, value: bytes) -> tuple[str, str, dict[str, Any]] | None:
+    """A record of the ``alerts`` (``kind`` = alert) or ``autoscale`` topic -> (app, process type, the event
+    as stored), or None when it is not one. Autoscaling decisions that keep the count are None too."""
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    app, proc, event_id, start_ms = rec.get("app"), rec.get("process_type"), rec.get("event_id"), \
+        rec.get("minute_start_ms")
+    if not (isinstance(app, str) and isinstance(proc, str) and isinstance(event_id, str)
+            and isinstance(start_ms, int) and not isinstance(start_ms, bool)):
+        return None
+    ts = start_ms // 1000 - (start_ms // 1000) % WINDOW_S
+    if kind == ALERT:
+        status = rec.get("event", rec.get("status"))
+        if not isinstance(status, str):
+            return None
+        return app, proc, {"kind": ALERT, "id": event_id, "ts": ts, "status": status,
+                           "monitor_id": rec.get("monitor_id"), "metric": rec.get("metric"),
+                           "value": _num(rec.get("value")), "threshold": _num(rec.get("threshold"))}
+    from_dynos, to_dynos = rec.get("from_dynos"), rec.get("to_dynos")
+    if not (isinstance(from_dynos, int) and isinstance(to_dynos, int)):
+        return None
+    if from_dynos == to_dynos:
+        return app, proc, {}  # a hold: valid, not stored
+    return app, proc, {"kind": AUTOSCALE, "id": event_id, "ts": ts, "action": rec.get("action"),
+                       "from_dynos": from_dynos, "to_dynos": to_dynos, "reason": rec.get("reason"),
+                       "pinned_at_max": bool(rec.get("pinned_at_max"))}
+
+
+def events_of(items: Iterable[MetricItem]) -> list[dict[str, Any]]:
+    """The events held by stored per-minute items, in item order (time, then id)."""
+    out: list[dict[str, Any]] = []
+    for it in items:
+        doc = orjson.loads(it.payload)
+        out.extend(doc.get("events", ()))
+    return out
+
+
+def merge_items(app: str, proc: str, existing: Iterable[MetricItem],
+                new: Iterable[dict[str, Any]]) -> list[MetricItem]:
+    """Items for the minutes of ``new``: the stored events of each minute with the new ones merged in by id
+    (a redelivered event replaces itself). Only minutes that changed are returned."""
+    by_minute: dict[int, dict[str, dict[str, Any]]] = {}
+    for e in new:
+        by_minute.setdefault(e["ts"], {})[e["id"]] = e
+    stored = {it.ts_s: {e["id"]: e for e in events_of([it])} for it in existing}
+    out = []
+    for ts, events in sorted(by_minute.items()):
+        old = stored.get(ts, {})
+        merged = {**old, **events}
+        if merged == old:
+            continue  # everything already stored as is (a replay): no write
+        payload = orjson.dumps({"events": [merged[k] for k in sorted(merged)]})
+        out.append(MetricItem(app, proc, EVENTS_RESOLUTION_S, ts, payload))
+    return out
+
+
+class EventsJob:
+    def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *,
+                 sleep: Any = asyncio.sleep, jitter: Any = random.random) -> None:
+        self.store = store
+        self.settings = settings
+        self.counters = counters
+        self.sleep = sleep
+        self.jitter = jitter
+
+    async def write(self, records: Sequence[tuple[str, bytes]], *, now_s: int) -> int:
+        """Store a batch of ``(kind, value)`` records; returns the number of items written."""
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        oldest = now_s - self.settings.ttl_s
+        for kind, value in records:
+            got = decode_event(kind, value)
+            if got is None:
+                self.counters.inc("events_invalid")
+                continue
+            app, proc, event = got
+            if event and event["ts"] > oldest:  # an expired event would be deleted by TTL at once
+                groups.setdefault((app, proc), []).append(event)
+        attempt = 0
+        while groups:
+            try:
+                items: list[MetricItem] = []
+                for (app, proc), events in groups.items():
+                    lo = min(e["ts"] for e in events)
+                    hi = max(e["ts"] for e in events) + WINDOW_S
+                    existing = await self.store.query(app, proc, EVENTS_RESOLUTION_S, lo, hi)
+                    items.extend(merge_items(app, proc, existing, events))
+                if items:
+                    await self.store.put_many(items)
+                    self.counters.inc("events_stored", sum(len(events) for events in groups.values()))
+                return len(items)
+            except RetriableError as exc:
+                attempt += 1
+                self.counters.inc("events_retries")
+                delay_s = min(self.settings.backoff_max_ms / 1000,
+                              max(exc.retry_after_s, self.settings.backoff_base_ms / 1000 * 2 ** attempt))
+                delay_s *= 0.5 + self.jitter() / 2
+                log.warning("events: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
+                await self.sleep(delay_s)
+            except StoreError as exc:
+                self.counters.inc("events_failed")
+                log.error("events: DynamoDB refused %d apps' events for good (dropped; the dashboard will miss "
+                          "these markers): %s", len(groups), exc)
+                return 0
+        return 0
+
+
+def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
+         ready: asyncio.Event) -> EventsJob:
+    import time
+
+    job = EventsJob(store, settings, counters)
+    # Both topics keyed by app with the same partition count: Faust assigns an app's partitions of both to
+    # the same worker, so each minute item has one writer.
+    source = faust_app.topic(settings.alerts_topic, settings.autoscale_topic, key_type=bytes, value_type=bytes)
+
+    @faust_app.agent(source, name="events")
+    async def events_agent(stream: Any) -> None:
+        await ready.wait()  # the store's client is created by the runtime service
+        async for batch in stream.take_events(settings.sink_batch_max, within=settings.sink_within_s):
+            records = [(ALERT if ev.message.topic == settings.alerts_topic else AUTOSCALE, ev.value)
+                       for ev in batch if ev.value is not None]
+            await job.write(records, now_s=int(time.time()))
+
+    return job
