@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import orjson
 
-from app.errors import RetriableError, StoreError
+from app.errors import RetriableError, StoreError, retry_delay_s
 from app.settings import WINDOW_S, Settings
 from app.stats import Counters
 from app.store import MetricItem, MetricsStore
@@ -146,9 +146,8 @@ class EventsJob:
             except RetriableError as exc:
                 attempt += 1
                 self.counters.inc("events_retries")
-                delay_s = min(self.settings.backoff_max_ms / 1000,
-                              max(exc.retry_after_s, self.settings.backoff_base_ms / 1000 * 2 ** attempt))
-                delay_s *= 0.5 + self.jitter() / 2
+                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
+                                        max_ms=self.settings.backoff_max_ms, jitter=self.jitter())
                 log.warning("events: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
                 await self.sleep(delay_s)
             except StoreError as exc:

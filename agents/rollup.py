@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable, MutableMapping, Sequence
 import orjson
 
 from app.clock import Clock, SystemClock
-from app.errors import RetriableError, StoreError
+from app.errors import RetriableError, StoreError, retry_delay_s
 from app.query import ROLLUP_RESOLUTIONS, bucket_of
 from app.settings import WINDOW_S, Settings
 from app.stats import Counters
@@ -133,9 +133,8 @@ class Rollup:
             except RetriableError as exc:
                 attempt += 1
                 self.counters.inc("rollup_retries")
-                s = self.settings
-                delay_s = min(s.backoff_max_ms / 1000, max(exc.retry_after_s, s.backoff_base_ms / 1000 * 2 ** attempt))
-                delay_s *= 0.5 + random.random() / 2
+                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
+                                        max_ms=self.settings.backoff_max_ms, jitter=random.random())
                 log.warning("rollup: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
                 await self.sleep(delay_s)
 

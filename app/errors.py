@@ -26,6 +26,13 @@ class RetriableError(PipelineError):
         super().__init__(message, action=action)
 
 
+def retry_delay_s(exc: RetriableError, attempt: int, *, base_ms: int, max_ms: int, jitter: float) -> float:
+    """Backoff before retry ``attempt`` (1, 2, ...): exponential from ``base_ms``, at least what the
+    dependency asked for, capped at ``max_ms``, then jittered into [50 %, 100 %] (``jitter`` in [0, 1))."""
+    delay_s = min(max_ms / 1000, max(exc.retry_after_s, base_ms / 1000 * (1 << min(attempt, 30))))
+    return delay_s * (0.5 + jitter / 2)
+
+
 class ConfigError(PipelineError):
     """A setting is missing or invalid; the process cannot start until it is fixed."""
 
