@@ -27,7 +27,7 @@ from app.dedup import Claim, FrameDedup
 from app.errors import PipelineError, RetriableError
 from app.settings import Settings
 from app.stats import Counters
-from app.tokens import TokenStore, bearer
+from app.tokens import TokenInfo, TokenStore, bearer
 from app.web import SETTINGS_KEY, error, healthz, json_response
 
 log = logging.getLogger(__name__)
@@ -135,14 +135,23 @@ class Ingest:
             return error(403, "invalid_token", f"the token is unknown, revoked, or not a {kind} token")
         return info
 
-    @answers_unavailable
-    async def drain(self, request: web.Request) -> web.Response:
-        info = await self._auth(request, "drain")
+    async def _authorized_body(self, request: web.Request, kind: str) -> tuple[TokenInfo, bytes] | web.Response:
+        """The token's description and the body, or the 401/403/413 answer. The body is read only after
+        the token was accepted."""
+        info = await self._auth(request, kind)
         if isinstance(info, web.Response):
             return info
         body = await _read(request)
         if isinstance(body, web.Response):
             return body
+        return info, body
+
+    @answers_unavailable
+    async def drain(self, request: web.Request) -> web.Response:
+        got = await self._authorized_body(request, "drain")
+        if isinstance(got, web.Response):
+            return got
+        info, body = got
         try:
             frame = logplex.parse_frame(body, info.app)
         except logplex.FrameError as exc:
@@ -190,12 +199,10 @@ class Ingest:
 
     @answers_unavailable
     async def observations(self, request: web.Request) -> web.Response:
-        info = await self._auth(request, "write")
-        if isinstance(info, web.Response):
-            return info
-        body = await _read(request)
-        if isinstance(body, web.Response):
-            return body
+        got = await self._authorized_body(request, "write")
+        if isinstance(got, web.Response):
+            return got
+        info, body = got
         parsed = parse_json_body(body, self.settings.max_message_bytes)
         if isinstance(parsed, models.Reject):
             return error(400, "malformed_body", parsed.reason)
