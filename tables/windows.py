@@ -118,6 +118,7 @@ class PartitionWindows:
         if isinstance(decoded, models.Reject):
             result.counts.rejected += 1
             result.dead.append(Rejected("rejected", decoded.reason, decoded.record, offset, -1, None))
+            self.offset = offset  # handled: a replay must not dead-letter it twice, and idleness needs it
             return
         for rej in decoded.rejects:
             result.counts.rejected += 1

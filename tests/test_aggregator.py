@@ -125,3 +125,12 @@ async def test_a_partition_with_messages_waiting_is_not_idle(clock: ManualClock)
     assert await h.agg.close_idle({0}, {0: 5}) == 0  # ... but offsets 1..4 are still to be read
     assert await h.agg.close_idle({0}, {0: None}) == 0  # highwater unknown: not idle either
     assert await h.agg.close_idle({0}, {0: 1}) == 1  # caught up: the idle partition's minute closes
+
+
+async def test_a_malformed_last_message_still_lets_the_partition_go_idle(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, b"{not json")])
+    clock.set(T0 + 10 * 60_000)
+    assert await h.agg.close_idle({0}, {0: 2}) == 1  # offset 1 was handled (dead-lettered): caught up
+    res = await h.agg.process_batch([(0, 1, b"{not json")])  # redelivered: not dead-lettered twice
+    assert res.counts.skipped_replay == 1 and res.counts.rejected == 0
