@@ -2,7 +2,7 @@
 
 Router requests have lognormal service times and a status mix with 4xx/5xx and H12/H13 errors; each dyno
 sends a runtime sample every 20 s. Messages are arrays of one app's observations (the batched form).
-The full Heroku-style load generator (drain/HTTP modes, progress bar) builds on this in a later issue.
+app/loadgen.py builds the Heroku-style load generator (drain/HTTP mode, progress bar) on this.
 """
 
 from __future__ import annotations
@@ -99,26 +99,5 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]
     try:
         futs = [await producer.send(topic, value=v, key=k) for k, v in messages]
         await asyncio.gather(*futs)
-    finally:
-        await producer.stop()
-
-
-async def run_demo(bootstrap: str, topic: str, *, rate_per_s: int, apps: int, stop: asyncio.Event) -> None:
-    """Real-time demo traffic: about rate_per_s router requests per second across the apps, until stop."""
-    from aiokafka import AIOKafkaProducer
-
-    gen = Generator(apps=apps)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
-    await producer.start()
-    try:
-        per_app = max(1, rate_per_s // apps)
-        while not stop.is_set():
-            gen.now_ms = int(time.time() * 1000)
-            for app in gen.apps:
-                await producer.send(topic, key=app.encode(), value=orjson.dumps(gen.batch(app, per_app, 1000)))
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
     finally:
         await producer.stop()
