@@ -40,18 +40,16 @@ def worker_env(broker_url: str, dynamodb_endpoint: str, *, data_dir: str, web_po
     return env
 
 
-def start_worker(env: dict[str, str], *, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def start_role(role: str, env: dict[str, str], *, log_path: Path | None = None,
+               args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m app <role> [args]`` (worker, ingest, web) as a child process."""
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "app", "worker", "-l", "info"], env=env,
-                            stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                            cwd=str(Path(__file__).resolve().parent.parent))
-
-
-def start_role(role: str, env: dict[str, str], *, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``python -m app <role>`` (ingest, web) as a child process."""
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "app", role], env=env, stdout=out or None,
+    return subprocess.Popen([sys.executable, "-m", "app", role, *args], env=env, stdout=out or None,
                             stderr=subprocess.STDOUT if out else None, cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def start_worker(env: dict[str, str], *, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    return start_role("worker", env, log_path=log_path, args=("-l", "info"))
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -21,6 +21,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import msgspec
 import orjson
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from app import logplex, models
 from app.dedup import Claim, FrameDedup
@@ -48,9 +50,6 @@ class KafkaProducer:
         self._task = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
-        from aiokafka import AIOKafkaProducer
-        from aiokafka.errors import KafkaError
-
         bootstrap = ",".join(u.split("://", 1)[-1] for u in self.settings.broker_url.split(";"))
         delay_s = 0.5
         while True:
@@ -78,8 +77,6 @@ class KafkaProducer:
             await self._producer.stop()
 
     async def produce(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
-        from aiokafka.errors import KafkaError
-
         if self._producer is None:
             raise RetriableError("Kafka is not connected yet", action="check METRICS_BROKER_URL and the brokers",
                                  retry_after_s=2)

@@ -8,7 +8,7 @@ IRSA web identity), never from these settings.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from app.errors import ConfigError
@@ -76,8 +76,8 @@ class Settings:
     compress_over_bytes: int = 8 * 1024
     """Payloads larger than this are stored gzip-compressed (flag ``z``)."""
     max_pool_connections: int = 64
-    """aiohttp connector limit. BatchWriteItem is latency bound: at 10 ms RTT 64 connections measured
-    ~30 % more throughput than the default 10."""
+    """aiohttp connector limit. BatchWriteItem is latency bound: with 10 ms injected latency 64 connections
+    gave ~30 % more throughput than the default 10 (measured on this machine kind, shared/notes/stack.md)."""
     keepalive_timeout_s: float = 60.0
     """Idle keep-alive per pooled connection (aiobotocore default 12 s): avoids TLS handshakes between
     sink batches that arrive once per minute."""
@@ -205,7 +205,6 @@ class Settings:
     autoscale_down_headroom: float = 0.2
     """Scaling down keeps this fraction of the estimated capacity spare."""
 
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ttl_s(self) -> int:
@@ -229,8 +228,6 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = env.get(PREFIX + f.name.upper())
             if raw is None:
                 continue

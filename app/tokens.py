@@ -52,9 +52,6 @@ class TokenStore(DynamoTable):
         self.clock = clock or SystemClock()
         self._cache: dict[str, tuple[int, TokenInfo | None]] = {}
 
-    def _c(self) -> Any:
-        return self.client
-
     async def create(self, app: str, kind: str) -> tuple[str, TokenInfo]:
         """Returns the token (shown once) and its stored description."""
         if kind not in KINDS:
@@ -63,7 +60,7 @@ class TokenStore(DynamoTable):
         h = digest(token)
         info = TokenInfo(h[:12], app, kind, self.clock.now_ms() // 1000)
         try:
-            await self._c().put_item(TableName=self.table, Item={
+            await self.client.put_item(TableName=self.table, Item={
                 "pk": {"S": h}, "app": {"S": app}, "kind": {"S": kind}, "id": {"S": info.id},
                 "created_s": {"N": str(info.created_s)}})
         except Exception as exc:  # classified below: the caller gets retriable or not
@@ -82,7 +79,7 @@ class TokenStore(DynamoTable):
             info = hit[1]
         else:
             try:
-                resp = await self._c().get_item(TableName=self.table, Key={"pk": {"S": h}}, ConsistentRead=True)
+                resp = await self.client.get_item(TableName=self.table, Key={"pk": {"S": h}}, ConsistentRead=True)
             except Exception as exc:
                 raise self.error(exc, "GetItem") from exc
             item = resp.get("Item")
@@ -104,7 +101,7 @@ class TokenStore(DynamoTable):
             kwargs.update(FilterExpression="app = :a", ExpressionAttributeValues={":a": {"S": app}})
         try:
             while True:
-                resp = await self._c().scan(**kwargs)
+                resp = await self.client.scan(**kwargs)
                 out.extend(TokenInfo(i["id"]["S"], i["app"]["S"], i["kind"]["S"], int(i["created_s"]["N"]))
                            for i in resp.get("Items", []))
                 if "LastEvaluatedKey" not in resp:
@@ -123,9 +120,9 @@ class TokenStore(DynamoTable):
         try:
             found = False
             while True:
-                resp = await self._c().scan(**kwargs)
+                resp = await self.client.scan(**kwargs)
                 for item in resp.get("Items", []):
-                    await self._c().delete_item(TableName=self.table, Key={"pk": item["pk"]})
+                    await self.client.delete_item(TableName=self.table, Key={"pk": item["pk"]})
                     found = True
                 if "LastEvaluatedKey" not in resp:
                     break
