@@ -64,10 +64,13 @@ async def env(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, aiohttp_client: An
     await store.stop()
     counters = Counters()
     client = await aiohttp_client(build(s, counters))
-    for _ in range(100):  # the producer connects in the background
-        if (await client.post("/v1/observations", data=b"[]", headers=_bearer(tokens["write"]))).status == 200:
+    for _ in range(300):  # the producer connects in the background; an empty post would not touch it
+        checks = (await (await client.get("/readyz")).json())["checks"]
+        if checks["producer"] == "ok":
             break
         await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the ingest producer never connected: {checks}")
     yield Env(s, client, counters, tokens)
 
 
