@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import orjson
+import pytest
 from tdigest import TDigest as PyTDigest
 
 from tables.aggregate import Aggregate, BucketKey
@@ -86,3 +87,17 @@ def test_many_distinct_values_switch_to_a_bounded_tdigest() -> None:
     assert d.count == 20_000 and not d.exact
     # fastdigest bounds the centroid count approximately (k-scale merging), far below 20,000 distinct values
     assert len(d.to_dict()["centroids"]) <= 1.1 * 200
+
+
+@pytest.mark.parametrize("repeats", [False, True], ids=["mostly-distinct", "repeated-values"])
+def test_switch_to_tdigest_keeps_percentiles_within_one_percent(repeats: bool) -> None:
+    """Both conversions (feeding the values, or their value/count centroids) stay accurate."""
+    rng = np.random.default_rng(5)
+    values = rng.lognormal(6, 0.7, 60_000)
+    values = np.floor(values) if repeats else np.round(values, 2)
+    d = Digest(max_centroids=1000, exact_limit=500)
+    d.add_many(values.tolist())
+    assert d.count == 60_000 and not d.exact
+    for q in (0.5, 0.95, 0.99):
+        want = float(np.quantile(values, q))
+        assert abs((d.quantile(q) or 0.0) - want) <= 0.01 * want
