@@ -35,6 +35,8 @@ _ROUTER_FAST = re.compile(
     rb"(?: bytes=(0|[1-9]\d{0,14}|)(?=\s|$))?")
 # Numbers with leading zeros ("bytes=007") are not JSON: such lines miss the fast path and are converted
 # with int() by the general path.
+_FRACTION_MS = {f"{i:0{w}d}".encode(): int(f"{i:0{w}d}".ljust(3, "0")) for w in (1, 2, 3) for i in range(10 ** w)}
+"""Leading fraction digits of a syslog timestamp ("5", "05", "123") -> milliseconds: one dict lookup."""
 _ROUTER_HEAD = re.compile(rb"at=(\w+)(?: code=(H\d{1,3}))?")
 _ROUTER_TAIL = re.compile(
     rb"dyno=(\S+) connect=(\d*)(?:ms)? service=(\d+)(?:ms)? status=(\d+)(?: bytes=(\d*))?")
@@ -155,7 +157,7 @@ def parse_frame(body: bytes, app: str) -> ParsedFrame:
                     if len(_utc_seconds) > 50_000:
                         _utc_seconds.clear()
                     _utc_seconds[second] = base
-            ts_ms = base + int(frac[:3].ljust(3, b"0")) if frac else base
+            ts_ms = base + _FRACTION_MS[frac[:3]] if frac else base
             encoded.append(router_json % (dyno, ts_ms, status, service, connect or b"null", nbytes or b"null",
                                           b'"' + code + b'"' if code else b"null"))
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from app.logplex import FrameError, parse_frame, parse_ts_ms
@@ -77,6 +78,14 @@ def test_timestamps() -> None:
     assert parse_ts_ms(b"2012-11-30T06:45:29.5Z") == T + 500
     assert parse_ts_ms(b"2012-11-30T08:45:29.999999+02:00") == T + 999
     assert parse_ts_ms(b"2012-11-30T01:45:29-05:00") == T
+
+
+@pytest.mark.parametrize("fraction, ms", [("", 0), (".5", 500), (".05", 50), (".123", 123), (".123456", 123),
+                                          (".000999", 0), (".9", 900)])
+def test_router_fast_path_fractions(fraction: str, ms: int) -> None:
+    line = ROUTER_INFO.replace(b"29.123456+00:00", f"29{fraction}+00:00".encode())
+    (obs,) = parse_frame(frame([line]), "myapp").observations
+    assert obs["ts"] == T + ms
 
 
 def test_loadgen_lines_round_trip() -> None:
