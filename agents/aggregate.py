@@ -127,7 +127,10 @@ class Aggregator:
             for p, result in pending.items():
                 if result.dead:
                     await self.dead_letter(p, result.dead)
-            await self._close([self.partitions[p] for p in pending if p in self.partitions])
+            # Only event time closes windows here: whether a partition is idle (caught up, and quiet long
+            # enough) is close_idle's question, which knows the broker's highwaters.
+            await self._close([self.partitions[p] for p in pending if p in self.partitions],
+                              {p: False for p in pending})
         except BaseException:
             # Memory may now be ahead of the table: rebuild these partitions from the table when the
             # messages are redelivered, so nothing is skipped or counted twice.
@@ -157,9 +160,8 @@ class Aggregator:
                 self.revoke(held)
                 raise
 
-    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool] | None = None) -> int:
-        # Within a batch the partition just delivered input, so only event time can close windows here.
-        due = [(pw, pw.due(caught_up=True if caught_up is None else caught_up[pw.partition])) for pw in pws]
+    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool]) -> int:
+        due = [(pw, pw.due(caught_up=caught_up[pw.partition])) for pw in pws]
         due = [(pw, aggs) for pw, aggs in due if aggs]
         if due:
             # 1. emitted and acknowledged ...
@@ -257,6 +259,18 @@ def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
 
     unacked = Unacked(aggregator)
 
+    async def flush() -> None:
+        try:
+            await unacked.flush()
+        except Exception as exc:
+            # These messages were not acknowledged, and Faust will not deliver them again in this process
+            # (a crashed agent is restarted on the next messages): stop the worker, so that it restarts
+            # from the committed input offsets. The offsets kept in the table make that replay idempotent.
+            log.critical("aggregates could not be persisted or emitted (%r): stopping the worker so it "
+                         "restarts from the committed input offsets; check the brokers", exc)
+            await faust_app.crash(exc)
+            raise
+
     @faust_app.agent(observations_topic, name="aggregate")
     async def aggregate(stream: Any) -> None:
         unacked.stream = stream = stream.noack()  # acked by Unacked.flush, once the table has them
@@ -265,13 +279,13 @@ def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
             if await aggregator.add(message.partition, message.offset, event.value):
                 unacked.append(event, message.partition)
             if len(unacked.events) >= settings.batch_max or aggregator.pending_bytes >= settings.batch_max_bytes:
-                await unacked.flush()
+                await flush()
 
     @faust_app.timer(settings.batch_within_s / 2, name="flush_aggregates")
     async def flush_aggregates() -> None:
         # A quiet stream still gets its last messages persisted and acknowledged within batch_within_s.
         if unacked.events and time.monotonic() - unacked.since_s >= settings.batch_within_s:
-            await unacked.flush()
+            await flush()
 
     @faust_app.timer(settings.close_interval_s, name="close_idle_windows")
     async def close_idle() -> None:
