@@ -22,17 +22,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import random
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import aiohttp
 import aiosmtplib
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from app.errors import ConfigError, PipelineError, RetriableError
 from app.settings import PREFIX, Settings
@@ -82,10 +86,66 @@ def validate_settings(s: Settings) -> None:
         raise ConfigError("max_monitors_per_app >= 1, policy_apply_timeout_s >= 0 and outbox_sweep_interval_s > 0 "
                           "required", action=f"set {PREFIX}MAX_MONITORS_PER_APP / POLICY_APPLY_TIMEOUT_S / "
                                              "OUTBOX_SWEEP_INTERVAL_S")
+    allowed_networks(s)
     if s.formation_url and "{app}" not in s.formation_url:
         raise ConfigError("formation_url must contain {app} (and may contain {process_type})",
                           action=f"set {PREFIX}FORMATION_URL, e.g. https://api.example.com/apps/{{app}}/formation/"
                                  "{process_type}")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def allowed_networks(s: Settings) -> list[Network]:
+    try:
+        return [ipaddress.ip_network(n.strip(), strict=False) for n in s.webhook_allowed_networks.split(",")
+                if n.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"webhook_allowed_networks: {exc}",
+                          action=f"set {PREFIX}WEBHOOK_ALLOWED_NETWORKS to comma-separated CIDRs") from None
+
+
+class ForbiddenTarget(OSError):
+    """A webhook address that is not public and not allowed: never retried."""
+
+
+def check_address(host: str, allowed: Sequence[Network]) -> None:
+    """ForbiddenTarget unless ``host`` (an IP address) is public or inside an allowed network."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if ip.is_global and not ip.is_multicast:
+        return
+    if any(ip in net for net in allowed):
+        return
+    raise ForbiddenTarget(f"{ip} is not a public address; webhooks only reach a public address unless "
+                          f"{PREFIX}WEBHOOK_ALLOWED_NETWORKS allows it")
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """aiohttp's resolver, minus the addresses a webhook may not reach. The connection goes to an address
+    checked here, so a name that resolves differently a second later (DNS rebinding) gains nothing."""
+
+    def __init__(self, allowed: Sequence[Network]) -> None:
+        self.allowed = list(allowed)
+        self._inner = aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        ok = []
+        for r in results:
+            try:
+                check_address(r["host"], self.allowed)
+                ok.append(r)
+            except ForbiddenTarget:
+                pass
+        if not ok:
+            raise ForbiddenTarget(f"{host} resolves only to non-public addresses "
+                                  f"({', '.join(sorted({r['host'] for r in results}))}); webhooks only reach "
+                                  f"a public address unless {PREFIX}WEBHOOK_ALLOWED_NETWORKS allows it")
+        return ok
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 # --- signing ----------------------------------------------------------------------------------------------
@@ -177,10 +237,14 @@ def _retry_after_s(value: str | None) -> float:
 
 class WebhookSender:
     """JSON over HTTP(S) with one long-lived aiohttp session. Redirects are not followed: a signed
-    notification goes only where it was configured to go."""
+    notification goes only where it was configured to go. With ``allowed_networks`` set (user webhooks),
+    only public addresses and those networks are reached; None (the operator's formation API) is
+    unrestricted."""
 
     def __init__(self, *, timeout_s: float, formation_method: str = "PATCH", formation_token: str = "",
-                 formation_secret: str = "", clock_s: Callable[[], float] = time.time) -> None:
+                 formation_secret: str = "", clock_s: Callable[[], float] = time.time,
+                 allowed_networks: Sequence[Network] | None = None) -> None:
+        self.allowed = None if allowed_networks is None else list(allowed_networks)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.formation_method = formation_method
         self.formation_token = formation_token
@@ -190,7 +254,10 @@ class WebhookSender:
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, headers={"User-Agent": USER_AGENT})
+            connector = None if self.allowed is None else aiohttp.TCPConnector(
+                resolver=PublicOnlyResolver(self.allowed))
+            self._session = aiohttp.ClientSession(timeout=self.timeout, headers={"User-Agent": USER_AGENT},
+                                                  connector=connector)
 
     async def stop(self) -> None:
         if self._session is not None:
@@ -210,12 +277,25 @@ class WebhookSender:
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, body, int(self.clock_s()))
         try:
+            if self.allowed is not None:
+                host = URL(d.target).host or ""
+                try:
+                    ipaddress.ip_address(host.split("%", 1)[0])
+                except ValueError:
+                    pass  # a name: PublicOnlyResolver checks what it resolves to
+                else:
+                    check_address(host, self.allowed)
             async with self._session.request(method, d.target, data=body, headers=headers,
                                              allow_redirects=False) as resp:
                 await resp.read()
                 status = resp.status
                 retry_after = _retry_after_s(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # ForbiddenTarget comes straight from the literal check, or wrapped by aiohttp from the resolver.
+            forbidden = exc if isinstance(exc, ForbiddenTarget) else getattr(exc, "os_error", None)
+            if isinstance(forbidden, ForbiddenTarget):
+                raise DeliveryFailed(f"{method} {d.target}: {forbidden}",
+                                     action="use a public receiver URL, or allow its network") from None
             raise DeliveryUnavailable(f"{method} {d.target}: {type(exc).__name__}: {exc}",
                                       action="check that the receiver is up and answers within "
                                              f"{self.timeout.total} s") from None
@@ -311,10 +391,12 @@ class Notifier:
         self.rand = rand
         if senders is None:
             webhook = WebhookSender(timeout_s=settings.notify_timeout_s,
-                                    formation_method=settings.formation_method,
-                                    formation_token=settings.formation_token,
-                                    formation_secret=settings.formation_secret)
-            senders = {WEBHOOK: webhook, FORMATION: webhook, EMAIL: EmailSender(settings)}
+                                    allowed_networks=allowed_networks(settings))
+            formation = WebhookSender(timeout_s=settings.notify_timeout_s,
+                                      formation_method=settings.formation_method,
+                                      formation_token=settings.formation_token,
+                                      formation_secret=settings.formation_secret)
+            senders = {WEBHOOK: webhook, FORMATION: formation, EMAIL: EmailSender(settings)}
         self.senders = dict(senders)
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: set[asyncio.Task[None]] = set()

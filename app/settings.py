@@ -173,6 +173,11 @@ class Settings:
     """Deliveries sent at once: a slow receiver occupies one worker, not the alert agent."""
     notify_timeout_s: float = 10.0
     """Per attempt (HTTP request or SMTP session)."""
+    webhook_allowed_networks: str = ""
+    """Comma-separated CIDRs that monitors' webhooks may reach although they are not public addresses, e.g.
+    ``10.0.0.0/8`` for an in-cluster receiver. Webhook URLs come from API users, so by default only
+    public addresses are reached: a monitor cannot probe the cluster or a cloud metadata endpoint
+    (169.254.169.254). The operator's formation API is not restricted."""
     notify_max_attempts: int = 8
     """With the backoff below: about 4 minutes of retries before a delivery is given up (and logged)."""
     notify_backoff_base_ms: int = 1000

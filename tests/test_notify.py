@@ -74,7 +74,8 @@ async def receiver() -> Any:
 
 def settings(**kw: Any) -> Settings:
     base: dict[str, Any] = dict(notify_timeout_s=2.0, notify_backoff_base_ms=20, notify_backoff_max_ms=1000,
-                                notify_max_attempts=4, notify_concurrency=4)
+                                notify_max_attempts=4, notify_concurrency=4,
+                                webhook_allowed_networks="127.0.0.0/8")  # the receivers here are on loopback
     return Settings(**{**base, **kw})
 
 
@@ -92,6 +93,39 @@ class Results:
 
 
 # --- webhooks ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "169.254.169.254"])
+async def test_webhooks_reach_only_public_or_allowed_addresses(receiver: Any, host: str) -> None:
+    counters = Counters()
+    n = Notifier(settings(webhook_allowed_networks="", notify_max_attempts=4), counters)
+    res = Results()
+    port = receiver.url.rsplit(":", 1)[1]
+    n.submit(Delivery("x/webhook/0", "x", WEBHOOK, f"http://{host}:{port}/ok", "{}", secret=SECRET), res)
+    await n.join()
+    r = res.done["x/webhook/0"]
+    assert (r.state, r.attempts) == (FAILED, 1) and "public address" in r.error and "WEBHOOK_ALLOWED_NETWORKS" in r.error
+    assert receiver.at("/ok") == [] and counters.values["notifications_failed"] == 1
+    await n.stop()
+
+
+async def test_an_allowed_network_and_the_formation_api_are_reached(receiver: Any) -> None:
+    n = Notifier(settings(webhook_allowed_networks="10.0.0.0/8, 127.0.0.0/8"), Counters())
+    res = Results()
+    n.submit(hook(receiver, "/ok"), res)
+    await n.join()
+    assert res.done["ev-0/webhook/0"].state == DELIVERED
+    await n.stop()
+    # The operator's formation API is trusted: no allow-list needed even on loopback.
+    n = Notifier(settings(webhook_allowed_networks=""), Counters())
+    n.submit(Delivery("m/formation", "m", FORMATION, f"{receiver.url}/formation/shop", "{}"), res)
+    await n.join()
+    assert res.done["m/formation"].state == DELIVERED
+    await n.stop()
+
+
+def test_webhook_allowed_networks_must_be_cidrs() -> None:
+    with pytest.raises(ConfigError, match="WEBHOOK_ALLOWED_NETWORKS"):
+        validate_settings(Settings(webhook_allowed_networks="10.0.0.0/8,not-a-network"))
 
 async def test_webhook_is_signed_with_hmac_over_timestamp_and_body(receiver: Any) -> None:
     n = Notifier(settings(), Counters())

@@ -177,6 +177,7 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: EmbeddedBroker, 
         "METRICS_FORMATION_URL": f"{receiver.url}/formation/{{app}}/{{process_type}}",
         "METRICS_FORMATION_TOKEN": "platform-token", "METRICS_FORMATION_SECRET": FORMATION_SECRET,
         "METRICS_OUTBOX_SWEEP_INTERVAL_S": "2",
+        "METRICS_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",  # the receivers are on loopback
     })
     s = p.settings
     now_ms = int(time.time() * 1000)
