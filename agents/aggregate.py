@@ -23,6 +23,9 @@ from tables.windows import IngestResult, PartitionWindows, Rejected
 
 log = logging.getLogger(__name__)
 
+FORGET_AFTER_MS = 30_000
+"""How long a closed window stays in the table: longer than the sinks need to store a minute and commit
+its offset (Faust commits every few seconds). A worker restarted within that time sends it again."""
 Emit = Callable[[Sequence[Aggregate]], Awaitable[None]]
 """Sends closed minutes and returns once the broker acknowledged all of them."""
 DeadLetter = Callable[[int, Sequence[Rejected]], Awaitable[None]]
@@ -46,6 +49,10 @@ class Aggregator:
         self.partitions: dict[int, PartitionWindows] = {}
         # One batch or one close at a time: both mutate the same windows.
         self.lock = asyncio.Lock()
+        # Closed windows still kept in the table, per partition, with the wall time they were closed: a
+        # worker restarted before the sinks stored (and committed) a minute restores it and sends it
+        # again, identical and with the same key. Deleted FORGET_AFTER_MS later.
+        self.closed: dict[int, list[tuple[int, Aggregate]]] = {}
 
     def _new(self, p: int) -> PartitionWindows:
         s = self.settings
@@ -70,6 +77,7 @@ class Aggregator:
         """Forget in-memory state of partitions another worker now owns (the table keeps it)."""
         for p in partitions:
             self.partitions.pop(p, None)
+            self.closed.pop(p, None)  # the next owner restores these and sends them once more
 
     async def process_batch(self, messages: Sequence[tuple[int, int, bytes | None]]) -> IngestResult:
         """Fold ``(partition, offset, value)`` messages in, persist, emit what became due."""
@@ -134,11 +142,18 @@ class Aggregator:
         if due:
             # 1. emitted and acknowledged ...
             await self.emit([a for _, aggs in due for a in aggs])
+            now_ms = self.clock.now_ms()
             for pw, aggs in due:
-                # 2. ... then the lateness boundary is persisted, 3. then the window is forgotten.
+                # 2. ... then the lateness boundary is persisted, 3. the window is forgotten later.
                 pw.mark_closed(aggs)
                 self.counters.inc("table_records_written", self.state.persist(pw))
-                self.state.forget(pw, aggs)
+                self.closed.setdefault(pw.partition, []).extend((now_ms, a) for a in aggs)
+        cutoff_ms = self.clock.now_ms() - FORGET_AFTER_MS
+        for pw in pws:
+            kept = self.closed.get(pw.partition)
+            if kept and kept[0][0] <= cutoff_ms:
+                self.state.forget(pw, [a for t, a in kept if t <= cutoff_ms])
+                self.closed[pw.partition] = [(t, a) for t, a in kept if t > cutoff_ms]
         n = sum(len(aggs) for _, aggs in due)
         self.counters.inc("minutes_emitted", n)
         self.counters.set("windows_open", sum(len(pw.windows) for pw in self.partitions.values()))

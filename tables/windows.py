@@ -239,8 +239,10 @@ class PartitionWindows:
         for agg in self.windows.values():
             key = agg.key
             end_ms = key.start_ms + self.window_ms
-            app_wm = self.apps[key.app].wm_ms if key.app in self.apps else -1
+            prog = self.apps.get(key.app)
+            app_wm = prog.wm_ms if prog is not None else -1
             if (app_wm >= end_ms + grace_ms or end_ms <= part_limit
+                    or (prog is not None and end_ms <= prog.closed_ms)  # closed before a restart: send again
                     or (idle and now_ms >= end_ms + grace_ms)):
                 out.append(agg)
         out.sort(key=lambda a: a.key.start_ms)

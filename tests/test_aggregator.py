@@ -49,10 +49,12 @@ async def test_batches_across_partitions_emit_each_minute_once(clock: ManualCloc
                                (1, 0, msg(router(T0 + 3, app="blog")))])
     await h.agg.process_batch([(0, 1, msg(router(T0 + 70_000))), (1, 1, msg(router(T0 + 70_000, app="blog")))])
     assert sorted((a.key.app, a.requests) for a in h.emitted) == [("blog", 1), ("shop", 2)]
-    # Emitted minutes are gone from the table; the open next minute and progress records remain.
-    assert not any(b"|w|" in k and str(T0).encode() in k for k in table)
+    # Emitted minutes stay in the table for a while (a restart sends them again) ...
+    assert any(b"|w|" in k and str(T0).encode() in k for k in table)
     clock.set(T0 + 70_000 + 30_000 + 60_000)
     assert await h.agg.close_idle({0, 1}) == 2
+    # ... then they are gone; the progress records remain.
+    assert not any(b"|w|" in k and str(T0).encode() in k for k in table)
     assert await h.agg.close_idle({0, 1}) == 0
     assert len(h.emitted) == 4
     assert h.counters.values["minutes_emitted"] == 4 and h.counters.values["windows_open"] == 0
@@ -134,3 +136,23 @@ async def test_a_malformed_last_message_still_lets_the_partition_go_idle(clock: 
     assert await h.agg.close_idle({0}, {0: 2}) == 1  # offset 1 was handled (dead-lettered): caught up
     res = await h.agg.process_batch([(0, 1, b"{not json")])  # redelivered: not dead-lettered twice
     assert res.counts.skipped_replay == 1 and res.counts.rejected == 0
+
+
+async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: ManualClock) -> None:
+    """The sinks may not have stored (and committed) a minute the crashed worker emitted: the restarted
+    worker sends it once more, identical, and never reopens it."""
+    table: dict[bytes, bytes] = {}
+    first = Harness(table, clock)
+    await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert [(a.key.start_ms, a.requests) for a in first.emitted] == [(T0, 1)]
+    clock.set(T0 + 10_000)  # "crash" within FORGET_AFTER_MS of the close
+    second = Harness(table, clock)
+    res = await second.agg.process_batch([(0, 2, msg(router(T0 + 5)))])  # late for the closed minute
+    assert res.counts.late == 1
+    assert [(a.key.start_ms, a.requests) for a in second.emitted] == [(T0, 1)]
+    assert second.emitted[0].to_record() == first.emitted[0].to_record()
+    clock.set(T0 + 60_000)
+    await second.agg.close_idle({0}, {0: 3})
+    third = Harness(table, clock)  # long after: the minute was forgotten, nothing is sent again
+    await third.agg.process_batch([(0, 3, msg(router(T0 + 81_000)))])
+    assert all(a.key.start_ms != T0 for a in third.emitted)
