@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import orjson
@@ -47,7 +48,12 @@ class Aggregator:
         # sat in the batch buffer must not be applied, persisted or closed here: the new owner does that.
         self.owns = owns or (lambda p: True)
         self.partitions: dict[int, PartitionWindows] = {}
-        # One batch or one close at a time: both mutate the same windows.
+        # Folded in since the last flush, per partition: counts and dead letters still to send.
+        self.pending: dict[int, IngestResult] = {}
+        self.pending_bytes = 0
+        self.dropped: dict[int, int] = {}
+        """Per partition, how often unflushed messages were forgotten: such messages must never be acked."""
+        # One add, flush or close at a time: they mutate the same windows, and a close awaits the broker.
         self.lock = asyncio.Lock()
         # Closed windows still kept in the table, per partition, with the wall time they were closed: a
         # worker restarted before the sinks stored (and committed) a minute restores it and sends it
@@ -74,46 +80,71 @@ class Aggregator:
                          p, len(wins), len(apps), offset)
 
     def revoke(self, partitions: Iterable[int]) -> None:
-        """Forget in-memory state of partitions another worker now owns (the table keeps it)."""
-        for p in partitions:
+        """Forget in-memory state of partitions another worker now owns (the table keeps it).
+
+        Messages folded in but not flushed go with it: they were never acknowledged, so whoever owns
+        the partition next reads them again.
+        """
+        for p in list(partitions):
             self.partitions.pop(p, None)
             self.closed.pop(p, None)  # the next owner restores these and sends them once more
+            if self.pending.pop(p, None) is not None:
+                self.dropped[p] = self.dropped.get(p, 0) + 1
+
+    async def add(self, partition: int, offset: int, value: bytes | None) -> bool:
+        """Fold one message into its partition's open windows, as it arrives.
+
+        Persisting, dead-lettering and closing wait for :meth:`flush`; the caller acknowledges the
+        message (lets its offset be committed) only after that. Folding on arrival, instead of
+        buffering a batch and folding it afterwards, keeps this process busy while the consumer
+        fetches (Faust's ``take`` leaves it idle for up to ``within`` per batch). Returns False when
+        the message was dropped because another worker owns its partition now.
+        """
+        async with self.lock:
+            result = self.pending.get(partition)
+            if result is None:
+                if not self.owns(partition):
+                    log.info("dropping a message of partition %d: revoked", partition)
+                    self.revoke([partition])
+                    return False
+                self._ensure_loaded([partition])
+                result = self.pending[partition] = IngestResult()
+            self.partitions[partition].ingest(offset, value, result)
+            self.pending_bytes += len(value or b"")
+            return True
+
+    async def flush(self) -> IngestResult:
+        """Persist what was folded in since the last flush, dead-letter its rejects, emit what is due."""
+        async with self.lock:
+            return await self._flush()
 
     async def process_batch(self, messages: Sequence[tuple[int, int, bytes | None]]) -> IngestResult:
-        """Fold ``(partition, offset, value)`` messages in, persist, emit what became due."""
-        result = IngestResult()
-        by_partition: dict[int, list[tuple[int, bytes | None]]] = {}
+        """:meth:`add` each ``(partition, offset, value)``, then :meth:`flush`."""
         for p, offset, value in messages:
-            by_partition.setdefault(p, []).append((offset, value))
-        async with self.lock:
-            for p in [p for p in by_partition if not self.owns(p)]:
-                log.info("dropping %d buffered messages of partition %d: revoked", len(by_partition.pop(p)), p)
-                self.revoke([p])
-            try:
-                await self._process(by_partition, result)
-            except BaseException:
-                # Memory may now be ahead of the table: rebuild these partitions from the table when the
-                # batch is redelivered, so nothing is skipped or counted twice.
-                self.revoke(by_partition)
-                raise
-        return result
+            await self.add(p, offset, value)
+        return await self.flush()
 
-    async def _process(self, by_partition: dict[int, list[tuple[int, bytes | None]]],
-                       result: IngestResult) -> None:
-        self._ensure_loaded(by_partition)
-        dead_by_partition: dict[int, list[Rejected]] = {}
-        for p, msgs in by_partition.items():
-            pw = self.partitions[p]
-            first_dead = len(result.dead)
-            for offset, value in msgs:
-                pw.ingest(offset, value, result)
-            if len(result.dead) > first_dead:
-                dead_by_partition[p] = result.dead[first_dead:]
-            self.counters.inc("table_records_written", self.state.persist(pw))
-        self._count(result)
-        for p, dead in dead_by_partition.items():
-            await self.dead_letter(p, dead)
-        await self._close([self.partitions[p] for p in by_partition])
+    async def _flush(self) -> IngestResult:
+        pending, self.pending, self.pending_bytes = self.pending, {}, 0
+        total = IngestResult()
+        try:
+            for p, result in pending.items():
+                self.counters.inc("table_records_written", self.state.persist(self.partitions[p]))
+                total.add(result)
+            self._count(total)
+            for p, result in pending.items():
+                if result.dead:
+                    await self.dead_letter(p, result.dead)
+            # Only event time closes windows here: whether a partition is idle (caught up, and quiet long
+            # enough) is close_idle's question, which knows the broker's highwaters.
+            await self._close([self.partitions[p] for p in pending if p in self.partitions],
+                              {p: False for p in pending})
+        except BaseException:
+            # Memory may now be ahead of the table: rebuild these partitions from the table when the
+            # messages are redelivered, so nothing is skipped or counted twice.
+            self.revoke(pending)
+            raise
+        return total
 
     async def close_idle(self, assigned: Iterable[int], highwaters: Mapping[int, int | None] | None = None) -> int:
         """Wall-clock pass over the partitions this worker owns (idle ones included).
@@ -123,6 +154,8 @@ class Aggregator:
         """
         owned = set(assigned)
         async with self.lock:
+            if self.pending:
+                await self._flush()
             self.revoke([p for p in self.partitions if p not in owned])
             self._ensure_loaded(owned)
             held = list(self.partitions)
@@ -135,9 +168,8 @@ class Aggregator:
                 self.revoke(held)
                 raise
 
-    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool] | None = None) -> int:
-        # Within a batch the partition just delivered input, so only event time can close windows here.
-        due = [(pw, pw.due(caught_up=True if caught_up is None else caught_up[pw.partition])) for pw in pws]
+    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool]) -> int:
+        due = [(pw, pw.due(caught_up=caught_up[pw.partition])) for pw in pws]
         due = [(pw, aggs) for pw, aggs in due if aggs]
         if due:
             # 1. emitted and acknowledged ...
@@ -187,6 +219,34 @@ def minute_record(agg: Aggregate) -> bytes:
     return orjson.dumps(agg.to_record())
 
 
+class Unacked:
+    """Messages folded in but not acknowledged yet.
+
+    Acknowledging lets Faust commit a message's offset, so it happens only after the aggregator
+    persisted the message's effects: a crash before that re-reads it (at-least-once), and the
+    offsets kept in the table make the re-read a no-op where it was already applied.
+    """
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.stream: Any = None
+        self.events: list[tuple[Any, int, int]] = []  # (event, partition, aggregator.dropped count)
+        self.since_s = 0.0
+
+    def append(self, event: Any, partition: int) -> None:
+        if not self.events:
+            self.since_s = time.monotonic()
+        self.events.append((event, partition, self.aggregator.dropped.get(partition, 0)))
+
+    async def flush(self) -> None:
+        done, self.events = self.events, []
+        await self.aggregator.flush()
+        dropped = self.aggregator.dropped
+        for event, partition, seen in done:
+            if dropped.get(partition, 0) == seen:  # else forgotten unflushed (revoked): the next owner reads it
+                await self.stream.ack(event)
+
+
 # --- Faust binding --------------------------------------------------------------------------------------
 # Imported by app/__main__.py; kept below the logic so unit tests can build an Aggregator without a broker.
 
@@ -212,11 +272,35 @@ def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
     aggregator = Aggregator(settings, WindowTableState(windows_table, settings.observations_topic),
                             emit=emit, dead_letter=dead_letter, counters=counters, owns=owns)
 
+    unacked = Unacked(aggregator)
+
+    async def flush() -> None:
+        try:
+            await unacked.flush()
+        except Exception as exc:
+            # These messages were not acknowledged, and Faust will not deliver them again in this process
+            # (a crashed agent is restarted on the next messages): stop the worker, so that it restarts
+            # from the committed input offsets. The offsets kept in the table make that replay idempotent.
+            log.critical("aggregates could not be persisted or emitted (%r): stopping the worker so it "
+                         "restarts from the committed input offsets; check the brokers", exc)
+            await faust_app.crash(exc)
+            raise
+
     @faust_app.agent(observations_topic, name="aggregate")
     async def aggregate(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            await aggregator.process_batch(
-                [(e.message.partition, e.message.offset, e.value) for e in events])
+        unacked.stream = stream = stream.noack()  # acked by Unacked.flush, once the table has them
+        async for event in stream.events():
+            message = event.message
+            if await aggregator.add(message.partition, message.offset, event.value):
+                unacked.append(event, message.partition)
+            if len(unacked.events) >= settings.batch_max or aggregator.pending_bytes >= settings.batch_max_bytes:
+                await flush()
+
+    @faust_app.timer(settings.batch_within_s / 2, name="flush_aggregates")
+    async def flush_aggregates() -> None:
+        # A quiet stream still gets its last messages persisted and acknowledged within batch_within_s.
+        if unacked.events and time.monotonic() - unacked.since_s >= settings.batch_within_s:
+            await flush()
 
     @faust_app.timer(settings.close_interval_s, name="close_idle_windows")
     async def close_idle() -> None:

@@ -38,7 +38,7 @@ NonNegative = Annotated[float, Meta(ge=0.0, le=1e15)]
 EpochMs = Annotated[int, Meta(ge=0, le=10**15)]
 
 
-class Router(Struct, tag_field="kind", tag="router", frozen=True):
+class Router(Struct, tag_field="kind", tag="router", frozen=True, gc=False):
     app: str
     dyno: str
     ts: EpochMs
@@ -47,7 +47,7 @@ class Router(Struct, tag_field="kind", tag="router", frozen=True):
     code: Union[Annotated[str, Meta(pattern=r"^[A-Z][0-9]{1,3}$")], None] = None
 
 
-class Runtime(Struct, tag_field="kind", tag="runtime", frozen=True):
+class Runtime(Struct, tag_field="kind", tag="runtime", frozen=True, gc=False):
     app: str
     dyno: str
     ts: EpochMs
@@ -58,7 +58,7 @@ class Runtime(Struct, tag_field="kind", tag="runtime", frozen=True):
     load_avg_1m: Union[NonNegative, None] = None
 
 
-class Metric(Struct, tag_field="kind", tag="metric", frozen=True):
+class Metric(Struct, tag_field="kind", tag="metric", frozen=True, gc=False):
     app: str
     dyno: str
     ts: EpochMs
@@ -68,6 +68,8 @@ class Metric(Struct, tag_field="kind", tag="metric", frozen=True):
 
 
 Observation = Union[Router, Runtime, Metric]
+# gc=False above: the structs hold only str/int/float/None and can never be part of a reference cycle, so
+# the collector need not track the ~500 of them a batched message creates (measured ~10 % faster decode).
 _many = msgspec.json.Decoder(list[Observation])
 _one = msgspec.json.Decoder(Observation)
 
@@ -161,6 +163,9 @@ def echo(record: Any) -> Any:
 
 _valid_names: set[str] = set()
 _proc_of_dyno: dict[str, str] = {}
+known_process_type = _proc_of_dyno.get
+"""The cached answer of :func:`process_type` (a bound C method: no Python frame); None for a dyno not
+seen yet, which only :func:`process_type` may judge."""
 _CACHE_MAX = 100_000
 
 

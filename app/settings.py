@@ -66,6 +66,10 @@ class Settings:
     batch_max: int = 2000
     """Input messages aggregated per table write; bigger batches amortize changelog writes."""
     batch_within_s: float = 0.2
+    """Longest a folded-in message waits to be persisted and acknowledged when input goes quiet."""
+    batch_max_bytes: int = 8 * 1024 * 1024
+    """Input bytes folded in per table write (about 60k batched observations): bounds the work a crash
+    repeats and the changelog traffic, which grows with the number of writes."""
     close_interval_s: float = 1.0
     """How often the wall-clock closer looks for idle partitions."""
     data_dir: str = "./data"

@@ -62,9 +62,16 @@ class Digest:
         self._pending = []
 
     def _to_tdigest(self) -> None:
-        assert self._exact is not None
-        self._td = TDigest.from_dict(_centroid_dict(self._exact, self.max_centroids))
-        self._td.merge_inplace(TDigest(max_centroids=self.max_centroids))  # compress to max_centroids
+        exact = self._exact
+        assert exact is not None
+        if exact.total() <= 8 * len(exact):
+            # Mostly distinct values (e.g. latencies with decimals): feeding them to the Rust digest is
+            # ~4x cheaper than building one centroid dict per value.
+            self._td = TDigest(max_centroids=self.max_centroids)
+            self._td.batch_update(list(exact.elements()))
+        else:
+            self._td = TDigest.from_dict(_centroid_dict(exact, self.max_centroids))
+            self._td.merge_inplace(TDigest(max_centroids=self.max_centroids))  # compress to max_centroids
         self._exact = None
 
     def merge(self, other: "Digest") -> None:

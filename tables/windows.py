@@ -25,8 +25,11 @@ This module is pure: the caller (agents/aggregate.py) moves records to and from 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import compress
+from operator import not_
+from typing import Any, Iterable, Sequence, cast
 
 from app import models
 from app.clock import Clock
@@ -34,6 +37,8 @@ from tables.aggregate import Aggregate, BucketKey
 from tables.digest import DEFAULT_MAX_CENTROIDS
 
 WINDOW_MS = 60_000
+COLUMN_MIN = 16
+"""Router requests in a message from which the column-wise fold pays for its setup."""
 WinKey = tuple[str, str, int]
 """(app, process type, window start ms): a plain tuple hashes far faster than a dataclass on the hot path."""
 
@@ -79,13 +84,22 @@ class IngestResult:
     counts: Counts = field(default_factory=Counts)
     dead: list[Rejected] = field(default_factory=list)
 
+    def add(self, other: "IngestResult") -> None:
+        c, o = self.counts, other.counts
+        c.accepted += o.accepted
+        c.late += o.late
+        c.rejected += o.rejected
+        c.skipped_replay += o.skipped_replay
+        self.dead.extend(other.dead)
+
 
 class PartitionWindows:
     """Open windows, watermarks and progress of one input partition."""
 
     def __init__(self, partition: int, *, clock: Clock, grace_ms: int, idle_timeout_ms: int,
                  max_future_ms: int, max_message_bytes: int,
-                 max_centroids: int = DEFAULT_MAX_CENTROIDS, window_ms: int = WINDOW_MS) -> None:
+                 max_centroids: int = DEFAULT_MAX_CENTROIDS, window_ms: int = WINDOW_MS,
+                 column_min: int = COLUMN_MIN) -> None:
         self.partition = partition
         self.clock = clock
         self.grace_ms = grace_ms
@@ -94,6 +108,7 @@ class PartitionWindows:
         self.max_message_bytes = max_message_bytes
         self.max_centroids = max_centroids
         self.window_ms = window_ms
+        self.column_min = column_min
         self.windows: dict[WinKey, Aggregate] = {}
         self.apps: dict[str, AppProgress] = {}
         self.offset = -1  # every message at or below this offset is fully applied
@@ -104,11 +119,7 @@ class PartitionWindows:
 
     # --- input -------------------------------------------------------------------------------------
     def ingest(self, offset: int, value: bytes | None, result: IngestResult) -> None:
-        """Fold one input message in. Never raises on bad data: rejects are appended to ``result``.
-
-        The hot path (once per observation) is written flat on purpose: local names, tuple keys, one
-        list append per request; counts, sums, max and digests are folded once per batch (Timer.flush).
-        """
+        """Fold one input message in. Never raises on bad data: rejects are appended to ``result``."""
         now_ms = self.clock.now_ms()
         self.last_input_wall_ms = now_ms
         if offset <= self.offset:
@@ -123,12 +134,129 @@ class PartitionWindows:
         for rej in decoded.rejects:
             result.counts.rejected += 1
             result.dead.append(Rejected("rejected", rej.reason, rej.record, offset, rej.index, None))
+        obs = decoded.observations
+        touched: dict[WinKey, Aggregate] = {}
+        seen_apps: set[str] = set()
+        rest: Sequence[int] = range(len(obs))
+        if len(obs) >= self.column_min:
+            rest = self._fold_routers(offset, obs, now_ms, touched, seen_apps, result.counts)
+        if rest:
+            self._fold_each(offset, obs, rest, decoded.indexes, now_ms, touched, seen_apps, result)
+        # Stamp offsets after the whole message: several observations of one message share a window.
+        for key, agg in touched.items():
+            agg.offset = offset
+            self.dirty_windows.add(key)
+        for app in seen_apps:
+            self.apps[app].offset = offset
+        self.dirty_apps |= seen_apps
+        self.offset = offset
+
+    def _fold_routers(self, offset: int, obs: list[models.Observation], now_ms: int,
+                      touched: dict[WinKey, Aggregate], seen_apps: set[str], counts: Counts) -> Sequence[int]:
+        """Fold a message's router requests column by column; returns the positions left to fold one by one.
+
+        A batched message is one app's requests over a few seconds: one app, one process type, one
+        window (two at a minute boundary). Each field is pulled out once (a comprehension or C-level
+        ``map``) and folded per window in bulk (``list.extend``, ``Counter``): about 2x cheaper than
+        :meth:`_fold_each`'s ~40 bytecodes per request. Anything unusual -- several apps, a dyno not
+        seen before, a late or future timestamp, a window that already holds this offset -- leaves the
+        whole message to :meth:`_fold_each`, which has the exact rules and reasons. Both paths give
+        identical aggregates (tests/test_windows.py).
+        """
+        Router = models.Router
+        n = len(obs)
+        everything = range(n)
+        is_router = [o.__class__ is Router for o in obs]
+        n_routers = is_router.count(True)
+        if n_routers < self.column_min:
+            return everything
+        rest: Sequence[int] = ()
+        routers: list[Any] = obs
+        if n_routers != n:
+            routers = list(compress(obs, is_router))
+            rest = list(compress(everything, map(not_, is_router)))
+        apps = {o.app for o in routers}
+        if len(apps) != 1:
+            return everything
+        app = apps.pop()
+        prog = self.apps.get(app)
+        if not models.valid_app(app) or (prog is not None and offset <= prog.offset):
+            return everything
+        ts_ms = [o.ts for o in routers]
+        lo_ms, hi_ms = min(ts_ms), max(ts_ms)
+        if hi_ms > now_ms + self.max_future_ms or (prog is not None and lo_ms < prog.closed_ms):
+            return everything
+        procs = {models.known_process_type(d) for d in {o.dyno for o in routers}}
+        if None in procs:
+            return everything
+        window_ms = self.window_ms
+        groups: dict[WinKey, list[int] | None]
+        if len(procs) == 1 and lo_ms // window_ms == hi_ms // window_ms:
+            groups = {(app, cast(str, procs.pop()), lo_ms - lo_ms % window_ms): None}  # None: all of them
+        else:
+            proc_of = models.known_process_type
+            positions: dict[WinKey, list[int]] = {}
+            for i, o in enumerate(routers):
+                k = (app, cast(str, proc_of(o.dyno)), o.ts - o.ts % window_ms)
+                got = positions.get(k)
+                if got is None:
+                    positions[k] = [i]
+                else:
+                    got.append(i)
+            groups = dict(positions)
+        windows = self.windows
+        for key in groups:
+            agg = windows.get(key)
+            if agg is not None and offset <= agg.offset:
+                return everything
+        # From here on the message is applied: nothing below can fail or fall back.
+        if prog is None:
+            prog = self.apps[app] = AppProgress()
+        services = [o.service_ms for o in routers]
+        statuses = [o.status for o in routers]
+        codes = [o.code for o in routers]
+        with_code = codes.count(None) != n_routers
+        for key, pos in groups.items():
+            agg = windows.get(key)
+            if agg is None:
+                agg = windows[key] = Aggregate(BucketKey(*key), max_centroids=self.max_centroids)
+            touched[key] = agg
+            if pos is None:
+                agg.response.pending.extend(services)
+                by_status = Counter(statuses)
+            else:
+                agg.response.pending.extend([services[i] for i in pos])
+                by_status = Counter([statuses[i] for i in pos])
+            status = agg.status
+            for code_, count in by_status.items():
+                status[code_ // 100] += count
+                if code_ >= 500:
+                    agg.failed += count
+            if with_code:
+                errors = agg.errors
+                for code, count in Counter(filter(None, codes if pos is None else [codes[i] for i in pos])).items():
+                    errors[code] = errors.get(code, 0) + count
+        counts.accepted += n_routers
+        seen_apps.add(app)
+        if hi_ms > prog.wm_ms:
+            prog.wm_ms = hi_ms
+            if hi_ms > self.wm_ms:
+                self.wm_ms = hi_ms
+        return rest
+
+    def _fold_each(self, offset: int, obs: list[models.Observation], positions: Iterable[int],
+                   indexes: list[int] | None, now_ms: int, touched: dict[WinKey, Aggregate],
+                   seen_apps: set[str], result: IngestResult) -> None:
+        """Fold observations one at a time, with every check and its reason.
+
+        Written flat on purpose: local names, tuple keys, one list append per request; counts, sums,
+        max and digests are folded once per batch (Timer.flush).
+        """
         future_ms = now_ms + self.max_future_ms
         window_ms = self.window_ms
         apps = self.apps
         windows = self.windows
-        touched: dict[WinKey, tuple[Aggregate, Any, list[int]]] = {}
-        seen_apps: set[str] = set()
+        slots: dict[WinKey, tuple[Aggregate, Any, list[int]]] = {}
         counts = result.counts
         accepted = 0
         last_app: str | None = None
@@ -136,12 +264,13 @@ class PartitionWindows:
         proc_of = models.process_type
         Router = models.Router
         Runtime = models.Runtime
-        for i, o in enumerate(decoded.observations):
+        for i in positions:
+            o = obs[i]
             app = o.app
             if app != last_app:
                 if not models.valid_app(app):
                     self._reject(result, "app must be 1..100 characters of [A-Za-z0-9._-]", o, offset,
-                                 i, decoded.indexes, None)
+                                 i, indexes, None)
                     continue
                 got = apps.get(app)
                 if got is None:
@@ -153,18 +282,18 @@ class PartitionWindows:
                 continue
             proc = proc_of(o.dyno)
             if proc is None:
-                self._reject(result, "dyno must look like web.1", o, offset, i, decoded.indexes, app)
+                self._reject(result, "dyno must look like web.1", o, offset, i, indexes, app)
                 continue
             ts = o.ts
             if ts > future_ms:
                 self._reject(result, f"ts is more than {self.max_future_ms} ms ahead of the wall clock",
-                             o, offset, i, decoded.indexes, app)
+                             o, offset, i, indexes, app)
                 continue
             if ts < prog.closed_ms:
                 counts.late += 1
                 result.dead.append(Rejected(
                     "late", f"minute already closed: ts {ts} < {prog.closed_ms} (grace {self.grace_ms} ms)",
-                    models.echo(o), offset, i if decoded.indexes is None else decoded.indexes[i], app))
+                    models.echo(o), offset, i if indexes is None else indexes[i], app))
                 continue
             cls = o.__class__
             if cls is Runtime:
@@ -172,23 +301,24 @@ class PartitionWindows:
                 if (r.memory_rss_mb is None and r.memory_swap_mb is None and r.memory_total_mb is None
                         and r.memory_quota_mb is None and r.load_avg_1m is None):
                     self._reject(result, "runtime sample has no memory_* or load_avg_1m field", o, offset, i,
-                                 decoded.indexes, app)
+                                 indexes, app)
                     continue
             elif cls is not Router:
                 m: models.Metric = o  # type: ignore[assignment]
                 if m.type == "timer" and m.value < 0:
-                    self._reject(result, "timer value must be >= 0", o, offset, i, decoded.indexes, app)
+                    self._reject(result, "timer value must be >= 0", o, offset, i, indexes, app)
                     continue
             key = (app, proc, ts - ts % window_ms)
-            slot = touched.get(key)
+            slot = slots.get(key)
             if slot is None:
-                agg = windows.get(key)
+                agg = touched.get(key) or windows.get(key)
                 if agg is None:
                     agg = windows[key] = Aggregate(BucketKey(*key), max_centroids=self.max_centroids)
                 elif offset <= agg.offset:
                     counts.skipped_replay += 1
                     continue
-                slot = touched[key] = (agg, agg.response.pending.append, agg.status)
+                slot = slots[key] = (agg, agg.response.pending.append, agg.status)
+                touched[key] = agg
             if cls is Router:
                 slot[1](o.service_ms)  # type: ignore[union-attr]
                 status = o.status  # type: ignore[union-attr]
@@ -209,14 +339,6 @@ class PartitionWindows:
                 if ts > self.wm_ms:
                     self.wm_ms = ts
         counts.accepted += accepted
-        # Stamp offsets after the whole message: several observations of one message share a window.
-        for key, (agg, _, _) in touched.items():
-            agg.offset = offset
-            self.dirty_windows.add(key)
-        for app in seen_apps:
-            apps[app].offset = offset
-        self.dirty_apps |= seen_apps
-        self.offset = offset
 
     def _reject(self, result: IngestResult, reason: str, record: Any, offset: int, i: int,
                 indexes: list[int] | None, app: str | None) -> None:
@@ -245,7 +367,7 @@ class PartitionWindows:
                     or (prog is not None and end_ms <= prog.closed_ms)  # closed before a restart: send again
                     or (idle and now_ms >= end_ms + grace_ms)):
                 out.append(agg)
-        out.sort(key=lambda a: a.key.start_ms)
+        out.sort(key=lambda a: (a.key.start_ms, a.key.app, a.key.process_type))  # deterministic order
         return out
 
     def mark_closed(self, closed: list[Aggregate]) -> None:

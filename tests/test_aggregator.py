@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import orjson
 import pytest
 
-from agents.aggregate import Aggregator, dead_letter_record
+from agents.aggregate import Aggregator, Unacked, dead_letter_record
 from app.clock import ManualClock
 from app.settings import Settings
 from app.stats import Counters
@@ -136,6 +136,78 @@ async def test_a_malformed_last_message_still_lets_the_partition_go_idle(clock: 
     assert await h.agg.close_idle({0}, {0: 2}) == 1  # offset 1 was handled (dead-lettered): caught up
     res = await h.agg.process_batch([(0, 1, b"{not json")])  # redelivered: not dead-lettered twice
     assert res.counts.skipped_replay == 1 and res.counts.rejected == 0
+
+
+class FakeEvent:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition, self.offset = partition, offset
+
+
+class RecordingStream:
+    """Stands in for Faust's stream: records which events were acknowledged."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, int]] = []
+
+    async def ack(self, event: FakeEvent) -> bool:
+        self.acked.append((event.partition, event.offset))
+        return True
+
+
+async def _deliver(h: Harness, unacked: Unacked, partition: int, offset: int, value: bytes) -> None:
+    if await h.agg.add(partition, offset, value):
+        unacked.append(FakeEvent(partition, offset), partition)
+
+
+async def test_messages_are_acknowledged_only_after_their_flush(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table, clock)
+    unacked = Unacked(h.agg)
+    unacked.stream = stream = RecordingStream()
+    await _deliver(h, unacked, 0, 0, msg(router(T0 + 1)))
+    await _deliver(h, unacked, 0, 1, b"{oops")
+    assert stream.acked == [] and not table and not h.dead  # folded in memory only
+    assert h.agg.partitions[0].windows[("shop", "web", T0)].requests == 1
+    await unacked.flush()
+    assert stream.acked == [(0, 0), (0, 1)] and table and [d.offset for _, d in h.dead] == [1]
+    assert h.counters.values["observations_accepted"] == 1
+
+
+async def test_unflushed_messages_of_a_revoked_partition_are_never_acknowledged(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    unacked = Unacked(h.agg)
+    unacked.stream = stream = RecordingStream()
+    await _deliver(h, unacked, 0, 0, msg(router(T0 + 1)))
+    await _deliver(h, unacked, 1, 0, msg(router(T0 + 2, app="blog")))
+    h.agg.revoke([1])  # rebalance before the flush: partition 1's folded message is forgotten ...
+    await _deliver(h, unacked, 1, 1, msg(router(T0 + 3, app="blog")))  # ... and it came back to us
+    await unacked.flush()
+    assert stream.acked == [(0, 0), (1, 1)]  # (1, 0) is read again from the committed offset
+
+
+async def test_a_failed_flush_acknowledges_nothing(clock: ManualClock) -> None:
+    h = Harness({}, clock, fail_emit=True)
+    unacked = Unacked(h.agg)
+    unacked.stream = stream = RecordingStream()
+    await _deliver(h, unacked, 0, 0, msg(router(T0 + 1), router(T0 + 80_000)))
+    with pytest.raises(ConnectionError):
+        await unacked.flush()
+    assert stream.acked == [] and h.agg.partitions == {}
+
+
+async def test_idle_close_flushes_pending_messages_first(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    assert await h.agg.add(0, 0, msg(router(T0 + 1), {"kind": "x"}))
+    clock.set(T0 + 10 * 60_000)
+    assert await h.agg.close_idle({0}, {0: 1}) == 1
+    assert [d.index for _, d in h.dead] == [1] and h.counters.values["observations_accepted"] == 1
+
+
+async def test_a_message_of_a_partition_owned_elsewhere_is_dropped(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    h.agg.owns = lambda p: p == 0
+    assert not await h.agg.add(1, 0, msg(router(T0 + 1)))
+    assert 1 not in h.agg.partitions and not h.agg.pending
 
 
 async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: ManualClock) -> None:

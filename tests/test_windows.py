@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.clock import ManualClock
 from tables.windows import IngestResult, PartitionWindows
@@ -178,3 +180,59 @@ def test_runtime_and_custom_metrics(pw: PartitionWindows) -> None:
     assert point["metrics"]["jobs"] == {"type": "counter", "sum": 2.0}
     assert point["metrics"]["queue"] == {"type": "gauge", "mean": 8.0, "max": 9.0, "last": 7.0}
     assert "requests" not in point
+
+
+_DYNOS = ["web.1", "web.2", "router", "worker.1", "web 3"]  # the last is invalid
+_obs = st.one_of(
+    st.builds(lambda dt, app, dyno, status, svc, code: router(T0 + dt, app=app, dyno=dyno, status=status,
+                                                              svc=svc, code=code),
+              st.integers(-20_000, 200_000), st.sampled_from(["shop", "shop", "shop", "blog"]),
+              st.sampled_from(_DYNOS), st.sampled_from([200, 200, 200, 302, 404, 503]),
+              st.sampled_from([1.0, 2.5, 12.0, 30_000.0]), st.sampled_from([None, None, None, "H12", "H13"])),
+    st.builds(lambda dt: {"kind": "runtime", "app": "shop", "dyno": "web.1", "ts": T0 + dt, "memory_rss_mb": 5.0},
+              st.integers(0, 200_000)),
+    st.builds(lambda dt, v: {"kind": "metric", "app": "shop", "dyno": "web.1", "ts": T0 + dt, "name": "q",
+                             "type": "gauge", "value": v}, st.integers(0, 200_000), st.floats(0, 10)),
+)
+
+
+@st.composite
+def _clean_message(draw: Any) -> list[dict[str, Any]]:
+    """One app's requests over a few seconds (the shape the column fold takes), maybe with a sample."""
+    app = draw(st.sampled_from(["shop", "blog"]))
+    base = draw(st.sampled_from([0, 55_000, 61_000, 118_000]))  # some straddle a minute boundary
+    dynos = draw(st.sampled_from([["web.1", "web.2", "router"], ["web.1", "worker.1"]]))
+    out = [router(T0 + base + draw(st.integers(0, 4_000)), app=app, dyno=draw(st.sampled_from(dynos)),
+                  status=draw(st.sampled_from([200, 200, 404, 503])), svc=draw(st.sampled_from([1.0, 7.25, 30.0])),
+                  code=draw(st.sampled_from([None, None, "H12"])))
+           for _ in range(draw(st.integers(1, 40)))]
+    if draw(st.booleans()):
+        out.insert(draw(st.integers(0, len(out))), draw(_obs))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages=st.lists(st.one_of(_clean_message(), st.lists(_obs, min_size=1, max_size=40)),
+                         min_size=1, max_size=12),
+       replays=st.lists(st.integers(0, 11), max_size=3))
+def test_column_fold_equals_one_by_one(messages: list[list[dict[str, Any]]], replays: list[int]) -> None:
+    """The column-wise router fold (_fold_routers) and the per-observation path give identical state."""
+    clock = ManualClock(T0 + 120_000)
+    both = [PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=60_000,
+                             max_message_bytes=1_000_000, max_centroids=100, column_min=n) for n in (4, 10**9)]
+    outcomes: list[list[Any]] = [[], []]
+    offsets = list(range(len(messages))) + [o for o in replays if o < len(messages)]
+    for step, offset in enumerate(offsets):
+        value = msg(*messages[offset])
+        for pw, out in zip(both, outcomes):
+            r = ingest(pw, offset, value)
+            out.append((r.counts, [(d.kind, d.reason, d.offset, d.index, d.app) for d in r.dead]))
+            if step % 3 == 2:  # close what is due now and then, so later messages meet closed minutes
+                closed = pw.due()
+                out.append([a.to_record() for a in closed])
+                pw.mark_closed(closed)
+    fast, slow = both
+    assert outcomes[0] == outcomes[1]
+    assert {k: a.to_record() for k, a in fast.windows.items()} == {k: a.to_record() for k, a in slow.windows.items()}
+    assert {a: p.to_record() for a, p in fast.apps.items()} == {a: p.to_record() for a, p in slow.apps.items()}
+    assert (fast.offset, fast.wm_ms) == (slow.offset, slow.wm_ms)
