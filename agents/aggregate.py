@@ -171,6 +171,7 @@ class Aggregator:
     async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool]) -> int:
         due = [(pw, pw.due(caught_up=caught_up[pw.partition])) for pw in pws]
         due = [(pw, aggs) for pw, aggs in due if aggs]
+        resent = sum(1 for pw, aggs in due for a in aggs if pw.is_closed(a))
         if due:
             # 1. emitted and acknowledged ...
             await self.emit([a for _, aggs in due for a in aggs])
@@ -186,8 +187,9 @@ class Aggregator:
             if kept and kept[0][0] <= cutoff_ms:
                 self.state.forget(pw, [a for t, a in kept if t <= cutoff_ms])
                 self.closed[pw.partition] = [(t, a) for t, a in kept if t > cutoff_ms]
-        n = sum(len(aggs) for _, aggs in due)
+        n = sum(len(aggs) for _, aggs in due) - resent
         self.counters.inc("minutes_emitted", n)
+        self.counters.inc("minutes_resent", resent)
         self.counters.set("windows_open", sum(len(pw.windows) for pw in self.partitions.values()))
         return n
 

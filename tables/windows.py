@@ -370,6 +370,11 @@ class PartitionWindows:
         out.sort(key=lambda a: (a.key.start_ms, a.key.app, a.key.process_type))  # deterministic order
         return out
 
+    def is_closed(self, agg: Aggregate) -> bool:
+        """Whether this window's minute was closed before (restored after a restart: sent again)."""
+        prog = self.apps.get(agg.key.app)
+        return prog is not None and agg.key.start_ms + self.window_ms <= prog.closed_ms
+
     def mark_closed(self, closed: list[Aggregate]) -> None:
         """After the closed windows were emitted: advance lateness boundaries, forget the windows."""
         for agg in closed:

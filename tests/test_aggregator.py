@@ -223,6 +223,7 @@ async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: Manual
     assert res.counts.late == 1
     assert [(a.key.start_ms, a.requests) for a in second.emitted] == [(T0, 1)]
     assert second.emitted[0].to_record() == first.emitted[0].to_record()
+    assert (second.counters.values["minutes_resent"], second.counters.values.get("minutes_emitted", 0)) == (1, 0)
     clock.set(T0 + 60_000)
     await second.agg.close_idle({0}, {0: 3})
     third = Harness(table, clock)  # long after: the minute was forgotten, nothing is sent again
