@@ -7,6 +7,7 @@ import ssl
 from typing import Any
 
 from app.errors import ConfigError
+from app.ops import bootstrap_servers
 from app.settings import PREFIX, Settings
 
 
@@ -39,4 +40,4 @@ def faust_kwargs(settings: Settings) -> dict[str, Any]:
 
 def bootstrap(settings: Settings) -> str:
     """``host:port,host2:port`` from the Faust-style ``broker_url``."""
-    return ",".join(u.split("://", 1)[-1] for u in settings.broker_url.split(";"))
+    return ",".join(bootstrap_servers(settings.broker_url))

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from app import kafka
 from app.traffic import Generator, Truth
 
 
@@ -128,7 +129,6 @@ async def run(args: argparse.Namespace) -> Truth:
     if args.mode == "kafka":
         from aiokafka import AIOKafkaProducer
 
-        from app import kafka
         from app.settings import Settings
 
         producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5,
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--realtime", action="store_true", help="pace to the wall clock instead of as fast as possible")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--start-ms", type=int, default=None, help="event time of the first second (default: now)")
-    ap.add_argument("--bootstrap", default=",".join(u.split("://", 1)[-1] for u in s.broker_url.split(";")))
+    ap.add_argument("--bootstrap", default=kafka.bootstrap(s))
     ap.add_argument("--topic", default=s.observations_topic)
     ap.add_argument("--url", default=f"http://127.0.0.1:{s.web_port}", help="ingest base URL (drain mode)")
     ap.add_argument("--token", action="append", help="APP=DRAIN_TOKEN (drain mode; once per app)")
