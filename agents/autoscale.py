@@ -20,15 +20,32 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from agents.alerts import (Outbox, Table, decode_command, event_deliveries, minute_iso, owned_partitions,
-                           owns_partition, peek_minute)
+from agents.alerts import (
+    Outbox,
+    Table,
+    decode_command,
+    event_deliveries,
+    minute_iso,
+    owned_partitions,
+    owns_partition,
+    peek_minute,
+)
+from app.api.policies import CommandResults
 from app.errors import ConfigError
-from app.notify import FORMATION, Delivery, Notifier
-from app.policies_api import CommandResults
+from app.notify.delivery import FORMATION, Delivery
+from app.notify.notifier import Notifier
+from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
-from app.stats import Counters
-from tables.monitors import (POLICY_OPS, AppPolicies, AutoscaleParams, Command, Decision, Minute, Outcome,
-                             apply_policy_command)
+from tables.monitors import (
+    POLICY_OPS,
+    AppPolicies,
+    AutoscaleParams,
+    Command,
+    Decision,
+    Minute,
+    Outcome,
+    apply_policy_command,
+)
 
 log = logging.getLogger(__name__)
 

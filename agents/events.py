@@ -1,5 +1,5 @@
 """Stream job: alert transitions (``alerts``) and autoscaling decisions (``autoscale``) -> DynamoDB, so the
-dashboard can draw them as markers (``GET /v1/apps/{app}/events``, app/web.py).
+dashboard can draw them as markers (``GET /v1/apps/{app}/events``, app/api/web.py).
 
 **Storage.** Events live in the metrics table through the same store, as one item per (app, process type,
 minute) with resolution 0: partition key ``{app}#{process_type}#0``, sort key the minute start (epoch s),
@@ -29,19 +29,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import orjson
 
 from app.errors import RetriableError, StoreError, retry_delay_s
+from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
-from app.stats import Counters
-from app.store import MetricItem, MetricsStore
+from app.storage.events import EVENTS_RESOLUTION_S, merge_items
+from app.storage.protocol import MetricItem, MetricsStore
 
 log = logging.getLogger(__name__)
 
-EVENTS_RESOLUTION_S = 0
-"""The ``resolution_s`` of event items: no metric series uses 0, so the partition keys never meet."""
 ALERT, AUTOSCALE = "alert", "autoscale"
 
 
@@ -79,34 +78,6 @@ def decode_event(kind: str, value: bytes) -> tuple[str, str, dict[str, Any]] | N
     return app, proc, {"kind": AUTOSCALE, "id": event_id, "ts": ts, "action": rec.get("action"),
                        "from_dynos": from_dynos, "to_dynos": to_dynos, "reason": rec.get("reason"),
                        "pinned_at_max": bool(rec.get("pinned_at_max"))}
-
-
-def events_of(items: Iterable[MetricItem]) -> list[dict[str, Any]]:
-    """The events held by stored per-minute items, in item order (time, then id)."""
-    out: list[dict[str, Any]] = []
-    for it in items:
-        doc = orjson.loads(it.payload)
-        out.extend(doc.get("events", ()))
-    return out
-
-
-def merge_items(app: str, proc: str, existing: Iterable[MetricItem],
-                new: Iterable[dict[str, Any]]) -> list[MetricItem]:
-    """Items for the minutes of ``new``: the stored events of each minute with the new ones merged in by id
-    (a redelivered event replaces itself). Only minutes that changed are returned."""
-    by_minute: dict[int, dict[str, dict[str, Any]]] = {}
-    for e in new:
-        by_minute.setdefault(e["ts"], {})[e["id"]] = e
-    stored = {it.ts_s: {e["id"]: e for e in events_of([it])} for it in existing}
-    out = []
-    for ts, events in sorted(by_minute.items()):
-        old = stored.get(ts, {})
-        merged = {**old, **events}
-        if merged == old:
-            continue  # everything already stored as is (a replay): no write
-        payload = orjson.dumps({"events": [merged[k] for k in sorted(merged)]})
-        out.append(MetricItem(app, proc, EVENTS_RESOLUTION_S, ts, payload))
-    return out
 
 
 class EventsJob:

@@ -2,7 +2,7 @@
 
 Why precomputed: a 7-day chart at 2 h resolution reads 84 rollup items instead of 10,080 minutes (each a
 ~5 KB compressed 1000-centroid digest); merging at read time was measured far slower (README, "Metrics
-API"). The query API still merges minutes for the newest, not yet final buckets (app/query.py).
+API"). The query API still merges minutes for the newest, not yet final buckets (app/api/query.py).
 
 State and idempotence (at-least-once input, no transactions)
 -------------------------------------------------------------
@@ -36,11 +36,10 @@ import orjson
 
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError, retry_delay_s
-from app.query import ROLLUP_RESOLUTIONS, bucket_of
+from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
-from app.stats import Counters
-from app.store import MetricItem, MetricsStore
-from tables.aggregate import Aggregate, BucketKey
+from app.storage.protocol import MetricItem, MetricsStore
+from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
 from tables.state import partition_context
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Stream job: ``metrics-1m`` -> DynamoDB.
 
-Minutes are consumed in batches and written with BatchWriteItem (app/store.py: <= 25 items per call, no
+Minutes are consumed in batches and written with BatchWriteItem (app/storage/dynamodb.py: <= 25 items per call, no
 duplicate keys, UnprocessedItems retried with backoff). The batch's input offsets are acknowledged only
 after ``put_many`` returned, i.e. after DynamoDB accepted every item: while DynamoDB throttles or is down
 the sink retries with backoff and stops consuming (backpressure), so nothing is committed unwritten.
@@ -19,9 +19,9 @@ from typing import Any, Awaitable, Callable, Sequence
 import orjson
 
 from app.errors import RetriableError, StoreError, retry_delay_s
+from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
-from app.stats import Counters
-from app.store import MetricItem, MetricsStore
+from app.storage.protocol import MetricItem, MetricsStore
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""Metrics-as-a-service pipeline: wiring, settings, models, store, web and commands."""
+"""minutely: observations -> per-minute aggregates -> store -> HTTP. Sub-packages by role (ingest, api,
+storage, notify, ops, local); the Faust wiring, settings, CLI and shared contract live here."""

@@ -9,8 +9,8 @@ import socket
 
 import faust
 
-from app import kafka
-from app.ops import json_logging_config
+from app.ops import kafka
+from app.ops.logs import json_logging_config
 from app.settings import Settings
 
 settings = Settings.from_env()
@@ -34,7 +34,7 @@ def create_app(s: Settings) -> faust.App:
         broker_rebalance_timeout=s.rebalance_timeout_s,
         web_enabled=True,  # served by our own aiohttp service (app/worker.py Runtime), not faust.web
         # Where the other workers reach this one: the partition assignment carries it, and reads of an app
-        # owned elsewhere are forwarded there (app/policies_api.py).
+        # owned elsewhere are forwarded there (app/api/policies.py).
         canonical_url=s.advertised_url or f"http://{socket.gethostname()}:{s.web_port}",
         key_serializer="raw",
         value_serializer="raw",
@@ -43,7 +43,7 @@ def create_app(s: Settings) -> faust.App:
         # digests: allow the producer to batch them.
         producer_max_request_size=8 * 1024 * 1024,
         consumer_max_fetch_size=s.fetch_max_partition_bytes,
-        # JSON lines without secrets for log pipelines (app/ops.py); Faust's colored text otherwise.
+        # JSON lines without secrets for log pipelines (app/ops/health.py); Faust's colored text otherwise.
         logging_config=json_logging_config("INFO") if s.log_format == "json" else None,
         **kafka.faust_kwargs(s),  # TLS to the brokers, when configured
     )

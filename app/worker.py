@@ -14,17 +14,17 @@ from aiohttp import web
 from mode import Service
 
 from agents import aggregate, alerts, autoscale, events, rollup, sink
-from app import ops
+from app.api.openapi import document, with_policy_routes
+from app.api.policies import CommandResults, Forwarder, add_policy_routes
+from app.api.policies import token_authorizer as policy_authorizer
+from app.api.query import MetricsQuery
+from app.api.web import OPENAPI_KEY, make_web_app, token_authorizer
 from app.app import app, settings
-from app.notify import Notifier
-from app.openapi import document, with_policy_routes
-from app.policies_api import CommandResults, Forwarder, add_policy_routes
-from app.policies_api import token_authorizer as policy_authorizer
-from app.query import MetricsQuery
-from app.stats import counters
-from app.store import DynamoStore
-from app.tokens import TokenStore
-from app.web import OPENAPI_KEY, make_web_app, token_authorizer
+from app.notify.notifier import Notifier
+from app.ops import health as ops
+from app.ops.stats import counters
+from app.storage.dynamodb import DynamoStore
+from app.storage.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 

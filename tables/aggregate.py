@@ -19,6 +19,16 @@ RECORD_VERSION = 1
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
+RESOLUTIONS = (60, 600, 3600, 7200)
+"""Every series resolution in seconds: minutes, then the precomputed rollups."""
+ROLLUP_RESOLUTIONS = (600, 3600, 7200)
+
+
+def bucket_of(ts_s: int, resolution_s: int) -> int:
+    """The start of the ``resolution_s`` bucket holding ``ts_s`` (both epoch seconds)."""
+    return ts_s - ts_s % resolution_s
+
+
 class Stat:
     """sum, count, max of a gauge-like series (memory, load). Mean = sum / count."""
 

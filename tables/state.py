@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+import zlib
 from types import SimpleNamespace
 from typing import Any, Iterator
-
-import zlib
 
 import orjson
 from faust import streams as faust_streams

@@ -168,7 +168,7 @@ def test_pods_are_locked_down_and_probed_on_their_own_endpoints(default_docs: li
             assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
             assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
             assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-            assert c["readinessProbe"]["timeoutSeconds"] > 2  # app/ops.py CHECK_TIMEOUT_S answers first
+            assert c["readinessProbe"]["timeoutSeconds"] > 2  # app/ops/health.py CHECK_TIMEOUT_S answers first
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert {"/tmp", "/var/lib/minutely"} <= mounts  # the only writable paths
 

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import orjson
 
-from app import loadgen
-from app.admin import ensure_topics
-from app.commands import start_role, wait_http, worker_env
-from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
-from app.logplex import parse_frame
+from app.cli import start_role, wait_http, worker_env
+from app.ingest.logplex import parse_frame
+from app.local import loadgen
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.traffic import Generator
+from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.tokens import TokenStore
-from app.traffic import Generator
+from app.storage.tokens import TokenStore
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"

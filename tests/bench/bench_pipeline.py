@@ -20,15 +20,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from app.admin import ensure_topics
 from app.clock import SystemClock
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.traffic import Generator, produce
+from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.traffic import Generator, produce
 from tables.windows import IngestResult, PartitionWindows
 from tests.integration.pipeline import ARTIFACTS, Pipeline
 

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from app.commands import start_role, wait_http, worker_env
-from app.embedded import EmbeddedDynamo, free_port
-from app.query import ROLLUP_RESOLUTIONS, MetricsQuery, merge_buckets
+from app.api.query import MetricsQuery, merge_buckets
+from app.cli import start_role, wait_http, worker_env
+from app.local.embedded import EmbeddedDynamo, free_port
 from app.settings import Settings
-from app.store import DynamoStore, MetricItem
-from app.tokens import TokenStore
-from tables.aggregate import Aggregate, BucketKey
+from app.storage.dynamodb import DynamoStore
+from app.storage.protocol import MetricItem
+from app.storage.tokens import TokenStore
+from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 APP, PROC = "bench", "web"

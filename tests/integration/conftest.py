@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
 
 
 @pytest.fixture(scope="session")

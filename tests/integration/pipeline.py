@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from app.admin import ensure_topics
-from app.commands import start_role, start_worker, wait_http, worker_env
-from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.cli import start_role, start_worker, wait_http, worker_env
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.traffic import Truth
+from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.store import DynamoStore
-from app.tokens import TokenStore
-from app.traffic import Truth
+from app.storage.dynamodb import DynamoStore
+from app.storage.tokens import TokenStore
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 

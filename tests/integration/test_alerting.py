@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
-from app.notify import verify_signature
-from app.policies_api import FORWARDED_HEADER
-from app.traffic import produce
+from app.api.policies import FORWARDED_HEADER
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.traffic import produce
+from app.notify.webhook import verify_signature
 from tests.integration.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration

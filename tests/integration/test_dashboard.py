@@ -10,12 +10,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import orjson
 import pytest
 
-import orjson
-
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
-from app.traffic import produce
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.traffic import produce
 from tests.integration.pipeline import ARTIFACTS
 from tests.integration.test_query_api import Served, start_served
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from app import loadgen
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
-from app.tokens import TokenStore
+from app.local import loadgen
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline, check_against_truth
 
 pytestmark = pytest.mark.integration

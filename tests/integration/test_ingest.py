@@ -11,14 +11,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from app.admin import ensure_topics
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
-from app.ingest import build
-from app.loadgen import frame
+from app.ingest.server import build
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.loadgen import frame
+from app.ops.stats import Counters
+from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.stats import Counters
-from app.tokens import TokenStore
-from tests.test_logplex import LOAD, MEMORY, ROUTER_ERROR, ROUTER_INFO
+from app.storage.tokens import TokenStore
+from tests.ingest.test_logplex import LOAD, MEMORY, ROUTER_ERROR, ROUTER_INFO
 
 pytestmark = pytest.mark.integration
 

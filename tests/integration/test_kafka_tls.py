@@ -19,7 +19,7 @@ import orjson
 import pytest
 import trustme
 
-from app.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
 from tests.integration.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration

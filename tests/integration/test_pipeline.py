@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import orjson
 import pytest
 
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
-from app.traffic import Generator, produce
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.traffic import Generator, produce
 from tests.integration.pipeline import Pipeline, check_against_truth, wait_stored
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,6 @@ def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: Emb
                 assert time.monotonic() < deadline, exc.read()
                 time.sleep(0.5)
         assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "dynamodb": "ok"}}
-        import urllib.request
 
         with urllib.request.urlopen(f"{p.url}/metrics", timeout=5) as r:
             text = r.read().decode()

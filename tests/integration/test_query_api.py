@@ -16,9 +16,9 @@ import numpy as np
 import orjson
 import pytest
 
-from app.embedded import EmbeddedBroker, EmbeddedDynamo
-from app.tokens import TokenStore
-from app.traffic import Generator, produce
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.traffic import Generator, produce
+from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def test_rollup_points_equal_the_exact_truth(served: Served) -> None:
 
 
 def test_rollup_items_are_in_dynamodb(served: Served) -> None:
-    from app.store import DynamoStore
+    from app.storage.dynamodb import DynamoStore
 
     async def go() -> list[int]:
         store = DynamoStore(served.pipeline.settings)

@@ -18,7 +18,8 @@ from botocore.exceptions import ClientError
 from app.clock import ManualClock
 from app.errors import StoreError
 from app.settings import Settings
-from app.store import DynamoStore, MetricItem
+from app.storage.dynamodb import DynamoStore
+from app.storage.protocol import MetricItem
 
 pytestmark = pytest.mark.integration
 

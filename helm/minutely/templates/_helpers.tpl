@@ -206,7 +206,7 @@ envFrom:
 env:
   {{- if eq .role "worker" }}
   {{- /* Each worker's stable address (headless Service): other workers forward policy reads for the apps
-         it owns to it (app/policies_api.py); Faust advertises it as the worker's canonical URL. */}}
+         it owns to it (app/api/policies.py); Faust advertises it as the worker's canonical URL. */}}
   - name: POD_NAME
     valueFrom:
       fieldRef: {fieldPath: metadata.name}

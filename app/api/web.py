@@ -1,0 +1,280 @@
+"""HTTP API (aiohttp). Errors are ``{"error": {"code", "message"}}`` with a 4xx for the client's mistakes
+and a 503 with Retry-After when a dependency is down -- never a 500 for bad input.
+
+Auth: ``/v1/apps/{app}/...`` needs ``Authorization: Bearer <read token>``. No token, or one that is not a
+live read token: 401. A read token for another app gets exactly the answer a nonexistent app gets (404
+``not_found``), before any parameter is looked at, so no endpoint tells whether another app exists.
+``/healthz``, ``/readyz``, ``/metrics``, ``/v1/stats``, the OpenAPI document and the dashboard's static files
+stay open (the dashboard asks for the token and sends it as Bearer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from app import models
+from app.api.openapi import OPENAPI_PATH, document
+from app.api.query import RESOLUTION_NAMES, Authorize, MetricsQuery, auto_resolution
+from app.errors import RetriableError, StoreError
+from app.ops.stats import CATALOGUE, Counters
+from app.settings import WINDOW_S, Settings
+from app.storage.tokens import bearer
+from tables.aggregate import RESOLUTIONS
+
+log = logging.getLogger(__name__)
+
+QUERY_KEY: web.AppKey[MetricsQuery] = web.AppKey("query", MetricsQuery)
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
+COUNTERS_KEY: web.AppKey[Counters] = web.AppKey("counters", Counters)
+AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
+OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+
+DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
+DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+VENDOR_FILES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
+DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[2] / ".deps" / "uplot" / "dist"
+FINAL_CACHE_CONTROL = "private, max-age=3600"
+LIVE_CACHE_CONTROL = "private, no-cache"
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def _int_param(request: web.Request, name: str, default: int | None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"query parameter {name!r} is required (epoch seconds)")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"query parameter {name!r} must be an integer (epoch seconds), got {raw!r}") from None
+
+
+def parse_resolution(raw: str | None, span_s: int) -> int:
+    """``auto`` (or absent), seconds (60, 600, 3600, 7200) or a name (1m, 10m, 1h, 2h)."""
+    if raw is None or raw == "auto":
+        return auto_resolution(span_s)
+    if raw in RESOLUTION_NAMES:
+        return RESOLUTION_NAMES[raw]
+    if raw.isdigit() and int(raw) in RESOLUTIONS:
+        return int(raw)
+    raise ValueError(f"resolution must be auto, one of {', '.join(RESOLUTION_NAMES)} or seconds "
+                     f"{', '.join(str(r) for r in RESOLUTIONS)}; got {raw!r}")
+
+
+def _unavailable(exc: RetriableError | StoreError) -> web.Response:
+    if isinstance(exc, RetriableError):
+        log.warning("request failed, dependency unavailable: %s", exc)
+        return error(503, "unavailable", "metrics store unavailable, retry shortly",
+                     {"Retry-After": str(max(1, int(exc.retry_after_s)))})
+    log.error("request failed: %s", exc)
+    return error(503, "store_error", "metrics store misconfigured; the operator has been logged the cause")
+
+
+async def _token_app(request: web.Request) -> str | web.Response:
+    """The app the request's read token grants, or the 401/503 to answer."""
+    token = bearer(request.headers, {})  # not ?token=: query strings end up in access logs
+    if not token:
+        request.app[COUNTERS_KEY].inc("query_auth_refused")
+        return error(401, "unauthorized", "send Authorization: Bearer <read token>; create one with "
+                     "`python -m app tokens create --app APP --kind read`",
+                     {"WWW-Authenticate": 'Bearer realm="minutely"'})
+    try:
+        app = await request.app[AUTH_KEY](token)
+    except (RetriableError, StoreError) as exc:
+        return _unavailable(exc)
+    if app is None:
+        request.app[COUNTERS_KEY].inc("query_auth_refused")
+        return error(401, "invalid_token", "the token is not a valid read token (revoked, mistyped, or a "
+                     "drain/write token); create a read token for the app",
+                     {"WWW-Authenticate": 'Bearer realm="minutely", error="invalid_token"'})
+    return app
+
+
+def _not_found(app: str) -> web.Response:
+    return error(404, "not_found", f"no app {app!r} for this token")
+
+
+async def _series_request(request: web.Request) -> tuple[str, str, int, int] | web.Response:
+    """Auth, then process type and range, shared by /metrics and /events: (app, process type, since, until)
+    or the error to answer."""
+    settings = request.app[SETTINGS_KEY]
+    app = request.match_info["app"]
+    granted = await _token_app(request)
+    if isinstance(granted, web.Response):
+        return granted
+    if granted != app:  # also every nonexistent app: the same answer, before anything else is checked
+        return _not_found(app)
+    proc = request.query.get("process_type", "web")
+    if not models.valid_app(proc):
+        return error(400, "invalid_process_type", "process_type must be 1..100 characters of [A-Za-z0-9._-]")
+    now_s = int(time.time())
+    try:
+        until_s = _int_param(request, "until", now_s + WINDOW_S)
+        since_s = _int_param(request, "since", until_s - 3600)
+    except ValueError as exc:
+        return error(400, "invalid_range", str(exc))
+    if since_s >= until_s:
+        return error(400, "invalid_range", "since must be before until")
+    if until_s - since_s > settings.ttl_s + 2 * 7200:  # slack: a 30-day range aligned outward to 2 h buckets
+        return error(400, "range_too_large", f"at most {settings.ttl_days:g} days (the retention) per request; "
+                     "narrow since/until")
+    return app, proc, since_s, until_s
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    parsed = await _series_request(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    app, proc, since_s, until_s = parsed
+    span_s = until_s - since_s
+    try:
+        res = parse_resolution(request.query.get("resolution"), span_s)
+    except ValueError as exc:
+        return error(400, "invalid_resolution", str(exc))
+    points = -(-until_s // res) - since_s // res
+    if points > settings.max_query_points:
+        return error(400, "too_many_points", f"{points} points at {res} s resolution; at most "
+                     f"{settings.max_query_points} per request: use a coarser resolution or a shorter range")
+    try:
+        ans = await request.app[QUERY_KEY].answer(app, proc, res, since_s, until_s)
+    except (RetriableError, StoreError) as exc:
+        return _unavailable(exc)
+    headers = {"ETag": ans.etag, "Cache-Control": FINAL_CACHE_CONTROL if ans.final else LIVE_CACHE_CONTROL,
+               "Vary": "Authorization"}
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and ans.etag in (t.strip() for t in inm.split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=ans.body, content_type="application/json", headers=headers)
+
+
+async def get_events(request: web.Request) -> web.Response:
+    """Alert transitions and autoscaling steps in ``[since, until)`` (agents/events.py), oldest first."""
+    parsed = await _series_request(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        body = await request.app[QUERY_KEY].events(*parsed)
+    except (RetriableError, StoreError) as exc:
+        return _unavailable(exc)
+    return web.Response(body=body, content_type="application/json",
+                        headers={"Cache-Control": LIVE_CACHE_CONTROL, "Vary": "Authorization"})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    granted = await _token_app(request)
+    if isinstance(granted, web.Response):
+        return granted
+    return json_response({"app": granted, "kind": "read"}, headers={"Cache-Control": "private, no-store"})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json",
+                        headers={"Cache-Control": "public, max-age=300"})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    values = request.app[COUNTERS_KEY].snapshot()
+    return json_response({"counters": values, "help": CATALOGUE})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _file(path: Path, content_type: str) -> web.Response:
+    try:
+        body = await asyncio.to_thread(path.read_bytes)  # small files; a disk read never blocks the loop
+    except OSError:
+        return error(404, "not_found", f"{path.name} is not installed here; run `make install` (it fetches "
+                     "the charting library into .deps/uplot)")
+    return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "public, max-age=300"})
+
+
+async def dashboard_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/dashboard/")
+
+
+async def dashboard_file(request: web.Request) -> web.Response:
+    name = request.match_info.get("name") or "index.html"
+    ctype = DASHBOARD_FILES.get(name)
+    if ctype is None:
+        return error(404, "not_found", f"no dashboard file {name!r}")
+    return await _file(DASHBOARD_DIR / name, ctype)
+
+
+async def vendor_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    ctype = VENDOR_FILES.get(name)
+    if ctype is None:
+        return error(404, "not_found", f"no vendored file {name!r}")
+    configured = request.app[SETTINGS_KEY].dashboard_assets_dir
+    return await _file((Path(configured) if configured else DEFAULT_ASSETS_DIR) / name, ctype)
+
+
+@web.middleware
+async def json_not_found(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Unknown paths and methods answer with the same error body as everything else."""
+    exc = getattr(request.match_info, "http_exception", None)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return error(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}",
+                     {"Allow": ",".join(sorted(exc.allowed_methods))})
+    if isinstance(exc, web.HTTPNotFound):
+        return error(404, "not_found", f"no endpoint {request.path}; see {OPENAPI_PATH}")
+    return await handler(request)
+
+
+async def _refuse_all(token: str) -> str | None:
+    return None
+
+
+def make_web_app(query: MetricsQuery, settings: Settings, counters: Counters,
+                 extra: Callable[[web.Application], None] | None = None, *,
+                 authorize: Authorize | None = None) -> web.Application:
+    """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused."""
+    webapp = web.Application(middlewares=[json_not_found])
+    webapp[QUERY_KEY] = query
+    webapp[SETTINGS_KEY] = settings
+    webapp[COUNTERS_KEY] = counters
+    if authorize is None:
+        log.warning("no token verifier configured: metric queries will answer 401")
+    webapp[AUTH_KEY] = authorize or _refuse_all
+    webapp[OPENAPI_KEY] = orjson.dumps(document(settings))
+    webapp.router.add_get("/v1/apps/{app}/metrics", get_metrics)
+    webapp.router.add_get("/v1/apps/{app}/events", get_events)
+    webapp.router.add_get("/v1/whoami", whoami)
+    webapp.router.add_get(OPENAPI_PATH, get_openapi)
+    webapp.router.add_get("/v1/stats", get_stats)
+    webapp.router.add_get("/healthz", healthz)
+    webapp.router.add_get("/dashboard", dashboard_redirect)
+    webapp.router.add_get("/dashboard/", dashboard_file)
+    webapp.router.add_get("/dashboard/vendor/{name}", vendor_file)
+    webapp.router.add_get("/dashboard/{name}", dashboard_file)
+    if extra is not None:
+        extra(webapp)
+    return webapp
+
+
+def token_authorizer(tokens: Any) -> Authorize:
+    """An :data:`Authorize` backed by :class:`app.tokens.TokenStore` (cached verification)."""
+    async def authorize(token: str) -> str | None:
+        info = await tokens.verify(token, "read")
+        return None if info is None else str(info.app)
+    return authorize

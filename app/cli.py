@@ -1,0 +1,288 @@
+"""Command-line entry points besides Faust's own (``python -m app worker``).
+
+``python -m app local [--no-demo]`` runs the whole pipeline on one machine: the embedded broker and
+DynamoDB, a worker (stream jobs + web API) and demo traffic. Ctrl-C stops all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from app.ops.stats import Counters
+    from app.settings import Settings
+
+
+def worker_env(broker_url: str, dynamodb_endpoint: str, *, data_dir: str, web_port: int,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "METRICS_BROKER_URL": broker_url,
+        "METRICS_DYNAMODB_ENDPOINT": dynamodb_endpoint,
+        "METRICS_DATA_DIR": data_dir,
+        "METRICS_WEB_PORT": str(web_port),
+    })
+    env.update(extra or {})
+    return env
+
+
+def start_role(role: str, env: dict[str, str], *, log_path: Path | None = None,
+               args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m app <role> [args]`` (worker, ingest, web) as a child process."""
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen([sys.executable, "-m", "app", role, *args], env=env, stdout=out or None,
+                            stderr=subprocess.STDOUT if out else None, cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def start_worker(env: dict[str, str], *, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    return start_role("worker", env, log_path=log_path, args=("-l", "info"))
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker exited with code {proc.returncode} before serving {url}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def local(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m app local", description=__doc__)
+    ap.add_argument("--no-demo", action="store_true", help="start without demo traffic")
+    ap.add_argument("--rate", type=int, default=2000, help="demo router requests per second")
+    ap.add_argument("--apps", type=int, default=3)
+    ap.add_argument("--web-port", type=int, default=int(os.environ.get("METRICS_WEB_PORT", "6066")))
+    args = ap.parse_args(argv)
+
+    broker, dynamo = EmbeddedBroker(), EmbeddedDynamo()
+    children: list[subprocess.Popen[bytes]] = []
+    ingest_port = args.web_port + 1
+    try:
+        broker.start()
+        dynamo.start()
+        from app.ops.topics import ensure_topics
+        from app.settings import Settings
+
+        asyncio.run(ensure_topics(broker.address, Settings.from_env()))
+        # The broker is memory-only: window state from an earlier run would not match it.
+        data_dir = tempfile.mkdtemp(prefix="minutely-")
+        env = worker_env(broker.url, dynamo.endpoint, data_dir=data_dir, web_port=args.web_port)
+        worker = start_worker(env)
+        children.append(worker)
+        ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port)})
+        children.append(ingest)
+        wait_http(f"http://127.0.0.1:{args.web_port}/healthz", 120, worker)
+        wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
+        os.environ.update({"METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
+        drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(args.apps)]))
+        read_token = asyncio.run(_demo_tokens(["app-0"], kind="read"))["app-0"]
+        print(f"\nbroker      {broker.address} (Kafka protocol, tansu)")
+        print(f"dynamodb    {dynamo.endpoint} ({dynamo.kind})")
+        print(f"dashboard   http://127.0.0.1:{args.web_port}/dashboard/  (app-0 read token: {read_token})")
+        print(f"query       curl -H 'Authorization: Bearer {read_token}' "
+              f"'http://127.0.0.1:{args.web_port}/v1/apps/app-0/metrics?process_type=web'")
+        print(f"counters    http://127.0.0.1:{args.web_port}/v1/stats")
+        print(f"drain       http://127.0.0.1:{ingest_port}/v1/drains/logplex  (app-0 drain token: "
+              f"{drain_tokens['app-0']})")
+        print("demo        " + ("off" if args.no_demo else
+                                f"{args.rate} requests/s over {args.apps} apps, through the drain"))
+        print("Ctrl-C stops everything.\n", flush=True)
+        asyncio.run(_serve(args, ingest_port, drain_tokens, children))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        dynamo.stop()
+        broker.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+async def _demo_tokens(apps: list[str], kind: str = "drain") -> dict[str, str]:
+    from app.settings import Settings
+    from app.storage.tokens import TokenStore
+
+    store = TokenStore(Settings.from_env())
+    await store.start()
+    try:
+        return {app: (await store.create(app, kind))[0] for app in apps}
+    finally:
+        await store.stop()
+
+
+async def _serve(args: argparse.Namespace, ingest_port: int, drain_tokens: dict[str, str],
+                 children: list[subprocess.Popen[bytes]]) -> None:
+    from app.local import loadgen
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    demo: asyncio.Task[object] | None = None
+    if not args.no_demo:
+        gen_args = argparse.Namespace(
+            mode="drain", apps=args.apps, dynos=2, rate=args.rate, duration=10**9, realtime=True, seed=1,
+            start_ms=None, url=f"http://127.0.0.1:{ingest_port}", frame_lines=200, concurrency=4, truth=None,
+            token=[f"{a}={t}" for a, t in drain_tokens.items()], bootstrap="", topic="", quiet=True)
+        demo = asyncio.create_task(loadgen.run(gen_args))
+    while not stop.is_set() and all(c.poll() is None for c in children):
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+    if demo is not None:
+        demo.cancel()
+        await asyncio.gather(demo, return_exceptions=True)
+
+
+def serve(role: str) -> int:
+    """``python -m app ingest`` / ``python -m app web``: the HTTP-only roles."""
+    import logging
+
+    from aiohttp import web
+
+    from app.ops.logs import setup_json_logging
+    from app.ops.stats import counters
+    from app.settings import Settings
+
+    settings = Settings.from_env()
+    if settings.log_format == "json":
+        setup_json_logging("INFO")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if role == "ingest":
+        from app.ingest.server import build
+
+        webapp = build(settings, counters)
+    else:
+        webapp = build_web_role(settings, counters)
+    web.run_app(webapp, host=settings.web_host, port=settings.web_port, access_log=None, print=None)
+    return 0
+
+
+def build_web_role(settings: "Settings", counters: "Counters") -> "web.Application":
+    """Query API without stream jobs: closed minutes from DynamoDB (open ones are served by workers)."""
+    from typing import AsyncIterator
+
+    from app.api.query import MetricsQuery
+    from app.api.web import make_web_app, token_authorizer
+    from app.ops.health import add_ops_routes
+    from app.storage.dynamodb import DynamoStore
+    from app.storage.tokens import TokenStore
+
+    store = DynamoStore(settings, counters=counters)
+    tokens = TokenStore(settings)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        import gc
+
+        await store.start()
+        await tokens.start()
+        # Everything loaded so far (botocore's service models, aiohttp, ...) lives as long as the process:
+        # leaving it out of the collector's generations keeps the occasional full collection short, which
+        # would otherwise stall every request in flight (it shows in the query p99).
+        gc.collect()
+        gc.freeze()
+        yield
+        await tokens.stop()
+        await store.stop()
+
+    webapp = make_web_app(MetricsQuery(store, settings=settings, counters=counters), settings, counters,
+                          authorize=token_authorizer(tokens),
+                          extra=lambda w: add_ops_routes(w, counters=counters, checks={"dynamodb": store.ping}))
+    webapp.cleanup_ctx.append(lifecycle)
+    return webapp
+
+
+def tokens(argv: list[str]) -> int:
+    """``python -m app tokens create|list|revoke``."""
+    from app.settings import Settings
+    from app.storage.tokens import KINDS, TokenStore
+
+    ap = argparse.ArgumentParser(prog="python -m app tokens")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="create a token; it is printed once and stored only hashed")
+    c.add_argument("--app", required=True)
+    c.add_argument("--kind", required=True, choices=KINDS)
+    ls = sub.add_parser("list", help="list token ids (never the tokens)")
+    ls.add_argument("--app")
+    rv = sub.add_parser("revoke", help="revoke a token by the id `list` shows")
+    rv.add_argument("id")
+    args = ap.parse_args(argv)
+
+    async def go() -> int:
+        from app import models
+
+        store = TokenStore(Settings.from_env())
+        await store.start()
+        try:
+            if args.cmd == "create":
+                if not models.valid_app(args.app):
+                    print("app must be 1..100 characters of [A-Za-z0-9._-]", file=sys.stderr)
+                    return 2
+                token, info = await store.create(args.app, args.kind)
+                print(token)
+                print(f"id {info.id} app {info.app} kind {info.kind} (store the token now; it is not shown again)",
+                      file=sys.stderr)
+            elif args.cmd == "list":
+                for t in await store.list(args.app):
+                    print(f"{t.id}  {t.app}  {t.kind}  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t.created_s))}")
+            else:
+                if not await store.revoke(args.id):
+                    print(f"no token with id {args.id}", file=sys.stderr)
+                    return 1
+                print(f"revoked {args.id}")
+            return 0
+        finally:
+            await store.stop()
+
+    return asyncio.run(go())
+
+
+def main() -> int:
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "local":
+        return local(sys.argv[2:])
+    if cmd in ("ingest", "web"):
+        return serve(cmd)
+    if cmd == "tokens":
+        return tokens(sys.argv[2:])
+    if cmd == "loadgen":
+        from app.local.loadgen import main as loadgen_main
+
+        return loadgen_main(sys.argv[2:])
+    # Everything else is a Faust command (worker, tables, agents, ...).
+    import app.worker  # noqa: F401 - registers the agents, timer and web service on the Faust app
+    from app.app import app as faust_app
+
+    faust_app.main()
+    return 0
+
+
+__all__ = ["main", "local", "serve", "tokens", "worker_env", "start_worker", "start_role", "wait_http", "free_port"]

@@ -1,0 +1,2 @@
+"""Running everything on one machine: the embedded broker and DynamoDB server (``embedded``), generated
+traffic with exact ground truth (``traffic``) and the load generator (``loadgen``)."""

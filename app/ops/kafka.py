@@ -1,0 +1,68 @@
+"""Connection settings shared by every Kafka client: Faust's, and the plain aiokafka ones (ingest producer,
+topic creation, load generator). One place, so TLS configured once applies to all of them."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+from app.errors import ConfigError
+from app.settings import PREFIX, Settings
+
+DEFAULT_KAFKA_PORT = 9092
+
+
+def bootstrap_servers(broker_url: str) -> list[str]:
+    """``kafka://h1:9092;kafka://h2:9092`` (Faust's form; ``,`` also separates) -> ``["h1:9092", "h2:9092"]``.
+
+    Credentials in a URL are dropped: the result is logged and shown in readiness answers.
+    """
+    servers: list[str] = []
+    for part in re.split(r"[;,]", broker_url):
+        part = part.strip()
+        if not part:
+            continue
+        split = urlsplit(part if "://" in part else f"kafka://{part}")
+        host = split.hostname
+        if not host:
+            continue
+        try:
+            port = split.port or DEFAULT_KAFKA_PORT
+        except ValueError:
+            port = DEFAULT_KAFKA_PORT
+        servers.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return servers
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for ``kafka_security_protocol=SSL`` (hostname checked), else None."""
+    if settings.kafka_security_protocol != "SSL":
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        if settings.kafka_ssl_certfile:
+            ctx.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the Kafka TLS files: {exc}",
+                          action=f"check {PREFIX}KAFKA_SSL_CAFILE / _CERTFILE / _KEYFILE (readable PEM files)"
+                          ) from None
+    return ctx
+
+
+def client_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for aiokafka's producer, consumer and admin client."""
+    ctx = ssl_context(settings)
+    return {} if ctx is None else {"security_protocol": "SSL", "ssl_context": ctx}
+
+
+def faust_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``faust.App``."""
+    ctx = ssl_context(settings)
+    return {} if ctx is None else {"broker_credentials": ctx}
+
+
+def bootstrap(settings: Settings) -> str:
+    """``host:port,host2:port`` from the Faust-style ``broker_url``."""
+    return ",".join(bootstrap_servers(settings.broker_url))

@@ -1,0 +1,177 @@
+"""Every counter the pipeline keeps, declared once with what to do when it moves.
+
+Served at ``GET /v1/stats`` and, in Prometheus format, at ``GET /metrics`` (app/ops/health.py): counters unless
+named in GAUGES or HISTOGRAMS below.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Final
+
+CATALOGUE: Final[dict[str, str]] = {
+    "observations_accepted": "Observations folded into a minute. Flat while producers send: check consumer lag "
+                             "and the worker log.",
+    "observations_late": "Observations for a minute already emitted (dead-lettered). Rising: producers buffer "
+                         "too long or clocks lag; raise METRICS_GRACE_S if the delay is legitimate.",
+    "observations_rejected": "Invalid observations or messages (dead-lettered with a reason). Rising: read "
+                             "the reasons on the DLQ topic and fix the producer.",
+    "observations_replayed": "Input skipped because its effects were already applied (after a restart or "
+                             "rebalance). Non-zero only around restarts; steady growth means offsets do not commit.",
+    "minutes_emitted": "Closed (app, process type, minute) records sent to metrics-1m. Flat while "
+                       "observations_accepted rises: minutes are not closing (see windows_open, the worker log).",
+    "minutes_resent": "Minutes closed before a restart or rebalance and sent to metrics-1m again, identical, "
+                      "in case the sinks had not stored them yet. Non-zero only around restarts.",
+    "windows_open": "Minutes currently open on this worker. Growing without bound: windows are not closing "
+                    "(check METRICS_IDLE_TIMEOUT_S and the event timestamps).",
+    "table_records_written": "Window-table (changelog) records written; about one per touched window per batch. "
+                             "Informational: it sizes the changelog topic's traffic (plan its compaction for it).",
+    "sink_items_written": "Minutes accepted by DynamoDB. Falling behind minutes_emitted for long: the sink lags; "
+                          "see consumer_lag_minutes and sink_retries.",
+    "sink_retries": "Sink batches retried after throttling/unavailability. Sustained: DynamoDB capacity or "
+                    "network; the sink applies backpressure meanwhile.",
+    "drain_frames": "Logplex frames delivered to Kafka. Flat while drains are configured: check drain tokens "
+                    "(403s in the ingest log) and the drain URL.",
+    "drain_frames_deduplicated": "Retried frames answered 2xx without producing (already delivered). Sustained "
+                                 "growth: senders time out before we answer; check Kafka ack latency.",
+    "drain_lines_ignored": "Drain lines that are neither router nor runtime-metrics lines (app output, events). "
+                           "Informational.",
+    "drain_lines_bad": "Router/runtime lines that did not parse (dead-lettered with the line). Rising: a log "
+                       "format change upstream; read the DLQ reasons.",
+    "ingest_observations_produced": "Observations acknowledged by Kafka from the HTTP endpoints.",
+    "ingest_records_rejected": "JSON API records refused (reasons returned to the client). Rising: a producer "
+                               "sends bad or foreign-app records.",
+    "sink_dead_lettered": "Minutes DynamoDB rejected for good (sent to metrics-1m-dlq). Non-zero: read the "
+                          "reason; usually permissions or table schema.",
+    "sink_unprocessed_items": "Items DynamoDB returned as UnprocessedItems and re-sent with backoff. Rising: the "
+                              "table throttles; raise its capacity/on-demand limits or lower "
+                              "METRICS_SINK_CONCURRENCY.",
+    "sink_batch_seconds": "Time for one sink batch to be accepted by DynamoDB, retries included. p99 rising: "
+                          "DynamoDB is slow or throttling (see sink_retries, sink_unprocessed_items); "
+                          "minutes reach the API later meanwhile.",
+    "consumer_lag_observations": "Messages on this worker's observations partitions not yet processed. Growing: "
+                                 "aggregation cannot keep up; add workers (up to METRICS_PARTITIONS) or check "
+                                 "CPU throttling.",
+    "consumer_lag_minutes": "Messages on this worker's metrics-1m partitions not yet written to DynamoDB. "
+                            "Growing: the sink is backing off; see sink_retries and the DynamoDB table's metrics.",
+    # --- alerting and autoscaling (agents/alerts.py, agents/autoscale.py, app/notify/) ---
+    "policy_commands_applied": "Monitor/autoscaling configuration changes applied by this worker.",
+    "policy_commands_rejected": "Malformed messages on the policy-commands topic (skipped). Non-zero: something "
+                                "other than the web API writes to that topic.",
+    "policy_minutes_invalid": "metrics-1m records the alert/autoscale agents could not read (skipped). Non-zero: "
+                              "a producer writes another format to metrics-1m.",
+    "alerts_published": "Monitor events (firing, still_firing, resolved) sent to the alerts topic.",
+    "alert_lag_seconds": "Seconds from a minute's record on metrics-1m to the publication of the monitor event "
+                         "it caused. p99 above a few seconds: the alert agent lags (consumer lag, CPU).",
+    "autoscale_decisions": "Autoscaling decisions (one per policy and minute) sent to the autoscale topic.",
+    "autoscale_steps": "Decisions that changed the dyno count (sent to the formation API when configured).",
+    "notifications_sent": "Webhook/e-mail/formation deliveries accepted by the receiver.",
+    "notification_retries": "Delivery attempts that failed and were rescheduled with backoff. Sustained: a "
+                            "receiver or the SMTP server is down or slow.",
+    "notifications_failed": "Deliveries given up (refused, or retries exhausted); the log names the receiver and "
+                            "the reason. Fix the URL/address/SMTP settings.",
+    "notifications_deferred": "Deliveries not queued because the queue was full; the outbox sweep sends them "
+                              "later. Rising: raise METRICS_NOTIFY_CONCURRENCY or fix slow receivers.",
+    "notify_worker_restarts": "Notifier worker tasks that died of an unexpected error and were replaced. "
+                              "Non-zero: a bug; read the traceback in the log.",
+    # --- query API and rollups (app/api/query.py, app/api/web.py, agents/rollup.py) ---
+    "query_cache_hits": "Metric queries answered from the in-process cache (or joined to an identical request "
+                        "in flight). Informational; a low hit rate with many viewers means ranges never repeat.",
+    "query_cache_misses": "Metric queries computed (DynamoDB read for missing or non-final buckets). Rising "
+                          "with latency: raise METRICS_QUERY_CACHE_MAX_BYTES or add web processes.",
+    "query_cache_bytes": "Bytes held by the query caches (bounded by METRICS_QUERY_CACHE_MAX_BYTES).",
+    "query_items_read": "DynamoDB items read by metric queries. Growing much faster than misses: queries "
+                        "merge minutes at read time (check METRICS_QUERY_USE_ROLLUPS and the rollup agent).",
+    "query_prefix_reused": "Live answers refreshed by re-rendering only their tail (the final part of the body "
+                           "and its hash were reused). Low next to query_cache_misses with hot live ranges: "
+                           "the series cache is too small (METRICS_QUERY_CACHE_MAX_BYTES).",
+    "query_tail_points_reused": "Tail points whose stored inputs were unchanged, so no digest was decoded. "
+                                "Informational.",
+    "events_stored": "Alert and autoscaling events written to DynamoDB for the dashboard (agents/events.py).",
+    "events_invalid": "Records on the alerts/autoscale topics the events job could not read (skipped). "
+                      "Non-zero: a producer writes another format there.",
+    "events_retries": "Event batches retried while DynamoDB throttled or was unreachable (the job stops "
+                      "consuming meanwhile). Sustained: DynamoDB capacity or network.",
+    "events_failed": "Event batches DynamoDB refused for good (permissions, schema); dropped, the log names "
+                     "the cause. Non-zero: fix the table or IAM; the dashboard misses those markers.",
+    "query_auth_refused": "Metric requests refused for a missing or invalid read token (401). Rising: a "
+                          "dashboard or client uses a revoked token; issue a new read token.",
+    "rollup_minutes_merged": "Minutes merged into 10 min / 1 h / 2 h rollup buckets (three per minute).",
+    "rollup_minutes_replayed": "Minutes already in their rollup bucket (redelivery after a restart); skipped. "
+                               "Non-zero only around restarts; steady growth means offsets do not commit.",
+    "rollup_items_written": "Rollup items accepted by DynamoDB.",
+    "rollup_store_reads": "Rollup buckets read back from DynamoDB because they were no longer in the worker's "
+                          "table (late minutes, replays, first deployment). Sustained: lower replay volume "
+                          "or raise METRICS_ROLLUP_EVICT_AFTER_S.",
+    "rollup_retries": "Rollup batches retried while DynamoDB throttled or was unreachable (the agent stops "
+                      "consuming meanwhile). Sustained: DynamoDB capacity or network.",
+    "rollup_failed": "Rollup items DynamoDB refused for good (permissions, schema); the log names the cause. "
+                     "The bucket is written again with its next minute once fixed.",
+    "rollup_minutes_invalid": "metrics-1m records the rollup agent could not read (skipped). Non-zero: a "
+                              "producer writes another format to metrics-1m.",
+}
+
+GAUGES: Final[frozenset[str]] = frozenset({"windows_open", "consumer_lag_observations", "consumer_lag_minutes",
+                                           "query_cache_bytes"})
+"""Catalogue entries that are levels (set), not running totals (inc)."""
+
+HISTOGRAMS: Final[dict[str, tuple[float, ...]]] = {
+    "sink_batch_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+    "alert_lag_seconds": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+}
+"""Catalogue entries recorded with ``observe(name, value)``, with their bucket upper bounds."""
+
+
+class Histogram:
+    """Bucket counts, sum and count of observed values (what Prometheus needs for quantiles)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += 1  # a bucket holds values <= its bound
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``[(le, count of values <= le)]``, ending with ``+Inf``."""
+        out, total = [], 0
+        for le, n in zip([*(repr(b) for b in self.bounds), "+Inf"], self.buckets):
+            total += n
+            out.append((le, float(total)))
+        return out
+
+
+class Counters:
+    """Plain in-process counters (single event loop: no locking needed)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {name: 0 for name in CATALOGUE}
+        """For a histogram, the number of observations (its full state is in ``histograms``)."""
+        self.histograms: dict[str, Histogram] = {name: Histogram(b) for name, b in HISTOGRAMS.items()}
+
+    def inc(self, name: str, n: int = 1) -> None:
+        if name not in self.values:
+            raise KeyError(f"counter {name!r} is not declared in app/ops/stats.py CATALOGUE")
+        self.values[name] += n
+
+    def set(self, name: str, value: int) -> None:
+        if name not in self.values:
+            raise KeyError(f"counter {name!r} is not declared in app/ops/stats.py CATALOGUE")
+        self.values[name] = value
+
+    def observe(self, name: str, value: float) -> None:
+        h = self.histograms.get(name)
+        if h is None:
+            raise KeyError(f"histogram {name!r} is not declared in app/ops/stats.py HISTOGRAMS")
+        h.observe(value)
+        self.values[name] = h.count
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.values)
+
+
+counters = Counters()

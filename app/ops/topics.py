@@ -1,0 +1,73 @@
+"""Creating the pipeline's topics with the right partition counts before anything produces to them.
+
+A producer that writes first makes the broker auto-create a topic with its default partition count, and
+the window table's changelog must have exactly as many partitions as ``observations`` (Faust refuses to
+run otherwise). ``python -m app local``, the tests and deployments run this first.
+``python -m app.ops.health ensure-topics`` does it from the command line (the Helm chart's worker init container).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from app.ops import kafka
+from app.ops.kafka import bootstrap_servers
+from app.ops.logs import setup_json_logging
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def topic_names(settings: Settings) -> list[str]:
+    return [settings.observations_topic, settings.metrics_topic, settings.dlq_topic, settings.sink_dlq_topic,
+            f"{settings.app_id}-windows-changelog",
+            settings.alerts_topic, settings.autoscale_topic, settings.policy_commands_topic,
+            f"{settings.app_id}-monitors-changelog", f"{settings.app_id}-autoscale-changelog",
+            f"{settings.app_id}-rollups-changelog"]
+
+
+async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
+    """Create missing topics; returns the names created. Existing topics are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka.client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topic_names(settings) if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor,
+                                                    # changelogs keep only the latest value per key, so a
+                                                    # new node recovers state, not the whole history
+                                                    topic_configs={"cleanup.policy": "compact"}
+                                                    if t.endswith("-changelog") else {})
+                                           for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another process
+            log.info("created topics %s with %d partitions", missing, settings.partitions)
+        return missing
+    finally:
+        await admin.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m app.ops.health ensure-topics``: create missing topics with METRICS_PARTITIONS partitions."""
+    ap = argparse.ArgumentParser(prog="python -m app.ops", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["ensure-topics"])
+    ap.parse_args(argv)
+    setup_json_logging()
+    settings = Settings.from_env()
+    servers = bootstrap_servers(settings.broker_url)
+    created = asyncio.run(ensure_topics(",".join(servers), settings))
+    log.info("topics ready on %s (created: %s)", ",".join(servers), ", ".join(created) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,575 @@
+"""Where finished minutes (and later rollups) are stored: a protocol, and DynamoDB behind it.
+
+Table design
+------------
+One item per (app, process type, resolution, bucket). Partition key ``pk`` (S) is
+``"{app}#{process_type}#{resolution_s}"``; sort key ``ts`` (N) is the bucket start in epoch seconds, so a
+time-range read of one series is a single Query on one partition, in time order. Attributes:
+
+* ``d`` (B): the aggregate, an opaque orjson document the store never parses. Stored gzip-compressed when
+  it is longer than ``compress_over_bytes`` (and compression actually helps), flagged by ``z`` (N) = 1.
+* ``expires_at`` (N): ``ts + ttl_s``, the table's TTL attribute. Retention is measured from the minute's
+  own time, so replaying old data does not extend it. TTL deletion is lazy (up to days), so reads also
+  drop expired items themselves.
+
+Keys are deterministic: replaying a minute overwrites the same item, which makes the sink idempotent under
+at-least-once delivery. The payload is a binary blob rather than a nested map because the item stays small,
+botocore's (de)serialization of nested maps is a known CPU cost, and nothing ever filters on inner fields.
+An item that would still exceed DynamoDB's 400 KB limit after compression is rejected (not retriable).
+``app`` and ``process_type`` must not contain ``#``, or two series could share a partition key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+import os
+import random
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import aioboto3
+import aiohttp
+from aiobotocore.config import AioConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from app.clock import Clock, SystemClock
+from app.errors import ConfigError, PipelineError, StoreError, StoreUnavailable
+from app.ops.stats import Counters
+from app.settings import PREFIX, Settings
+from app.storage.protocol import MetricItem
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+MAX_ITEM_BYTES = 400_000
+"""DynamoDB's item size limit (attribute names + values) is "400 KB"; the decimal reading is the conservative
+one (the service is reported to accept up to ~409.6 KB)."""
+BATCH_MAX_ITEMS = 25
+"""BatchWriteItem's limit on put requests per call."""
+MAX_WRITE_ROUNDS = 10
+"""BatchWriteItem calls per chunk before UnprocessedItems becomes StoreUnavailable (about 20 s of backoff
+at the default 50 ms..5 s)."""
+OFFLOAD_BYTES = 256 * 1024
+"""Compressing more than this in one call (or decompressing an eighth of it, which expands ~8x) runs in a
+worker thread: zlib releases the GIL, and the event loop keeps serving heartbeats and other requests."""
+TABLE_ACTIVE_POLLS = 120
+"""DescribeTable polls (1 s apart) waiting for a created table to become ACTIVE."""
+
+# Attribute names are part of every item's size: keep them short.
+A_PK, A_TS, A_DATA, A_ZIP, A_EXPIRES = "pk", "ts", "d", "z", "expires_at"
+_ITEM_OVERHEAD_BYTES = sum(len(n) for n in (A_PK, A_TS, A_DATA, A_ZIP, A_EXPIRES))
+
+# Codes where the same request may succeed later. botocore's 'standard' retries have already retried these
+# max_attempts times when we see them; the caller backs off further using retry_after_s.
+_RETRIABLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
+    "InternalServerError", "InternalFailure", "ServiceUnavailable", "ServiceUnavailableException",
+    "LimitExceededException", "TransactionInProgressException", "ExpiredTokenException",
+    "RequestTimeout", "RequestTimeoutException",
+})
+# Transport failures: DynamoDB is unreachable or slow, nothing was decided about the request.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    BotoConnectionError,  # EndpointConnectionError, ConnectTimeoutError
+    HTTPClientError,  # ReadTimeoutError, ConnectionClosedError
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ConnectionError,  # OSError family: resets, refused
+)
+# Environment variables that mean "the standard credential chain has something to use".
+_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+def partition_key(app: str, process_type: str, resolution_s: int) -> str:
+    """The series key; '#' in a name would make two series collide, so it is refused."""
+    if "#" in app or "#" in process_type:
+        raise StoreError(f"app {app!r} / process type {process_type!r} contains '#'",
+                         action="reject such names at ingestion; '#' separates the parts of the key")
+    return f"{app}#{process_type}#{resolution_s}"
+
+
+def _number_size(n: int) -> int:
+    # DynamoDB stores numbers as ~1 byte per 2 significant digits + 1; one byte per digit + 1 is an upper bound.
+    return len(str(abs(n))) + 1
+
+
+def client_credentials(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Dummy credentials for an emulator on a machine without an AWS account; otherwise none, so the
+    standard chain (env, profile, IRSA, instance role) stays in charge."""
+    env = os.environ if env is None else env
+    if settings.dynamodb_endpoint and not any(env.get(k) for k in _CREDENTIAL_ENV):
+        return {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+    return {}
+
+
+def client_config(settings: Settings) -> AioConfig:
+    """The one client's configuration; each value is a Settings field, documented there."""
+    return AioConfig(
+        # aiohttp connector limit: sink_concurrency BatchWriteItem calls plus queries and pings share it;
+        # the default 10 would queue requests behind each other.
+        max_pool_connections=settings.max_pool_connections,
+        # Fail fast on an unreachable endpoint; 'standard' retries then try again.
+        connect_timeout=settings.connect_timeout_s,
+        # Per socket read, not per request: a stuck connection is abandoned and retried instead of
+        # stalling the sink.
+        read_timeout=settings.read_timeout_s,
+        # 'standard' (not the DynamoDB 'legacy' default of 10 attempts): bounded retries of throttling and
+        # 5xx with jitter; our own backoff handles UnprocessedItems and longer outages. Note botocore's
+        # 'max_attempts' here counts retries after the first request (5 -> up to 6 requests); the
+        # total would be 'total_max_attempts'.
+        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        # Keep idle pooled connections longer than the 12 s default so minute-spaced sink batches reuse
+        # them instead of paying a TLS handshake each time. (tcp_keepalive is a no-op in aiobotocore.)
+        connector_args={"keepalive_timeout": settings.keepalive_timeout_s},
+    )
+
+
+class DynamoStore:
+    """MetricsStore on DynamoDB. Long-lived: owns one aioboto3 client from start() to stop(), since
+    short-lived clients pay endpoint resolution, credential lookup and TLS handshakes on every use."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
+                 jitter: Callable[[], float] = random.random, counters: Counters | None = None) -> None:
+        """``sleep`` and ``jitter`` (a float in [0, 1)) are injected so backoff is tested without waiting.
+        ``counters`` receives ``sink_unprocessed_items`` (throttling shows there before writes fail)."""
+        self._counters = counters
+        self._settings = settings
+        self._table = settings.table_name
+        self._clock: Clock = clock or SystemClock()
+        self._sleep = sleep
+        self._jitter = jitter
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._setup_pending = False  # table setup waiting for DynamoDB to answer (see start/ping)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the client (kept for the process lifetime); create the table when configured to."""
+        if self._client is not None:
+            return
+        s = self._settings
+        session = aioboto3.Session(region_name=s.aws_region, **client_credentials(s))
+        stack = contextlib.AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(session.client(
+                "dynamodb", endpoint_url=s.dynamodb_endpoint or None, config=client_config(s)))
+            self._stack = stack
+            if s.create_table:
+                try:
+                    await self._ensure_table()
+                except StoreUnavailable as exc:
+                    # DynamoDB unreachable at start: keep the process up and not-ready; ping() retries the
+                    # setup, and writes back off until it succeeds (the sink applies backpressure).
+                    log.warning("table setup deferred, DynamoDB unavailable: %s", exc)
+                    self._setup_pending = True
+        except BaseException:
+            self._client = None
+            self._stack = None
+            await stack.aclose()
+            raise
+        log.info("store ready: table %s (%s)", self._table, s.dynamodb_endpoint or f"AWS {s.aws_region}")
+
+    async def stop(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def ping(self) -> None:
+        """Health check: the table is reachable and described (StoreUnavailable / StoreError otherwise)."""
+        if self._setup_pending:
+            await self._ensure_table()
+            self._setup_pending = False
+        try:
+            await self._c().describe_table(TableName=self._table)
+        except Exception as e:
+            raise self._classify(e, "DescribeTable") from e
+
+    # --- writes -------------------------------------------------------------------------------------
+
+    async def put_many(self, items: Sequence[MetricItem]) -> None:
+        """Write all items in concurrent BatchWriteItem calls; returns when every item was accepted.
+
+        Every item is encoded (and size-checked) before anything is written. Duplicate keys are collapsed,
+        last one winning, because DynamoDB rejects a batch that names a key twice.
+        """
+        client = self._c()
+        to_compress = sum(len(i.payload) for i in items if len(i.payload) > self._settings.compress_over_bytes)
+        if to_compress > OFFLOAD_BYTES:
+            requests = await asyncio.to_thread(self._encode_all, items)
+        else:
+            requests = self._encode_all(items)
+        if not requests:
+            return
+        chunks = [requests[i:i + BATCH_MAX_ITEMS] for i in range(0, len(requests), BATCH_MAX_ITEMS)]
+        gate = asyncio.Semaphore(max(1, self._settings.sink_concurrency))
+
+        async def write(chunk: list[dict[str, Any]]) -> None:
+            async with gate:
+                await self._write_chunk(client, chunk)
+
+        tasks = [asyncio.create_task(write(c)) for c in chunks]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # The first failure decides; do not leave sibling requests running unobserved.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _write_chunk(self, client: Any, chunk: list[dict[str, Any]]) -> None:
+        """One <=25-item batch, re-sending UnprocessedItems (which the SDK never retries) with backoff."""
+        pending = chunk
+        for attempt in range(MAX_WRITE_ROUNDS):
+            if attempt:
+                await self._sleep(self._backoff_s(attempt - 1))
+            try:
+                resp = await client.batch_write_item(RequestItems={self._table: pending})
+            except Exception as e:
+                raise self._classify(e, "BatchWriteItem") from e
+            pending = resp.get("UnprocessedItems", {}).get(self._table, [])
+            if not pending:
+                return
+            if self._counters is not None:
+                self._counters.inc("sink_unprocessed_items", len(pending))
+            log.debug("BatchWriteItem left %d of %d items unprocessed (round %d)",
+                      len(pending), len(chunk), attempt + 1)
+        raise StoreUnavailable(
+            f"DynamoDB left {len(pending)} items unprocessed after {MAX_WRITE_ROUNDS} BatchWriteItem rounds",
+            action=f"table {self._table} is throttling: raise its capacity (or on-demand limits) or lower "
+                   f"{PREFIX}SINK_CONCURRENCY",
+            retry_after_s=self._settings.backoff_max_ms / 1000,
+        )
+
+    def _backoff_s(self, attempt: int) -> float:
+        """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**attempt)]."""
+        s = self._settings
+        cap_ms = min(s.backoff_max_ms, s.backoff_base_ms << min(attempt, 30))
+        return cap_ms * self._jitter() / 1000
+
+    def _encode_all(self, items: Sequence[MetricItem]) -> list[dict[str, Any]]:
+        """Put requests for items, one per key (the last item given for a key wins)."""
+        unique: dict[tuple[str, int], dict[str, Any]] = {}
+        for item in items:
+            encoded = self._encode(item)
+            unique[(encoded[A_PK]["S"], item.ts_s)] = encoded
+        return [{"PutRequest": {"Item": it}} for it in unique.values()]
+
+    def _encode(self, item: MetricItem) -> dict[str, Any]:
+        pk = partition_key(item.app, item.process_type, item.resolution_s)
+        data, zipped = item.payload, False
+        if len(data) > self._settings.compress_over_bytes:
+            # mtime=0: the same payload gives the same bytes, so replays write identical items.
+            packed = gzip.compress(data, compresslevel=6, mtime=0)
+            if len(packed) < len(data):
+                data, zipped = packed, True
+        expires_at = item.ts_s + self._settings.ttl_s
+        size = (_ITEM_OVERHEAD_BYTES + len(pk.encode()) + _number_size(item.ts_s) + len(data)
+                + _number_size(1) + _number_size(expires_at))
+        if size > MAX_ITEM_BYTES:
+            raise StoreError(
+                f"item {pk} ts={item.ts_s} is {size} bytes after compression "
+                f"(payload {len(item.payload)} bytes), over DynamoDB's 400 KB item limit (we allow {MAX_ITEM_BYTES} bytes)",
+                action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS) or split the payload; "
+                       "retrying cannot help",
+            )
+        encoded: dict[str, Any] = {
+            A_PK: {"S": pk},
+            A_TS: {"N": str(item.ts_s)},
+            A_DATA: {"B": data},
+            A_EXPIRES: {"N": str(expires_at)},
+        }
+        if zipped:
+            encoded[A_ZIP] = {"N": "1"}
+        return encoded
+
+    # --- reads --------------------------------------------------------------------------------------
+
+    async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
+                    until_s: int) -> list[MetricItem]:
+        """One series' items with since_s <= ts < until_s in time order, expired items omitted."""
+        pk = partition_key(app, process_type, resolution_s)
+        if until_s <= since_s:
+            return []
+        client = self._c()
+        now_s = self._clock.now_ms() // 1000
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": "#pk = :pk AND #ts BETWEEN :since AND :last",
+            # Expired items are still returned until TTL gets round to deleting them (days). Filtering on
+            # the server saves transfer and parsing; the check below keeps the contract on any backend.
+            "FilterExpression": "#e > :now",
+            "ProjectionExpression": "#ts, #d, #z, #e",
+            "ExpressionAttributeNames": {"#pk": A_PK, "#ts": A_TS, "#d": A_DATA, "#z": A_ZIP,
+                                         "#e": A_EXPIRES},
+            "ExpressionAttributeValues": {":pk": {"S": pk}, ":since": {"N": str(since_s)},
+                                          ":last": {"N": str(until_s - 1)}, ":now": {"N": str(now_s)}},
+        }
+        raws: list[dict[str, Any]] = []
+        while True:
+            try:
+                resp = await client.query(**kwargs)
+            except Exception as e:
+                raise self._classify(e, "Query") from e
+            raws.extend(r for r in resp.get("Items", []) if int(r[A_EXPIRES]["N"]) > now_s)
+            last_key = resp.get("LastEvaluatedKey")
+            if not last_key:
+                break
+            kwargs["ExclusiveStartKey"] = last_key
+
+        def build() -> list[MetricItem]:
+            out = [MetricItem(app, process_type, resolution_s, int(r[A_TS]["N"]), self._decode(pk, r))
+                   for r in raws]
+            out.sort(key=lambda m: m.ts_s)  # already in key order; cheap insurance for the contract
+            return out
+
+        zipped = sum(len(r[A_DATA]["B"]) for r in raws if A_ZIP in r)
+        return await asyncio.to_thread(build) if zipped > OFFLOAD_BYTES // 8 else build()
+
+    @staticmethod
+    def _decode(pk: str, raw: Mapping[str, Any]) -> bytes:
+        data: bytes = raw[A_DATA]["B"]
+        if A_ZIP in raw and raw[A_ZIP]["N"] == "1":
+            try:
+                return gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                raise StoreError(f"item {pk} ts={raw[A_TS]['N']} has a corrupt compressed payload: {e}",
+                                 action="delete or rewrite the item (replay its minute)") from e
+        return data
+
+    # --- table setup --------------------------------------------------------------------------------
+
+    async def _ensure_table(self) -> None:
+        """Create the table if missing (on-demand), wait until ACTIVE, then make sure TTL is on."""
+        client = self._c()
+        table = await self._describe_or_none()
+        if table is None:
+            log.info("creating DynamoDB table %s (PAY_PER_REQUEST)", self._table)
+            try:
+                await client.create_table(
+                    TableName=self._table,
+                    KeySchema=[{"AttributeName": A_PK, "KeyType": "HASH"},
+                               {"AttributeName": A_TS, "KeyType": "RANGE"}],
+                    AttributeDefinitions=[{"AttributeName": A_PK, "AttributeType": "S"},
+                                          {"AttributeName": A_TS, "AttributeType": "N"}],
+                    BillingMode="PAY_PER_REQUEST",
+                )
+            except ClientError as e:
+                if _code(e) != "ResourceInUseException":  # another worker created it first: fine
+                    raise self._classify(e, "CreateTable") from e
+            except Exception as e:
+                raise self._classify(e, "CreateTable") from e
+        for _ in range(TABLE_ACTIVE_POLLS):
+            table = await self._describe_or_none()
+            if table is not None and table.get("TableStatus") == "ACTIVE":
+                break
+            await self._sleep(1.0)
+        else:
+            raise StoreUnavailable(f"table {self._table} did not become ACTIVE in {TABLE_ACTIVE_POLLS} s",
+                                   action="check the table in the DynamoDB console", retry_after_s=10.0)
+        self._check_schema(table)
+        await self._ensure_ttl()
+
+    async def _describe_or_none(self) -> dict[str, Any] | None:
+        try:
+            resp = await self._c().describe_table(TableName=self._table)
+        except ClientError as e:
+            if _code(e) == "ResourceNotFoundException":
+                return None
+            raise self._classify(e, "DescribeTable") from e
+        except Exception as e:
+            raise self._classify(e, "DescribeTable") from e
+        table: dict[str, Any] = resp["Table"]
+        return table
+
+    def _check_schema(self, table: Mapping[str, Any]) -> None:
+        """A same-named table with other keys would fail every write with a ValidationException: say so
+        at start instead."""
+        keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", [])}
+        types = {a["AttributeName"]: a["AttributeType"] for a in table.get("AttributeDefinitions", [])}
+        if keys != {A_PK: "HASH", A_TS: "RANGE"} or types.get(A_PK) != "S" or types.get(A_TS) != "N":
+            raise StoreError(
+                f"table {self._table} has key schema {keys} {types}, expected pk (S, HASH) and ts (N, RANGE)",
+                action=f"point {PREFIX}TABLE_NAME at a table with this schema, or drop the table",
+            )
+
+    async def _ensure_ttl(self) -> None:
+        """Enable TTL on expires_at. Failure only costs storage (reads filter expired items), so it is a
+        warning: emulators may not implement TTL, and "already enabled" is success."""
+        client = self._c()
+        try:
+            desc = await client.describe_time_to_live(TableName=self._table)
+            ttl = desc.get("TimeToLiveDescription", {})
+            status, attr = ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")
+            if status in ("ENABLED", "ENABLING"):
+                if attr != A_EXPIRES:
+                    log.warning("table %s has TTL on %r, not %r: items will not expire -- disable TTL and "
+                                "restart to switch it", self._table, attr, A_EXPIRES)
+                return
+            await client.update_time_to_live(
+                TableName=self._table,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": A_EXPIRES},
+            )
+            log.info("enabled TTL on %s.%s", self._table, A_EXPIRES)
+        except ClientError as e:
+            if _code(e) == "ValidationException" and "already enabled" in str(e).lower():
+                return
+            log.warning("could not enable TTL on %s.%s (%s): items will not expire and storage grows -- "
+                        "grant dynamodb:UpdateTimeToLive or enable TTL in the table's IaC",
+                        self._table, A_EXPIRES, e)
+        except BotoCoreError as e:
+            log.warning("could not enable TTL on %s.%s (%s)", self._table, A_EXPIRES, e)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _c(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("DynamoStore used before start() or after stop()")
+        return self._client
+
+    def _classify(self, exc: BaseException, operation: str) -> StoreError | StoreUnavailable:
+        return classify_error(exc, operation=operation, table=self._table, settings=self._settings)
+
+
+def _code(e: ClientError) -> str:
+    code: str = e.response.get("Error", {}).get("Code", "")
+    return code
+
+
+def classify_error(exc: BaseException, *, operation: str, table: str,
+                   settings: Settings) -> StoreError | StoreUnavailable:
+    """Map a botocore/aiohttp failure to StoreUnavailable (retry later) or StoreError (an operator must
+    act). Callers decide from ``retriable``, never from the message."""
+    retry_after_s = settings.backoff_max_ms / 1000
+    where = settings.dynamodb_endpoint or f"AWS region {settings.aws_region}"
+    if isinstance(exc, (StoreError, StoreUnavailable)):
+        return exc
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        msg = f"DynamoDB {operation} on {table} failed: {code}: {exc.response.get('Error', {}).get('Message', '')}"
+        if code in _RETRIABLE_CODES or (code not in _ACTIONS and isinstance(status, int) and status >= 500):
+            return StoreUnavailable(msg, action="DynamoDB is throttling or failing; retry later, and raise "
+                                                "table capacity if it persists", retry_after_s=retry_after_s)
+        action = _ACTIONS.get(code, "not retriable; read the message above")
+        return StoreError(msg, action=action.format(op=operation, table=table, where=where, prefix=PREFIX))
+    if isinstance(exc, NoCredentialsError):
+        return StoreError(f"DynamoDB {operation}: no AWS credentials found",
+                          action="provide credentials (env, profile, IRSA) or set "
+                                 f"{PREFIX}DYNAMODB_ENDPOINT for a local emulator")
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return StoreUnavailable(f"DynamoDB {operation} on {table} unreachable at {where}: "
+                                f"{type(exc).__name__}: {exc}",
+                                action=f"check the network / {PREFIX}DYNAMODB_ENDPOINT; retrying",
+                                retry_after_s=retry_after_s)
+    return StoreError(f"DynamoDB {operation} on {table} failed: {type(exc).__name__}: {exc}",
+                      action="unexpected error; not retried")
+
+
+_ACTIONS = {
+    "ResourceNotFoundException": "create table {table} at {where}, or set {prefix}CREATE_TABLE=1, or fix "
+                                 "{prefix}TABLE_NAME / {prefix}AWS_REGION / {prefix}DYNAMODB_ENDPOINT",
+    "AccessDeniedException": "grant dynamodb:{op} on table {table} to this worker's IAM role",
+    "UnrecognizedClientException": "the AWS credentials are invalid for {where}: fix the credentials or region",
+    "InvalidSignatureException": "the AWS credentials or clock are wrong: fix credentials, sync the clock",
+    "ValidationException": "the request does not fit table {table}: check it has keys pk (S) and ts (N); "
+                           "otherwise report this as a bug",
+    "ResourceInUseException": "table {table} is being created, updated or deleted; wait and restart",
+}
+
+
+class DynamoTable:
+    """Creates its table (``pk`` string hash key; optional TTL attribute) when settings allow."""
+
+    ttl_attribute: str | None = None
+
+    def __init__(self, settings: Settings, table: str) -> None:
+        self.settings = settings
+        self.table = table
+        self._client: Any = None
+        self._ctx: Any = None
+        self._setup_pending = False
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        self._ctx = aioboto3.Session().client(
+            "dynamodb", region_name=self.settings.aws_region, endpoint_url=self.settings.dynamodb_endpoint or None,
+            config=client_config(self.settings), **client_credentials(self.settings))
+        self._client = await self._ctx.__aenter__()
+        if self.settings.create_table:
+            try:
+                await self._setup()
+            except PipelineError as exc:
+                if not exc.retriable:
+                    raise
+                # DynamoDB unreachable at start: keep running and report not-ready; ping() retries.
+                log.warning("%s: table setup deferred, DynamoDB unavailable: %s", self.table, exc)
+                self._setup_pending = True
+
+    async def _setup(self) -> None:
+        try:
+            await self._ensure_table()
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise self.error(exc, "CreateTable") from exc
+        self._setup_pending = False
+
+    async def stop(self) -> None:
+        if self._ctx is not None:
+            await self._ctx.__aexit__(None, None, None)
+        self._client = self._ctx = None
+
+    async def ping(self) -> None:
+        """Readiness: the table answers (and was set up, if that had to wait for DynamoDB)."""
+        if self._setup_pending:
+            await self._setup()
+        try:
+            await self.client.describe_table(TableName=self.table)
+        except Exception as exc:
+            raise self.error(exc, "DescribeTable") from exc
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise ConfigError(f"{type(self).__name__} used before start()", action="await start() at startup")
+        return self._client
+
+    def error(self, exc: BaseException, operation: str) -> PipelineError:
+        return classify_error(exc, operation=operation, table=self.table, settings=self.settings)
+
+    async def _ensure_table(self) -> None:
+        c = self._client
+        try:
+            await c.describe_table(TableName=self.table)
+            return
+        except c.exceptions.ResourceNotFoundException:
+            pass
+        try:
+            await c.create_table(TableName=self.table, BillingMode="PAY_PER_REQUEST",
+                                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                                 AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}])
+        except c.exceptions.ResourceInUseException:
+            pass  # created concurrently by another process
+        await c.get_waiter("table_exists").wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        if self.ttl_attribute:
+            try:
+                await c.update_time_to_live(TableName=self.table, TimeToLiveSpecification={
+                    "Enabled": True, "AttributeName": self.ttl_attribute})
+            except c.exceptions.ClientError:
+                pass  # already enabled, or an emulator without TTL: reads filter expired items anyway

@@ -1,0 +1,231 @@
+"""The aggregation job's logic (agents/aggregate.py) over a mapping-backed table, with a manual clock."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import orjson
+import pytest
+
+from agents.aggregate import Aggregator, Unacked, dead_letter_record
+from app.clock import ManualClock
+from app.ops.stats import Counters
+from app.settings import Settings
+from tables.aggregate import Aggregate
+from tables.state import WindowTableState
+from tables.windows import Rejected
+from tests.tables.test_windows import T0, msg, router
+
+SETTINGS = Settings(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
+
+
+class Harness:
+    def __init__(self, table: dict[bytes, bytes], clock: ManualClock, *, fail_emit: bool = False) -> None:
+        self.emitted: list[Aggregate] = []
+        self.dead: list[tuple[int, Rejected]] = []
+        self.fail_emit = fail_emit
+        self.counters = Counters()
+        self.agg = Aggregator(SETTINGS, WindowTableState(table, "observations"), emit=self.emit,
+                              dead_letter=self.dead_letter, counters=self.counters, clock=clock)
+
+    async def emit(self, aggs: Sequence[Aggregate]) -> None:
+        if self.fail_emit:
+            raise ConnectionError("broker down")
+        self.emitted.extend(aggs)
+
+    async def dead_letter(self, partition: int, dead: Sequence[Rejected]) -> None:
+        self.dead.extend((partition, d) for d in dead)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+async def test_batches_across_partitions_emit_each_minute_once(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1), router(T0 + 2))),
+                               (1, 0, msg(router(T0 + 3, app="blog")))])
+    await h.agg.process_batch([(0, 1, msg(router(T0 + 70_000))), (1, 1, msg(router(T0 + 70_000, app="blog")))])
+    assert sorted((a.key.app, a.requests) for a in h.emitted) == [("blog", 1), ("shop", 2)]
+    # Emitted minutes stay in the table for a while (a restart sends them again) ...
+    assert any(b"|w|" in k and str(T0).encode() in k for k in table)
+    clock.set(T0 + 70_000 + 30_000 + 60_000)
+    assert await h.agg.close_idle({0, 1}) == 2
+    # ... then they are gone; the progress records remain.
+    assert not any(b"|w|" in k and str(T0).encode() in k for k in table)
+    assert await h.agg.close_idle({0, 1}) == 0
+    assert len(h.emitted) == 4
+    assert h.counters.values["minutes_emitted"] == 4 and h.counters.values["windows_open"] == 0
+
+
+async def test_restart_restores_open_windows_and_skips_replays(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    first = Harness(table, clock)
+    await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 2)))])
+    # "Crash": a new worker with the same table sees offsets 0..1 again (uncommitted) and then offset 2.
+    second = Harness(table, clock)
+    res = await second.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 2))),
+                                          (0, 2, msg(router(T0 + 3), router(T0 + 80_000)))])
+    assert res.counts.skipped_replay == 2 and res.counts.accepted == 2
+    assert [(a.key.start_ms, a.requests) for a in second.emitted] == [(T0, 3)]
+
+
+async def test_emit_failure_keeps_minute_and_reloads_state(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table, clock, fail_emit=True)
+    with pytest.raises(ConnectionError):
+        await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert h.agg.partitions == {}  # in-memory state dropped: it is rebuilt from the table
+    h.fail_emit = False
+    # Faust redelivers the batch (offsets were not acknowledged).
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert [(a.key.start_ms, a.requests) for a in h.emitted] == [(T0, 1)]
+
+
+async def test_bad_and_late_records_are_dead_lettered_with_source(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(3, 10, b"{oops"), (3, 11, msg(router(T0 + 1), {"kind": "x"}))])
+    await h.agg.process_batch([(3, 12, msg(router(T0 + 80_000)))])  # closes the first minute
+    await h.agg.process_batch([(3, 13, msg(router(T0 + 5)))])
+    kinds = [(p, d.kind, d.offset, d.index) for p, d in h.dead]
+    assert kinds == [(3, "rejected", 10, -1), (3, "rejected", 11, 1), (3, "late", 13, 0)]
+    rec: dict[str, Any] = orjson.loads(dead_letter_record("observations", 3, h.dead[2][1]))
+    assert rec["source"] == {"topic": "observations", "partition": 3, "offset": 13, "index": 0}
+    assert rec["kind"] == "late" and rec["record"]["ts"] == T0 + 5 and rec["app"] == "shop"
+    c = h.counters.values
+    assert (c["observations_accepted"], c["observations_rejected"], c["observations_late"]) == (2, 2, 1)
+
+
+async def test_live_view_returns_open_windows(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1), router(T0 + 60_001), router(T0 + 2, dyno="worker.1")))])
+    live = h.agg.live("shop", "web", T0, T0 + 120_000)
+    assert sorted(a.key.start_ms for a in live) == [T0, T0 + 60_000]
+    assert h.agg.live("shop", "web", T0 + 60_000, T0 + 120_000)[0].requests == 1
+
+
+async def test_events_of_a_revoked_partition_are_not_applied_or_closed(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    owned = {0, 1}
+    h = Harness(table, clock)
+    h.agg.owns = lambda p: p in owned
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (1, 0, msg(router(T0 + 2, app="blog")))])
+    owned.discard(1)  # rebalance: partition 1 moves to another worker while events sit in our buffer
+    res = await h.agg.process_batch([(1, 1, msg(router(T0 + 80_000, app="blog"))), (0, 1, msg(router(T0 + 3)))])
+    assert res.counts.accepted == 1 and 1 not in h.agg.partitions
+    clock.set(T0 + 10 * 60_000)
+    await h.agg.close_idle(owned, {0: 2})
+    assert [(a.key.app, a.requests) for a in h.emitted] == [("shop", 2)]  # blog's minute is the new owner's
+
+
+async def test_a_partition_with_messages_waiting_is_not_idle(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1)))])
+    clock.set(T0 + 10 * 60_000)  # long quiet, minute long over on the wall clock ...
+    assert await h.agg.close_idle({0}, {0: 5}) == 0  # ... but offsets 1..4 are still to be read
+    assert await h.agg.close_idle({0}, {0: None}) == 0  # highwater unknown: not idle either
+    assert await h.agg.close_idle({0}, {0: 1}) == 1  # caught up: the idle partition's minute closes
+
+
+async def test_a_malformed_last_message_still_lets_the_partition_go_idle(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    await h.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, b"{not json")])
+    clock.set(T0 + 10 * 60_000)
+    assert await h.agg.close_idle({0}, {0: 2}) == 1  # offset 1 was handled (dead-lettered): caught up
+    res = await h.agg.process_batch([(0, 1, b"{not json")])  # redelivered: not dead-lettered twice
+    assert res.counts.skipped_replay == 1 and res.counts.rejected == 0
+
+
+class FakeEvent:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition, self.offset = partition, offset
+
+
+class RecordingStream:
+    """Stands in for Faust's stream: records which events were acknowledged."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, int]] = []
+
+    async def ack(self, event: FakeEvent) -> bool:
+        self.acked.append((event.partition, event.offset))
+        return True
+
+
+async def _deliver(h: Harness, unacked: Unacked, partition: int, offset: int, value: bytes) -> None:
+    if await h.agg.add(partition, offset, value):
+        unacked.append(FakeEvent(partition, offset), partition)
+
+
+async def test_messages_are_acknowledged_only_after_their_flush(clock: ManualClock) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table, clock)
+    unacked = Unacked(h.agg)
+    unacked.stream = stream = RecordingStream()
+    await _deliver(h, unacked, 0, 0, msg(router(T0 + 1)))
+    await _deliver(h, unacked, 0, 1, b"{oops")
+    assert stream.acked == [] and not table and not h.dead  # folded in memory only
+    assert h.agg.partitions[0].windows[("shop", "web", T0)].requests == 1
+    await unacked.flush()
+    assert stream.acked == [(0, 0), (0, 1)] and table and [d.offset for _, d in h.dead] == [1]
+    assert h.counters.values["observations_accepted"] == 1
+
+
+async def test_unflushed_messages_of_a_revoked_partition_are_never_acknowledged(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    unacked = Unacked(h.agg)
+    unacked.stream = stream = RecordingStream()
+    await _deliver(h, unacked, 0, 0, msg(router(T0 + 1)))
+    await _deliver(h, unacked, 1, 0, msg(router(T0 + 2, app="blog")))
+    h.agg.revoke([1])  # rebalance before the flush: partition 1's folded message is forgotten ...
+    await _deliver(h, unacked, 1, 1, msg(router(T0 + 3, app="blog")))  # ... and it came back to us
+    await unacked.flush()
+    assert stream.acked == [(0, 0), (1, 1)]  # (1, 0) is read again from the committed offset
+
+
+async def test_a_failed_flush_acknowledges_nothing(clock: ManualClock) -> None:
+    h = Harness({}, clock, fail_emit=True)
+    unacked = Unacked(h.agg)
+    unacked.stream = stream = RecordingStream()
+    await _deliver(h, unacked, 0, 0, msg(router(T0 + 1), router(T0 + 80_000)))
+    with pytest.raises(ConnectionError):
+        await unacked.flush()
+    assert stream.acked == [] and h.agg.partitions == {}
+
+
+async def test_idle_close_flushes_pending_messages_first(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    assert await h.agg.add(0, 0, msg(router(T0 + 1), {"kind": "x"}))
+    clock.set(T0 + 10 * 60_000)
+    assert await h.agg.close_idle({0}, {0: 1}) == 1
+    assert [d.index for _, d in h.dead] == [1] and h.counters.values["observations_accepted"] == 1
+
+
+async def test_a_message_of_a_partition_owned_elsewhere_is_dropped(clock: ManualClock) -> None:
+    h = Harness({}, clock)
+    h.agg.owns = lambda p: p == 0
+    assert not await h.agg.add(1, 0, msg(router(T0 + 1)))
+    assert 1 not in h.agg.partitions and not h.agg.pending
+
+
+async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: ManualClock) -> None:
+    """The sinks may not have stored (and committed) a minute the crashed worker emitted: the restarted
+    worker sends it once more, identical, and never reopens it."""
+    table: dict[bytes, bytes] = {}
+    first = Harness(table, clock)
+    await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert [(a.key.start_ms, a.requests) for a in first.emitted] == [(T0, 1)]
+    clock.set(T0 + 10_000)  # "crash" within FORGET_AFTER_MS of the close
+    second = Harness(table, clock)
+    res = await second.agg.process_batch([(0, 2, msg(router(T0 + 5)))])  # late for the closed minute
+    assert res.counts.late == 1
+    assert [(a.key.start_ms, a.requests) for a in second.emitted] == [(T0, 1)]
+    assert second.emitted[0].to_record() == first.emitted[0].to_record()
+    assert (second.counters.values["minutes_resent"], second.counters.values.get("minutes_emitted", 0)) == (1, 0)
+    clock.set(T0 + 60_000)
+    await second.agg.close_idle({0}, {0: 3})
+    third = Harness(table, clock)  # long after: the minute was forgotten, nothing is sent again
+    await third.agg.process_batch([(0, 3, msg(router(T0 + 81_000)))])
+    assert all(a.key.start_ms != T0 for a in third.emitted)

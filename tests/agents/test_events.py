@@ -1,0 +1,128 @@
+"""The events job (agents/events.py): alert/autoscale records -> per-minute event items, merged by id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from agents.events import ALERT, AUTOSCALE, EventsJob, decode_event
+from app.api.query import MetricsQuery
+from app.clock import ManualClock
+from app.errors import StoreError
+from app.ops.stats import Counters
+from app.storage.events import EVENTS_RESOLUTION_S, events_of
+from tests.api.test_query import SETTINGS, T0, MemoryStore
+
+NOW_S = T0 + 3600
+
+
+def alert(minute_s: int, event: str = "firing", monitor: str = "mon_a", app: str = "shop",
+          metric: str = "LATENCY") -> bytes:
+    """As agents/alerts.py publishes it (tables/monitors.py AlertEvent.to_record)."""
+    ms = minute_s * 1000
+    return orjson.dumps({"event_id": f"{app}/{monitor}/{ms}/{event}", "event": event, "app": app,
+                         "process_type": "web", "monitor_id": monitor, "metric": metric, "minute_start_ms": ms,
+                         "value": 812.5, "requests": 400, "threshold": 500.0, "sensitivity_min": 1,
+                         "firing_since_ms": ms})
+
+
+def decision(minute_s: int, frm: int, to: int, app: str = "shop") -> bytes:
+    """As agents/autoscale.py publishes it (tables/monitors.py Decision.to_record)."""
+    ms = minute_s * 1000
+    action = "hold" if frm == to else ("up" if to > frm else "down")
+    return orjson.dumps({"event_id": f"{app}/web/{ms}/autoscale", "app": app, "process_type": "web",
+                         "minute_start_ms": ms, "action": action, "from_dynos": frm, "to_dynos": to,
+                         "reason": "p95 over target", "requests": 900, "p95_ms": 420.0, "p95_target_ms": 300.0,
+                         "capacity_per_dyno": 300.0, "needed_dynos": to, "min_dynos": 1, "max_dynos": 10,
+                         "pinned_at_max": False})
+
+
+def make_job(store: Any) -> tuple[EventsJob, Counters, list[float]]:
+    counters = Counters()
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    return EventsJob(store, SETTINGS, counters, sleep=sleep, jitter=lambda: 0.5), counters, slept
+
+
+def stored(store: MemoryStore, app: str = "shop") -> dict[int, list[dict[str, Any]]]:
+    return {ts: orjson.loads(v)["events"] for (a, p, r, ts), v in sorted(store.items.items())
+            if a == app and p == "web" and r == EVENTS_RESOLUTION_S}
+
+
+def test_decode_keeps_alerts_and_count_changes_and_refuses_garbage() -> None:
+    app, proc, e = decode_event(ALERT, alert(T0 + 60, "resolved")) or ("", "", {})
+    assert (app, proc) == ("shop", "web")
+    assert e == {"kind": "alert", "id": f"shop/mon_a/{(T0 + 60) * 1000}/resolved", "ts": T0 + 60,
+                 "status": "resolved", "monitor_id": "mon_a", "metric": "LATENCY", "value": 812.5,
+                 "threshold": 500.0}
+    up = decode_event(AUTOSCALE, decision(T0, 2, 3))
+    assert up is not None and up[2]["kind"] == "autoscale" and (up[2]["from_dynos"], up[2]["to_dynos"]) == (2, 3)
+    assert decode_event(AUTOSCALE, decision(T0, 3, 3)) == ("shop", "web", {})  # a hold: valid, not stored
+    for bad in (b"not json", b"[1]", b'{"app": "shop"}', orjson.dumps({**orjson.loads(alert(T0)), "event": 5})):
+        assert decode_event(ALERT, bad) is None
+
+
+async def test_events_of_one_minute_share_an_item_and_replays_change_nothing() -> None:
+    clock = ManualClock(NOW_S * 1000)
+    store = MemoryStore(clock)
+    job, counters, _ = make_job(store)
+    # Two monitors fire in the same minute as a scaling step: three events, one item, none lost.
+    batch = [(ALERT, alert(T0 + 120, monitor="mon_a")), (ALERT, alert(T0 + 120, monitor="mon_b", metric="ERROR_RATE")),
+             (AUTOSCALE, decision(T0 + 120, 2, 3)), (AUTOSCALE, decision(T0 + 180, 3, 3)),
+             (ALERT, b"garbage")]
+    assert await job.write(batch, now_s=NOW_S) == 1
+    items = stored(store)
+    assert list(items) == [T0 + 120] and len(items[T0 + 120]) == 3
+    assert counters.values["events_stored"] == 3 and counters.values["events_invalid"] == 1
+    # A later batch adds to the same minute (merged with what is stored) ...
+    assert await job.write([(ALERT, alert(T0 + 120, "resolved", monitor="mon_c"))], now_s=NOW_S) == 1
+    assert len(stored(store)[T0 + 120]) == 4
+    # ... and redelivering everything (at-least-once) writes nothing and duplicates nothing.
+    puts = store.puts
+    assert await job.write(batch, now_s=NOW_S) == 0
+    assert store.puts == puts and len(stored(store)[T0 + 120]) == 4
+
+
+async def test_retriable_failures_back_off_and_expired_events_are_skipped() -> None:
+    store = MemoryStore(ManualClock(NOW_S * 1000))
+    job, counters, slept = make_job(store)
+    store.fail_queries = 1
+    store.fail_puts = 1
+    assert await job.write([(ALERT, alert(T0))], now_s=NOW_S) == 1
+    assert counters.values["events_retries"] == 2 and len(slept) == 2 and all(s > 0 for s in slept)
+    assert await job.write([(ALERT, alert(T0 - SETTINGS.ttl_s))], now_s=NOW_S) == 0  # past the retention
+    assert list(stored(store)) == [T0]
+
+
+async def test_a_permanent_store_error_drops_the_batch_and_counts_it() -> None:
+    class Refusing(MemoryStore):
+        async def put_many(self, items: Any) -> None:
+            raise StoreError("AccessDenied", action="grant dynamodb:BatchWriteItem")
+
+    store = Refusing(ManualClock(NOW_S * 1000))
+    job, counters, _ = make_job(store)
+    assert await job.write([(ALERT, alert(T0))], now_s=NOW_S) == 0
+    assert counters.values["events_failed"] == 1
+
+
+async def test_query_reads_events_in_range_oldest_first() -> None:
+    store = MemoryStore(ManualClock(NOW_S * 1000))
+    job, _, _ = make_job(store)
+    await job.write([(AUTOSCALE, decision(T0 + 600, 1, 2)), (ALERT, alert(T0 + 60)),
+                     (ALERT, alert(T0 + 60, app="other")), (ALERT, alert(T0 + 1200, "resolved"))], now_s=NOW_S)
+    q = MetricsQuery(store, settings=SETTINGS, clock=store.clock)
+    doc = orjson.loads(await q.events("shop", "web", T0 + 30, T0 + 1200))
+    assert [(e["kind"], e["ts"]) for e in doc["events"]] == [("alert", T0 + 60), ("autoscale", T0 + 600)]
+    assert doc["since"] == T0 + 30 and doc["until"] == T0 + 1200
+    assert events_of([]) == []
+
+
+@pytest.mark.parametrize("kind,value", [(ALERT, alert(T0)), (AUTOSCALE, decision(T0, 4, 3))])
+def test_event_ids_are_the_producers(kind: str, value: bytes) -> None:
+    got = decode_event(kind, value)
+    assert got is not None and got[2]["id"] == orjson.loads(value)["event_id"]

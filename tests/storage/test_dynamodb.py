@@ -1,0 +1,466 @@
+"""DynamoStore against moto in-process (``mock_aws``): fast, no network, no sleeping.
+
+moto answers aiobotocore with a synchronous botocore response; ``_moto_aio`` wraps it in an
+AioAWSResponse (aiobotocore issue #1320 / moto #8694). moto only rejects batches whose *items* are identical,
+not (as DynamoDB does) batches naming a key twice, so the duplicate-key test inspects our calls directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import uuid
+from dataclasses import replace
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from aiobotocore.awsrequest import AioAWSResponse
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from moto import mock_aws
+from moto.core.botocore_stubber import BotocoreStubber
+
+from app.clock import ManualClock
+from app.errors import StoreError, StoreUnavailable
+from app.settings import Settings
+from app.storage.dynamodb import (
+    MAX_WRITE_ROUNDS,
+    DynamoStore,
+    classify_error,
+    client_credentials,
+)
+from app.storage.protocol import MetricItem
+
+T0 = 1_700_000_040  # a minute boundary
+NOW_MS = (T0 + 3600) * 1000
+
+StoreFactory = Callable[..., Awaitable[DynamoStore]]
+
+
+@pytest.fixture
+def _moto_aio(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = BotocoreStubber.__call__
+
+    def call(self: BotocoreStubber, event_name: str, request: Any, **kwargs: Any) -> Any:
+        resp = original(self, event_name, request, **kwargs)
+        if isinstance(resp, AWSResponse) and not isinstance(resp, AioAWSResponse):
+            aio = AioAWSResponse(resp.url, resp.status_code, resp.headers, resp.raw)
+            aio._content = resp.content
+            return aio
+        return resp
+
+    monkeypatch.setattr(BotocoreStubber, "__call__", call)
+
+
+@pytest.fixture
+def aws(_moto_aio: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        yield
+
+
+class Sleeps:
+    """Records requested sleeps instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+async def make_store(aws: None) -> AsyncIterator[StoreFactory]:
+    """Factory: a started store on a uniquely named table; tables deleted and clients closed after."""
+    stores: list[DynamoStore] = []
+
+    async def make(*, clock: ManualClock | None = None, sleep: Sleeps | None = None,
+                   jitter: Callable[[], float] = lambda: 1.0, **overrides: Any) -> DynamoStore:
+        values: dict[str, Any] = {"table_name": f"test-{uuid.uuid4().hex[:12]}", "dynamodb_endpoint": ""}
+        values.update(overrides)
+        settings = replace(Settings(), **values)
+        store = DynamoStore(settings, clock=clock or ManualClock(NOW_MS), sleep=sleep or Sleeps(),
+                            jitter=jitter)
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        if store._client is not None:
+            try:
+                await store._client.delete_table(TableName=store._table)
+            except ClientError:
+                pass  # another store in the test shares (and already deleted) the table
+            await store.stop()
+
+
+def item(ts_s: int, payload: bytes = b'{"n":1}', *, app: str = "shop", pt: str = "web",
+         res: int = 60) -> MetricItem:
+    return MetricItem(app=app, process_type=pt, resolution_s=res, ts_s=ts_s, payload=payload)
+
+
+def spy_batches(store: DynamoStore, monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, Any]]]:
+    """Wrap the client's batch_write_item; returns the list of put-request lists sent."""
+    sent: list[list[dict[str, Any]]] = []
+    original = store._client.batch_write_item
+
+    async def spy(**kwargs: Any) -> Any:
+        sent.append(list(kwargs["RequestItems"][store._table]))
+        return await original(**kwargs)
+
+    monkeypatch.setattr(store._client, "batch_write_item", spy)
+    return sent
+
+
+def keys_of(batch: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(r["PutRequest"]["Item"]["pk"]["S"], r["PutRequest"]["Item"]["ts"]["N"]) for r in batch]
+
+
+async def raw_item(store: DynamoStore, pk: str, ts_s: int) -> dict[str, Any]:
+    resp = await store._client.get_item(TableName=store._table, Key={"pk": {"S": pk}, "ts": {"N": str(ts_s)}})
+    got: dict[str, Any] = resp["Item"]
+    return got
+
+
+# --- behaviour ---------------------------------------------------------------------------------------
+
+
+async def test_round_trip_range_is_half_open_and_sorted(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.put_many([item(T0 + 120, b"c"), item(T0, b"a"), item(T0 + 60, b"b"), item(T0 + 180, b"d"),
+                          item(T0 + 60, b"other-app", app="other"), item(T0 + 60, b"10m", res=600)])
+    got = await store.query("shop", "web", 60, T0, T0 + 180)
+    assert got == [item(T0, b"a"), item(T0 + 60, b"b"), item(T0 + 120, b"c")]
+    assert await store.query("shop", "web", 60, T0 + 180, T0 + 180) == []
+    assert await store.query("shop", "web", 600, 0, T0 + 10**6) == [item(T0 + 60, b"10m", res=600)]
+    assert await store.query("nobody", "web", 60, 0, T0 + 10**6) == []
+    raw = await raw_item(store, "shop#web#60", T0)
+    assert raw["expires_at"] == {"N": str(T0 + store._settings.ttl_s)}
+    assert "z" not in raw
+
+
+async def test_put_many_empty_is_a_no_op(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    sent = spy_batches(store, monkeypatch)
+    await store.put_many([])
+    assert sent == []
+
+
+async def test_more_than_25_items_are_split(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    sent = spy_batches(store, monkeypatch)
+    items = [item(T0 + 60 * i, str(i).encode()) for i in range(60)]
+    await store.put_many(items)
+    assert sorted(len(b) for b in sent) == [10, 25, 25]
+    assert await store.query("shop", "web", 60, T0, T0 + 3600) == items
+
+
+async def test_duplicate_keys_are_deduped_last_wins(make_store: StoreFactory,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    sent = spy_batches(store, monkeypatch)
+    items = [item(T0 + 60 * (i % 30), f"v{i}".encode()) for i in range(45)]  # 15 keys given twice
+    await store.put_many(items)
+    for batch in sent:
+        assert len(keys_of(batch)) == len(set(keys_of(batch)))
+    assert sum(len(b) for b in sent) == 30
+    got = await store.query("shop", "web", 60, T0, T0 + 3600)
+    assert [g.payload for g in got] == [f"v{i + 30}".encode() if i < 15 else f"v{i}".encode()
+                                        for i in range(30)]
+
+
+async def test_concurrency_is_bounded(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store(sink_concurrency=3)
+    original = store._client.batch_write_item
+    in_flight = peak = 0
+
+    async def slow(**kwargs: Any) -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        try:
+            return await original(**kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(store._client, "batch_write_item", slow)
+    await store.put_many([item(T0 + 60 * i) for i in range(250)])
+    assert peak == 3
+    assert len(await store.query("shop", "web", 60, T0, T0 + 60 * 250)) == 250
+
+
+async def test_large_payload_is_compressed_and_read_back(make_store: StoreFactory) -> None:
+    store = await make_store(compress_over_bytes=1024)
+    big = b'{"centroids":[' + b",".join(b"[%d.5,%d]" % (i, i % 7) for i in range(5000)) + b"]}"
+    small = b"x" * 1024  # at the threshold: stored as is
+    noise = os.urandom(4096)  # over it but incompressible: stored as is
+    await store.put_many([item(T0, big), item(T0 + 60, small), item(T0 + 120, noise)])
+    raw = await raw_item(store, "shop#web#60", T0)
+    assert raw["z"] == {"N": "1"}
+    assert len(raw["d"]["B"]) < len(big) // 3
+    assert gzip.decompress(raw["d"]["B"]) == big
+    assert "z" not in await raw_item(store, "shop#web#60", T0 + 60)
+    assert "z" not in await raw_item(store, "shop#web#60", T0 + 120)
+    got = await store.query("shop", "web", 60, T0, T0 + 180)
+    assert [g.payload for g in got] == [big, small, noise]
+
+
+async def test_compressible_megabyte_is_accepted(make_store: StoreFactory) -> None:
+    store = await make_store()
+    payload = b"[1.0,2]," * 150_000  # 1.2 MB raw, a few KB compressed
+    await store.put_many([item(T0, payload)])
+    assert (await store.query("shop", "web", 60, T0, T0 + 60))[0].payload == payload
+
+
+async def test_item_over_400kb_after_compression_is_rejected_before_writing(
+        make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    sent = spy_batches(store, monkeypatch)
+    with pytest.raises(StoreError) as err:
+        await store.put_many([item(T0, b"ok"), item(T0 + 60, os.urandom(400_000))])
+    assert not err.value.retriable
+    assert "after compression" in str(err.value) and "400" in str(err.value)
+    assert err.value.action
+    assert sent == []
+    # Just under the limit (key, names and numbers included) is accepted.
+    await store.put_many([item(T0, os.urandom(400_000 - 80))])
+
+
+async def test_expired_items_are_filtered_on_read(make_store: StoreFactory) -> None:
+    clock = ManualClock(NOW_MS)
+    store = await make_store(clock=clock, ttl_days=1.0)
+    await store.put_many([item(T0, b"old"), item(T0 + 60, b"edge"), item(T0 + 120, b"new")])
+    clock.set((T0 + 60 + 86400) * 1000)  # T0 expired a minute ago; T0+60 expires exactly now
+    assert await store.query("shop", "web", 60, T0, T0 + 180) == [item(T0 + 120, b"new")]
+    # DynamoDB TTL deletes lazily: the expired item is still in the table, only reads hide it.
+    assert (await raw_item(store, "shop#web#60", T0))["expires_at"] == {"N": str(T0 + 86400)}
+
+
+async def test_unprocessed_items_are_retried_with_growing_bounded_backoff(
+        make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps = Sleeps()
+    store = await make_store(sleep=sleeps, backoff_base_ms=50, backoff_max_ms=5000)
+    original = store._client.batch_write_item
+    calls: list[int] = []
+
+    async def flaky(**kwargs: Any) -> Any:
+        requests = kwargs["RequestItems"][store._table]
+        calls.append(len(requests))
+        if len(calls) <= 2:  # accept half, hand the rest back as DynamoDB does under throttling
+            half = len(requests) // 2
+            await original(RequestItems={store._table: requests[:half]})
+            return {"UnprocessedItems": {store._table: requests[half:]}}
+        return await original(**kwargs)
+
+    monkeypatch.setattr(store._client, "batch_write_item", flaky)
+    items = [item(T0 + 60 * i, str(i).encode()) for i in range(20)]
+    await store.put_many(items)
+    assert calls == [20, 10, 5]
+    assert sleeps.calls == [0.05, 0.1]  # jitter pinned at 1.0: the full exponential cap
+    assert await store.query("shop", "web", 60, T0, T0 + 3600) == items
+
+
+async def test_unprocessed_items_give_up_as_retriable_after_bounded_rounds(
+        make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps = Sleeps()
+    store = await make_store(sleep=sleeps, backoff_base_ms=50, backoff_max_ms=400)
+    calls = 0
+
+    async def throttled(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return {"UnprocessedItems": kwargs["RequestItems"]}
+
+    monkeypatch.setattr(store._client, "batch_write_item", throttled)
+    with pytest.raises(StoreUnavailable) as err:
+        await store.put_many([item(T0)])
+    assert err.value.retriable and err.value.retry_after_s > 0
+    assert calls == MAX_WRITE_ROUNDS
+    assert sleeps.calls == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4]
+    assert all(b >= a for a, b in zip(sleeps.calls, sleeps.calls[1:]))
+
+
+async def test_full_jitter_stays_within_the_cap(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps = Sleeps()
+    store = await make_store(sleep=sleeps, jitter=lambda: 0.5, backoff_base_ms=100, backoff_max_ms=300)
+
+    async def throttled(**kwargs: Any) -> Any:
+        return {"UnprocessedItems": kwargs["RequestItems"]}
+
+    monkeypatch.setattr(store._client, "batch_write_item", throttled)
+    with pytest.raises(StoreUnavailable):
+        await store.put_many([item(T0)])
+    assert sleeps.calls[:3] == [0.05, 0.1, 0.15]
+    assert max(sleeps.calls) == 0.15
+
+
+def client_error(code: str, status: int = 400, op: str = "BatchWriteItem") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": f"simulated {code}"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+async def test_throttling_error_is_retriable(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+
+    async def throttled(**kwargs: Any) -> Any:
+        raise client_error("ProvisionedThroughputExceededException")
+
+    monkeypatch.setattr(store._client, "batch_write_item", throttled)
+    with pytest.raises(StoreUnavailable) as err:
+        await store.put_many([item(T0 + 60 * i) for i in range(60)])
+    assert err.value.retriable
+    assert isinstance(err.value.__cause__, ClientError)
+
+
+async def test_missing_table_is_not_retriable_and_says_what_to_do(make_store: StoreFactory) -> None:
+    store = await make_store(create_table=False)
+    with pytest.raises(StoreError) as err:
+        await store.put_many([item(T0)])
+    assert not err.value.retriable
+    assert "ResourceNotFoundException" in str(err.value)
+    assert "METRICS_CREATE_TABLE=1" in err.value.action
+    with pytest.raises(StoreError):
+        await store.query("shop", "web", 60, T0, T0 + 60)
+    with pytest.raises(StoreError):
+        await store.ping()
+
+
+@pytest.mark.parametrize(("exc", "retriable"), [
+    (client_error("ThrottlingException"), True),
+    (client_error("RequestLimitExceeded"), True),
+    (client_error("InternalServerError", 500), True),
+    (client_error("ServiceUnavailable", 503), True),
+    (client_error("SomethingNew", 502), True),
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+    (ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+    (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+    (asyncio.TimeoutError(), True),
+    (ConnectionResetError(), True),
+    (client_error("ResourceNotFoundException"), False),
+    (client_error("ValidationException"), False),
+    (client_error("AccessDeniedException"), False),
+    (client_error("SomethingNew", 400), False),
+])
+def test_error_classification(exc: BaseException, retriable: bool) -> None:
+    err = classify_error(exc, operation="BatchWriteItem", table="t", settings=Settings())
+    assert err.retriable is retriable
+    assert isinstance(err, StoreUnavailable if retriable else StoreError)
+    assert err.action
+
+
+def test_access_denied_names_the_permission() -> None:
+    err = classify_error(client_error("AccessDeniedException"), operation="Query", table="metrics",
+                         settings=Settings())
+    assert "grant dynamodb:Query on table metrics" in err.action
+
+
+async def test_start_is_idempotent_and_reuses_an_existing_table(make_store: StoreFactory) -> None:
+    first = await make_store()
+    await first.put_many([item(T0)])
+    second = await make_store(table_name=first._table)  # table exists, TTL already on
+    await second.start()
+    await second.ping()
+    assert await second.query("shop", "web", 60, T0, T0 + 60) == [item(T0)]
+    ttl = await second._client.describe_time_to_live(TableName=first._table)
+    assert ttl["TimeToLiveDescription"] == {"TimeToLiveStatus": "ENABLED", "AttributeName": "expires_at"}
+
+
+async def test_existing_table_with_another_schema_is_refused(make_store: StoreFactory) -> None:
+    store = await make_store()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    await store._client.create_table(
+        TableName=name, KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    try:
+        with pytest.raises(StoreError) as err:
+            await make_store(table_name=name)
+        assert "METRICS_TABLE_NAME" in err.value.action
+    finally:
+        await store._client.delete_table(TableName=name)
+
+
+async def test_hash_in_names_is_refused(make_store: StoreFactory) -> None:
+    store = await make_store()
+    with pytest.raises(StoreError):
+        await store.put_many([item(T0, app="a#b")])
+    with pytest.raises(StoreError):
+        await store.query("a", "b#c", 60, T0, T0 + 60)
+
+
+async def test_use_before_start_is_a_programming_error() -> None:
+    store = DynamoStore(Settings())
+    with pytest.raises(RuntimeError):
+        await store.put_many([item(T0)])
+
+
+def test_emulator_gets_dummy_credentials_only_without_real_ones() -> None:
+    local = replace(Settings(), dynamodb_endpoint="http://127.0.0.1:8000")
+    assert client_credentials(local, {}) == {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+    assert client_credentials(local, {"AWS_ACCESS_KEY_ID": "AKIA..."}) == {}
+    assert client_credentials(local, {"AWS_PROFILE": "dev"}) == {}
+    assert client_credentials(Settings(), {}) == {}
+
+
+async def test_bulk_compression_runs_off_the_event_loop(make_store: StoreFactory,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    offloaded: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        offloaded.append(getattr(func, "__name__", "?"))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    items = [item(T0 + 60 * i, os.urandom(30_000).hex().encode()) for i in range(12)]  # ~55 % compressible
+    await store.put_many(items)
+    assert await store.query("shop", "web", 60, T0, T0 + 3600) == items
+    assert offloaded == ["_encode_all", "build"]
+    offloaded.clear()
+    await store.put_many([item(T0, b"small")])
+    await store.query("shop", "web", 60, T0, T0 + 60)
+    assert offloaded == []
+
+
+async def test_unreachable_endpoint_is_retriable() -> None:
+    """A real refused connection (no moto): aiohttp/botocore transport errors become StoreUnavailable."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    settings = replace(Settings(), dynamodb_endpoint=f"http://127.0.0.1:{port}", create_table=False,
+                       max_attempts=0, connect_timeout_s=1.0)  # botocore: 0 retries, one request
+    store = DynamoStore(settings)
+    await store.start()
+    try:
+        with pytest.raises(StoreUnavailable) as err:
+            await store.ping()
+        assert err.value.retriable and "unreachable" in str(err.value)
+        with pytest.raises(StoreUnavailable):
+            await store.put_many([item(T0)])
+    finally:
+        await store.stop()
+
+
+async def test_start_with_dynamodb_down_keeps_running_and_ping_reports() -> None:
+    """A process started while DynamoDB is unreachable stays up (not ready) instead of crash-looping."""
+    s = Settings(dynamodb_endpoint="http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0, table_name="down")
+    store = DynamoStore(s)
+    await store.start()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    finally:
+        await store.stop()
