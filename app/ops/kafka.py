@@ -37,8 +37,8 @@ def bootstrap_servers(broker_url: str) -> list[str]:
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context for ``kafka_security_protocol=SSL`` (hostname checked), else None."""
-    if settings.kafka_security_protocol != "SSL":
+    """The TLS context for ``SSL`` and ``SASL_SSL`` (hostname checked), else None."""
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
     try:
         ctx = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
@@ -53,13 +53,27 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 def client_kwargs(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for aiokafka's producer, consumer and admin client."""
+    protocol = settings.kafka_security_protocol
+    kwargs: dict[str, Any] = {}
     ctx = ssl_context(settings)
-    return {} if ctx is None else {"security_protocol": "SSL", "ssl_context": ctx}
+    if ctx is not None:
+        kwargs.update(security_protocol=protocol, ssl_context=ctx)
+    if protocol.startswith("SASL_"):
+        kwargs.update(security_protocol=protocol, sasl_mechanism=settings.kafka_sasl_mechanism,
+                      sasl_plain_username=settings.kafka_sasl_username,
+                      sasl_plain_password=settings.kafka_sasl_password)
+    return kwargs
 
 
 def faust_kwargs(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``faust.App``."""
+    """Keyword arguments for ``faust.App``: the same protocol and credentials as :func:`client_kwargs`."""
     ctx = ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        from faust.auth import SASLCredentials
+
+        return {"broker_credentials": SASLCredentials(
+            username=settings.kafka_sasl_username, password=settings.kafka_sasl_password, ssl_context=ctx,
+            mechanism=settings.kafka_sasl_mechanism)}
     return {} if ctx is None else {"broker_credentials": ctx}
 
 

@@ -408,31 +408,7 @@ class DynamoStore:
             )
 
     async def _ensure_ttl(self) -> None:
-        """Enable TTL on expires_at. Failure only costs storage (reads filter expired items), so it is a
-        warning: emulators may not implement TTL, and "already enabled" is success."""
-        client = self._c()
-        try:
-            desc = await client.describe_time_to_live(TableName=self._table)
-            ttl = desc.get("TimeToLiveDescription", {})
-            status, attr = ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")
-            if status in ("ENABLED", "ENABLING"):
-                if attr != A_EXPIRES:
-                    log.warning("table %s has TTL on %r, not %r: items will not expire -- disable TTL and "
-                                "restart to switch it", self._table, attr, A_EXPIRES)
-                return
-            await client.update_time_to_live(
-                TableName=self._table,
-                TimeToLiveSpecification={"Enabled": True, "AttributeName": A_EXPIRES},
-            )
-            log.info("enabled TTL on %s.%s", self._table, A_EXPIRES)
-        except ClientError as e:
-            if _code(e) == "ValidationException" and "already enabled" in str(e).lower():
-                return
-            log.warning("could not enable TTL on %s.%s (%s): items will not expire and storage grows -- "
-                        "grant dynamodb:UpdateTimeToLive or enable TTL in the table's IaC",
-                        self._table, A_EXPIRES, e)
-        except BotoCoreError as e:
-            log.warning("could not enable TTL on %s.%s (%s)", self._table, A_EXPIRES, e)
+        await ensure_ttl(self._c(), self._table, A_EXPIRES, endpoint=self._settings.dynamodb_endpoint)
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -490,6 +466,41 @@ _ACTIONS = {
                            "otherwise report this as a bug",
     "ResourceInUseException": "table {table} is being created, updated or deleted; wait and restart",
 }
+
+
+_TTL_UNSUPPORTED_WARNED: set[str] = set()
+
+
+async def ensure_ttl(client: Any, table: str, attribute: str, *, endpoint: str) -> None:
+    """Enable TTL on ``attribute``. Failure only costs storage (every read filters expired items), so it is
+    a warning, never an error: "already enabled" is success, and a server without TTL (dynalite answers
+    UnknownOperationException) gets one warning per endpoint and process."""
+    try:
+        desc = await client.describe_time_to_live(TableName=table)
+        ttl = desc.get("TimeToLiveDescription", {})
+        status, attr = ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")
+        if status in ("ENABLED", "ENABLING"):
+            if attr != attribute:
+                log.warning("table %s has TTL on %r, not %r: items will not expire -- disable TTL and "
+                            "restart to switch it", table, attr, attribute)
+            return
+        await client.update_time_to_live(TableName=table,
+                                          TimeToLiveSpecification={"Enabled": True, "AttributeName": attribute})
+        log.info("enabled TTL on %s.%s", table, attribute)
+    except ClientError as e:
+        code = _code(e)
+        if code == "ValidationException" and "already enabled" in str(e).lower():
+            return
+        if code == "UnknownOperationException":
+            if endpoint not in _TTL_UNSUPPORTED_WARNED:
+                _TTL_UNSUPPORTED_WARNED.add(endpoint)
+                log.warning("TTL not supported by this endpoint (%s); expired items are still filtered on read, "
+                            "but nothing is deleted: storage grows until the tables are dropped", endpoint)
+            return
+        log.warning("could not enable TTL on %s.%s (%s): items will not expire and storage grows -- "
+                    "grant dynamodb:UpdateTimeToLive or enable TTL in the table's IaC", table, attribute, e)
+    except BotoCoreError as e:
+        log.warning("could not enable TTL on %s.%s (%s)", table, attribute, e)
 
 
 class DynamoTable:
@@ -568,8 +579,4 @@ class DynamoTable:
             pass  # created concurrently by another process
         await c.get_waiter("table_exists").wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
         if self.ttl_attribute:
-            try:
-                await c.update_time_to_live(TableName=self.table, TimeToLiveSpecification={
-                    "Enabled": True, "AttributeName": self.ttl_attribute})
-            except c.exceptions.ClientError:
-                pass  # already enabled, or an emulator without TTL: reads filter expired items anyway
+            await ensure_ttl(c, self.table, self.ttl_attribute, endpoint=self.settings.dynamodb_endpoint)

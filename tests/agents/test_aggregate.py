@@ -217,7 +217,7 @@ async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: Manual
     first = Harness(table, clock)
     await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
     assert [(a.key.start_ms, a.requests) for a in first.emitted] == [(T0, 1)]
-    clock.set(T0 + 10_000)  # "crash" within FORGET_AFTER_MS of the close
+    clock.set(T0 + 10_000)  # "crash" within closed_keep_s of the close
     second = Harness(table, clock)
     res = await second.agg.process_batch([(0, 2, msg(router(T0 + 5)))])  # late for the closed minute
     assert res.counts.late == 1

@@ -4,7 +4,7 @@
 
 The load comes from a separate process (tests/bench/drain_client.py, aiohttp, 16 connections) posting
 Logplex frames of 500 lines (Heroku router lines with runtime samples mixed in). Rows: parse-only speed in
-this process, end to end without Frame-Ids, and end to end with Frame-Ids (DynamoDB Local dedup claims).
+this process, end to end without Frame-Ids, and end to end with Frame-Ids (dynalite dedup claims).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import orjson
 from app.cli import start_role, wait_http, worker_env
 from app.ingest.logplex import parse_frame
 from app.local import loadgen
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.local.traffic import Generator
 from app.ops.topics import ensure_topics
 from app.settings import Settings
@@ -58,7 +58,7 @@ def main() -> None:
         parse_frame(body, "app-0")
     parse_rate = n_lines / (time.perf_counter() - t0)
 
-    broker, dynamo = EmbeddedBroker(), EmbeddedDynamo()
+    broker, dynamo = KafkaBroker(data_dir=Path(tempfile.mkdtemp(prefix="bench-kafka-"))), DynamoServer()
     broker.start()
     dynamo.start()
     uid = uuid.uuid4().hex[:6]
@@ -86,7 +86,7 @@ def main() -> None:
         path = Path(tempfile.mkdtemp()) / "frames.json"
         path.write_bytes(orjson.dumps([(b.decode("latin-1"), n) for b, n in frames]))
         for label, extra in (("end to end, HTTP in -> Kafka acked (no Frame-Id)", []),
-                             ("end to end, with Logplex-Frame-Id dedup (DynamoDB Local)", ["--frame-ids"])):
+                             ("end to end, with Logplex-Frame-Id dedup (dynalite)", ["--frame-ids"])):
             out = subprocess.run([sys.executable, "-m", "tests.bench.drain_client",
                                   f"http://127.0.0.1:{port}/v1/drains/logplex", tok, str(path),
                                   str(args.concurrency), *extra], cwd=str(ROOT), capture_output=True, text=True,

@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from app.clock import SystemClock
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import Generator, produce
 from app.ops.topics import ensure_topics
 from app.settings import Settings
@@ -85,7 +85,7 @@ async def raw_aiokafka(bootstrap: str, topic: str, n_msgs: int) -> tuple[int, in
         await c.stop()
 
 
-def bare_faust(broker: EmbeddedBroker, topic: str, n_msgs: int, *, decode: bool = False) -> tuple[int, float, int]:
+def bare_faust(broker: KafkaBroker, topic: str, n_msgs: int, *, decode: bool = False) -> tuple[int, float, int]:
     """(messages, seconds, observations) of the bare agent, counted after its first batch."""
     out = Path(tempfile.mkdtemp()) / "bare.txt"
     env = {**os.environ, "BENCH_BROKER": broker.url, "BENCH_TOPIC": topic, "BENCH_N": str(n_msgs),
@@ -105,7 +105,7 @@ def bare_faust(broker: EmbeddedBroker, topic: str, n_msgs: int, *, decode: bool 
         proc.wait(timeout=30)
 
 
-def worker_run(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, msgs: list[tuple[bytes, bytes]],
+def worker_run(broker: KafkaBroker, dynamo: DynamoServer, msgs: list[tuple[bytes, bytes]],
                minutes: int) -> tuple[int, float, dict[str, int]]:
     tmp = Path(tempfile.mkdtemp())
     p = Pipeline(broker, dynamo, tmp, METRICS_GRACE_S="5", METRICS_IDLE_TIMEOUT_S="600")
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=60_000, help="single-observation messages")
     ap.add_argument("--batched", type=int, default=2_000_000, help="observations sent as arrays of 500")
     args = ap.parse_args()
-    broker, dynamo = EmbeddedBroker(), EmbeddedDynamo()
+    broker, dynamo = KafkaBroker(data_dir=Path(tempfile.mkdtemp(prefix="bench-kafka-"))), DynamoServer()
     broker.start()
     dynamo.start()
     rows: list[tuple[str, str, float, str]] = []
@@ -178,7 +178,7 @@ def main() -> None:
         broker.stop()
 
     lines = [
-        f"Benchmark ({os.cpu_count()} cores, tansu broker on loopback, {args.single:,} single-observation "
+        f"Benchmark ({os.cpu_count()} cores, Apache Kafka {broker.version} on loopback, {args.single:,} single-observation "
         f"messages, {batched_obs:,} observations in arrays of 500, {Settings().digest_max_centroids}-centroid digests)",
         "",
         "| what | messages | rate | unit |",

@@ -1,6 +1,6 @@
 """Read-path benchmark: ``python -m tests.bench.bench_query`` (``make bench-query``).
 
-DynamoDB Local holds 24 h of one-minute items (1000 requests each, ~1000-centroid digests) plus 7 days of
+dynalite holds 24 h of one-minute items (1000 requests each, ~1000-centroid digests) plus 7 days of
 rollup items for one series. A web process (``python -m app web``: auth, caches) serves them; the load comes
 from ``wrk`` (Debian package) in a separate process. Measured: a 24 h query at 1 min (1,440 points) and a
 7 d query at the automatic resolution (2 h, 84 points), cached (default settings) and uncached (caches
@@ -26,7 +26,7 @@ import orjson
 
 from app.api.query import MetricsQuery, merge_buckets
 from app.cli import start_role, wait_http, worker_env
-from app.local.embedded import EmbeddedDynamo, free_port
+from app.local.embedded import DynamoServer, free_port
 from app.settings import Settings
 from app.storage.dynamodb import DynamoStore
 from app.storage.protocol import MetricItem
@@ -135,7 +135,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     ARTIFACTS.mkdir(exist_ok=True)
-    dynamo = EmbeddedDynamo()
+    dynamo = DynamoServer()
     dynamo.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -144,7 +144,7 @@ def main() -> int:
         now_s = int(time.time())
         t0 = time.monotonic()
         token = asyncio.run(load_data(settings, now_s))
-        print(f"loaded DynamoDB Local in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        print(f"loaded dynalite in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         in_proc = asyncio.run(in_process(settings, now_s))
         rows: list[tuple[str, str, float, float, float]] = []
         for mode, extra in (("cached", {}), ("uncached", {"METRICS_QUERY_CACHE_MAX_BYTES": "0",
@@ -170,7 +170,7 @@ def main() -> int:
                     rows.append((label, f"{mode}, 304 (If-None-Match), {conns} conns", rps, p50, p99))
             proc.terminate()
             proc.wait(timeout=20)
-        lines = [f"Read path (2 cores, DynamoDB Local, one `python -m app web` process, wrk -t1, {DURATION_S} s "
+        lines = [f"Read path (2 cores, dynalite, one `python -m app web` process, wrk -t1, {DURATION_S} s "
                  "per row; 1000-request minutes with ~1000-centroid digests)", "",
                  "| query | mode | req/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|"]
         lines += [f"| {q} | {m} | {rps:,.0f} | {p50:.2f} | {p99:.2f} |" for q, m, rps, p50, p99 in rows]

@@ -1,4 +1,4 @@
-"""Helpers to run real worker processes against the session's broker and DynamoDB Local."""
+"""Helpers to run real worker processes against the session's broker and DynamoDB server (dynalite)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.cli import start_role, start_worker, wait_http, worker_env
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.local.traffic import Truth
 from app.ops.topics import ensure_topics
 from app.settings import Settings
@@ -29,7 +29,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 class Pipeline:
     """One isolated deployment (own topics, group, table, state dir) on the shared real parts."""
 
-    def __init__(self, broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp: Path, **overrides: str) -> None:
+    def __init__(self, broker: KafkaBroker, dynamo: DynamoServer, tmp: Path, **overrides: str) -> None:
         uid = uuid.uuid4().hex[:8]
         self.broker, self.dynamo, self.tmp = broker, dynamo, tmp
         self.env_overrides = {

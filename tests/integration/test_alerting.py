@@ -1,5 +1,5 @@
 """Alerting and autoscaling on real parts: observations -> worker process (aggregation, alert and autoscale
-agents) on the tansu broker -> webhooks and e-mail to real receivers on loopback (aiohttp, aiosmtpd).
+agents) on Apache Kafka -> webhooks and e-mail to real receivers on loopback (aiohttp, aiosmtpd).
 
 One scripted timeline of minutes, with the worker SIGKILLed mid-timeline and restarted on an empty state
 directory (definitions and state come back from the changelog). It checks the exact deliveries, the exact
@@ -24,12 +24,12 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from app.api.policies import FORWARDED_HEADER
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo, free_port
+from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.local.traffic import produce
 from app.notify.webhook import verify_signature
 from tests.integration.pipeline import Pipeline
@@ -120,13 +120,16 @@ def api(base: str, method: str, path: str, body: Any = None, timeout_s: float = 
 def read_topic(bootstrap: str, topic: str) -> list[Any]:
     """Every record on the topic (all partitions, from the start), without a consumer group."""
     async def go() -> list[Any]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest")
         await consumer.start()
         try:
-            await consumer.topics()  # fetches metadata, so partitions_for_topic knows the topic
-            parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or set())]
-            consumer.assign(parts)
+            # Without a group every partition is assigned once the topic's metadata arrived.
+            deadline = asyncio.get_running_loop().time() + 10
+            while not consumer.assignment():
+                assert asyncio.get_running_loop().time() < deadline, f"no partitions of {topic}"
+                await consumer.getmany(timeout_ms=100)
+            parts = sorted(consumer.assignment())
             await consumer.seek_to_beginning(*parts)
             end = await consumer.end_offsets(parts)
             out: list[Any] = []
@@ -161,7 +164,7 @@ def minute_batch(start_ms: int, service_ms: float) -> tuple[bytes, bytes]:
     return b"shop", orjson.dumps([router(start_ms + 3000 + k * 500, service_ms) for k in range(60)])
 
 
-def test_alerts_and_autoscaling_across_a_worker_restart(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def test_alerts_and_autoscaling_across_a_worker_restart(broker: KafkaBroker, dynamo: DynamoServer,
                                                         tmp_path: Path) -> None:
     uid = uuid.uuid4().hex[:8]
     receiver = Receiver()
@@ -312,7 +315,7 @@ def get(base: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, s
         return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
 
 
-def test_reads_on_a_worker_that_does_not_own_the_app(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def test_reads_on_a_worker_that_does_not_own_the_app(broker: KafkaBroker, dynamo: DynamoServer,
                                                      tmp_path: Path) -> None:
     """Two workers, the app's partition on one of them: a GET on either returns the owner's answer."""
     uid = uuid.uuid4().hex[:8]

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import orjson
 import pytest
 
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import produce
 from tests.integration.pipeline import ARTIFACTS
 from tests.integration.test_query_api import Served, start_served
@@ -33,7 +33,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 
 
 @pytest.fixture(scope="module")
-def served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def served(broker: KafkaBroker, dynamo: DynamoServer,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     uid = uuid.uuid4().hex[:8]
     s = start_served(broker, dynamo, tmp_path_factory.mktemp("dashboard"),
@@ -62,7 +62,7 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def publish_events(broker: EmbeddedBroker, s: Served) -> None:
+def publish_events(broker: KafkaBroker, s: Served) -> None:
     """Alert transitions and a scaling step for app-0, in the records' published format (tables/monitors.py
     AlertEvent / Decision .to_record), on the worker's own topics; waits until the events job stored them."""
     settings = s.pipeline.settings

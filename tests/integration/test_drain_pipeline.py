@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from app.local import loadgen
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import DynamoServer, KafkaBroker
 from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline, check_against_truth
 
 pytestmark = pytest.mark.integration
 
 
-def test_drain_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp_path: Path) -> None:
+def test_drain_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServer, tmp_path: Path) -> None:
     p = Pipeline(broker, dynamo, tmp_path)
     p.start(data_dir=tmp_path / "state")
     try:

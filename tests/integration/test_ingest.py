@@ -1,10 +1,11 @@
-"""Ingestion protocol on real parts: the ingest app against tansu and DynamoDB Local."""
+"""Ingestion protocol on real parts: the ingest app against Apache Kafka and dynalite."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import orjson
@@ -12,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from app.ingest.server import build
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.loadgen import frame
 from app.ops.stats import Counters
 from app.ops.topics import ensure_topics
@@ -30,7 +31,7 @@ def make_settings(broker_url: str, endpoint: str, **kw: Any) -> Settings:
                     sink_dlq_topic=f"sd-{uid}", partitions=2, app_id=f"ing{uid}", produce_timeout_s=3, **kw)
 
 
-async def read_topic(broker: EmbeddedBroker, topic: str, *, wait_s: float = 2.0) -> list[tuple[bytes, bytes]]:
+async def read_topic(broker: KafkaBroker, topic: str, *, wait_s: float = 2.0) -> list[tuple[bytes, bytes]]:
     from aiokafka import AIOKafkaConsumer
 
     c = AIOKafkaConsumer(topic, bootstrap_servers=broker.address, auto_offset_reset="earliest",
@@ -54,7 +55,7 @@ class Env:
 
 
 @pytest.fixture
-async def env(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, aiohttp_client: Any) -> AsyncIterator[Env]:
+async def env(broker: KafkaBroker, dynamo: DynamoServer, aiohttp_client: Any) -> AsyncIterator[Env]:
     s = make_settings(broker.url, dynamo.endpoint, ingest_max_body_bytes=64 * 1024)
     await ensure_topics(broker.address, s)
     store = TokenStore(s)
@@ -86,7 +87,7 @@ def drain_headers(token: str, count: int, frame_id: str | None = None) -> dict[s
     return h
 
 
-async def test_ingest_readiness_and_metrics(env: Env, dynamo: EmbeddedDynamo, aiohttp_client: Any) -> None:
+async def test_ingest_readiness_and_metrics(env: Env, dynamo: DynamoServer, aiohttp_client: Any) -> None:
     for _ in range(60):  # readiness is eventual: each check has a 2 s budget, slower on a loaded machine
         r = await env.client.get("/readyz")
         if r.status == 200:
@@ -105,7 +106,7 @@ async def test_ingest_readiness_and_metrics(env: Env, dynamo: EmbeddedDynamo, ai
     assert r.status == 503 and body["status"] == "not_ready" and body["checks"]["tokens"] != "ok"
 
 
-async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: Env, broker: EmbeddedBroker) -> None:
+async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: Env, broker: KafkaBroker) -> None:
     body = frame([ROUTER_INFO, ROUTER_ERROR, MEMORY, LOAD, b"<40>1 2012-11-30T06:45:29+00:00 host app web.3 - hi",
                   b"<158>1 2012-11-30T06:45:29+00:00 host heroku router - at=info nonsense"])
     headers = drain_headers(env.tokens["drain"], 6, "frame-1")
@@ -123,7 +124,7 @@ async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: En
     assert (c["drain_frames"], c["drain_frames_deduplicated"], c["drain_lines_ignored"]) == (1, 2, 1)
 
 
-async def test_frame_dedup_survives_an_ingest_restart(env: Env, broker: EmbeddedBroker, aiohttp_client: Any) -> None:
+async def test_frame_dedup_survives_an_ingest_restart(env: Env, broker: KafkaBroker, aiohttp_client: Any) -> None:
     body = frame([ROUTER_INFO])
     assert (await env.client.post("/v1/drains/logplex", data=body,
                                   headers=drain_headers(env.tokens["drain"], 1, "f-restart"))).status == 204
@@ -134,7 +135,7 @@ async def test_frame_dedup_survives_an_ingest_restart(env: Env, broker: Embedded
     assert len(await read_topic(broker, env.settings.observations_topic)) == 1
 
 
-async def test_protocol_errors_produce_nothing(env: Env, broker: EmbeddedBroker) -> None:
+async def test_protocol_errors_produce_nothing(env: Env, broker: KafkaBroker) -> None:
     body = frame([ROUTER_INFO, LOAD])
     cases = [
         (drain_headers(env.tokens["drain"], 3, "f-count"), body, 400, "msg_count_mismatch"),
@@ -151,7 +152,7 @@ async def test_protocol_errors_produce_nothing(env: Env, broker: EmbeddedBroker)
     assert await read_topic(broker, env.settings.observations_topic, wait_s=1) == []
 
 
-async def test_token_in_basic_auth_or_url(env: Env, broker: EmbeddedBroker) -> None:
+async def test_token_in_basic_auth_or_url(env: Env, broker: KafkaBroker) -> None:
     basic = base64.b64encode(f"drain:{env.tokens['drain']}".encode()).decode()
     r1 = await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]),
                                headers={"Authorization": f"Basic {basic}", "Logplex-Msg-Count": "1"})
@@ -160,7 +161,7 @@ async def test_token_in_basic_auth_or_url(env: Env, broker: EmbeddedBroker) -> N
     assert len(await read_topic(broker, env.settings.observations_topic)) == 2
 
 
-async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broker: EmbeddedBroker) -> None:
+async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broker: KafkaBroker) -> None:
     good = {"kind": "router", "app": "myapp", "dyno": "web.1", "ts": 1764000000000, "status": 200, "service_ms": 3}
     foreign = {**good, "app": "other"}
     broken = {**good, "status": "OK"}
@@ -183,9 +184,10 @@ async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broke
     assert len(produced) == 5 and {o["app"] for o in produced} == {"myapp"}
 
 
-async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: EmbeddedDynamo, aiohttp_client: Any) -> None:
-    own = EmbeddedBroker()
-    own.start()
+async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: DynamoServer, aiohttp_client: Any,
+                                                                   tmp_path: Path) -> None:
+    own = KafkaBroker(data_dir=tmp_path / "kafka")
+    await asyncio.to_thread(own.start)
     s = make_settings(own.url, dynamo.endpoint)
     await ensure_topics(own.address, s)
     store = TokenStore(s)
@@ -199,26 +201,28 @@ async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: Embed
         if r.status == 204:
             break
         await asyncio.sleep(0.1)
-    own.stop()
+    assert r.status == 204
+    await asyncio.to_thread(own.stop)
     r = await client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=headers)
     assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
     assert (await r.json())["error"]["code"] == "unavailable"
-    # The failed attempt released its claim on the frame id: the retry is not refused as in flight.
-    own2 = EmbeddedBroker(port=own.port)
-    own2.start()
+    # The same broker comes back on its log directory: what it acknowledged before is still there, and the
+    # failed attempt released its claim on the frame id, so the retry is not refused as in flight.
+    await asyncio.to_thread(own.start)
     try:
-        await ensure_topics(own2.address, s)
         for _ in range(60):
             r = await client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=headers)
             if r.status == 204:
                 break
             await asyncio.sleep(0.5)
         assert r.status == 204
+        produced = await read_topic(own, s.observations_topic, wait_s=5.0)
+        assert len(produced) == 2  # the frame acknowledged before the outage and the retried one
     finally:
-        own2.stop()
+        await asyncio.to_thread(own.stop)
 
 
-async def test_tokens_cli_create_list_revoke_and_stored_hashed(dynamo: EmbeddedDynamo) -> None:
+async def test_tokens_cli_create_list_revoke_and_stored_hashed(dynamo: DynamoServer) -> None:
     import os
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""The whole pipeline on real parts: tansu broker -> worker process -> DynamoDB Local -> HTTP query."""
+"""The whole pipeline on real parts: Apache Kafka -> worker process -> dynalite -> HTTP query."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import Generator, produce
 from tests.integration.pipeline import Pipeline, check_against_truth, wait_stored
 
@@ -22,7 +22,7 @@ def minute_floor_ms(t_ms: int) -> int:
     return t_ms - t_ms % 60_000
 
 
-def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServer,
                                              tmp_path: Path) -> None:
     p = Pipeline(broker, dynamo, tmp_path)
     start_ms = minute_floor_ms(int(time.time() * 1000)) - 6 * 60_000
@@ -72,7 +72,7 @@ def test_generated_traffic_is_stored_exactly(broker: EmbeddedBroker, dynamo: Emb
         p.stop()
 
 
-def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: KafkaBroker, dynamo: DynamoServer,
                                                             tmp_path: Path) -> None:
     """SIGKILL between minutes, restart on an empty state dir: state comes back from the changelog.
 
@@ -104,7 +104,7 @@ def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: EmbeddedBrok
         p.stop()
 
 
-def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: KafkaBroker, dynamo: DynamoServer,
                                                                 tmp_path: Path) -> None:
     """A second worker joins mid-stream: partitions (and their open minutes) move through the changelog."""
     import json
@@ -132,3 +132,98 @@ def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: Embedded
             assert json.load(r)["counters"]["minutes_emitted"] > 0, "the second worker took no partitions"
     finally:
         p.stop()
+
+
+def _post(url: str, body: bytes, token: str) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def test_broker_killed_mid_stream_neither_loses_nor_doubles(dynamo: DynamoServer, tmp_path: Path) -> None:
+    """The broker is SIGKILLed mid-stream and restarted on the same log directory while the worker and an
+    ingest process run. Neither is restarted by hand; every stored minute equals the generator's truth."""
+    broker = KafkaBroker(data_dir=tmp_path / "kafka")
+    broker.start()
+    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="60")
+    start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
+    gen = Generator(apps=2, dynos=2, seed=17, start_ms=start_ms, keep_truth=True)
+    msgs = gen.messages(per_message=300, span_ms=15_000)
+    first = [next(msgs) for _ in range(2 * 4 * 2 + 2)]  # two minutes and a bit of the third
+    second = [next(msgs) for _ in range(2 * 4 * 3)]
+    count = lambda ms: sum(len(orjson.loads(v)) for _, v in ms)  # noqa: E731
+    # An app outside the generator's truth probes the ingest path across the outage.
+    probe = lambda i: orjson.dumps([{"kind": "router", "app": "probe", "dyno": "web.1",  # noqa: E731
+                                     "ts": start_ms + i, "status": 200, "service_ms": 5.0}])
+    try:
+        p.start(data_dir=tmp_path / "state")
+        ingest = p.start_ingest() + "/v1/observations"
+        token = p.read_token("probe", "write")
+        deadline = time.monotonic() + 60
+        while _post(ingest, probe(0), token)[0] != 200:  # the ingest producer connects in the background
+            assert time.monotonic() < deadline, "ingest never accepted"
+            time.sleep(0.5)
+        asyncio.run(produce(broker.address, p.settings.observations_topic, first))
+        p.wait_stats(lambda s: s["observations_accepted"] >= count(first) + 1, 60, "first half aggregated")
+
+        broker.kill()
+        status, headers = _post(ingest, probe(1), token)
+        assert status == 503 and int(headers["Retry-After"]) >= 1  # nothing acknowledged that Kafka lacks
+        broker.start()  # same directory, same ports
+
+        deadline = time.monotonic() + 90
+        while _post(ingest, probe(2), token)[0] != 200:
+            assert time.monotonic() < deadline, "ingest did not recover after the broker came back"
+            time.sleep(1)
+        asyncio.run(produce(broker.address, p.settings.observations_topic, second))
+        assert gen.truth is not None
+        minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
+        stored = wait_stored(p, gen.apps, start_ms, minutes, timeout_s=180)
+        assert len(stored) == minutes
+        check_against_truth(stored, gen.truth)
+        assert p.proc is not None and p.proc.poll() is None, "the worker had to be restarted"
+        assert p.ingest_proc.poll() is None, "the ingest process had to be restarted"
+    finally:
+        p.stop()
+        broker.stop()
+
+
+def test_minutes_emitted_but_not_stored_survive_a_worker_kill(broker: KafkaBroker, tmp_path: Path) -> None:
+    """The case behind the old "consumer starts past uncommitted records" anomaly, made deterministic.
+
+    DynamoDB is down, so the sink cannot store (and does not acknowledge) the minutes the aggregator emits.
+    Closed minutes are not kept in the window table (``closed_keep_s`` = 0), so after a SIGKILL and a
+    restart on an empty state directory only metrics-1m has them: the restarted sink must start from its
+    committed offset (none: the beginning), before them, and store every one exactly. Without
+    app/faust_patches.py it stored none of them."""
+    dynamo = DynamoServer(data_dir=tmp_path / "dynamodb")  # own server: it is stopped mid-test
+    dynamo.start()
+    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="3", METRICS_CLOSED_KEEP_S="0")
+    start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
+    gen = Generator(apps=2, dynos=2, seed=19, start_ms=start_ms, keep_truth=True)
+    msgs = gen.messages(per_message=300, span_ms=15_000)
+    batch = [next(msgs) for _ in range(2 * 4 * 4)]  # four whole minutes per app
+    assert gen.truth is not None
+    minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
+    try:
+        p.start(data_dir=tmp_path / "state-1")
+        p.wait_stats(lambda s: True, 30, "the worker's stats")
+        dynamo.stop()
+        asyncio.run(produce(broker.address, p.settings.observations_topic, batch))
+        # Emitted to metrics-1m (idle close) and forgotten by the window table; none stored.
+        p.wait_stats(lambda s: s["minutes_emitted"] >= minutes, 90, "every minute emitted")
+        assert p.stats()["sink_items_written"] == 0
+        time.sleep(2)  # the deletes reach the changelog with the next flush
+        p.kill()
+        dynamo.start()  # same directory: the table is still there
+        p.start(data_dir=tmp_path / "state-2")
+        stored = wait_stored(p, gen.apps, start_ms, minutes)
+        assert len(stored) == minutes
+        check_against_truth(stored, gen.truth)
+        assert p.stats()["minutes_resent"] == 0  # nothing came back from the windows table
+    finally:
+        p.stop()
+        dynamo.stop()

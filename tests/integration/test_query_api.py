@@ -1,4 +1,4 @@
-"""The read API on real parts: worker process (aggregate, sink, rollup agents) on tansu, DynamoDB Local,
+"""The read API on real parts: worker process (aggregate, sink, rollup agents) on Apache Kafka, dynalite,
 real read tokens. Rollup points must equal the generator's exact truth (percentiles within 1 %)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.local.embedded import EmbeddedBroker, EmbeddedDynamo
+from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import Generator, produce
 from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline
@@ -58,7 +58,7 @@ def create_tokens(p: Pipeline, apps: list[str]) -> dict[str, str]:
     return asyncio.run(go())
 
 
-def start_served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp: Path, *, minutes: int = 20,
+def start_served(broker: KafkaBroker, dynamo: DynamoServer, tmp: Path, *, minutes: int = 20,
                  **overrides: str) -> Served:
     """A worker with ``minutes`` of generated traffic for 2 apps, ending about two minutes ago, aligned so that
     the 10-minute buckets are final (settle 60 s) and come from the rollup items. ``overrides``: more
@@ -79,7 +79,7 @@ def start_served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo, tmp: Path, *, m
 
 
 @pytest.fixture(scope="module")
-def served(broker: EmbeddedBroker, dynamo: EmbeddedDynamo,
+def served(broker: KafkaBroker, dynamo: DynamoServer,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     s = start_served(broker, dynamo, tmp_path_factory.mktemp("query-api"))
     try:

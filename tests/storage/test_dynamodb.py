@@ -409,7 +409,7 @@ def test_emulator_gets_dummy_credentials_only_without_real_ones() -> None:
     assert client_credentials(local, {}) == {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
     assert client_credentials(local, {"AWS_ACCESS_KEY_ID": "AKIA..."}) == {}
     assert client_credentials(local, {"AWS_PROFILE": "dev"}) == {}
-    assert client_credentials(Settings(), {}) == {}
+    assert client_credentials(Settings(dynamodb_endpoint=""), {}) == {}  # AWS: the standard chain decides
 
 
 async def test_bulk_compression_runs_off_the_event_loop(make_store: StoreFactory,
@@ -464,3 +464,28 @@ async def test_start_with_dynamodb_down_keeps_running_and_ping_reports() -> None
             await store.ping()
     finally:
         await store.stop()
+
+
+def test_the_ttl_warning_is_said_once_per_endpoint(caplog: pytest.LogCaptureFixture) -> None:
+    """dynalite answers UnknownOperationException to UpdateTimeToLive (checked above on the real server);
+    the warning is printed once per endpoint, however many tables a process sets up."""
+    import asyncio
+
+    from botocore.exceptions import ClientError as CE
+
+    from app.storage import dynamodb
+
+    class NoTTL:
+        async def describe_time_to_live(self, **_: Any) -> Any:
+            return {"TimeToLiveDescription": {"TimeToLiveStatus": "DISABLED"}}
+
+        async def update_time_to_live(self, **_: Any) -> Any:
+            raise CE({"Error": {"Code": "UnknownOperationException", "Message": ""}}, "UpdateTimeToLive")
+
+    endpoint = f"http://127.0.0.1:1/{uuid.uuid4().hex}"
+    caplog.set_level("WARNING", logger="app.storage.dynamodb")
+    for table in ("a", "b", "c"):
+        asyncio.run(dynamodb.ensure_ttl(NoTTL(), table, "expires_at", endpoint=endpoint))
+    said = [r.getMessage() for r in caplog.records if endpoint in r.getMessage()]
+    assert len(said) == 1 and "TTL not supported by this endpoint" in said[0]
+    assert "expired items are still filtered on read" in said[0]

@@ -1,0 +1,62 @@
+"""A fix for Faust's consumer: records fetched while its flow is paused are lost when nothing was committed.
+
+Faust (faust-streaming 0.15) drops the records it fetched while its flow is not active -- during recovery
+after a start or a rebalance -- and "seeks back to committed offsets" (``Consumer.perform_seek``). For a
+partition its group never committed, aiokafka's ``seek_to_committed`` does not seek at all, so the
+position stays past the dropped records and they are never delivered: ``auto_offset_reset`` is not applied
+again. In this pipeline that was a restarted worker's sinks starting past minutes the killed worker had
+emitted to metrics-1m but not yet stored -- lost minutes, found by the SIGKILL tests (first on tansu, then
+on Apache Kafka; ``tests/integration/test_pipeline.py``).
+
+The fix: after seeking to committed offsets, a stream partition with no committed offset is sought to the
+beginning, as ``auto_offset_reset=earliest`` did on its first assignment. Changelog partitions are left
+alone: Faust's recovery positions them itself. Re-reading is safe: every effect downstream is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+def uncommitted_stream_partitions(committed: Mapping[Any, int | None], changelog_topics: set[str]) -> list[Any]:
+    """The partitions of ``committed`` (aiokafka's answer: None when never committed) to reset by policy."""
+    return sorted((tp for tp, offset in committed.items()
+                   if (offset is None or offset < 0) and tp.topic not in changelog_topics),
+                  key=lambda tp: (tp.topic, tp.partition))
+
+
+async def reset_uncommitted(thread: Any, committed: Mapping[Any, int | None]) -> list[Any]:
+    """Seek ``thread``'s (Faust's AIOKafkaConsumerThread) uncommitted stream partitions to the beginning, as
+    ``auto_offset_reset=earliest`` (the pipeline's setting, app/app.py) does on first assignment."""
+    if thread.app.conf.consumer_auto_offset_reset != "earliest":
+        return []
+    tps = uncommitted_stream_partitions(committed, set(thread.app.tables.changelog_topics))
+    if tps:
+        await thread.seek_to_beginning(*tps)
+        log.info("no committed offset for %s: reading from the beginning",
+                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps))
+    return tps
+
+
+def apply() -> None:
+    """Patch Faust's aiokafka consumer thread once per process (the Faust app module calls this)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = AIOKafkaConsumerThread.seek_to_committed
+
+    async def seek_to_committed(self: Any) -> Mapping[Any, int]:
+        committed: Mapping[Any, int] = await original(self)
+        await reset_uncommitted(self, committed)
+        return committed
+
+    seek_to_committed.__doc__ = original.__doc__
+    AIOKafkaConsumerThread.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
+    _APPLIED = True
