@@ -80,7 +80,10 @@ browser:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	else echo "chromium/chromedriver missing and not root: run 'apt-get install chromium chromium-driver'"; fi
 
+# wrk (Debian) generates the query benchmark's load from a separate process.
 bench-query: install-test
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; } || echo "wrk missing: apt-get install wrk"
 	$(PY) -m tests.bench.bench_query
 
 clean:

@@ -1,7 +1,8 @@
 """Command-line entry points besides Faust's own (``python -m app worker``).
 
-``python -m app local [--no-demo]`` runs the whole pipeline on one machine: the embedded broker and
-DynamoDB, a worker (stream jobs + web API) and demo traffic. Ctrl-C stops all of it.
+``python -m app local [--no-demo]`` runs the whole pipeline on one machine: Apache Kafka and dynalite
+(app/local/embedded.py) on the settings' default ports, a worker (stream jobs + web API), an ingest process
+and demo traffic, with their data in ``data/``. Ctrl-C stops all of it; the next run serves what was stored.
 """
 
 from __future__ import annotations

@@ -64,11 +64,11 @@ class Settings:
     """Event-time lateness accepted after a minute ends; later events are dead-lettered as late."""
     idle_timeout_s: float = 30.0
     """A partition with no input for this long closes its due minutes on the wall clock."""
-    closed_keep_s: float = 30.0
-    """A closed minute stays in the window table this long after it was emitted; a worker restarted within
-    it sends the minute again, identical (counted as ``minutes_resent``). A second line of defence: the
-    first is that a restarted worker's consumers start at their committed offsets (app/faust_patches.py),
-    so a minute emitted but not yet stored is read again from metrics-1m. 0 turns it off."""
+    closed_keep_s: float = 0.0
+    """Keep a closed minute in the window table this long after it was emitted; a worker restarted within
+    it sends the minute again, identical (``minutes_resent``). Off by default: it was a workaround for
+    restarted sinks skipping minutes emitted but not stored, whose cause was Faust's consumer
+    (app/faust_patches.py fixes it; README "Windows"). Set e.g. 30 for a second line of defence."""
     max_future_s: float = 300.0
     """Events stamped further than this ahead of the wall clock are rejected (they would close windows
     of everyone else on the partition)."""

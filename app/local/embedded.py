@@ -119,9 +119,8 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None
 
 
 def _java() -> str:
-    java = shutil.which("java", path=os.path.join(os.environ["JAVA_HOME"], "bin")) \
-        if os.environ.get("JAVA_HOME") else None
-    java = java or shutil.which("java")
+    home = os.environ.get("JAVA_HOME")
+    java = (shutil.which("java", path=os.path.join(home, "bin")) if home else None) or shutil.which("java")
     if java is None:
         raise ConfigError("java not found", action="install Java 17 (Debian openjdk-17-jre-headless)")
     return java

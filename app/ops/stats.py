@@ -21,7 +21,8 @@ CATALOGUE: Final[dict[str, str]] = {
     "minutes_emitted": "Closed (app, process type, minute) records sent to metrics-1m. Flat while "
                        "observations_accepted rises: minutes are not closing (see windows_open, the worker log).",
     "minutes_resent": "Minutes closed before a restart or rebalance and sent to metrics-1m again, identical, "
-                      "in case the sinks had not stored them yet. Non-zero only around restarts.",
+                      "in case the sinks had not stored them yet (only with METRICS_CLOSED_KEEP_S > 0; non-zero only "
+                      "around restarts).",
     "windows_open": "Minutes currently open on this worker. Growing without bound: windows are not closing "
                     "(check METRICS_IDLE_TIMEOUT_S and the event timestamps).",
     "table_records_written": "Window-table (changelog) records written; about one per touched window per batch. "

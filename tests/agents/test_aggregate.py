@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import orjson
@@ -20,12 +21,13 @@ SETTINGS = Settings(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
 
 
 class Harness:
-    def __init__(self, table: dict[bytes, bytes], clock: ManualClock, *, fail_emit: bool = False) -> None:
+    def __init__(self, table: dict[bytes, bytes], clock: ManualClock, *, fail_emit: bool = False,
+                 settings: Settings = SETTINGS) -> None:
         self.emitted: list[Aggregate] = []
         self.dead: list[tuple[int, Rejected]] = []
         self.fail_emit = fail_emit
         self.counters = Counters()
-        self.agg = Aggregator(SETTINGS, WindowTableState(table, "observations"), emit=self.emit,
+        self.agg = Aggregator(settings, WindowTableState(table, "observations"), emit=self.emit,
                               dead_letter=self.dead_letter, counters=self.counters, clock=clock)
 
     async def emit(self, aggs: Sequence[Aggregate]) -> None:
@@ -49,12 +51,10 @@ async def test_batches_across_partitions_emit_each_minute_once(clock: ManualCloc
                                (1, 0, msg(router(T0 + 3, app="blog")))])
     await h.agg.process_batch([(0, 1, msg(router(T0 + 70_000))), (1, 1, msg(router(T0 + 70_000, app="blog")))])
     assert sorted((a.key.app, a.requests) for a in h.emitted) == [("blog", 1), ("shop", 2)]
-    # Emitted minutes stay in the table for a while (a restart sends them again) ...
-    assert any(b"|w|" in k and str(T0).encode() in k for k in table)
+    # Emitted minutes leave the table at once (closed_keep_s is 0); the progress records remain.
+    assert not any(b"|w|" in k and str(T0).encode() in k for k in table)
     clock.set(T0 + 70_000 + 30_000 + 60_000)
     assert await h.agg.close_idle({0, 1}) == 2
-    # ... then they are gone; the progress records remain.
-    assert not any(b"|w|" in k and str(T0).encode() in k for k in table)
     assert await h.agg.close_idle({0, 1}) == 0
     assert len(h.emitted) == 4
     assert h.counters.values["minutes_emitted"] == 4 and h.counters.values["windows_open"] == 0
@@ -211,14 +211,15 @@ async def test_a_message_of_a_partition_owned_elsewhere_is_dropped(clock: Manual
 
 
 async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: ManualClock) -> None:
-    """The sinks may not have stored (and committed) a minute the crashed worker emitted: the restarted
-    worker sends it once more, identical, and never reopens it."""
+    """With ``closed_keep_s`` (off by default) a worker restarted soon after a minute closed sends it once
+    more, identical, and never reopens it."""
     table: dict[bytes, bytes] = {}
-    first = Harness(table, clock)
+    keep = replace(SETTINGS, closed_keep_s=30.0)
+    first = Harness(table, clock, settings=keep)
     await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
     assert [(a.key.start_ms, a.requests) for a in first.emitted] == [(T0, 1)]
     clock.set(T0 + 10_000)  # "crash" within closed_keep_s of the close
-    second = Harness(table, clock)
+    second = Harness(table, clock, settings=keep)
     res = await second.agg.process_batch([(0, 2, msg(router(T0 + 5)))])  # late for the closed minute
     assert res.counts.late == 1
     assert [(a.key.start_ms, a.requests) for a in second.emitted] == [(T0, 1)]
@@ -226,6 +227,19 @@ async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: Manual
     assert (second.counters.values["minutes_resent"], second.counters.values.get("minutes_emitted", 0)) == (1, 0)
     clock.set(T0 + 60_000)
     await second.agg.close_idle({0}, {0: 3})
-    third = Harness(table, clock)  # long after: the minute was forgotten, nothing is sent again
+    third = Harness(table, clock, settings=keep)  # long after: the minute was forgotten, nothing is sent again
     await third.agg.process_batch([(0, 3, msg(router(T0 + 81_000)))])
     assert all(a.key.start_ms != T0 for a in third.emitted)
+
+
+async def test_by_default_a_closed_minute_is_forgotten_at_once(clock: ManualClock) -> None:
+    """A restart right after a minute closed sends nothing again: metrics-1m holds the minute, and the
+    restarted sinks read it from their committed offsets (app/faust_patches.py)."""
+    table: dict[bytes, bytes] = {}
+    first = Harness(table, clock)
+    await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
+    assert [(a.key.start_ms, a.requests) for a in first.emitted] == [(T0, 1)]
+    second = Harness(table, clock)
+    res = await second.agg.process_batch([(0, 2, msg(router(T0 + 5)))])  # late for the closed minute
+    assert res.counts.late == 1 and second.emitted == []
+    assert second.counters.values.get("minutes_resent", 0) == 0
