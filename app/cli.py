@@ -138,17 +138,15 @@ def local(argv: list[str]) -> int:
         wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
         drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(args.apps)]))
         read_token = asyncio.run(_demo_tokens(["app-0"], kind="read"))["app-0"]
-        print(f"\nbroker      {broker.address} ({broker.kind} {broker.version})")
-        print(f"dynamodb    {dynamo.endpoint} ({dynamo.kind} {dynamo.version})")
-        print(f"data        {data_dir} (kept across runs; `make run FRESH=1` starts empty)")
-        print(f"dashboard   http://127.0.0.1:{web_port}/dashboard/  (app-0 read token: {read_token})")
-        print(f"query       curl -H 'Authorization: Bearer {read_token}' "
+        print(f"\nbroker {broker.address} ({broker.kind} {broker.version})")
+        print(f"dynamodb {dynamo.endpoint} ({dynamo.kind})")
+        print(f"data {data_dir} (kept across runs; `make run FRESH=1` starts empty)")
+        print(f"dashboard http://127.0.0.1:{web_port}/dashboard/ (app-0 read token: {read_token})")
+        print(f"query curl -H 'Authorization: Bearer {read_token}' "
               f"'http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web'")
-        print(f"counters    http://127.0.0.1:{web_port}/v1/stats")
-        print(f"drain       http://127.0.0.1:{ingest_port}/v1/drains/logplex  (app-0 drain token: "
-              f"{drain_tokens['app-0']})")
-        print("demo        " + ("off" if args.no_demo else
-                                f"{args.rate} requests/s over {args.apps} apps, through the drain"))
+        print(f"counters http://127.0.0.1:{web_port}/v1/stats")
+        print(f"drain http://127.0.0.1:{ingest_port}/v1/drains/logplex (app-0 drain token: {drain_tokens['app-0']})")
+        print("demo " + ("off" if args.no_demo else f"{args.rate} requests/s over {args.apps} apps, through the drain"))
         print("Ctrl-C stops everything.\n", flush=True)
         asyncio.run(_serve(args, ingest_port, drain_tokens, children))
     except KeyboardInterrupt:
