@@ -124,6 +124,10 @@ class Settings:
     backoff_max_ms: int = 5000
 
     # --- ingestion (drains, JSON API) -----------------------------------------------------------------
+    kafka_max_batch_bytes: int = 1_000_000
+    """Largest record batch the ingest producer builds. It must stay below the brokers' ``message.max.bytes``
+    (1 MB by default on Apache Kafka and Amazon MSK), or Kafka refuses the batch (MessageSizeTooLarge) and
+    the requests in it get 503. Raise both together for more throughput per partition."""
     ingest_max_body_bytes: int = 4 * 1024 * 1024
     """Larger request bodies get 413. Logplex frames are far smaller; JSON batches should be split."""
     dedup_window_s: float = 900.0

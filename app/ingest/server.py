@@ -57,10 +57,11 @@ class KafkaProducer:
         while True:
             # max_batch_size: aiokafka keeps one batch in flight per partition, and one app's frames all go
             # to one partition (key = app). With the 16 KB default every ~70 KB message is a batch of its own,
-            # so concurrent requests queue for that partition's round trips; a 4 MB batch carries every frame
-            # that arrived during the previous round trip (measured 150k -> 210k lines/s).
+            # so concurrent requests queue for that partition's round trips; a large batch carries every frame
+            # that arrived during the previous round trip. Capped below the brokers' message.max.bytes.
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
-                                        max_batch_size=4 * 1024 * 1024, max_request_size=8 * 1024 * 1024,
+                                        max_batch_size=self.settings.kafka_max_batch_bytes,
+                                        max_request_size=8 * 1024 * 1024,
                                         request_timeout_ms=int(self.settings.produce_timeout_s * 1000),
                                         **kafka.client_kwargs(self.settings))
             try:

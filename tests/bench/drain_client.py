@@ -10,9 +10,14 @@ import asyncio
 import sys
 import time
 import uuid
+from collections import Counter
 
 import aiohttp
 import orjson
+
+
+def body_text(body: bytes) -> str:
+    return body[:120].decode("utf-8", "replace")
 
 
 async def main() -> None:
@@ -22,6 +27,7 @@ async def main() -> None:
     queue = list(reversed(frames))
     failures = 0
     lines = 0
+    statuses: Counter[str] = Counter()
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal failures, lines
@@ -35,6 +41,7 @@ async def main() -> None:
                 await r.read()
                 if r.status >= 300:
                     failures += 1
+                    statuses[f"{r.status} {body_text(await r.read())}"] += 1
                 else:
                     lines += n
 
@@ -42,6 +49,8 @@ async def main() -> None:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         print(lines, time.perf_counter() - t0, failures)
+    if statuses:
+        print(dict(statuses.most_common(3)), file=sys.stderr)
 
 
 if __name__ == "__main__":
