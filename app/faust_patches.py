@@ -5,8 +5,8 @@ after a start or a rebalance -- and "seeks back to committed offsets" (``Consume
 partition its group never committed, aiokafka's ``seek_to_committed`` does not seek at all, so the
 position stays past the dropped records and they are never delivered: ``auto_offset_reset`` is not applied
 again. In this pipeline that was a restarted worker's sinks starting past minutes the killed worker had
-emitted to metrics-1m but not yet stored -- lost minutes, found by the SIGKILL tests (first on tansu, then
-on Apache Kafka; ``tests/integration/test_pipeline.py``).
+emitted to metrics-1m but not yet stored -- lost minutes, found by the SIGKILL tests (first on a memory-only
+broker, then on Apache Kafka; ``tests/integration/test_pipeline.py``).
 
 The fix: after seeking to committed offsets, a stream partition with no committed offset is sought to the
 beginning, as ``auto_offset_reset=earliest`` did on its first assignment. Changelog partitions are left
