@@ -80,7 +80,7 @@ def local_ports(settings: "Settings", env: Mapping[str, str]) -> list[tuple[int,
     from app.ops.kafka import bootstrap_servers
 
     servers = bootstrap_servers(settings.broker_url)
-    if len(servers) != 1 or not servers[0].startswith("127.0.0.1:") and not servers[0].startswith("localhost:"):
+    if len(servers) != 1 or not servers[0].startswith(("127.0.0.1:", "localhost:")):
         raise ConfigError(f"local mode runs its own broker, but METRICS_BROKER_URL names {servers}",
                           action="unset METRICS_BROKER_URL, or set it to kafka://127.0.0.1:<port>")
     endpoint = urlsplit(settings.dynamodb_endpoint)
