@@ -258,6 +258,28 @@ def test_credentials_are_referenced_and_mounted_as_files_not_inlined() -> None:
         assert {"name": "aws-credentials", "mountPath": "/var/run/secrets/minutely/aws", "readOnly": True} in c["volumeMounts"]
 
 
+def test_kafka_sasl_as_the_readme_configures_it() -> None:
+    """README "2. Kafka": SASL settings in the ConfigMap for every role that talks to Kafka, the password
+    only as a Secret reference -- and those settings are ones the application accepts."""
+    from app.settings import Settings
+
+    sasl = {"METRICS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "METRICS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "METRICS_KAFKA_SASL_USERNAME": "minutely"}
+    docs = render({"config": {"extra": sasl},
+                   "credentials": {"secretEnv": [{"name": "METRICS_KAFKA_SASL_PASSWORD", "secretName": "minutely-kafka",
+                                                  "key": "password"}]}})
+    cfg = config(docs)
+    assert {k: cfg[k] for k in sasl} == sasl and "METRICS_KAFKA_SASL_PASSWORD" not in cfg
+    roles = {w["metadata"]["labels"]["app.kubernetes.io/component"]: w for w in workloads(docs)}
+    for role in ("worker", "ingest"):
+        (c,) = roles[role]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["METRICS_KAFKA_SASL_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "minutely-kafka", "key": "password"}}
+    s = Settings.from_env({**cfg, "METRICS_KAFKA_SASL_PASSWORD": "from-the-secret"})
+    assert (s.kafka_security_protocol, s.kafka_sasl_username) == ("SASL_SSL", "minutely")
+
+
 def test_optional_parts_switch_off_and_on() -> None:
     docs = render({"networkPolicy": {"enabled": False}, "kafka": {"ensureTopics": False},
                    "metrics": {"podAnnotations": False, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
