@@ -68,7 +68,6 @@ TABLE_ACTIVE_POLLS = 120
 
 # Attribute names are part of every item's size: keep them short.
 A_PK, A_TS, A_DATA, A_ZIP, A_EXPIRES = "pk", "ts", "d", "z", "expires_at"
-_ITEM_OVERHEAD_BYTES = sum(len(n) for n in (A_PK, A_TS, A_DATA, A_ZIP, A_EXPIRES))
 
 # Codes where the same request may succeed later. botocore's 'standard' retries have already retried these
 # max_attempts times when we see them; the caller backs off further using retry_after_s.
@@ -104,6 +103,23 @@ def partition_key(app: str, process_type: str, resolution_s: int) -> str:
 def _number_size(n: int) -> int:
     # DynamoDB stores numbers as ~1 byte per 2 significant digits + 1; one byte per digit + 1 is an upper bound.
     return len(str(abs(n))) + 1
+
+
+def item_size_bytes(item: Mapping[str, Mapping[str, Any]]) -> int:
+    """An item's size as DynamoDB counts it for the 400 KB limit and for read and write units: attribute
+    names plus values (S as UTF-8, B as bytes, N by :func:`_number_size`), for the flat items we write."""
+    size = 0
+    for name, value in item.items():
+        size += len(name.encode())
+        if "S" in value:
+            size += len(value["S"].encode())
+        elif "B" in value:
+            size += len(value["B"])
+        elif "N" in value:
+            size += _number_size(int(value["N"]))
+        else:
+            raise ValueError(f"attribute {name!r}: only flat S/B/N attributes are sized, got {sorted(value)}")
+    return size
 
 
 def client_credentials(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -278,15 +294,6 @@ class DynamoStore:
             if len(packed) < len(data):
                 data, zipped = packed, True
         expires_at = item.ts_s + self._settings.ttl_s
-        size = (_ITEM_OVERHEAD_BYTES + len(pk.encode()) + _number_size(item.ts_s) + len(data)
-                + _number_size(1) + _number_size(expires_at))
-        if size > MAX_ITEM_BYTES:
-            raise StoreError(
-                f"item {pk} ts={item.ts_s} is {size} bytes after compression "
-                f"(payload {len(item.payload)} bytes), over DynamoDB's 400 KB item limit (we allow {MAX_ITEM_BYTES} bytes)",
-                action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS) or split the payload; "
-                       "retrying cannot help",
-            )
         encoded: dict[str, Any] = {
             A_PK: {"S": pk},
             A_TS: {"N": str(item.ts_s)},
@@ -295,6 +302,14 @@ class DynamoStore:
         }
         if zipped:
             encoded[A_ZIP] = {"N": "1"}
+        size = item_size_bytes(encoded)
+        if size > MAX_ITEM_BYTES:
+            raise StoreError(
+                f"item {pk} ts={item.ts_s} is {size} bytes after compression "
+                f"(payload {len(item.payload)} bytes), over DynamoDB's 400 KB item limit (we allow {MAX_ITEM_BYTES} bytes)",
+                action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS) or split the payload; "
+                       "retrying cannot help",
+            )
         return encoded
 
     # --- reads --------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ dynalite holds 24 h of one-minute items (1000 requests each, ~1000-centroid dige
 rollup items for one series. A web process (``python -m app web``: auth, caches) serves them; the load comes
 from ``wrk`` (Debian package) in a separate process. Measured: a 24 h query at 1 min (1,440 points) and a
 7 d query at the automatic resolution (2 h, 84 points), cached (default settings) and uncached (caches
-off), plus the in-process cost of precomputed rollups against merging minutes at read time. Prints a
-Markdown table and writes artifacts/bench-query.md. No assertion on timings.
+off), plus the in-process cost of precomputed rollups against merging minutes at read time, and the bytes
+and DynamoDB read units behind each uncached query. Prints a Markdown table and writes
+artifacts/bench-query.md. No assertion on timings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -28,7 +31,7 @@ from app.api.query import MetricsQuery, merge_buckets
 from app.cli import start_role, wait_http, worker_env
 from app.local.embedded import DynamoServer, free_port
 from app.settings import Settings
-from app.storage.dynamodb import DynamoStore
+from app.storage.dynamodb import DynamoStore, item_size_bytes, partition_key
 from app.storage.protocol import MetricItem
 from app.storage.tokens import TokenStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey
@@ -129,6 +132,39 @@ async def in_process(settings: Settings, now_s: int) -> list[tuple[str, int, flo
     return out
 
 
+READ_UNIT_BYTES = 4096
+"""DynamoDB bills a Query by the summed size of the items it reads (whole items, whatever the projection),
+rounded up to 4 KB per page; an eventually consistent read costs half a unit per 4 KB."""
+
+
+async def read_cost(settings: Settings, now_s: int) -> list[tuple[str, int, int, float]]:
+    """(query, items, bytes read, read units) of the store reads behind each uncached query."""
+    store = DynamoStore(settings)
+    await store.start()
+    out = []
+    try:
+        for label, res, since in (("24 h, 1 min", 60, now_s - 86400), ("24 h, 10 min", 600, now_s - 86400),
+                                  ("7 d, 2 h", 7200, now_s - 7 * 86400)):
+            kwargs: dict[str, Any] = {
+                "TableName": settings.table_name, "KeyConditionExpression": "pk = :pk AND ts BETWEEN :a AND :b",
+                "ExpressionAttributeValues": {":pk": {"S": partition_key(APP, PROC, res)},
+                                              ":a": {"N": str(since - since % res)}, ":b": {"N": str(now_s)}}}
+            items = size = 0
+            units = 0.0
+            while True:
+                resp = await store._client.query(**kwargs)
+                page = sum(item_size_bytes(i) for i in resp["Items"])
+                items, size = items + len(resp["Items"]), size + page
+                units += math.ceil(page / READ_UNIT_BYTES) * 0.5
+                if not resp.get("LastEvaluatedKey"):
+                    break
+                kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+            out.append((label, items, size, units))
+    finally:
+        await store.stop()
+    return out
+
+
 def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk not found: install the Debian package (apt-get install wrk) to run this benchmark",
@@ -146,6 +182,7 @@ def main() -> int:
         token = asyncio.run(load_data(settings, now_s))
         print(f"loaded dynalite in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         in_proc = asyncio.run(in_process(settings, now_s))
+        costs = asyncio.run(read_cost(settings, now_s))
         rows: list[tuple[str, str, float, float, float]] = []
         for mode, extra in (("cached", {}), ("uncached", {"METRICS_QUERY_CACHE_MAX_BYTES": "0",
                                                           "METRICS_QUERY_TAIL_TTL_S": "0"})):
@@ -177,6 +214,11 @@ def main() -> int:
         lines += ["", "Rollups: precomputed vs merged at read time (in-process, uncached, median of 5)", "",
                   "| query | ms |", "|---|---:|"]
         lines += [f"| {label} | {ms:.0f} |" for label, _, ms in in_proc]
+        lines += ["", "Store reads behind one uncached query (whole items, as DynamoDB bills them; eventually "
+                  "consistent)", "", "| query | items | bytes read | bytes per point | read units |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {label} | {n:,} | {size:,} | {size // max(n, 1):,} | {units:,.1f} |"
+                  for label, n, size, units in costs]
         text = "\n".join(lines) + "\n"
         print(text)
         (ARTIFACTS / "bench-query.md").write_text(text)

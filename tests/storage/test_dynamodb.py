@@ -489,3 +489,14 @@ def test_the_ttl_warning_is_said_once_per_endpoint(caplog: pytest.LogCaptureFixt
     said = [r.getMessage() for r in caplog.records if endpoint in r.getMessage()]
     assert len(said) == 1 and "TTL not supported by this endpoint" in said[0]
     assert "expired items are still filtered on read" in said[0]
+
+
+def test_item_size_counts_names_and_values_as_dynamodb_does() -> None:
+    from app.storage.dynamodb import item_size_bytes
+
+    item = {"pk": {"S": "shop#web#60"}, "ts": {"N": "1795344600"}, "d": {"B": b"x" * 1000},
+            "expires_at": {"N": "1797936600"}}
+    assert item_size_bytes(item) == (2 + 11) + (2 + 11) + (1 + 1000) + (10 + 11)
+    assert item_size_bytes({"s": {"S": "é"}}) == 1 + 2  # UTF-8 bytes, not characters
+    with pytest.raises(ValueError, match="flat"):
+        item_size_bytes({"m": {"M": {}}})
