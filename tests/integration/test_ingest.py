@@ -217,7 +217,9 @@ async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: Dynam
             await asyncio.sleep(0.5)
         assert r.status == 204
         produced = await read_topic(own, s.observations_topic, wait_s=5.0)
-        assert len(produced) == 2  # the frame acknowledged before the outage and the retried one
+        # The frame acknowledged before the outage survived it, and the retried one arrived. (A retry whose
+        # answer timed out while the broker came back may have been stored too: at least once.)
+        assert len(produced) >= 2
     finally:
         await asyncio.to_thread(own.stop)
 
