@@ -26,7 +26,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
 from app.errors import ConfigError, RetriableError
 
@@ -157,7 +157,7 @@ class KafkaBroker:
     scram_users: dict[str, str] = field(default_factory=dict)
     heap_mb: int = 512
     lib_dir: Path = KAFKA_LIB
-    kind: str = "Apache Kafka"
+    kind: ClassVar[str] = "Apache Kafka"
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -255,7 +255,11 @@ class KafkaBroker:
              "-cp", self._classpath(), "kafka.Kafka", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        self._wait_started(start_offset)
+        try:
+            self._wait_started(start_offset)
+        except BaseException:
+            self.kill()  # a broker that did not come up must not outlive the caller
+            raise
         log.info("Apache Kafka %s listening on %s (data in %s)", self.version, self.address, self.data_dir)
         return self.url
 

@@ -8,6 +8,10 @@ from typing import Any, Callable, Mapping, Protocol
 
 from app.errors import PipelineError, RetriableError
 
+EVENT_HEADER = "X-Minutely-Event"
+"""The event's id, the same on every retry and replay of it (webhooks and e-mail alike): receivers drop
+duplicates by it."""
+
 WEBHOOK = "webhook"
 EMAIL = "email"
 FORMATION = "formation"

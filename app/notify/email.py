@@ -11,8 +11,12 @@ from email.utils import formatdate
 
 import aiosmtplib
 
-from app.notify.delivery import Delivery, DeliveryFailed, DeliveryUnavailable
-from app.notify.webhook import EVENT_HEADER
+from app.notify.delivery import (
+    EVENT_HEADER,
+    Delivery,
+    DeliveryFailed,
+    DeliveryUnavailable,
+)
 from app.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)

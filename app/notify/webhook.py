@@ -22,13 +22,18 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from app.errors import ConfigError
-from app.notify.delivery import FORMATION, Delivery, DeliveryFailed, DeliveryUnavailable
+from app.notify.delivery import (
+    EVENT_HEADER,
+    FORMATION,
+    Delivery,
+    DeliveryFailed,
+    DeliveryUnavailable,
+)
 from app.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Minutely-Signature"
-EVENT_HEADER = "X-Minutely-Event"
 DELIVERY_HEADER = "X-Minutely-Delivery"
 USER_AGENT = "minutely-notify/1"
 
