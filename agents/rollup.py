@@ -1,8 +1,16 @@
-"""Stream job: ``metrics-1m`` -> 10 min / 1 h / 2 h rollup items in DynamoDB.
+"""Stream job: ``metrics-1m`` -> 10 min / 1 h / 2 h rollup items, and the summary blocks charts read.
 
 Why precomputed: a 7-day chart at 2 h resolution reads 84 rollup items instead of 10,080 minutes (each a
 ~5 KB compressed 1000-centroid digest); merging at read time was measured far slower (README, "Metrics
 API"). The query API still merges minutes for the newest, not yet final buckets (app/api/query.py).
+
+Summaries (tables/summary.py): every minute and every rollup bucket this job changes is rendered once into
+its chart point, which goes into the series' summary block for that resolution. Final points are read
+from those blocks only; the digests stay for merging. A block missing from the table is read back from
+the store, or, when the store has none either, seeded from the digest items of its span (a series written
+before blocks existed). A minute block that still lacks a minute its 1 h bucket holds (the sink had not
+stored it yet while seeding) is read back again on the next batch and marked ``partial`` until complete,
+so readers use the digests for that hour instead of showing a hole.
 
 State and idempotence (at-least-once input, no transactions)
 -------------------------------------------------------------
@@ -13,8 +21,8 @@ of that app live in the same partition of the changelogged ``rollups`` table. A 
 1. minutes are grouped by (app, process type, resolution, bucket); a bucket not in the table is read back
    from DynamoDB (it was evicted, or this is the first deployment), else it starts empty;
 2. a minute whose start is already in ``mins`` is skipped (redelivery), the others are merged;
-3. changed buckets are written to DynamoDB (``put_many``: returns only when every item was accepted; the
-   item carries ``mins`` too, so the read-back in 1. is exact);
+3. changed buckets and changed summary blocks are written to DynamoDB (``put_many``: returns only when
+   every item was accepted; the rollup item carries ``mins`` too, so the read-back in 1. is exact);
 4. only then the table values are written; Faust flushes them before it commits the batch's offsets.
 
 A crash before 4. redelivers the batch; the table does not hold its minutes yet, so they are merged again
@@ -38,21 +46,56 @@ from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError, retry_delay_s
 from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
-from app.storage.protocol import MetricItem, MetricsStore
+from app.storage.protocol import DIGEST, SUMMARY, MetricItem, MetricsStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
 from tables.state import partition_context
+from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 
 log = logging.getLogger(__name__)
 
 Table = MutableMapping[bytes, Any]
 Sleep = Callable[[float], Awaitable[None]]
 BucketId = tuple[str, str, int, int]
-"""(app, process type, resolution_s, bucket start s)"""
+"""(app, process type, resolution_s, bucket start s); a summary block's id has the block start instead."""
 READ_CONCURRENCY = 16
+HOUR_S = 3600
+assert BLOCK_SPAN_S[WINDOW_S] == HOUR_S and HOUR_S in ROLLUP_RESOLUTIONS
 
 
 def table_key(b: BucketId) -> bytes:
     return f"r|{b[0]}|{b[1]}|{b[2]}|{b[3]}".encode()
+
+
+def block_key(b: BucketId) -> bytes:
+    return f"s|{b[0]}|{b[1]}|{b[2]}|{b[3]}".encode()
+
+
+def since_key(app: str, proc: str) -> bytes:
+    return f"m|{app}|{proc}".encode()
+
+
+class Block:
+    """A summary block held in the table, with the partition whose changelog carries it."""
+
+    __slots__ = ("block", "partition")
+
+    def __init__(self, block: SummaryBlock, partition: int) -> None:
+        self.block = block
+        self.partition = partition
+
+    def encode(self) -> bytes:
+        b = self.block
+        return zlib.compress(orjson.dumps({"p": self.partition, "end_s": b.start_s + b.span_s,
+                                           "blk": b.encode().decode()}), 1)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Block":
+        rec = orjson.loads(zlib.decompress(raw))
+        return cls(SummaryBlock.decode(rec["blk"].encode()), int(rec["p"]))
+
+    def item(self, app: str, proc: str) -> MetricItem:
+        b = self.block
+        return MetricItem(app, proc, b.resolution_s, b.start_s, b.encode(), SUMMARY, b.span_s)
 
 
 class Bucket:
@@ -109,8 +152,8 @@ class Rollup:
         self.sleep = sleep
 
     async def process(self, batch: Sequence[tuple[int, bytes]]) -> int:
-        """Fold a batch of ``(partition, metrics-1m value)`` into the rollups; returns buckets written.
-        Returns only once DynamoDB accepted them (retrying while it is unavailable)."""
+        """Fold a batch of ``(partition, metrics-1m value)`` into the rollups and summary blocks; returns
+        buckets written. Returns only once DynamoDB accepted them (retrying while it is unavailable)."""
         groups: dict[BucketId, tuple[int, list[Aggregate]]] = {}
         for partition, value in batch:
             try:
@@ -155,11 +198,14 @@ class Rollup:
                 dirty = True
             if dirty:
                 changed.append((bid, bucket))
-        if changed:
+        blocks, blocks_changed, new_since = await self._summarize(groups, buckets, changed)
+        if changed or blocks_changed:
             items = [MetricItem(bid[0], bid[1], bid[2], bid[3], orjson.dumps(b.record())) for bid, b in changed]
+            items += [blocks[k].item(k[0], k[1]) for k in blocks_changed]
             try:
                 await self.store.put_many(items)
-                self.counters.inc("rollup_items_written", len(items))
+                self.counters.inc("rollup_items_written", len(changed))
+                self.counters.inc("rollup_blocks_written", len(blocks_changed))
             except StoreError as exc:
                 # Not retriable (permissions, schema). The state below still holds the merge, so the bucket's
                 # next minute writes it in full once the cause is fixed.
@@ -168,9 +214,136 @@ class Rollup:
             for bid, b in changed:
                 with partition_context(self.context_topic, b.partition):
                     self.table[table_key(bid)] = b.encode()
+            for k in blocks_changed:
+                with partition_context(self.context_topic, blocks[k].partition):
+                    self.table[block_key(k)] = blocks[k].encode()
+            for (app, proc), (partition, since_s) in new_since.items():
+                # Evicted a retention after it starts: a later batch takes it back from a stored block.
+                value = {"p": partition, "end_s": since_s + self.settings.ttl_s, "since": since_s}
+                with partition_context(self.context_topic, partition):
+                    self.table[since_key(app, proc)] = zlib.compress(orjson.dumps(value), 1)
         self.counters.inc("rollup_minutes_merged", merged)
         self.counters.inc("rollup_minutes_replayed", replayed)
         return len(changed)
+
+    async def _summarize(self, groups: dict[BucketId, tuple[int, list[Aggregate]]], buckets: dict[BucketId, Bucket],
+                         changed: list[tuple[BucketId, Bucket]],
+                         ) -> tuple[dict[BucketId, Block], set[BucketId], dict[tuple[str, str], tuple[int, int]]]:
+        """Render the batch's minutes and changed buckets into their summary blocks; returns the blocks,
+        the ids of those that changed, and the series whose ``since`` the table must learn."""
+        wanted: dict[BucketId, int] = {}
+        for (app, proc, res, ts), (partition, minutes) in groups.items():
+            wanted.setdefault((app, proc, res, block_of(ts, res)), partition)
+            if res == HOUR_S:
+                wanted.setdefault((app, proc, WINDOW_S, ts), partition)  # the hour's minute block
+        blocks = await self._load_blocks(wanted)
+        dirty: set[BucketId] = set()
+        since, new_since = self._since(groups, blocks)
+        for (app, proc, res, ts), (_, minutes) in groups.items():
+            if res != HOUR_S:
+                continue
+            mblock = (app, proc, WINDOW_S, ts)
+            blk = blocks[mblock].block
+            for m in minutes:  # replays too: a re-emitted minute's point replaces the old one
+                if blk.put(m.key.start_ms // 1000, point_json(m)):
+                    dirty.add(mblock)
+        for (app, proc, res, ts), b in changed:
+            k = (app, proc, res, block_of(ts, res))
+            if blocks[k].block.put(ts, point_json(b.agg)):
+                dirty.add(k)
+        # A minute block must hold every minute its hour bucket holds. After an upgrade (a block seeded from
+        # stored minutes) one the sink had not written yet may be missing: read back until it is there.
+        minute_blocks = [k for k in blocks if k[2] == WINDOW_S]
+        lacking = [k for k in minute_blocks if self._lacks(k, blocks[k], buckets)]
+        if lacking:
+            sizes = {k: len(blocks[k].block.points) for k in lacking}
+            await asyncio.gather(*(self._fill_minutes(blocks[k].block, k) for k in lacking))
+            dirty.update(k for k in lacking if len(blocks[k].block.points) != sizes[k])
+        for k in minute_blocks:
+            partial = self._lacks(k, blocks[k], buckets)
+            if partial != blocks[k].block.partial:
+                blocks[k].block.partial = partial
+                dirty.add(k)
+        for k, held in blocks.items():
+            if held.block.since_s != since[k[:2]]:
+                held.block.since_s = since[k[:2]]
+                dirty.add(k)
+        return blocks, dirty, new_since
+
+    def _since(self, groups: dict[BucketId, tuple[int, list[Aggregate]]], blocks: dict[BucketId, Block],
+               ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], tuple[int, int]]]:
+        """Since when this job has put every minute of each series into its blocks (a block's ``since_s``):
+        kept in the table per series; else taken from a stored block (the table was rebuilt); else this
+        batch's first minute, whose blocks were just seeded from the digests. Returns it for every series,
+        and (partition, since) for those the table does not hold yet."""
+        first: dict[tuple[str, str], tuple[int, int]] = {}
+        for (app, proc, res, _), (partition, minutes) in groups.items():
+            if res == HOUR_S:
+                start = min(m.key.start_ms // 1000 for m in minutes)
+                if (app, proc) not in first or start < first[(app, proc)][1]:
+                    first[(app, proc)] = (partition, start)
+        since: dict[tuple[str, str], int] = {}
+        new: dict[tuple[str, str], tuple[int, int]] = {}
+        for series, (partition, start) in first.items():
+            with partition_context(self.context_topic, partition):
+                raw = self.table.get(since_key(*series))
+            if raw is not None:
+                since[series] = int(orjson.loads(zlib.decompress(raw))["since"])
+                continue
+            known = [b.block.since_s for k, b in blocks.items() if k[:2] == series and b.block.since_s is not None]
+            since[series] = min(known) if known else start
+            new[series] = (partition, since[series])
+        return since, new
+
+    @staticmethod
+    def _lacks(k: BucketId, block: Block, buckets: dict[BucketId, Bucket]) -> bool:
+        return not buckets[(k[0], k[1], HOUR_S, k[3])].mins <= block.block.points.keys()
+
+    async def _fill_minutes(self, block: SummaryBlock, k: BucketId) -> None:
+        """Put the stored minutes of a minute block's hour that it lacks."""
+        items = await self.store.query(k[0], k[1], WINDOW_S, k[3], k[3] + HOUR_S)
+        self.counters.inc("rollup_store_reads")
+        for it in items:
+            if it.ts_s not in block.points:
+                try:
+                    block.put(it.ts_s, point_json(decode_minute(it.payload)))
+                except ValueError as exc:
+                    log.warning("rollup: stored minute %s/%s at %d is unreadable: %s", k[0], k[1], it.ts_s, exc)
+
+    async def _load_blocks(self, wanted: dict[BucketId, int]) -> dict[BucketId, Block]:
+        """Summary blocks from the table, else the store, else new (seeded from the span's rollup items)."""
+        out: dict[BucketId, Block] = {}
+        missing: list[tuple[BucketId, int]] = []
+        for k, partition in wanted.items():
+            with partition_context(self.context_topic, partition):
+                raw = self.table.get(block_key(k))
+            if raw is not None:
+                out[k] = Block.decode(raw)
+            else:
+                missing.append((k, partition))
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read_back(k: BucketId, partition: int) -> None:
+            app, proc, res, start = k
+            async with gate:
+                items = await self.store.query(app, proc, res, start, start + 1, SUMMARY)
+                self.counters.inc("rollup_store_reads")
+                if items:
+                    try:
+                        out[k] = Block(SummaryBlock.decode(items[0].payload), partition)
+                        return
+                    except ValueError as exc:
+                        log.warning("rollup: summary block %s is unreadable (%s); rebuilding it", k, exc)
+                block = SummaryBlock(res, start)
+                if res != WINDOW_S:  # minute blocks are checked against their hour bucket instead
+                    span = await self.store.query(app, proc, res, start, start + block.span_s, DIGEST)
+                    self.counters.inc("rollup_store_reads")
+                    for it in span:
+                        block.put(it.ts_s, point_json(Aggregate.from_record(orjson.loads(it.payload))))
+                out[k] = Block(block, partition)
+
+        await asyncio.gather(*(read_back(*m) for m in missing))
+        return out
 
     async def _load(self, groups: dict[BucketId, tuple[int, list[Aggregate]]]) -> dict[BucketId, Bucket]:
         out: dict[BucketId, Bucket] = {}

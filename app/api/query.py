@@ -3,9 +3,11 @@
 Where a point comes from
 ------------------------
 A bucket is *final* once its end is ``query_settle_s`` in the past (grace + idle timeout + sink delay:
-nothing can change it any more). Final buckets are read from DynamoDB -- minutes as stored by the sink,
-coarser resolutions from the rollup items of agents/rollup.py -- and kept in a per-series cache, because a
-closed bucket is immutable. Newer buckets (the *tail*) are merged on every read from the stored minutes plus
+nothing can change it any more). Final points are read from the summary blocks agents/rollup.py writes
+(tables/summary.py: one item per series, resolution and block span, holding the rendered points, which go
+into the answer unparsed) and kept in a per-series cache, because a closed bucket is immutable. A block
+span with no usable block (data written before blocks existed) falls back to the digest items: minutes as
+stored by the sink, rollup items for coarser resolutions. Newer buckets (the *tail*) are merged on every read from the stored minutes plus
 the minutes still open in this worker's table. Coarser points are always :meth:`Aggregate.merge` of the
 minutes: counts and sums add, max is max, means are weighted, percentiles come from the merged t-digests,
 never from averaging percentiles.
@@ -47,8 +49,9 @@ import orjson
 from app.clock import Clock, SystemClock
 from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
-from app.storage.protocol import MetricItem, MetricsStore
+from app.storage.protocol import SUMMARY, MetricItem, MetricsStore
 from tables.aggregate import RESOLUTIONS, Aggregate, BucketKey, bucket_of
+from tables.summary import BLOCK_SPAN_S, SummaryBlock, point_json
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ LiveSource = Callable[[str, str, int, int], list[Aggregate]]
 
 RESOLUTION_NAMES = {"1m": 60, "10m": 600, "1h": 3600, "2h": 7200}
 OFFLOAD_ITEMS = 32
+FALLBACK_CONCURRENCY = 8
+"""Digest reads in flight for the block spans of one range that have no summary block (sparse or old data)."""
 """Decoding more digests than this runs in a worker thread, so other requests keep being served."""
 STALE_GRACE_S = 10.0
 """A live-edge answer older than its tail TTL is still served for this long while one background refresh
@@ -384,21 +389,67 @@ class MetricsQuery:
         return [(ts, s.points[ts]) for ts in sorted(s.points) if lo <= ts < hi], s
 
     async def _fetch(self, app: str, proc: str, res: int, lo: int, hi: int) -> dict[int, bytes]:
-        """Final points in ``[lo, hi)`` from DynamoDB: stored minutes, rollup items, or (rollups off) minutes
-        merged now."""
+        """Final points in ``[lo, hi)``: the summary blocks of the range (tables/summary.py), read as stored.
+        A block span without a usable block falls back to the digests (written before blocks existed, a
+        ``partial`` block), unless a later block vouches that the span had no data; with rollups off,
+        coarser points are merged from minutes."""
+        if res != WINDOW_S and not self.settings.query_use_rollups:
+            return await self._fetch_digests(app, proc, res, lo, hi)
+        span_s = BLOCK_SPAN_S[res]
+        first = bucket_of(lo, span_s)
+        items = await self.store.query(app, proc, res, first, hi, SUMMARY)
+        self._count("query_items_read", len(items))
+        points: dict[int, bytes] = {}
+        covered: set[int] = set()
+        blocks: list[SummaryBlock] = []
+        for it in items:
+            try:
+                block = SummaryBlock.decode(it.payload)
+            except ValueError as exc:
+                log.warning("summary block %s/%s res %d at %d unreadable, using its digests: %s",
+                            app, proc, res, it.ts_s, exc)
+                continue
+            blocks.append(block)
+            if not block.partial:
+                covered.add(it.ts_s)
+                points.update(block.between(lo, hi))
+        gaps: list[tuple[int, int]] = []
+        for b in range(first, hi, span_s):
+            if b in covered or any(block.vouches_empty(b) for block in blocks):
+                continue
+            g_lo, g_hi = max(lo, b), min(hi, b + span_s)
+            if gaps and gaps[-1][1] == g_lo:
+                gaps[-1] = (gaps[-1][0], g_hi)
+            else:
+                gaps.append((g_lo, g_hi))
+        if gaps:
+            self._count("query_digest_fallbacks", len(gaps))
+            gate = asyncio.Semaphore(FALLBACK_CONCURRENCY)
+
+            async def fallback(g_lo: int, g_hi: int) -> dict[int, bytes]:
+                async with gate:
+                    return await self._fetch_digests(app, proc, res, g_lo, g_hi)
+
+            for part in await asyncio.gather(*(fallback(*g) for g in gaps)):
+                points.update(part)
+        return points
+
+    async def _fetch_digests(self, app: str, proc: str, res: int, lo: int, hi: int) -> dict[int, bytes]:
+        """Points in ``[lo, hi)`` computed from digest items: minutes, rollup items, or (rollups off)
+        minutes merged now."""
         if res == WINDOW_S or self.settings.query_use_rollups:
             items = await self.store.query(app, proc, res, lo, hi)
             self._count("query_items_read", len(items))
 
             def build() -> dict[int, bytes]:
-                return {it.ts_s: orjson.dumps(decode_item(it).summary()) for it in items}
+                return {it.ts_s: point_json(decode_item(it)) for it in items}
         else:
             items = await self.store.query(app, proc, WINDOW_S, lo, hi)
             self._count("query_items_read", len(items))
 
             def build() -> dict[int, bytes]:
                 merged = merge_buckets((decode_item(it) for it in items), res)
-                return {b: orjson.dumps(agg.summary()) for b, agg in merged.items()}
+                return {b: point_json(agg) for b, agg in merged.items()}
         return await asyncio.to_thread(build) if len(items) > OFFLOAD_ITEMS else build()
 
     async def _tail(self, app: str, proc: str, res: int, lo: int, hi: int) -> list[tuple[int, bytes]]:
@@ -452,7 +503,7 @@ class MetricsQuery:
                 if agg.key.start_ms // 1000 in open_ts:
                     minutes[agg.key.start_ms // 1000] = agg
             if res == WINDOW_S:
-                return {ts: orjson.dumps(m.summary()) for ts, m in minutes.items()}
+                return {ts: point_json(m) for ts, m in minutes.items()}
             merged = merge_buckets(minutes.values(), res)
             for b in wanted & base_payloads.keys():
                 agg = Aggregate.from_record(orjson.loads(base_payloads[b]))
@@ -460,7 +511,7 @@ class MetricsQuery:
                 if extra is not None:
                     agg.merge(extra)
                 merged[b] = agg
-            return {b: orjson.dumps(agg.summary()) for b, agg in merged.items()}
+            return {b: point_json(agg) for b, agg in merged.items()}
 
         # Open windows are mutated by the aggregation agent on the event loop: never touch them off it.
         fresh = await asyncio.to_thread(build) if decode > OFFLOAD_ITEMS and not live else build()

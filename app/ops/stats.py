@@ -83,6 +83,9 @@ CATALOGUE: Final[dict[str, str]] = {
     "query_cache_bytes": "Bytes held by the query caches (bounded by METRICS_QUERY_CACHE_MAX_BYTES).",
     "query_items_read": "DynamoDB items read by metric queries. Growing much faster than misses: queries "
                         "merge minutes at read time (check METRICS_QUERY_USE_ROLLUPS and the rollup agent).",
+    "query_digest_fallbacks": "Ranges of final points read from digest items because no summary block covers "
+                              "them (data from before summary blocks, idle spans of sparse series). Growing on "
+                              "recent ranges: the rollup agent is not writing blocks.",
     "query_prefix_reused": "Live answers refreshed by re-rendering only their tail (the final part of the body "
                            "and its hash were reused). Low next to query_cache_misses with hot live ranges: "
                            "the series cache is too small (METRICS_QUERY_CACHE_MAX_BYTES).",
@@ -101,6 +104,8 @@ CATALOGUE: Final[dict[str, str]] = {
     "rollup_minutes_replayed": "Minutes already in their rollup bucket (redelivery after a restart); skipped. "
                                "Non-zero only around restarts; steady growth means offsets do not commit.",
     "rollup_items_written": "Rollup items accepted by DynamoDB.",
+    "rollup_blocks_written": "Summary blocks (the chart points of a series) accepted by the store; about four "
+                             "per series and batch. Zero while rollup items are written: blocks are failing.",
     "rollup_store_reads": "Rollup buckets read back from DynamoDB because they were no longer in the worker's "
                           "table (late minutes, replays, first deployment). Sustained: lower replay volume "
                           "or raise METRICS_ROLLUP_EVICT_AFTER_S.",

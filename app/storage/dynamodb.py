@@ -4,11 +4,14 @@ Table design
 ------------
 One item per (app, process type, resolution, bucket). Partition key ``pk`` (S) is
 ``"{app}#{process_type}#{resolution_s}"``; sort key ``ts`` (N) is the bucket start in epoch seconds, so a
-time-range read of one series is a single Query on one partition, in time order. Attributes:
+time-range read of one series is a single Query on one partition, in time order. Summary blocks
+(app/storage/protocol.py, tables/summary.py) live in their own partition, ``"...#{resolution_s}#s"`` with
+``ts`` the block start: a chart's Query reads them and never touches (or pays for) a digest. Attributes:
 
 * ``d`` (B): the aggregate, an opaque orjson document the store never parses. Stored gzip-compressed when
   it is longer than ``compress_over_bytes`` (and compression actually helps), flagged by ``z`` (N) = 1.
-* ``expires_at`` (N): ``ts + ttl_s``, the table's TTL attribute. Retention is measured from the minute's
+* ``expires_at`` (N): ``ts + span + ttl_s`` (span 0 for a bucket, a block's span for a block), the
+  table's TTL attribute. Retention is measured from the minute's
   own time, so replaying old data does not extend it. TTL deletion is lazy (up to days), so reads also
   drop expired items themselves.
 
@@ -46,7 +49,7 @@ from app.clock import Clock, SystemClock
 from app.errors import ConfigError, PipelineError, StoreError, StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
-from app.storage.protocol import MetricItem
+from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +95,13 @@ _CREDENTIAL_ENV = (
 )
 
 
-def partition_key(app: str, process_type: str, resolution_s: int) -> str:
-    """The series key; '#' in a name would make two series collide, so it is refused."""
+def partition_key(app: str, process_type: str, resolution_s: int, kind: Kind = DIGEST) -> str:
+    """The series key; '#' in a name would make two series collide, so it is refused. Digest items keep
+    the key they had before summaries existed, so old items read as they are."""
     if "#" in app or "#" in process_type:
         raise StoreError(f"app {app!r} / process type {process_type!r} contains '#'",
                          action="reject such names at ingestion; '#' separates the parts of the key")
-    return f"{app}#{process_type}#{resolution_s}"
+    return f"{app}#{process_type}#{resolution_s}" + ("#s" if kind == SUMMARY else "")
 
 
 def _number_size(n: int) -> int:
@@ -286,14 +290,14 @@ class DynamoStore:
         return [{"PutRequest": {"Item": it}} for it in unique.values()]
 
     def _encode(self, item: MetricItem) -> dict[str, Any]:
-        pk = partition_key(item.app, item.process_type, item.resolution_s)
+        pk = partition_key(item.app, item.process_type, item.resolution_s, item.kind)
         data, zipped = item.payload, False
         if len(data) > self._settings.compress_over_bytes:
             # mtime=0: the same payload gives the same bytes, so replays write identical items.
             packed = gzip.compress(data, compresslevel=6, mtime=0)
             if len(packed) < len(data):
                 data, zipped = packed, True
-        expires_at = item.ts_s + self._settings.ttl_s
+        expires_at = item.ts_s + item.span_s + self._settings.ttl_s
         encoded: dict[str, Any] = {
             A_PK: {"S": pk},
             A_TS: {"N": str(item.ts_s)},
@@ -315,9 +319,9 @@ class DynamoStore:
     # --- reads --------------------------------------------------------------------------------------
 
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
-                    until_s: int) -> list[MetricItem]:
-        """One series' items with since_s <= ts < until_s in time order, expired items omitted."""
-        pk = partition_key(app, process_type, resolution_s)
+                    until_s: int, kind: Kind = DIGEST) -> list[MetricItem]:
+        """One series' items of ``kind`` with since_s <= ts < until_s in time order, expired items omitted."""
+        pk = partition_key(app, process_type, resolution_s, kind)
         if until_s <= since_s:
             return []
         client = self._c()
@@ -347,7 +351,7 @@ class DynamoStore:
             kwargs["ExclusiveStartKey"] = last_key
 
         def build() -> list[MetricItem]:
-            out = [MetricItem(app, process_type, resolution_s, int(r[A_TS]["N"]), self._decode(pk, r))
+            out = [MetricItem(app, process_type, resolution_s, int(r[A_TS]["N"]), self._decode(pk, r), kind)
                    for r in raws]
             out.sort(key=lambda m: m.ts_s)  # already in key order; cheap insurance for the contract
             return out

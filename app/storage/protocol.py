@@ -1,12 +1,21 @@
 """The store protocol: what the sinks, rollups, events job and query engine need from any metrics store.
 
 Backends (``app/storage/dynamodb.py`` today) implement it; nothing above storage knows which one runs.
+
+A series holds two kinds of item (README, "Store layout"): ``DIGEST`` items carry a bucket's full
+aggregate with its t-digests, for merging (rollups, ranges no summary covers); ``SUMMARY`` items are
+blocks of rendered chart points (tables/summary.py), the only thing the query path reads for final points.
+A backend keeps the kinds apart so a read of one never pays for the other (DynamoDB bills whole items).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
+
+Kind = Literal["digest", "summary"]
+DIGEST: Kind = "digest"
+SUMMARY: Kind = "summary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +27,11 @@ class MetricItem:
     ts_s: int
     """Bucket start, epoch seconds."""
     payload: bytes
-    """Opaque orjson-encoded aggregate; the store never parses it."""
+    """Opaque bytes (an orjson aggregate, or a summary block); the store never parses them."""
+    kind: Kind = DIGEST
+    span_s: int = 0
+    """How far past ``ts_s`` the item holds data (a summary block's span); retention counts from the end, so
+    a block's newest point lives as long as the digest item it summarizes."""
 
 
 class MetricsStore(Protocol):
@@ -27,6 +40,6 @@ class MetricsStore(Protocol):
         ...
 
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
-                    until_s: int) -> list[MetricItem]:
-        """Items with since_s <= ts_s < until_s, sorted by ts_s, expired ones omitted."""
+                    until_s: int, kind: Kind = DIGEST) -> list[MetricItem]:
+        """Items of ``kind`` with since_s <= ts_s < until_s, sorted by ts_s, expired ones omitted."""
         ...

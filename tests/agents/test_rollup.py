@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+import zlib
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from agents.rollup import Rollup, table_key
-from app.api.query import MetricsQuery
+from agents.rollup import Rollup, since_key, table_key
+from app.api.query import MetricsQuery, merge_buckets
 from app.clock import ManualClock
 from app.ops.stats import Counters
-from tables.aggregate import Aggregate
+from tables.aggregate import Aggregate, BucketKey
+from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute
 
 
@@ -63,7 +70,11 @@ async def test_two_hours_of_minutes_roll_up_exactly_and_percentiles_match_raw() 
             assert abs(p["response_ms"][name] - want) <= 0.01 * want, (res, name, p["response_ms"][name], want)
     # The stored item lists its minutes, so a read-back knows what it already holds.
     assert orjson.loads(store.items[("shop", "web", 7200, T0)])["mins"] == [T0 + 60 * i for i in range(120)]
-    assert len(table) == 15
+    # 15 rollup buckets, 5 summary blocks (two hours of minutes, one block each of 10 min, 1 h, 2 h points),
+    # and since when the series' blocks are complete.
+    assert len(table) == 21 and orjson.loads(zlib.decompress(table[since_key("shop", "web")]))["since"] == T0
+    assert {(k[2], k[3]) for k in store.blocks} == {(60, T0), (60, T0 + 3600), (600, block_of(T0, 600)),
+                                                    (3600, block_of(T0, 3600)), (7200, block_of(T0, 7200))}
 
 
 async def test_redelivered_minutes_are_not_merged_twice() -> None:
@@ -84,10 +95,21 @@ async def test_evicted_bucket_is_read_back_for_a_late_minute_and_replays_stay_id
     await r.process([(1, record(minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50))) for i in range(9)])
     clock.set((T0 + 7200 + int(SETTINGS.rollup_evict_after_s) + 1) * 1000)
     assert r.evict({0}) == 0  # partition 1 is not ours: its owner evicts it
-    assert r.evict({1}) == 3 and not table
+    # The buckets and the minute block go; the coarser summary blocks stay until their own span ends.
+    ended = [res for res in (60, 600, 3600, 7200) if block_of(T0, res) + BLOCK_SPAN_S[res] <= T0 + 7200]
+    assert 60 in ended and 7200 not in ended
+    assert r.evict({1}) == 3 + len(ended) and all(k.startswith((b"s|", b"m|")) for k in table)
+    clock.set((T0 + 8 * 86400 + int(SETTINGS.rollup_evict_after_s) + 1) * 1000)
+    assert r.evict({1}) == 4 - len(ended) and list(table) == [since_key("shop", "web")]
     await r.process([(1, record(minute(T0 + 60 * 9, np.arange(1.0, 11.0), mc=50)))])  # late minute
-    assert counters.values["rollup_store_reads"] == 3 + 3  # first sight, then read-back after eviction
+    # First sight: 3 buckets, 4 blocks, and the 3 coarser blocks seeded from their (empty) span. After
+    # eviction: the 3 buckets and 4 blocks are read back from the store.
+    assert counters.values["rollup_store_reads"] == 3 + 4 + 3 + 3 + 4
     assert stored(store, 600, T0).requests == 100 and stored(store, 7200, T0).requests == 100
+    blocks = {res: SummaryBlock.decode(store.blocks[("shop", "web", res, block_of(T0, res))])
+              for res in (60, 600, 3600, 7200)}
+    assert sorted(blocks[60].points) == [T0 + 60 * i for i in range(10)] and not blocks[60].partial
+    assert orjson.loads(blocks[600].points[T0])["requests"] == 100
     r.evict({1})
     await r.process([(1, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])  # an old redelivery
     assert stored(store, 600, T0).requests == 100
@@ -108,7 +130,7 @@ async def test_dynamodb_unavailable_is_retried_and_state_is_written_only_after_s
     r.table = Watch()
     await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])
     assert counters.values["rollup_retries"] == 2 and len(sleeps.calls) == 2
-    assert written == [1, 1, 1]  # 3 buckets, all after the successful put
+    assert written == [1] * 8  # 3 buckets, 4 summary blocks and the series' since, all after the successful put
     assert stored(store, 3600, T0).requests == 10
 
 
@@ -135,3 +157,149 @@ async def test_query_reads_rollups_written_by_the_job_same_as_merging_minutes() 
         b = orjson.loads((await merged.answer("shop", "web", res, T0, T0 + 4 * 3600)).body)
         assert a == b and len(a["points"]) == 4 * 3600 // res
     assert table_key(("shop", "web", 600, T0)) == b"r|shop|web|600|" + str(T0).encode()
+
+
+# --- summary blocks: what the query path reads for final points ----------------------------------------
+
+def _minute_from(start_s: int, spec: dict[str, Any]) -> Aggregate:
+    a = Aggregate(BucketKey("shop", "web", start_s * 1000), max_centroids=200)
+    for status, ms in spec["requests"]:
+        a.add_request(status, float(ms), f"H{status % 30}" if status >= 500 else None)
+    if spec["rss"] is not None:
+        a.add_runtime(spec["rss"], 0.0, spec["rss"] + 10.0, 512.0, spec["rss"] / 1000)
+    for name, kind, v in spec["metrics"]:
+        a.add_metric(name, kind, v, start_s * 1000 + 5)
+    return a
+
+
+MINUTE = st.fixed_dictionaries({
+    "requests": st.lists(st.tuples(st.sampled_from([200, 201, 302, 404, 500, 503]), st.integers(0, 30_000)),
+                         max_size=40),
+    "rss": st.none() | st.floats(1.0, 4096.0),
+    "metrics": st.lists(st.tuples(st.sampled_from(["db", "cache"]), st.sampled_from(["timer", "counter", "gauge"]),
+                                  st.floats(0.0, 1e6)), max_size=4),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(minutes=st.lists(st.tuples(st.integers(0, 3 * 24 * 60 - 1), MINUTE), min_size=1, max_size=60,
+                        unique_by=lambda t: t[0]),
+       cuts=st.lists(st.integers(1, 59), max_size=5))
+def test_summary_blocks_equal_what_the_digests_give(minutes: list[tuple[int, dict[str, Any]]],
+                                                    cuts: list[int]) -> None:
+    """For generated minutes (any batch split) and every resolution, the points read from summary blocks
+    are byte-for-byte those computed from the digest items (minutes, rollup items), and equal to minutes
+    merged at read time (exact counts, sums within float rounding)."""
+    async def run() -> None:
+        clock = ManualClock((T0 + 4 * 86400) * 1000)
+        r, _, store, _, _ = make(clock)
+        aggs = sorted((_minute_from(T0 + 60 * m, spec) for m, spec in minutes), key=lambda a: a.key.start_ms)
+        values = [(0, record(a)) for a in aggs]
+        bounds = [0, *sorted(c for c in cuts if c < len(values)), len(values)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            await r.process(values[lo:hi])
+        for a in aggs:  # what the sink stores
+            store.items[("shop", "web", 60, a.key.start_ms // 1000)] = record(a)
+        store.queries = []
+        since, until = T0 - 7 * 86400, T0 + 3 * 86400
+        for res in (60, 600, 3600, 7200):
+            from_blocks = await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
+                "shop", "web", res, since, until)
+            # Final points come from blocks alone: digests are looked for only outside the blocks' reach (before
+            # the first minute, after the newest block), where there are none.
+            assert not any(r == res and lo <= ts < hi for (_, _, r, ts) in store.items
+                           for (_, _, res, lo, hi) in store.queries)
+            assert len(store.queries) <= 2
+            blocks, store.blocks = store.blocks, {}
+            from_digests = await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
+                "shop", "web", res, since, until)
+            merged = await MetricsQuery(store, settings=replace(SETTINGS, query_use_rollups=False),
+                                        clock=clock).answer("shop", "web", res, since, until)
+            store.blocks, store.queries = blocks, []
+            assert from_blocks.body == from_digests.body
+            got, want = orjson.loads(from_blocks.body)["points"], orjson.loads(merged.body)["points"]
+            assert [p["ts"] for p in got] == [p["ts"] for p in want]
+            for p, q in zip(got, want):
+                assert _close(p, q), (res, p, q)
+
+    asyncio.run(run())
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return bool(a == b)
+
+
+async def test_a_range_written_before_summary_blocks_reads_from_its_digests() -> None:
+    """Old items (no blocks) next to new ones: the answer is the same as from digests alone, and only the
+    spans without a block read digests."""
+    rng = np.random.default_rng(4)
+    clock = ManualClock((T0 + 86400) * 1000)
+    r, _, store, counters, _ = make(clock)
+    minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.8, 50), mc=100) for i in range(4 * 60)]
+    old, new = minutes[:120], minutes[120:]
+    for m in old:  # written by a version without blocks: the sink's minutes and the rollup items
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    for res in (600, 3600, 7200):
+        for b, agg in merge_buckets(old, res).items():
+            rec = agg.to_record()
+            rec["mins"] = [m.key.start_ms // 1000 for m in old if b <= m.key.start_ms // 1000 < b + res]
+            store.items[("shop", "web", res, b)] = orjson.dumps(rec)
+    await r.process([(0, record(m)) for m in new])
+    for m in new:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    store.queries = []
+    q = MetricsQuery(store, settings=SETTINGS, clock=clock, counters=counters)
+    got = orjson.loads((await q.answer("shop", "web", 60, T0, T0 + 4 * 3600)).body)["points"]
+    assert [p["ts"] for p in got] == [m.key.start_ms // 1000 for m in minutes]
+    assert got == [orjson.loads(point_json(m)) for m in minutes]
+    # Hours 0-1 have no block: one digest read for them; hours 2-3 come from their blocks.
+    assert store.queries == [("shop", "web", 60, T0, T0 + 7200)]
+    assert counters.values["query_digest_fallbacks"] == 1
+    # The coarser blocks the new minutes touched were seeded from the old rollup items of their span: only
+    # a block span wholly before the upgrade reads digests.
+    store.queries = []
+    for res in (600, 3600, 7200):
+        doc = orjson.loads((await q.answer("shop", "web", res, T0, T0 + 4 * 3600)).body)
+        assert sum(p["requests"] for p in doc["points"]) == 50 * 4 * 60
+        assert doc["points"] == [orjson.loads(point_json(a)) for a in merge_buckets(minutes, res).values()]
+    assert all(res == 600 and hi <= block_of(T0 + 7200, 600) for (_, _, res, _, hi) in store.queries)
+
+
+async def test_a_minute_block_lacking_a_minute_of_its_hour_is_partial_until_read_back() -> None:
+    """Upgrade race: the old rollup job merged a minute the sink had not stored when the block was seeded.
+    The block says ``partial`` (readers use the digests) until a later batch finds the minute."""
+    clock = ManualClock((T0 + 86400) * 1000)
+    r, _, store, _, _ = make(clock)
+    ms = [minute(T0 + 60 * i, np.arange(1.0, 21.0), mc=50) for i in range(4)]
+    rec = ms[0].to_record()
+    merged = Aggregate.from_record(orjson.loads(record(ms[0])))
+    merged.merge(ms[1])
+    rec = merged.to_record()
+    rec["mins"] = [T0, T0 + 60]
+    store.items[("shop", "web", 3600, T0)] = orjson.dumps(rec)  # the old job's hour bucket
+    store.items[("shop", "web", 60, T0)] = record(ms[0])  # minute 1 not stored yet
+    await r.process([(0, record(ms[2]))])
+    block = SummaryBlock.decode(store.blocks[("shop", "web", 60, T0)])
+    assert block.partial and sorted(block.points) == [T0, T0 + 120]
+    store.items[("shop", "web", 60, T0 + 60)] = record(ms[1])  # the sink catches up
+    await r.process([(0, record(ms[3]))])
+    block = SummaryBlock.decode(store.blocks[("shop", "web", 60, T0)])
+    assert not block.partial and sorted(block.points) == [T0 + 60 * i for i in range(4)]
+
+
+async def test_a_partial_or_unreadable_block_is_not_trusted() -> None:
+    clock = ManualClock((T0 + 86400) * 1000)
+    store = MemoryStore(clock)
+    ms = [minute(T0 + 60 * i, np.arange(1.0, 21.0), mc=50) for i in range(3)]
+    for m in ms:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    store.blocks[("shop", "web", 60, T0)] = SummaryBlock(60, T0, {T0: point_json(ms[0])}, partial=True).encode()
+    store.blocks[("shop", "web", 60, T0 + 3600)] = b'{"v": 99}\n{}'
+    q = MetricsQuery(store, settings=SETTINGS, clock=clock)
+    doc = orjson.loads((await q.answer("shop", "web", 60, T0, T0 + 7200)).body)
+    assert [p["ts"] for p in doc["points"]] == [T0, T0 + 60, T0 + 120]
+    assert store.queries == [("shop", "web", 60, T0, T0 + 7200)]

@@ -21,7 +21,7 @@ from app.clock import ManualClock
 from app.errors import StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import Settings
-from app.storage.protocol import MetricItem
+from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem
 from tables.aggregate import Aggregate, BucketKey
 
 T0 = 1_764_000_000 - 1_764_000_000 % 7200  # a 2 h boundary
@@ -31,13 +31,17 @@ SETTINGS = replace(Settings(), query_settle_s=300.0, query_tail_ttl_s=1.0, query
 
 class MemoryStore:
     """The MetricsStore contract in memory: overwrite by key, half-open sorted ranges, expired items
-    omitted (as DynamoStore), and a log of the queries made."""
+    omitted (as DynamoStore), and a log of the queries made. Digest items are in ``items``, summary
+    blocks in ``blocks``."""
 
     def __init__(self, clock: ManualClock, ttl_s: int = SETTINGS.ttl_s) -> None:
         self.items: dict[tuple[str, str, int, int], bytes] = {}
+        self.blocks: dict[tuple[str, str, int, int], bytes] = {}
+        self.spans: dict[tuple[str, str, int, int], int] = {}
         self.clock = clock
         self.ttl_s = ttl_s
         self.queries: list[tuple[str, str, int, int, int]] = []
+        self.block_queries: list[tuple[str, str, int, int, int]] = []
         self.puts = 0
         self.fail_puts = 0
         self.fail_queries = 0
@@ -48,18 +52,23 @@ class MemoryStore:
             raise StoreUnavailable("DynamoDB throttling", retry_after_s=0.01)
         self.puts += 1
         for it in items:
-            self.items[(it.app, it.process_type, it.resolution_s, it.ts_s)] = it.payload
+            key = (it.app, it.process_type, it.resolution_s, it.ts_s)
+            (self.blocks if it.kind == SUMMARY else self.items)[key] = it.payload
+            if it.kind == SUMMARY:
+                self.spans[key] = it.span_s
 
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
-                    until_s: int) -> list[MetricItem]:
+                    until_s: int, kind: Kind = DIGEST) -> list[MetricItem]:
         if self.fail_queries:
             self.fail_queries -= 1
             raise StoreUnavailable("DynamoDB unreachable", retry_after_s=2)
-        self.queries.append((app, process_type, resolution_s, since_s, until_s))
+        (self.block_queries if kind == SUMMARY else self.queries).append(
+            (app, process_type, resolution_s, since_s, until_s))
         now_s = self.clock.now_ms() // 1000
-        return [MetricItem(a, p, r, ts, v) for (a, p, r, ts), v in sorted(self.items.items())
+        source = self.blocks if kind == SUMMARY else self.items
+        return [MetricItem(a, p, r, ts, v, kind) for (a, p, r, ts), v in sorted(source.items())
                 if (a, p, r) == (app, process_type, resolution_s) and since_s <= ts < until_s
-                and ts + self.ttl_s > now_s]
+                and ts + self.spans.get((a, p, r, ts), 0) + self.ttl_s > now_s]
 
 
 def minute(start_s: int, values: np.ndarray, *, app: str = "shop", proc: str = "web",

@@ -22,7 +22,7 @@ from app.local.embedded import DynamoServer
 from app.settings import Settings
 from app.storage import dynamodb
 from app.storage.dynamodb import DynamoStore
-from app.storage.protocol import MetricItem
+from app.storage.protocol import SUMMARY, MetricItem
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +86,15 @@ async def test_round_trip(make_store: StoreFactory) -> None:
     got = await store.query("shop", "web", 60, T0, T0 + 120)  # until is exclusive
     assert got == [item(T0, payloads[0]), item(T0 + 60, payloads[1])]
     assert await store.query("other", "web", 60, T0, T0 + 60) == [item(T0, b"other", app="other")]
+
+
+async def test_summary_blocks_and_digests_are_separate_items(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.put_many([item(T0, b"digest"), MetricItem("shop", "web", 60, T0, b"block", SUMMARY, 3600),
+                          MetricItem("shop", "web", 60, T0 + 3600, b"x" * 20_000, SUMMARY, 3600)])
+    assert await store.query("shop", "web", 60, T0, T0 + 3600) == [item(T0, b"digest")]
+    assert [(i.ts_s, i.payload, i.kind) for i in await store.query("shop", "web", 60, T0, T0 + 7200, SUMMARY)] == [
+        (T0, b"block", SUMMARY), (T0 + 3600, b"x" * 20_000, SUMMARY)]
 
 
 async def test_replay_overwrites(make_store: StoreFactory) -> None:

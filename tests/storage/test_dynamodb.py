@@ -35,7 +35,7 @@ from app.storage.dynamodb import (
     classify_error,
     client_credentials,
 )
-from app.storage.protocol import MetricItem
+from app.storage.protocol import SUMMARY, MetricItem
 
 T0 = 1_700_000_040  # a minute boundary
 NOW_MS = (T0 + 3600) * 1000
@@ -235,6 +235,23 @@ async def test_item_over_400kb_after_compression_is_rejected_before_writing(
     assert sent == []
     # Just under the limit (key, names and numbers included) is accepted.
     await store.put_many([item(T0, os.urandom(400_000 - 80))])
+
+
+async def test_summary_blocks_live_apart_from_digests_and_expire_after_their_span(
+        make_store: StoreFactory) -> None:
+    """A block and a digest item with the same series and ts are different items (a chart's read never
+    touches a digest); a block lives until its span's end plus the retention."""
+    clock = ManualClock(NOW_MS)
+    store = await make_store(clock=clock, ttl_days=1.0)
+    block = MetricItem("shop", "web", 60, T0, b"points", SUMMARY, 3600)
+    await store.put_many([item(T0, b"digest"), block])
+    assert await store.query("shop", "web", 60, T0, T0 + 1) == [item(T0, b"digest")]
+    assert await store.query("shop", "web", 60, T0, T0 + 1, SUMMARY) == [
+        MetricItem("shop", "web", 60, T0, b"points", SUMMARY)]
+    assert (await raw_item(store, "shop#web#60#s", T0))["expires_at"] == {"N": str(T0 + 3600 + 86400)}
+    clock.set((T0 + 86400 + 1) * 1000)  # the digest expired; the block still holds younger points
+    assert await store.query("shop", "web", 60, T0, T0 + 1) == []
+    assert len(await store.query("shop", "web", 60, T0, T0 + 1, SUMMARY)) == 1
 
 
 async def test_expired_items_are_filtered_on_read(make_store: StoreFactory) -> None:
