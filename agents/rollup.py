@@ -249,7 +249,7 @@ class Rollup:
                     dirty.add(mblock)
         for (app, proc, res, ts), b in changed:
             k = (app, proc, res, block_of(ts, res))
-            if blocks[k].block.put(ts, point_json(b.agg)):
+            if blocks[k].block.put(ts, point_json(b.agg), through_s=max(b.mins)):
                 dirty.add(k)
         # A minute block must hold every minute its hour bucket holds. After an upgrade (a block seeded from
         # stored minutes) one the sink had not written yet may be missing: read back until it is there.
@@ -339,7 +339,9 @@ class Rollup:
                     span = await self.store.query(app, proc, res, start, start + block.span_s, DIGEST)
                     self.counters.inc("rollup_store_reads")
                     for it in span:
-                        block.put(it.ts_s, point_json(Aggregate.from_record(orjson.loads(it.payload))))
+                        rec = orjson.loads(it.payload)
+                        block.put(it.ts_s, point_json(Aggregate.from_record(rec)),
+                                  through_s=max(rec.get("mins") or [it.ts_s]))
                 out[k] = Block(block, partition)
 
         await asyncio.gather(*(read_back(*m) for m in missing))

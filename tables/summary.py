@@ -10,7 +10,8 @@ points, and its points go into the answer as they are, without being parsed. Why
 
 Payload (versioned: a reader that meets another version falls back to the digests)::
 
-    {"v": 1, "res_s": 60, "start_s": ..., "ts": [t0, ...], "partial": false, "since_s": ...}\\n<point t0>\\n...
+    {"v": 1, "res_s": 600, "start_s": ..., "ts": [t0, ...], "partial": false, "since_s": ...,
+     "thru": {"<t0>": <newest minute in t0>, ...}}\\n<point t0>\\n...
 
 One line per point, each the exact JSON the API returns (orjson never writes a raw newline). ``partial``
 marks a block known to lack a point its digests have (written while upgrading from a version without
@@ -48,7 +49,7 @@ def point_json(agg: Aggregate) -> bytes:
 class SummaryBlock:
     """The points of one series at one resolution within ``[start_s, start_s + span)``."""
 
-    __slots__ = ("resolution_s", "start_s", "points", "partial", "since_s")
+    __slots__ = ("resolution_s", "start_s", "points", "partial", "since_s", "through")
 
     def __init__(self, resolution_s: int, start_s: int, points: dict[int, bytes] | None = None, *,
                  partial: bool = False, since_s: int | None = None) -> None:
@@ -59,19 +60,32 @@ class SummaryBlock:
         self.points: dict[int, bytes] = points if points is not None else {}
         self.partial = partial
         self.since_s = since_s
+        self.through: dict[int, int] = {}
+        """Rollup points: the newest minute each holds, so a reader of a live bucket knows which stored
+        minutes are not in it yet. A minute point holds just its minute."""
 
     @property
     def span_s(self) -> int:
         return BLOCK_SPAN_S[self.resolution_s]
 
-    def put(self, ts_s: int, point: bytes) -> bool:
-        """Set the point of the bucket starting at ``ts_s``; True when that changed the block."""
+    def put(self, ts_s: int, point: bytes, *, through_s: int | None = None) -> bool:
+        """Set the point of the bucket starting at ``ts_s`` (holding minutes up to ``through_s``); True when
+        that changed the block."""
         if not self.start_s <= ts_s < self.start_s + self.span_s or ts_s % self.resolution_s:
             raise ValueError(f"bucket {ts_s} is not a {self.resolution_s} s bucket of block {self.start_s}")
-        if self.points.get(ts_s) == point:
+        through_s = ts_s if through_s is None else through_s
+        if self.points.get(ts_s) == point and self.holds_through(ts_s) == through_s:
             return False
         self.points[ts_s] = point
+        if through_s == ts_s:
+            self.through.pop(ts_s, None)
+        else:
+            self.through[ts_s] = through_s
         return True
+
+    def holds_through(self, ts_s: int) -> int:
+        """The newest minute the point of bucket ``ts_s`` holds."""
+        return self.through.get(ts_s, ts_s)
 
     def vouches_empty(self, span_start_s: int) -> bool:
         """True when this block's writer says the block span starting at ``span_start_s`` had no data."""
@@ -86,6 +100,8 @@ class SummaryBlock:
         order = sorted(self.points)
         head: dict[str, Any] = {"v": SUMMARY_VERSION, "res_s": self.resolution_s, "start_s": self.start_s,
                                 "ts": order, "partial": self.partial, "since_s": self.since_s}
+        if self.through:
+            head["thru"] = {str(ts): m for ts, m in self.through.items()}
         return b"\n".join((orjson.dumps(head), *(self.points[ts] for ts in order)))
 
     @classmethod
@@ -101,9 +117,12 @@ class SummaryBlock:
         try:
             order = [int(ts) for ts in head["ts"]]
             res_s, start_s, partial, since_s = int(head["res_s"]), int(head["start_s"]), head["partial"], head["since_s"]
-        except (KeyError, TypeError, ValueError) as exc:
+            through = {int(ts): int(m) for ts, m in head.get("thru", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"summary block header is malformed: {exc!r}") from None
         if len(order) != len(lines) - 1 or res_s not in BLOCK_SPAN_S:
             raise ValueError(f"summary block has {len(lines) - 1} points for {len(order)} timestamps")
-        return cls(res_s, start_s, dict(zip(order, lines[1:])), partial=bool(partial),
-                   since_s=None if since_s is None else int(since_s))
+        block = cls(res_s, start_s, dict(zip(order, lines[1:])), partial=bool(partial),
+                    since_s=None if since_s is None else int(since_s))
+        block.through = through
+        return block

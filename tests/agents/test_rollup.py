@@ -18,7 +18,7 @@ from agents.rollup import Rollup, since_key, table_key
 from app.api.query import MetricsQuery, merge_buckets
 from app.clock import ManualClock
 from app.ops.stats import Counters
-from tables.aggregate import Aggregate, BucketKey
+from tables.aggregate import Aggregate, BucketKey, bucket_of
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute
 
@@ -303,3 +303,34 @@ async def test_a_partial_or_unreadable_block_is_not_trusted() -> None:
     doc = orjson.loads((await q.answer("shop", "web", 60, T0, T0 + 7200)).body)
     assert [p["ts"] for p in doc["points"]] == [T0, T0 + 60, T0 + 120]
     assert store.queries == [("shop", "web", 60, T0, T0 + 7200)]
+
+
+async def test_the_live_edge_is_served_from_block_points_and_merges_only_what_they_lack() -> None:
+    """The newest buckets: a bucket whose block point holds every stored minute is served as stored (no
+    digest read); a stored minute the rollup job has not folded in yet, or a minute open in this worker,
+    is merged onto the bucket's rollup item. Every point equals the truth (all minutes merged)."""
+    rng = np.random.default_rng(8)
+    now_s = T0 + 3600 + 150  # settle 300 s: the edge is at T0 + 3600 - 300 (1 min) or T0 + 3000 (10 min)
+    clock = ManualClock(now_s * 1000)
+    r, _, store, _, _ = make(clock)
+    ms = [minute(T0 + 60 * i, rng.lognormal(3, 0.7, 80), mc=100) for i in range(63)]
+    await r.process([(0, record(m)) for m in ms[:61]])  # the rollup job is one minute behind the sink
+    for m in ms[:62]:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    open_minute = ms[62]  # still open in this worker
+
+    def live(app: str, proc: str, since_ms: int, until_ms: int) -> list[Aggregate]:
+        return [open_minute] if since_ms <= open_minute.key.start_ms < until_ms else []
+
+    for res in (60, 600, 3600):
+        store.queries = []
+        q = MetricsQuery(store, live, settings=SETTINGS, clock=clock)
+        got = orjson.loads((await q.answer("shop", "web", res, T0, now_s)).body)["points"]
+        assert got == [orjson.loads(point_json(a)) for a in merge_buckets(ms, res).values()], res
+        edge = (now_s - 300) - (now_s - 300) % res
+        minute_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == 60]
+        # Only the minute the blocks do not hold is read as a digest; the rest of the edge is block points.
+        assert minute_reads == [(T0 + 61 * 60, -(-now_s // res) * res)], (res, minute_reads)
+        rollup_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == res and res != 60]
+        assert rollup_reads == ([] if res == 60 else [(bucket_of(T0 + 61 * 60, res), bucket_of(T0 + 61 * 60, res) + 1)])
+        assert edge <= T0 + 61 * 60

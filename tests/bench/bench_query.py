@@ -1,12 +1,15 @@
 """Read-path benchmark: ``python -m tests.bench.bench_query`` (``make bench-query``).
 
-dynalite holds 24 h of one-minute items (1000 requests each, ~1000-centroid digests) plus 7 days of
-rollup items for one series. A web process (``python -m app web``: auth, caches) serves them; the load comes
-from ``wrk`` (Debian package) in a separate process. Measured: a 24 h query at 1 min (1,440 points) and a
-7 d query at the automatic resolution (2 h, 84 points), cached (default settings) and uncached (caches
-off), plus the in-process cost of precomputed rollups against merging minutes at read time, and the bytes
-and DynamoDB read units behind each uncached query. Prints a Markdown table and writes
-artifacts/bench-query.md. No assertion on timings.
+dynalite holds the same data twice, as two apps: 24 h of one-minute items (1000 requests each, ~1000-centroid
+digests) with their rollups, 6 more days of 10 min / 1 h rollups and 29 more days of 2 h rollups.
+``bench`` is written as the rollup job writes it (agents/rollup.py: rollup items and summary blocks);
+``legacy`` has the digest items only, as written before summary blocks, so its queries take the digest
+fallback: the baseline, measured in the same run. A web process (``python -m app web``: auth, caches)
+serves them; the load comes from ``wrk`` (Debian package) in a separate process. Measured: 24 h at 1 min
+(1,440 points), 7 d and 30 d at the automatic resolution (2 h: 84 and 360 points), uncached (caches off)
+and cached (default settings), the in-process cost of precomputed rollups against merging minutes at
+read time, and the bytes and DynamoDB read units behind each uncached query. Prints a Markdown table and
+writes artifacts/bench-query.md. No assertion on timings.
 """
 
 from __future__ import annotations
@@ -27,31 +30,42 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.api.query import MetricsQuery, merge_buckets
+from agents.rollup import Rollup
+from app.api.query import MetricsQuery
 from app.cli import start_role, wait_http, worker_env
 from app.local.embedded import DynamoServer, free_port
+from app.ops.stats import Counters
 from app.settings import Settings
-from app.storage.dynamodb import DynamoStore, item_size_bytes, partition_key
-from app.storage.protocol import MetricItem
+from app.storage.dynamodb import DynamoStore, item_size_bytes
+from app.storage.protocol import SUMMARY, MetricItem
 from app.storage.tokens import TokenStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey
+from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-APP, PROC = "bench", "web"
+APP, LEGACY, PROC = "bench", "legacy", "web"
 DURATION_S = int(os.environ.get("BENCH_DURATION_S", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "16"))
+OLDER_DAYS = {600: 6, 3600: 6, 7200: 29}
+"""Days of rollups before the 24 h of minutes, per resolution (what the automatic resolution reads)."""
 
 
-def minute(rng: np.random.Generator, start_s: int, n: int) -> Aggregate:
-    a = Aggregate(BucketKey(APP, PROC, start_s * 1000))
+def minute(rng: np.random.Generator, app: str, start_s: int, n: int) -> Aggregate:
+    a = Aggregate(BucketKey(app, PROC, start_s * 1000))
     for i, v in enumerate(rng.lognormal(3.0, 0.8, n)):
         a.add_request(200 if i % 40 else 503, float(v), "H12" if i % 200 == 0 else None)
     a.add_runtime(300.0, 0.0, 420.0, 512.0, 0.7)
     return a
 
 
-async def load_data(settings: Settings, now_s: int) -> str:
-    """24 h of minutes with their rollups, 6 more days of 10 min / 1 h / 2 h rollups; returns a read token."""
+def renamed(agg: Aggregate, app: str) -> Aggregate:
+    rec = agg.to_record()
+    rec["app"] = app
+    return Aggregate.from_record(rec)
+
+
+async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
+    """The two copies of the data; returns a read token per app."""
     rng = np.random.default_rng(1)
     store = DynamoStore(settings)
     await store.start()
@@ -59,22 +73,43 @@ async def load_data(settings: Settings, now_s: int) -> str:
     await tokens.start()
     try:
         first = (now_s - 86400) - (now_s - 86400) % 7200
-        minutes = [minute(rng, t, 1000) for t in range(first, now_s - now_s % 60, 60)]
-        items = [MetricItem(APP, PROC, 60, m.key.start_ms // 1000, orjson.dumps(m.to_record())) for m in minutes]
+        minutes = [minute(rng, APP, t, 1000) for t in range(first, now_s - now_s % 60, 60)]
+        records = [orjson.dumps(m.to_record()) for m in minutes]
+        # bench: the sink's minute items, then the rollup job over the same minutes (its batches of 500)
+        await store.put_many([MetricItem(APP, PROC, 60, m.key.start_ms // 1000, r) for m, r in zip(minutes, records)])
+        rollup = Rollup({}, store, settings, Counters(), context_topic="metrics-1m")
+        for i in range(0, len(records), 500):
+            await rollup.process([(0, r) for r in records[i:i + 500]])
+        # legacy: the same minutes and rollup items, without blocks
+        items = [MetricItem(LEGACY, PROC, 60, m.key.start_ms // 1000, orjson.dumps(renamed(m, LEGACY).to_record()))
+                 for m in minutes]
         for res in ROLLUP_RESOLUTIONS:
-            for b, a in merge_buckets(minutes, res).items():
-                rec = a.to_record()  # as agents/rollup.py writes it: with the minutes it holds
-                rec["mins"] = [m.key.start_ms // 1000 for m in minutes if b <= m.key.start_ms // 1000 < b + res]
-                items.append(MetricItem(APP, PROC, res, b, orjson.dumps(rec)))
-            # older days: one synthetic bucket-sized aggregate each (same size class as a real rollup)
-            for b in range(first - 6 * 86400, first, res):
-                agg = minute(rng, b, 2000)
+            for it in await store.query(APP, PROC, res, first, now_s + 1):
+                rec = orjson.loads(it.payload)
+                rec["app"] = LEGACY
+                items.append(MetricItem(LEGACY, PROC, res, it.ts_s, orjson.dumps(rec)))
+        # older days: one synthetic bucket-sized aggregate each (same size class as a real rollup), for both
+        # apps; bench also gets the summary blocks the rollup job would have written for them
+        blocks: dict[tuple[int, int], SummaryBlock] = {}
+        for res in ROLLUP_RESOLUTIONS:
+            for b in range(first - OLDER_DAYS[res] * 86400, first, res):
+                agg = minute(rng, APP, b, 2000)
                 agg.resolution_s = res
                 items.append(MetricItem(APP, PROC, res, b, orjson.dumps(agg.to_record())))
+                items.append(MetricItem(LEGACY, PROC, res, b, orjson.dumps(renamed(agg, LEGACY).to_record())))
+                key = (res, block_of(b, res))
+                if key not in blocks:
+                    blocks[key] = SummaryBlock(res, key[1], since_s=first - OLDER_DAYS[res] * 86400)
+                blocks[key].put(b, point_json(agg))
+        # merge with the blocks the rollup job wrote for the first 24 h (the block at `first` is shared)
+        for (res, start), block in blocks.items():
+            stored = await store.query(APP, PROC, res, start, start + 1, SUMMARY)
+            if stored:
+                block.points.update(SummaryBlock.decode(stored[0].payload).points)
+            items.append(MetricItem(APP, PROC, res, start, block.encode(), SUMMARY, BLOCK_SPAN_S[res]))
         for i in range(0, len(items), 500):
             await store.put_many(items[i:i + 500])
-        token, _ = await tokens.create(APP, "read")
-        return token
+        return {app: (await tokens.create(app, "read"))[0] for app in (APP, LEGACY)}
     finally:
         await tokens.stop()
         await store.stop()
@@ -110,23 +145,27 @@ def etag_of(url: str, token: str) -> str:
         return str(r.headers["ETag"])
 
 
-async def in_process(settings: Settings, now_s: int) -> list[tuple[str, int, float]]:
-    """Uncached in-process cost: precomputed rollups vs merging minutes at read time (same answers)."""
+async def in_process(settings: Settings, now_s: int) -> list[tuple[str, float]]:
+    """Uncached in-process cost per query: summary blocks, digests (rollup items), minutes merged at read
+    time. Median of 5."""
     store = DynamoStore(settings)
     await store.start()
     out = []
     try:
         off = replace(settings, query_cache_max_bytes=0, query_tail_ttl_s=0.0)
-        since = now_s - 86400
-        for res in (600, 7200):
-            for label, use in (("rollup items", True), ("minutes merged at read time", False)):
+        for label, res, since in (("24 h at 1 min", 60, now_s - 86400), ("24 h at 10 min", 600, now_s - 86400),
+                                  ("7 d at 2 h", 7200, now_s - 7 * 86400)):
+            ways = [("summary blocks", APP, True), ("digests: minutes or rollup items", LEGACY, True)]
+            if res != 60:
+                ways.append(("digests: minutes merged at read time", LEGACY, False))
+            for way, app, use in ways:
                 q = MetricsQuery(store, settings=replace(off, query_use_rollups=use))
                 times = []
                 for _ in range(5):
                     t0 = time.perf_counter()
-                    await q.answer(APP, PROC, res, since, now_s)
+                    await q.answer(app, PROC, res, since, now_s)
                     times.append(time.perf_counter() - t0)
-                out.append((f"24 h at {res // 60} min, {label}", res, float(np.median(times)) * 1000))
+                out.append((f"{label}, {way}", float(np.median(times)) * 1000))
     finally:
         await store.stop()
     return out
@@ -137,29 +176,31 @@ READ_UNIT_BYTES = 4096
 rounded up to 4 KB per page; an eventually consistent read costs half a unit per 4 KB."""
 
 
-async def read_cost(settings: Settings, now_s: int) -> list[tuple[str, int, int, float]]:
-    """(query, items, bytes read, read units) of the store reads behind each uncached query."""
+async def read_cost(settings: Settings, now_s: int) -> list[tuple[str, int, int, int, float]]:
+    """(query, points, items, bytes read, read units) behind one uncached answer, as the query path runs it
+    (final points and the live edge): every Query page it sends is sized as DynamoDB bills it."""
     store = DynamoStore(settings)
     await store.start()
+    pages: list[tuple[int, int]] = []
+    original = store._client.query
+
+    async def spy(**kwargs: Any) -> Any:
+        resp = await original(**kwargs)
+        pages.append((len(resp["Items"]), sum(item_size_bytes(i) for i in resp["Items"])))
+        return resp
+
+    store._client.query = spy
     out = []
     try:
-        for label, res, since in (("24 h, 1 min", 60, now_s - 86400), ("24 h, 10 min", 600, now_s - 86400),
-                                  ("7 d, 2 h", 7200, now_s - 7 * 86400)):
-            kwargs: dict[str, Any] = {
-                "TableName": settings.table_name, "KeyConditionExpression": "pk = :pk AND ts BETWEEN :a AND :b",
-                "ExpressionAttributeValues": {":pk": {"S": partition_key(APP, PROC, res)},
-                                              ":a": {"N": str(since - since % res)}, ":b": {"N": str(now_s)}}}
-            items = size = 0
-            units = 0.0
-            while True:
-                resp = await store._client.query(**kwargs)
-                page = sum(item_size_bytes(i) for i in resp["Items"])
-                items, size = items + len(resp["Items"]), size + page
-                units += math.ceil(page / READ_UNIT_BYTES) * 0.5
-                if not resp.get("LastEvaluatedKey"):
-                    break
-                kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
-            out.append((label, items, size, units))
+        off = replace(settings, query_cache_max_bytes=0, query_tail_ttl_s=0.0)
+        for label, res, days in (("24 h, 1 min", 60, 1), ("7 d, 2 h", 7200, 7), ("30 d, 2 h", 7200, 30)):
+            for layout, app in (("summary blocks", APP), ("digests (before)", LEGACY)):
+                pages.clear()
+                body = (await MetricsQuery(store, settings=off).answer(app, PROC, res, now_s - days * 86400,
+                                                                       now_s)).body
+                points = len(orjson.loads(body)["points"])
+                units = sum(math.ceil(size / READ_UNIT_BYTES) * 0.5 for _, size in pages)
+                out.append((f"{label}, {layout}", points, sum(n for n, _ in pages), sum(b for _, b in pages), units))
     finally:
         await store.stop()
     return out
@@ -179,46 +220,51 @@ def main() -> int:
         settings = Settings.from_env({"METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint, "METRICS_TABLE_NAME": table})
         now_s = int(time.time())
         t0 = time.monotonic()
-        token = asyncio.run(load_data(settings, now_s))
+        tokens = asyncio.run(load_data(settings, now_s))
         print(f"loaded dynalite in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         in_proc = asyncio.run(in_process(settings, now_s))
         costs = asyncio.run(read_cost(settings, now_s))
         rows: list[tuple[str, str, float, float, float]] = []
-        for mode, extra in (("cached", {}), ("uncached", {"METRICS_QUERY_CACHE_MAX_BYTES": "0",
-                                                          "METRICS_QUERY_TAIL_TTL_S": "0"})):
+        for mode, extra in (("uncached", {"METRICS_QUERY_CACHE_MAX_BYTES": "0", "METRICS_QUERY_TAIL_TTL_S": "0"}),
+                            ("cached", {})):
             port = free_port()
             env = worker_env("kafka://127.0.0.1:1", dynamo.endpoint, data_dir=str(ARTIFACTS), web_port=port,
                              extra={"METRICS_TABLE_NAME": table, **extra})
             proc = start_role("web", env, log_path=ARTIFACTS / f"bench-query-web-{mode}.log")
             procs.append(proc)
             wait_http(f"http://127.0.0.1:{port}/healthz", 60, proc)
-            base = f"http://127.0.0.1:{port}/v1/apps/{APP}/metrics?process_type={PROC}"
-            queries = (("24 h, 1 min (1,440 points)", f"{base}&since={now_s - 86400}&until={now_s}&resolution=1m"),
-                       ("7 d, auto = 2 h (84 points)", f"{base}&since={now_s - 7 * 86400}&until={now_s}"))
-            conns = CONNECTIONS if mode == "cached" else 4
-            for label, url in queries:
-                etag_of(url, token)  # warm-up (and the ETag)
-                rps, p50, p99 = wrk(url, token, connections=conns, duration_s=DURATION_S)
-                rows.append((label, f"{mode}, 200 + body, {conns} conns", rps, p50, p99))
-                if mode == "cached":
-                    tag = etag_of(url, token)
-                    rps, p50, p99 = wrk(url, token, connections=conns, duration_s=DURATION_S,
-                                        extra_header=f"If-None-Match: {tag}")
-                    rows.append((label, f"{mode}, 304 (If-None-Match), {conns} conns", rps, p50, p99))
+            for app, layout in ((APP, "summary blocks"), (LEGACY, "digests (before)")):
+                if mode == "cached" and app == LEGACY:
+                    continue
+                base = f"http://127.0.0.1:{port}/v1/apps/{app}/metrics?process_type={PROC}"
+                queries = (("24 h, 1 min (1,440 points)", f"{base}&since={now_s - 86400}&until={now_s}&resolution=1m"),
+                           ("7 d, auto = 2 h (84 points)", f"{base}&since={now_s - 7 * 86400}&until={now_s}"),
+                           ("30 d, auto = 2 h (360 points)", f"{base}&since={now_s - 30 * 86400}&until={now_s}"))
+                for label, url in queries:
+                    etag_of(url, tokens[app])  # warm-up (and the ETag)
+                    for conns in ((1, 4) if mode == "uncached" else (CONNECTIONS,)):
+                        rps, p50, p99 = wrk(url, tokens[app], connections=conns, duration_s=DURATION_S)
+                        rows.append((label, f"{mode}, {layout}, {conns} conn{'s' if conns > 1 else ''}",
+                                     rps, p50, p99))
+                    if mode == "cached":
+                        tag = etag_of(url, tokens[app])
+                        rps, p50, p99 = wrk(url, tokens[app], connections=CONNECTIONS, duration_s=DURATION_S,
+                                            extra_header=f"If-None-Match: {tag}")
+                        rows.append((label, f"{mode}, 304 (If-None-Match), {CONNECTIONS} conns", rps, p50, p99))
             proc.terminate()
             proc.wait(timeout=20)
         lines = [f"Read path (2 cores, dynalite, one `python -m app web` process, wrk -t1, {DURATION_S} s "
                  "per row; 1000-request minutes with ~1000-centroid digests)", "",
                  "| query | mode | req/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|"]
         lines += [f"| {q} | {m} | {rps:,.0f} | {p50:.2f} | {p99:.2f} |" for q, m, rps, p50, p99 in rows]
-        lines += ["", "Rollups: precomputed vs merged at read time (in-process, uncached, median of 5)", "",
-                  "| query | ms |", "|---|---:|"]
-        lines += [f"| {label} | {ms:.0f} |" for label, _, ms in in_proc]
-        lines += ["", "Store reads behind one uncached query (whole items, as DynamoDB bills them; eventually "
-                  "consistent)", "", "| query | items | bytes read | bytes per point | read units |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {label} | {n:,} | {size:,} | {size // max(n, 1):,} | {units:,.1f} |"
-                  for label, n, size, units in costs]
+        lines += ["", "Store reads behind one uncached answer (final points and live edge; whole items, as "
+                  "DynamoDB bills them; eventually consistent)", "",
+                  "| query | points | items | bytes read | bytes per point | read units |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {label} | {pts:,} | {n:,} | {size:,} | {size // max(pts, 1):,} | {units:,.1f} |"
+                  for label, pts, n, size, units in costs]
+        lines += ["", "In-process, uncached, median of 5 (no HTTP)", "", "| query | ms |", "|---|---:|"]
+        lines += [f"| {label} | {ms:.1f} |" for label, ms in in_proc]
         text = "\n".join(lines) + "\n"
         print(text)
         (ARTIFACTS / "bench-query.md").write_text(text)
