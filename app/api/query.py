@@ -342,6 +342,30 @@ class MetricsQuery:
         # Items expire ts + ttl after their bucket start (app/storage/dynamodb.py); cached ones must too.
         oldest = now_s - self.settings.ttl_s
         final_hi = min(until, edge)
+        # The live edge is read while the final part is: the two store reads overlap.
+        tail_task = (asyncio.ensure_future(self._tail(app, proc, res, max(since, edge), until))
+                     if max(since, edge) < until else None)
+        try:
+            prefix = await self._final_prefix(app, proc, res, since, until, now_ms, final_hi, oldest, prev)
+            tail_points = await tail_task if tail_task is not None else []
+        finally:
+            if tail_task is not None and not tail_task.done():
+                tail_task.cancel()
+                await asyncio.gather(tail_task, return_exceptions=True)
+        tail = [b for ts, b in tail_points if ts > oldest]
+        rest = b"".join((b"," if prefix.count and tail else b"", b",".join(tail), b"]}"))
+        body = prefix.body[:prefix.length] + rest if len(prefix.body) != prefix.length else prefix.body + rest
+        hasher = prefix.hasher.copy()
+        hasher.update(rest)
+        etag = '"' + hasher.hexdigest() + '"'
+        # The new body starts with the same prefix: keep a reference to it, not to the old body.
+        prefix = _Prefix(body, prefix.length, prefix.count, prefix.series, prefix.version, prefix.final_hi,
+                         prefix.first_ts, prefix.hasher)
+        return Answer(body, etag, until <= edge, res, prefix.count + len(tail)), prefix
+
+    async def _final_prefix(self, app: str, proc: str, res: int, since: int, until: int, now_ms: int,
+                            final_hi: int, oldest: int, prev: _Prefix | None) -> _Prefix:
+        """The head and final points of an answer's body, reused from ``prev`` when nothing changed."""
         series = self._live_series((app, proc, res), now_ms) if since < final_hi else None
         if prev is not None and prev.reusable(series, final_hi, oldest):
             prefix = prev
@@ -361,18 +385,7 @@ class MetricsQuery:
             # cache, or re-read after the max age, renders the prefix again.
             prefix = _Prefix(body, len(body), len(kept), used, version, final_hi,
                              kept[0][0] if kept else None, hashlib.blake2b(body, digest_size=12))
-        tail: list[bytes] = []
-        if max(since, edge) < until:
-            tail = [b for ts, b in await self._tail(app, proc, res, max(since, edge), until) if ts > oldest]
-        rest = b"".join((b"," if prefix.count and tail else b"", b",".join(tail), b"]}"))
-        body = prefix.body[:prefix.length] + rest if len(prefix.body) != prefix.length else prefix.body + rest
-        hasher = prefix.hasher.copy()
-        hasher.update(rest)
-        etag = '"' + hasher.hexdigest() + '"'
-        # The new body starts with the same prefix: keep a reference to it, not to the old body.
-        prefix = _Prefix(body, prefix.length, prefix.count, prefix.series, prefix.version, prefix.final_hi,
-                         prefix.first_ts, prefix.hasher)
-        return Answer(body, etag, until <= edge, res, prefix.count + len(tail)), prefix
+        return prefix
 
     def _live_series(self, skey: SeriesKey, now_ms: int) -> _Series | None:
         """The cached final range of a series, unless it is due for a re-read."""

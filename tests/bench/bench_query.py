@@ -105,7 +105,9 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
         for (res, start), block in blocks.items():
             stored = await store.query(APP, PROC, res, start, start + 1, SUMMARY)
             if stored:
-                block.points.update(SummaryBlock.decode(stored[0].payload).points)
+                written = SummaryBlock.decode(stored[0].payload)
+                block.points.update(written.points)
+                block.through.update(written.through)
             items.append(MetricItem(APP, PROC, res, start, block.encode(), SUMMARY, BLOCK_SPAN_S[res]))
         for i in range(0, len(items), 500):
             await store.put_many(items[i:i + 500])
