@@ -116,7 +116,8 @@ class SummaryBlock:
             raise ValueError(f"unsupported summary block version {head.get('v') if isinstance(head, dict) else head!r}")
         try:
             order = [int(ts) for ts in head["ts"]]
-            res_s, start_s, partial, since_s = int(head["res_s"]), int(head["start_s"]), head["partial"], head["since_s"]
+            res_s, start_s = int(head["res_s"]), int(head["start_s"])
+            partial, since_s = head["partial"], head["since_s"]
             through = {int(ts): int(m) for ts, m in head.get("thru", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"summary block header is malformed: {exc!r}") from None

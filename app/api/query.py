@@ -7,10 +7,11 @@ nothing can change it any more). Final points are read from the summary blocks a
 (tables/summary.py: one item per series, resolution and block span, holding the rendered points, which go
 into the answer unparsed) and kept in a per-series cache, because a closed bucket is immutable. A block
 span with no usable block (data written before blocks existed) falls back to the digest items: minutes as
-stored by the sink, rollup items for coarser resolutions. Newer buckets (the *tail*) are merged on every read from the stored minutes plus
-the minutes still open in this worker's table. Coarser points are always :meth:`Aggregate.merge` of the
-minutes: counts and sums add, max is max, means are weighted, percentiles come from the merged t-digests,
-never from averaging percentiles.
+stored by the sink, rollup items for coarser resolutions. Newer buckets (the *tail*) are built on every
+read: a block point that already holds every stored minute is used as it is; otherwise the stored minutes
+it lacks and the minutes still open in this worker's table are merged onto the bucket's rollup item.
+Coarser points are always :meth:`Aggregate.merge` of the minutes: counts and sums add, max is max, means
+are weighted, percentiles come from the merged t-digests, never from averaging percentiles.
 
 Caches (bounded by ``query_cache_max_bytes``, least recently used evicted first)
 ---------------------------------------------------------------------------------

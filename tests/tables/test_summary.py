@@ -48,7 +48,8 @@ def test_buckets_outside_the_block_or_off_resolution_are_refused() -> None:
         SummaryBlock(3600, T0 + 3600)  # not a day boundary
 
 
-@pytest.mark.parametrize("payload", [b"", b"not json", b"[]", b'{"v": 1}', b'{"v": 2, "res_s": 60, "start_s": 0, "ts": []}',
+@pytest.mark.parametrize("payload", [b"", b"not json", b"[]", b'{"v": 1}',
+                                     b'{"v": 2, "res_s": 60, "start_s": 0, "ts": []}',
                                      b'{"v": 1, "res_s": 60, "start_s": 0, "ts": [0, 60], "partial": false}\n{}'])
 def test_an_unknown_or_damaged_block_is_a_value_error(payload: bytes) -> None:
     with pytest.raises(ValueError):
