@@ -58,6 +58,9 @@ Sleep = Callable[[float], Awaitable[None]]
 BucketId = tuple[str, str, int, int]
 """(app, process type, resolution_s, bucket start s); a summary block's id has the block start instead."""
 READ_CONCURRENCY = 16
+ISOLATE_STREAK = 8
+"""Items of a refused batch are written one by one until this many in a row are refused too: more than one
+series writes per batch (3 rollup items, 4 blocks), so the cause is then not one series."""
 HOUR_S = 3600
 assert BLOCK_SPAN_S[WINDOW_S] == HOUR_S and HOUR_S in ROLLUP_RESOLUTIONS
 
@@ -202,15 +205,9 @@ class Rollup:
         if changed or blocks_changed:
             items = [MetricItem(bid[0], bid[1], bid[2], bid[3], orjson.dumps(b.record())) for bid, b in changed]
             items += [blocks[k].item(k[0], k[1]) for k in blocks_changed]
-            try:
-                await self.store.put_many(items)
-                self.counters.inc("rollup_items_written", len(changed))
-                self.counters.inc("rollup_blocks_written", len(blocks_changed))
-            except StoreError as exc:
-                # Not retriable (permissions, schema). The state below still holds the merge, so the bucket's
-                # next minute writes it in full once the cause is fixed.
-                self.counters.inc("rollup_failed", len(items))
-                log.error("rollup: DynamoDB refused %d rollup items for good: %s", len(items), exc)
+            refused = await self._put(items)
+            self.counters.inc("rollup_items_written", sum(1 for i in items if i.kind == DIGEST and i not in refused))
+            self.counters.inc("rollup_blocks_written", sum(1 for i in items if i.kind == SUMMARY and i not in refused))
             for bid, b in changed:
                 with partition_context(self.context_topic, b.partition):
                     self.table[table_key(bid)] = b.encode()
@@ -225,6 +222,31 @@ class Rollup:
         self.counters.inc("rollup_minutes_merged", merged)
         self.counters.inc("rollup_minutes_replayed", replayed)
         return len(changed)
+
+    async def _put(self, items: list[MetricItem]) -> list[MetricItem]:
+        """Write the items; returns those the store refused for good. Such a refusal (permissions, schema, an
+        item over the size limit) is not retried: the table below still holds the merge, so the bucket's next
+        minute writes it in full once the cause is fixed. One bad item must not cost the batch's others, so a
+        refused batch is written again item by item."""
+        try:
+            await self.store.put_many(items)
+            return []
+        except StoreError as exc:
+            if len(items) == 1:
+                self.counters.inc("rollup_failed")
+                log.error("rollup: the store refused %s/%s res %d at %d (%s) for good: %s", items[0].app,
+                          items[0].process_type, items[0].resolution_s, items[0].ts_s, items[0].kind, exc)
+                return list(items)
+        refused: list[MetricItem] = []
+        streak = 0
+        for i, item in enumerate(items):
+            if streak >= ISOLATE_STREAK:  # the cause is not one item (permissions, schema): stop trying
+                self.counters.inc("rollup_failed", len(items) - i)
+                return refused + list(items[i:])
+            bad = await self._put([item])
+            refused += bad
+            streak = streak + 1 if bad else 0
+        return refused
 
     async def _summarize(self, groups: dict[BucketId, tuple[int, list[Aggregate]]], buckets: dict[BucketId, Bucket],
                          changed: list[tuple[BucketId, Bucket]],

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from agents.rollup import Rollup, since_key, table_key
 from app.api.query import MetricsQuery, merge_buckets
 from app.clock import ManualClock
+from app.errors import StoreError
 from app.ops.stats import Counters
 from tables.aggregate import Aggregate, BucketKey, bucket_of
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
@@ -333,3 +334,29 @@ async def test_the_live_edge_is_served_from_block_points_and_merges_only_what_th
         rollup_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == res and res != 60]
         assert rollup_reads == ([] if res == 60 else [(bucket_of(T0 + 61 * 60, res), bucket_of(T0 + 61 * 60, res) + 1)])
         assert edge <= T0 + 61 * 60
+
+
+async def test_an_item_the_store_refuses_for_good_does_not_cost_the_others() -> None:
+    """One oversized block (e.g. a minute with thousands of custom metrics) is refused; the other items of
+    the batch are written; a refusal of everything (permissions) stops after a few single writes."""
+    r, _, store, counters, _ = make()
+
+    class Refusing(MemoryStore):
+        bad_app = "huge"
+        calls = 0
+
+        async def put_many(self, items: Any) -> None:
+            self.calls += 1
+            if any(i.app == self.bad_app or self.bad_app == "*" for i in items):
+                raise StoreError("item over 400 KB", action="split it")
+            await super().put_many(items)
+
+    refusing = Refusing(store.clock)
+    r.store = refusing
+    await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50))),
+                     (0, record(minute(T0, np.arange(1.0, 11.0), mc=50, app="huge")))])
+    assert {k[0] for k in refusing.items} == {"shop"} and {k[0] for k in refusing.blocks} == {"shop"}
+    assert counters.values["rollup_failed"] == 7 and counters.values["rollup_items_written"] == 3
+    refusing.bad_app, refusing.calls = "*", 0
+    await r.process([(0, record(minute(T0 + 60, np.arange(1.0, 11.0), mc=50, app=a))) for a in ("shop", "cart")])
+    assert refusing.calls == 1 + 8 and counters.values["rollup_failed"] == 7 + 14
