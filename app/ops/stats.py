@@ -111,7 +111,8 @@ CATALOGUE: Final[dict[str, str]] = {
                           "or raise METRICS_ROLLUP_EVICT_AFTER_S.",
     "rollup_retries": "Rollup batches retried while DynamoDB throttled or was unreachable (the agent stops "
                       "consuming meanwhile). Sustained: DynamoDB capacity or network.",
-    "rollup_failed": "Rollup items and summary blocks the store refused for good (permissions, schema, size); the log names each. "
+    "rollup_failed": "Rollup items and summary blocks the store refused for good (permissions, schema, size); "
+                     "the log names each. "
                      "The bucket is written again with its next minute once fixed.",
     "rollup_minutes_invalid": "metrics-1m records the rollup agent could not read (skipped). Non-zero: a "
                               "producer writes another format to metrics-1m.",
