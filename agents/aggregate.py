@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import orjson
 
+from agents.progress import Watermarks
 from app.clock import Clock, SystemClock
 from app.ops.stats import Counters
 from app.settings import Settings
@@ -34,7 +35,12 @@ class Aggregator:
 
     def __init__(self, settings: Settings, state: WindowTableState, *, emit: Emit, dead_letter: DeadLetter,
                  counters: Counters, clock: Clock | None = None,
-                 owns: Callable[[int], bool] | None = None) -> None:
+                 owns: Callable[[int], bool] | None = None, watermarks: Watermarks | None = None,
+                 end_offset: Callable[[int], int | None] | None = None) -> None:
+        """``watermarks`` / ``end_offset``: where each closing round records how far the partition is closed,
+        and the end offset of ``metrics-1m`` that round's minutes are below (agents/progress.py)."""
+        self.watermarks = watermarks
+        self.end_offset = end_offset
         self.settings = settings
         self.state = state
         self.emit = emit
@@ -184,6 +190,12 @@ class Aggregator:
             if kept and kept[0][0] <= cutoff_ms:
                 self.state.forget(pw, [a for t, a in kept if t <= cutoff_ms])
                 self.closed[pw.partition] = [(t, a) for t, a in kept if t > cutoff_ms]
+        if self.watermarks is not None and self.end_offset is not None:
+            for pw in pws:
+                end = self.end_offset(pw.partition)
+                if end is not None:
+                    self.watermarks.checkpoint(pw.partition, pw.closed_through_ms(caught_up=caught_up[pw.partition]),
+                                               end)
         n = sum(len(aggs) for _, aggs in due) - resent
         self.counters.inc("minutes_emitted", n)
         self.counters.inc("minutes_resent", resent)
@@ -249,12 +261,24 @@ class Unacked:
 # --- Faust binding --------------------------------------------------------------------------------------
 # Imported by app/__main__.py; kept below the logic so unit tests can build an Aggregator without a broker.
 
-def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
+def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Watermarks | None = None) -> Aggregator:
     from app.app import dlq_topic, metrics_topic, observations_topic, windows_table
+    from app.faust_patches import highwater
+
+    sent_end: dict[int, int] = {}
+    """Per metrics-1m partition, the offset after the last minute this worker sent (acknowledged)."""
 
     async def emit(aggs: Sequence[Aggregate]) -> None:
         futs = [await metrics_topic.send(key=a.key.app.encode(), value=minute_record(a)) for a in aggs]
-        await asyncio.gather(*futs)
+        for md in await asyncio.gather(*futs):
+            sent_end[md.partition] = max(sent_end.get(md.partition, 0), md.offset + 1)
+
+    def end_offset(partition: int) -> int | None:
+        """The end of metrics-1m ``partition`` as far as this worker knows: its own acknowledged sends, and
+        the consumer's highwater (records of a previous owner); None before either is known."""
+        hw = highwater(faust_app, settings.metrics_topic, partition)
+        known = [o for o in (hw, sent_end.get(partition)) if o is not None]
+        return max(known) if known else None
 
     async def dead_letter(partition: int, dead: Sequence[Rejected]) -> None:
         for d in dead:
@@ -269,7 +293,8 @@ def bind(faust_app: Any, settings: Settings, counters: Counters) -> Aggregator:
                    for tp in faust_app.consumer.assignment())
 
     aggregator = Aggregator(settings, WindowTableState(windows_table, settings.observations_topic),
-                            emit=emit, dead_letter=dead_letter, counters=counters, owns=owns)
+                            emit=emit, dead_letter=dead_letter, counters=counters, owns=owns,
+                            watermarks=watermarks, end_offset=end_offset)
 
     unacked = Unacked(aggregator)
 

@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable, MutableMapping, Sequence
 
 import orjson
 
+from agents.progress import Watermarks
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError, retry_delay_s
 from app.ops.stats import Counters
@@ -145,7 +146,11 @@ def decode_minute(value: bytes) -> Aggregate:
 
 class Rollup:
     def __init__(self, table: Table, store: MetricsStore, settings: Settings, counters: Counters, *,
-                 context_topic: str, clock: Clock | None = None, sleep: Sleep = asyncio.sleep) -> None:
+                 context_topic: str, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
+                 watermarks: Watermarks | None = None) -> None:
+        """``watermarks``: told of each minute stored after its partition's stored-through watermark had
+        passed it (agents/progress.py), so query caches drop the app's answers."""
+        self.watermarks = watermarks
         self.table = table
         self.store = store
         self.settings = settings
@@ -187,7 +192,8 @@ class Rollup:
         buckets = await self._load(groups)
         changed: list[tuple[BucketId, Bucket]] = []
         merged = replayed = 0
-        for bid, (_, minutes) in groups.items():
+        new_minutes: set[tuple[int, str, int]] = set()
+        for bid, (partition, minutes) in groups.items():
             bucket = buckets[bid]
             dirty = False
             for m in minutes:
@@ -199,6 +205,7 @@ class Rollup:
                 bucket.mins.add(start_s)
                 merged += 1
                 dirty = True
+                new_minutes.add((partition, m.key.app, m.key.start_ms + WINDOW_S * 1000))
             if dirty:
                 changed.append((bid, bucket))
         blocks, blocks_changed, new_since = await self._summarize(groups, buckets, changed)
@@ -219,6 +226,9 @@ class Rollup:
                 value = {"p": partition, "end_s": since_s + self.settings.ttl_s, "since": since_s}
                 with partition_context(self.context_topic, partition):
                     self.table[since_key(app, proc)] = zlib.compress(orjson.dumps(value), 1)
+        if self.watermarks is not None:
+            late = sum(self.watermarks.late(p, app, end_ms) for p, app, end_ms in new_minutes)
+            self.counters.inc("minutes_stored_late", late)
         self.counters.inc("rollup_minutes_merged", merged)
         self.counters.inc("rollup_minutes_replayed", replayed)
         return len(changed)
@@ -412,11 +422,12 @@ class Rollup:
 
 
 def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
-         ready: asyncio.Event) -> Rollup:
+         ready: asyncio.Event, watermarks: Watermarks | None = None) -> Rollup:
     from agents.alerts import owned_partitions
     from app.app import metrics_topic, rollups_table
 
-    rollup = Rollup(rollups_table, store, settings, counters, context_topic=settings.metrics_topic)
+    rollup = Rollup(rollups_table, store, settings, counters, context_topic=settings.metrics_topic,
+                    watermarks=watermarks)
 
     @faust_app.agent(metrics_topic, name="rollup")
     async def rollup_agent(stream: Any) -> None:

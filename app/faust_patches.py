@@ -60,3 +60,24 @@ def apply() -> None:
     seek_to_committed.__doc__ = original.__doc__
     AIOKafkaConsumerThread.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
     _APPLIED = True
+
+
+def highwater(faust_app: Any, topic: str, partition: int) -> int | None:
+    """The broker's end offset of an assigned partition as of the consumer's last fetch (None: unknown)."""
+    from faust.types import TP
+
+    try:
+        hw = faust_app.consumer.highwater(TP(topic, partition))
+    except Exception:  # not assigned, or not fetched yet
+        return None
+    return None if hw is None else int(hw)
+
+
+def committed_offset(faust_app: Any, topic: str, partition: int) -> int | None:
+    """The offset this worker last committed for an assigned partition: every agent reading the topic had
+    finished every record below it. Faust keeps it in ``Consumer._committed_offset`` (set from the broker
+    on assignment, then on each commit); it has no public accessor."""
+    from faust.types import TP
+
+    value = getattr(faust_app.consumer, "_committed_offset", {}).get(TP(topic, partition))
+    return None if value is None else int(value)

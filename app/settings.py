@@ -154,10 +154,13 @@ class Settings:
 
     # --- query API and rollups ---
     query_settle_s: float = 300.0
-    """A bucket whose end is at least this far in the past is final: its stored point is cached as immutable
-    and rollup resolutions read the precomputed item. Newer buckets are merged from minutes (+ the open
-    minute) on every read. Must exceed grace + idle timeout + the sink's delay (30 + 30 + ~1 s by default);
-    a backlog longer than this shows as a gap until the cache entry is rechecked (query_cache_max_age_s)."""
+    """A bucket is final when its end is at least this far in the past *and* at or before the stored-through
+    watermark of its app's partition (agents/progress.py): only then is its stored point cached. Newer
+    buckets are read on every request. Must exceed grace + idle timeout + the sink's delay (30 + 30 + ~1 s
+    by default); a lagging sink holds buckets live through the watermark, not through this."""
+    progress_interval_s: float = 1.0
+    """How often a worker writes its partitions' stored-through watermarks, and how often a query process
+    reads them (one small Query either way)."""
     query_cache_max_bytes: int = 64 * 1024 * 1024
     """Memory bound of the in-process caches (final points per series, rendered answers); least recently
     used series are evicted beyond it."""

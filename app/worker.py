@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from mode import Service
 
-from agents import aggregate, alerts, autoscale, events, rollup, sink
+from agents import aggregate, alerts, autoscale, events, progress, rollup, sink
 from app.api.openapi import document, with_policy_routes
 from app.api.policies import CommandResults, Forwarder, add_policy_routes
 from app.api.policies import token_authorizer as policy_authorizer
@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 store = DynamoStore(settings, counters=counters)
 store_ready = asyncio.Event()
-aggregator = aggregate.bind(app, settings, counters)
+# How far each metrics-1m partition is stored: what queries may call final (agents/progress.py).
+watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
+aggregator = aggregate.bind(app, settings, counters, watermarks)
 sink_job = sink.bind(app, settings, store, counters, store_ready)
-rollup_job = rollup.bind(app, settings, store, counters, store_ready)
+rollup_job = rollup.bind(app, settings, store, counters, store_ready, watermarks)
+progress_job = progress.bind(app, settings, store, counters, store_ready, watermarks)
 events_job = events.bind(app, settings, store, counters, store_ready)  # markers for the dashboard
 query = MetricsQuery(store, live=aggregator.live, settings=settings, counters=counters)
 tokens = TokenStore(settings)

@@ -371,6 +371,21 @@ class PartitionWindows:
         out.sort(key=lambda a: (a.key.start_ms, a.key.app, a.key.process_type))  # deterministic order
         return out
 
+    def closed_through_ms(self, *, caught_up: bool) -> int:
+        """An event time before which every window of this partition that arrives in order is closed.
+
+        No window ending after it can still be open (the oldest open window starts at or after it). While
+        caught up, new events older than ``now - grace`` are late for every app that has progressed past
+        them; with a backlog, the partition watermark minus grace and idle timeout bounds what rule 2 has
+        closed. A minute opened behind it anyway (a new app's old data) is a late minute, which the sinks
+        report (agents/progress.py)."""
+        bound = (self.clock.now_ms() - self.grace_ms if caught_up
+                 else self.wm_ms - self.grace_ms - self.idle_timeout_ms)
+        for agg in self.windows.values():
+            if agg.key.start_ms < bound:
+                bound = agg.key.start_ms
+        return bound
+
     def is_closed(self, agg: Aggregate) -> bool:
         """Whether this window's minute was closed before (restored after a restart: sent again)."""
         prog = self.apps.get(agg.key.app)

@@ -48,6 +48,8 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, Iterable, TypeVa
 import orjson
 
 from app.clock import Clock, SystemClock
+from app.errors import PipelineError
+from app.ops.kafka import partition_of
 from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
 from app.storage.protocol import SUMMARY, MetricItem, MetricsStore
@@ -147,6 +149,13 @@ class ByteLRU(Generic[K, V]):
         old = self._d.pop(key, None)
         if old is not None:
             self.bytes -= old[1]
+
+    def pop_where(self, pred: Callable[[K], bool]) -> int:
+        """Drop every entry whose key matches; returns how many."""
+        doomed = [k for k in self._d if pred(k)]
+        for k in doomed:
+            self.pop(k)
+        return len(doomed)
 
     def __len__(self) -> int:
         return len(self._d)
@@ -254,6 +263,15 @@ class MetricsQuery:
         """keyed (app, process type, resolution, 0, until): a tail depends on its range end"""
         self._inflight: dict[AnswerKey, asyncio.Future[Answer]] = {}
         self._refreshes: set[asyncio.Future[Answer]] = set()
+        self._through_ms: dict[int, int] = {}
+        """Stored-through watermark per metrics-1m partition, as last read (agents/progress.py)."""
+        self._progress_read_ms = -1
+        self._progress_reading: asyncio.Future[None] | None = None
+        self._seen_changes: dict[str, int] = {}
+        """app -> the newest late-minute notice already applied to the caches"""
+        self._epochs: dict[str, int] = {}
+        """app -> bumped when a late minute drops its cached answers, so computations started before it
+        do not cache what they read"""
 
     @property
     def cache_bytes(self) -> int:
@@ -273,6 +291,8 @@ class MetricsQuery:
         until = -(-until_s // res) * res
         key: AnswerKey = (app, process_type, res, since, until)
         now_ms = self.clock.now_ms()
+        if now_ms - self._progress_read_ms >= self.settings.progress_interval_s * 1000:
+            await self._read_progress(now_ms)
         hit = self._answers.get(key, now_ms)
         if hit is not None:
             ans, fresh_until_ms, prefix = hit
@@ -290,6 +310,47 @@ class MetricsQuery:
             return await asyncio.shield(pending)
         return await self._fill(key, now_ms)
 
+    async def _read_progress(self, now_ms: int) -> None:
+        """Refresh the stored-through watermarks (one small store read, shared by concurrent requests) and
+        drop the cached answers of apps that got a late minute. A failed read keeps the old watermarks: they
+        only ever make fewer buckets final."""
+        if self._progress_reading is not None:
+            await asyncio.shield(self._progress_reading)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress_reading = fut
+        try:
+            progress = await self.store.progress()
+            self._progress_read_ms = now_ms
+            for pr in progress:
+                self._through_ms[pr.partition] = max(pr.stored_through_ms, self._through_ms.get(pr.partition, -1))
+                for app, changed_ms in pr.changed.items():
+                    if changed_ms > self._seen_changes.get(app, -1):
+                        self._seen_changes[app] = changed_ms
+                        self._invalidate(app)
+            keep_ms = int(self.settings.query_cache_max_age_s * 1000)
+            self._seen_changes = {a: ms for a, ms in self._seen_changes.items() if now_ms - ms < 2 * keep_ms}
+            if self.counters is not None and progress:
+                self.counters.set("stored_through_lag_seconds",
+                                  max(0, now_ms - min(pr.stored_through_ms for pr in progress)) // 1000)
+        except PipelineError as exc:
+            self._progress_read_ms = now_ms  # retried next interval; meanwhile the old watermarks hold
+            log.warning("could not read the stored-through watermarks (%s); keeping the last ones", exc)
+        finally:
+            self._progress_reading = None
+            fut.set_result(None)
+
+    def _invalidate(self, app: str) -> None:
+        """A late minute of ``app`` was stored: nothing cached for it may be served again."""
+        self._epochs[app] = self._epochs.get(app, 0) + 1
+        n = sum(cache.pop_where(lambda k: k[0] == app) for cache in (self._series, self._answers, self._tails))
+        self._count("query_cache_invalidations", n)
+
+    def stored_through_s(self, app: str) -> int:
+        """The stored-through watermark of ``app``'s partition in seconds; -1 before one is known."""
+        ms = self._through_ms.get(partition_of(app, self.settings.partitions), -1)
+        return ms // 1000 if ms >= 0 else -1
+
     def _refresh_done(self, task: asyncio.Future[Answer]) -> None:
         self._refreshes.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -301,10 +362,11 @@ class MetricsQuery:
         self._inflight[key] = fut
         try:
             self._count("query_cache_misses")
+            epoch = self._epochs.get(key[0], 0)
             ans, prefix = await self._compute(*key, now_ms, prev)
             s = self.settings
             fresh_ms = int((s.query_cache_max_age_s if ans.final else s.query_tail_ttl_s) * 1000)
-            if fresh_ms > 0:
+            if fresh_ms > 0 and epoch == self._epochs.get(key[0], 0):
                 keep_ms = fresh_ms if ans.final else fresh_ms + int(STALE_GRACE_S * 1000)
                 self._answers.put(key, (ans, now_ms + fresh_ms, None if ans.final else prefix),
                                   len(ans.body) + 300, now_ms + keep_ms)
@@ -339,7 +401,8 @@ class MetricsQuery:
     async def _compute(self, app: str, proc: str, res: int, since: int, until: int, now_ms: int,
                        prev: _Prefix | None = None) -> tuple[Answer, _Prefix]:
         now_s = now_ms // 1000
-        edge = bucket_of(now_s - int(self.settings.query_settle_s), res)
+        # Final: settled, and stored (the app's partition's stored-through watermark has passed its end).
+        edge = bucket_of(min(now_s - int(self.settings.query_settle_s), max(self.stored_through_s(app), 0)), res)
         # Items expire ts + ttl after their bucket start (app/storage/dynamodb.py); cached ones must too.
         oldest = now_s - self.settings.ttl_s
         final_hi = min(until, edge)
@@ -398,6 +461,7 @@ class MetricsQuery:
     async def _final(self, app: str, proc: str, res: int, lo: int, hi: int,
                      now_ms: int) -> tuple[list[tuple[int, bytes]], _Series]:
         skey: SeriesKey = (app, proc, res)
+        epoch = self._epochs.get(app, 0)
         s = self._series.get(skey, now_ms)
         if s is not None and now_ms - s.filled_ms > self.settings.query_cache_max_age_s * 1000:
             s = None
@@ -412,7 +476,7 @@ class MetricsQuery:
                 s.points.update(await self._fetch(app, proc, res, s.hi, hi))
                 s.hi = hi
                 s.version += 1
-        if self.settings.query_cache_max_bytes > 0:
+        if self.settings.query_cache_max_bytes > 0 and epoch == self._epochs.get(app, 0):
             self._series.put(skey, s, s.size(), s.filled_ms + int(self.settings.query_cache_max_age_s * 1000) + 1)
         return [(ts, s.points[ts]) for ts in sorted(s.points) if lo <= ts < hi], s
 
@@ -492,6 +556,7 @@ class MetricsQuery:
         held open has closed, and until that minute is found; a bucket whose stored inputs are byte-for-byte
         the ones rendered last time is not decoded again."""
         tkey: AnswerKey = (app, proc, res, 0, hi)
+        epoch = self._epochs.get(app, 0)
         now_ms = self.clock.now_ms()
         cached = self._tails.get(tkey, now_ms) or _TailCache()
         live = self.live(app, proc, lo * 1000, hi * 1000) if self.live is not None else []
@@ -560,7 +625,7 @@ class MetricsQuery:
         fresh = await asyncio.to_thread(build) if decode > OFFLOAD_ITEMS and not live else build()
         t.points.update((b, rendered[b]) for b in reuse)
         t.points.update((b, (tuple(inputs[b]), p)) for b, p in fresh.items() if b in inputs and b not in dirty)
-        if self.settings.query_cache_max_bytes > 0:
+        if self.settings.query_cache_max_bytes > 0 and epoch == self._epochs.get(app, 0):
             self._tails.put(tkey, t, t.size(), now_ms + int(self.settings.query_cache_max_age_s * 1000))
         points = {**fresh, **reuse}
         return [(b, points[b]) for b in sorted(points)]

@@ -40,7 +40,10 @@ DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 VENDOR_FILES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[2] / ".deps" / "uplot" / "dist"
-FINAL_CACHE_CONTROL = "private, max-age=3600"
+FINAL_CACHE_CONTROL = "private, no-cache"
+"""Even a final answer can change: a late minute (a new app's old data, a re-sent minute) is stored after its
+bucket was final. Query processes drop their cached answers for it (agents/progress.py), but a browser or
+proxy holding a max-age could not be told; it revalidates instead, and the ETag makes that a cheap 304."""
 LIVE_CACHE_CONTROL = "private, no-cache"
 
 

@@ -14,6 +14,14 @@ from app.settings import PREFIX, Settings
 DEFAULT_KAFKA_PORT = 9092
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2 of the key, as aiokafka and the Java client
+    compute it) gives a record keyed ``key``: where an app's observations and minutes go."""
+    from aiokafka.partitioner import murmur2
+
+    return (int(murmur2(key.encode())) & 0x7FFFFFFF) % partitions
+
+
 def bootstrap_servers(broker_url: str) -> list[str]:
     """``kafka://h1:9092;kafka://h2:9092`` (Faust's form; ``,`` also separates) -> ``["h1:9092", "h2:9092"]``.
 

@@ -83,6 +83,8 @@ CATALOGUE: Final[dict[str, str]] = {
     "query_cache_bytes": "Bytes held by the query caches (bounded by METRICS_QUERY_CACHE_MAX_BYTES).",
     "query_items_read": "DynamoDB items read by metric queries. Growing much faster than misses: queries "
                         "merge minutes at read time (check METRICS_QUERY_USE_ROLLUPS and the rollup agent).",
+    "query_cache_invalidations": "Cached answers and series dropped because a late minute of their app was "
+                                 "stored after its bucket was final (see minutes_stored_late on the workers).",
     "query_digest_fallbacks": "Ranges of final points read from digest items because no summary block covers "
                               "them (data from before summary blocks, idle spans of sparse series). Growing on "
                               "recent ranges: the rollup agent is not writing blocks.",
@@ -104,6 +106,13 @@ CATALOGUE: Final[dict[str, str]] = {
     "rollup_minutes_replayed": "Minutes already in their rollup bucket (redelivery after a restart); skipped. "
                                "Non-zero only around restarts; steady growth means offsets do not commit.",
     "rollup_items_written": "Rollup items accepted by DynamoDB.",
+    "minutes_stored_late": "Minutes stored after their partition's stored-through watermark had passed them (a "
+                           "new app's old data, a re-sent minute): query caches drop that app's answers. "
+                           "Steady growth: senders' clocks lag by more than the grace period.",
+    "stored_through_lag_seconds": "How far the oldest stored-through watermark (worker: its partitions; web: "
+                                  "all partitions) is behind the wall clock. Normally grace + idle timeout + a "
+                                  "few seconds; growing: a sink lags or is down, and its buckets stay live "
+                                  "(uncached) until it catches up.",
     "rollup_blocks_written": "Summary blocks (the chart points of a series) accepted by the store; about four "
                              "per series and batch. Zero while rollup items are written: blocks are failing.",
     "rollup_store_reads": "Rollup buckets read back from DynamoDB because they were no longer in the worker's "

@@ -34,6 +34,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import aioboto3
 import aiohttp
+import orjson
 from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -49,7 +50,7 @@ from app.clock import Clock, SystemClock
 from app.errors import ConfigError, PipelineError, StoreError, StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
-from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem
+from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ OFFLOAD_BYTES = 256 * 1024
 worker thread: zlib releases the GIL, and the event loop keeps serving heartbeats and other requests."""
 TABLE_ACTIVE_POLLS = 120
 """DescribeTable polls (1 s apart) waiting for a created table to become ACTIVE."""
+
+PROGRESS_PK = "#progress"
+"""The partition key of the pipeline's progress items (``ts`` = the metrics-1m partition). A series key
+always has three parts after a non-empty app, so it cannot collide."""
 
 # Attribute names are part of every item's size: keep them short.
 A_PK, A_TS, A_DATA, A_ZIP, A_EXPIRES = "pk", "ts", "d", "z", "expires_at"
@@ -369,6 +374,41 @@ class DynamoStore:
                 raise StoreError(f"item {pk} ts={raw[A_TS]['N']} has a corrupt compressed payload: {e}",
                                  action="delete or rewrite the item (replay its minute)") from e
         return data
+
+    # --- pipeline progress ----------------------------------------------------------------------------
+
+    async def put_progress(self, progress: Sequence[Progress]) -> None:
+        """One small item per partition, rewritten about once a second by each worker."""
+        if not progress:
+            return
+        client = self._c()
+        now_s = self._clock.now_ms() // 1000
+        requests = [{"PutRequest": {"Item": {
+            A_PK: {"S": PROGRESS_PK}, A_TS: {"N": str(p.partition)},
+            A_DATA: {"B": orjson.dumps({"through_ms": p.stored_through_ms, "updated_ms": p.updated_ms,
+                                        "changed": p.changed})},
+            A_EXPIRES: {"N": str(now_s + self._settings.ttl_s)}}}} for p in progress]
+        for i in range(0, len(requests), BATCH_MAX_ITEMS):
+            await self._write_chunk(client, requests[i:i + BATCH_MAX_ITEMS])
+
+    async def progress(self) -> list[Progress]:
+        client = self._c()
+        kwargs: dict[str, Any] = {"TableName": self._table, "KeyConditionExpression": "#pk = :pk",
+                                  "ExpressionAttributeNames": {"#pk": A_PK},
+                                  "ExpressionAttributeValues": {":pk": {"S": PROGRESS_PK}}}
+        out: list[Progress] = []
+        while True:
+            try:
+                resp = await client.query(**kwargs)
+            except Exception as e:
+                raise self._classify(e, "Query") from e
+            for r in resp.get("Items", []):
+                rec = orjson.loads(r[A_DATA]["B"])
+                out.append(Progress(int(r[A_TS]["N"]), int(rec["through_ms"]), int(rec["updated_ms"]),
+                                    {str(k): int(v) for k, v in rec.get("changed", {}).items()}))
+            if not resp.get("LastEvaluatedKey"):
+                return sorted(out, key=lambda p: p.partition)
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
 
     # --- table setup --------------------------------------------------------------------------------
 

@@ -34,6 +34,21 @@ class MetricItem:
     a block's newest point lives as long as the digest item it summarizes."""
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far the pipeline has stored one ``metrics-1m`` partition (agents/progress.py writes it)."""
+
+    partition: int
+    stored_through_ms: int
+    """Event time: every minute of the partition's apps ending at or before it is stored (minute items,
+    rollups, summary blocks), except late minutes, which are listed in ``changed``."""
+    updated_ms: int
+    """Wall clock of the write; its age is the lag operators watch."""
+    changed: dict[str, int]
+    """app -> wall clock (ms) of the latest minute stored after ``stored_through_ms`` had passed it (a late
+    or re-sent minute): query caches drop that app's answers. Kept for the query cache's max age."""
+
+
 class MetricsStore(Protocol):
     async def put_many(self, items: Sequence[MetricItem]) -> None:
         """Store all items (overwriting same keys); returns only when every item was accepted."""
@@ -42,4 +57,12 @@ class MetricsStore(Protocol):
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
                     until_s: int, kind: Kind = DIGEST) -> list[MetricItem]:
         """Items of ``kind`` with since_s <= ts_s < until_s, sorted by ts_s, expired ones omitted."""
+        ...
+
+    async def put_progress(self, progress: Sequence[Progress]) -> None:
+        """Store these partitions' progress (overwriting)."""
+        ...
+
+    async def progress(self) -> list[Progress]:
+        """Every partition's latest progress, in partition order."""
         ...

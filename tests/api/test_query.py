@@ -21,7 +21,7 @@ from app.clock import ManualClock
 from app.errors import StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import Settings
-from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem
+from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress
 from tables.aggregate import Aggregate, BucketKey
 
 T0 = 1_764_000_000 - 1_764_000_000 % 7200  # a 2 h boundary
@@ -45,6 +45,9 @@ class MemoryStore:
         self.puts = 0
         self.fail_puts = 0
         self.fail_queries = 0
+        self.fail_progress = 0
+        self.progress_items: dict[int, Progress] | None = None
+        """None: every partition stored through the end of time (tests of other things); a dict: as published."""
 
     async def put_many(self, items: Sequence[MetricItem]) -> None:
         if self.fail_puts:
@@ -69,6 +72,22 @@ class MemoryStore:
         return [MetricItem(a, p, r, ts, v, kind) for (a, p, r, ts), v in sorted(source.items())
                 if (a, p, r) == (app, process_type, resolution_s) and since_s <= ts < until_s
                 and ts + self.spans.get((a, p, r, ts), 0) + self.ttl_s > now_s]
+
+    async def put_progress(self, progress: Sequence[Progress]) -> None:
+        if self.fail_progress:
+            self.fail_progress -= 1
+            raise StoreUnavailable("DynamoDB throttling", retry_after_s=0.01)
+        if self.progress_items is None:
+            self.progress_items = {}
+        self.progress_items.update((p.partition, p) for p in progress)
+
+    async def progress(self) -> list[Progress]:
+        if self.fail_progress:
+            self.fail_progress -= 1
+            raise StoreUnavailable("DynamoDB unreachable", retry_after_s=2)
+        if self.progress_items is None:
+            return [Progress(p, 2**62, self.clock.now_ms(), {}) for p in range(SETTINGS.partitions)]
+        return [self.progress_items[p] for p in sorted(self.progress_items)]
 
 
 def minute(start_s: int, values: np.ndarray, *, app: str = "shop", proc: str = "web",

@@ -1,0 +1,184 @@
+"""Stream job: publish how far each ``metrics-1m`` partition is stored, so queries know what is final.
+
+A bucket's age says nothing about whether the pipeline has stored it: a backlog after a restart, a sink
+backing off while the store is down, a broker failover or a replay all store minutes late. So the query
+path calls a bucket final only when its end is at or before the *stored-through* watermark of its app's
+partition (and the settle time has passed); until then it is live and never cached as final.
+
+How the watermark is made (all in the worker that owns partition p of ``observations`` and, co-partitioned,
+of ``metrics-1m``):
+
+1. After each closing round the aggregator knows ``closed_through`` (tables/windows.py): an event time
+   before which every window of p that arrives in order is closed and emitted. It records a checkpoint
+   ``(closed_through, end offset)``: the end of ``metrics-1m`` p once its sends were acknowledged.
+2. Faust commits an offset of ``metrics-1m`` p only when every agent reading it (the sink, the rollup job
+   with its summary blocks, alerts, autoscaling) has finished the records before it, i.e. after they were
+   stored. A checkpoint whose end offset is committed is therefore stored: the watermark moves to it.
+3. This job writes the watermark of each owned partition to the store about once a second
+   (``progress_interval_s``), with the apps that got a minute after the watermark had passed it (a late
+   or re-sent minute): query processes drop their cached answers for those apps.
+
+A new owner (after a rebalance or restart) starts from the published value and only moves it forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Callable
+
+from app.clock import Clock, SystemClock
+from app.errors import PipelineError
+from app.ops.stats import Counters
+from app.settings import Settings
+from app.storage.protocol import MetricsStore, Progress
+
+log = logging.getLogger(__name__)
+
+MAX_CHANGED_APPS = 1000
+"""Late-minute notices kept per partition item (the oldest go first); beyond it a query process may serve
+an older answer for an app until its cache entry's max age."""
+
+
+class Watermarks:
+    """Per partition: checkpoints of the aggregator, the stored-through watermark, late-minute notices."""
+
+    def __init__(self, *, clock: Clock | None = None, changed_keep_ms: int = 600_000) -> None:
+        self.clock = clock or SystemClock()
+        self.changed_keep_ms = changed_keep_ms
+        self._checkpoints: dict[int, deque[tuple[int, int]]] = {}
+        self.through_ms: dict[int, int] = {}
+        self.changed: dict[int, dict[str, int]] = {}
+        self._dirty: set[int] = set()
+
+    def checkpoint(self, partition: int, closed_through_ms: int, end_offset: int) -> None:
+        """Minutes ending at or before ``closed_through_ms`` are all at offsets below ``end_offset``."""
+        q = self._checkpoints.setdefault(partition, deque())
+        if closed_through_ms <= max(self.through_ms.get(partition, -1), q[-1][0] if q else -1):
+            return
+        if q and q[-1][1] == end_offset:  # nothing emitted since: the newer time replaces it
+            q[-1] = (closed_through_ms, end_offset)
+        else:
+            q.append((closed_through_ms, end_offset))
+
+    def committed(self, partition: int, committed_offset: int) -> None:
+        """Every record of ``metrics-1m`` below ``committed_offset`` is processed by every agent."""
+        q = self._checkpoints.get(partition)
+        best = None
+        while q and q[0][1] <= committed_offset:
+            best = q.popleft()[0]
+        if best is not None and best > self.through_ms.get(partition, -1):
+            self.through_ms[partition] = best
+            self._dirty.add(partition)
+
+    def adopt(self, partition: int, published: Progress) -> None:
+        """Start from what a previous owner published (never move backwards)."""
+        if published.stored_through_ms > self.through_ms.get(partition, -1):
+            self.through_ms[partition] = published.stored_through_ms
+        mine = self.changed.setdefault(partition, {})
+        for app, ms in published.changed.items():
+            mine[app] = max(ms, mine.get(app, 0))
+
+    def late(self, partition: int, app: str, minute_end_ms: int) -> bool:
+        """A minute stored now: when the watermark had already passed its end, note the app (True)."""
+        if minute_end_ms > self.through_ms.get(partition, -1):
+            return False
+        self.changed.setdefault(partition, {})[app] = self.clock.now_ms()
+        self._dirty.add(partition)
+        return True
+
+    def mark_dirty(self, partitions: set[int]) -> None:
+        """Publish these again next round (the last write failed)."""
+        self._dirty |= partitions & self.through_ms.keys()
+
+    def revoke(self, partition: int) -> None:
+        self._checkpoints.pop(partition, None)
+        self.through_ms.pop(partition, None)
+        self.changed.pop(partition, None)
+        self._dirty.discard(partition)
+
+    def take(self, partitions: set[int], *, force: bool = False) -> list[Progress]:
+        """Progress to publish for these partitions: the changed ones, or all known ones with ``force``."""
+        now_ms = self.clock.now_ms()
+        out = []
+        for p in sorted(partitions):
+            if p not in self.through_ms or not (force or p in self._dirty):
+                continue
+            changed = {a: ms for a, ms in self.changed.get(p, {}).items() if now_ms - ms < self.changed_keep_ms}
+            if len(changed) > MAX_CHANGED_APPS:
+                changed = dict(sorted(changed.items(), key=lambda kv: kv[1])[-MAX_CHANGED_APPS:])
+            self.changed[p] = changed
+            out.append(Progress(p, self.through_ms[p], now_ms, dict(changed)))
+        self._dirty -= partitions
+        return out
+
+
+class Publisher:
+    """Moves watermarks with the committed offsets and writes them to the store."""
+
+    def __init__(self, watermarks: Watermarks, store: MetricsStore, settings: Settings, counters: Counters, *,
+                 committed: Callable[[int], int | None], clock: Clock | None = None) -> None:
+        self.watermarks = watermarks
+        self.store = store
+        self.settings = settings
+        self.counters = counters
+        self.committed = committed
+        self.clock = clock or SystemClock()
+        self._adopted: set[int] = set()
+        self._last_full_ms = 0
+
+    async def publish(self, owned: set[int]) -> int:
+        """One round; returns the partitions written. Store errors are logged and retried next round."""
+        wm = self.watermarks
+        for p in set(wm.through_ms) - owned:
+            wm.revoke(p)
+        self._adopted &= owned
+        try:
+            if owned - self._adopted:
+                published = {pr.partition: pr for pr in await self.store.progress()}
+                for p in owned - self._adopted:
+                    if p in published:
+                        wm.adopt(p, published[p])
+                self._adopted |= owned
+            for p in owned:
+                offset = self.committed(p)
+                if offset is not None:
+                    wm.committed(p, offset)
+            now_ms = self.clock.now_ms()
+            # Rewritten at least every 30 s even when nothing moved, so its age shows a stuck pipeline only.
+            force = now_ms - self._last_full_ms >= 30_000
+            progress = wm.take(owned, force=force)
+            if progress:
+                await self.store.put_progress(progress)
+            if force:
+                self._last_full_ms = now_ms
+        except PipelineError as exc:
+            log.warning("progress: could not publish the stored-through watermarks (%s); retrying", exc)
+            wm.mark_dirty(owned)
+            return 0
+        lag = [now_ms - wm.through_ms[p] for p in owned if p in wm.through_ms]
+        if lag:
+            self.counters.set("stored_through_lag_seconds", max(lag) // 1000)
+        return len(progress)
+
+
+def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters, ready: asyncio.Event,
+         watermarks: Watermarks) -> Publisher:
+    from agents.alerts import owned_partitions
+    from app.faust_patches import committed_offset
+
+    def committed(partition: int) -> int | None:
+        return committed_offset(faust_app, settings.metrics_topic, partition)
+
+    publisher = Publisher(watermarks, store, settings, counters, committed=committed)
+
+    @faust_app.timer(settings.progress_interval_s, name="publish_progress")
+    async def publish() -> None:
+        if not ready.is_set():
+            return
+        owned = owned_partitions(faust_app, settings.metrics_topic)
+        if owned is not None:
+            await publisher.publish(owned)
+
+    return publisher
