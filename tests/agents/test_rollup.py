@@ -13,11 +13,13 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agents.progress import Watermarks
 from agents.rollup import Rollup, since_key, table_key
-from app.api.query import MetricsQuery, merge_buckets
+from app.api.query import STALE_GRACE_S, MetricsQuery, merge_buckets
 from app.clock import ManualClock
 from app.errors import StoreError
 from app.ops.stats import Counters
+from app.storage.protocol import Progress
 from tables.aggregate import Aggregate, BucketKey, bucket_of
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute
@@ -360,3 +362,63 @@ async def test_an_item_the_store_refuses_for_good_does_not_cost_the_others() -> 
     refusing.bad_app, refusing.calls = "*", 0
     await r.process([(0, record(minute(T0 + 60, np.arange(1.0, 11.0), mc=50, app=a))) for a in ("shop", "cart")])
     assert refusing.calls == 1 + 8 and counters.values["rollup_failed"] == 7 + 14
+
+
+# --- "final" means stored (agents/progress.py) ----------------------------------------------------------
+
+def _watermark(store: MemoryStore, through_ms: int, now_ms: int, changed: dict[str, int] | None = None) -> None:
+    store.progress_items = {p: Progress(p, through_ms, now_ms, dict(changed or {})) for p in range(SETTINGS.partitions)}
+
+
+async def test_a_range_asked_before_it_was_stored_returns_the_stored_data_once_it_is() -> None:
+    """Caches on, every resolution: asked while the pipeline lags (empty, live), asked once stored but before
+    the watermark moved (read again, still live), asked after (final, and complete)."""
+    rng = np.random.default_rng(21)
+    now_s = T0 + 5 * 3600
+    clock = ManualClock(now_s * 1000)
+    r, _, store, _, _ = make(clock)
+    _watermark(store, T0 * 1000, clock.now_ms())
+    minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.6, 40), mc=100) for i in range(120)]
+    queries = {res: MetricsQuery(store, settings=SETTINGS, clock=clock) for res in (60, 600, 3600, 7200)}
+    for res, q in queries.items():
+        ans = await q.answer("shop", "web", res, T0, T0 + 7200)
+        assert orjson.loads(ans.body)["points"] == [] and not ans.final, res
+    await r.process([(0, record(m)) for m in minutes])  # the sink and the rollup job catch up
+    for m in minutes:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    clock.advance(int((SETTINGS.query_tail_ttl_s + STALE_GRACE_S) * 1000) + 1)  # past stale-while-revalidate
+    for res, q in queries.items():
+        ans = await q.answer("shop", "web", res, T0, T0 + 7200)
+        assert len(orjson.loads(ans.body)["points"]) == 7200 // res and not ans.final, res
+    _watermark(store, (T0 + 7200) * 1000, clock.now_ms())
+    clock.advance(int((SETTINGS.query_tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
+    for res, q in queries.items():
+        ans = await q.answer("shop", "web", res, T0, T0 + 7200)
+        want = [orjson.loads(point_json(a)) for a in merge_buckets(minutes, res).values()]
+        assert orjson.loads(ans.body)["points"] == want and ans.final, res
+
+
+async def test_a_late_minute_drops_the_cached_answer_of_its_app() -> None:
+    rng = np.random.default_rng(22)
+    clock = ManualClock((T0 + 5 * 3600) * 1000)
+    wm = Watermarks(clock=clock)
+    r, _, store, counters, _ = make(clock)
+    r.watermarks = wm
+    minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.6, 40), mc=100) for i in range(60) if i != 30]
+    await r.process([(0, record(m)) for m in minutes])
+    wm.checkpoint(0, (T0 + 3600) * 1000, end_offset=1)
+    wm.committed(0, 1)
+    _watermark(store, (T0 + 3600) * 1000, clock.now_ms())
+    q = MetricsQuery(store, settings=SETTINGS, clock=clock, counters=counters)
+    first = await q.answer("shop", "web", 60, T0, T0 + 3600)
+    assert first.final and len(orjson.loads(first.body)["points"]) == 59
+    # Minute 30 arrives late (a new sender's backlog): stored behind the watermark, and noted.
+    late = minute(T0 + 1800, rng.lognormal(3, 0.6, 40), mc=100)
+    await r.process([(0, record(late))])
+    assert counters.values["minutes_stored_late"] == 1 and wm.changed[0] == {"shop": clock.now_ms()}
+    assert (await q.answer("shop", "web", 60, T0, T0 + 3600)).body == first.body  # within the read interval
+    _watermark(store, (T0 + 3600) * 1000, clock.now_ms(), wm.changed[0])
+    clock.advance(1_000)
+    again = await q.answer("shop", "web", 60, T0, T0 + 3600)
+    assert [p["ts"] for p in orjson.loads(again.body)["points"]] == [T0 + 60 * i for i in range(60)]
+    assert counters.values["query_cache_invalidations"] >= 2  # the answer and the series range
