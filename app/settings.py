@@ -165,8 +165,9 @@ class Settings:
     """Memory bound of the in-process caches (final points per series, rendered answers); least recently
     used series are evicted beyond it."""
     query_cache_max_age_s: float = 600.0
-    """Cached final ranges are re-read from DynamoDB after this long, which bounds how long a minute written
-    after query_settle_s (a worker backlog) stays invisible to a process that cached its absence."""
+    """Cached final ranges are re-read from the store after this long. Late minutes drop an app's cache entries
+    at once (agents/progress.py); this bounds what a missed notice could cost, and how long workers keep
+    the notices."""
     query_tail_ttl_s: float = 1.0
     """Answers that include non-final buckets (the live edge) are reused for this long: hot dashboards cost
     one DynamoDB read per series per interval instead of one per request."""

@@ -123,7 +123,14 @@ def document(settings: Settings) -> dict[str, Any]:
                                                            *(str(r) for r in RESOLUTIONS)]}},
                 ],
                 "responses": {
-                    "200": {"description": "points; ETag and Cache-Control set (closed buckets are immutable)",
+                    "200": {"description": "points. Every answer is `Cache-Control: private, no-cache` with an "
+                                           "ETag: revalidate, even a final answer changes when a late minute is "
+                                           "stored",
+                            "headers": {"X-Final": {
+                                "description": "`true` when every bucket of the range is stored (at or before "
+                                               "the stored-through watermark, and settled): no point will "
+                                               "change but for a late minute; `false` while any is live",
+                                "schema": {"type": "string", "enum": ["true", "false"]}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Metrics"}}}},
                     "304": {"description": "If-None-Match matched the current ETag"},
                     "400": _error(f"bad parameter, range over the {settings.ttl_days:g}-day retention "

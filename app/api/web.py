@@ -160,7 +160,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     except (RetriableError, StoreError) as exc:
         return _unavailable(exc)
     headers = {"ETag": ans.etag, "Cache-Control": FINAL_CACHE_CONTROL if ans.final else LIVE_CACHE_CONTROL,
-               "Vary": "Authorization"}
+               "Vary": "Authorization", "X-Final": "true" if ans.final else "false"}
     inm = request.headers.get("If-None-Match")
     if inm is not None and ans.etag in (t.strip() for t in inm.split(",")):
         return web.Response(status=304, headers=headers)

@@ -141,6 +141,7 @@ async def test_etag_and_cache_control(client: TestClient[Any, Any]) -> None:
     r = await client.get(final, headers=auth())
     # Final, yet revalidated: a late minute can still change it (the ETag makes that a 304).
     assert r.status == 200 and r.headers["Cache-Control"] == "private, no-cache"
+    assert r.headers["X-Final"] == "true"
     etag = r.headers["ETag"]
     r2 = await client.get(final, headers={**auth(), "If-None-Match": etag})
     assert r2.status == 304 and r2.headers["ETag"] == etag and await r2.read() == b""

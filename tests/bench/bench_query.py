@@ -37,7 +37,7 @@ from app.local.embedded import DynamoServer, free_port
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.dynamodb import DynamoStore, item_size_bytes
-from app.storage.protocol import SUMMARY, MetricItem
+from app.storage.protocol import SUMMARY, MetricItem, Progress
 from app.storage.tokens import TokenStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
@@ -111,6 +111,9 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
             items.append(MetricItem(APP, PROC, res, start, block.encode(), SUMMARY, BLOCK_SPAN_S[res]))
         for i in range(0, len(items), 500):
             await store.put_many(items[i:i + 500])
+        # A caught-up pipeline: every partition stored through the last closed minute (agents/progress.py).
+        through_ms = (now_s - now_s % 60) * 1000
+        await store.put_progress([Progress(p, through_ms, now_s * 1000, {}) for p in range(settings.partitions)])
         return {app: (await tokens.create(app, "read"))[0] for app in (APP, LEGACY)}
     finally:
         await tokens.stop()

@@ -112,7 +112,8 @@ def test_rollup_points_equal_the_exact_truth(served: Served) -> None:
                 assert point["failed"] == failed
             if res == 600:
                 assert len(body["points"]) == served.minutes // 10
-                assert headers["Cache-Control"] == "private, max-age=3600"  # final: from the rollup items
+                # final (stored, settled), yet revalidated: a late minute could still change it
+                assert headers["X-Final"] == "true" and headers["Cache-Control"] == "private, no-cache"
 
 
 def test_rollup_items_are_in_dynamodb(served: Served) -> None:
