@@ -103,13 +103,38 @@ def get(url: str, token: str) -> tuple[dict[str, Any], Any]:
         return json.loads(r.read()), r.headers
 
 
+class LiveTraffic:
+    """Produces the generator's messages as wall time passes (event time = now), from a thread."""
+
+    def __init__(self, broker: KafkaBroker, topic: str, gen: Generator) -> None:
+        self.broker, self.topic, self.gen = broker, topic, gen
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        msgs = self.gen.messages(per_message=100, span_ms=5_000)
+        while not self.stop.is_set():
+            due = []
+            while self.gen.now_ms + 5_000 <= time.time() * 1000:
+                due += [next(msgs)]  # one message per app, then the generator's clock moves on
+            if due:
+                asyncio.run(produce(self.broker.address, self.topic, due))
+            self.stop.wait(1.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
 def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
         broker: KafkaBroker, dynamo: DynamoServer, tmp_path: Path) -> None:
     proxy = CutProxy(int(dynamo.endpoint.rsplit(":", 1)[1]))
     p = Pipeline(broker, ViaProxy(proxy.endpoint), tmp_path,  # type: ignore[arg-type]
-                 METRICS_QUERY_SETTLE_S="20", METRICS_BACKOFF_MAX_MS="1000", METRICS_MAX_ATTEMPTS="1")
+                 METRICS_QUERY_SETTLE_S="10", METRICS_BACKOFF_MAX_MS="1000", METRICS_MAX_ATTEMPTS="1")
     p.settings = replace(p.settings, dynamodb_endpoint=dynamo.endpoint)  # the test's own reads: direct
     web = None
+    traffic = None
     try:
         p.start(data_dir=tmp_path / "state")
         web_port = free_port()
@@ -118,50 +143,59 @@ def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
         web = start_role("web", env, log_path=p.log_path.with_name(p.log_path.stem + "-web.log"))
         wait_http(f"http://127.0.0.1:{web_port}/healthz", 60, web)
         tokens = create_tokens(p, ["app-0"])
-        base = f"http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web"
+        base = f"http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web&resolution=1m"
 
-        now_s = int(time.time())
-        start_s = now_s - now_s % 600 - 600  # ten minutes that are all older than the settle time
-        gen = Generator(apps=1, dynos=2, seed=9, start_ms=start_s * 1000, keep_truth=True)
-        msgs = gen.messages(per_message=200, span_ms=10_000)
-        batch = [next(msgs) for _ in range(6 * 10)]
-        proxy.cut()  # the store goes away for the worker; the web process still reads it
-        asyncio.run(produce(broker.address, p.settings.observations_topic, batch))
-        p.wait_stats(lambda s: s.get("minutes_emitted", 0) >= 10 and s.get("sink_retries", 0) >= 2, 120,
-                     "minutes emitted while the sink retries")
-        urls = {res: f"{base}&since={start_s}&until={start_s + 600}&resolution={name}"
-                for res, name in ((60, "1m"), (600, "10m"))}
-        for res, url in urls.items():
-            body, headers = get(url, tokens["app-0"])
-            assert body["points"] == [] and headers["X-Final"] == "false", (res, body)
-        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as r:
-            assert b"stored_through_lag_seconds" in r.read()
+        start_ms = int(time.time() * 1000) // 60_000 * 60_000
+        gen = Generator(apps=1, dynos=2, seed=9, start_ms=start_ms, keep_truth=True)
+        traffic = LiveTraffic(broker, p.settings.observations_topic, gen)
 
+        def ask(since_s: int, until_s: int) -> tuple[dict[str, Any], Any]:
+            return get(f"{base}&since={since_s}&until={until_s}", tokens["app-0"])
+
+        def lag_s() -> list[float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as r:
+                return [float(line.split()[-1]) for line in r.read().decode().splitlines()
+                        if line.startswith("minutely_stored_through_lag_seconds")]
+
+        # 1. Flowing: the worker publishes watermarks, and the web process reads them.
+        first_s = start_ms // 1000
+        deadline = time.monotonic() + 60
+        while not (lag_s() and ask(first_s, first_s + 60)[0]["points"]):
+            assert time.monotonic() < deadline, "no watermark published, or nothing stored"
+            time.sleep(0.5)
+        # 2. The store goes away for the worker (the web process still reads it) while traffic flows on.
+        cut_s = int(time.time())
+        proxy.cut()
+        p.wait_stats(lambda s: s.get("sink_retries", 0) >= 3, 120, "the sink retrying")
+        # The minute the cut fell in, once older than the settle time: its end is past the watermark.
+        lagging = cut_s - cut_s % 60, cut_s - cut_s % 60 + 60
+        time.sleep(max(0.0, lagging[1] + 15 - time.time()))
+        body, headers = ask(*lagging)
+        assert headers["X-Final"] == "false", body  # older than the settle time, not stored: live
+        lag = lag_s()
+        assert lag and lag[0] >= time.time() - cut_s - 5, lag  # the watermark stopped at the cut
+        # 3. The store is back: the same process, caches on, serves every minute, equal to the truth.
         proxy.restore()
-        assert gen.truth is not None
-        truth = gen.truth
         deadline = time.monotonic() + 120
-        while True:
-            answers = {res: get(url, tokens["app-0"]) for res, url in urls.items()}
-            if all(h["X-Final"] == "true" for _, h in answers.values()):
-                break
-            for res, (body, headers) in answers.items():  # live meanwhile: re-read, possibly incomplete
-                assert headers["Cache-Control"] == "private, no-cache"
-            assert time.monotonic() < deadline, f"not stored and final within 120 s: {answers}"
+        while (answer := ask(first_s, lagging[1]))[1]["X-Final"] != "true":
+            assert answer[1]["Cache-Control"] == "private, no-cache"
+            assert time.monotonic() < deadline, f"not stored and final within 120 s: {answer[0]}"
             time.sleep(1)
-        bodies = {res: body for res, (body, _) in answers.items()}
-        for res, body in bodies.items():
-            assert len(body["points"]) == 600 // res, (res, body)
-            for point in body["points"]:
-                raw = np.concatenate([np.asarray(v) for (a, proc, ms), v in truth.service_ms.items()
-                                      if a == "app-0" and proc == "web" and point["ts"] <= ms // 1000 < point["ts"] + res])
-                assert point["requests"] == len(raw) and point["response_ms"]["max"] == raw.max(), (res, point)
-                for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
-                    exact = float(np.quantile(raw, q))
-                    assert abs(point["response_ms"][name] - exact) <= 0.01 * exact, (res, point["ts"], name)
-        # The same answers again from the same process: the complete ones are what it now serves.
-        assert {res: get(url, tokens["app-0"])[0] for res, url in urls.items()} == bodies
+        traffic.close()
+        truth = gen.truth
+        assert truth is not None
+        points = answer[0]["points"]
+        assert [pt["ts"] for pt in points] == list(range(first_s, lagging[1], 60))
+        for point in points:
+            raw = np.asarray(truth.service_ms[("app-0", "web", point["ts"] * 1000)])
+            assert point["requests"] == len(raw) and point["response_ms"]["max"] == raw.max(), point
+            for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                exact = float(np.quantile(raw, q))
+                assert abs(point["response_ms"][name] - exact) <= 0.01 * exact, (point["ts"], name)
+        assert ask(first_s, lagging[1])[0] == answer[0]
     finally:
+        if traffic is not None:
+            traffic.close()
         if web is not None and web.poll() is None:
             web.terminate()
             web.wait(timeout=20)
