@@ -92,6 +92,10 @@ class Watermarks:
         """Publish these again next round (the last write failed)."""
         self._dirty |= partitions & self.through_ms.keys()
 
+    def known(self) -> set[int]:
+        """Partitions with a watermark or pending checkpoints."""
+        return set(self.through_ms) | set(self._checkpoints)
+
     def revoke(self, partition: int) -> None:
         self._checkpoints.pop(partition, None)
         self.through_ms.pop(partition, None)
@@ -131,7 +135,7 @@ class Publisher:
     async def publish(self, owned: set[int]) -> int:
         """One round; returns the partitions written. Store errors are logged and retried next round."""
         wm = self.watermarks
-        for p in set(wm.through_ms) - owned:
+        for p in wm.known() - owned:
             wm.revoke(p)
         self._adopted &= owned
         try:
