@@ -267,6 +267,7 @@ class MetricsQuery:
         """Stored-through watermark per metrics-1m partition, as last read (agents/progress.py)."""
         self._progress_read_ms = -1
         self._progress_reading: asyncio.Future[None] | None = None
+        self._progress_tasks: set[asyncio.Future[None]] = set()
         self._seen_changes: dict[str, int] = {}
         """app -> the newest late-minute notice already applied to the caches"""
         self._epochs: dict[str, int] = {}
@@ -292,7 +293,14 @@ class MetricsQuery:
         key: AnswerKey = (app, process_type, res, since, until)
         now_ms = self.clock.now_ms()
         if now_ms - self._progress_read_ms >= self.settings.progress_interval_s * 1000:
-            await self._read_progress(now_ms)
+            if self._progress_read_ms < 0:
+                await self._read_progress(now_ms)  # nothing known yet: wait for the first read
+            elif self._progress_reading is None:
+                # Refreshed in the background: requests go on with the last watermarks, which only ever
+                # make fewer buckets final than the newest would.
+                reading = asyncio.ensure_future(self._read_progress(now_ms))
+                self._progress_tasks.add(reading)
+                reading.add_done_callback(self._progress_tasks.discard)
         hit = self._answers.get(key, now_ms)
         if hit is not None:
             ans, fresh_until_ms, prefix = hit
