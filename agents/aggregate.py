@@ -166,12 +166,16 @@ class Aggregator:
                                                    and (highwaters.get(p) or 0) <= self.partitions[p].offset + 1)
                          for p in held}
             try:
-                return await self._close([self.partitions[p] for p in held], caught_up)
+                return await self._close([self.partitions[p] for p in held], caught_up,
+                                         checkpoint=highwaters is not None)
             except BaseException:
                 self.revoke(held)
                 raise
 
-    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool]) -> int:
+    async def _close(self, pws: list[PartitionWindows], caught_up: Mapping[int, bool], *,
+                     checkpoint: bool = False) -> int:
+        """Emit what is due. ``checkpoint``: record how far each partition is closed (only when ``caught_up``
+        comes from the broker's highwaters, so the watermark does not swing between two bounds)."""
         due = [(pw, pw.due(caught_up=caught_up[pw.partition])) for pw in pws]
         due = [(pw, aggs) for pw, aggs in due if aggs]
         resent = sum(1 for pw, aggs in due for a in aggs if pw.is_closed(a))
@@ -190,7 +194,7 @@ class Aggregator:
             if kept and kept[0][0] <= cutoff_ms:
                 self.state.forget(pw, [a for t, a in kept if t <= cutoff_ms])
                 self.closed[pw.partition] = [(t, a) for t, a in kept if t > cutoff_ms]
-        if self.watermarks is not None and self.end_offset is not None:
+        if checkpoint and self.watermarks is not None and self.end_offset is not None:
             for pw in pws:
                 end = self.end_offset(pw.partition)
                 if end is not None:

@@ -18,7 +18,8 @@ of ``metrics-1m``):
    (``progress_interval_s``), with the apps that got a minute after the watermark had passed it (a late
    or re-sent minute): query processes drop their cached answers for those apps.
 
-A new owner (after a rebalance or restart) starts from the published value and only moves it forward.
+A new owner (after a rebalance or restart) starts from the published value. The watermark can move back:
+a backlog of old data (a replay) opens windows behind it, and those minutes are not stored yet.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ class Watermarks:
         self._dirty: set[int] = set()
 
     def checkpoint(self, partition: int, closed_through_ms: int, end_offset: int) -> None:
-        """Minutes ending at or before ``closed_through_ms`` are all at offsets below ``end_offset``."""
+        """Minutes ending at or before ``closed_through_ms`` are all at offsets below ``end_offset``.
+
+        The time may go backwards: a backlog of old data (a replay) opens windows behind the watermark,
+        and then those minutes are not stored any more than the ones after them."""
         q = self._checkpoints.setdefault(partition, deque())
-        if closed_through_ms <= max(self.through_ms.get(partition, -1), q[-1][0] if q else -1):
-            return
-        if q and q[-1][1] == end_offset:  # nothing emitted since: the newer time replaces it
+        if q and q[-1][1] == end_offset:  # nothing emitted since: the newer reading replaces it
             q[-1] = (closed_through_ms, end_offset)
         else:
             q.append((closed_through_ms, end_offset))
@@ -65,16 +67,16 @@ class Watermarks:
     def committed(self, partition: int, committed_offset: int) -> None:
         """Every record of ``metrics-1m`` below ``committed_offset`` is processed by every agent."""
         q = self._checkpoints.get(partition)
-        best = None
+        latest = None
         while q and q[0][1] <= committed_offset:
-            best = q.popleft()[0]
-        if best is not None and best > self.through_ms.get(partition, -1):
-            self.through_ms[partition] = best
+            latest = q.popleft()[0]
+        if latest is not None and latest != self.through_ms.get(partition):
+            self.through_ms[partition] = latest
             self._dirty.add(partition)
 
     def adopt(self, partition: int, published: Progress) -> None:
-        """Start from what a previous owner published (never move backwards)."""
-        if published.stored_through_ms > self.through_ms.get(partition, -1):
+        """Start from what a previous owner published, until this worker's own checkpoints say more."""
+        if partition not in self.through_ms:
             self.through_ms[partition] = published.stored_through_ms
         mine = self.changed.setdefault(partition, {})
         for app, ms in published.changed.items():

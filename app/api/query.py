@@ -270,8 +270,8 @@ class MetricsQuery:
         self._progress_tasks: set[asyncio.Future[None]] = set()
         self._seen_changes: dict[str, int] = {}
         """app -> the newest late-minute notice already applied to the caches"""
-        self._epochs: dict[str, int] = {}
-        """app -> bumped when a late minute drops its cached answers, so computations started before it
+        self._epochs: dict[int, int] = {}
+        """partition -> bumped when cached answers of its apps are dropped, so computations started before
         do not cache what they read"""
 
     @property
@@ -331,7 +331,9 @@ class MetricsQuery:
             progress = await self.store.progress()
             self._progress_read_ms = now_ms
             for pr in progress:
-                self._through_ms[pr.partition] = max(pr.stored_through_ms, self._through_ms.get(pr.partition, -1))
+                if pr.stored_through_ms < self._through_ms.get(pr.partition, -1):
+                    self._invalidate_partition(pr.partition)  # moved back: a backlog of old data
+                self._through_ms[pr.partition] = pr.stored_through_ms
                 for app, changed_ms in pr.changed.items():
                     if changed_ms > self._seen_changes.get(app, -1):
                         self._seen_changes[app] = changed_ms
@@ -348,10 +350,22 @@ class MetricsQuery:
             self._progress_reading = None
             fut.set_result(None)
 
+    def _epoch(self, app: str) -> int:
+        return self._epochs.get(partition_of(app, self.settings.partitions), 0)
+
     def _invalidate(self, app: str) -> None:
         """A late minute of ``app`` was stored: nothing cached for it may be served again."""
-        self._epochs[app] = self._epochs.get(app, 0) + 1
+        p = partition_of(app, self.settings.partitions)
+        self._epochs[p] = self._epochs.get(p, 0) + 1
         n = sum(cache.pop_where(lambda k: k[0] == app) for cache in (self._series, self._answers, self._tails))
+        self._count("query_cache_invalidations", n)
+
+    def _invalidate_partition(self, partition: int) -> None:
+        """A partition's watermark moved back (a backlog of old data): its apps' final answers may be stale."""
+        self._epochs[partition] = self._epochs.get(partition, 0) + 1
+        parts = self.settings.partitions
+        n = sum(cache.pop_where(lambda k: partition_of(k[0], parts) == partition)
+                for cache in (self._series, self._answers, self._tails))
         self._count("query_cache_invalidations", n)
 
     def stored_through_s(self, app: str) -> int:
@@ -370,11 +384,11 @@ class MetricsQuery:
         self._inflight[key] = fut
         try:
             self._count("query_cache_misses")
-            epoch = self._epochs.get(key[0], 0)
+            epoch = self._epoch(key[0])
             ans, prefix = await self._compute(*key, now_ms, prev)
             s = self.settings
             fresh_ms = int((s.query_cache_max_age_s if ans.final else s.query_tail_ttl_s) * 1000)
-            if fresh_ms > 0 and epoch == self._epochs.get(key[0], 0):
+            if fresh_ms > 0 and epoch == self._epoch(key[0]):
                 keep_ms = fresh_ms if ans.final else fresh_ms + int(STALE_GRACE_S * 1000)
                 self._answers.put(key, (ans, now_ms + fresh_ms, None if ans.final else prefix),
                                   len(ans.body) + 300, now_ms + keep_ms)
@@ -469,7 +483,7 @@ class MetricsQuery:
     async def _final(self, app: str, proc: str, res: int, lo: int, hi: int,
                      now_ms: int) -> tuple[list[tuple[int, bytes]], _Series]:
         skey: SeriesKey = (app, proc, res)
-        epoch = self._epochs.get(app, 0)
+        epoch = self._epoch(app)
         s = self._series.get(skey, now_ms)
         if s is not None and now_ms - s.filled_ms > self.settings.query_cache_max_age_s * 1000:
             s = None
@@ -484,7 +498,7 @@ class MetricsQuery:
                 s.points.update(await self._fetch(app, proc, res, s.hi, hi))
                 s.hi = hi
                 s.version += 1
-        if self.settings.query_cache_max_bytes > 0 and epoch == self._epochs.get(app, 0):
+        if self.settings.query_cache_max_bytes > 0 and epoch == self._epoch(app):
             self._series.put(skey, s, s.size(), s.filled_ms + int(self.settings.query_cache_max_age_s * 1000) + 1)
         return [(ts, s.points[ts]) for ts in sorted(s.points) if lo <= ts < hi], s
 
@@ -564,7 +578,7 @@ class MetricsQuery:
         held open has closed, and until that minute is found; a bucket whose stored inputs are byte-for-byte
         the ones rendered last time is not decoded again."""
         tkey: AnswerKey = (app, proc, res, 0, hi)
-        epoch = self._epochs.get(app, 0)
+        epoch = self._epoch(app)
         now_ms = self.clock.now_ms()
         cached = self._tails.get(tkey, now_ms) or _TailCache()
         live = self.live(app, proc, lo * 1000, hi * 1000) if self.live is not None else []
@@ -633,7 +647,7 @@ class MetricsQuery:
         fresh = await asyncio.to_thread(build) if decode > OFFLOAD_ITEMS and not live else build()
         t.points.update((b, rendered[b]) for b in reuse)
         t.points.update((b, (tuple(inputs[b]), p)) for b, p in fresh.items() if b in inputs and b not in dirty)
-        if self.settings.query_cache_max_bytes > 0 and epoch == self._epochs.get(app, 0):
+        if self.settings.query_cache_max_bytes > 0 and epoch == self._epoch(app):
             self._tails.put(tkey, t, t.size(), now_ms + int(self.settings.query_cache_max_age_s * 1000))
         points = {**fresh, **reuse}
         return [(b, points[b]) for b in sorted(points)]

@@ -3,6 +3,7 @@ topic creation, load generator). One place, so TLS configured once applies to al
 
 from __future__ import annotations
 
+import functools
 import re
 import ssl
 from typing import Any
@@ -14,6 +15,7 @@ from app.settings import PREFIX, Settings
 DEFAULT_KAFKA_PORT = 9092
 
 
+@functools.lru_cache(maxsize=65536)
 def partition_of(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2 of the key, as aiokafka and the Java client
     compute it) gives a record keyed ``key``: where an app's observations and minutes go."""

@@ -24,7 +24,6 @@ def test_the_watermark_moves_only_when_the_checkpoints_offset_is_committed() -> 
     wm = Watermarks(clock=ManualClock(T0))
     wm.checkpoint(0, T0 + 60_000, end_offset=5)
     wm.checkpoint(0, T0 + 120_000, end_offset=9)
-    wm.checkpoint(0, T0 + 90_000, end_offset=9)  # never backwards
     wm.committed(0, 4)
     assert 0 not in wm.through_ms
     wm.committed(0, 5)
@@ -35,6 +34,17 @@ def test_the_watermark_moves_only_when_the_checkpoints_offset_is_committed() -> 
     assert [p.stored_through_ms for p in wm.take({0, 1})] == [T0 + 150_000]
     assert wm.take({0}) == []  # unchanged since
     assert [p.partition for p in wm.take({0}, force=True)] == [0]
+
+
+def test_a_backlog_of_old_data_moves_the_watermark_back() -> None:
+    """A replay opens windows behind the watermark: those minutes are not stored, so neither is anything
+    after them."""
+    wm = Watermarks(clock=ManualClock(T0))
+    wm.checkpoint(0, T0, end_offset=3)
+    wm.committed(0, 3)
+    wm.checkpoint(0, T0 - 3_600_000, end_offset=3)
+    wm.committed(0, 3)
+    assert wm.through_ms[0] == T0 - 3_600_000 and wm.take({0})[0].stored_through_ms == T0 - 3_600_000
 
 
 def test_a_minute_stored_behind_the_watermark_is_noted_for_its_app() -> None:
@@ -50,12 +60,14 @@ def test_a_minute_stored_behind_the_watermark_is_noted_for_its_app() -> None:
     assert wm.take({3}, force=True)[0].changed == {}  # older than the query caches' max age: dropped
 
 
-def test_a_new_owner_starts_from_the_published_value() -> None:
+def test_a_new_owner_starts_from_the_published_value_until_its_own_checkpoints() -> None:
     wm = Watermarks(clock=ManualClock(T0))
     wm.adopt(2, Progress(2, T0, T0, {"shop": T0 - 1}))
-    wm.checkpoint(2, T0 - 60_000, end_offset=3)  # behind the published value: ignored
-    wm.committed(2, 3)
     assert wm.through_ms[2] == T0 and wm.changed[2] == {"shop": T0 - 1}
+    wm.checkpoint(2, T0 + 60_000, end_offset=3)
+    wm.committed(2, 3)
+    wm.adopt(2, Progress(2, T0, T0, {}))  # adopted once: its own reading wins
+    assert wm.through_ms[2] == T0 + 60_000
 
 
 def test_closed_through_is_the_oldest_open_window_or_the_lateness_bound() -> None:
@@ -87,7 +99,10 @@ async def test_each_closing_round_checkpoints_its_partitions() -> None:
     await agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
     assert [a.key.start_ms for a in emitted] == [T0]
     wm.committed(0, 7)
-    # Not known to be caught up: bounded by the partition watermark less grace and idle timeout.
+    assert 0 not in wm.through_ms  # a batch's own closing does not know whether the partition is caught up
+    await agg.close_idle({0}, {0: 5})  # messages waiting: not caught up
+    wm.committed(0, 7)
+    # Bounded by the partition watermark less grace and idle timeout.
     assert wm.through_ms[0] == T0 + 80_000 - 40_000
     clock.set(T0 + 60_000 + 120_000 + 40_000)
     ends[0] = 8

@@ -432,3 +432,27 @@ async def test_a_late_minute_drops_the_cached_answer_of_its_app() -> None:
     again = await _ask_after_refresh(q, clock, 60, T0, T0 + 3600)
     assert [p["ts"] for p in orjson.loads(again.body)["points"]] == [T0 + 60 * i for i in range(60)]
     assert counters.values["query_cache_invalidations"] >= 2  # the answer and the series range
+
+
+async def test_a_watermark_moving_back_drops_final_answers_of_its_partition() -> None:
+    """A replay of old data reaches a range already answered (empty) as final: the watermark moves back, the
+    cached answer goes, and once the replay is stored the range answers its data."""
+    rng = np.random.default_rng(23)
+    clock = ManualClock((T0 + 5 * 3600) * 1000)
+    r, _, store, counters, _ = make(clock)
+    _watermark(store, (T0 + 7200) * 1000, clock.now_ms())
+    q = MetricsQuery(store, settings=SETTINGS, clock=clock, counters=counters)
+    empty = await q.answer("shop", "web", 600, T0, T0 + 3600)
+    assert empty.final and orjson.loads(empty.body)["points"] == []
+    clock.advance(1_000)
+    _watermark(store, T0 * 1000, clock.now_ms())  # the replay's windows open behind the watermark
+    assert not (await _ask_after_refresh(q, clock, 600, T0, T0 + 3600)).final
+    minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.6, 40), mc=100) for i in range(60)]
+    await r.process([(0, record(m)) for m in minutes])
+    for m in minutes:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    clock.advance(1_000)
+    _watermark(store, (T0 + 7200) * 1000, clock.now_ms())
+    ans = await _ask_after_refresh(q, clock, 600, T0, T0 + 3600)
+    assert ans.final and [p["requests"] for p in orjson.loads(ans.body)["points"]] == [400] * 6
+    assert counters.values["query_cache_invalidations"] >= 1
