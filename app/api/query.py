@@ -268,6 +268,7 @@ class MetricsQuery:
         self._progress_read_ms = -1
         self._progress_reading: asyncio.Future[None] | None = None
         self._progress_tasks: set[asyncio.Future[None]] = set()
+        self._warned_partitions = False
         self._seen_changes: dict[str, int] = {}
         """app -> the newest late-minute notice already applied to the caches"""
         self._epochs: dict[int, int] = {}
@@ -330,6 +331,12 @@ class MetricsQuery:
         try:
             progress = await self.store.progress()
             self._progress_read_ms = now_ms
+            beyond = [pr.partition for pr in progress if pr.partition >= self.settings.partitions]
+            if beyond and not self._warned_partitions:
+                self._warned_partitions = True
+                log.error("the workers publish watermarks of partitions %s, beyond METRICS_PARTITIONS=%d: set "
+                          "METRICS_PARTITIONS on this process to the topics' partition count, or apps are "
+                          "mapped to the wrong partition's watermark", beyond, self.settings.partitions)
             for pr in progress:
                 if pr.stored_through_ms < self._through_ms.get(pr.partition, -1):
                     self._invalidate_partition(pr.partition)  # moved back: a backlog of old data
