@@ -348,7 +348,7 @@ class MetricsQuery:
             keep_ms = int(self.settings.query_cache_max_age_s * 1000)
             self._seen_changes = {a: ms for a, ms in self._seen_changes.items() if now_ms - ms < 2 * keep_ms}
             if self.counters is not None and progress:
-                self.counters.set("stored_through_lag_seconds",
+                self.counters.set("query_watermark_lag_seconds",
                                   max(0, now_ms - min(pr.stored_through_ms for pr in progress)) // 1000)
         except PipelineError as exc:
             self._progress_read_ms = now_ms  # retried next interval; meanwhile the old watermarks hold

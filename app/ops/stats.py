@@ -109,10 +109,13 @@ CATALOGUE: Final[dict[str, str]] = {
     "minutes_stored_late": "Minutes stored after their partition's stored-through watermark had passed them (a "
                            "new app's old data, a re-sent minute): query caches drop that app's answers. "
                            "Steady growth: senders' clocks lag by more than the grace period.",
-    "stored_through_lag_seconds": "How far the oldest stored-through watermark (worker: its partitions; web: "
-                                  "all partitions) is behind the wall clock. Normally grace + idle timeout + a "
-                                  "few seconds; growing: a sink lags or is down, and its buckets stay live "
-                                  "(uncached) until it catches up.",
+    "stored_through_lag_seconds": "Worker: how far the oldest stored-through watermark of its partitions is "
+                                  "behind the wall clock. Normally grace + idle timeout + a few seconds; "
+                                  "growing: this worker's sinks lag or the store is down, and those partitions' "
+                                  "buckets stay live (uncached) until they catch up.",
+    "query_watermark_lag_seconds": "Query processes: how far the oldest stored-through watermark of all "
+                                   "partitions, as last read, is behind the wall clock (see "
+                                   "stored_through_lag_seconds on the workers for which one lags).",
     "rollup_blocks_written": "Summary blocks (the chart points of a series) accepted by the store; about four "
                              "per series and batch. Zero while rollup items are written: blocks are failing.",
     "rollup_store_reads": "Rollup buckets read back from DynamoDB because they were no longer in the worker's "

@@ -155,7 +155,7 @@ def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
         def lag_s() -> list[float]:
             with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as r:
                 return [float(line.split()[-1]) for line in r.read().decode().splitlines()
-                        if line.startswith("minutely_stored_through_lag_seconds")]
+                        if line.startswith("minutely_query_watermark_lag_seconds")]
 
         # 1. Flowing: the worker publishes watermarks, and the web process reads them.
         first_s = start_ms // 1000
