@@ -297,8 +297,8 @@ class MetricsQuery:
             if self._progress_read_ms < 0:
                 await self._read_progress(now_ms)  # nothing known yet: wait for the first read
             elif self._progress_reading is None:
-                # Refreshed in the background: requests go on with the last watermarks, which only ever
-                # make fewer buckets final than the newest would.
+                # Refreshed in the background: requests go on with the last watermarks (at most one interval
+                # old); answers computed meanwhile are not cached past a change the refresh finds.
                 reading = asyncio.ensure_future(self._read_progress(now_ms))
                 self._progress_tasks.add(reading)
                 reading.add_done_callback(self._progress_tasks.discard)
@@ -321,8 +321,8 @@ class MetricsQuery:
 
     async def _read_progress(self, now_ms: int) -> None:
         """Refresh the stored-through watermarks (one small store read, shared by concurrent requests) and
-        drop the cached answers of apps that got a late minute. A failed read keeps the old watermarks: they
-        only ever make fewer buckets final."""
+        drop the cached answers of apps that got a late minute, or whose partition's watermark moved back.
+        A failed read keeps the last watermarks until the next interval."""
         if self._progress_reading is not None:
             await asyncio.shield(self._progress_reading)
             return
