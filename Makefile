@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA_LIB := .deps/kafka/lib
+CASSANDRA_LIB := .deps/cassandra/lib
 DYNALITE_VERSION := 4.0.0
 DYNALITE := .deps/dynalite/node_modules/dynalite/cli.js
 UPLOT_VERSION := 1.6.32
@@ -34,7 +35,7 @@ bench: install-test
 install: $(VENV)/.installed $(KAFKA_LIB)/.resolved $(DYNALITE) $(UPLOT_DIR)/dist/uPlot.iife.min.js
 
 # What the tests add: pytest and friends, moto's server, checkov in its own venv.
-install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov
+install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov $(CASSANDRA_LIB)/.resolved
 
 # checkov (chart/Dockerfile scans in tests/test_deploy.py) pins boto3 versions that break aioboto3: own venv.
 .deps/checkov/bin/checkov:
@@ -51,15 +52,24 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Apache Kafka and its runtime dependencies from Maven Central, as pinned in the small pom in the repo.
-$(KAFKA_LIB)/.resolved: app/local/conf/kafka-pom.xml
+# A JVM part's jars from Maven Central, as pinned in a small pom in the repo: $(call maven_jars,<pom>,<lib dir>)
+define maven_jars
 	@command -v java >/dev/null 2>&1 || { echo "java not found: install Java 17 (Debian openjdk-17-jre-headless)"; exit 1; }
 	@command -v mvn >/dev/null 2>&1 || { echo "mvn not found: install Maven (Debian maven)"; exit 1; }
-	rm -rf $(KAFKA_LIB)
-	mvn -q -B -f app/local/conf/kafka-pom.xml dependency:copy-dependencies -DincludeScope=runtime \
-		-DoutputDirectory=$(CURDIR)/$(KAFKA_LIB)
+	rm -rf $(2)
+	mvn -q -B -f $(1) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(2)
 	rm -rf app/local/conf/target
-	touch $@
+	touch $(2)/.resolved
+endef
+
+# Apache Kafka and its runtime dependencies.
+$(KAFKA_LIB)/.resolved: app/local/conf/kafka-pom.xml
+	$(call maven_jars,$<,$(KAFKA_LIB))
+
+# Apache Cassandra 5.0 and its runtime dependencies from Maven Central (the tests' second store; not needed
+# by `make run`, which stores in DynamoDB).
+$(CASSANDRA_LIB)/.resolved: app/local/conf/cassandra-pom.xml
+	$(call maven_jars,$<,$(CASSANDRA_LIB))
 
 # dynalite: an open-source (Apache-2.0) DynamoDB server on LevelDB, run on the machine's Node.js.
 $(DYNALITE):

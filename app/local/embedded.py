@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 KAFKA_LIB = ROOT / ".deps" / "kafka" / "lib"
+CASSANDRA_LIB = ROOT / ".deps" / "cassandra" / "lib"
 DYNALITE_CLI = ROOT / ".deps" / "dynalite" / "node_modules" / "dynalite" / "cli.js"
 LOCAL_DATA_DIR = ROOT / "data"
 """``make run``'s state: Kafka's log, dynalite's LevelDB and the worker's RocksDB. ``make clean`` empties it."""
 
 KAFKA_START_S = 90.0
 """JVM start, log recovery after an unclean stop, and the controller's election; seconds on an idle machine."""
+CASSANDRA_START_S = 120.0
+"""Measured 8 s on an idle 2-core machine (first start, empty data); commit log replay adds to it."""
 
 
 def free_port() -> int:
@@ -126,6 +129,63 @@ def _java() -> str:
     return java
 
 
+class _JavaService:
+    """What the JVM parts share: a child process writing to a log, started when a line says so, stopped
+    with SIGTERM (the part flushes) or killed with SIGKILL (tests of crashes)."""
+
+    kind: ClassVar[str]
+    port: int
+    _proc: subprocess.Popen[bytes] | None
+    _log: IO[bytes] | None
+    stop_timeout_s: ClassVar[float] = 30.0
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    def _wait_for(self, marker: bytes, offset: int, timeout_s: float) -> None:
+        """Until ``marker`` appears in the log after ``offset``, then until the port accepts connections."""
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RetriableError(f"{self.kind} exited with code {self._proc.returncode} during start: "
+                                     f"{self._tail(offset)}", action=f"see {self.log_path}")
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                if marker in f.read():
+                    _wait_tcp(self.port, 10, self._proc, self.kind)
+                    return
+            time.sleep(0.1)
+        raise RetriableError(f"{self.kind} did not start within {timeout_s:.0f} s",
+                             action=f"see {self.log_path}; check the machine's load")
+
+    def _tail(self, offset: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        errors = [ln for ln in lines if " ERROR " in ln or ln.startswith("ERROR") or "Exception" in ln]
+        return " | ".join((errors or lines)[-3:])[-600:]
+
+    def stop(self) -> None:
+        """Controlled shutdown (SIGTERM): the part flushes and closes its files."""
+        _stop(self._proc, self.stop_timeout_s)
+        self._closed()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine's process would die; the data directory stays."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(timeout=30)
+        self._closed()
+
+    def _closed(self) -> None:
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
 @dataclass(frozen=True)
 class Listener:
     """One client listener of the broker: ``name`` is also its security protocol unless ``protocol`` says."""
@@ -140,7 +200,7 @@ class Listener:
 
 
 @dataclass
-class KafkaBroker:
+class KafkaBroker(_JavaService):
     """Apache Kafka as one combined broker+controller (KRaft), on the jars ``make install`` put in ``.deps``.
 
     The storage directory is formatted once (``kafka.tools.StorageTool``) and reused: topics, offsets and
@@ -264,45 +324,96 @@ class KafkaBroker:
         return self.url
 
     def _wait_started(self, offset: int) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + KAFKA_START_S
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RetriableError(f"Apache Kafka exited with code {self._proc.returncode} during start: "
-                                     f"{self._tail(offset)}", action=f"see {self.log_path}")
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                if b"Kafka Server started" in f.read():
-                    _wait_tcp(self.port, 10, self._proc, "Apache Kafka")
-                    return
-            time.sleep(0.1)
-        raise RetriableError(f"Apache Kafka did not start within {KAFKA_START_S:.0f} s",
-                             action=f"see {self.log_path}; check the machine's load")
+        self._wait_for(b"Kafka Server started", offset, KAFKA_START_S)
 
-    def _tail(self, offset: int) -> str:
-        with open(self.log_path, "rb") as f:
-            f.seek(offset)
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        errors = [ln for ln in lines if " ERROR " in ln or "Exception" in ln]
-        return " | ".join((errors or lines)[-3:])[-600:]
 
-    def stop(self) -> None:
-        """Controlled shutdown (SIGTERM): the broker flushes and closes its logs."""
-        _stop(self._proc)
-        self._closed()
+@dataclass
+class CassandraServer(_JavaService):
+    """Apache Cassandra 5.0 as one local node (``CassandraDaemon`` in the foreground), on the jars
+    ``make install-test`` put in ``.deps``, with its data, commit log and log under ``data_dir``.
 
-    def kill(self) -> None:
-        """SIGKILL, as a crashed machine's broker process would die; the log directory stays."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait(timeout=30)
-        self._closed()
+    The node's ``cassandra.yaml`` is written from the template in ``conf/`` with this instance's ports, so
+    tests run nodes next to each other. Ready when CQL answers on ``port``.
+    """
 
-    def _closed(self) -> None:
-        self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    data_dir: Path
+    port: int = 0
+    storage_port: int = 0
+    heap_mb: int = 1024
+    lib_dir: Path = CASSANDRA_LIB
+    kind: ClassVar[str] = "Apache Cassandra"
+    stop_timeout_s: ClassVar[float] = 60.0
+    """SIGTERM drains the node and flushes its memtables first."""
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        self.port = self.port or free_port()
+        self.storage_port = self.storage_port or free_port()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "log" / "system.log"
+
+    @property
+    def version(self) -> str:
+        for jar in self.lib_dir.glob("cassandra-all-*.jar"):
+            m = re.fullmatch(r"cassandra-all-(.+)\.jar", jar.name)
+            if m:
+                return m.group(1)
+        return "unknown"
+
+    def _jamm(self) -> Path:
+        jars = sorted(self.lib_dir.glob("jamm-*.jar"))
+        if not any(self.lib_dir.glob("cassandra-all-*.jar")) or not jars:
+            raise ConfigError(f"Apache Cassandra's jars are not in {self.lib_dir}",
+                              action="run `make install-test` (resolves org.apache.cassandra:cassandra-all "
+                                     "from Maven Central)")
+        return jars[-1]
+
+    def _config(self) -> Path:
+        text = (CONF_DIR / "cassandra.yaml").read_text()
+        text = text.replace("native_transport_port: 9042", f"native_transport_port: {self.port}")
+        text = text.replace("storage_port: 7000", f"storage_port: {self.storage_port}")
+        text = text.replace('seeds: "127.0.0.1:7000"', f'seeds: "127.0.0.1:{self.storage_port}"')
+        path = self.data_dir / "cassandra.yaml"
+        path.write_text(text)
+        return path
+
+    def start(self) -> str:
+        (self.data_dir / "log").mkdir(parents=True, exist_ok=True)
+        java = _java()
+        jamm = self._jamm()
+        config = self._config()
+        self.log_path.touch()
+        start_offset = self.log_path.stat().st_size
+        self._log = open(self.data_dir / "stdout.log", "ab")  # noqa: SIM115 - its stdout for its lifetime
+        self._proc = subprocess.Popen(
+            [java, f"-Xms{min(512, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC",
+             f"-javaagent:{jamm}", f"@{CONF_DIR / 'cassandra-jvm17.args'}",
+             "-Djava.net.preferIPv4Stack=true", "-Dcassandra-foreground=yes",
+             f"-Dcassandra.config=file://{config}", f"-Dcassandra.storagedir={self.data_dir}",
+             f"-Dcassandra.logdir={self.data_dir / 'log'}",
+             f"-Dlogback.configurationFile={CONF_DIR / 'cassandra-logback.xml'}",
+             "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+             "-cp", f"{CONF_DIR}:{self.lib_dir}/*", "org.apache.cassandra.service.CassandraDaemon"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            self._wait_started(start_offset)
+        except BaseException:
+            self.kill()  # a node that did not come up must not outlive the caller
+            raise
+        log.info("Apache Cassandra %s serving CQL on %s (data in %s)", self.version, self.address, self.data_dir)
+        return self.address
+
+    def _wait_started(self, offset: int) -> None:
+        self._wait_for(b"Startup complete", offset, CASSANDRA_START_S)
 
 
 @dataclass
