@@ -123,11 +123,10 @@ class Watermarks:
 class Publisher:
     """Moves watermarks with the committed offsets and writes them to the store."""
 
-    def __init__(self, watermarks: Watermarks, store: MetricsStore, settings: Settings, counters: Counters, *,
+    def __init__(self, watermarks: Watermarks, store: MetricsStore, counters: Counters, *,
                  committed: Callable[[int], int | None], clock: Clock | None = None) -> None:
         self.watermarks = watermarks
         self.store = store
-        self.settings = settings
         self.counters = counters
         self.committed = committed
         self.clock = clock or SystemClock()
@@ -177,7 +176,7 @@ def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Coun
     def committed(partition: int) -> int | None:
         return committed_offset(faust_app, settings.metrics_topic, partition)
 
-    publisher = Publisher(watermarks, store, settings, counters, committed=committed)
+    publisher = Publisher(watermarks, store, counters, committed=committed)
 
     @faust_app.timer(settings.progress_interval_s, name="publish_progress")
     async def publish() -> None:

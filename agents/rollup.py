@@ -212,9 +212,10 @@ class Rollup:
         if changed or blocks_changed:
             items = [MetricItem(bid[0], bid[1], bid[2], bid[3], orjson.dumps(b.record())) for bid, b in changed]
             items += [blocks[k].item(k[0], k[1]) for k in blocks_changed]
-            refused = await self._put(items)
-            self.counters.inc("rollup_items_written", sum(1 for i in items if i.kind == DIGEST and i not in refused))
-            self.counters.inc("rollup_blocks_written", sum(1 for i in items if i.kind == SUMMARY and i not in refused))
+            refused = set(await self._put(items))
+            written = [i for i in items if i not in refused]
+            self.counters.inc("rollup_items_written", sum(1 for i in written if i.kind == DIGEST))
+            self.counters.inc("rollup_blocks_written", sum(1 for i in written if i.kind == SUMMARY))
             for bid, b in changed:
                 with partition_context(self.context_topic, b.partition):
                     self.table[table_key(bid)] = b.encode()

@@ -134,6 +134,9 @@ class _JavaService:
     with SIGTERM (the part flushes) or killed with SIGKILL (tests of crashes)."""
 
     kind: ClassVar[str]
+    log_name: ClassVar[str]
+    """The part's log, relative to its data directory."""
+    data_dir: Path
     port: int
     _proc: subprocess.Popen[bytes] | None
     _log: IO[bytes] | None
@@ -141,7 +144,7 @@ class _JavaService:
 
     @property
     def log_path(self) -> Path:
-        raise NotImplementedError
+        return self.data_dir / self.log_name
 
     def _wait_for(self, marker: bytes, offset: int, timeout_s: float) -> None:
         """Until ``marker`` appears in the log after ``offset``, then until the port accepts connections."""
@@ -218,6 +221,7 @@ class KafkaBroker(_JavaService):
     heap_mb: int = 512
     lib_dir: Path = KAFKA_LIB
     kind: ClassVar[str] = "Apache Kafka"
+    log_name: ClassVar[str] = "broker.log"
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -234,9 +238,6 @@ class KafkaBroker(_JavaService):
     def url(self) -> str:
         return f"kafka://{self.address}"
 
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "broker.log"
 
     @property
     def version(self) -> str:
@@ -342,6 +343,7 @@ class CassandraServer(_JavaService):
     heap_mb: int = 1024
     lib_dir: Path = CASSANDRA_LIB
     kind: ClassVar[str] = "Apache Cassandra"
+    log_name: ClassVar[str] = "log/system.log"
     stop_timeout_s: ClassVar[float] = 60.0
     """SIGTERM drains the node and flushes its memtables first."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -356,9 +358,6 @@ class CassandraServer(_JavaService):
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "log" / "system.log"
 
     @property
     def version(self) -> str:

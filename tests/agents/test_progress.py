@@ -118,7 +118,7 @@ async def test_the_publisher_adopts_moves_and_writes_and_survives_a_store_outage
     wm = Watermarks(clock=clock)
     committed = {1: 4}
     counters = Counters()
-    pub = Publisher(wm, store, SETTINGS, counters, committed=committed.get, clock=clock)
+    pub = Publisher(wm, store, counters, committed=committed.get, clock=clock)
     wm.checkpoint(1, T0, end_offset=4)
     assert await pub.publish({1}) == 1
     assert store.progress_items[1].stored_through_ms == T0

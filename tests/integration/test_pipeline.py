@@ -6,6 +6,7 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -16,6 +17,30 @@ from app.local.traffic import Generator, produce
 from tests.integration.pipeline import Pipeline, check_against_truth, wait_stored
 
 pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Halves:
+    """Generated traffic in two parts, from 8 minutes ago: about two minutes and then three more."""
+
+    start_ms: int
+    gen: Generator
+    first: list[tuple[bytes, bytes]]
+    second: list[tuple[bytes, bytes]]
+
+    @classmethod
+    def make(cls, *, apps: int, seed: int, per_message: int, first_extra: int) -> "Halves":
+        start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
+        gen = Generator(apps=apps, dynos=2, seed=seed, start_ms=start_ms, keep_truth=True)
+        msgs = gen.messages(per_message=per_message, span_ms=15_000)
+        first = [next(msgs) for _ in range(apps * 4 * 2 + first_extra)]
+        second = [next(msgs) for _ in range(apps * 4 * 3)]
+        return cls(start_ms, gen, first, second)
+
+
+def count(messages: list[tuple[bytes, bytes]]) -> int:
+    """Observations in these messages."""
+    return sum(len(orjson.loads(v)) for _, v in messages)
 
 
 def minute_floor_ms(t_ms: int) -> int:
@@ -79,12 +104,8 @@ def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: KafkaBroker,
     The idle timeout is longer than the test's pause between the halves: a caught-up partition that is
     quiet longer than that closes its minutes, as designed, and the second half would then be late."""
     p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20")
-    start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
-    gen = Generator(apps=2, dynos=2, seed=11, start_ms=start_ms, keep_truth=True)
-    msgs = gen.messages(per_message=300, span_ms=15_000)
-    first = [next(msgs) for _ in range(2 * 4 * 2 + 2)]  # two minutes and a bit of the third
-    second = [next(msgs) for _ in range(2 * 4 * 3)]
-    count = lambda ms: sum(len(orjson.loads(v)) for _, v in ms)  # noqa: E731
+    h = Halves.make(apps=2, seed=11, per_message=300, first_extra=2)  # two minutes and a bit of the third
+    start_ms, gen, first, second = h.start_ms, h.gen, h.first, h.second
     p.start(data_dir=tmp_path / "state-1")
     try:
         asyncio.run(produce(broker.address, p.settings.observations_topic, first))
@@ -111,16 +132,12 @@ def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: KafkaBro
     import urllib.request
 
     p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20")
-    start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
-    gen = Generator(apps=4, dynos=2, seed=13, start_ms=start_ms, keep_truth=True)
-    msgs = gen.messages(per_message=200, span_ms=15_000)
-    first = [next(msgs) for _ in range(4 * 4 * 2 + 4)]
-    second = [next(msgs) for _ in range(4 * 4 * 3)]
+    h = Halves.make(apps=4, seed=13, per_message=200, first_extra=4)
+    start_ms, gen, first, second = h.start_ms, h.gen, h.first, h.second
     p.start(data_dir=tmp_path / "a")
     try:
         asyncio.run(produce(broker.address, p.settings.observations_topic, first))
-        p.wait_stats(lambda s: s["observations_accepted"] >= sum(len(orjson.loads(v)) for _, v in first), 60,
-                     "first part aggregated")
+        p.wait_stats(lambda s: s["observations_accepted"] >= count(first), 60, "first part aggregated")
         _, url_b = p.start_second_worker(data_dir=tmp_path / "b")
         asyncio.run(produce(broker.address, p.settings.observations_topic, second))
         assert gen.truth is not None
@@ -149,12 +166,8 @@ def test_broker_killed_mid_stream_neither_loses_nor_doubles(dynamo: DynamoServer
     broker = KafkaBroker(data_dir=tmp_path / "kafka")
     broker.start()
     p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="60")
-    start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
-    gen = Generator(apps=2, dynos=2, seed=17, start_ms=start_ms, keep_truth=True)
-    msgs = gen.messages(per_message=300, span_ms=15_000)
-    first = [next(msgs) for _ in range(2 * 4 * 2 + 2)]  # two minutes and a bit of the third
-    second = [next(msgs) for _ in range(2 * 4 * 3)]
-    count = lambda ms: sum(len(orjson.loads(v)) for _, v in ms)  # noqa: E731
+    h = Halves.make(apps=2, seed=17, per_message=300, first_extra=2)  # two minutes and a bit of the third
+    start_ms, gen, first, second = h.start_ms, h.gen, h.first, h.second
     # An app outside the generator's truth probes the ingest path across the outage.
     probe = lambda i: orjson.dumps([{"kind": "router", "app": "probe", "dyno": "web.1",  # noqa: E731
                                      "ts": start_ms + i, "status": 200, "service_ms": 5.0}])

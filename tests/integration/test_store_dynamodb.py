@@ -23,6 +23,7 @@ from app.settings import Settings
 from app.storage import dynamodb
 from app.storage.dynamodb import DynamoStore
 from app.storage.protocol import SUMMARY, MetricItem
+from tests.storage.test_dynamodb import drop_stores
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +65,7 @@ async def make_store(server: DynamoServer) -> AsyncIterator[StoreFactory]:
         return store
 
     yield make
-    for store in stores:
-        if store._client is not None:
-            try:
-                await store._client.delete_table(TableName=store._table)
-            except ClientError:
-                pass
-            await store.stop()
+    await drop_stores(stores)
 
 
 def item(ts_s: int, payload: bytes = b'{"n":1}', *, app: str = "shop", pt: str = "web") -> MetricItem:

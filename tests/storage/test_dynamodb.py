@@ -95,6 +95,11 @@ async def make_store(aws: None) -> AsyncIterator[StoreFactory]:
         return store
 
     yield make
+    await drop_stores(stores)
+
+
+async def drop_stores(stores: list[DynamoStore]) -> None:
+    """Delete the tables of started stores and stop them (the store fixtures' teardown)."""
     for store in stores:
         if store._client is not None:
             try:
