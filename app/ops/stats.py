@@ -131,7 +131,8 @@ CATALOGUE: Final[dict[str, str]] = {
 }
 
 GAUGES: Final[frozenset[str]] = frozenset({"windows_open", "consumer_lag_observations", "consumer_lag_minutes",
-                                           "query_cache_bytes"})
+                                           "query_cache_bytes", "stored_through_lag_seconds",
+                                           "query_watermark_lag_seconds"})
 """Catalogue entries that are levels (set), not running totals (inc)."""
 
 HISTOGRAMS: Final[dict[str, tuple[float, ...]]] = {
