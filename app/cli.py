@@ -232,16 +232,16 @@ def serve(role: str) -> int:
 
 
 def build_web_role(settings: "Settings", counters: "Counters") -> "web.Application":
-    """Query API without stream jobs: closed minutes from DynamoDB (open ones are served by workers)."""
+    """Query API without stream jobs: closed minutes from the store (open ones are served by workers)."""
     from typing import AsyncIterator
 
     from app.api.query import MetricsQuery
     from app.api.web import make_web_app, token_authorizer
     from app.ops.health import add_ops_routes
-    from app.storage.dynamodb import DynamoStore
+    from app.storage.backends import metrics_store
     from app.storage.tokens import TokenStore
 
-    store = DynamoStore(settings, counters=counters)
+    store = metrics_store(settings, counters=counters)
     tokens = TokenStore(settings)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
@@ -260,7 +260,7 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
 
     webapp = make_web_app(MetricsQuery(store, settings=settings, counters=counters), settings, counters,
                           authorize=token_authorizer(tokens),
-                          extra=lambda w: add_ops_routes(w, counters=counters, checks={"dynamodb": store.ping}))
+                          extra=lambda w: add_ops_routes(w, counters=counters, checks={"store": store.ping}))
     webapp.cleanup_ctx.append(lifecycle)
     return webapp
 

@@ -18,6 +18,7 @@ PREFIX = "METRICS_"
 WINDOW_S = 60  # the pipeline's unit of aggregation; rollups are built from these minutes
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")
 KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+STORES = ("dynamodb", "cassandra")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,30 @@ class Settings:
     """How often the wall-clock closer looks for idle partitions."""
     data_dir: str = "./data"
     store_url: str = "rocksdb://"
+
+    # --- the store -----------------------------------------------------------------------------------
+    store: str = "dynamodb"
+    """Where minutes, rollups, summary blocks, events, tokens and frame ids live: ``dynamodb`` or
+    ``cassandra``. A move between stores without downtime: ``python -m app migration`` (README)."""
+
+    # --- Cassandra (METRICS_STORE=cassandra) -------------------------------------------------------------
+    cassandra_hosts: str = "127.0.0.1"
+    """Contact points, comma-separated; the driver discovers the rest of the ring from them."""
+    cassandra_port: int = 9042
+    cassandra_keyspace: str = "minutely"
+    cassandra_replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    """Used only when the keyspace is created (``create_table``). Production: ``{'class':
+    'NetworkTopologyStrategy', '<dc>': 3}``."""
+    cassandra_consistency: str = "LOCAL_QUORUM"
+    """Reads and writes: a write acknowledged by a quorum is read by a quorum (no stale chart after a
+    node fails). One node (the embedded stack): quorum is that node."""
+    cassandra_username: str = ""
+    cassandra_password: str = ""
+    cassandra_max_inflight: int = 128
+    """Statements in flight from one process. Writes are single-partition INSERTs sent concurrently (an
+    unlogged batch across partitions only moves the fan-out to one coordinator); this bounds them."""
+    cassandra_request_timeout_s: float = 12.0
+    """Per statement, after which it fails as retriable (the server's own write timeout is 2 s)."""
 
     # --- DynamoDB ------------------------------------------------------------------------------------
     dynamodb_endpoint: str = "http://127.0.0.1:8000"
@@ -312,6 +337,11 @@ class Settings:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}",
                               action=f"set {PREFIX}LOG_FORMAT=json (or text)")
+        if self.store not in STORES:
+            raise ConfigError(f"store must be one of {', '.join(STORES)}, got {self.store!r}",
+                              action=f"set {PREFIX}STORE=dynamodb or {PREFIX}STORE=cassandra")
+        if self.cassandra_max_inflight < 1:
+            raise ConfigError("cassandra_max_inflight must be >= 1", action=f"set {PREFIX}CASSANDRA_MAX_INFLIGHT")
         if self.ttl_days <= 0:
             raise ConfigError("ttl_days must be > 0", action=f"set {PREFIX}TTL_DAYS")
         if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:

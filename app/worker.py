@@ -23,12 +23,12 @@ from app.app import app, settings
 from app.notify.notifier import Notifier
 from app.ops import health as ops
 from app.ops.stats import counters
-from app.storage.dynamodb import DynamoStore
+from app.storage.backends import metrics_store
 from app.storage.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
-store = DynamoStore(settings, counters=counters)
+store = metrics_store(settings, counters=counters)  # METRICS_STORE
 store_ready = asyncio.Event()
 # How far each metrics-1m partition is stored: what queries may call final (agents/progress.py).
 watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
@@ -56,7 +56,7 @@ def _recovered() -> bool:
 
 
 def add_routes(webapp: web.Application) -> None:
-    """Policies API, /readyz (Kafka, table recovery, DynamoDB) and /metrics on the worker's web app."""
+    """Policies API, /readyz (Kafka, table recovery, the store) and /metrics on the worker's web app."""
     # Monitors/policies: the app's read token to look, its write token to change (same tokens as the APIs).
     add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
     webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(settings)))  # only workers serve them
@@ -68,7 +68,7 @@ def add_routes(webapp: web.Application) -> None:
                 _recovered, message="table recovery has not finished",
                 action="wait: window state is being rebuilt from RocksDB or the changelog; if it lasts, read the "
                        "worker log and minutely_consumer_lag_*"),
-            "dynamodb": store.ping,
+            "store": store.ping,
         },
         refresh=ops.lag_refresher(app, counters, observations_topic=settings.observations_topic,
                                   metrics_topic=settings.metrics_topic),
@@ -76,7 +76,7 @@ def add_routes(webapp: web.Application) -> None:
 
 
 class Runtime(Service):
-    """Owns the long-lived DynamoDB client and the HTTP server (started by Faust after table recovery)."""
+    """Owns the long-lived store client and the HTTP server (started by Faust after table recovery)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -32,7 +32,8 @@ from app.ingest.dedup import Claim, FrameDedup
 from app.ops import kafka
 from app.ops.stats import Counters
 from app.settings import Settings
-from app.storage.tokens import TokenInfo, TokenStore, bearer
+from app.storage.protocol import TokenInfo
+from app.storage.tokens import TokenStore, bearer
 
 log = logging.getLogger(__name__)
 

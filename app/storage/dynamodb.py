@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import os
 import random
@@ -50,7 +49,8 @@ from app.clock import Clock, SystemClock
 from app.errors import ConfigError, PipelineError, StoreError, StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
-from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress
+from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
+from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,6 @@ BATCH_MAX_ITEMS = 25
 MAX_WRITE_ROUNDS = 10
 """BatchWriteItem calls per chunk before UnprocessedItems becomes StoreUnavailable (about 20 s of backoff
 at the default 50 ms..5 s)."""
-OFFLOAD_BYTES = 256 * 1024
-"""Compressing more than this in one call (or decompressing an eighth of it, which expands ~8x) runs in a
-worker thread: zlib releases the GIL, and the event loop keeps serving heartbeats and other requests."""
 TABLE_ACTIVE_POLLS = 120
 """DescribeTable polls (1 s apart) waiting for a created table to become ACTIVE."""
 
@@ -232,8 +229,7 @@ class DynamoStore:
         last one winning, because DynamoDB rejects a batch that names a key twice.
         """
         client = self._c()
-        to_compress = sum(len(i.payload) for i in items if len(i.payload) > self._settings.compress_over_bytes)
-        if to_compress > OFFLOAD_BYTES:
+        if packed_bytes([i.payload for i in items], self._settings.compress_over_bytes) > OFFLOAD_BYTES:
             requests = await asyncio.to_thread(self._encode_all, items)
         else:
             requests = self._encode_all(items)
@@ -296,12 +292,7 @@ class DynamoStore:
 
     def _encode(self, item: MetricItem) -> dict[str, Any]:
         pk = partition_key(item.app, item.process_type, item.resolution_s, item.kind)
-        data, zipped = item.payload, False
-        if len(data) > self._settings.compress_over_bytes:
-            # mtime=0: the same payload gives the same bytes, so replays write identical items.
-            packed = gzip.compress(data, compresslevel=6, mtime=0)
-            if len(packed) < len(data):
-                data, zipped = packed, True
+        data, zipped = pack(item.payload, self._settings.compress_over_bytes)
         expires_at = item.ts_s + item.span_s + self._settings.ttl_s
         encoded: dict[str, Any] = {
             A_PK: {"S": pk},
@@ -366,14 +357,7 @@ class DynamoStore:
 
     @staticmethod
     def _decode(pk: str, raw: Mapping[str, Any]) -> bytes:
-        data: bytes = raw[A_DATA]["B"]
-        if A_ZIP in raw and raw[A_ZIP]["N"] == "1":
-            try:
-                return gzip.decompress(data)
-            except (OSError, EOFError) as e:
-                raise StoreError(f"item {pk} ts={raw[A_TS]['N']} has a corrupt compressed payload: {e}",
-                                 action="delete or rewrite the item (replay its minute)") from e
-        return data
+        return unpack(raw[A_DATA]["B"], A_ZIP in raw and raw[A_ZIP]["N"] == "1", f"{pk} ts={raw[A_TS]['N']}")
 
     # --- pipeline progress ----------------------------------------------------------------------------
 
@@ -639,3 +623,101 @@ class DynamoTable:
         await c.get_waiter("table_exists").wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
         if self.ttl_attribute:
             await ensure_ttl(c, self.table, self.ttl_attribute, endpoint=self.settings.dynamodb_endpoint)
+
+
+class DynamoTokens(DynamoTable):
+    """Tokens in table ``<table_name>-tokens``: ``pk`` = hex digest, ``app``, ``kind``, ``id``, ``created_s``."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, f"{settings.table_name}-tokens")
+
+    async def put_token(self, key: str, info: TokenInfo) -> None:
+        try:
+            await self.client.put_item(TableName=self.table, Item={
+                "pk": {"S": key}, "app": {"S": info.app}, "kind": {"S": info.kind}, "id": {"S": info.id},
+                "created_s": {"N": str(info.created_s)}})
+        except Exception as exc:  # classified: the caller gets retriable or not
+            raise self.error(exc, "PutItem") from exc
+
+    async def get_token(self, key: str) -> TokenInfo | None:
+        try:
+            resp = await self.client.get_item(TableName=self.table, Key={"pk": {"S": key}}, ConsistentRead=True)
+        except Exception as exc:
+            raise self.error(exc, "GetItem") from exc
+        item = resp.get("Item")
+        return None if item is None else self._info(item)
+
+    async def all_tokens(self) -> list[tuple[str, TokenInfo]]:
+        out: list[tuple[str, TokenInfo]] = []
+        kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
+        try:
+            while True:
+                resp = await self.client.scan(**kwargs)
+                out.extend((i["pk"]["S"], self._info(i)) for i in resp.get("Items", []))
+                if "LastEvaluatedKey" not in resp:
+                    return out
+                kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        except Exception as exc:
+            raise self.error(exc, "Scan") from exc
+
+    async def delete_token(self, key: str) -> None:
+        try:
+            await self.client.delete_item(TableName=self.table, Key={"pk": {"S": key}})
+        except Exception as exc:
+            raise self.error(exc, "DeleteItem") from exc
+
+    @staticmethod
+    def _info(item: Mapping[str, Any]) -> TokenInfo:
+        return TokenInfo(item["id"]["S"], item["app"]["S"], item["kind"]["S"], int(item["created_s"]["N"]))
+
+
+class DynamoFrames(DynamoTable):
+    """Frame ids in table ``<table_name>-frames``: ``pk``, ``st`` (pending/done), ``lease_ms``, ``expires_at``
+    (the TTL attribute; reads ignore expired entries too, as TTL deletion is lazy)."""
+
+    ttl_attribute = "expires_at"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, f"{settings.table_name}-frames")
+
+    async def claim(self, key: str, *, now_ms: int, lease_until_ms: int, expires_s: int) -> bool:
+        try:
+            await self.client.put_item(
+                TableName=self.table,
+                Item={"pk": {"S": key}, "st": {"S": "pending"}, "lease_ms": {"N": str(lease_until_ms)},
+                      "expires_at": {"N": str(expires_s)}},
+                ConditionExpression="attribute_not_exists(pk) OR expires_at < :now_s "
+                                    "OR (st = :pending AND lease_ms < :now_ms)",
+                ExpressionAttributeValues={":now_s": {"N": str(now_ms // 1000)}, ":now_ms": {"N": str(now_ms)},
+                                           ":pending": {"S": "pending"}})
+            return True
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return False
+        except Exception as exc:
+            raise self.error(exc, "PutItem") from exc
+
+    async def is_done(self, key: str) -> bool:
+        try:
+            item = (await self.client.get_item(TableName=self.table, Key={"pk": {"S": key}},
+                                               ConsistentRead=True)).get("Item")
+        except Exception as exc:
+            raise self.error(exc, "GetItem") from exc
+        return item is not None and item["st"]["S"] == "done"
+
+    async def mark_done(self, key: str, *, expires_s: int) -> None:
+        try:
+            await self.client.update_item(
+                TableName=self.table, Key={"pk": {"S": key}}, UpdateExpression="SET st = :done, expires_at = :exp",
+                ExpressionAttributeValues={":done": {"S": "done"}, ":exp": {"N": str(expires_s)}})
+        except Exception as exc:
+            raise self.error(exc, "UpdateItem") from exc
+
+    async def release(self, key: str) -> None:
+        try:
+            await self.client.delete_item(
+                TableName=self.table, Key={"pk": {"S": key}},
+                ConditionExpression="st = :pending", ExpressionAttributeValues={":pending": {"S": "pending"}})
+        except self.client.exceptions.ConditionalCheckFailedException:
+            pass
+        except Exception as exc:
+            raise self.error(exc, "DeleteItem") from exc

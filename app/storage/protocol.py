@@ -1,6 +1,8 @@
 """The store protocol: what the sinks, rollups, events job and query engine need from any metrics store.
 
-Backends (``app/storage/dynamodb.py`` today) implement it; nothing above storage knows which one runs.
+Backends (``app/storage/dynamodb.py``, ``app/storage/cassandra.py``) implement it, and the tables of
+tokens and drain-frame ids below; ``app/storage/backends.py`` picks one (``METRICS_STORE``) and the
+migration (``app/storage/migration.py``) composes two. Nothing above storage knows which one runs.
 
 A series holds two kinds of item (README, "Store layout"): ``DIGEST`` items carry a bucket's full
 aggregate with its t-digests, for merging (rollups, ranges no summary covers); ``SUMMARY`` items are
@@ -65,4 +67,69 @@ class MetricsStore(Protocol):
 
     async def progress(self) -> list[Progress]:
         """Every partition's latest progress, in partition order."""
+        ...
+
+
+class Lifecycle(Protocol):
+    async def start(self) -> None:
+        """Connect (and create the schema when settings allow); kept for the process lifetime."""
+        ...
+
+    async def stop(self) -> None:
+        ...
+
+    async def ping(self) -> None:
+        """Readiness: the store answers (StoreUnavailable / StoreError otherwise)."""
+        ...
+
+
+class Backend(MetricsStore, Lifecycle, Protocol):
+    """A metrics store a process starts, stops and checks."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A stored token's description (the token itself is never stored: only its SHA-256, the key)."""
+
+    id: str
+    app: str
+    kind: str
+    created_s: int
+
+
+class TokenTable(Lifecycle, Protocol):
+    """Tokens by the hex SHA-256 of the token (app/storage/tokens.py holds the logic around it)."""
+
+    async def put_token(self, key: str, info: TokenInfo) -> None:
+        ...
+
+    async def get_token(self, key: str) -> TokenInfo | None:
+        """Read with the store's strongest consistency: a revoked token must not verify again."""
+        ...
+
+    async def all_tokens(self) -> list[tuple[str, TokenInfo]]:
+        """Every ``(key, info)``: a small table, read whole to list and to revoke by id."""
+        ...
+
+    async def delete_token(self, key: str) -> None:
+        ...
+
+
+class FrameTable(Lifecycle, Protocol):
+    """Logplex frame ids being or already delivered (app/ingest/dedup.py), each living ``expires_s``."""
+
+    async def claim(self, key: str, *, now_ms: int, lease_until_ms: int, expires_s: int) -> bool:
+        """Atomically: mark ``key`` pending until ``lease_until_ms`` when it is absent, expired, or pending
+        with a lease older than ``now_ms`` (its producer died). True when this call claimed it."""
+        ...
+
+    async def is_done(self, key: str) -> bool:
+        """Whether the frame was delivered (False: absent, or pending in another attempt)."""
+        ...
+
+    async def mark_done(self, key: str, *, expires_s: int) -> None:
+        ...
+
+    async def release(self, key: str) -> None:
+        """Drop a pending claim after a failed delivery (a done one stays)."""
         ...

@@ -1,5 +1,6 @@
-"""Session-wide real parts: Apache Kafka (KRaft, from Maven Central) and dynalite, started once for all
-integration tests, each on free ports and with its data in a temporary directory."""
+"""Session-wide real parts: Apache Kafka (KRaft, from Maven Central), dynalite and Apache Cassandra (from
+Maven Central), each started once for all integration tests that ask for it, on free ports and with its
+data in a temporary directory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from app.local.embedded import DynamoServer, KafkaBroker
+from app.local.embedded import CassandraServer, DynamoServer, KafkaBroker
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,11 @@ def dynamo() -> Iterator[DynamoServer]:
 @pytest.fixture(scope="session")
 def dynamodb_endpoint(dynamo: DynamoServer) -> str:
     return dynamo.endpoint
+
+
+@pytest.fixture(scope="session")
+def cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
+    node = CassandraServer(data_dir=tmp_path_factory.mktemp("cassandra"))
+    node.start()
+    yield node
+    node.stop()

@@ -1,5 +1,6 @@
 """DynamoStore against real DynamoDB servers over HTTP: dynalite (the embedded stack's server) and moto's
-server, each test on both, so behaviour one emulator has and the other lacks shows here.
+server, each test on both, so behaviour one emulator has and the other lacks shows here. What every backend
+must do is in test_store_protocol.py.
 
 Covers what in-process moto cannot vouch for: the wire format of binary attributes, 1 MB Query pages, the
 duplicate-key rule of BatchWriteItem, and each server's TTL API (dynalite has none).
@@ -22,7 +23,7 @@ from app.local.embedded import DynamoServer
 from app.settings import Settings
 from app.storage import dynamodb
 from app.storage.dynamodb import DynamoStore
-from app.storage.protocol import SUMMARY, MetricItem
+from app.storage.protocol import MetricItem
 from tests.storage.test_dynamodb import drop_stores
 
 pytestmark = pytest.mark.integration
@@ -70,42 +71,6 @@ async def make_store(server: DynamoServer) -> AsyncIterator[StoreFactory]:
 
 def item(ts_s: int, payload: bytes = b'{"n":1}', *, app: str = "shop", pt: str = "web") -> MetricItem:
     return MetricItem(app=app, process_type=pt, resolution_s=60, ts_s=ts_s, payload=payload)
-
-
-async def test_round_trip(make_store: StoreFactory) -> None:
-    store = await make_store()
-    await store.ping()
-    payloads = [b"", b"\x00\xff binary-safe", b'{"p99":12.5}']
-    await store.put_many([item(T0 + 60 * i, p) for i, p in enumerate(payloads)]
-                         + [item(T0, b"other", app="other")])
-    got = await store.query("shop", "web", 60, T0, T0 + 120)  # until is exclusive
-    assert got == [item(T0, payloads[0]), item(T0 + 60, payloads[1])]
-    assert await store.query("other", "web", 60, T0, T0 + 60) == [item(T0, b"other", app="other")]
-
-
-async def test_summary_blocks_and_digests_are_separate_items(make_store: StoreFactory) -> None:
-    store = await make_store()
-    await store.put_many([item(T0, b"digest"), MetricItem("shop", "web", 60, T0, b"block", SUMMARY, 3600),
-                          MetricItem("shop", "web", 60, T0 + 3600, b"x" * 20_000, SUMMARY, 3600)])
-    assert await store.query("shop", "web", 60, T0, T0 + 3600) == [item(T0, b"digest")]
-    assert [(i.ts_s, i.payload, i.kind) for i in await store.query("shop", "web", 60, T0, T0 + 7200, SUMMARY)] == [
-        (T0, b"block", SUMMARY), (T0 + 3600, b"x" * 20_000, SUMMARY)]
-
-
-async def test_replay_overwrites(make_store: StoreFactory) -> None:
-    store = await make_store()
-    await store.put_many([item(T0, b"first")])
-    await store.put_many([item(T0, b"second")])
-    assert await store.query("shop", "web", 60, T0, T0 + 60) == [item(T0, b"second")]
-
-
-async def test_more_than_25_items_and_duplicates(make_store: StoreFactory) -> None:
-    store = await make_store(sink_concurrency=4)
-    items = [item(T0 + 60 * (i % 200), f"v{i}".encode()) for i in range(260)]  # 60 keys given twice
-    await store.put_many(items)
-    got = await store.query("shop", "web", 60, T0, T0 + 60 * 200)
-    assert len(got) == 200
-    assert got[0].payload == b"v200" and got[59].payload == b"v259" and got[60].payload == b"v60"
 
 
 async def test_dynamodb_rejects_duplicate_keys_in_one_batch(make_store: StoreFactory, server: DynamoServer) -> None:

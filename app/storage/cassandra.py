@@ -1,0 +1,401 @@
+"""Apache Cassandra behind the store protocols (``METRICS_STORE=cassandra``), as Heroku ran this service
+before it moved to DynamoDB.
+
+Schema (keyspace ``cassandra_keyspace``, created with ``create_table``)
+-----------------------------------------------------------------------
+* ``items``: every metric item. Partition ``(app, proc, res, kind, bucket)``, clustering ``ts`` ascending:
+  one partition per series, item kind and bounded time bucket (:func:`bucket_span_s`: at most 1,440 rows),
+  so a range read is one or two single-partition slices in time order, and a chart's summary blocks never
+  share a partition with digests. Columns ``d`` (the payload, gzip-compressed like DynamoDB's when large:
+  app/storage/codec.py) and ``z``. Keys are deterministic, so a replayed minute overwrites its row.
+  Retention is Cassandra's native TTL, counted from the item's own time (``ts + span + ttl``), so replays do
+  not extend it; expired rows are never returned. Compaction: TimeWindowCompactionStrategy in one-day
+  windows, which drops whole SSTables once their rows expired instead of rewriting them (the strategy
+  Cassandra recommends for TTL'd time series); a short ``gc_grace_seconds``, as nothing is deleted.
+* ``progress``: the stored-through watermark of each ``metrics-1m`` partition, one partition in all.
+* ``tokens``: per-app credentials by SHA-256 (app/storage/tokens.py).
+* ``frames``: Logplex frame ids (app/ingest/dedup.py), claimed with lightweight transactions (``IF NOT
+  EXISTS`` / ``IF st = ...``), living ``dedup_window_s`` by TTL.
+
+The driver is acsylla (asyncio on the C++ driver), chosen by measurement over cassandra-driver (README):
+prepared statements, token-aware routing, at most ``cassandra_max_inflight`` statements in flight per
+process, and errors classified like the DynamoDB client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, ClassVar, Sequence
+
+import acsylla
+import orjson
+
+from app.clock import Clock, SystemClock
+from app.errors import StoreError, StoreUnavailable
+from app.settings import PREFIX, Settings
+from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
+from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86_400
+PARTITION_ROWS = 720
+"""A partition holds one series' items of one kind over at least a day and at least this many steps."""
+MAX_TTL_S = 630_720_000
+"""Cassandra's largest TTL (20 years)."""
+MAX_VALUE_BYTES = 16 * 1024 * 1024
+"""Half the default commit log segment (32 MiB): a larger mutation is refused by the node."""
+PAGE_ROWS = 1_000
+PROGRESS_SCOPE = "metrics-1m"
+
+_RETRIABLE = tuple(getattr(acsylla.errors, n) for n in (
+    "CassErrorLibNoHostsAvailable", "CassErrorLibRequestTimedOut", "CassErrorLibUnableToConnect",
+    "CassErrorLibRequestQueueFull", "CassErrorLibNoStreams", "CassErrorLibWriteError",
+    "CassErrorLibUnableToDetermineProtocol", "CassErrorServerUnavailable", "CassErrorServerOverloaded",
+    "CassErrorServerIsBootstrapping", "CassErrorServerReadTimeout", "CassErrorServerWriteTimeout",
+    "CassErrorServerReadFailure", "CassErrorServerWriteFailure", "CassErrorServerTruncateError",
+    "CassErrorServerServerError", "CassExceptionConnectionError"))
+"""Failures where the same statement may succeed later: the node is down, overloaded or slow. A write that
+timed out may have been applied; every write here is idempotent (deterministic keys, or an LWT)."""
+
+
+class _ShardInfoFilter(logging.Filter):
+    """acsylla is built on ScyllaDB's C++ driver, which logs an error on every connection to Apache
+    Cassandra because Cassandra has no shards; nothing is wrong, and the line would bury real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Could not retrieve sharding info" not in record.getMessage()
+
+
+logging.getLogger("acsylla").addFilter(_ShardInfoFilter())
+
+
+def bucket_span_s(step_s: int) -> int:
+    """The time span of one partition for items ``step_s`` apart (a resolution, or a block's span). Part of
+    the schema: changing it hides stored rows."""
+    return max(DAY_S, step_s * PARTITION_ROWS) // DAY_S * DAY_S
+
+
+def _step_s(resolution_s: int, kind: Kind) -> int:
+    """The step a partition's span is sized from: a bucket's resolution, or for summary blocks 60 of them
+    (blocks span 24 to 84 resolutions, tables/summary.py: a partition holds at most a few hundred)."""
+    return resolution_s * 60 if kind == SUMMARY else resolution_s
+
+
+def classify(exc: BaseException, *, operation: str, settings: Settings) -> StoreError | StoreUnavailable:
+    """A driver failure as StoreUnavailable (retry later) or StoreError (an operator must act)."""
+    if isinstance(exc, (StoreError, StoreUnavailable)):
+        return exc
+    where = f"{settings.cassandra_hosts}:{settings.cassandra_port}"
+    msg = f"Cassandra {operation} at {where} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _RETRIABLE) or isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return StoreUnavailable(msg, action=f"the cluster is down, overloaded or unreachable: check the nodes "
+                                            f"and {PREFIX}CASSANDRA_HOSTS; retrying",
+                                retry_after_s=settings.backoff_max_ms / 1000)
+    e = acsylla.errors
+    if isinstance(exc, (e.CassErrorServerBadCredentials,)):
+        action = f"fix {PREFIX}CASSANDRA_USERNAME / {PREFIX}CASSANDRA_PASSWORD"
+    elif isinstance(exc, (e.CassErrorServerUnauthorized,)):
+        action = f"grant this role MODIFY and SELECT on keyspace {settings.cassandra_keyspace}"
+    elif isinstance(exc, (e.CassErrorServerInvalidQuery, e.CassExceptionInvalidQuery, e.KeyspaceNotFound,
+                          e.TableNotFound, e.CassErrorServerConfigError)):
+        action = (f"the keyspace {settings.cassandra_keyspace} lacks this schema: set {PREFIX}CREATE_TABLE=1 "
+                  "once, or apply the CQL in app/storage/cassandra.py SCHEMA")
+    else:
+        action = "not retriable; read the message above"
+    return StoreError(msg, action=action)
+
+
+def schema(settings: Settings) -> list[str]:
+    """The keyspace and tables, as CQL (``IF NOT EXISTS``: safe on every start, and for IaC to apply)."""
+    ks = settings.cassandra_keyspace
+    twcs = ("compaction = {'class': 'TimeWindowCompactionStrategy', 'compaction_window_unit': 'DAYS', "
+            "'compaction_window_size': 1}")
+    return [
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {settings.cassandra_replication}",
+        f"CREATE TABLE IF NOT EXISTS {ks}.items (app text, proc text, res int, kind text, bucket bigint, "
+        f"ts bigint, d blob, z boolean, PRIMARY KEY ((app, proc, res, kind, bucket), ts)) "
+        f"WITH CLUSTERING ORDER BY (ts ASC) AND {twcs} AND gc_grace_seconds = 10800",
+        f"CREATE TABLE IF NOT EXISTS {ks}.progress (scope text, partition int, through_ms bigint, "
+        f"updated_ms bigint, changed blob, PRIMARY KEY (scope, partition))",
+        f"CREATE TABLE IF NOT EXISTS {ks}.tokens (key text PRIMARY KEY, app text, kind text, id text, "
+        f"created_s bigint)",
+        f"CREATE TABLE IF NOT EXISTS {ks}.frames (key text PRIMARY KEY, st text, lease_ms bigint) "
+        f"WITH gc_grace_seconds = 3600",
+    ]
+
+
+class CassandraSession:
+    """One driver session per process and cluster, shared by the metrics store and the token and frame
+    tables (each holds a reference; the last ``stop`` closes it). A cluster that is down at start leaves
+    the process up and not ready: every call retries the connection (StoreUnavailable meanwhile)."""
+
+    _shared: ClassVar[dict[tuple[str, int, str, str], "CassandraSession"]] = {}
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._users = 0
+        self._session: Any = None
+        self._connecting: asyncio.Lock | None = None
+        self._prepared: dict[str, asyncio.Task[Any]] = {}
+        self._gate = asyncio.Semaphore(settings.cassandra_max_inflight)
+
+    @classmethod
+    def of(cls, settings: Settings) -> "CassandraSession":
+        key = (settings.cassandra_hosts, settings.cassandra_port, settings.cassandra_keyspace,
+               settings.cassandra_username)
+        shared = cls._shared.get(key)
+        if shared is None:
+            shared = cls._shared[key] = cls(settings)
+        return shared
+
+    async def acquire(self) -> None:
+        self._users += 1
+        try:
+            await self._connect()
+        except StoreUnavailable as exc:
+            log.warning("Cassandra unavailable at start; retried on use: %s", exc)
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users <= 0 and self._session is not None:
+            session, self._session = self._session, None
+            self._prepared.clear()
+            await session.close()
+
+    async def _connect(self) -> Any:
+        if self._session is not None:
+            return self._session
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._session is not None:
+                return self._session
+            s = self.settings
+            cluster = acsylla.create_cluster(
+                [h.strip() for h in s.cassandra_hosts.split(",") if h.strip()], port=s.cassandra_port,
+                username=s.cassandra_username or None, password=s.cassandra_password or None,
+                consistency=s.cassandra_consistency, serial_consistency="LOCAL_SERIAL",
+                request_timeout=s.cassandra_request_timeout_s, connect_timeout=s.connect_timeout_s,
+                token_aware_routing=True, log_level="error")
+            try:
+                session = await cluster.create_session()
+                if s.create_table:
+                    for cql in schema(s):
+                        await session.execute(acsylla.create_statement(cql, timeout=60))
+            except Exception as exc:
+                raise classify(exc, operation="connect", settings=s) from exc
+            self._session = session
+            log.info("Cassandra session ready: %s:%d keyspace %s", s.cassandra_hosts, s.cassandra_port,
+                     s.cassandra_keyspace)
+            return session
+
+    async def _statement(self, session: Any, cql: str) -> Any:
+        task = self._prepared.get(cql)
+        if task is None or (task.done() and task.exception() is not None):
+            task = self._prepared[cql] = asyncio.ensure_future(session.create_prepared(cql))
+        return await asyncio.shield(task)
+
+    async def rows(self, cql: str, params: Sequence[Any], *, operation: str, serial: bool = False,
+                   page_rows: int = PAGE_ROWS) -> list[tuple[Any, ...]]:
+        """Every row of one prepared statement (all pages), as tuples in the statement's column order.
+        ``serial``: read at LOCAL_SERIAL, seeing any lightweight transaction in progress."""
+        async with self._gate:
+            try:
+                session = await self._connect()
+                prepared = await self._statement(session, cql)
+                stmt = prepared.bind(page_size=page_rows,
+                                     consistency=acsylla.Consistency.LOCAL_SERIAL if serial else None)
+                stmt.bind_list(list(params))
+                out: list[tuple[Any, ...]] = []
+                while True:
+                    result = await session.execute(stmt)
+                    out.extend(row.as_tuple() for row in result)
+                    if not result.has_more_pages():
+                        return out
+                    stmt.set_page_state(result.page_state())
+            except Exception as exc:
+                raise classify(exc, operation=operation, settings=self.settings) from exc
+
+    async def applied(self, cql: str, params: Sequence[Any], *, operation: str) -> tuple[bool, dict[str, Any]]:
+        """A lightweight transaction: whether it applied, and the row it found when it did not."""
+        async with self._gate:
+            try:
+                session = await self._connect()
+                prepared = await self._statement(session, cql)
+                stmt = prepared.bind()
+                stmt.bind_list(list(params))
+                row = (await session.execute(stmt)).first()
+            except Exception as exc:
+                raise classify(exc, operation=operation, settings=self.settings) from exc
+        found: dict[str, Any] = row.as_dict() if row is not None else {}
+        return bool(found.pop("[applied]", False)), found
+
+    async def ping(self) -> None:
+        await self.rows("SELECT release_version FROM system.local", (), operation="ping")
+
+
+class _Part:
+    """What the store and the tables share: the session, and start/stop/ping on it."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.ks = settings.cassandra_keyspace
+        self.db = CassandraSession.of(settings)
+        self.clock: Clock = clock or SystemClock()
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.db.acquire()
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self.db.release()
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+
+class CassandraStore(_Part):
+    """MetricsStore on Cassandra (table ``items`` and ``progress``)."""
+
+    async def put_many(self, items: Sequence[MetricItem]) -> None:
+        """Every item as its own single-partition INSERT, sent concurrently (bounded by the session);
+        returns when all were acknowledged at the configured consistency."""
+        if not items:
+            return
+        over = self.settings.compress_over_bytes
+        if packed_bytes([i.payload for i in items], over) > OFFLOAD_BYTES:
+            rows = await asyncio.to_thread(self._encode_all, items)
+        else:
+            rows = self._encode_all(items)
+        cql = (f"INSERT INTO {self.ks}.items (app, proc, res, kind, bucket, ts, d, z) "
+               f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
+        tasks = [asyncio.ensure_future(self.db.rows(cql, row, operation="INSERT items")) for row in rows]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # the first failure decides; do not leave siblings running unobserved
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def _encode_all(self, items: Sequence[MetricItem]) -> list[list[Any]]:
+        now_s = self.clock.now_ms() // 1000
+        rows: dict[tuple[str, str, int, str, int], list[Any]] = {}
+        for item in items:
+            ttl_s = min(MAX_TTL_S, item.ts_s + item.span_s + self.settings.ttl_s - now_s)
+            if ttl_s <= 0:
+                continue  # already past retention: it would expire on arrival
+            data, zipped = pack(item.payload, self.settings.compress_over_bytes)
+            if len(data) > MAX_VALUE_BYTES:
+                raise StoreError(f"item {item.app}/{item.process_type}/{item.resolution_s} ts={item.ts_s} is "
+                                 f"{len(data)} bytes after compression, over the node's mutation limit",
+                                 action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS); "
+                                        "retrying cannot help")
+            bucket = item.ts_s - item.ts_s % bucket_span_s(_step_s(item.resolution_s, item.kind))
+            rows[(item.app, item.process_type, item.resolution_s, item.kind, item.ts_s)] = [
+                item.app, item.process_type, item.resolution_s, item.kind, bucket, item.ts_s, data, zipped,
+                ttl_s]
+        return list(rows.values())
+
+    async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
+                    until_s: int, kind: Kind = DIGEST) -> list[MetricItem]:
+        """One slice per partition the range touches, read concurrently, concatenated in time order."""
+        if until_s <= since_s:
+            return []
+        span = bucket_span_s(_step_s(resolution_s, kind))
+        buckets = range(since_s - since_s % span, until_s, span)
+        cql = (f"SELECT ts, d, z FROM {self.ks}.items WHERE app = ? AND proc = ? AND res = ? AND kind = ? "
+               f"AND bucket = ? AND ts >= ? AND ts < ?")
+        parts = await asyncio.gather(*(
+            self.db.rows(cql, [app, process_type, resolution_s, kind, b, since_s, until_s],
+                         operation="SELECT items") for b in buckets))
+        raws = [r for part in parts for r in part]
+
+        def build() -> list[MetricItem]:
+            return [MetricItem(app, process_type, resolution_s, ts, unpack(d, bool(z), f"{app}/{process_type} ts={ts}"),
+                               kind) for ts, d, z in raws]
+
+        zipped = sum(len(d) for _, d, z in raws if z)
+        return await asyncio.to_thread(build) if zipped > OFFLOAD_BYTES // 8 else build()
+
+    async def put_progress(self, progress: Sequence[Progress]) -> None:
+        cql = (f"INSERT INTO {self.ks}.progress (scope, partition, through_ms, updated_ms, changed) "
+               f"VALUES (?, ?, ?, ?, ?) USING TTL ?")
+        await asyncio.gather(*(self.db.rows(cql, [PROGRESS_SCOPE, p.partition, p.stored_through_ms, p.updated_ms,
+                                                  orjson.dumps(p.changed), self.settings.ttl_s],
+                                            operation="INSERT progress") for p in progress))
+
+    async def progress(self) -> list[Progress]:
+        rows = await self.db.rows(f"SELECT partition, through_ms, updated_ms, changed FROM {self.ks}.progress "
+                                  f"WHERE scope = ?", [PROGRESS_SCOPE], operation="SELECT progress")
+        return [Progress(p, through, updated, {str(k): int(v) for k, v in orjson.loads(changed).items()})
+                for p, through, updated, changed in rows]
+
+
+class CassandraTokens(_Part):
+    """TokenTable on table ``tokens``."""
+
+    async def put_token(self, key: str, info: TokenInfo) -> None:
+        await self.db.rows(f"INSERT INTO {self.ks}.tokens (key, app, kind, id, created_s) VALUES (?, ?, ?, ?, ?)",
+                           [key, info.app, info.kind, info.id, info.created_s], operation="INSERT tokens")
+
+    async def get_token(self, key: str) -> TokenInfo | None:
+        rows = await self.db.rows(f"SELECT id, app, kind, created_s FROM {self.ks}.tokens WHERE key = ?", [key],
+                                  operation="SELECT tokens")
+        return TokenInfo(*rows[0]) if rows else None
+
+    async def all_tokens(self) -> list[tuple[str, TokenInfo]]:
+        rows = await self.db.rows(f"SELECT key, id, app, kind, created_s FROM {self.ks}.tokens", [],
+                                  operation="SELECT tokens")
+        return [(key, TokenInfo(*rest)) for key, *rest in rows]
+
+    async def delete_token(self, key: str) -> None:
+        await self.db.rows(f"DELETE FROM {self.ks}.tokens WHERE key = ?", [key], operation="DELETE tokens")
+
+
+class CassandraFrames(_Part):
+    """FrameTable on table ``frames``, with lightweight transactions (Paxos) for every change, so a claim,
+    its takeover and its completion are ordered even across ingest processes."""
+
+    def _ttl_s(self, expires_s: int) -> int:
+        return max(1, expires_s - self.clock.now_ms() // 1000)
+
+    async def claim(self, key: str, *, now_ms: int, lease_until_ms: int, expires_s: int) -> bool:
+        ttl_s = self._ttl_s(expires_s)
+        applied, found = await self.db.applied(
+            f"INSERT INTO {self.ks}.frames (key, st, lease_ms) VALUES (?, 'pending', ?) IF NOT EXISTS USING TTL ?",
+            [key, lease_until_ms, ttl_s], operation="INSERT frames IF NOT EXISTS")
+        if applied:
+            return True
+        if found.get("st") != "pending" or int(found.get("lease_ms") or 0) >= now_ms:
+            return False
+        # Pending with an expired lease: its producer died. Take it over unless another process just did.
+        applied, _ = await self.db.applied(
+            f"UPDATE {self.ks}.frames USING TTL ? SET lease_ms = ? WHERE key = ? IF st = 'pending' AND lease_ms = ?",
+            [ttl_s, lease_until_ms, key, found["lease_ms"]], operation="UPDATE frames IF")
+        return applied
+
+    async def is_done(self, key: str) -> bool:
+        rows = await self.db.rows(f"SELECT st FROM {self.ks}.frames WHERE key = ?", [key], serial=True,
+                                  operation="SELECT frames")
+        return bool(rows) and rows[0][0] == "done"
+
+    async def mark_done(self, key: str, *, expires_s: int) -> None:
+        ttl_s = self._ttl_s(expires_s)
+        applied, _ = await self.db.applied(
+            f"UPDATE {self.ks}.frames USING TTL ? SET st = 'done', lease_ms = 0 WHERE key = ? IF EXISTS",
+            [ttl_s, key], operation="UPDATE frames IF EXISTS")
+        if not applied:  # the claim expired meanwhile: record the delivery anyway
+            await self.db.applied(
+                f"INSERT INTO {self.ks}.frames (key, st, lease_ms) VALUES (?, 'done', 0) IF NOT EXISTS USING TTL ?",
+                [key, ttl_s], operation="INSERT frames IF NOT EXISTS")
+
+    async def release(self, key: str) -> None:
+        await self.db.applied(f"DELETE FROM {self.ks}.frames WHERE key = ? IF st = 'pending'", [key],
+                              operation="DELETE frames IF")
