@@ -140,8 +140,8 @@ def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Coun
 
     @faust_app.agent(source, name="events")
     async def events_agent(stream: Any) -> None:
-        await ready.wait()  # the store's client is created by the runtime service
         async for batch in stream.take_events(settings.sink_batch_max, within=settings.sink_within_s):
+            await ready.wait()  # the store is started, and written in the migration's phase (app/writer.py)
             records = [(ALERT if ev.message.topic == settings.alerts_topic else AUTOSCALE, ev.value)
                        for ev in batch if ev.value is not None]
             await job.write(records, now_s=int(time.time()))

@@ -29,6 +29,8 @@ import logging
 from collections import deque
 from typing import Any, Callable
 
+import orjson
+
 from app.clock import Clock, SystemClock
 from app.errors import PipelineError
 from app.ops.stats import Counters
@@ -52,12 +54,15 @@ class Watermarks:
         self.through_ms: dict[int, int] = {}
         self.changed: dict[int, dict[str, int]] = {}
         self._dirty: set[int] = set()
+        self.last_checkpoint: dict[int, tuple[int, int]] = {}
+        """The newest checkpoint per partition: what a second store's writer needs (app/writer.py)."""
 
     def checkpoint(self, partition: int, closed_through_ms: int, end_offset: int) -> None:
         """Minutes ending at or before ``closed_through_ms`` are all at offsets below ``end_offset``.
 
         The time may go backwards: a backlog of old data (a replay) opens windows behind the watermark,
         and then those minutes are not stored any more than the ones after them."""
+        self.last_checkpoint[partition] = (closed_through_ms, end_offset)
         q = self._checkpoints.setdefault(partition, deque())
         if q and q[-1][1] == end_offset:  # nothing emitted since: the newer reading replaces it
             q[-1] = (closed_through_ms, end_offset)
@@ -99,6 +104,7 @@ class Watermarks:
         return set(self.through_ms) | set(self._checkpoints)
 
     def revoke(self, partition: int) -> None:
+        self.last_checkpoint.pop(partition, None)
         self._checkpoints.pop(partition, None)
         self.through_ms.pop(partition, None)
         self.changed.pop(partition, None)
@@ -187,3 +193,41 @@ def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Coun
             await publisher.publish(owned)
 
     return publisher
+
+
+def bind_checkpoint_sender(faust_app: Any, settings: Settings, watermarks: Watermarks,
+                           wanted: Callable[[], bool]) -> None:
+    """The aggregating worker's half of a second store's watermark: while ``wanted`` (a migration writes a
+    store this worker does not), send each owned partition's newest checkpoint to the compacted
+    ``checkpoints_topic``, into the same partition number, about once a second when it changed."""
+    from agents.alerts import owned_partitions
+    from app.app import checkpoints_topic
+
+    sent: dict[int, tuple[int, int]] = {}
+
+    @faust_app.timer(settings.progress_interval_s, name="send_checkpoints")
+    async def send() -> None:
+        if not wanted():
+            sent.clear()
+            return
+        owned = owned_partitions(faust_app, settings.metrics_topic)
+        for p in sorted(owned or ()):
+            cp = watermarks.last_checkpoint.get(p)
+            if cp is not None and sent.get(p) != cp:
+                await checkpoints_topic.send(key=str(p).encode(), value=orjson.dumps(cp), partition=p)
+                sent[p] = cp
+
+
+def bind_checkpoint_reader(faust_app: Any, watermarks: Watermarks) -> None:
+    """A store writer's half (app/writer.py): the aggregating workers' checkpoints, partition by partition
+    (co-partitioned with ``metrics-1m``, so a writer reads those of the partitions it stores)."""
+    from app.app import checkpoints_topic
+
+    @faust_app.agent(checkpoints_topic, name="checkpoints")
+    async def read(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                closed_through_ms, end_offset = orjson.loads(event.value)
+                watermarks.checkpoint(event.message.partition, int(closed_through_ms), int(end_offset))
+            except (ValueError, TypeError) as exc:
+                log.error("skipping an unreadable checkpoint record (%s): %r", exc, event.value)

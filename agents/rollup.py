@@ -432,8 +432,8 @@ def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Coun
 
     @faust_app.agent(metrics_topic, name="rollup")
     async def rollup_agent(stream: Any) -> None:
-        await ready.wait()  # the store's client is created by the runtime service
         async for events in stream.take_events(settings.rollup_batch_max, within=settings.rollup_within_s):
+            await ready.wait()  # the store is started, and written in the migration's phase (app/writer.py)
             await rollup.process([(e.message.partition, e.value) for e in events if e.value is not None])
 
     @faust_app.timer(60.0, name="rollup_evict")

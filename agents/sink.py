@@ -100,8 +100,9 @@ def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Coun
 
     @faust_app.agent(metrics_topic, name="sink")
     async def sink_agent(stream: Any) -> None:
-        await ready.wait()  # the store's client is created by the runtime service
         async for values in stream.take(settings.sink_batch_max, within=settings.sink_within_s):
+            # Set once the store's client is started, and while a migration writes this store (app/writer.py).
+            await ready.wait()
             await sink.write(values)
 
     return sink

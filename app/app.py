@@ -58,6 +58,10 @@ observations_topic = app.topic(settings.observations_topic, key_type=bytes, valu
 metrics_topic = app.topic(settings.metrics_topic, key_type=bytes, value_type=bytes,
                           partitions=settings.partitions)
 dlq_topic = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+# How far each metrics-1m partition is closed (agents/progress.py), for a second store's writer during a
+# migration (app/writer.py); compacted, partitioned like metrics-1m.
+checkpoints_topic = app.topic(settings.checkpoints_topic, key_type=bytes, value_type=bytes,
+                              partitions=settings.partitions)
 sink_dlq_topic = app.topic(settings.sink_dlq_topic, key_type=bytes, value_type=bytes,
                            partitions=settings.partitions)
 

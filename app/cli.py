@@ -30,6 +30,7 @@ from app.local.embedded import (
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from app.local.stores import LocalStores
     from app.ops.stats import Counters
     from app.settings import Settings
 
@@ -122,6 +123,9 @@ def local(argv: list[str]) -> int:
     broker = KafkaBroker(data_dir=data_dir / "kafka", port=kafka_port, controller_port=controller_port)
     dynamo = DynamoServer(port=dynamo_port, data_dir=data_dir / "dynamodb")
     children: list[subprocess.Popen[bytes]] = []
+    from app.local.stores import LocalStores
+
+    stores: LocalStores | None = None
     try:
         broker.start()
         dynamo.start()
@@ -130,6 +134,9 @@ def local(argv: list[str]) -> int:
         asyncio.run(ensure_topics(broker.address, settings))
         # The broker is durable and keeps the changelogs, so the worker's RocksDB state is kept with it.
         env = worker_env(broker.url, dynamo.endpoint, data_dir=str(data_dir / "worker"), web_port=web_port)
+        stores = LocalStores(settings, env, data_dir, start_role)
+        if settings.store == "cassandra":
+            stores.ensure_cassandra()
         worker = start_worker(env)
         children.append(worker)
         ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port)})
@@ -148,7 +155,7 @@ def local(argv: list[str]) -> int:
         print(f"drain http://127.0.0.1:{ingest_port}/v1/drains/logplex (app-0 drain token: {drain_tokens['app-0']})")
         print("demo " + ("off" if args.no_demo else f"{args.rate} requests/s over {args.apps} apps, through the drain"))
         print("Ctrl-C stops everything.\n", flush=True)
-        asyncio.run(_serve(args, ingest_port, drain_tokens, children))
+        asyncio.run(_serve(args, ingest_port, drain_tokens, children, stores))
     except KeyboardInterrupt:
         pass
     except PipelineError as exc:
@@ -163,6 +170,8 @@ def local(argv: list[str]) -> int:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
+        if stores is not None:
+            stores.stop()
         dynamo.stop()
         broker.stop()
         print("stopped.", flush=True)
@@ -182,7 +191,7 @@ async def _demo_tokens(apps: list[str], kind: str = "drain") -> dict[str, str]:
 
 
 async def _serve(args: argparse.Namespace, ingest_port: int, drain_tokens: dict[str, str],
-                 children: list[subprocess.Popen[bytes]]) -> None:
+                 children: list[subprocess.Popen[bytes]], stores: "LocalStores") -> None:
     from app.local import loadgen
 
     stop = asyncio.Event()
@@ -196,11 +205,14 @@ async def _serve(args: argparse.Namespace, ingest_port: int, drain_tokens: dict[
             start_ms=None, url=f"http://127.0.0.1:{ingest_port}", frame_lines=200, concurrency=4, truth=None,
             token=[f"{a}={t}" for a, t in drain_tokens.items()], bootstrap="", topic="", quiet=True)
         demo = asyncio.create_task(loadgen.run(gen_args))
-    while not stop.is_set() and all(c.poll() is None for c in children):
+    following = asyncio.create_task(stores.follow(stop))  # writers (and Cassandra) for a store migration
+    while not stop.is_set() and all(c.poll() is None for c in children) and not following.done():
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except asyncio.TimeoutError:
             pass
+    stop.set()
+    await asyncio.gather(following, return_exceptions=True)
     if demo is not None:
         demo.cancel()
         await asyncio.gather(demo, return_exceptions=True)
@@ -235,19 +247,25 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
     """Query API without stream jobs: closed minutes from the store (open ones are served by workers)."""
     from typing import AsyncIterator
 
-    from app.api.query import MetricsQuery
     from app.api.web import make_web_app, token_authorizer
+    from app.migration.control import MigrationControl
+    from app.migration.reads import Engines, MigratingQuery, ReadStats
+    from app.migration.tables import FollowingTokens
+    from app.migration.view import add_migration_routes
     from app.ops.health import add_ops_routes
-    from app.storage.backends import metrics_store
     from app.storage.tokens import TokenStore
 
-    store = metrics_store(settings, counters=counters)
-    tokens = TokenStore(settings)
+    control = MigrationControl(settings, counters=counters)
+    stats = ReadStats()
+    engines = Engines(settings, stats, counters=counters)
+    query = MigratingQuery(settings, control.current, engines, stats=stats, counters=counters)
+    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         import gc
 
-        await store.start()
+        await control.start()  # which store serves each app (app/migration/)
+        await engines(control.current().source, "serve")  # the serving store's client, before the first request
         await tokens.start()
         # Everything loaded so far (botocore's service models, aiohttp, ...) lives as long as the process:
         # leaving it out of the collector's generations keeps the occasional full collection short, which
@@ -256,11 +274,15 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
         gc.freeze()
         yield
         await tokens.stop()
-        await store.stop()
+        await query.drain()
+        await engines.stop()
+        await control.stop()
 
-    webapp = make_web_app(MetricsQuery(store, settings=settings, counters=counters), settings, counters,
-                          authorize=token_authorizer(tokens),
-                          extra=lambda w: add_ops_routes(w, counters=counters, checks={"store": store.ping}))
+    def routes(w: web.Application) -> None:
+        add_ops_routes(w, counters=counters, checks={"store": lambda: engines.ping(control.current().source)})
+        add_migration_routes(w, query)
+
+    webapp = make_web_app(query, settings, counters, authorize=token_authorizer(tokens), extra=routes)
     webapp.cleanup_ctx.append(lifecycle)
     return webapp
 
@@ -283,8 +305,12 @@ def tokens(argv: list[str]) -> int:
 
     async def go() -> int:
         from app import models
+        from app.migration.control import read_state
+        from app.migration.tables import FollowingTokens
 
-        store = TokenStore(Settings.from_env())
+        settings = Settings.from_env()
+        state = await read_state(settings)  # during a store migration, tokens change in both stores
+        store = TokenStore(settings, table=FollowingTokens(settings, lambda: state))
         await store.start()
         try:
             if args.cmd == "create":
@@ -310,6 +336,25 @@ def tokens(argv: list[str]) -> int:
     return asyncio.run(go())
 
 
+def writer(argv: list[str]) -> int:
+    """``python -m app writer --store <spec> [faust worker options]``: the jobs that store minutes, for one
+    store, in their own consumer group (app/writer.py)."""
+    from app.settings import Settings
+
+    ap = argparse.ArgumentParser(prog="python -m app writer")
+    ap.add_argument("--store", required=True, help="dynamodb | cassandra, optionally :<table> / :<keyspace>")
+    args, rest = ap.parse_known_args(argv)
+    from app.migration.writes import writer_env
+
+    os.environ.update(writer_env(Settings.from_env(), args.store, os.environ))
+    sys.argv = [sys.argv[0], "worker", *rest]
+    import app.writer  # noqa: F401 - binds the writing jobs on the Faust app (settings read from the env above)
+    from app.app import app as faust_app
+
+    faust_app.main()
+    return 0
+
+
 def main() -> int:
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "local":
@@ -318,6 +363,12 @@ def main() -> int:
         return serve(cmd)
     if cmd == "tokens":
         return tokens(sys.argv[2:])
+    if cmd == "migration":
+        from app.migration.cli import main as migration_main
+
+        return migration_main(sys.argv[2:])
+    if cmd == "writer":
+        return writer(sys.argv[2:])
     if cmd == "loadgen":
         from app.local.loadgen import main as loadgen_main
 

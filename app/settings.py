@@ -96,6 +96,18 @@ class Settings:
     """Where minutes, rollups, summary blocks, events, tokens and frame ids live: ``dynamodb`` or
     ``cassandra``. A move between stores without downtime: ``python -m app migration`` (README)."""
 
+    # --- moving between stores (app/migration/) ---------------------------------------------------------
+    migration_topic: str = "minutely-migration"
+    """Compacted, one partition: the migration state every process follows (``python -m app migration``)."""
+    checkpoints_topic: str = "metrics-1m-checkpoints"
+    """Compacted, partitioned like ``metrics-1m``: how far each partition is closed, so a second store's
+    writer (app/writer.py) can say what it has stored (agents/progress.py)."""
+    shadow_timeout_s: float = 2.0
+    """A shadow read slower than this is abandoned and counted (``shadow_timeouts``)."""
+    migration_wait_s: float = 30.0
+    """At start, how long a process waits for the migration state before serving with the configured store
+    (and following the state once Kafka answers)."""
+
     # --- Cassandra (METRICS_STORE=cassandra) -------------------------------------------------------------
     cassandra_hosts: str = "127.0.0.1"
     """Contact points, comma-separated; the driver discovers the rest of the ring from them."""

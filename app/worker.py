@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -17,9 +16,14 @@ from agents import aggregate, alerts, autoscale, events, progress, rollup, sink
 from app.api.openapi import document, with_policy_routes
 from app.api.policies import CommandResults, Forwarder, add_policy_routes
 from app.api.policies import token_authorizer as policy_authorizer
-from app.api.query import MetricsQuery
 from app.api.web import OPENAPI_KEY, make_web_app, token_authorizer
 from app.app import app, settings
+from app.migration.control import MigrationControl
+from app.migration.reads import Engines, MigratingQuery, ReadStats
+from app.migration.state import home_spec
+from app.migration.tables import FollowingTokens
+from app.migration.view import add_migration_routes
+from app.migration.writes import WriteGate
 from app.notify.notifier import Notifier
 from app.ops import health as ops
 from app.ops.stats import counters
@@ -28,8 +32,12 @@ from app.storage.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
-store = metrics_store(settings, counters=counters)  # METRICS_STORE
-store_ready = asyncio.Event()
+store = metrics_store(settings, counters=counters)  # METRICS_STORE: what this worker's writers store into
+home = home_spec(settings)
+# Writers run while the migration state writes this store (always, without a migration: app/migration/).
+gate = WriteGate(home)
+control = MigrationControl(settings, counters=counters, on_change=gate.follow)
+store_ready = gate.ready
 # How far each metrics-1m partition is stored: what queries may call final (agents/progress.py).
 watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
 aggregator = aggregate.bind(app, settings, counters, watermarks)
@@ -37,8 +45,14 @@ sink_job = sink.bind(app, settings, store, counters, store_ready)
 rollup_job = rollup.bind(app, settings, store, counters, store_ready, watermarks)
 progress_job = progress.bind(app, settings, store, counters, store_ready, watermarks)
 events_job = events.bind(app, settings, store, counters, store_ready)  # markers for the dashboard
-query = MetricsQuery(store, live=aggregator.live, settings=settings, counters=counters)
-tokens = TokenStore(settings)
+# While another store is written (a migration), its writer process needs this worker's checkpoints.
+progress.bind_checkpoint_sender(app, settings, watermarks,
+                                wanted=lambda: any(spec != home for spec in control.current().writes))
+# Reads: each app from the store the migration serves it from, shadow reads compared (app/migration/reads.py).
+read_stats = ReadStats()
+engines = Engines(settings, read_stats, live=aggregator.live, counters=counters)
+query = MigratingQuery(settings, control.current, engines, stats=read_stats, counters=counters)
+tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
 notifier = Notifier(settings, counters)
 policy_results = CommandResults()
 alert_engine = alerts.bind(app, settings, counters, notifier, policy_results)
@@ -59,6 +73,7 @@ def add_routes(webapp: web.Application) -> None:
     """Policies API, /readyz (Kafka, table recovery, the store) and /metrics on the worker's web app."""
     # Monitors/policies: the app's read token to look, its write token to change (same tokens as the APIs).
     add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
+    add_migration_routes(webapp, query)
     webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(settings)))  # only workers serve them
     ops.add_ops_routes(
         webapp, counters=counters,
@@ -84,8 +99,9 @@ class Runtime(Service):
 
     async def on_start(self) -> None:
         await store.start()
+        await control.start()  # the migration state: which stores to write and read
         await tokens.start()
-        store_ready.set()
+        gate.started()
         await notifier.start()
         await policy_forwarder.start()
         self._runner = web.AppRunner(make_web_app(query, settings, counters,
@@ -102,6 +118,8 @@ class Runtime(Service):
         await policy_forwarder.stop()
         await notifier.stop()
         await tokens.stop()
+        await control.stop()
+        await engines.stop()
         await store.stop()
 
 

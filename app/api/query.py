@@ -43,7 +43,16 @@ import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generic, Hashable, Iterable, TypeVar
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Generic,
+    Hashable,
+    Iterable,
+    Protocol,
+    TypeVar,
+)
 
 import orjson
 
@@ -244,6 +253,20 @@ class _TailCache:
                 + sum(len(p) + _POINT_OVERHEAD_BYTES
                       for p in (*self.base.values(), *self.rollups.values(), *self.minutes.values()))
                 + 8 * (len(self.held) + len(self.through)))
+
+
+class QueryEngine(Protocol):
+    """What the HTTP API asks of a query engine: :class:`MetricsQuery` on one store, or the migration's
+    composition of several (app/migration/reads.py)."""
+
+    async def answer(self, app: str, process_type: str, resolution_s: int, since_s: int, until_s: int) -> Answer:
+        ...
+
+    async def events(self, app: str, process_type: str, since_s: int, until_s: int) -> bytes:
+        ...
+
+    async def minutes(self, app: str, process_type: str, since_s: int, until_s: int) -> dict[str, Any]:
+        ...
 
 
 class MetricsQuery:

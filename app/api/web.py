@@ -21,7 +21,7 @@ from aiohttp import web
 
 from app import models
 from app.api.openapi import OPENAPI_PATH, document
-from app.api.query import RESOLUTION_NAMES, Authorize, MetricsQuery, auto_resolution
+from app.api.query import RESOLUTION_NAMES, Authorize, QueryEngine, auto_resolution
 from app.errors import RetriableError, StoreError
 from app.ops.stats import CATALOGUE, Counters
 from app.settings import WINDOW_S, Settings
@@ -30,7 +30,7 @@ from tables.aggregate import RESOLUTIONS
 
 log = logging.getLogger(__name__)
 
-QUERY_KEY: web.AppKey[MetricsQuery] = web.AppKey("query", MetricsQuery)
+QUERY_KEY: web.AppKey[QueryEngine] = web.AppKey("query")
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 COUNTERS_KEY: web.AppKey[Counters] = web.AppKey("counters", Counters)
 AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
@@ -248,7 +248,7 @@ async def _refuse_all(token: str) -> str | None:
     return None
 
 
-def make_web_app(query: MetricsQuery, settings: Settings, counters: Counters,
+def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
                  extra: Callable[[web.Application], None] | None = None, *,
                  authorize: Authorize | None = None) -> web.Application:
     """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused."""

@@ -288,10 +288,17 @@ def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.
 
 def build(settings: Settings, counters: Counters) -> web.Application:
     """The ingest process: tokens, dedup and producer started and stopped with the web app."""
-    tokens, dedup, producer = TokenStore(settings), FrameDedup(settings), KafkaProducer(settings)
+    from app.migration.control import MigrationControl
+    from app.migration.tables import FollowingFrames, FollowingTokens
+
+    control = MigrationControl(settings, counters=counters)  # tokens and frame ids follow a store migration
+    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
+    dedup = FrameDedup(settings, table=FollowingFrames(settings, control.current))
+    producer = KafkaProducer(settings)
     ingest = Ingest(settings, tokens=tokens, dedup=dedup, produce=producer.produce, counters=counters)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await control.start()
         await tokens.start()
         await dedup.start()
         await producer.start()
@@ -299,6 +306,7 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         await producer.stop()
         await dedup.stop()
         await tokens.stop()
+        await control.stop()
 
     from app.ops import health as ops
 

@@ -116,6 +116,18 @@ CATALOGUE: Final[dict[str, str]] = {
     "query_watermark_lag_seconds": "Query processes: how far the oldest stored-through watermark of all "
                                    "partitions, as last read, is behind the wall clock (see "
                                    "stored_through_lag_seconds on the workers for which one lags).",
+    "shadow_reads": "Migration: reads also run against the other store (shadow N %, app/migration/reads.py).",
+    "shadow_matched": "Migration: shadow reads whose answer equalled the serving store's.",
+    "shadow_mismatch_missing": "Migration: points the serving store has and the other lacks (per point). The "
+                               "log line 'shadow mismatch' names the series; GET /migration lists the latest.",
+    "shadow_mismatch_extra": "Migration: points the other store has and the serving store lacks (per point).",
+    "shadow_mismatch_value": "Migration: counts, sums, maxima or other exact fields that differ (per field).",
+    "shadow_mismatch_percentile": "Migration: percentiles differing beyond the digest tolerance (1 %, per field).",
+    "shadow_failed": "Migration: shadow reads that failed (the other store down or refusing); users unaffected.",
+    "shadow_timeouts": "Migration: shadow reads slower than METRICS_SHADOW_TIMEOUT_S, abandoned.",
+    "shadow_skipped": "Migration: shadow reads not started because 16 were in flight (the other store is slow).",
+    "migration_state_version": "Migration: the version of the state this process follows; equal on every "
+                               "process once a command has propagated.",
     "rollup_blocks_written": "Summary blocks (the chart points of a series) accepted by the store; about four "
                              "per series and batch. Zero while rollup items are written: blocks are failing.",
     "rollup_store_reads": "Rollup buckets read back from DynamoDB because they were no longer in the worker's "
@@ -132,7 +144,7 @@ CATALOGUE: Final[dict[str, str]] = {
 
 GAUGES: Final[frozenset[str]] = frozenset({"windows_open", "consumer_lag_observations", "consumer_lag_minutes",
                                            "query_cache_bytes", "stored_through_lag_seconds",
-                                           "query_watermark_lag_seconds"})
+                                           "query_watermark_lag_seconds", "migration_state_version"})
 """Catalogue entries that are levels (set), not running totals (inc)."""
 
 HISTOGRAMS: Final[dict[str, tuple[float, ...]]] = {

@@ -29,7 +29,7 @@ def topic_names(settings: Settings) -> list[str]:
             f"{settings.app_id}-windows-changelog",
             settings.alerts_topic, settings.autoscale_topic, settings.policy_commands_topic,
             f"{settings.app_id}-monitors-changelog", f"{settings.app_id}-autoscale-changelog",
-            f"{settings.app_id}-rollups-changelog"]
+            f"{settings.app_id}-rollups-changelog", settings.checkpoints_topic]
 
 
 async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
@@ -45,7 +45,8 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
                                                     # changelogs keep only the latest value per key, so a
                                                     # new node recovers state, not the whole history
                                                     topic_configs={"cleanup.policy": "compact"}
-                                                    if t.endswith("-changelog") else {})
+                                                    if t.endswith("-changelog") or t == settings.checkpoints_topic
+                                                    else {})
                                            for t in missing])
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process

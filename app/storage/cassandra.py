@@ -324,6 +324,12 @@ class CassandraStore(_Part):
         zipped = sum(len(d) for _, d, z in raws if z)
         return await asyncio.to_thread(build) if zipped > OFFLOAD_BYTES // 8 else build()
 
+    async def series(self) -> list[tuple[str, str]]:
+        """The partition keys only (a scan of every token range)."""
+        rows = await self.db.rows(f"SELECT DISTINCT app, proc, res, kind, bucket FROM {self.ks}.items", [],
+                                  operation="SELECT DISTINCT items")
+        return sorted({(app, proc) for app, proc, res, kind, _ in rows if res == 60 and kind == DIGEST})
+
     async def put_progress(self, progress: Sequence[Progress]) -> None:
         cql = (f"INSERT INTO {self.ks}.progress (scope, partition, through_ms, updated_ms, changed) "
                f"VALUES (?, ?, ?, ?, ?) USING TTL ?")

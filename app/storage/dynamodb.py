@@ -359,6 +359,24 @@ class DynamoStore:
     def _decode(pk: str, raw: Mapping[str, Any]) -> bytes:
         return unpack(raw[A_DATA]["B"], A_ZIP in raw and raw[A_ZIP]["N"] == "1", f"{pk} ts={raw[A_TS]['N']}")
 
+    async def series(self) -> list[tuple[str, str]]:
+        """A Scan of the keys only (it still reads, and bills, every item)."""
+        found: set[tuple[str, str]] = set()
+        kwargs: dict[str, Any] = {"TableName": self._table, "ProjectionExpression": "#pk",
+                                  "ExpressionAttributeNames": {"#pk": A_PK}}
+        while True:
+            try:
+                resp = await self._c().scan(**kwargs)
+            except Exception as e:
+                raise self._classify(e, "Scan") from e
+            for r in resp.get("Items", []):
+                parts = r[A_PK]["S"].split("#")
+                if len(parts) == 3 and parts[2] == "60":
+                    found.add((parts[0], parts[1]))
+            if not resp.get("LastEvaluatedKey"):
+                return sorted(found)
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
     # --- pipeline progress ----------------------------------------------------------------------------
 
     async def put_progress(self, progress: Sequence[Progress]) -> None:

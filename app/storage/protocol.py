@@ -61,6 +61,11 @@ class MetricsStore(Protocol):
         """Items of ``kind`` with since_s <= ts_s < until_s, sorted by ts_s, expired ones omitted."""
         ...
 
+    async def series(self) -> list[tuple[str, str]]:
+        """``(app, process type)`` of every series with minute items, sorted. A full scan of the store:
+        for operator commands (``migration verify``), never on a request path."""
+        ...
+
     async def put_progress(self, progress: Sequence[Progress]) -> None:
         """Store these partitions' progress (overwriting)."""
         ...
