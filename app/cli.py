@@ -347,6 +347,7 @@ def writer(argv: list[str]) -> int:
     from app.migration.writes import writer_env
 
     os.environ.update(writer_env(Settings.from_env(), args.store, os.environ))
+    Path(os.environ["METRICS_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
     sys.argv = [sys.argv[0], "worker", *rest]
     import app.writer  # noqa: F401 - binds the writing jobs on the Faust app (settings read from the env above)
     from app.app import app as faust_app

@@ -15,7 +15,6 @@ from typing import Callable
 from app.local.embedded import CassandraServer, free_port, require_free_port
 from app.migration.control import MigrationControl
 from app.migration.state import MigrationState, home_spec, writer_group
-from app.migration.writes import writer_env
 from app.settings import Settings
 
 StartRole = Callable[..., "subprocess.Popen[bytes]"]
@@ -69,7 +68,7 @@ class LocalStores:
 
     def _start_writer(self, spec: str) -> subprocess.Popen[bytes]:
         port = free_port()
-        env = writer_env(self.settings, spec, {**self.env, "METRICS_WEB_PORT": str(port)})
+        env = {**self.env, "METRICS_WEB_PORT": str(port)}  # `writer --store` derives its group and store
         log_path = self.data_dir / f"{writer_group(self.settings, spec)}.log"
         proc = self.start_role("writer", env, log_path=log_path, args=("--store", spec, "-l", "info"))
         print(f"writer for {spec} started (ops http://127.0.0.1:{port}/metrics, log {log_path})", flush=True)

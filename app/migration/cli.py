@@ -23,7 +23,7 @@ from aiokafka.structs import OffsetAndMetadata
 from app.clock import SystemClock
 from app.errors import PipelineError
 from app.migration import state as sm
-from app.migration.compare import Mismatch, compare_bodies
+from app.migration.compare import compare_bodies
 from app.migration.control import publish, read_state
 from app.ops import kafka
 from app.settings import Settings
@@ -39,15 +39,9 @@ def group_of(settings: Settings, spec: str) -> str:
     return settings.app_id if spec == sm.home_spec(settings) else sm.writer_group(settings, spec)
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
-    out = []
-    for t in topics:
-        parts = consumer.partitions_for_topic(t)
-        if parts is None:
-            await consumer.topics()  # refresh metadata
-            parts = consumer.partitions_for_topic(t) or set()
-        out += [TopicPartition(t, p) for p in sorted(parts)]
-    return out
+def _partitions(settings: Settings, topics: list[str]) -> list[TopicPartition]:
+    """The pipeline's topics all have ``METRICS_PARTITIONS`` partitions (app/ops/topics.py)."""
+    return [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
 
 
 async def set_writer_offsets(settings: Settings, spec: str, *, backfill: bool) -> int | None:
@@ -57,7 +51,7 @@ async def set_writer_offsets(settings: Settings, spec: str, *, backfill: bool) -
                                 enable_auto_commit=False, **kafka.client_kwargs(settings))
     await consumer.start()
     try:
-        tps = await _partitions(consumer, _writer_topics(settings))
+        tps = _partitions(settings, _writer_topics(settings))
         consumer.assign(tps)
         offsets = await (consumer.beginning_offsets(tps) if backfill else consumer.end_offsets(tps))
         await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
@@ -81,7 +75,7 @@ async def writer_lag(settings: Settings, spec: str) -> int | None:
                                 enable_auto_commit=False, **kafka.client_kwargs(settings))
     await consumer.start()
     try:
-        tps = await _partitions(consumer, [settings.metrics_topic])
+        tps = _partitions(settings, [settings.metrics_topic])
         ends = await consumer.end_offsets(tps)
         lag, known = 0, False
         for tp in tps:
@@ -171,22 +165,25 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
         if app is not None:
             series = [x for x in series if x[0] == app]
         now_s = int(time.time())
-        differences = 0
+        differences = compared = 0
         for a, proc in series:
             for res in resolutions:
                 answers = [await e.answer(a, proc, res, since_s, until_s) for e in engines]
                 cutoff = min(until_s, now_s - int(settings.query_settle_s),
                              *(max(0, e.stored_through_s(a)) for e in engines))
-                diffs: list[Mismatch] = compare_bodies(answers[0].body, answers[1].body, resolution_s=res,
-                                                       cutoff_s=cutoff)
-                for d in diffs:
+                result = compare_bodies(answers[0].body, answers[1].body, resolution_s=res, cutoff_s=cutoff)
+                compared += result.points
+                for d in result.mismatches:
                     differences += 1
                     print(orjson.dumps({"app": a, "process_type": proc, "resolution_s": res, "ts": d.ts_s,
                                         "kind": d.kind, "field": d.field, st.source: d.serving,
                                         st.target: d.other}).decode())
         print(f"verified {len(series)} series x {len(resolutions)} resolutions over "
-              f"{sm.iso(since_s * 1000)} .. {sm.iso(until_s * 1000)}: {differences} differences "
-              f"({st.source} vs {st.target})", file=sys.stderr)
+              f"{sm.iso(since_s * 1000)} .. {sm.iso(until_s * 1000)}: {compared} points compared, "
+              f"{differences} differences ({st.source} vs {st.target})", file=sys.stderr)
+        if not compared:
+            print("nothing to compare: no stored minutes in the range on both sides", file=sys.stderr)
+            return 1
         return 1 if differences else 0
     finally:
         for s in stores:

@@ -57,8 +57,15 @@ def _walk(prefix: str, a: Any, b: Any) -> Iterator[tuple[str, str, Any, Any]]:
     yield "value", prefix, a, b
 
 
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    mismatches: list[Mismatch]
+    points: int
+    """Buckets within the compared window (in either answer): 0 means nothing could be compared yet."""
+
+
 def compare_points(serving: list[dict[str, Any]], other: list[dict[str, Any]], *, resolution_s: int,
-                   cutoff_s: int, since_s: int = 0) -> list[Mismatch]:
+                   cutoff_s: int, since_s: int = 0) -> Comparison:
     """Differences between two answers' points, for buckets starting at or after ``since_s`` (both stores
     hold every minute since then) and ending at or before ``cutoff_s``."""
     a = {p["ts"]: p for p in serving if since_s <= p["ts"] and p["ts"] + resolution_s <= cutoff_s}
@@ -71,11 +78,11 @@ def compare_points(serving: list[dict[str, Any]], other: list[dict[str, Any]], *
             out.append(Mismatch("extra", ts, "", None, b[ts]))
         else:
             out.extend(Mismatch(kind, ts, field, x, y) for kind, field, x, y in _walk("", a[ts], b[ts]))
-    return out
+    return Comparison(out, len(a.keys() | b.keys()))
 
 
 def compare_bodies(serving: bytes, other: bytes, *, resolution_s: int, cutoff_s: int,
-                   since_s: int = 0) -> list[Mismatch]:
+                   since_s: int = 0) -> Comparison:
     """:func:`compare_points` on two query answers as the API returns them."""
     return compare_points(orjson.loads(serving)["points"], orjson.loads(other)["points"],
                           resolution_s=resolution_s, cutoff_s=cutoff_s, since_s=since_s)

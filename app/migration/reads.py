@@ -208,8 +208,13 @@ class MigratingQuery:
         now_s = self.clock.now_ms() // 1000
         cutoff_s = min(now_s - int(self.settings.query_settle_s), _through(serving_engine, app),
                        _through(engine, app))
-        diffs = compare_bodies(ans.body, shadow_ans.body, resolution_s=res, cutoff_s=cutoff_s,
-                               since_s=both_since_s)
+        result = compare_bodies(ans.body, shadow_ans.body, resolution_s=res, cutoff_s=cutoff_s,
+                                since_s=both_since_s)
+        if not result.points:  # nothing both stores vouch for yet (a new writer not caught up): no verdict
+            self._count("shadow_incomparable")
+            return
+        self._count("shadow_points_compared", result.points)
+        diffs = result.mismatches
         self.stats.shadow(mismatched=bool(diffs))
         if not diffs:
             self._count("shadow_matched")

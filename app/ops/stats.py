@@ -123,6 +123,10 @@ CATALOGUE: Final[dict[str, str]] = {
     "shadow_mismatch_extra": "Migration: points the other store has and the serving store lacks (per point).",
     "shadow_mismatch_value": "Migration: counts, sums, maxima or other exact fields that differ (per field).",
     "shadow_mismatch_percentile": "Migration: percentiles differing beyond the digest tolerance (1 %, per field).",
+    "shadow_points_compared": "Migration: points compared by shadow reads (within both stores' stored-through "
+                              "watermarks and since both hold every minute).",
+    "shadow_incomparable": "Migration: shadow reads with no point both stores vouch for yet (the new store's "
+                           "writer has not published a watermark past the range): no verdict.",
     "shadow_failed": "Migration: shadow reads that failed (the other store down or refusing); users unaffected.",
     "shadow_timeouts": "Migration: shadow reads slower than METRICS_SHADOW_TIMEOUT_S, abandoned.",
     "shadow_skipped": "Migration: shadow reads not started because 16 were in flight (the other store is slow).",

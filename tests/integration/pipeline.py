@@ -7,9 +7,11 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from app.cli import start_role, start_worker, wait_http, worker_env
 from app.local.embedded import DynamoServer, KafkaBroker, free_port
-from app.local.traffic import Truth
+from app.local.traffic import Generator, Truth, produce
 from app.ops.topics import ensure_topics
 from app.settings import Settings
 from app.storage.dynamodb import DynamoStore
@@ -39,6 +41,9 @@ class Pipeline:
             "METRICS_DLQ_TOPIC": f"dlq-{uid}",
             "METRICS_SINK_DLQ_TOPIC": f"sdlq-{uid}",
             "METRICS_TABLE_NAME": f"metrics-{uid}",
+            "METRICS_MIGRATION_TOPIC": f"mig-{uid}",
+            "METRICS_CHECKPOINTS_TOPIC": f"cp-{uid}",
+            "METRICS_CASSANDRA_KEYSPACE": f"m{uid}",
             "METRICS_PARTITIONS": "4",
             "METRICS_GRACE_S": "2",
             "METRICS_IDLE_TIMEOUT_S": "3",
@@ -194,3 +199,104 @@ def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
+
+
+class CutProxy:
+    """Forwards TCP to ``target`` until :meth:`cut`: then every connection is closed and new ones are
+    refused (the store is down for whoever talks through it) until :meth:`restore`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.restore()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        for w in list(self.writers):
+            w.close()
+        self.writers.clear()
+
+    def cut(self) -> None:
+        self._call(self._stop())
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def close(self) -> None:
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@dataclass
+class ViaProxy:
+    """What Pipeline needs of a DynamoDB server: the endpoint the worker is given."""
+
+    endpoint: str
+
+
+def get(url: str, token: str) -> tuple[dict[str, Any], Any]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read()), r.headers
+
+
+class LiveTraffic:
+    """Produces the generator's messages as wall time passes (event time = now), from a thread."""
+
+    def __init__(self, broker: KafkaBroker, topic: str, gen: Generator) -> None:
+        self.broker, self.topic, self.gen = broker, topic, gen
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        msgs = self.gen.messages(per_message=100, span_ms=5_000)
+        while not self.stop.is_set():
+            due = []
+            while self.gen.now_ms + 5_000 <= time.time() * 1000:
+                due += [next(msgs)]  # one message per app, then the generator's clock moves on
+            if due:
+                asyncio.run(produce(self.broker.address, self.topic, due))
+            self.stop.wait(1.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)

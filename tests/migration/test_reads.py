@@ -32,16 +32,19 @@ def test_compare_exact_fields_percentile_tolerance_and_missing_points() -> None:
     a = [point(0), point(60), point(120), point(180)]
     b = [point(0), point(60, requests=11),
          {**point(120), "response_ms": {"p50": 10.05, "p99": 52.0, "max": 70.0, "mean": 12.5 + 1e-12}}]
-    diffs = compare_points(a, b, resolution_s=60, cutoff_s=240)
+    result = compare_points(a, b, resolution_s=60, cutoff_s=240)
+    assert result.points == 4
+    diffs = result.mismatches
     assert [(d.kind, d.ts_s, d.field) for d in diffs] == [
         ("value", 60, "requests"), ("percentile", 120, "response_ms.p99"), ("missing", 180, "")]
-    assert [d.kind for d in compare_points(b + [point(240)], a, resolution_s=60, cutoff_s=300)] == \
+    assert [d.kind for d in compare_points(b + [point(240)], a, resolution_s=60, cutoff_s=300).mismatches] == \
         ["value", "percentile", "extra", "missing"]
     # The open minute and anything past the cutoff, or before both stores hold every minute, are not compared.
-    assert compare_points(a, b, resolution_s=60, cutoff_s=180, since_s=120) == [
-        d for d in compare_points(a, b, resolution_s=60, cutoff_s=180) if d.ts_s >= 120]
-    assert compare_points(a, [], resolution_s=60, cutoff_s=60) == [
-        d for d in compare_points(a, [], resolution_s=60, cutoff_s=240) if d.ts_s == 0]
+    assert compare_points(a, b, resolution_s=60, cutoff_s=180, since_s=120).mismatches == [
+        d for d in compare_points(a, b, resolution_s=60, cutoff_s=180).mismatches if d.ts_s >= 120]
+    assert compare_points(a, [], resolution_s=60, cutoff_s=60).mismatches == [
+        d for d in compare_points(a, [], resolution_s=60, cutoff_s=240).mismatches if d.ts_s == 0]
+    assert compare_points(a, b, resolution_s=60, cutoff_s=0).points == 0
 
 
 class Fixture:
@@ -81,6 +84,7 @@ async def test_equal_stores_compare_clean_and_both_latencies_are_recorded() -> N
     assert len(doc["points"]) == 90  # type: ignore[arg-type]
     c = f.counters.snapshot()
     assert c["shadow_reads"] == 1 and c["shadow_matched"] == 1 and c["shadow_mismatch_value"] == 0
+    assert c["shadow_points_compared"] == 90
     summary = f.stats.summary()
     assert set(summary["stores"]) == {A, B} and summary["mismatch_rate"] == 0.0
 

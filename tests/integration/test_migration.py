@@ -1,0 +1,304 @@
+"""A whole store migration on the real stack (app/migration/), as an operator drives it, under live traffic:
+Apache Cassandra only -> dual-write to DynamoDB (dynalite) -> shadow 10 %, 100 % -> a divergent item is
+caught -> cutover 10 %, 100 % -> rollback to 0 -> cutover 100 % -> finish. Every query on the way answers
+200 with the generator's truth; the new store's writer goes down for a while during dual-write and catches
+up; a worker and the web process restart mid-way and keep the phase; ``verify`` finds no difference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+import pytest
+
+from app.cli import start_role, wait_http, worker_env
+from app.local.embedded import CassandraServer, DynamoServer, KafkaBroker, free_port
+from app.local.traffic import Generator
+from app.migration.state import app_bucket
+from app.storage.backends import metrics_store
+from app.storage.protocol import SUMMARY, MetricItem
+from tests.integration.pipeline import ARTIFACTS, CutProxy, LiveTraffic, Pipeline
+from tests.integration.test_query_api import create_tokens
+
+pytestmark = pytest.mark.integration
+
+APPS = [f"app-{i}" for i in range(4)]  # app-3 falls in the first 10 % (shadowed and cut over first)
+DYNAMO = "dynamodb"
+
+
+class Stack:
+    """The deployment under test: a worker (Cassandra), a web process, later the DynamoDB writer."""
+
+    def __init__(self, broker: KafkaBroker, dynamo: DynamoServer, cassandra: CassandraServer, tmp: Path) -> None:
+        self.p = Pipeline(broker, dynamo, tmp, METRICS_STORE="cassandra", METRICS_CASSANDRA_PORT=str(cassandra.port),
+                          METRICS_QUERY_SETTLE_S="8", METRICS_QUERY_CACHE_MAX_AGE_S="2",
+                          METRICS_BACKOFF_MAX_MS="1000", METRICS_MAX_ATTEMPTS="1")
+        self.tmp = tmp
+        self.env = worker_env(broker.url, dynamo.endpoint, data_dir=str(tmp / "web"), web_port=free_port(),
+                              extra=self.p.env_overrides)
+        self.web_port = int(self.env["METRICS_WEB_PORT"])
+        self.web: subprocess.Popen[bytes] | None = None
+        self.writer: subprocess.Popen[bytes] | None = None
+        self.proxy = CutProxy(int(dynamo.endpoint.rsplit(":", 1)[1]))  # the DynamoDB writer's way to dynalite
+        self.queries = 0
+
+    def start_web(self) -> None:
+        log = ARTIFACTS / f"{self.p.env_overrides['METRICS_APP_ID']}-web.log"
+        self.web = start_role("web", self.env, log_path=log)
+        wait_http(f"http://127.0.0.1:{self.web_port}/healthz", 60, self.web)
+
+    def stop_web(self) -> None:
+        assert self.web is not None
+        self.web.terminate()
+        self.web.wait(timeout=30)
+
+    def start_writer(self) -> None:
+        env = {**self.env, "METRICS_WEB_PORT": str(free_port()), "METRICS_DATA_DIR": str(self.tmp / "writers"),
+               "METRICS_DYNAMODB_ENDPOINT": self.proxy.endpoint}
+        log = ARTIFACTS / f"{self.p.env_overrides['METRICS_APP_ID']}-writer.log"
+        self.writer = start_role("writer", env, log_path=log, args=("--store", DYNAMO, "-l", "info"))
+
+    def migration(self, *args: str, ok: bool = True) -> str:
+        r = subprocess.run([sys.executable, "-m", "app", "migration", *args], env=self.env, capture_output=True,
+                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert (r.returncode == 0) == ok, (args, r.returncode, r.stdout, r.stderr)
+        return r.stdout + r.stderr
+
+    def report(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/migration", timeout=10) as r:
+            doc: dict[str, Any] = json.load(r)
+            return doc
+
+    def counters(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/v1/stats", timeout=10) as r:
+            doc: dict[str, int] = json.load(r)["counters"]
+            return doc
+
+    def wait_version(self, version: int) -> None:
+        """Until the web process follows the state the last command wrote."""
+        deadline = time.monotonic() + 15
+        while self.report()["state"]["version"] < version:
+            assert time.monotonic() < deadline, self.report()["state"]
+            time.sleep(0.2)
+
+
+def ask(s: Stack, tokens: dict[str, str], app: str, since_s: int, until_s: int) -> tuple[dict[str, Any], Any]:
+    url = (f"http://127.0.0.1:{s.web_port}/v1/apps/{app}/metrics?process_type=web&resolution=1m"
+           f"&since={since_s}&until={until_s}")
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {tokens[app]}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+        s.queries += 1
+        return json.loads(r.read()), r.headers
+
+
+def assert_truth(gen: Generator, app: str, doc: dict[str, Any], final: bool) -> None:
+    """Final answers equal the generator's truth; a live answer never holds more than happened."""
+    truth = gen.truth
+    assert truth is not None
+    for point in doc["points"]:
+        raw = truth.service_ms.get((app, "web", point["ts"] * 1000))
+        if raw is None:
+            assert not final, point
+            continue
+        raw = np.asarray(raw)
+        if not final:
+            assert point.get("requests", 0) <= len(raw), (app, point)
+            continue
+        assert point["requests"] == len(raw) and point["response_ms"]["max"] == raw.max(), (app, point)
+        for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+            exact = float(np.quantile(raw, q))
+            assert abs(point["response_ms"][name] - exact) <= 0.01 * exact, (app, point["ts"], name)
+
+
+def until(pred: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        time.sleep(0.5)
+
+
+def test_a_whole_migration_from_cassandra_to_dynamodb_under_live_traffic(
+        broker: KafkaBroker, dynamo: DynamoServer, cassandra: CassandraServer, tmp_path: Path) -> None:
+    assert app_bucket("app-3") < 10 <= min(app_bucket(a) for a in APPS[:3])
+    s = Stack(broker, dynamo, cassandra, tmp_path)
+    p = s.p
+    traffic = None
+    try:
+        p.start(data_dir=tmp_path / "worker")
+        s.start_web()
+        tokens = create_tokens(p, APPS)  # in Cassandra: `migration start` copies them
+        start_ms = int(time.time() * 1000) // 60_000 * 60_000
+        gen = Generator(apps=len(APPS), dynos=2, seed=11, start_ms=start_ms, keep_truth=True)
+        traffic = LiveTraffic(broker, p.settings.observations_topic, gen)
+        first_s = start_ms // 1000
+
+        def check_all() -> int:
+            """Ask every app for everything so far; returns how many answers were final."""
+            finals = 0
+            now_s = int(time.time())
+            for app in APPS:
+                doc, headers = ask(s, tokens, app, first_s, now_s - now_s % 60 + 60)  # with the open minute
+                assert_truth(gen, app, doc, headers["X-Final"] == "true")
+                closed_s = (now_s - 30) // 60 * 60  # minutes closed and stored by now
+                if closed_s <= first_s:
+                    continue
+                doc, headers = ask(s, tokens, app, first_s, closed_s)
+                final = headers["X-Final"] == "true"
+                assert_truth(gen, app, doc, final)
+                if final:
+                    finals += 1
+                for lo in range(first_s, now_s - 80, 60):  # closed minutes one by one (final ones exact)
+                    doc, headers = ask(s, tokens, app, lo, lo + 60)
+                    assert_truth(gen, app, doc, headers["X-Final"] == "true")
+            return finals
+
+        # 1. Cassandra only: minutes flow and are final there.
+        until(lambda: ask(s, tokens, "app-0", first_s, first_s + 60)[1]["X-Final"] == "true", 150,
+              "the first minute final in Cassandra")
+        check_all()
+        out = s.migration("status")
+        assert "single(cassandra:" in out, out
+
+        # 2. Start the move: dual-write. The DynamoDB writer runs in its own consumer group.
+        out = s.migration("start", "--to", DYNAMO)
+        assert f"copied {len(APPS)} tokens" in out, out
+        s.wait_version(1)
+        both_since_s = s.report()["state"]["both_since_ms"] // 1000
+        s.start_writer()
+        # The new store goes down for a while: the Cassandra path goes on, the DynamoDB writer catches up.
+        time.sleep(5)
+        s.proxy.cut()
+        stored_before = p.stats()["sink_items_written"]
+        until(lambda: p.stats()["sink_items_written"] > stored_before, 90, "Cassandra written while DynamoDB is down")
+        check_all()
+        s.proxy.restore()
+
+        # 3. Shadow reads, 10 % then 100 %: no differences on equal data.
+        s.migration("shadow", "10")
+        s.wait_version(2)
+        until(lambda: (ask(s, tokens, "app-3", both_since_s, both_since_s + 120) and
+                       s.counters()["shadow_reads"] > 0), 60, "a shadow read of app-3")
+        assert s.counters()["shadow_reads"] >= 1
+        s.migration("shadow", "100")
+        s.wait_version(3)
+        # Wait until DynamoDB holds (and has published) minutes past the start, so comparisons cover them.
+        until(lambda: check_all() == len(APPS) and s.counters()["shadow_points_compared"] >= 20, 180,
+              lambda: f"shadow reads matching: {s.counters()} {s.report()['recent_mismatches'][-5:]}")
+        c = s.counters()
+        assert sum(c[f"shadow_mismatch_{k}"] for k in ("missing", "extra", "value", "percentile")) == 0, \
+            s.report()["recent_mismatches"]
+
+        # 4. A divergent item written straight into DynamoDB is detected, logged and counted.
+        detect_divergence(s, tokens, gen, both_since_s)
+
+        # 5. Cutover 10 %, then 100 %; a worker and the web process restart mid-way and keep the phase.
+        s.migration("cutover", "10")
+        s.wait_version(4)
+        check_all()
+        p.stop()
+        p.start(data_dir=tmp_path / "worker")
+        s.stop_web()
+        s.start_web()
+        assert s.report()["state"]["cutover_pct"] == 10 and s.report()["state"]["phase"] == "cutover"
+        check_all()
+        s.migration("cutover", "100")
+        s.wait_version(5)
+        check_all()
+        assert s.report()["summary"]["stores"].keys() >= {f"{DYNAMO}:{p.settings.table_name}"}
+
+        # 6. Rollback to 0, then cutover 100 % again.
+        s.migration("rollback")
+        s.wait_version(6)
+        assert s.report()["state"]["phase"] == "shadow"
+        check_all()
+        s.migration("cutover", "100")
+        s.wait_version(7)
+        check_all()
+
+        # 7. Finish: refused before the retention has passed since both stores hold every minute; forced here.
+        out = s.migration("finish", ok=False)
+        assert "ages out at" in out, out
+        s.migration("finish", "--force")
+        s.wait_version(8)
+        assert s.report()["label"] == f"single({DYNAMO}:{p.settings.table_name})"
+        until(lambda: check_all() == len(APPS), 60, "final answers from DynamoDB alone")
+        out = s.migration("status")
+        assert "phase:    single(dynamodb:" in out and "lag" in out, out
+
+        # Both stores hold the same minutes from the start of the move on (the writer caught up).
+        now_s = int(time.time())
+        out = s.migration("verify", "--since", str(both_since_s), "--until", str(now_s - 120))
+        assert f"verified {len(APPS)} series" in out and ": 0 differences" in out, out
+        assert s.queries > 100, s.queries
+    finally:
+        if traffic is not None:
+            traffic.close()
+        for proc in (s.web, s.writer):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+        p.stop()
+        s.proxy.close()
+
+
+def detect_divergence(s: Stack, tokens: dict[str, str], gen: Generator, both_since_s: int) -> None:
+    """Bump one point of a minute block in DynamoDB by a request, ask for it, and find it logged, counted
+    and listed; then put the block back (unless the rollup writer rewrote it meanwhile)."""
+    import asyncio
+
+    settings = replace(s.p.settings, store=DYNAMO)
+    minute_s = both_since_s + 60  # a minute both stores hold, long final
+
+    async def bump() -> tuple[MetricItem, MetricItem]:
+        store = metrics_store(settings)
+        await store.start()
+        try:
+            block_start = minute_s - minute_s % 3600
+            [item] = await store.query("app-0", "web", 60, block_start, block_start + 1, SUMMARY)
+            lines = item.payload.split(b"\n")
+            for i, line in enumerate(lines[1:], 1):
+                point = orjson.loads(line)
+                if point["ts"] == minute_s:
+                    point["requests"] += 1
+                    lines[i] = orjson.dumps(point)
+            bad = replace(item, payload=b"\n".join(lines), span_s=3600)
+            await store.put_many([bad])
+            return replace(item, span_s=3600), bad
+        finally:
+            await store.stop()
+
+    async def restore(good: MetricItem, bad: MetricItem) -> None:
+        store = metrics_store(settings)
+        await store.start()
+        try:
+            [now] = await store.query("app-0", "web", 60, good.ts_s, good.ts_s + 1, SUMMARY)
+            if now.payload == bad.payload:
+                await store.put_many([good])
+        finally:
+            await store.stop()
+
+    before = s.counters()["shadow_mismatch_value"]
+    good, bad = asyncio.run(bump())
+    try:
+        def caught() -> bool:
+            time.sleep(2.5)  # past the shadow engine's cache age (METRICS_QUERY_CACHE_MAX_AGE_S=2)
+            doc, headers = ask(s, tokens, "app-0", minute_s, minute_s + 60)
+            assert_truth(gen, "app-0", doc, headers["X-Final"] == "true")  # the user's answer: Cassandra's
+            return s.counters()["shadow_mismatch_value"] > before
+        until(caught, 60, "the divergent point detected")
+        recent = [m for m in s.report()["recent_mismatches"] if m["ts"] == minute_s and m["app"] == "app-0"]
+        assert recent and recent[0]["field"] == "requests" and recent[0]["other"] == recent[0]["serving"] + 1, recent
+        assert recent[0]["other_store"].startswith("dynamodb:") and "other_ms" in recent[0]
+        assert s.report()["summary"]["mismatched"] >= 1
+    finally:
+        asyncio.run(restore(good, bad))
+
