@@ -120,6 +120,9 @@ class Answer:
     """Every bucket of the range is final: the body will not change (cache it long)."""
     resolution_s: int
     points: int
+    final_until_s: int = 0
+    """Buckets ending at or before this were final when the answer was computed (a served answer may be an
+    older render: a migration's shadow comparison trusts no more of it than this)."""
 
 
 K = TypeVar("K", bound=Hashable)
@@ -477,7 +480,7 @@ class MetricsQuery:
         # The new body starts with the same prefix: keep a reference to it, not to the old body.
         prefix = _Prefix(body, prefix.length, prefix.count, prefix.series, prefix.version, prefix.final_hi,
                          prefix.first_ts, prefix.hasher)
-        return Answer(body, etag, until <= edge, res, prefix.count + len(tail)), prefix
+        return Answer(body, etag, until <= edge, res, prefix.count + len(tail), max(since, edge)), prefix
 
     async def _final_prefix(self, app: str, proc: str, res: int, since: int, until: int, now_ms: int,
                             final_hi: int, oldest: int, prev: _Prefix | None) -> _Prefix:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 import urllib.request
 from typing import Any
 
@@ -164,13 +163,11 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
         series = sorted(set(await stores[0].series()) | set(await stores[1].series()))
         if app is not None:
             series = [x for x in series if x[0] == app]
-        now_s = int(time.time())
         differences = compared = 0
         for a, proc in series:
             for res in resolutions:
                 answers = [await e.answer(a, proc, res, since_s, until_s) for e in engines]
-                cutoff = min(until_s, now_s - int(settings.query_settle_s),
-                             *(max(0, e.stored_through_s(a)) for e in engines))
+                cutoff = min(until_s, *(ans.final_until_s for ans in answers))  # final in both stores
                 result = compare_bodies(answers[0].body, answers[1].body, resolution_s=res, cutoff_s=cutoff)
                 compared += result.points
                 for d in result.mismatches:

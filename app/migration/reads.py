@@ -179,14 +179,14 @@ class MigratingQuery:
             if len(self._shadows) >= SHADOW_MAX_INFLIGHT:
                 self._count("shadow_skipped")
             else:
-                task = asyncio.ensure_future(self._shadow(engine, ans, serving, other, app, process_type,
+                task = asyncio.ensure_future(self._shadow(ans, serving, other, app, process_type,
                                                           resolution_s, since_s, until_s,
                                                           both_since_s=st.both_since_ms // 1000))
                 self._shadows.add(task)
                 task.add_done_callback(self._shadows.discard)
         return ans
 
-    async def _shadow(self, serving_engine: MetricsQuery, ans: Answer, serving: str, other: str, app: str,
+    async def _shadow(self, ans: Answer, serving: str, other: str, app: str,
                       proc: str, res: int, since_s: int, until_s: int, *, both_since_s: int) -> None:
         """Run the query on ``other``, compare, log and count; never raises."""
         self._count("shadow_reads")
@@ -205,9 +205,9 @@ class MigratingQuery:
             log.warning("shadow read of %s/%s on %s failed: %s", app, proc, other, exc)
             return
         other_ms = (time.perf_counter() - t0) * 1000
-        now_s = self.clock.now_ms() // 1000
-        cutoff_s = min(now_s - int(self.settings.query_settle_s), _through(serving_engine, app),
-                       _through(engine, app))
+        # Only what both answers rendered as final (settled, and stored in each store): the served answer may
+        # be an older render of a live range, and the other store's writer may be behind.
+        cutoff_s = min(ans.final_until_s, shadow_ans.final_until_s)
         result = compare_bodies(ans.body, shadow_ans.body, resolution_s=res, cutoff_s=cutoff_s,
                                 since_s=both_since_s)
         if not result.points:  # nothing both stores vouch for yet (a new writer not caught up): no verdict
@@ -251,11 +251,6 @@ class MigratingQuery:
         return {"state": st.to_json(), "label": st.label, "summary": self.stats.summary(),
                 "minutes": self.stats.series(), "recent_mismatches": list(self.stats.recent),
                 "mismatch_kinds": list(KINDS)}
-
-
-def _through(engine: MetricsQuery, app: str) -> int:
-    through = engine.stored_through_s(app)
-    return through if through >= 0 else 0
 
 
 class Engines:

@@ -157,3 +157,35 @@ async def test_apps_outside_the_percentage_are_not_shadowed() -> None:
     await f.query.drain()
     expected = sum(1 for a in apps if sm.app_bucket(a) < 10)
     assert f.counters.snapshot()["shadow_reads"] == expected and 5 <= expected <= 40
+
+
+async def test_only_points_final_in_both_answers_are_compared() -> None:
+    """A served answer may be an older render of a live range (stale-while-revalidate): its newest point was
+    incomplete then. Points past either answer's final edge are not differences."""
+    from app.api.query import Answer
+
+    def body(points: list[dict[str, object]]) -> bytes:
+        return orjson.dumps({"points": points})
+
+    class Engine:
+        def __init__(self, ans: Answer) -> None:
+            self.ans = ans
+
+        async def answer(self, *_: object) -> Answer:
+            return self.ans
+
+    old_render = Answer(body([point(0), point(60, requests=4)]), "a", False, 60, 2, final_until_s=60)
+    fresh = Answer(body([point(0), point(60)]), "b", True, 60, 2, final_until_s=120)
+    engines = {A: Engine(old_render), B: Engine(fresh)}
+
+    async def engine(spec: str, role: str) -> Engine:
+        return engines[spec]
+
+    clock = ManualClock(10**9)
+    state = sm.shadow(sm.start(sm.initial(S), S, "dynamodb", backfill=False, now_ms=0), 100, aa=False, now_ms=0)
+    counters = Counters()
+    q = MigratingQuery(S, lambda: state, engine, stats=ReadStats(clock), counters=counters, clock=clock)  # type: ignore[arg-type]
+    await q.answer("shop", "web", 60, 0, 120)
+    await q.drain()
+    c = counters.snapshot()
+    assert c["shadow_points_compared"] == 1 and c["shadow_matched"] == 1 and c["shadow_mismatch_value"] == 0
