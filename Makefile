@@ -14,7 +14,7 @@ DEMO ?= 1
 FRESH ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test bench bench-query typecheck clean browser
+.PHONY: run test install install-test install-cassandra bench bench-query bench-stores typecheck clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 run: install
@@ -34,8 +34,11 @@ bench: install-test
 # What `make run` needs: the package, Apache Kafka (Maven Central), dynalite (npm), the dashboard's uPlot.
 install: $(VENV)/.installed $(KAFKA_LIB)/.resolved $(DYNALITE) $(UPLOT_DIR)/dist/uPlot.iife.min.js
 
-# What the tests add: pytest and friends, moto's server, checkov in its own venv.
-install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov $(CASSANDRA_LIB)/.resolved
+# What the tests add: pytest and friends, moto's server, checkov in its own venv, Apache Cassandra.
+install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov install-cassandra
+
+# Apache Cassandra for the embedded stack (METRICS_STORE=cassandra, or a store migration): 66 MB from Maven.
+install-cassandra: $(CASSANDRA_LIB)/.resolved
 
 # checkov (chart/Dockerfile scans in tests/test_deploy.py) pins boto3 versions that break aioboto3: own venv.
 .deps/checkov/bin/checkov:
@@ -66,8 +69,8 @@ endef
 $(KAFKA_LIB)/.resolved: app/local/conf/kafka-pom.xml
 	$(call maven_jars,$<,$(KAFKA_LIB))
 
-# Apache Cassandra 5.0 and its runtime dependencies from Maven Central (the tests' second store; not needed
-# by `make run`, which stores in DynamoDB).
+# Apache Cassandra 5.0 and its runtime dependencies from Maven Central (the second store; `make run` stores in
+# DynamoDB and needs it only for METRICS_STORE=cassandra or a migration: `make install-cassandra`).
 $(CASSANDRA_LIB)/.resolved: app/local/conf/cassandra-pom.xml
 	$(call maven_jars,$<,$(CASSANDRA_LIB))
 
@@ -91,6 +94,10 @@ browser:
 	else echo "chromium/chromedriver missing and not root: run 'apt-get install chromium chromium-driver'"; fi
 
 # wrk (Debian) generates the query benchmark's load from a separate process.
+# Both stores from one process: write rate, uncached query latency, and the cost of shadow reads.
+bench-stores: install-test
+	$(PY) -m tests.bench.bench_stores
+
 bench-query: install-test
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; } || echo "wrk missing: apt-get install wrk"

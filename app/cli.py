@@ -348,7 +348,9 @@ def writer(argv: list[str]) -> int:
 
     os.environ.update(writer_env(Settings.from_env(), args.store, os.environ))
     Path(os.environ["METRICS_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-    sys.argv = [sys.argv[0], "worker", *rest]
+    # Faust's global options (--quiet) go before its command, the worker's own (-l info) after it.
+    faust_globals = [a for a in rest if a in ("--quiet", "-q")]
+    sys.argv = [sys.argv[0], *faust_globals, "worker", *(a for a in rest if a not in faust_globals)]
     import app.writer  # noqa: F401 - binds the writing jobs on the Faust app (settings read from the env above)
     from app.app import app as faust_app
 

@@ -193,7 +193,8 @@ def test_network_policy_opens_only_what_each_role_uses(default_docs: list[Doc]) 
         assert np["policyTypes"] == ["Ingress", "Egress"]
         assert np["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
         egress_ports = {(p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"]}
-        expected = {(53, "UDP"), (53, "TCP"), (443, "TCP")} | ({(9092, "TCP")} if role != "web" else set())
+        # every role reaches Kafka: the web role follows the store-migration state topic
+        expected = {(53, "UDP"), (53, "TCP"), (443, "TCP"), (9092, "TCP")}
         if role == "worker":  # policy reads are forwarded to the owning worker, only to worker pods
             expected |= {(6066, "TCP")}
             to_workers = [r for r in np["egress"] if r["ports"] == [{"port": 6066, "protocol": "TCP"}]]
@@ -208,6 +209,30 @@ def test_network_policy_opens_only_what_each_role_uses(default_docs: list[Doc]) 
     worker = one(docs, "NetworkPolicy", f"{RELEASE}-minutely-worker")["spec"]["egress"]
     assert worker[-1] == smtp
     assert worker[2] == {"ports": [{"port": 9092, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}]}
+
+
+def test_a_cassandra_install_migrating_to_dynamodb_gets_its_writer(default_docs: list[Doc]) -> None:
+    """README "Moving stores": store=cassandra, and the DynamoDB writer as its own Deployment."""
+    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-writer")]  # off by default
+    assert config(default_docs)["METRICS_STORE"] == "dynamodb"
+    docs = render({"store": "cassandra", "cassandra": {"hosts": "cass-0.cass,cass-1.cass", "keyspace": "metrics"},
+                   "writer": {"enabled": True, "store": "dynamodb:metrics-v2", "replicas": 2}})
+    cfg = config(docs)
+    assert cfg["METRICS_STORE"] == "cassandra" and cfg["METRICS_CASSANDRA_HOSTS"] == "cass-0.cass,cass-1.cass"
+    assert cfg["METRICS_CASSANDRA_KEYSPACE"] == "metrics" and cfg["METRICS_CASSANDRA_PORT"] == "9042"
+    writer = one(docs, "Deployment", f"{RELEASE}-minutely-writer")["spec"]
+    assert writer["replicas"] == 2
+    (c,) = writer["template"]["spec"]["containers"]
+    assert c["args"] == ["writer", "--store", "dynamodb:metrics-v2", "--quiet", "-l", "info"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for role in (*ROLES, "writer"):
+        np = one(docs, "NetworkPolicy", f"{RELEASE}-minutely-{role}")["spec"]
+        assert {(p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"]} >= {(9042, "TCP"),
+                                                                                                (9092, "TCP")}
+    assert one(docs, "PodDisruptionBudget", f"{RELEASE}-minutely-writer")
+    assert one(docs, "ServiceAccount", f"{RELEASE}-minutely-writer")
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSIONS[-1], strict=True)
 
 
 def test_values_changes_show_up_in_the_output(default_docs: list[Doc]) -> None:
@@ -302,6 +327,8 @@ def test_optional_parts_switch_off_and_on() -> None:
     ({"worker": {"replicas": "3"}}, helm.HelmValuesError, "/worker/replicas"),
     ({"kafka": {"brokers": []}}, helm.HelmValuesError, "/kafka/brokers"),
     ({"dynamodb": {"region": "Ireland"}}, helm.HelmValuesError, "/dynamodb/region"),
+    ({"store": "mongodb"}, helm.HelmValuesError, "/store"),
+    ({"writer": {"store": "postgres"}}, helm.HelmValuesError, "/writer/store"),
     ({"image": {"digest": "latest"}}, helm.HelmValuesError, "/image/digest"),
     ({"wokrer": {"replicas": 3}}, helm.HelmValuesError, "wokrer"),
     ({"config": {"extra": {"GRACE_S": "10"}}}, helm.HelmValuesError, "GRACE_S"),

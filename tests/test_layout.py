@@ -6,8 +6,8 @@ first; a module may import its own layer or lower ones, never a higher one:
 0. shared: the observation contract, errors, clock, settings;
 1. ops (counters, logs, Kafka client settings, topics, health) and tables (window and digest state);
 2. storage, notify and the Faust wiring (``app/app.py``, ``app/faust_patches.py``);
-3. roles: ingest, api, agents, and the local stack;
-4. entry points: the CLI, the worker's composition root, ``python -m app``.
+3. roles: ingest, api, agents, the store migration, and the local stack;
+4. entry points: the CLI, the worker's and the writer's composition roots, ``python -m app``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("app.errors", "app.clock", "app.models", "app.settings"),
     ("app.ops", "tables"),
     ("app.storage", "app.notify", "app.app", "app.faust_patches"),
-    ("app.ingest", "app.api", "agents", "app.local"),
-    ("app.cli", "app.worker", "app.__main__", "app"),
+    ("app.ingest", "app.api", "agents", "app.migration", "app.local"),
+    ("app.cli", "app.worker", "app.writer", "app.__main__", "app"),
 )
 
 

@@ -37,7 +37,8 @@ AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
 OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
-DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css",
+                   "migration.html": "text/html", "migration.js": "text/javascript"}
 VENDOR_FILES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[2] / ".deps" / "uplot" / "dist"
 FINAL_CACHE_CONTROL = "private, no-cache"

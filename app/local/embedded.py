@@ -331,7 +331,7 @@ class KafkaBroker(_JavaService):
 @dataclass
 class CassandraServer(_JavaService):
     """Apache Cassandra 5.0 as one local node (``CassandraDaemon`` in the foreground), on the jars
-    ``make install-test`` put in ``.deps``, with its data, commit log and log under ``data_dir``.
+    ``make install-cassandra`` put in ``.deps``, with its data, commit log and log under ``data_dir``.
 
     The node's ``cassandra.yaml`` is written from the template in ``conf/`` with this instance's ports, so
     tests run nodes next to each other. Ready when CQL answers on ``port``.
@@ -371,7 +371,7 @@ class CassandraServer(_JavaService):
         jars = sorted(self.lib_dir.glob("jamm-*.jar"))
         if not any(self.lib_dir.glob("cassandra-all-*.jar")) or not jars:
             raise ConfigError(f"Apache Cassandra's jars are not in {self.lib_dir}",
-                              action="run `make install-test` (resolves org.apache.cassandra:cassandra-all "
+                              action="run `make install-cassandra` (resolves org.apache.cassandra:cassandra-all "
                                      "from Maven Central)")
         return jars[-1]
 

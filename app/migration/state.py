@@ -205,7 +205,8 @@ def finish(state: MigrationState, settings: Settings, *, now_ms: int, force: boo
     """cutover 100 % -> single(target). Refused while data older than ``both_since`` still matters (it is
     only in the source) unless ``force``. The old store is remembered in ``target`` for a rollback."""
     if state.phase != "cutover" or state.cutover_pct != 100:
-        raise MigrationError(f"finish needs cutover 100 % ({state.label})", action="python -m app migration cutover 100")
+        raise MigrationError(f"finish needs cutover 100 % ({state.label})",
+                             action="python -m app migration cutover 100")
     in_sync_ms = in_sync_at_ms(state, settings)
     if now_ms < in_sync_ms and not force:
         raise MigrationError(

@@ -36,6 +36,7 @@ from app.cli import start_role, wait_http, worker_env
 from app.local.embedded import DynamoServer, free_port
 from app.ops.stats import Counters
 from app.settings import Settings
+from app.storage.backends import metrics_store
 from app.storage.dynamodb import PROGRESS_PK, DynamoStore, item_size_bytes
 from app.storage.protocol import SUMMARY, MetricItem, Progress
 from app.storage.tokens import TokenStore
@@ -67,7 +68,7 @@ def renamed(agg: Aggregate, app: str) -> Aggregate:
 async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
     """The two copies of the data; returns a read token per app."""
     rng = np.random.default_rng(1)
-    store = DynamoStore(settings)
+    store = metrics_store(settings)  # METRICS_STORE's backend (tests/bench/bench_stores.py loads both)
     await store.start()
     tokens = TokenStore(settings)
     await tokens.start()

@@ -73,5 +73,5 @@ def test_the_node_serves_cql_and_keeps_its_data_across_a_restart(tmp_path: Path)
 
 
 def test_without_its_jars_it_says_how_to_get_them(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="make install-test"):
+    with pytest.raises(ConfigError, match="make install-cassandra"):
         CassandraServer(data_dir=tmp_path, lib_dir=tmp_path / "nothing").start()

@@ -69,7 +69,10 @@ class Stack:
     def migration(self, *args: str, ok: bool = True) -> str:
         r = subprocess.run([sys.executable, "-m", "app", "migration", *args], env=self.env, capture_output=True,
                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
-        assert (r.returncode == 0) == ok, (args, r.returncode, r.stdout, r.stderr)
+        if (r.returncode == 0) != ok:
+            (ARTIFACTS / f"{self.p.env_overrides['METRICS_APP_ID']}-migration-{args[0]}.out").write_text(
+                r.stdout + r.stderr)
+        assert (r.returncode == 0) == ok, (args, r.returncode, r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout + r.stderr
 
     def report(self) -> dict[str, Any]:
@@ -199,6 +202,7 @@ def test_a_whole_migration_from_cassandra_to_dynamodb_under_live_traffic(
 
         # 4. A divergent item written straight into DynamoDB is detected, logged and counted.
         detect_divergence(s, tokens, gen, both_since_s)
+        check_operator_page(s)
 
         # 5. Cutover 10 %, then 100 %; a worker and the web process restart mid-way and keep the phase.
         s.migration("cutover", "10")
@@ -341,3 +345,48 @@ def detect_divergence(s: Stack, tokens: dict[str, str], gen: Generator, both_sin
     finally:
         asyncio.run(restore(good, bad))
 
+
+
+def check_operator_page(s: Stack) -> None:
+    """The operator page in a real headless Chromium: both stores' latency per minute, the mismatch share,
+    and the difference just caught, listed."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from tests.integration.test_dashboard import FLAGS
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    assert chromium and chromedriver, "Debian chromium/chromium-driver missing: `make browser` installs them"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in FLAGS:
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=chromedriver))
+    try:
+        driver.get(f"http://127.0.0.1:{s.web_port}/dashboard/migration.html")
+        plotted = """const c = window.migration && window.migration.charts;
+            if (!c || !c.latency || !c.mismatch) return null;
+            return {labels: c.latency.series.slice(1).map((x) => x.label),
+                    latency: c.latency.data.slice(1).map((ys) => ys.filter((v) => v !== null).length),
+                    mismatch: c.mismatch.data[1].filter((v) => v !== null && v > 0).length,
+                    rows: document.querySelectorAll('#recent tbody tr').length,
+                    text: document.body.innerText};"""
+
+        def ready() -> Any:
+            got = driver.execute_script(plotted)
+            return got if got and got["rows"] and got["mismatch"] else None
+        deadline = time.monotonic() + 30
+        got = ready()
+        while got is None:
+            assert time.monotonic() < deadline, driver.execute_script(plotted)
+            time.sleep(0.3)
+            got = ready()
+        stores = {label.rsplit(" ", 1)[0] for label in got["labels"]}
+        assert len(stores) == 2 and any(x.startswith("cassandra:") for x in stores), got["labels"]
+        assert all(n > 0 for n in got["latency"]), got
+        assert "memory_mb.rss_max" in got["text"] and "shadow" in got["text"].lower()
+    finally:
+        driver.quit()

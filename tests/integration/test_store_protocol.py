@@ -175,6 +175,14 @@ async def test_retention_counts_from_the_items_own_time(make: PartsFactory) -> N
     assert await parts.metrics.query("shop", "web", 60, block - 3600, now_s, SUMMARY) == []
 
 
+async def test_series_lists_every_series_with_minutes(make: PartsFactory) -> None:
+    store = (await make()).metrics
+    assert await store.series() == []
+    await store.put_many([item(T0), item(T0 + 60), item(T0, app="blog", pt="worker"), item(T0, res=600, app="x"),
+                          item(T0, kind=SUMMARY, span_s=3600, app="y")])
+    assert await store.series() == [("blog", "worker"), ("shop", "web")]
+
+
 async def test_progress_is_overwritten_per_partition(make: PartsFactory) -> None:
     store = (await make()).metrics
     assert await store.progress() == []

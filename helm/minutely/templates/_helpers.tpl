@@ -138,7 +138,11 @@ spec:
       image: {{ include "minutely.image" $ctx }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       args:
+        {{- if eq .role "writer" }}
+        {{- toYaml (list "writer" "--store" $spec.store "--quiet" "-l" "info") | nindent 8 }}
+        {{- else }}
         {{- toYaml $spec.args | nindent 8 }}
+        {{- end }}
       {{- include "minutely.envFrom" . | nindent 6 }}
       ports:
         - name: http
