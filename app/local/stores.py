@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+from app.errors import PipelineError
 from app.local.embedded import CassandraServer, free_port, require_free_port
 from app.migration.control import MigrationControl
 from app.migration.state import MigrationState, home_spec, writer_group
@@ -31,6 +32,7 @@ class LocalStores:
         self.data_dir = data_dir
         self.cassandra: CassandraServer | None = None
         self.writers: dict[str, subprocess.Popen[bytes]] = {}
+        self._refused: set[str] = set()
 
     def ensure_cassandra(self) -> None:
         """Start the local Cassandra node on ``cassandra_port`` (blocking, ~10 s) unless it runs."""
@@ -63,7 +65,14 @@ class LocalStores:
             self._stop_writer(spec)
         for spec in sorted(wanted - set(self.writers)):
             if spec.startswith("cassandra"):
-                await asyncio.to_thread(self.ensure_cassandra)
+                try:
+                    await asyncio.to_thread(self.ensure_cassandra)
+                except PipelineError as exc:  # e.g. the jars are missing: say so once, keep the stack up
+                    if spec not in self._refused:
+                        self._refused.add(spec)
+                        print(f"error: cannot write {spec}: {exc}", flush=True)
+                    continue
+            self._refused.discard(spec)
             self.writers[spec] = self._start_writer(spec)
 
     def _start_writer(self, spec: str) -> subprocess.Popen[bytes]:

@@ -168,7 +168,9 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
             for res in resolutions:
                 answers = [await e.answer(a, proc, res, since_s, until_s) for e in engines]
                 cutoff = min(until_s, *(ans.final_until_s for ans in answers))  # final in both stores
-                result = compare_bodies(answers[0].body, answers[1].body, resolution_s=res, cutoff_s=cutoff)
+                # Buckets that start before ``since_s`` hold minutes outside the range: not compared.
+                result = compare_bodies(answers[0].body, answers[1].body, resolution_s=res, cutoff_s=cutoff,
+                                        since_s=since_s)
                 compared += result.points
                 for d in result.mismatches:
                     differences += 1

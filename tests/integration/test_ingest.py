@@ -224,13 +224,15 @@ async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: Dynam
         await asyncio.to_thread(own.stop)
 
 
-async def test_tokens_cli_create_list_revoke_and_stored_hashed(dynamo: DynamoServer) -> None:
+async def test_tokens_cli_create_list_revoke_and_stored_hashed(broker: KafkaBroker, dynamo: DynamoServer) -> None:
     import os
     import subprocess
     import sys
 
     s = make_settings("kafka://127.0.0.1:1", dynamo.endpoint)
-    env = {**os.environ, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint, "METRICS_TABLE_NAME": s.table_name}
+    # The CLI reads the store-migration state from Kafka: during a migration tokens change in both stores.
+    env = {**os.environ, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint, "METRICS_TABLE_NAME": s.table_name,
+           "METRICS_BROKER_URL": broker.url, "METRICS_MIGRATION_TOPIC": f"mig-{uuid.uuid4().hex[:8]}"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "app", "tokens", *args], env=env, capture_output=True,
@@ -248,7 +250,8 @@ async def test_tokens_cli_create_list_revoke_and_stored_hashed(dynamo: DynamoSer
     try:
         assert (await store.verify(token, "read", "shop")) is not None
         assert (await store.verify(token, "read", "other")) is None  # usable for per-app read auth
-        items = (await store.client.scan(TableName=store.table))["Items"]
+        table: Any = store.table
+        items = (await table.client.scan(TableName=table.table))["Items"]
         assert token not in orjson.dumps(items).decode()  # only the SHA-256 is stored
         revoked = await asyncio.to_thread(cli, "revoke", token_id)
         assert revoked.returncode == 0

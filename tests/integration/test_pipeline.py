@@ -87,7 +87,7 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
             except urllib.error.HTTPError as exc:
                 assert time.monotonic() < deadline, exc.read()
                 time.sleep(0.5)
-        assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "dynamodb": "ok"}}
+        assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "store": "ok"}}
 
         with urllib.request.urlopen(f"{p.url}/metrics", timeout=5) as r:
             text = r.read().decode()
