@@ -136,13 +136,14 @@ def test_a_whole_migration_from_cassandra_to_dynamodb_under_live_traffic(
     p = s.p
     traffic = None
     try:
-        p.start(data_dir=tmp_path / "worker")
-        s.start_web()
-        tokens = create_tokens(p, APPS)  # in Cassandra: `migration start` copies them
+        # Traffic first: the current minute fills while the worker and the web process start.
         start_ms = int(time.time() * 1000) // 60_000 * 60_000
         gen = Generator(apps=len(APPS), dynos=2, seed=11, start_ms=start_ms, keep_truth=True)
         traffic = LiveTraffic(broker, p.settings.observations_topic, gen)
         first_s = start_ms // 1000
+        p.start(data_dir=tmp_path / "worker")
+        s.start_web()
+        tokens = create_tokens(p, APPS)  # in Cassandra: `migration start` copies them
 
         def check_all() -> int:
             """Ask every app for everything so far; returns how many answers were final."""
