@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -105,6 +106,21 @@ async def copy_tokens(settings: Settings, source: str, target: str) -> int:
         await src.stop()
 
 
+async def copy_tokens_patiently(settings: Settings, st: sm.MigrationState, *, wait_s: float = 180.0) -> int:
+    """:func:`copy_tokens`, retried while the new store is unreachable (it may be starting)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await copy_tokens(settings, st.source, st.target)
+        except PipelineError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise PipelineError(f"tokens not copied to {st.target}: {exc}",
+                                    action="when the store answers, run `python -m app migration copy-tokens`"
+                                    ) from exc
+            print(f"waiting for {st.target} to copy the tokens ({type(exc).__name__})", file=sys.stderr)
+            await asyncio.sleep(5)
+
+
 def _fetch_reports(urls: list[str]) -> list[dict[str, Any]]:
     out = []
     for url in urls:
@@ -139,7 +155,9 @@ async def status(settings: Settings, web: list[str]) -> int:
         s = rep["summary"]
         rate = "n/a" if s["mismatch_rate"] is None else f"{100 * s['mismatch_rate']:.2f} %"
         print(f"shadow:   last hour {s['shadows']} compared, {s['mismatched']} differed ({rate}), "
-              f"{s['failed']} failed or timed out")
+              f"{s['failed']} failed or timed out, {s['incomparable']} with nothing final in both stores yet "
+              f"(minutes are final after METRICS_QUERY_SETTLE_S={settings.query_settle_s:g} s and both "
+              f"watermarks)")
         for spec, v in s["stores"].items():
             print(f"reads:    {spec:<32} p50 {_ms(v['p50_ms'])}  p99 {_ms(v['p99_ms'])}  ({v['n']} reads)")
     return 0
@@ -181,7 +199,8 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
               f"{sm.iso(since_s * 1000)} .. {sm.iso(until_s * 1000)}: {compared} points compared, "
               f"{differences} differences ({st.source} vs {st.target})", file=sys.stderr)
         if not compared:
-            print("nothing to compare: no stored minutes in the range on both sides", file=sys.stderr)
+            print("nothing to compare: no minute of the range is final in both stores yet (the settle time, "
+                  "METRICS_QUERY_SETTLE_S, and both stores' watermarks)", file=sys.stderr)
             return 1
         return 1 if differences else 0
     finally:
@@ -192,15 +211,25 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
 async def change(settings: Settings, args: argparse.Namespace) -> int:
     st = await read_state(settings)
     now_ms = SystemClock().now_ms()
+    if args.cmd == "copy-tokens":
+        if not st.target:
+            print(f"no migration under way ({st.label})", file=sys.stderr)
+            return 2
+        print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target}")
+        return 0
     if args.cmd == "start":
         nxt = sm.start(st, settings, args.to, backfill=args.backfill, now_ms=now_ms)
         earliest = await set_writer_offsets(settings, nxt.target, backfill=args.backfill)
         if args.backfill:
             nxt = sm.start(st, settings, args.to, backfill=True, now_ms=now_ms, earliest_ms=earliest)
-        copied = await copy_tokens(settings, nxt.source, nxt.target)
-        print(f"copied {copied} tokens to {nxt.target}; its writer's group "
+        # Published first: from then on every process creates and revokes tokens in both stores, so the copy
+        # below (which may wait for the new store to come up: `make run` starts it on this state) is complete.
+        await publish(settings, nxt)
+        print(f"{st.label}  ->  {nxt.label}  (version {nxt.version}); the writer's group "
               f"{sm.writer_group(settings, nxt.target)} starts at the "
               + ("oldest retained records" if args.backfill else "current end"))
+        print(f"copied {await copy_tokens_patiently(settings, nxt)} tokens to {nxt.target}")
+        return 0
     elif args.cmd == "shadow":
         nxt = sm.shadow(st, args.pct, aa=args.aa, now_ms=now_ms)
     elif args.cmd == "cutover":
@@ -230,6 +259,7 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("cutover", help="serve N %% of apps from the new store")
     p.add_argument("pct", type=int)
     sub.add_parser("rollback", help="one phase back")
+    sub.add_parser("copy-tokens", help="copy every token to the new store again (idempotent)")
     p = sub.add_parser("finish", help="single(new store); refused before both hold the whole retention")
     p.add_argument("--force", action="store_true")
     p = sub.add_parser("verify", help="compare every series over a range in both stores (exit 1 on differences)")

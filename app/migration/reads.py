@@ -47,6 +47,7 @@ class _Minute:
     shadows: int = 0
     mismatched: int = 0
     failed: int = 0
+    incomparable: int = 0
 
 
 class ReadStats:
@@ -71,6 +72,10 @@ class ReadStats:
         if len(samples) < SAMPLES_PER_MINUTE:
             bisect.insort(samples, seconds)
 
+    def incomparable(self) -> None:
+        """A shadow read with no point final in both stores yet (no verdict; not in the mismatch rate)."""
+        self._minute().incomparable += 1
+
     def shadow(self, *, mismatched: bool | None) -> None:
         """One shadow comparison: differed (True), equal (False), or failed / timed out (None)."""
         m = self._minute()
@@ -82,28 +87,29 @@ class ReadStats:
 
     def series(self) -> list[dict[str, Any]]:
         """Per minute, oldest first: ``{"ts", "stores": {spec: {n, p50_ms, p99_ms}}, shadows, mismatched,
-        failed}``."""
+        failed, incomparable}``."""
         out = []
         for ts in sorted(self._minutes):
             m = self._minutes[ts]
             stores = {s: {"n": len(v), "p50_ms": _pct(v, 0.5) * 1000, "p99_ms": _pct(v, 0.99) * 1000}
                       for s, v in sorted(m.reads.items()) if v}
             out.append({"ts": ts, "stores": stores, "shadows": m.shadows, "mismatched": m.mismatched,
-                        "failed": m.failed})
+                        "failed": m.failed, "incomparable": m.incomparable})
         return out
 
     def summary(self) -> dict[str, Any]:
         """The last hour: each store's read p50/p99 and the shadow mismatch rate."""
         reads: dict[str, list[float]] = {}
-        shadows = mismatched = failed = 0
+        shadows = mismatched = failed = incomparable = 0
         for m in self._minutes.values():
             for s, v in m.reads.items():
                 reads.setdefault(s, []).extend(v)
             shadows, mismatched, failed = shadows + m.shadows, mismatched + m.mismatched, failed + m.failed
+            incomparable += m.incomparable
         compared = shadows - failed
         return {"stores": {s: {"n": len(v), "p50_ms": _pct(sorted(v), 0.5) * 1000,
                                "p99_ms": _pct(sorted(v), 0.99) * 1000} for s, v in sorted(reads.items())},
-                "shadows": shadows, "mismatched": mismatched, "failed": failed,
+                "shadows": shadows, "mismatched": mismatched, "failed": failed, "incomparable": incomparable,
                 "mismatch_rate": mismatched / compared if compared else None}
 
 
@@ -216,8 +222,9 @@ class MigratingQuery:
             return
         result = compare_bodies(ans.body, shadow_ans.body, resolution_s=res, cutoff_s=cutoff_s,
                                 since_s=both_since_s)
-        if not result.points:  # nothing both stores vouch for yet (a new writer not caught up): no verdict
+        if not result.points:  # nothing final in both yet (the settle time, a writer catching up): no verdict
             self._count("shadow_incomparable")
+            self.stats.incomparable()
             return
         self._count("shadow_points_compared", result.points)
         diffs = result.mismatches
