@@ -179,7 +179,9 @@ class MigratingQuery:
         st = self.state()
         serving = st.serving(app, since_s)
         engine = await self.engine(serving, "serve")
+        t0 = time.perf_counter()
         ans = await engine.answer(app, process_type, resolution_s, since_s, until_s)
+        serving_ms = (time.perf_counter() - t0) * 1000
         other = st.shadow(app, since_s)
         if other is not None:
             if len(self._shadows) >= SHADOW_MAX_INFLIGHT:
@@ -187,13 +189,15 @@ class MigratingQuery:
             else:
                 task = asyncio.ensure_future(self._shadow(ans, serving, other, app, process_type,
                                                           resolution_s, since_s, until_s,
-                                                          both_since_s=st.both_since_ms // 1000))
+                                                          both_since_s=st.both_since_ms // 1000,
+                                                          serving_ms=serving_ms))
                 self._shadows.add(task)
                 task.add_done_callback(self._shadows.discard)
         return ans
 
     async def _shadow(self, ans: Answer, serving: str, other: str, app: str,
-                      proc: str, res: int, since_s: int, until_s: int, *, both_since_s: int) -> None:
+                      proc: str, res: int, since_s: int, until_s: int, *, both_since_s: int,
+                      serving_ms: float) -> None:
         """Run the query on ``other``, compare, log and count; never raises."""
         self._count("shadow_reads")
         t0 = time.perf_counter()
@@ -235,13 +239,14 @@ class MigratingQuery:
         for d in diffs:
             self._count(f"shadow_mismatch_{d.kind}")
         for d in diffs[:10]:  # one line per difference, a few per answer: a bad store must not flood the log
-            self.record(app, proc, res, serving, other, d, other_ms=other_ms)
+            self.record(app, proc, res, serving, other, d, serving_ms=serving_ms, other_ms=other_ms)
 
     def record(self, app: str, proc: str, res: int, serving: str, other: str, d: Mismatch, *,
-               other_ms: float) -> None:
+               serving_ms: float, other_ms: float) -> None:
         entry = {"app": app, "process_type": proc, "resolution_s": res, "ts": d.ts_s, "kind": d.kind,
-                 "field": d.field, "serving_store": serving, "serving": d.serving, "other_store": other,
-                 "other": d.other, "other_ms": round(other_ms, 2), "at_ms": self.clock.now_ms()}
+                 "field": d.field, "serving_store": serving, "serving": d.serving, "serving_ms": round(serving_ms, 2),
+                 "other_store": other, "other": d.other, "other_ms": round(other_ms, 2),
+                 "at_ms": self.clock.now_ms()}
         self.stats.recent.append(entry)
         log.warning("shadow mismatch %s", orjson.dumps(entry).decode())
 

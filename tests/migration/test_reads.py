@@ -106,6 +106,7 @@ async def test_a_divergent_item_is_logged_counted_and_listed_but_the_user_gets_t
     line = next(r.getMessage() for r in caplog.records if "shadow mismatch" in r.getMessage())
     entry = orjson.loads(line.split(" ", 2)[2])
     assert entry["app"] == "shop" and entry["serving_store"] == A and entry["other_store"] == B
+    assert entry["serving_ms"] >= 0 and entry["other_ms"] >= 0  # both latencies
     assert f.stats.summary()["mismatch_rate"] == 1.0
 
 
