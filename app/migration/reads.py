@@ -218,7 +218,7 @@ class MigratingQuery:
         # Only what both answers rendered as final (settled, and stored in each store): the served answer may
         # be an older render of a live range, and the other store's writer may be behind.
         cutoff_s = min(ans.final_until_s, shadow_ans.final_until_s)
-        if ans.etag == shadow_ans.etag and ans.body == shadow_ans.body:
+        if ans.points and ans.etag == shadow_ans.etag and ans.body == shadow_ans.body:
             # Byte-identical answers (the usual case): every point equal, nothing to parse.
             self._count("shadow_points_compared", ans.points)
             self._count("shadow_matched")
