@@ -391,3 +391,51 @@ def check_operator_page(s: Stack) -> None:
         assert "memory_mb.rss_max" in got["text"] and "shadow" in got["text"].lower()
     finally:
         driver.quit()
+
+
+def test_start_sets_the_new_writers_offsets_at_the_end_or_with_backfill_at_the_oldest_record(
+        broker: KafkaBroker, tmp_path: Path) -> None:
+    """What `start` does on Kafka: the new writer's consumer group points at the end of its topics, or with
+    --backfill at their oldest records, and the backfill's sync horizon is the oldest minute Kafka holds
+    in every partition."""
+    import asyncio
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from app.local.traffic import produce
+    from app.migration.cli import set_writer_offsets
+    from app.migration.state import writer_group
+    from app.ops.topics import ensure_topics
+    from app.settings import Settings
+
+    uid = uuid.uuid4().hex[:8]
+    settings = Settings.from_env({"METRICS_BROKER_URL": broker.url, "METRICS_APP_ID": f"o{uid}",
+                                  "METRICS_METRICS_TOPIC": f"m1-{uid}", "METRICS_ALERTS_TOPIC": f"al-{uid}",
+                                  "METRICS_AUTOSCALE_TOPIC": f"as-{uid}", "METRICS_PARTITIONS": "2"})
+    asyncio.run(ensure_topics(broker.address, settings))
+    minutes = [(f"app-{i}".encode(), orjson.dumps({"app": f"app-{i}", "start_ms": 1_800_000_000_000 + 60_000 * i}))
+               for i in range(6)]
+    asyncio.run(produce(broker.address, settings.metrics_topic, minutes))
+
+    async def committed(spec: str) -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.address, group_id=writer_group(settings, spec),
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return {p: await consumer.committed(TopicPartition(settings.metrics_topic, p)) for p in range(2)}
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(set_writer_offsets(settings, "cassandra", backfill=False)) is None
+    at_end = asyncio.run(committed("cassandra"))
+    assert sum(o or 0 for o in at_end.values()) == len(minutes)  # nothing before `start` is re-read
+    earliest = asyncio.run(set_writer_offsets(settings, "cassandra", backfill=True))
+    assert asyncio.run(committed("cassandra")) == {0: 0, 1: 0}  # everything Kafka holds
+    # Every minute from the newest of the partitions' first minutes on is in Kafka in both partitions.
+    firsts: dict[int, int] = {}
+    from app.ops.kafka import partition_of
+    for key, value in minutes:
+        p = partition_of(key.decode(), 2)
+        firsts.setdefault(p, orjson.loads(value)["start_ms"])
+    assert earliest == max(firsts.values())
