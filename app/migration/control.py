@@ -119,8 +119,7 @@ class MigrationControl:
         previous, self._state = self._state, state
         if self.counters is not None:
             self.counters.set("migration_state_version", state.version)
-        if self.caught_up.is_set() or previous.version == 0:
-            log.info("migration state: %s (version %d)", state.label, state.version)
+        log.info("migration state: %s (version %d, was %s)", state.label, state.version, previous.label)
         if self.on_change is not None:
             self.on_change(state)
 

@@ -139,7 +139,8 @@ class CassandraSession:
         self._session: Any = None
         self._connecting: asyncio.Lock | None = None
         self._prepared: dict[str, asyncio.Task[Any]] = {}
-        self._gate = asyncio.Semaphore(settings.cassandra_max_inflight)
+        self._gate: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> "CassandraSession":
@@ -164,11 +165,25 @@ class CassandraSession:
             self._prepared.clear()
             await session.close()
 
+    def _for_loop(self) -> asyncio.Semaphore:
+        """The in-flight bound of the running loop (asyncio primitives belong to one loop; a CLI or a test
+        may run several loops in turn on one session object)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._gate is None or self._connecting is None:
+            if self._loop is not None and self._loop is not loop:
+                # A session and prepared statements made in another loop cannot be used here: start over.
+                self._session = None
+                self._prepared.clear()
+            self._loop = loop
+            self._gate = asyncio.Semaphore(self.settings.cassandra_max_inflight)
+            self._connecting = asyncio.Lock()
+        return self._gate
+
     async def _connect(self) -> Any:
         if self._session is not None:
             return self._session
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
+        self._for_loop()
+        assert self._connecting is not None
         async with self._connecting:
             if self._session is not None:
                 return self._session
@@ -201,7 +216,7 @@ class CassandraSession:
                    page_rows: int = PAGE_ROWS) -> list[tuple[Any, ...]]:
         """Every row of one prepared statement (all pages), as tuples in the statement's column order.
         ``serial``: read at LOCAL_SERIAL, seeing any lightweight transaction in progress."""
-        async with self._gate:
+        async with self._for_loop():
             try:
                 session = await self._connect()
                 prepared = await self._statement(session, cql)
@@ -220,7 +235,7 @@ class CassandraSession:
 
     async def applied(self, cql: str, params: Sequence[Any], *, operation: str) -> tuple[bool, dict[str, Any]]:
         """A lightweight transaction: whether it applied, and the row it found when it did not."""
-        async with self._gate:
+        async with self._for_loop():
             try:
                 session = await self._connect()
                 prepared = await self._statement(session, cql)

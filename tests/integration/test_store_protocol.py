@@ -251,3 +251,22 @@ async def test_an_unreachable_store_is_retriable_and_the_process_stays_up(
             await store.put_many([item(T0)])
     finally:
         await store.stop()
+
+
+def test_one_cassandra_session_object_serves_loop_after_loop(cassandra: CassandraServer) -> None:
+    """A CLI (or a test) runs several event loops in turn with the same settings: the shared session's
+    asyncio primitives and prepared statements must follow the running loop."""
+    settings = replace(Settings(), store="cassandra", cassandra_port=cassandra.port,
+                       cassandra_keyspace=f"it_{uuid.uuid4().hex[:12]}", cassandra_max_inflight=2)
+
+    async def round_trip(ts_s: int) -> list[MetricItem]:
+        store = metrics_store(settings)
+        await store.start()
+        try:
+            await store.put_many([item(ts_s + 60 * i) for i in range(8)])  # 8 writes through a gate of 2
+            return await store.query("shop", "web", 60, ts_s, ts_s + 480)
+        finally:
+            await store.stop()
+
+    assert len(asyncio.run(round_trip(T0))) == 8
+    assert len(asyncio.run(round_trip(T0 + 3600))) == 8
