@@ -50,7 +50,7 @@ progress.bind_checkpoint_sender(app, settings, watermarks,
                                 wanted=lambda: any(spec != home for spec in control.current().writes))
 # Reads: each app from the store the migration serves it from, shadow reads compared (app/migration/reads.py).
 read_stats = ReadStats()
-engines = Engines(settings, read_stats, live=aggregator.live, counters=counters)
+engines = Engines(settings, read_stats, live=aggregator.live, counters=counters, started={home: store})
 query = MigratingQuery(settings, control.current, engines, stats=read_stats, counters=counters)
 tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
 notifier = Notifier(settings, counters)

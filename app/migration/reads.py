@@ -276,12 +276,15 @@ class Engines:
     second one on the same store (their own caches, so the comparison reads the store)."""
 
     def __init__(self, settings: Settings, stats: ReadStats, *, live: LiveSource | None = None,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None, started: dict[str, Backend] | None = None) -> None:
+        """``started``: stores the caller already started and stops itself (a worker's own store), reused
+        here rather than opened twice."""
         self.settings = settings
         self.stats = stats
         self.live = live
         self.counters = counters
-        self._stores: dict[str, TimedStore] = {}
+        self._stores: dict[str, TimedStore] = {spec: TimedStore(b, spec, stats) for spec, b in (started or {}).items()}
+        self._owned: set[str] = set()
         self._engines: dict[tuple[str, str], MetricsQuery] = {}
         self._lock = asyncio.Lock()
 
@@ -298,6 +301,7 @@ class Engines:
                                        spec, self.stats)
                     await store.start()
                     self._stores[spec] = store
+                    self._owned.add(spec)
                 # Gauges and cache counters describe what users are served: the shadow engines keep quiet.
                 engine = MetricsQuery(store, live=self.live, settings=self.settings,
                                       counters=self.counters if role == "serve" else None)
@@ -310,7 +314,7 @@ class Engines:
         await self._stores[spec].ping()
 
     async def stop(self) -> None:
-        for store in self._stores.values():
-            await store.stop()
-        self._stores.clear()
+        for spec in self._owned:
+            await self._stores.pop(spec).stop()
+        self._owned.clear()
         self._engines.clear()
