@@ -7,10 +7,18 @@ A message value is one observation object or a JSON array of observations::
     {"kind":"runtime","app":"shop","dyno":"web.1","ts":...,"memory_total_mb":...,"memory_rss_mb":...,
      "memory_swap_mb":...,"memory_quota_mb":...,"load_avg_1m":...}
     {"kind":"metric","app":"shop","dyno":"web.1","ts":...,"name":"db.query_ms","type":"timer","value":3.2}
+    {"kind":"addon","app":"shop","ts":...,"source":"DATABASE","addon":"postgresql-x-123",
+     "samples":{"db_size_mb":25004.8,"active_connections":92.0}}
+    {"kind":"event","app":"shop","dyno":"web.1","ts":...,"name":"R14"}
 
 ``ts`` is event time in epoch ms; the process type is ``dyno`` up to the first dot (``router`` -- requests
 no dyno served -- counts under ``web``, the only process type the router serves). Unknown fields are
 ignored, so producers can send more than we aggregate.
+
+A router request without ``service_ms`` (null or absent) is one the router answered itself (H10 App
+crashed, H14 No web dynos, ...): it counts as a request, by status and error code, but has no latency, so
+it enters no percentile, mean or max. Add-on samples and app-wide events (releases) belong to the app,
+not to a process type: they are kept under the reserved process type :data:`APP_SERIES`.
 
 Decoding has two paths. The fast one decodes and type/bound-checks a whole message in C (msgspec, ~3 M
 observations/s). Only a message that fails it takes the lenient path: parse leniently (orjson, then the
@@ -38,12 +46,24 @@ NonNegative = Annotated[float, Meta(ge=0.0, le=1e15)]
 EpochMs = Annotated[int, Meta(ge=0, le=10**15)]
 
 
+APP_SERIES = "app"
+"""The process type under which add-on samples and app-wide events (releases) are aggregated."""
+EVENT_NAMES = ("crash", "restart", "stop", "exit", "release", "scale",
+               "R10", "R12", "R13", "R14", "R15", "R16", "R17", "R99")
+"""Platform events counted per minute: dyno state to crashed, restart (Restarting/Cycling), stop (SIGTERM or
+SIGKILL sent), exit (process exited), release (deploy, rollback), scale, and the runtime errors R10..R99."""
+MAX_ADDON_SAMPLES = 64
+"""Samples per add-on line: Heroku Postgres sends ~18, Redis ~17; more is a runaway producer."""
+
+SampleName = Annotated[str, Meta(pattern=r"^[a-z0-9_]{1,64}$")]
+
+
 class Router(Struct, tag_field="kind", tag="router", frozen=True, gc=False):
     app: str
     dyno: str
     ts: EpochMs
     status: Annotated[int, Meta(ge=100, le=599)]
-    service_ms: Annotated[float, Meta(ge=0.0, le=MAX_SERVICE_MS)]
+    service_ms: Union[Annotated[float, Meta(ge=0.0, le=MAX_SERVICE_MS)], None] = None
     code: Union[Annotated[str, Meta(pattern=r"^[A-Z][0-9]{1,3}$")], None] = None
 
 
@@ -67,7 +87,26 @@ class Metric(Struct, tag_field="kind", tag="metric", frozen=True, gc=False):
     value: Annotated[float, Meta(ge=-1e300, le=1e300)]  # bounds also refuse NaN and infinities
 
 
-Observation = Union[Router, Runtime, Metric]
+class Addon(Struct, tag_field="kind", tag="addon", frozen=True, gc=False):
+    """One metrics line of an add-on (Heroku Postgres, Redis): gauges in base units (MB, counts, ratios)."""
+    app: str
+    ts: EpochMs
+    source: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")]
+    samples: Annotated[dict[SampleName, Annotated[float, Meta(ge=-1e300, le=1e300)]],
+                       Meta(min_length=1, max_length=MAX_ADDON_SAMPLES)]
+    addon: Union[Annotated[str, Meta(max_length=200)], None] = None
+
+
+class Event(Struct, tag_field="kind", tag="event", frozen=True, gc=False):
+    """A platform event of a dyno (``web.1``), a process type (``web``) or the app (:data:`APP_SERIES`)."""
+    app: str
+    dyno: str
+    ts: EpochMs
+    name: Literal[EVENT_NAMES]  # type: ignore[valid-type]
+
+
+Observation = Union[Router, Runtime, Metric, Addon, Event]
+KINDS = ("router", "runtime", "metric", "addon", "event")
 # gc=False above: the structs hold only str/int/float/None and can never be part of a reference cycle, so
 # the collector need not track the ~500 of them a batched message creates (measured ~10 % faster decode).
 _many = msgspec.json.Decoder(list[Observation])
@@ -139,8 +178,8 @@ def _element_problem(element: Any) -> str | None:
     """What msgspec.convert would let through or explain badly: non-objects, unknown kinds."""
     if not isinstance(element, dict):
         return "observation must be a JSON object"
-    if element.get("kind") not in ("router", "runtime", "metric"):
-        return "kind must be router, runtime or metric"
+    if element.get("kind") not in KINDS:
+        return f"kind must be one of {', '.join(KINDS)}"
     return None
 
 

@@ -172,7 +172,7 @@ class Aggregate:
 
     __slots__ = ("key", "resolution_s", "offset", "response", "status", "failed", "errors",
                  "rss", "swap", "total", "quota_mb", "load", "timers", "counters", "gauges",
-                 "max_centroids")
+                 "addons", "platform", "max_centroids")
 
     def __init__(self, key: BucketKey, *, resolution_s: int = 60,
                  max_centroids: int = DEFAULT_MAX_CENTROIDS) -> None:
@@ -180,8 +180,8 @@ class Aggregate:
         self.resolution_s = resolution_s
         self.max_centroids = max_centroids
         self.offset = -1  # highest input offset folded in: replays at or below it are skipped
-        self.response = Timer(max_centroids)  # one value per request: its count is the request count
-        self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100 (1..5)
+        self.response = Timer(max_centroids)  # one value per request a dyno served (with a service time)
+        self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100 (1..5); their sum is the request count
         self.failed = 0
         self.errors: dict[str, int] = {}
         self.rss = Stat()
@@ -192,14 +192,19 @@ class Aggregate:
         self.timers: dict[str, Timer] = {}
         self.counters: dict[str, float] = {}
         self.gauges: dict[str, Gauge] = {}
+        self.addons: dict[str, dict[str, Gauge]] = {}  # add-on source (DATABASE) -> sample name -> gauge
+        self.platform: dict[str, int] = {}  # platform event name (models.EVENT_NAMES) -> count
 
     @property
     def requests(self) -> int:
-        return self.response.n
+        """Every request, served or not: a router error without a service time counts here only."""
+        s = self.status
+        return s[1] + s[2] + s[3] + s[4] + s[5]
 
     # --- adding observations (tables/windows.py inlines add_request on its hot path) ----------------
-    def add_request(self, status: int, service_ms: float, code: str | None) -> None:
-        self.response.add(service_ms)
+    def add_request(self, status: int, service_ms: float | None, code: str | None) -> None:
+        if service_ms is not None:
+            self.response.add(service_ms)
         self.status[status // 100] += 1
         if status >= 500:
             self.failed += 1
@@ -233,6 +238,19 @@ class Aggregate:
                 g = self.gauges[name] = Gauge()
             g.add(value, ts_ms)
 
+    def add_addon(self, source: str, samples: dict[str, float], ts_ms: int) -> None:
+        gauges = self.addons.get(source)
+        if gauges is None:
+            gauges = self.addons[source] = {}
+        for name, v in samples.items():
+            g = gauges.get(name)
+            if g is None:
+                g = gauges[name] = Gauge()
+            g.add(v, ts_ms)
+
+    def add_event(self, name: str, n: int = 1) -> None:
+        self.platform[name] = self.platform.get(name, 0) + n
+
     # --- combining ---------------------------------------------------------------------------------
     def merge(self, other: "Aggregate") -> None:
         """Fold another bucket in (rollups, query-time merging). Exact for counts/sums/max."""
@@ -259,6 +277,17 @@ class Aggregate:
             if mg is None:
                 mg = self.gauges[name] = Gauge()
             mg.merge(g)
+        for source, gauges in other.addons.items():
+            mine_g = self.addons.get(source)
+            if mine_g is None:
+                mine_g = self.addons[source] = {}
+            for name, g in gauges.items():
+                mg = mine_g.get(name)
+                if mg is None:
+                    mg = mine_g[name] = Gauge()
+                mg.merge(g)
+        for name, n in other.platform.items():
+            self.platform[name] = self.platform.get(name, 0) + n
         self.offset = max(self.offset, other.offset)
 
     # --- serialization -----------------------------------------------------------------------------
@@ -268,7 +297,7 @@ class Aggregate:
             "start_ms": self.key.start_ms, "res_s": self.resolution_s, "off": self.offset,
             "mc": self.max_centroids,
         }
-        if self.requests:
+        if self.requests:  # "resp" always comes with "st", even empty: readers of the first layout need it
             rec["resp"] = self.response.to_dict()
             rec["st"] = self.status[1:]
             rec["fail"] = self.failed
@@ -284,7 +313,11 @@ class Aggregate:
         if self.counters:
             rec["cnt"] = self.counters
         if self.gauges:
-            rec["gau"] = {k: [*g.stat.to_list(), g.last, g.last_ts_ms] for k, g in self.gauges.items()}
+            rec["gau"] = {k: _gauge_list(g) for k, g in self.gauges.items()}
+        if self.addons:
+            rec["add"] = {src: {k: _gauge_list(g) for k, g in gs.items()} for src, gs in self.addons.items()}
+        if self.platform:
+            rec["plat"] = self.platform
         return rec
 
     @classmethod
@@ -308,20 +341,19 @@ class Aggregate:
             agg.load = Stat.from_list(rec["load"])
         agg.timers = {k: Timer.from_dict(v, mc) for k, v in rec.get("tim", {}).items()}
         agg.counters = {k: float(v) for k, v in rec.get("cnt", {}).items()}
-        for k, v in rec.get("gau", {}).items():
-            g = Gauge()
-            g.stat = Stat.from_list(v[:3])
-            g.last, g.last_ts_ms = v[3], int(v[4])
-            agg.gauges[k] = g
+        agg.gauges = {k: _gauge_of(v) for k, v in rec.get("gau", {}).items()}
+        agg.addons = {src: {k: _gauge_of(v) for k, v in gs.items()} for src, gs in rec.get("add", {}).items()}
+        agg.platform = {k: int(v) for k, v in rec.get("plat", {}).items()}
         return agg
 
     def summary(self) -> dict[str, Any]:
         """The query API's point for this bucket; a section is absent when it had no data."""
         point: dict[str, Any] = {"ts": self.key.start_ms // 1000}
         if self.requests:
-            r = self.response.summary()
             point["requests"] = self.requests
-            point["response_ms"] = {k: r[k] for k in ("p50", "p95", "p99", "max", "mean")}
+            if self.response.n:  # absent when no request of the bucket had a service time
+                r = self.response.summary()
+                point["response_ms"] = {k: r[k] for k in ("p50", "p95", "p99", "max", "mean")}
             point["status"] = {c: n for c, n in zip(STATUS_CLASSES, self.status[1:]) if n}
             point["failed"] = self.failed
         if self.errors:
@@ -344,7 +376,27 @@ class Aggregate:
         for name, v in self.counters.items():
             custom[name] = {"type": "counter", "sum": v}
         for name, g in self.gauges.items():
-            custom[name] = {"type": "gauge", "mean": g.stat.mean(), "max": g.stat.max, "last": g.last}
+            custom[name] = {"type": "gauge", **_gauge_point(g)}
         if custom:
             point["metrics"] = custom
+        if self.addons:
+            point["addons"] = {src: {k: _gauge_point(g) for k, g in sorted(gs.items())}
+                               for src, gs in sorted(self.addons.items())}
+        if self.platform:
+            point["platform"] = dict(sorted(self.platform.items()))
         return point
+
+
+def _gauge_list(g: Gauge) -> list[Any]:
+    return [*g.stat.to_list(), g.last, g.last_ts_ms]
+
+
+def _gauge_of(v: list[Any]) -> Gauge:
+    g = Gauge()
+    g.stat = Stat.from_list(v[:3])
+    g.last, g.last_ts_ms = v[3], int(v[4])
+    return g
+
+
+def _gauge_point(g: Gauge) -> dict[str, Any]:
+    return {"mean": g.stat.mean(), "max": g.stat.max, "last": g.last}

@@ -87,8 +87,8 @@ class Minute:
 
     @classmethod
     def from_aggregate(cls, agg: Aggregate) -> "Minute":
-        n = agg.requests  # flushes values still buffered in the timer
-        p95 = agg.response.digest.quantile(0.95) if n else None
+        n = agg.requests
+        p95 = agg.response.digest.quantile(0.95) if agg.response.n else None  # .n flushes buffered values
         return cls(agg.key.app, agg.key.process_type, agg.key.start_ms, n, agg.failed if n else 0,
                    None if p95 is None else float(p95))
 

@@ -214,6 +214,7 @@ class PartitionWindows:
         if prog is None:
             prog = self.apps[app] = AppProgress()
         services = [o.service_ms for o in routers]
+        unserved = None in services  # router errors without a service time: counted, never timed
         statuses = [o.status for o in routers]
         codes = [o.code for o in routers]
         with_code = codes.count(None) != n_routers
@@ -223,10 +224,10 @@ class PartitionWindows:
                 agg = windows[key] = Aggregate(BucketKey(*key), max_centroids=self.max_centroids)
             touched[key] = agg
             if pos is None:
-                agg.response.pending.extend(services)
+                agg.response.pending.extend([v for v in services if v is not None] if unserved else services)
                 by_status = Counter(statuses)
             else:
-                agg.response.pending.extend([services[i] for i in pos])
+                agg.response.pending.extend([v for i in pos if (v := services[i]) is not None])
                 by_status = Counter([statuses[i] for i in pos])
             status = agg.status
             for code_, count in by_status.items():
@@ -265,6 +266,8 @@ class PartitionWindows:
         proc_of = models.process_type
         Router = models.Router
         Runtime = models.Runtime
+        Metric = models.Metric
+        Addon = models.Addon
         for i in positions:
             o = obs[i]
             app = o.app
@@ -281,7 +284,8 @@ class PartitionWindows:
             if offset <= prog.offset:
                 counts.skipped_replay += 1
                 continue
-            proc = proc_of(o.dyno)
+            cls = o.__class__
+            proc = models.APP_SERIES if cls is Addon else proc_of(o.dyno)  # type: ignore[union-attr]
             if proc is None:
                 self._reject(result, "dyno must look like web.1", o, offset, i, indexes, app)
                 continue
@@ -296,7 +300,6 @@ class PartitionWindows:
                     "late", f"minute already closed: ts {ts} < {prog.closed_ms} (grace {self.grace_ms} ms)",
                     models.echo(o), offset, i if indexes is None else indexes[i], app))
                 continue
-            cls = o.__class__
             if cls is Runtime:
                 r: models.Runtime = o  # type: ignore[assignment]
                 if (r.memory_rss_mb is None and r.memory_swap_mb is None and r.memory_total_mb is None
@@ -304,7 +307,7 @@ class PartitionWindows:
                     self._reject(result, "runtime sample has no memory_* or load_avg_1m field", o, offset, i,
                                  indexes, app)
                     continue
-            elif cls is not Router:
+            elif cls is Metric:
                 m: models.Metric = o  # type: ignore[assignment]
                 if m.type == "timer" and m.value < 0:
                     self._reject(result, "timer value must be >= 0", o, offset, i, indexes, app)
@@ -321,7 +324,9 @@ class PartitionWindows:
                 slot = slots[key] = (agg, agg.response.pending.append, agg.status)
                 touched[key] = agg
             if cls is Router:
-                slot[1](o.service_ms)  # type: ignore[union-attr]
+                service = o.service_ms  # type: ignore[union-attr]
+                if service is not None:
+                    slot[1](service)
                 status = o.status  # type: ignore[union-attr]
                 slot[2][status // 100] += 1
                 if status >= 500:
@@ -332,8 +337,13 @@ class PartitionWindows:
             elif cls is Runtime:
                 slot[0].add_runtime(r.memory_rss_mb, r.memory_swap_mb, r.memory_total_mb, r.memory_quota_mb,
                                     r.load_avg_1m)
-            else:
+            elif cls is Metric:
                 slot[0].add_metric(m.name, m.type, m.value, ts)
+            elif cls is Addon:
+                a: models.Addon = o  # type: ignore[assignment]
+                slot[0].add_addon(a.source, a.samples, ts)
+            else:
+                slot[0].add_event(o.name)  # type: ignore[union-attr]
             accepted += 1
             if ts > prog.wm_ms:
                 prog.wm_ms = ts

@@ -20,6 +20,7 @@ Written for speed (this is the ingest hot path): bytes in, no per-field decoding
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,10 +28,12 @@ from typing import Any
 
 import orjson
 
+from app.models import APP_SERIES, EVENT_NAMES, MAX_ADDON_SAMPLES
+
 # The common case in one anchored match, straight to JSON bytes (no split, no dict, no encoder). Field
 # patterns are strict enough that the captured bytes are safe to embed in JSON unescaped.
 _ROUTER_FAST = re.compile(
-    rb"<\d{1,3}>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) \S+ heroku router \S+ at=(?:info|error)(?: code=(H\d{1,3}))?.* dyno=([\w.\-]{1,100}) "
+    rb"<\d{1,3}>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) \S+ heroku router \S+ at=(?:info|error)(?: code=(H\d{1,3}))?(?! code=).* dyno=([\w.\-]{1,100}) "
     rb"connect=(0|[1-9]\d{0,8}|)(?:ms)? service=(0|[1-9]\d{0,7})(?:ms)? status=([1-5]\d\d)"
     rb"(?: bytes=(0|[1-9]\d{0,14}|)(?=\s|$))?")
 # Numbers with leading zeros ("bytes=007") are not JSON: such lines miss the fast path and are converted
@@ -40,7 +43,7 @@ _FRACTION_MS = {f"{i:0{w}d}".encode(): int(f"{i:0{w}d}".ljust(3, "0")) for w in 
 _ROUTER_HEAD = re.compile(rb"at=(\w+)(?: code=(H\d{1,3}))?")
 _ROUTER_TAIL = re.compile(
     rb"dyno=(\S+) connect=(\d*)(?:ms)? service=(\d+)(?:ms)? status=(\d+)(?: bytes=(\d*))?")
-_SAMPLE = re.compile(rb"sample#(\w+)=([0-9.]+)(MB|pages)?")
+_SAMPLE = re.compile(rb"sample#(\w+)=([0-9.]+)([A-Za-z]*)")
 _SOURCE = re.compile(rb"source=(\S+)")
 _RUNTIME_FIELDS = {
     b"memory_rss": "memory_rss_mb", b"memory_swap": "memory_swap_mb", b"memory_total": "memory_total_mb",
@@ -166,18 +169,16 @@ def parse_frame(body: bytes, app: str) -> ParsedFrame:
         if len(parts) < 7:
             out.ignored += 1
             continue
-        appname, procid, text = parts[3], parts[4], parts[6]
-        if procid == b"router" and appname == b"heroku":
-            o = _router(parts[1], text, app)
-        elif b"sample#" in text:
-            o = _runtime(parts[1], text, app)
-        else:
+        o = _classify(parts[1], parts[3], parts[4], parts[6].rstrip(b"\r\n"), app)
+        if o is None:
             out.ignored += 1
-            continue
-        if isinstance(o, str):
+        elif isinstance(o, str):
             out.bad.append(BadLine(o, _text(body, start, end)))
         else:
-            encoded.append(orjson.dumps(o))
+            good, reason = o
+            encoded.extend(orjson.dumps(x) for x in good)
+            if reason is not None:
+                out.bad.append(BadLine(reason, _text(body, start, end)))
     return out
 
 
@@ -185,49 +186,254 @@ def _text(body: bytes, start: int, end: int) -> str:
     return body[start:min(end, start + 2048)].decode("utf-8", "replace")
 
 
-def _router(ts: bytes, text: bytes, app: str) -> dict[str, Any] | str:
-    head = _ROUTER_HEAD.match(text)
-    at = text.rfind(b" dyno=")
-    tail = _ROUTER_TAIL.match(text, at + 1) if at >= 0 else None
-    if head is None or tail is None:
-        return "router line lacks at=/dyno=/connect=/service=/status="
+Parsed = tuple[list[dict[str, Any]], str | None] | str | None
+"""What a line becomes: (observations, reason some part was refused) | the reason it was refused | None
+(not a line we count: ignored)."""
+
+_KV = re.compile(rb'([A-Za-z_][\w.\-]*)=("(?:[^"\\]|\\.)*"|\S*)')
+_MS = re.compile(rb"(\d{1,12})(?:ms)?\Z")
+_INT = re.compile(rb"\d{1,15}\Z")
+_CODE = re.compile(rb"[A-Z]\d{1,3}\Z")
+_UNIT_NUMBER = re.compile(rb"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,3})?)([A-Za-z%/\xc2\xb5]{0,16})\Z")
+_ADDON_SAMPLE = re.compile(rb"sample#([A-Za-z0-9_\-]{1,64})=(\S+)")
+_L2MET = re.compile(rb"(?:^|\s)(count|measure|sample)#([^=\s]*)=?(\S*)")
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-:/]{0,199}\Z")
+_STATE = re.compile(rb"State changed from \w+ to (\w+)")
+_DYNO_EVENTS = ((b"Restarting", "restart"), (b"Cycling", "restart"), (b"Stopping all processes with SIG", "stop"),
+                (b"Stopping process with SIG", "stop"), (b"Process exited with status ", "exit"))
+_RUNTIME_ERROR = re.compile(rb"Error (R\d\d)\b")
+_RELEASE = re.compile(rb"(?:Release v\d+ created by |Deploy \S+ by |Rollback to v\d+ by |Promote )")
+_SCALED = re.compile(rb"Scaled? to (.*?)(?: by |\Z)")
+_SCALE_PART = re.compile(rb"([A-Za-z0-9_\-]{1,100})(?:@|=)\d+")
+_TO_MB = {b"MB": 1.0, b"kB": 1 / 1024, b"KB": 1 / 1024, b"GB": 1024.0, b"bytes": 1 / 1048576, b"B": 1 / 1048576,
+          b"pages": 4096 / 1048576}
+"""Memory units Heroku logs -> MB (a page is 4 KiB on Heroku's Linux dynos)."""
+_TO_MS = {b"ms": 1.0, b"s": 1000.0, b"us": 1e-3, b"\xc2\xb5s": 1e-3, b"ns": 1e-6, b"min": 60_000.0, b"h": 3_600_000.0}
+
+
+def _classify(ts: bytes, appname: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
+    """One message's kind by who logged it: Heroku's router and dynos (APP-NAME ``heroku``), add-ons and the
+    platform API (APP-NAME ``app``, PROCID ``heroku-postgres``/``heroku-redis``/``api``), or the app itself."""
+    if text[:2] == b"- ":  # a nil STRUCTURED-DATA field (log-shuttle, RFC 5424 senders): not part of the text
+        text = text[2:]
+    if appname == b"heroku":
+        if procid == b"router":
+            return _router(ts, text, app)
+        if b"sample#" in text:
+            return _runtime(ts, text, app)
+        return _dyno_event(ts, procid, text, app)
+    if procid.startswith(b"heroku-") or (b"sample#" in text and b" addon=" in text):
+        return _addon(ts, procid, text, app)
+    if procid == b"api":
+        return _api_event(ts, text, app)
+    if b"#" in text:
+        return _l2met(ts, procid, text, app)
+    return None
+
+
+def _ts(ts: bytes) -> int | str:
     try:
-        ts_ms = parse_ts_ms(ts)
+        return parse_ts_ms(ts)
     except ValueError:
         return f"bad syslog timestamp {ts[:40]!r}"
-    dyno, connect, service, status, nbytes = tail.groups()
-    service_ms = int(service)
-    if service_ms > MAX_SERVICE_MS:
+
+
+def _router(ts: bytes, text: bytes, app: str) -> Parsed:
+    """Any router line the fast path did not take: ``sock=`` first, empty fields, ``queue=``/``wait=``."""
+    fields: dict[bytes, bytes] = {}
+    for k, v in _KV.findall(text):
+        fields.setdefault(k, v)
+    at = fields.get(b"at")
+    status_raw = fields.get(b"status")
+    if not at or status_raw is None:
+        return "router line lacks at= or status="
+    if not status_raw:
+        return "router line has an empty status= (no status class to count the request under)"
+    if not _INT.match(status_raw) or not 100 <= int(status_raw) <= 599:
+        return f"status {status_raw[:20]!r} outside 100..599"
+    service = fields.get(b"service", b"")
+    connect = fields.get(b"connect", b"")
+    nbytes = fields.get(b"bytes", b"")
+    for name, raw, pattern in ((b"service", service, _MS), (b"connect", connect, _MS), (b"bytes", nbytes, _INT)):
+        if raw and not pattern.match(raw):
+            return f"{name.decode()}={raw[:20].decode('utf-8', 'replace')} is not a number of ms/bytes"
+    service_ms = int(_MS.match(service).group(1)) if service else None  # type: ignore[union-attr]
+    if service_ms is not None and service_ms > MAX_SERVICE_MS:
         return "service time above one day"
-    st = int(status)
-    if not 100 <= st <= 599:
-        return f"status {st} outside 100..599"
-    code = head.group(2)
-    return {"kind": "router", "app": app, "dyno": _dyno(dyno), "ts": ts_ms, "status": st,
-            "service_ms": float(service_ms), "connect_ms": float(connect) if connect else None,
-            "bytes": int(nbytes) if nbytes else None, "code": code.decode() if code else None}
+    code = fields.get(b"code")
+    if code is not None and not _CODE.match(code):
+        return f"code={code[:20].decode('utf-8', 'replace')} is not a router error code like H12"
+    ts_ms = _ts(ts)
+    if isinstance(ts_ms, str):
+        return ts_ms
+    dyno = fields.get(b"dyno")
+    return [{"kind": "router", "app": app, "dyno": _dyno(dyno) if dyno else "router", "ts": ts_ms,
+             "status": int(status_raw), "service_ms": None if service_ms is None else float(service_ms),
+             "connect_ms": float(_MS.match(connect).group(1)) if connect else None,  # type: ignore[union-attr]
+             "bytes": int(nbytes) if nbytes else None, "code": code.decode() if code else None}], None
 
 
-def _runtime(ts: bytes, text: bytes, app: str) -> dict[str, Any] | str:
+def _runtime(ts: bytes, text: bytes, app: str) -> Parsed:
+    """log-runtime-metrics; a line with none of the samples we keep (``sample#diskmbytes``) is ignored."""
     src = _SOURCE.search(text)
     if src is None:
         return "runtime sample line lacks source="
-    try:
-        ts_ms = parse_ts_ms(ts)
-    except ValueError:
-        return f"bad syslog timestamp {ts[:40]!r}"
-    o: dict[str, Any] = {"kind": "runtime", "app": app, "dyno": _dyno(src.group(1)),
-                         "ts": ts_ms}
+    o: dict[str, Any] = {"kind": "runtime", "app": app, "dyno": _dyno(src.group(1)), "ts": 0}
     for name, value, unit in _SAMPLE.findall(text):
         key = _RUNTIME_FIELDS.get(name)
         if key is None:
             continue
-        if name.startswith(b"memory") and unit != b"MB":
-            return f"sample#{name.decode()} must be in MB"
         try:
-            o[key] = float(value)
+            v = float(value)
         except ValueError:
             return f"sample#{name.decode()}={value.decode()} is not a number"
+        if name.startswith(b"memory"):
+            scale = _TO_MB.get(unit or b"MB")
+            if scale is None:
+                return f"sample#{name.decode()} has unit {unit.decode()!r}; expected MB, kB, GB or bytes"
+            v *= scale
+        o[key] = v
     if len(o) == 4:
-        return "runtime line has no memory or load_avg_1m sample"
-    return o
+        return None
+    ts_ms = _ts(ts)
+    if isinstance(ts_ms, str):
+        return ts_ms
+    o["ts"] = ts_ms
+    return [o], None
+
+
+def _number(raw: bytes) -> tuple[float, bytes] | None:
+    m = _UNIT_NUMBER.match(raw)
+    if m is None:
+        return None
+    v = float(m.group(1))
+    return (v, m.group(2)) if math.isfinite(v) else None
+
+
+def _addon(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
+    """Heroku Postgres / Redis metrics -> one ``addon`` observation of gauges in MB or plain numbers.
+
+    Never a dead letter: a sample we cannot read is skipped (the platform, not the user, wrote the line)."""
+    src = _SOURCE.search(text)
+    source = (src.group(1) if src else procid).decode("utf-8", "replace")[:100]
+    samples: dict[str, float] = {}
+    for name, raw in _ADDON_SAMPLE.findall(text):
+        got = _number(raw)
+        if got is None or len(samples) >= MAX_ADDON_SAMPLES:
+            continue
+        v, unit = got
+        key = name.decode().lower().replace("-", "_")
+        scale = _TO_MB.get(unit)
+        if scale is not None:
+            v, key = v * scale, key + "_mb"
+        elif unit:
+            key = f"{key}_{_unit_suffix(unit)}"
+        samples[key[:64]] = v
+    if not samples:
+        return None
+    ts_ms = _ts(ts)
+    if isinstance(ts_ms, str):
+        return None
+    addon = _ADDON_NAME.search(text)
+    return [{"kind": "addon", "app": app, "ts": ts_ms, "source": _ADDON_SOURCE.sub("_", source) or "addon",
+             "addon": addon.group(1).decode("utf-8", "replace")[:200] if addon else None,
+             "samples": samples}], None
+
+
+_ADDON_NAME = re.compile(rb"\baddon=(\S+)")
+_ADDON_SOURCE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def _unit_suffix(unit: bytes) -> str:
+    return unit.decode("utf-8", "replace").replace("%", "pct").replace("/", "_per_").replace("\u00b5", "u")
+
+
+def _dyno_event(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
+    """Dyno lifecycle and runtime errors logged by Heroku for ``procid`` (``web.1``); anything else: None."""
+    name: str | None = None
+    m = _STATE.match(text)
+    if m is not None:
+        name = "crash" if m.group(1) == b"crashed" else None
+    else:
+        err = _RUNTIME_ERROR.match(text)
+        if err is not None:
+            code = err.group(1).decode()
+            name = code if code in EVENT_NAMES else None
+        else:
+            for prefix, event in _DYNO_EVENTS:
+                if text.startswith(prefix):
+                    name = event
+                    break
+    if name is None:
+        return None
+    ts_ms = _ts(ts)
+    if isinstance(ts_ms, str):
+        return ts_ms
+    return [{"kind": "event", "app": app, "dyno": _dyno(procid), "ts": ts_ms, "name": name}], None
+
+
+def _api_event(ts: bytes, text: bytes, app: str) -> Parsed:
+    """Platform API lines: releases (app-wide) and scaling (one event per process type it names)."""
+    dynos: list[str] = []
+    if _RELEASE.match(text):
+        name, dynos = "release", [APP_SERIES]
+    else:
+        m = _SCALED.match(text)
+        if m is None:
+            return None
+        name = "scale"
+        dynos = list(dict.fromkeys(p.decode() for p in _SCALE_PART.findall(m.group(1))))
+        if not dynos:
+            return None
+    ts_ms = _ts(ts)
+    if isinstance(ts_ms, str):
+        return ts_ms
+    return [{"kind": "event", "app": app, "dyno": d, "ts": ts_ms, "name": name} for d in dynos], None
+
+
+def _l2met(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
+    """l2met custom metrics in an app's own log line: ``count#`` counter, ``measure#`` timer (time units
+    normalised to ms), ``sample#`` gauge; other units are kept as a name suffix (``db.size_MB``). An optional
+    ``source=`` becomes a name suffix (``db.query:us-east``). A malformed one is refused with its reason; the
+    line's well-formed ones still count."""
+    found = _L2MET.findall(text)
+    if not found:
+        return None
+    src = _SOURCE.search(text)
+    suffix = ":" + src.group(1).decode("utf-8", "replace") if src else ""
+    ts_ms = _ts(ts)
+    if isinstance(ts_ms, str):
+        return ts_ms
+    dyno = _dyno(procid)
+    good: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for kind, raw_name, raw_value in found:
+        name = raw_name.decode("utf-8", "replace")
+        label = f"{kind.decode()}#{name}"
+        got = _number(raw_value)
+        if got is None:
+            problems.append(f"{label}={raw_value[:40].decode('utf-8', 'replace')} is not a number with a unit")
+            continue
+        value, unit = got
+        mtype = _L2MET_TYPES[kind]
+        if unit:
+            scale = _TO_MS.get(unit) if mtype == "timer" else None
+            if scale is not None:
+                value *= scale
+            else:
+                name = f"{name}_{_unit_suffix(unit)}"
+        name += suffix
+        if not _METRIC_NAME.match(name):
+            problems.append(f"{label}: metric name {name[:60]!r} must be 1..200 characters of [A-Za-z0-9_.-:/]")
+            continue
+        if mtype == "timer" and value < 0:
+            problems.append(f"{label}: a measure must be >= 0")
+            continue
+        good.append({"kind": "metric", "app": app, "dyno": dyno, "ts": ts_ms, "name": name, "type": mtype,
+                     "value": value})
+    if not good:
+        return "; ".join(problems)
+    return good, "; ".join(problems) if problems else None
+
+
+_L2MET_TYPES = {b"count": "counter", b"measure": "timer", b"sample": "gauge"}
