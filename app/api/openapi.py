@@ -60,8 +60,11 @@ def document(settings: Settings) -> dict[str, Any]:
                        "buckets merge the minutes' t-digests (percentiles are not averaged).",
         "properties": {
             "ts": {"type": "integer", "description": "bucket start, epoch seconds"},
-            "requests": {"type": "integer"},
-            "response_ms": {"type": "object", "properties": {k: _num() for k in ("p50", "p95", "p99", "max", "mean")}},
+            "requests": {"type": "integer", "description": "every request, including router errors no dyno "
+                                                           "served (H10, H14, ...)"},
+            "response_ms": {"type": "object", "description": "over the requests with a service time only; absent "
+                            "when none had one", "properties": {k: _num() for k in ("p50", "p95", "p99", "max",
+                                                                                      "mean")}},
             "status": {"type": "object", "description": "requests per status class (1xx..5xx), classes with 0 omitted",
                        "additionalProperties": {"type": "integer"}},
             "failed": {"type": "integer", "description": "requests with status >= 500"},
@@ -71,7 +74,15 @@ def document(settings: Settings) -> dict[str, Any]:
                 k: _num() for k in ("rss_mean", "rss_max", "swap_mean", "swap_max", "total_mean", "total_max",
                                     "quota")}},
             "load": {"type": "object", "properties": {"mean": _num(), "max": _num()}},
-            "metrics": {"type": "object", "description": "custom metrics by name", "additionalProperties": stats_obj},
+            "metrics": {"type": "object", "description": "custom metrics by name (l2met count#/measure#/sample# "
+                        "lines become counter/timer/gauge)", "additionalProperties": stats_obj},
+            "platform": {"type": "object", "description": "platform events in the bucket by name: crash, restart, "
+                         "stop, exit, scale, R10..R99 (this process type's dynos); release (process type `app`)",
+                         "additionalProperties": {"type": "integer"}},
+            "addons": {"type": "object", "description": "process type `app` only: add-on metrics by source "
+                       "(DATABASE, REDIS, ...), each sample's mean/max/last; sizes in MB",
+                       "additionalProperties": {"type": "object", "additionalProperties": {
+                           "type": "object", "properties": {"mean": _num(), "max": _num(), "last": _num()}}}},
         },
     }
     auth_responses = {
@@ -111,7 +122,8 @@ def document(settings: Settings) -> dict[str, Any]:
                 "parameters": [
                     {"name": "app", "in": "path", "required": True,
                      "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}},
-                    {"name": "process_type", "in": "query", "schema": {"type": "string", "default": "web"}},
+                    {"name": "process_type", "in": "query", "schema": {"type": "string", "default": "web"},
+                     "description": "web, worker, ...; `app` for add-on metrics and releases"},
                     {"name": "since", "in": "query", "description": "epoch seconds (default: until - 1 h); "
                      "rounded down to the resolution", "schema": {"type": "integer"}},
                     {"name": "until", "in": "query", "description": "epoch seconds, exclusive (default: now, "

@@ -5,16 +5,21 @@ A frame body (``Content-Type: application/logplex-1``) is a sequence of octet-co
     83 <40>1 2012-11-30T06:45:29+00:00 host app web.3 - State changed from starting to up
 
 Heroku's messages carry no structured-data field: after PRI/VERSION come TIMESTAMP HOSTNAME APP-NAME
-PROCID MSGID and the text. Two kinds of line become observations:
+PROCID MSGID and the text (a nil ``-`` structured-data field, as log-shuttle sends, is skipped). Who logged
+a line (APP-NAME, PROCID) says what it is:
 
-* router lines (APP-NAME ``heroku``, PROCID ``router``): ``at=info|error [code=H12 desc="..."] method=...
-  path="..." host=... request_id=... fwd="..." dyno=web.1 connect=0ms service=2ms status=200 bytes=415``
-  -> a ``router`` observation (``connect`` may be empty, ``dyno`` may be ``router``);
-* log-runtime-metrics lines (``source=web.1 dyno=heroku.… sample#memory_rss=21.22MB …``, MB or pages
-  units) -> a ``runtime`` observation with the MB and load fields present on that line.
+* ``heroku router``: a request -> ``router``. The fast path takes the common form in one regex; the rest
+  (``sock=`` first, empty ``dyno=``/``connect=``/``service=``/``bytes=`` on errors the router answered
+  itself, the pre-2013 ``queue=``/``wait=``) goes through a key=value scan. No service time -> none in the
+  observation: such a request is counted but never timed.
+* ``heroku web.1``: log-runtime-metrics (``sample#memory_rss=21.22MB``) -> ``runtime``; dyno lifecycle and
+  runtime errors (``State changed from up to crashed``, ``Error R14 (...)``) -> ``event``.
+* ``app heroku-postgres`` / ``app heroku-redis``: add-on metrics -> ``addon`` (never a dead letter).
+* ``app api``: releases and scaling -> ``event``.
+* ``app web.1``: l2met custom metrics (``count#``, ``measure#``, ``sample#``) -> ``metric``.
 
-Everything else (app output, platform events) is ignored and counted. A router or runtime line that does
-not parse is returned as a :class:`BadLine` with a reason; the rest of the frame still counts.
+Everything else (app output, other platform lines) is ignored and counted. A line of one of these kinds that
+is really malformed is returned as a :class:`BadLine` with a reason; the rest of the frame still counts.
 Written for speed (this is the ingest hot path): bytes in, no per-field decoding beyond what is kept.
 """
 

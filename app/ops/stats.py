@@ -35,10 +35,10 @@ CATALOGUE: Final[dict[str, str]] = {
                     "(403s in the ingest log) and the drain URL.",
     "drain_frames_deduplicated": "Retried frames answered 2xx without producing (already delivered). Sustained "
                                  "growth: senders time out before we answer; check Kafka ack latency.",
-    "drain_lines_ignored": "Drain lines that are neither router nor runtime-metrics lines (app output, events). "
+    "drain_lines_ignored": "Drain lines that carry nothing we count (app output, other platform lines). "
                            "Informational.",
-    "drain_lines_bad": "Router/runtime lines that did not parse (dead-lettered with the line). Rising: a log "
-                       "format change upstream; read the DLQ reasons.",
+    "drain_lines_bad": "Router/runtime/l2met lines that did not parse (dead-lettered with the line). Rising: a "
+                       "log format change upstream or an app logging malformed l2met; read the DLQ reasons.",
     "ingest_observations_produced": "Observations acknowledged by Kafka from the HTTP endpoints.",
     "ingest_records_rejected": "JSON API records refused (reasons returned to the client). Rising: a producer "
                                "sends bad or foreign-app records.",

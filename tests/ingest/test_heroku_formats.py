@@ -86,7 +86,8 @@ def test_sock_before_at_the_current_h18_h27_form() -> None:
 
 def test_pre_2013_queue_and_wait_fields_are_ignored() -> None:
     o = one(router_line(b"at=info method=GET path=/api/v1/things?ids=a,b,c host=shop.herokuapp.com "
-                        b"fwd=198.51.100.7 dyno=web.11 queue=0 wait=0ms connect=2ms service=31ms status=200 bytes=5120"))
+                        b"fwd=198.51.100.7 dyno=web.11 queue=0 wait=0ms connect=2ms service=31ms status=200 "
+                        b"bytes=5120"))
     two_fwd = one(router_line(b'at=info method=GET path=/ host=shop.herokuapp.com request_id=9d1e fwd="198.51.100.7, '
                               b'203.0.113.1" dyno=web.1 queue=3 wait=12ms connect=1ms service=7ms status=304 bytes=0'))
     empty_fwd = one(router_line(b"at=info method=POST path=/q host=shop.herokuapp.com fwd= dyno=web.2 queue=0 "
@@ -180,8 +181,8 @@ def test_release_is_app_wide_and_scaling_names_each_process_type() -> None:
     release = one(dyno_line(b"api", b"Release v42 created by user dev@example.com", app=b"app", pri=b"134"))
     deploy = one(dyno_line(b"api", b"Deploy 2c3d4e5 by user dev@example.com", app=b"app"))
     assert (release["dyno"], release["name"]) == (models.APP_SERIES, "release") and deploy["name"] == "release"
-    p = parse_frame(frame([dyno_line(b"api", b"Scaled to clock@1:Standard-1X web@4:Performance-M by user ops@example.com",
-                                     app=b"app")]), "shop")
+    scaled = b"Scaled to clock@1:Standard-1X web@4:Performance-M by user ops@example.com"
+    p = parse_frame(frame([dyno_line(b"api", scaled, app=b"app")]), "shop")
     assert [(o["dyno"], o["name"]) for o in p.observations] == [("clock", "scale"), ("web", "scale")]
 
 
@@ -190,7 +191,7 @@ def test_other_platform_lines_are_ignored_not_dead_lettered() -> None:
              dyno_line(b"web.1", b"Starting process with command `bundle exec puma -C config/puma.rb`"),
              dyno_line(b"web.1", b"Process running mem=531M(103.7%)"),
              dyno_line(b"web.1", b"Error R11 (Bad bind) -> Process bound to port 5000"),
-             dyno_line(b"logplex", b"Error L10 (output buffer overflow): 20 messages dropped since 2026-11-02", pri=b"172"),
+             dyno_line(b"logplex", b"Error L10 (output buffer overflow): 20 messages dropped", pri=b"172"),
              dyno_line(b"api", b"Set SECRET_KEY config vars by user dev@example.com", app=b"app"),
              dyno_line(b"web.1", b"Listening on tcp://0.0.0.0:5000 (pid 4) -- GET / 200 in 3ms", app=b"app"),
              dyno_line(b"web.1", "Bestellung für Müller übernommen — 3 Artikel".encode(), app=b"app")]

@@ -9,8 +9,17 @@
   const PALETTE = ["#c33", "#e90", "#58c", "#93c", "#3a7", "#888", "#c6c", "#088"];
   const ALERT_COLORS = { firing: "#c00", still_firing: "#e60", resolved: "#2a2" };
   const SCALE_COLORS = { up: "#06c", down: "#639" };
+  const CHARTS = ["response", "throughput", "errors", "memory", "load"];
+  // Platform events (point.platform counts): where each is drawn, and its colour.
+  const PLATFORM_ON = { R14: ["memory"], R15: ["memory"], scale: ["load"], R10: ["throughput"], R12: ["throughput"],
+                        R13: ["throughput"], R16: ["throughput"], R17: ["throughput"], R99: ["throughput"],
+                        crash: CHARTS, restart: CHARTS, release: CHARTS };
+  const PLATFORM_COLORS = { R14: "#c60", R15: "#900", crash: "#c00", restart: "#777", release: "#2a6", scale: "#06c" };
+  const ADDON_GROUPS = [["memory (MB)", (k) => k.endsWith("_mb")], ["load", (k) => k.startsWith("load_avg")],
+                        ["connections", (k) => k.includes("connections")],
+                        ["ratios", (k) => k.endsWith("_rate") || k.includes("percentage")], ["other", () => true]];
   const state = { fetches: 0, charts: {}, last: null, events: [], markers: {}, drawn: {}, token: null, app: null,
-                  timer: null, seq: 0 };
+                  timer: null, seq: 0, addons: [], appDoc: null };
   window.dashboard = state;
 
   function showError(message) {
@@ -89,6 +98,60 @@
     return { response: alerts, load: scaling };
   }
 
+  // Platform events of this process type's points, plus the app-wide ones (releases) of the `app` series.
+  function platformMarkers(doc, appDoc) {
+    const out = Object.fromEntries(CHARTS.map((c) => [c, []]));
+    const add = (points, only) => {
+      for (const p of points || []) {
+        for (const [name, n] of Object.entries(p.platform || {})) {
+          if (only && !only.includes(name)) continue;
+          for (const chart of PLATFORM_ON[name] || []) {
+            out[chart].push({ ts: p.ts, color: PLATFORM_COLORS[name] || "#555", label: n > 1 ? `${name} ×${n}` : name,
+                              title: `${n} × ${name} in this bucket` });
+          }
+        }
+      }
+    };
+    add(doc.points, null);
+    if (appDoc && appDoc !== doc) add(appDoc.points, ["release"]);
+    return out;
+  }
+
+  function drawAddons(appDoc) {
+    const box = $("addon-charts");
+    for (const name of Object.keys(state.charts)) {
+      if (name.startsWith("addon-")) { state.charts[name].destroy(); delete state.charts[name]; }
+    }
+    box.textContent = "";
+    const pts = appDoc ? appDoc.points : [];
+    const sources = [...new Set(pts.flatMap((p) => Object.keys(p.addons || {})))].sort();
+    $("addons").hidden = !sources.length;
+    state.addons = [];
+    const xs = pts.map((p) => p.ts);
+    sources.forEach((src, si) => {
+      const samples = [...new Set(pts.flatMap((p) => Object.keys((p.addons || {})[src] || {})))].sort();
+      const taken = new Set();
+      ADDON_GROUPS.forEach(([group, test], gi) => {
+        const names = samples.filter((k) => !taken.has(k) && test(k));
+        names.forEach((k) => taken.add(k));
+        if (!names.length) return;
+        const name = `addon-${si}-${gi}`;
+        const section = document.createElement("div");
+        const h = document.createElement("h3");
+        h.textContent = `${src} · ${group}`;
+        const el = document.createElement("div");
+        el.className = "chart";
+        el.id = "chart-" + name;
+        section.append(h, el);
+        box.appendChild(section);
+        const series = names.map((k, i) => [k, PALETTE[i % PALETTE.length],
+          pick(pts, (p) => { const g = ((p.addons || {})[src] || {})[k]; return g ? g.mean : undefined; })]);
+        draw(name, xs, series, false, [], appDoc.resolution_s);
+        state.addons.push(`${src} · ${group}`);
+      });
+    });
+  }
+
   function markerPlugin(name, markers) {
     return { hooks: { draw: [(u) => {
       const ctx = u.ctx;
@@ -145,14 +208,17 @@
     state.charts[name] = new uPlot(opts, [xs, ...shown.map((s) => s[2])], el);
   }
 
-  function render(doc, events) {
+  function render(doc, events, appDoc) {
     const specs = chartSpecs(doc);
     const markers = markerSpecs(events);
+    const platform = platformMarkers(doc, appDoc);
     state.markers = {};
     state.drawn = {};
-    for (const name of ["response", "throughput", "errors", "memory", "load"]) {
-      draw(name, specs.xs, specs[name].series, specs[name].log, markers[name], doc.resolution_s);
+    for (const name of CHARTS) {
+      draw(name, specs.xs, specs[name].series, specs[name].log, [...(markers[name] || []), ...platform[name]],
+           doc.resolution_s);
     }
+    drawAddons(appDoc);
   }
 
   async function load() {
@@ -165,17 +231,22 @@
     setStatus("loading…");
     try {
       const base = "/v1/apps/" + encodeURIComponent(state.app);
-      const [doc, ev] = await Promise.all([
+      const appQs = new URLSearchParams({ process_type: "app", since: String(until - span), until: String(until) });
+      const [doc, ev, appWide] = await Promise.all([
         api(base + "/metrics?" + qs),
         // Markers are an extra: the charts still show when the events cannot be read.
         api(base + "/events?" + new URLSearchParams({ process_type: proc, since: String(until - span),
                                                       until: String(until) })).catch(() => ({ events: [] })),
+        // Add-on metrics and releases belong to the whole app (process type `app`): also an extra.
+        proc === "app" ? Promise.resolve(null) : api(base + "/metrics?" + appQs).catch(() => null),
       ]);
+      const appDoc = proc === "app" ? doc : appWide;
       if (seq !== state.seq) return;  // a newer request (range switch) superseded this one
       clearError();
       state.last = doc;
       state.events = ev.events;
-      render(doc, ev.events);
+      state.appDoc = appDoc;
+      render(doc, ev.events, appDoc);
       setStatus(`${doc.app} · ${doc.process_type} · ${doc.points.length} points at ${doc.resolution_s / 60} min ` +
                 `resolution · ${ev.events.length} alert/scaling events ` +
                 `· updated ${new Date().toLocaleTimeString()} · refreshes every minute`);
