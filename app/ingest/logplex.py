@@ -38,7 +38,8 @@ from app.models import APP_SERIES, EVENT_NAMES, MAX_ADDON_SAMPLES
 # The common case in one anchored match, straight to JSON bytes (no split, no dict, no encoder). Field
 # patterns are strict enough that the captured bytes are safe to embed in JSON unescaped.
 _ROUTER_FAST = re.compile(
-    rb"<\d{1,3}>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) \S+ heroku router \S+ at=(?:info|error)(?: code=(H\d{1,3}))?(?! code=).* dyno=([\w.\-]{1,100}) "
+    rb"<\d{1,3}>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) \S+ heroku router \S+ "
+    rb"at=(?:info|error)(?: code=(H\d{1,3}))?(?! code=).* dyno=([\w.\-]{1,100}) "
     rb"connect=(0|[1-9]\d{0,8}|)(?:ms)? service=(0|[1-9]\d{0,7})(?:ms)? status=([1-5]\d\d)"
     rb"(?: bytes=(0|[1-9]\d{0,14}|)(?=\s|$))?")
 # Numbers with leading zeros ("bytes=007") are not JSON: such lines miss the fast path and are converted
