@@ -166,17 +166,26 @@ async def test_query_reads_rollups_written_by_the_job_same_as_merging_minutes() 
 def _minute_from(start_s: int, spec: dict[str, Any]) -> Aggregate:
     a = Aggregate(BucketKey("shop", "web", start_s * 1000), max_centroids=200)
     for status, ms in spec["requests"]:
-        a.add_request(status, float(ms), f"H{status % 30}" if status >= 500 else None)
+        a.add_request(status, None if ms < 0 else float(ms), f"H{status % 30}" if status >= 500 else None)
     if spec["rss"] is not None:
         a.add_runtime(spec["rss"], 0.0, spec["rss"] + 10.0, 512.0, spec["rss"] / 1000)
     for name, kind, v in spec["metrics"]:
         a.add_metric(name, kind, v, start_s * 1000 + 5)
+    for source, samples in spec["addons"]:
+        a.add_addon(source, samples, start_s * 1000 + 7)
+    for event in spec["platform"]:
+        a.add_event(event)
     return a
 
 
 MINUTE = st.fixed_dictionaries({
-    "requests": st.lists(st.tuples(st.sampled_from([200, 201, 302, 404, 500, 503]), st.integers(0, 30_000)),
+    # a negative service time stands for a request without one (the router answered it: H10, H14, ...)
+    "requests": st.lists(st.tuples(st.sampled_from([200, 201, 302, 404, 500, 503]), st.integers(-1, 30_000)),
                          max_size=40),
+    "addons": st.lists(st.tuples(st.sampled_from(["DATABASE", "REDIS"]),
+                                 st.dictionaries(st.sampled_from(["db_size_mb", "hit_rate"]), st.floats(0.0, 1e6),
+                                                 min_size=1)), max_size=2),
+    "platform": st.lists(st.sampled_from(["R14", "crash", "release"]), max_size=3),
     "rss": st.none() | st.floats(1.0, 4096.0),
     "metrics": st.lists(st.tuples(st.sampled_from(["db", "cache"]), st.sampled_from(["timer", "counter", "gauge"]),
                                   st.floats(0.0, 1e6)), max_size=4),

@@ -15,7 +15,7 @@ from tables.windows import IngestResult, PartitionWindows
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % 60_000  # a minute boundary
 
 
-def router(ts: int, *, app: str = "shop", dyno: str = "web.1", status: int = 200, svc: float = 10.0,
+def router(ts: int, *, app: str = "shop", dyno: str = "web.1", status: int = 200, svc: float | None = 10.0,
            code: str | None = None) -> dict[str, Any]:
     return {"kind": "router", "app": app, "dyno": dyno, "ts": ts, "status": status, "service_ms": svc,
             "connect_ms": 1.0, "bytes": 10, "code": code}
@@ -188,11 +188,15 @@ _obs = st.one_of(
                                                               svc=svc, code=code),
               st.integers(-20_000, 200_000), st.sampled_from(["shop", "shop", "shop", "blog"]),
               st.sampled_from(_DYNOS), st.sampled_from([200, 200, 200, 302, 404, 503]),
-              st.sampled_from([1.0, 2.5, 12.0, 30_000.0]), st.sampled_from([None, None, None, "H12", "H13"])),
+              st.sampled_from([1.0, 2.5, 12.0, 30_000.0, None]), st.sampled_from([None, None, None, "H12", "H13"])),
     st.builds(lambda dt: {"kind": "runtime", "app": "shop", "dyno": "web.1", "ts": T0 + dt, "memory_rss_mb": 5.0},
               st.integers(0, 200_000)),
     st.builds(lambda dt, v: {"kind": "metric", "app": "shop", "dyno": "web.1", "ts": T0 + dt, "name": "q",
                              "type": "gauge", "value": v}, st.integers(0, 200_000), st.floats(0, 10)),
+    st.builds(lambda dt, name: {"kind": "event", "app": "shop", "dyno": "web.2", "ts": T0 + dt, "name": name},
+              st.integers(0, 200_000), st.sampled_from(["R14", "crash"])),
+    st.builds(lambda dt, v: {"kind": "addon", "app": "shop", "ts": T0 + dt, "source": "DATABASE",
+                             "samples": {"db_size_mb": v}}, st.integers(0, 200_000), st.floats(0, 1e6)),
 )
 
 
@@ -203,7 +207,7 @@ def _clean_message(draw: Any) -> list[dict[str, Any]]:
     base = draw(st.sampled_from([0, 55_000, 61_000, 118_000]))  # some straddle a minute boundary
     dynos = draw(st.sampled_from([["web.1", "web.2", "router"], ["web.1", "worker.1"]]))
     out = [router(T0 + base + draw(st.integers(0, 4_000)), app=app, dyno=draw(st.sampled_from(dynos)),
-                  status=draw(st.sampled_from([200, 200, 404, 503])), svc=draw(st.sampled_from([1.0, 7.25, 30.0])),
+                  status=draw(st.sampled_from([200, 200, 404, 503])), svc=draw(st.sampled_from([1.0, 7.25, 30.0, None])),
                   code=draw(st.sampled_from([None, None, "H12"])))
            for _ in range(draw(st.integers(1, 40)))]
     if draw(st.booleans()):
