@@ -1,10 +1,13 @@
 """``python -m app loadgen``: realistic traffic for N apps x M dynos, straight to Kafka or through the drain.
 
-Router requests have lognormal service times, a status mix with 4xx/5xx and H12/H13 errors; every dyno
-sends runtime samples every 20 s (app/local/traffic.py). In ``drain`` mode they are rendered as Heroku router and
-log-runtime-metrics lines, framed as Logplex frames and POSTed with drain tokens (``Logplex-Frame-Id``,
-``Logplex-Msg-Count``), retrying a frame with the same id on 5xx as Logplex does. ``--truth FILE`` writes
-the exact aggregates of what was sent, to check the stored minutes against.
+Router requests have lognormal service times, a status mix with 4xx/5xx and H12/H13 errors and a few
+requests the router answered itself (H10/H14, no service time); every dyno sends runtime samples every 20 s,
+with an R14 when one is above the quota; each app has a Heroku Postgres metrics line a minute, a release and
+an l2met line a second from web.1 (app/local/traffic.py, ``realistic``). In ``drain`` mode they are rendered
+as the Heroku lines (router, log-runtime-metrics, add-on, platform, API and l2met), framed as Logplex frames
+and POSTed with drain tokens (``Logplex-Frame-Id``, ``Logplex-Msg-Count``), retrying a frame with the same id
+on 5xx as Logplex does; in ``kafka`` mode the same observations go straight to the topic. ``--truth FILE``
+writes the exact aggregates of what was sent, to check the stored minutes against.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from app.local.traffic import Generator, Truth
+from app.local.traffic import Generator, Truth, gauge_last
 from app.ops import kafka
 
 
@@ -27,16 +30,61 @@ def syslog_ts(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="microseconds")
 
 
+_DESC = {"H10": "App crashed", "H12": "Request timeout", "H13": "Connection closed without response",
+         "H14": "No web dynos running"}
+_DYNO_EVENT_TEXT = {"crash": "State changed from up to crashed", "restart": "Restarting",
+                    "stop": "Stopping all processes with SIGTERM", "exit": "Process exited with status 143",
+                    "R10": "Error R10 (Boot timeout)", "R12": "Error R12 (Exit timeout)",
+                    "R13": "Error R13 (Attach error)", "R14": "Error R14 (Memory quota exceeded)",
+                    "R15": "Error R15 (Memory quota vastly exceeded)", "R16": "Error R16 (Detached)",
+                    "R17": "Error R17 (Checksum error)", "R99": "Error R99 (Platform error)"}
+_UNDERSCORED = {"db_size", "current_transaction"}
+"""Heroku Postgres sample names written with underscores; the others use dashes (``active-connections``)."""
+_L2MET_PREFIX = {"counter": "count", "timer": "measure", "gauge": "sample"}
+
+
+def _num(v: float) -> str:
+    """A number as a log line writes it: integers without a fraction, others as the shortest exact repr."""
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 def render(o: dict[str, Any]) -> list[bytes]:
-    """An observation as the Heroku log line(s) that would have produced it."""
+    """An observation as the Heroku log line(s) that would have produced it (a runtime sample: two lines,
+    load and memory, as log-runtime-metrics writes them)."""
     ts = syslog_ts(o["ts"])
-    if o["kind"] == "router":
-        err = f'at=error code={o["code"]} desc="Request failed" ' if o["code"] else "at=info "
+    kind = o["kind"]
+    if kind == "router":
+        code = o.get("code")
+        err = f'at=error code={code} desc="{_DESC.get(code, "Request failed")}" ' if code else "at=info "
+        svc = o.get("service_ms")
+        # The router's own answers (H10, H14, ...) leave dyno, connect, service and bytes empty.
+        dyno = "" if svc is None and o["dyno"] == "router" else o["dyno"]
         connect = "" if o.get("connect_ms") is None else f'{int(o["connect_ms"])}ms'
+        service = "" if svc is None else f"{int(svc)}ms"
+        nbytes = "" if o.get("bytes") is None else str(o["bytes"])
         return [(f'<158>1 {ts} host heroku router - {err}method=GET path="/items?id=1 2" host={o["app"]}.example.com '
-                 f'request_id={uuid.uuid4()} fwd="50.168.96.221" dyno={o["dyno"]} connect={connect} '
-                 f'service={int(o["service_ms"])}ms status={o["status"]} bytes={o.get("bytes") or 0} '
-                 f'protocol=https').encode()]
+                 f'request_id={uuid.uuid4()} fwd="50.168.96.221" dyno={dyno} connect={connect} '
+                 f'service={service} status={o["status"]} bytes={nbytes} protocol=https').encode()]
+    if kind == "event":
+        name = o["name"]
+        if name == "release":
+            return [f"<134>1 {ts} host app api - Release v42 created by user deploy@example.com".encode()]
+        if name == "scale":
+            return [f"<134>1 {ts} host app api - Scaled to {o['dyno']}@2:Standard-1X by user ops@example.com".encode()]
+        return [f"<45>1 {ts} host heroku {o['dyno']} - {_DYNO_EVENT_TEXT[name]}".encode()]
+    if kind == "addon":
+        parts = [f"source={o['source']}"] + ([f"addon={o['addon']}"] if o.get("addon") else [])
+        for key, v in o["samples"].items():
+            if key.startswith("memory_") and key.endswith("_mb"):  # kB, as Heroku writes memory
+                name, value = key[:-3], f"{_num(v * 1024)}kB"
+            elif key.endswith("_mb"):
+                name, value = key[:-3], f"{_num(v * 1048576)}bytes"
+            else:
+                name, value = key, _num(v)
+            parts.append(f"sample#{name if name in _UNDERSCORED else name.replace('_', '-')}={value}")
+        return [f"<134>1 {ts} host app heroku-postgres - {' '.join(parts)}".encode()]
+    if kind == "metric":
+        return render_batch([o])
     dyno = o["dyno"]
     source = f"<45>1 {ts} host heroku {dyno} - source={dyno} dyno=heroku.2808254.d97d0ea7-cf3d-411b-b453-d2943a50b456"
     return [
@@ -48,12 +96,39 @@ def render(o: dict[str, Any]) -> list[bytes]:
     ]
 
 
+def _l2met(o: dict[str, Any]) -> str:
+    unit = "ms" if o["type"] == "timer" else ""
+    return f"{_L2MET_PREFIX[o['type']]}#{o['name']}={_num(o['value'])}{unit}"
+
+
+def render_batch(obs: list[dict[str, Any]]) -> list[bytes]:
+    """Observations as log lines; consecutive custom metrics of one dyno and instant share one l2met line
+    (``count#orders.created=2 measure#checkout=120ms``), as an app logs them."""
+    out: list[bytes] = []
+    i, n = 0, len(obs)
+    while i < n:
+        o = obs[i]
+        if o["kind"] != "metric":
+            out += render(o)
+            i += 1
+            continue
+        j = i + 1
+        while j < n and obs[j]["kind"] == "metric" and (obs[j]["dyno"], obs[j]["ts"]) == (o["dyno"], o["ts"]):
+            j += 1
+        fields = " ".join(_l2met(m) for m in obs[i:j])
+        out.append(f"<190>1 {syslog_ts(o['ts'])} host app {o['dyno']} - at=info {fields}".encode())
+        i = j
+    return out
+
+
 def as_logged(o: dict[str, Any]) -> dict[str, Any]:
-    """What survives a trip through a log line: integer milliseconds, two-decimal samples."""
+    """What survives a trip through a log line: integer milliseconds, two-decimal samples. (Add-on samples,
+    custom metrics and events are generated in forms a line carries exactly.)"""
     o = dict(o)
     if o["kind"] == "router":
-        o["service_ms"] = float(int(o["service_ms"]))
-    else:
+        if o.get("service_ms") is not None:
+            o["service_ms"] = float(int(o["service_ms"]))
+    elif o["kind"] == "runtime":
         for k in ("memory_rss_mb", "memory_swap_mb", "memory_total_mb", "memory_quota_mb", "load_avg_1m"):
             o[k] = round(o[k], 2)
     return o
@@ -112,7 +187,7 @@ async def post_frame(session: Any, url: str, token: str, body: bytes, count: int
 
 async def run(args: argparse.Namespace) -> Truth:
     start_ms = args.start_ms if args.start_ms is not None else int(time.time() * 1000)
-    gen = Generator(apps=args.apps, dynos=args.dynos, seed=args.seed, start_ms=start_ms)
+    gen = Generator(apps=args.apps, dynos=args.dynos, seed=args.seed, start_ms=start_ms, realistic=True)
     truth = Truth()
     per_app_s = max(1, round(args.rate / args.apps))  # router requests per app per second of event time
     seconds = int(args.duration)
@@ -156,7 +231,7 @@ async def run(args: argparse.Namespace) -> Truth:
                     await producer.send(args.topic, key=app.encode(), value=orjson.dumps(obs))
                     progress.add(len(obs))
                 else:
-                    lines = [line for o in obs for line in render(o)]
+                    lines = render_batch(obs)
                     for i in range(0, len(lines), args.frame_lines):
                         task = asyncio.create_task(send_frame(app, lines[i:i + args.frame_lines]))
                         pending.add(task)
@@ -190,14 +265,38 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def truth_table(truth: Truth) -> dict[str, Any]:
-    """Exact per-minute aggregates: ``"app|proc|minute_start_s": {...}``."""
+    """Exact per-minute aggregates: ``"app|proc|minute_start_s": {...}``. Latency (max, percentiles) is over
+    the served requests only and absent for a minute in which the router answered every request itself."""
     out: dict[str, Any] = {}
-    for (app, proc, start_ms), values in truth.service_ms.items():
-        v = sorted(values)
-        out[f"{app}|{proc}|{start_ms // 1000}"] = {
-            "requests": len(v), "failed": truth.failed.get((app, proc, start_ms), 0),
-            "errors": dict(truth.errors.get((app, proc, start_ms), {})), "max": v[-1],
-            "p50": _quantile(v, 0.5), "p95": _quantile(v, 0.95), "p99": _quantile(v, 0.99)}
+    for key in sorted(truth.keys()):
+        app, proc, start_ms = key
+        entry: dict[str, Any] = {}
+        requests = truth.requests.get(key, 0)
+        if requests:
+            entry.update(requests=requests, failed=truth.failed.get(key, 0),
+                         errors=dict(truth.errors.get(key, {})))
+            v = sorted(truth.service_ms.get(key, []))
+            if v:
+                entry.update(served=len(v), max=v[-1], p50=_quantile(v, 0.5), p95=_quantile(v, 0.95),
+                             p99=_quantile(v, 0.99))
+        if key in truth.rss_max:
+            entry["rss_max"] = truth.rss_max[key]
+        if truth.platform.get(key):
+            entry["platform"] = dict(sorted(truth.platform[key].items()))
+        if key in truth.addons:
+            entry["addons"] = {src: {name: {"max": max(v for _, v in pts), "last": gauge_last(pts)}
+                                     for name, pts in sorted(samples.items())}
+                               for src, samples in sorted(truth.addons[key].items())}
+        metrics: dict[str, Any] = {}
+        for name, total in truth.counters.get(key, {}).items():
+            metrics[name] = {"type": "counter", "sum": total}
+        for name, values in truth.timers.get(key, {}).items():
+            metrics[name] = {"type": "timer", "count": len(values), "max": max(values)}
+        for name, pts in truth.gauges.get(key, {}).items():
+            metrics[name] = {"type": "gauge", "max": max(v for _, v in pts), "last": gauge_last(pts)}
+        if metrics:
+            entry["metrics"] = dict(sorted(metrics.items()))
+        out[f"{app}|{proc}|{start_ms // 1000}"] = entry
     return out
 
 

@@ -39,7 +39,7 @@ def build_frames(n_lines: int, per_frame: int = 500, *, classic_only: bool = Fal
     """The load generator's drain lines: router requests (with the router's own errors, no service time),
     runtime samples, and the real-world kinds it mixes in (add-on metrics, platform events, l2met).
     ``classic_only`` keeps served router requests and runtime samples: the mix before those formats."""
-    gen = Generator(apps=1, dynos=4, seed=9, start_ms=int(time.time() * 1000) - 3_600_000)
+    gen = Generator(apps=1, dynos=4, seed=9, start_ms=int(time.time() * 1000) - 3_600_000, realistic=True)
     lines: list[bytes] = []
     while len(lines) < n_lines:
         for o in gen.batch("app-0", 1000, 1000):

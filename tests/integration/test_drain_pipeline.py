@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline, check_against_truth
 
 pytestmark = pytest.mark.integration
+
+
+def ingest_counters(url: str) -> dict[str, float]:
+    """The ingest process's counters, from its Prometheus text (it serves no /v1/stats)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("minutely_"):
+            name, _, value = line.rpartition(" ")
+            if name.endswith("_total"):
+                out[name[len("minutely_"):-len("_total")]] = float(value)
+    return out
 
 
 def test_drain_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServer, tmp_path: Path) -> None:
@@ -38,10 +52,26 @@ def test_drain_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServ
                                   start_ms=start_ms, url=url, frame_lines=150, concurrency=4, truth=None,
                                   token=[f"{a}={t}" for a, t in tokens.items()], bootstrap="", topic="")
         truth = asyncio.run(loadgen.run(args))
-        minutes = len(set(truth.service_ms) | set(truth.rss_max))
-        p.wait_stats(lambda s: s["sink_items_written"] >= minutes, 120, "every drained minute in DynamoDB")
-        stored = p.stored(apps, ["web", "worker"], start_ms // 1000, start_ms // 1000 + 3600)
+        keys = truth.keys()
+        procs = sorted({proc for _, proc, _ in keys})
+        assert procs == ["app", "web", "worker"]  # add-on metrics and releases are kept app-wide
+        # The lines the drain is meant to show end to end are all in the traffic.
+        assert any(c in ("H10", "H14") for e in truth.errors.values() for c in e)
+        assert any(truth.requests[k] > len(truth.service_ms.get(k, [])) for k in truth.requests)
+        assert sum(n.get("R14", 0) for n in truth.platform.values()) >= 2  # web.1 of each app, 40 s in
+        assert sum(n.get("release", 0) for n in truth.platform.values()) == 2
+        assert truth.addons and truth.counters and truth.timers and truth.gauges
+        ingest = ingest_counters(url)
+        assert ingest["drain_lines_bad"] == 0  # nothing the load generator renders is dead-lettered
+        assert ingest["drain_lines_ignored"] == 0  # and every line it renders is one the pipeline counts
+        assert ingest["drain_frames"] > 0
+        produced = ingest["ingest_observations_produced"]
+        p.wait_stats(lambda s: s["sink_items_written"] >= len(keys) and s["observations_accepted"] >= produced,
+                     120, "every drained minute in DynamoDB")
+        stored = p.stored(apps, procs, start_ms // 1000, start_ms // 1000 + 3600)
         check_against_truth(stored, truth)
-        assert p.stats()["observations_rejected"] == 0
+        stats = p.stats()
+        assert stats["observations_accepted"] == produced  # all the drain produced, each once
+        assert stats["observations_rejected"] == 0 and stats["observations_late"] == 0  # no dead letters
     finally:
         p.stop()
