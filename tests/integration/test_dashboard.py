@@ -36,7 +36,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 def served(broker: KafkaBroker, dynamo: DynamoServer,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     uid = uuid.uuid4().hex[:8]
-    s = start_served(broker, dynamo, tmp_path_factory.mktemp("dashboard"),
+    s = start_served(broker, dynamo, tmp_path_factory.mktemp("dashboard"), realistic=True,
                      METRICS_ALERTS_TOPIC=f"alerts-{uid}", METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}")
     try:
         publish_events(broker, s)
@@ -134,10 +134,26 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     labels = browser.execute_script(
         "return window.dashboard.charts.throughput.series.slice(1).map((s) => s.label)")
     assert "failed (≥500)" in labels
-    # Alert transitions on the response-time chart, the scaling step on the dyno-load chart, drawn on the canvas.
+    # Alert transitions on the response-time chart, the scaling step on the dyno-load chart, drawn on the canvas;
+    # platform events next to them: the release on every chart, R14s (memory over quota) on the memory chart.
     drawn = browser.execute_script("return window.dashboard.drawn")
-    assert drawn["response"] == ["▲ p95 firing", "▼ p95 resolved"], drawn
-    assert drawn["load"] == ["dynos 2→3"], drawn
+    assert drawn["response"][:2] == ["▲ p95 firing", "▼ p95 resolved"], drawn
+    assert drawn["load"][0] == "dynos 2→3", drawn
+    for chart in CHARTS:
+        assert drawn[chart].count("release") == 1, (chart, drawn)
+    truth = served.gen.truth
+    assert truth is not None
+    r14_buckets = {k[2] // 600_000 for k, v in truth.platform.items() if k[:2] == ("app-0", "web") and v.get("R14")}
+    memory_r14 = [m for m in drawn["memory"] if m.startswith("R14")]
+    assert r14_buckets and len(memory_r14) == len(r14_buckets), (r14_buckets, drawn["memory"])
+    assert sum(int(m.split("×")[1]) if "×" in m else 1 for m in memory_r14) == sum(
+        v.get("R14", 0) for k, v in truth.platform.items() if k[:2] == ("app-0", "web"))
+    # Add-on metrics (process type `app`): one chart per source and kind of sample, with data.
+    addons = browser.execute_script("return window.dashboard.addons")
+    assert addons == ["DATABASE · sizes (MB)", "DATABASE · load", "DATABASE · connections", "DATABASE · ratios",
+                      "DATABASE · other"], addons
+    plotted = browser.execute_script(PLOTTED, [f"addon-0-{g}" for g in range(5)])
+    assert all(n > 0 for n in plotted.values()), plotted
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
@@ -147,7 +163,7 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     Select(browser.find_element(By.ID, "range")).select_by_value("7200")
     wait_for(lambda: browser.execute_script("return window.dashboard.last.resolution_s") == 60, 20,
              "the 2 h range at 1 min resolution")
-    assert browser.execute_script("return window.dashboard.fetches") == fetches + 2  # metrics + events
+    assert browser.execute_script("return window.dashboard.fetches") == fetches + 3  # metrics, events, app-wide
     plotted = browser.execute_script(PLOTTED, list(CHARTS))
     assert all(plotted[c] > 0 for c in CHARTS), plotted
     browser.save_screenshot(str(Path(ARTIFACTS / "dashboard-2h.png")))

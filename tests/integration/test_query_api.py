@@ -59,20 +59,21 @@ def create_tokens(p: Pipeline, apps: list[str]) -> dict[str, str]:
 
 
 def start_served(broker: KafkaBroker, dynamo: DynamoServer, tmp: Path, *, minutes: int = 20,
-                 **overrides: str) -> Served:
+                 realistic: bool = False, **overrides: str) -> Served:
     """A worker with ``minutes`` of generated traffic for 2 apps, ending about two minutes ago, aligned so that
-    the 10-minute buckets are final (settle 60 s) and come from the rollup items. ``overrides``: more
+    the 10-minute buckets are final (settle 60 s) and come from the rollup items. ``realistic``: with the
+    drain's other kinds (add-on metrics, platform events, l2met; app/local/traffic.py). ``overrides``: more
     worker environment (METRICS_*)."""
     p = Pipeline(broker, dynamo, tmp, **{"METRICS_QUERY_SETTLE_S": "60", **overrides})
     now_s = int(time.time())
     start_s = (now_s - 150) - (now_s - 150) % 600 - minutes * 60
-    gen = Generator(apps=2, dynos=2, seed=5, start_ms=start_s * 1000, keep_truth=True)
+    gen = Generator(apps=2, dynos=2, seed=5, start_ms=start_s * 1000, keep_truth=True, realistic=realistic)
     msgs = gen.messages(per_message=300, span_ms=10_000)
     batch = [next(msgs) for _ in range(2 * 6 * minutes)]
     p.start(data_dir=tmp / "state")
     asyncio.run(produce(broker.address, p.settings.observations_topic, batch))
     assert gen.truth is not None
-    n_minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
+    n_minutes = len(gen.truth.keys())
     p.wait_stats(lambda s: s["sink_items_written"] >= n_minutes and s["rollup_minutes_merged"] >= 3 * n_minutes,
                  180, "minutes stored and rolled up")
     return Served(p, gen, start_s, minutes, create_tokens(p, gen.apps))

@@ -15,7 +15,7 @@
                         R13: ["throughput"], R16: ["throughput"], R17: ["throughput"], R99: ["throughput"],
                         crash: CHARTS, restart: CHARTS, release: CHARTS };
   const PLATFORM_COLORS = { R14: "#c60", R15: "#900", crash: "#c00", restart: "#777", release: "#2a6", scale: "#06c" };
-  const ADDON_GROUPS = [["memory (MB)", (k) => k.endsWith("_mb")], ["load", (k) => k.startsWith("load_avg")],
+  const ADDON_GROUPS = [["sizes (MB)", (k) => k.endsWith("_mb")], ["load", (k) => k.startsWith("load_avg")],
                         ["connections", (k) => k.includes("connections")],
                         ["ratios", (k) => k.endsWith("_rate") || k.includes("percentage")], ["other", () => true]];
   const state = { fetches: 0, charts: {}, last: null, events: [], markers: {}, drawn: {}, token: null, app: null,
