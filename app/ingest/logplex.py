@@ -36,11 +36,12 @@ import orjson
 from app.models import APP_SERIES, EVENT_NAMES, MAX_ADDON_SAMPLES
 
 # The common case in one anchored match, straight to JSON bytes (no split, no dict, no encoder). Field
-# patterns are strict enough that the captured bytes are safe to embed in JSON unescaped.
+# patterns are strict enough that the captured bytes are safe to embed in JSON unescaped. It also takes the
+# router's own errors with empty fields and the sock= form: in an outage every line is one of those.
 _ROUTER_FAST = re.compile(
     rb"<\d{1,3}>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) \S+ heroku router \S+ "
-    rb"at=(?:info|error)(?: code=(H\d{1,3}))?(?! code=).* dyno=([\w.\-]{1,100}) "
-    rb"connect=(0|[1-9]\d{0,8}|)(?:ms)? service=(0|[1-9]\d{0,7})(?:ms)? status=([1-5]\d\d)"
+    rb"(?:sock=\w{1,20} )?at=(?:info|error|warning)(?: code=(H\d{1,3}))?(?! code=).* dyno=([\w.\-]{0,100}) "
+    rb"connect=(0|[1-9]\d{0,8}|)(?:ms)? service=(0|[1-9]\d{0,7}|)(?:ms)? status=([1-5]\d\d)"
     rb"(?: bytes=(0|[1-9]\d{0,14}|)(?=\s|$))?")
 # Numbers with leading zeros ("bytes=007") are not JSON: such lines miss the fast path and are converted
 # with int() by the general path.
@@ -167,8 +168,9 @@ def parse_frame(body: bytes, app: str) -> ParsedFrame:
                         _utc_seconds.clear()
                     _utc_seconds[second] = base
             ts_ms = base + _FRACTION_MS[frac[:3]] if frac else base
-            encoded.append(router_json % (dyno, ts_ms, status, service, connect or b"null", nbytes or b"null",
-                                          b'"' + code + b'"' if code else b"null"))
+            # Empty dyno=/service= (the router answered itself: H10, H14, ...): no dyno, no service time.
+            encoded.append(router_json % (dyno or b"router", ts_ms, status, service or b"null", connect or b"null",
+                                          nbytes or b"null", b'"' + code + b'"' if code else b"null"))
             continue
         line = body[start:end]
         parts = line.split(b" ", 6)

@@ -312,3 +312,26 @@ def test_only_unserved_requests_in_a_minute_give_no_latency_section() -> None:
     assert "response_ms" not in point
     again = type(agg).from_record(orjson.loads(orjson.dumps(agg.to_record())))
     assert again.summary() == point
+
+
+# --- the fast path and the general path agree ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    INFO,
+    INFO.replace(b"service=9ms", b"service="),
+    b'at=error code=H10 desc="App crashed" method=GET path="/" ' + HOST + b" dyno= connect= service= status=503 bytes= "
+    b"protocol=https",
+    b'sock=client at=warning code=H27 desc="Client Request Interrupted" method=POST path="/" ' + HOST +
+    b" dyno=web.1 connect=1ms service=50ms status=499 bytes= protocol=https",
+    b'at=error code=H12 desc="Request timeout" method=GET path="/" ' + HOST + b" dyno=web.2 connect=1ms "
+    b"service=30000ms status=503 bytes=0 protocol=https",
+])
+def test_fast_and_general_router_paths_give_the_same_observation(body: bytes) -> None:
+    from app.ingest import logplex
+
+    line = router_line(body)
+    assert logplex._ROUTER_FAST.match(line) is not None  # the frame parser takes these in one regex
+    fast = one(line)
+    general = logplex._classify(TS, b"heroku", b"router", body, "shop")
+    assert isinstance(general, tuple) and general[1] is None
+    assert general[0] == [fast]
