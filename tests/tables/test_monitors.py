@@ -519,3 +519,21 @@ async def test_deleting_a_firing_monitor_resolves_it() -> None:
     # Events of minutes keep their shape: no ``reason`` key.
     assert "reason" not in AlertEvent("firing", "shop", "web", MID, LATENCY, T0, 800.0, 10, 500.0, 1, T0).to_record()
     await h.notifier.stop()
+
+
+def test_a_minute_of_router_errors_without_service_time_has_an_error_rate_and_no_p95() -> None:
+    """H10/H14 minutes (the app is down, the router answers): every request failed, none was timed. Error-rate
+    monitors see 100 %; latency monitors and autoscaling see no p95 rather than a 0 ms one."""
+    from tables.aggregate import Aggregate, BucketKey
+
+    agg = Aggregate(BucketKey("shop", "web", 60_000))
+    for _ in range(30):
+        agg.add_request(503, None, "H10")
+    agg.add_request(200, 12.0, None)
+    m = Minute.from_aggregate(agg)
+    assert (m.requests, m.failed, m.p95_ms) == (31, 30, 12.0)
+    down = Aggregate(BucketKey("shop", "web", 120_000))
+    for _ in range(30):
+        down.add_request(503, None, "H14")
+    m = Minute.from_aggregate(down)
+    assert (m.requests, m.failed, m.p95_ms, m.error_rate) == (30, 30, None, 1.0)
