@@ -524,8 +524,6 @@ async def test_deleting_a_firing_monitor_resolves_it() -> None:
 def test_a_minute_of_router_errors_without_service_time_has_an_error_rate_and_no_p95() -> None:
     """H10/H14 minutes (the app is down, the router answers): every request failed, none was timed. Error-rate
     monitors see 100 %; latency monitors and autoscaling see no p95 rather than a 0 ms one."""
-    from tables.aggregate import Aggregate, BucketKey
-
     agg = Aggregate(BucketKey("shop", "web", 60_000))
     for _ in range(30):
         agg.add_request(503, None, "H10")
