@@ -60,6 +60,10 @@ def start_worker(env: dict[str, str], *, log_path: Path | None = None) -> subpro
     return start_role("worker", env, log_path=log_path, args=("-l", "info"))
 
 
+LINGERING_S = 1.0
+"""See :func:`serve`: seconds an answered request's unread body is still drained before the connection closes."""
+
+
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -239,7 +243,11 @@ def serve(role: str) -> int:
         webapp = build(settings, counters)
     else:
         webapp = build_web_role(settings, counters)
-    web.run_app(webapp, host=settings.web_host, port=settings.web_port, access_log=None, print=None)
+    # lingering_time: after an answer that left a body unread (413, 408 for a slow body), how long the
+    # server keeps reading and dropping it before closing; aiohttp's 10 s would let a slow client keep
+    # the connection.
+    web.run_app(webapp, host=settings.web_host, port=settings.web_port, access_log=None, print=None,
+                lingering_time=LINGERING_S)
     return 0
 
 

@@ -167,6 +167,9 @@ class Settings:
     the requests in it get 503. Raise both together for more throughput per partition."""
     ingest_max_body_bytes: int = 4 * 1024 * 1024
     """Larger request bodies get 413. Logplex frames are far smaller; JSON batches should be split."""
+    ingest_body_timeout_s: float = 10.0
+    """A request body must arrive within this time, or 408 and the connection is closed: slow-body clients
+    (slowloris) cannot hold connections. A 4 MB body needs ~3.3 Mbit/s."""
     dedup_window_s: float = 900.0
     """How long a delivered Logplex-Frame-Id is remembered: retries within it are answered 2xx, not re-counted."""
     dedup_lease_s: float = 30.0

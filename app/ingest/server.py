@@ -132,10 +132,13 @@ class Ingest:
         self.counters = counters
 
     async def _auth(self, request: web.Request, kind: str) -> Any:
-        token = bearer(request.headers, request.query)
+        # ?token= only for drains (Logplex can send nothing else on some setups); a write token in a query
+        # string would end up in access logs.
+        token = bearer(request.headers, request.query if kind == "drain" else {})
         if not token:
-            return error(401, "missing_token", f"send a {kind} token: Authorization: Bearer <token>, basic auth "
-                                               "password, Logplex-Drain-Token header or ?token=")
+            where = ("Authorization: Bearer <token>, basic auth password, Logplex-Drain-Token header or ?token="
+                     if kind == "drain" else "Authorization: Bearer <token>")
+            return error(401, "missing_token", f"send a {kind} token: {where}")
         info = await self.tokens.verify(token, kind)
         if info is None:
             return error(403, "invalid_token", f"the token is unknown, revoked, or not a {kind} token")
@@ -236,8 +239,16 @@ class Ingest:
 
 
 async def _read(request: web.Request) -> bytes | web.Response:
+    """The body, or 413 over the size limit, or 408 when it trickles in slower than the timeout allows (a
+    slow-body client must not hold a connection and a buffer for ever)."""
+    timeout_s = request.app[SETTINGS_KEY].ingest_body_timeout_s
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        resp = error(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s; send it "
+                                          "at once")
+        resp.force_close()
+        return resp
     except web.HTTPRequestEntityTooLarge:
         return error(413, "body_too_large", f"request body over the {request.app[SETTINGS_KEY].ingest_max_body_bytes} "
                                             "byte limit; send smaller batches")
