@@ -67,7 +67,7 @@ class Aggregator:
         s = self.settings
         return PartitionWindows(p, clock=self.clock, grace_ms=s.grace_ms, idle_timeout_ms=s.idle_timeout_ms,
                                 max_future_ms=s.max_future_ms, max_message_bytes=s.max_message_bytes,
-                                max_centroids=s.digest_max_centroids)
+                                max_centroids=s.digest_max_centroids, max_metric_names=s.max_metric_names)
 
     def _ensure_loaded(self, partitions: Iterable[int]) -> None:
         """Rebuild partitions we do not hold in memory from the table (after start or rebalance)."""

@@ -79,6 +79,10 @@ class Settings:
     every percentile within 1 %; a full digest is ~24-31 KB of JSON, ~4-5 KB compressed as stored."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Larger input messages are dead-lettered whole (size only; nothing inside is trusted)."""
+    max_metric_names: int = 100
+    """Distinct custom metric names per app, process type and minute; more are dead-lettered. A name that
+    carries an id (user, request) would otherwise grow a minute without bound: its aggregate past the
+    store's item size (400 KB on DynamoDB), every chart and the worker's memory."""
     batch_max: int = 2000
     """Input messages aggregated per table write; bigger batches amortize changelog writes."""
     batch_within_s: float = 0.2

@@ -100,7 +100,7 @@ class PartitionWindows:
     def __init__(self, partition: int, *, clock: Clock, grace_ms: int, idle_timeout_ms: int,
                  max_future_ms: int, max_message_bytes: int,
                  max_centroids: int = DEFAULT_MAX_CENTROIDS, window_ms: int = WINDOW_MS,
-                 column_min: int = COLUMN_MIN) -> None:
+                 column_min: int = COLUMN_MIN, max_metric_names: int = 100) -> None:
         self.partition = partition
         self.clock = clock
         self.grace_ms = grace_ms
@@ -110,6 +110,7 @@ class PartitionWindows:
         self.max_centroids = max_centroids
         self.window_ms = window_ms
         self.column_min = column_min
+        self.max_metric_names = max_metric_names
         self.windows: dict[WinKey, Aggregate] = {}
         self.apps: dict[str, AppProgress] = {}
         self.offset = -1  # every message at or below this offset is fully applied
@@ -338,7 +339,14 @@ class PartitionWindows:
                 slot[0].add_runtime(r.memory_rss_mb, r.memory_swap_mb, r.memory_total_mb, r.memory_quota_mb,
                                     r.load_avg_1m)
             elif cls is Metric:
-                slot[0].add_metric(m.name, m.type, m.value, ts)
+                agg = slot[0]
+                if (len(agg.timers) + len(agg.counters) + len(agg.gauges) >= self.max_metric_names
+                        and m.name not in agg.timers and m.name not in agg.counters and m.name not in agg.gauges):
+                    self._reject(result, f"more than {self.max_metric_names} distinct custom metric names in this "
+                                 f"minute of {app}/{proc}: keep ids out of metric names, or raise "
+                                 "METRICS_MAX_METRIC_NAMES", o, offset, i, indexes, app)
+                    continue
+                agg.add_metric(m.name, m.type, m.value, ts)
             elif cls is Addon:
                 a: models.Addon = o  # type: ignore[assignment]
                 slot[0].add_addon(a.source, a.samples, ts)

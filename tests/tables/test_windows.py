@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -240,3 +241,67 @@ def test_column_fold_equals_one_by_one(messages: list[list[dict[str, Any]]], rep
     assert {k: a.to_record() for k, a in fast.windows.items()} == {k: a.to_record() for k, a in slow.windows.items()}
     assert {a: p.to_record() for a, p in fast.apps.items()} == {a: p.to_record() for a, p in slow.apps.items()}
     assert (fast.offset, fast.wm_ms) == (slow.offset, slow.wm_ms)
+
+
+# --- hostile input: every bad record dead-lettered with a reason, every valid neighbour counted --------------------
+
+_BAD_VALUES = st.sampled_from([None, "", "x" * 5000, -1, 10**30, 1e308, "NaN ms", [], {}, {"$gt": 0}, [[[[1]]]], True,
+                               "web 1", "a#b", "\u0000", "\U0001F600" * 50])
+_HOSTILE_ELEMENT = st.one_of(
+    # a valid request with one field replaced by a value no field accepts, or removed
+    st.builds(lambda field, value, drop: {k: v for k, v in {**router(T0 + 5), field: value}.items()
+                                          if not (drop and k == field)},
+              st.sampled_from(["app", "dyno", "ts", "status", "kind"]), _BAD_VALUES, st.booleans()),
+    st.builds(lambda v: {**router(T0 + 5), "service_ms": v}, st.sampled_from([-1, 10**12, "1ms", [], True])),
+    st.builds(lambda name, v: {"kind": "metric", "app": "shop", "dyno": "web.1", "ts": T0 + 5, "name": name,
+                               "type": "timer", "value": v},
+              st.sampled_from(["", " x", "a" * 300, "\n"]), st.floats(allow_nan=True) | st.just(-5.0)),
+    st.builds(lambda samples: {"kind": "addon", "app": "shop", "ts": T0 + 5, "source": "DB", "samples": samples},
+              st.sampled_from([{}, {"Bad Name": 1.0}, {f"s{i}": 1.0 for i in range(65)}, {"x": "1"}])),
+    st.builds(lambda name: {"kind": "event", "app": "shop", "dyno": "web.1", "ts": T0 + 5, "name": name},
+              st.sampled_from(["R1", "deploy", "", None])),
+    # not an object at all
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20), st.lists, max_leaves=20),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), _HOSTILE_ELEMENT), min_size=150, max_size=250))
+def test_hostile_records_are_each_dead_lettered_and_their_valid_neighbours_counted(
+        elements: list[tuple[bool, Any]]) -> None:
+    """~10,000 records over the examples: hostile ones (bad types, values, names, kinds, sizes, non-objects)
+    interleaved with valid requests. Nothing raises, each hostile record is dead-lettered with a reason and its
+    position, and exactly the valid ones are counted."""
+    pw = PartitionWindows(0, clock=ManualClock(T0), grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
+                          max_message_bytes=4_000_000, max_centroids=100)
+    records = [router(T0 + i) if valid else bad for i, (valid, bad) in enumerate(elements)]
+    r = ingest(pw, 0, json.dumps(records).encode())  # the stdlib writes what orjson cannot: NaN, huge ints
+    valid = [i for i, (ok, _) in enumerate(elements) if ok]
+    assert r.counts.accepted == len(valid)
+    assert sorted(d.index for d in r.dead) == [i for i, (ok, _) in enumerate(elements) if not ok]
+    assert all(d.reason for d in r.dead)
+    assert sum(a.requests for a in pw.windows.values()) == len(valid)
+
+
+def test_deep_nesting_and_a_10_mb_message_are_refused_whole(pw: PartitionWindows) -> None:
+    deep = b"[" * 200_000 + b"]" * 200_000
+    r = ingest(pw, 0, deep)
+    assert r.counts.rejected == 1 and "malformed JSON" in r.dead[0].reason
+    big = orjson.dumps([router(T0 + 1)] * 80_000)  # ~10 MB of valid records: over the 1 MB limit of the fixture
+    assert len(big) > 9_000_000
+    r = ingest(pw, 1, big)
+    assert r.counts.rejected == 1 and "exceeds" in r.dead[0].reason and len(str(r.dead[0].record)) <= 2048
+    r = ingest(pw, 2, msg(router(T0 + 2)))  # and the partition goes on
+    assert r.counts.accepted == 1
+
+
+def test_custom_metric_names_are_capped_per_minute(clock: ManualClock) -> None:
+    pw = PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
+                          max_message_bytes=1_000_000, max_centroids=100, max_metric_names=3)
+    metric = {"kind": "metric", "app": "shop", "dyno": "web.1", "type": "counter", "value": 1.0}
+    r = ingest(pw, 0, msg(*[{**metric, "ts": T0 + i, "name": f"user.{i}"} for i in range(5)],
+                          {**metric, "ts": T0 + 9, "name": "user.0"}, {**metric, "ts": T0 + 60_000, "name": "user.4"}))
+    assert r.counts.accepted == 5 and r.counts.rejected == 2
+    assert {d.index for d in r.dead} == {3, 4} and "METRICS_MAX_METRIC_NAMES" in r.dead[0].reason
+    assert pw.windows[("shop", "web", T0)].counters == {"user.0": 2.0, "user.1": 1.0, "user.2": 1.0}
+    assert pw.windows[("shop", "web", T0 + 60_000)].counters == {"user.4": 1.0}  # a new minute, a new count
