@@ -208,8 +208,8 @@ def _clean_message(draw: Any) -> list[dict[str, Any]]:
     base = draw(st.sampled_from([0, 55_000, 61_000, 118_000]))  # some straddle a minute boundary
     dynos = draw(st.sampled_from([["web.1", "web.2", "router"], ["web.1", "worker.1"]]))
     out = [router(T0 + base + draw(st.integers(0, 4_000)), app=app, dyno=draw(st.sampled_from(dynos)),
-                  status=draw(st.sampled_from([200, 200, 404, 503])), svc=draw(st.sampled_from([1.0, 7.25, 30.0, None])),
-                  code=draw(st.sampled_from([None, None, "H12"])))
+                  status=draw(st.sampled_from([200, 200, 404, 503])),
+                  svc=draw(st.sampled_from([1.0, 7.25, 30.0, None])), code=draw(st.sampled_from([None, None, "H12"])))
            for _ in range(draw(st.integers(1, 40)))]
     if draw(st.booleans()):
         out.insert(draw(st.integers(0, len(out))), draw(_obs))
