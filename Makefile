@@ -14,7 +14,7 @@ DEMO ?= 1
 FRESH ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test install-cassandra bench bench-query bench-stores typecheck clean browser
+.PHONY: run test chaos install install-test install-cassandra bench bench-query bench-stores typecheck clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 run: install
@@ -26,6 +26,12 @@ test: install-test typecheck browser
 
 typecheck: install-test
 	$(PY) -m mypy
+
+# The reliability campaign's long versions (README "Reliability"): the store gone 60 s, 300 generated requests
+# per API operation, ~100,000 hostile records, plus the kill and broker tests. `make test` runs short ones.
+chaos: install-test browser
+	MINUTELY_CHAOS=1 $(PY) -m pytest -q -s tests/integration/test_store_faults.py tests/api/test_schemathesis.py \
+	  tests/tables/test_windows.py tests/api/test_tenant_isolation.py tests/integration/test_pipeline.py
 
 bench: install-test
 	$(PY) -m tests.bench.bench_pipeline

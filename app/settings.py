@@ -193,6 +193,10 @@ class Settings:
     """How the other workers reach this worker's web port (Faust's ``canonical_url``): reads of an app
     another worker owns are forwarded there. Empty: ``http://{hostname}:{web_port}``. Must differ per worker;
     on Kubernetes the StatefulSet pod's DNS name, ``http://<pod>.<headless service>.<namespace>.svc:6066``."""
+    query_timeout_s: float = 5.0
+    """A query (or its token check) the store has not answered within this gets 503 with Retry-After; the
+    reads go on and fill the caches. Without it a down store holds requests for its client's whole retry
+    schedule (~15 s)."""
     max_query_points: int = 10080
     """Largest answer (points) a query may ask for."""
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import orjson
 from aiohttp import web
@@ -90,6 +90,30 @@ def _unavailable(exc: RetriableError | StoreError) -> web.Response:
     return error(503, "store_error", "metrics store misconfigured; the operator has been logged the cause")
 
 
+T = TypeVar("T")
+
+
+async def _bounded(request: web.Request, work: Awaitable[T]) -> T:
+    """``work`` within ``METRICS_QUERY_TIMEOUT_S``, else a retriable error (503 with Retry-After). While the
+    store is down, its client's own retries (with backoff) would hold a request for ~15 s; a dashboard or
+    an alerting script should hear "unavailable" sooner. The work itself goes on (shielded) and fills the
+    caches, and requests sharing it are not cancelled."""
+    timeout_s = request.app[SETTINGS_KEY].query_timeout_s
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)  # a late failure is the store's, already logged: not "never retrieved"
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except asyncio.TimeoutError:
+        raise RetriableError(f"the metrics store did not answer within {timeout_s:g} s",
+                             action="check the store (METRICS_DYNAMODB_ENDPOINT / Cassandra) and its latency",
+                             retry_after_s=2) from None
+
+
+def _retrieve(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def _token_app(request: web.Request) -> str | web.Response:
     """The app the request's read token grants, or the 401/503 to answer."""
     token = bearer(request.headers, {})  # not ?token=: query strings end up in access logs
@@ -99,7 +123,7 @@ async def _token_app(request: web.Request) -> str | web.Response:
                      "`python -m app tokens create --app APP --kind read`",
                      {"WWW-Authenticate": 'Bearer realm="minutely"'})
     try:
-        app = await request.app[AUTH_KEY](token)
+        app = await _bounded(request, request.app[AUTH_KEY](token))
     except (RetriableError, StoreError) as exc:
         return _unavailable(exc)
     if app is None:
@@ -157,7 +181,7 @@ async def get_metrics(request: web.Request) -> web.Response:
         return error(400, "too_many_points", f"{points} points at {res} s resolution; at most "
                      f"{settings.max_query_points} per request: use a coarser resolution or a shorter range")
     try:
-        ans = await request.app[QUERY_KEY].answer(app, proc, res, since_s, until_s)
+        ans = await _bounded(request, request.app[QUERY_KEY].answer(app, proc, res, since_s, until_s))
     except (RetriableError, StoreError) as exc:
         return _unavailable(exc)
     headers = {"ETag": ans.etag, "Cache-Control": FINAL_CACHE_CONTROL if ans.final else LIVE_CACHE_CONTROL,
@@ -174,7 +198,7 @@ async def get_events(request: web.Request) -> web.Response:
     if isinstance(parsed, web.Response):
         return parsed
     try:
-        body = await request.app[QUERY_KEY].events(*parsed)
+        body = await _bounded(request, request.app[QUERY_KEY].events(*parsed))
     except (RetriableError, StoreError) as exc:
         return _unavailable(exc)
     return web.Response(body=body, content_type="application/json",

@@ -7,6 +7,7 @@ loopback socket, over an in-memory store."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import replace
 from typing import Any, Iterator
@@ -96,7 +97,8 @@ Not ``negative_data_rejection``: unknown query parameters are ignored on purpose
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300 if os.environ.get("MINUTELY_CHAOS") else 25, deadline=None,
+          suppress_health_check=list(HealthCheck))
 def test_every_operation_conforms_and_never_answers_5xx(case: Any, base_url: str) -> None:
     for who, token in TOKENS.items():
         for app in (None, "shop"):  # as generated (mostly unknown apps), and the token's own app

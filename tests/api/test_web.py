@@ -293,3 +293,32 @@ async def test_events_store_down_is_503(aiohttp_client: Any) -> None:
                                           Counters(), authorize=authorize))
     r = await c.get("/v1/apps/shop/events", headers=auth())
     assert r.status == 503 and r.headers["Retry-After"] == "2"
+
+
+async def test_a_store_slower_than_the_query_timeout_answers_503_at_once(aiohttp_client: Any) -> None:
+    """A store that does not answer (down, its client retrying with backoff) costs a request at most
+    METRICS_QUERY_TIMEOUT_S, then 503 with Retry-After; the token check is bounded the same way."""
+    import asyncio
+    import time
+
+    class Hanging(MemoryStore):
+        async def query(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(30)
+            return []
+
+    async def slow_authorize(token: str) -> str | None:
+        if token == "slow":
+            await asyncio.sleep(30)
+        return await authorize(token)
+
+    store = Hanging(ManualClock(NOW_S * 1000))
+    settings = replace(SETTINGS, query_timeout_s=0.3)
+    c = await aiohttp_client(make_web_app(MetricsQuery(store, settings=settings, clock=store.clock), settings,
+                                          Counters(), authorize=slow_authorize))
+    for path, token in ((f"/v1/apps/shop/metrics?since={T0}&until={T0 + 600}", "tok-shop"),
+                        ("/v1/apps/shop/events", "tok-shop"), ("/v1/whoami", "slow")):
+        t0 = time.monotonic()
+        r = await c.get(path, headers=auth(token))
+        assert r.status == 503 and r.headers["Retry-After"] == "2", path
+        assert (await r.json())["error"]["code"] == "unavailable"
+        assert time.monotonic() - t0 < 2, path

@@ -234,26 +234,47 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
-class CutProxy:
-    """Forwards TCP to ``target`` until :meth:`cut`: then every connection is closed and new ones are
-    refused (the store is down for whoever talks through it) until :meth:`restore`."""
+class _LoopProxy:
+    """A proxy on a loopback port, run by its own event loop in a thread; :meth:`_start`/:meth:`_stop`
+    (coroutines of the subclass) open and close it."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+    def __init__(self) -> None:
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.restore()
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=20)
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def close(self) -> None:
+        self._call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class CutProxy(_LoopProxy):
+    """Forwards TCP to ``target`` until :meth:`cut`: then every connection is closed and new ones are
+    refused (the store is down for whoever talks through it) until :meth:`restore`."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__()
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.restore()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -290,12 +311,76 @@ class CutProxy:
     def cut(self) -> None:
         self._call(self._stop())
 
-    def restore(self) -> None:
-        self._call(self._start())
+
+class FaultProxy(_LoopProxy):
+    """An HTTP proxy in front of the DynamoDB server that injects what a real DynamoDB does on a bad day:
+    added latency (:attr:`delay_s`), a fraction of calls throttled (400
+    ProvisionedThroughputExceededException, :attr:`throttle`) or failed (500, :attr:`errors`), or nothing at
+    all (:meth:`down`: connections refused, until :meth:`restore`). :attr:`calls` counts what it did."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target.rstrip("/")
+        self.delay_s = 0.0
+        self.throttle = 0.0
+        self.errors = 0.0
+        self.calls: dict[str, int] = {"forwarded": 0, "throttled": 0, "5xx": 0}
+        self.runner: Any = None
+        self.session: Any = None
+        self.restore()
+
+    async def _handle(self, request: Any) -> Any:
+        import random
+
+        from aiohttp import web
+
+        body = await request.read()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        r = random.random()
+        if r < self.throttle:
+            self.calls["throttled"] += 1
+            return web.Response(status=400, content_type="application/x-amz-json-1.0", body=json.dumps({
+                "__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+                "message": "injected throttling"}).encode())
+        if r < self.throttle + self.errors:
+            self.calls["5xx"] += 1
+            return web.Response(status=500, content_type="application/x-amz-json-1.0",
+                                body=b'{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError"}')
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding", "connection")}
+        async with self.session.request(request.method, self.target + request.path_qs, headers=headers,
+                                        data=body) as up:
+            data = await up.read()
+            self.calls["forwarded"] += 1
+            keep = {k: v for k, v in up.headers.items() if k.lower() in ("content-type", "x-amz-crc32",
+                                                                          "x-amzn-requestid")}
+            return web.Response(status=up.status, body=data, headers=keep)
+
+    async def _start(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    async def _stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def down(self) -> None:
+        self._call(self._stop())
 
     def close(self) -> None:
-        self._call(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.session is not None:
+            self._call(self.session.close())
+        super().close()
 
 
 @dataclass

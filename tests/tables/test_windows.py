@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import orjson
@@ -265,7 +266,7 @@ _HOSTILE_ELEMENT = st.one_of(
 )
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=500 if os.environ.get("MINUTELY_CHAOS") else 50, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), _HOSTILE_ELEMENT), min_size=150, max_size=250))
 def test_hostile_records_are_each_dead_lettered_and_their_valid_neighbours_counted(
         elements: list[tuple[bool, Any]]) -> None:
