@@ -150,7 +150,7 @@ class Ingest:
         info = await self._auth(request, kind)
         if isinstance(info, web.Response):
             return info
-        body = await _read(request)
+        body = await _read(request, retriable=kind == "drain")
         if isinstance(body, web.Response):
             return body
         return info, body
@@ -238,15 +238,18 @@ class Ingest:
         return json_response({"accepted": len(good), "rejected": rejected[:1000]})
 
 
-async def _read(request: web.Request) -> bytes | web.Response:
-    """The body, or 413 over the size limit, or 408 when it trickles in slower than the timeout allows (a
-    slow-body client must not hold a connection and a buffer for ever)."""
+async def _read(request: web.Request, *, retriable: bool = False) -> bytes | web.Response:
+    """The body, or 413 over the size limit, or -- when it trickles in slower than the timeout allows (a
+    slow-body client must not hold a connection and a buffer for ever) -- 408, or 503 with Retry-After when
+    ``retriable``: Logplex drops a frame on any 4xx but retries a 5xx, and a slow network is no reason to
+    lose a frame."""
     timeout_s = request.app[SETTINGS_KEY].ingest_body_timeout_s
     try:
         return await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
-        resp = error(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s; send it "
-                                          "at once")
+        message = f"the request body did not arrive within {timeout_s:g} s; send it at once"
+        resp = (error(503, "body_timeout", message, {"Retry-After": "5"}) if retriable
+                else error(408, "body_timeout", message))
         resp.force_close()
         return resp
     except web.HTTPRequestEntityTooLarge:

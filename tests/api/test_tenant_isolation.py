@@ -200,3 +200,11 @@ async def test_ingest_body_limits_and_slow_bodies(tenants: Tenants) -> None:
         await asyncio.sleep(0.2)
     assert time.monotonic() - t0 < 0.5 + LINGERING_S + 1.0
     writer.close()
+    # On the drain it is a 503 with Retry-After instead: Logplex drops a frame on a 4xx, retries a 5xx.
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"POST /v1/drains/logplex HTTP/1.1\r\nHost: x\r\nContent-Type: application/logplex-1\r\n"
+                 b"Authorization: Bearer " + t["shop-drain"].encode() + b"\r\nContent-Length: 1000\r\n\r\n83 <")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(4096), 5)
+    assert raw.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in raw and b"body_timeout" in raw, raw[:300]
+    writer.close()
