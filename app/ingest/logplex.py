@@ -335,7 +335,7 @@ def _addon(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
         if scale is not None:
             v, key = v * scale, key + "_mb"
         elif unit:
-            key = f"{key}_{_unit_suffix(unit)}"
+            key = f"{key}_{_unit_suffix(unit)}".lower()
         samples[key[:64]] = v
     if not samples:
         return None
@@ -343,7 +343,7 @@ def _addon(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
     if isinstance(ts_ms, str):
         return None
     addon = _ADDON_NAME.search(text)
-    return [{"kind": "addon", "app": app, "ts": ts_ms, "source": _ADDON_SOURCE.sub("_", source) or "addon",
+    return [{"kind": "addon", "app": app, "ts": ts_ms, "source": _ADDON_SOURCE.sub("_", source).lstrip(".-") or "addon",
              "addon": addon.group(1).decode("utf-8", "replace")[:200] if addon else None,
              "samples": samples}], None
 

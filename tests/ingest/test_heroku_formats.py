@@ -145,13 +145,15 @@ def test_redis_metrics_with_or_without_addon_field() -> None:
 
 
 def test_addon_lines_are_never_dead_lettered() -> None:
-    odd = b"source=DATABASE sample#db_size=lots sample#tables=3 sample#bloat=12%"
+    odd = b"source=-DATABASE sample#db_size=lots sample#tables=3 sample#bloat=12% sample#wal=5KiB"
     p = parse_frame(frame([dyno_line(b"heroku-postgres", odd, app=b"app"),
                            dyno_line(b"heroku-postgres", b"source=DATABASE sample#db_size=big", app=b"app"),
                            dyno_line(b"heroku-postgres", b"Database maintenance starting", app=b"app")]), "shop")
     assert not p.bad and p.ignored == 2
     (o,) = p.observations
-    assert o["samples"] == {"tables": 3.0, "bloat_pct": 12.0}
+    assert o["source"] == "DATABASE" and o["samples"] == {"tables": 3.0, "bloat_pct": 12.0, "wal_kib": 5.0}
+    decoded = models.decode(orjson.dumps(o), 1 << 20)  # and the contract takes it as it is
+    assert isinstance(decoded, models.Decoded) and not decoded.rejects
 
 
 # --- platform events ------------------------------------------------------------------------------------------

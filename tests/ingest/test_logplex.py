@@ -98,7 +98,15 @@ def test_loadgen_lines_round_trip() -> None:
     assert p.observations == [o]
 
 
-REAL_FORMS = [ROUTER_INFO, ROUTER_ERROR, ROUTER_NO_DYNO, MEMORY, LOAD]  # extended below with every format
+REAL_FORMS = [ROUTER_INFO, ROUTER_ERROR, ROUTER_NO_DYNO, MEMORY, LOAD,
+              b'<158>1 2012-11-30T06:45:29Z host heroku router - sock=client at=warning code=H27 desc="x" method=GET '
+              b'path="/" host=a.b dyno= connect= service= status=499 bytes= protocol=https',
+              b"<134>1 2012-11-30T06:45:29Z host app heroku-postgres - source=DATABASE addon=pg-1 "
+              b"sample#db_size=104857600bytes sample#active-connections=7 sample#memory-free=1024kB sample#x=5KiB",
+              b"<190>1 2012-11-30T06:45:29Z host app web.1 - source=eu count#orders=2 measure#checkout=1.5s "
+              b"sample#cache=64MB",
+              b"<45>1 2012-11-30T06:45:29Z host heroku web.1 - Error R14 (Memory quota exceeded)",
+              b"<134>1 2012-11-30T06:45:29Z host app api - Scaled to web@3:Standard-1X worker@2:Standard-2X by user x"]
 lines = st.one_of(st.binary(max_size=300), st.sampled_from(REAL_FORMS),
                   st.builds(lambda b, i, j: b[:i] + b[j:], st.sampled_from(REAL_FORMS),
                             st.integers(0, 250), st.integers(0, 250)))
