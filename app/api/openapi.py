@@ -18,6 +18,10 @@ _ERROR_CODES = ["unauthorized", "invalid_token", "not_found", "invalid_app", "in
                 "store_error"]
 
 
+_EPOCH = {"type": "integer", "minimum": 0, "maximum": 10**11}
+"""since/until: epoch seconds, bounded as app/api/web.py checks them (MAX_EPOCH_S)."""
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -125,9 +129,9 @@ def document(settings: Settings) -> dict[str, Any]:
                     {"name": "process_type", "in": "query", "schema": {"type": "string", "default": "web"},
                      "description": "web, worker, ...; `app` for add-on metrics and releases"},
                     {"name": "since", "in": "query", "description": "epoch seconds (default: until - 1 h); "
-                     "rounded down to the resolution", "schema": {"type": "integer"}},
+                     "rounded down to the resolution", "schema": _EPOCH},
                     {"name": "until", "in": "query", "description": "epoch seconds, exclusive (default: now, "
-                     "including the open minute); rounded up to the resolution", "schema": {"type": "integer"}},
+                     "including the open minute); rounded up to the resolution", "schema": _EPOCH},
                     {"name": "resolution", "in": "query",
                      "description": "auto (default: 1 min up to 2 h, 10 min below 72 h, 1 h below 7 d, else 2 h), "
                                     "seconds, or a name",
@@ -160,9 +164,9 @@ def document(settings: Settings) -> dict[str, Any]:
                      "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}},
                     {"name": "process_type", "in": "query", "schema": {"type": "string", "default": "web"}},
                     {"name": "since", "in": "query", "description": "epoch seconds (default: until - 1 h)",
-                     "schema": {"type": "integer"}},
+                     "schema": _EPOCH},
                     {"name": "until", "in": "query", "description": "epoch seconds, exclusive (default: now + 1 min)",
-                     "schema": {"type": "integer"}},
+                     "schema": _EPOCH},
                 ],
                 "responses": {
                     "200": {"description": "events with since <= ts < until; Cache-Control: private, no-cache",
