@@ -239,9 +239,7 @@ class Aggregate:
             g.add(value, ts_ms)
 
     def add_addon(self, source: str, samples: dict[str, float], ts_ms: int) -> None:
-        gauges = self.addons.get(source)
-        if gauges is None:
-            gauges = self.addons[source] = {}
+        gauges = self.addons.setdefault(source, {})
         for name, v in samples.items():
             g = gauges.get(name)
             if g is None:
@@ -272,20 +270,9 @@ class Aggregate:
             mine.merge(t)
         for name, v in other.counters.items():
             self.counters[name] = self.counters.get(name, 0.0) + v
-        for name, g in other.gauges.items():
-            mg = self.gauges.get(name)
-            if mg is None:
-                mg = self.gauges[name] = Gauge()
-            mg.merge(g)
+        _merge_gauges(self.gauges, other.gauges)
         for source, gauges in other.addons.items():
-            mine_g = self.addons.get(source)
-            if mine_g is None:
-                mine_g = self.addons[source] = {}
-            for name, g in gauges.items():
-                mg = mine_g.get(name)
-                if mg is None:
-                    mg = mine_g[name] = Gauge()
-                mg.merge(g)
+            _merge_gauges(self.addons.setdefault(source, {}), gauges)
         for name, n in other.platform.items():
             self.platform[name] = self.platform.get(name, 0) + n
         self.offset = max(self.offset, other.offset)
@@ -385,6 +372,14 @@ class Aggregate:
         if self.platform:
             point["platform"] = dict(sorted(self.platform.items()))
         return point
+
+
+def _merge_gauges(mine: dict[str, Gauge], other: dict[str, Gauge]) -> None:
+    for name, g in other.items():
+        mg = mine.get(name)
+        if mg is None:
+            mg = mine[name] = Gauge()
+        mg.merge(g)
 
 
 def _gauge_list(g: Gauge) -> list[Any]:

@@ -47,9 +47,6 @@ _ROUTER_FAST = re.compile(
 # with int() by the general path.
 _FRACTION_MS = {f"{i:0{w}d}".encode(): int(f"{i:0{w}d}".ljust(3, "0")) for w in (1, 2, 3) for i in range(10 ** w)}
 """Leading fraction digits of a syslog timestamp ("5", "05", "123") -> milliseconds: one dict lookup."""
-_ROUTER_HEAD = re.compile(rb"at=(\w+)(?: code=(H\d{1,3}))?")
-_ROUTER_TAIL = re.compile(
-    rb"dyno=(\S+) connect=(\d*)(?:ms)? service=(\d+)(?:ms)? status=(\d+)(?: bytes=(\d*))?")
 _SAMPLE = re.compile(rb"sample#(\w+)=([0-9.]+)([A-Za-z]*)")
 _SOURCE = re.compile(rb"source=(\S+)")
 _RUNTIME_FIELDS = {
@@ -203,6 +200,9 @@ _MS = re.compile(rb"(\d{1,12})(?:ms)?\Z")
 _INT = re.compile(rb"\d{1,15}\Z")
 _CODE = re.compile(rb"[A-Z]\d{1,3}\Z")
 _UNIT_NUMBER = re.compile(rb"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,3})?)([A-Za-z%/\xc2\xb5]{0,16})\Z")
+_ADDON_NAME = re.compile(rb"\baddon=(\S+)")
+_ADDON_SOURCE = re.compile(r"[^A-Za-z0-9_.\-]")
+_L2MET_TYPES = {b"count": "counter", b"measure": "timer", b"sample": "gauge"}
 _ADDON_SAMPLE = re.compile(rb"sample#([A-Za-z0-9_\-]{1,64})=(\S+)")
 _L2MET = re.compile(rb"(?:^|\s)(count|measure|sample)#([^=\s]*)=?(\S*)")
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-:/]{0,199}\Z")
@@ -348,9 +348,6 @@ def _addon(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
              "samples": samples}], None
 
 
-_ADDON_NAME = re.compile(rb"\baddon=(\S+)")
-_ADDON_SOURCE = re.compile(r"[^A-Za-z0-9_.\-]")
-
 
 def _unit_suffix(unit: bytes) -> str:
     return unit.decode("utf-8", "replace").replace("%", "pct").replace("/", "_per_").replace("\u00b5", "u")
@@ -443,5 +440,3 @@ def _l2met(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
         return "; ".join(problems)
     return good, "; ".join(problems) if problems else None
 
-
-_L2MET_TYPES = {b"count": "counter", b"measure": "timer", b"sample": "gauge"}
