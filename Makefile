@@ -13,6 +13,8 @@ UPLOT_DIR := .deps/uplot
 DEMO ?= 1
 FRESH ?= 0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
+TEST_PROCESSES ?= 3
 
 .PHONY: run test chaos install install-test install-cassandra bench bench-query bench-stores typecheck clean browser
 
@@ -22,7 +24,7 @@ run: install
 	$(PY) -m app local $(if $(filter 0,$(DEMO)),--no-demo,)
 
 test: install-test typecheck browser
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --durations=15 $(PYTEST_ARGS)
 
 typecheck: install-test
 	$(PY) -m mypy

@@ -174,6 +174,10 @@ class Settings:
     ingest_body_timeout_s: float = 10.0
     """A request body must arrive within this time, or 408 and the connection is closed: slow-body clients
     (slowloris) cannot hold connections. A 4 MB body needs ~3.3 Mbit/s."""
+    ingest_max_inflight_bytes: int = 64 * 1024 * 1024
+    """Request bytes one ingest process holds at once (bodies being read, parsed or produced). A request that
+    would go over it gets 503 with Retry-After before its body is read: under overload memory stays bounded
+    and senders come back later (Logplex retries a 5xx), instead of every request queueing in memory."""
     dedup_window_s: float = 900.0
     """How long a delivered Logplex-Frame-Id is remembered: retries within it are answered 2xx, not re-counted."""
     dedup_lease_s: float = 30.0

@@ -288,9 +288,41 @@ def _indexed(d: models.Decoded) -> list[tuple[int, Any]]:
     return out
 
 
+class LoadShedding:
+    """Bounds the request bytes in flight (``METRICS_INGEST_MAX_INFLIGHT_BYTES``). Past the budget a request
+    is answered 503 with Retry-After at once, its body unread: at twice its capacity the ingest stays at a
+    bounded memory and a steady throughput, where queueing every request would grow without end. A request
+    that declares no length counts as the largest body allowed; one request is always let in, so a budget
+    below the body limit cannot refuse everything."""
+
+    def __init__(self, settings: Settings, counters: Counters) -> None:
+        self.budget_bytes = settings.ingest_max_inflight_bytes
+        self.max_body_bytes = settings.ingest_max_body_bytes
+        self.counters = counters
+        self.held_bytes = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        size = min(request.content_length if request.content_length is not None else self.max_body_bytes,
+                   self.max_body_bytes)
+        if self.held_bytes and self.held_bytes + size > self.budget_bytes:
+            self.counters.inc("ingest_requests_shed")
+            return error(503, "overloaded", "the ingest is at capacity; retry after the delay",
+                         {"Retry-After": "1"})
+        self.held_bytes += size
+        try:
+            return await handler(request)
+        finally:
+            self.held_bytes -= size
+
+
 def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.Application], None] | None = None
                     ) -> web.Application:
-    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes)
+    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes,
+                             middlewares=[LoadShedding(settings, ingest.counters).middleware])
     webapp.router.add_post("/v1/drains/logplex", ingest.drain)
     webapp.router.add_post("/v1/observations", ingest.observations)
     webapp[SETTINGS_KEY] = settings

@@ -40,6 +40,9 @@ CATALOGUE: Final[dict[str, str]] = {
     "drain_lines_bad": "Router/runtime/l2met lines that did not parse (dead-lettered with the line). Rising: a "
                        "log format change upstream or an app logging malformed l2met; read the DLQ reasons.",
     "ingest_observations_produced": "Observations acknowledged by Kafka from the HTTP endpoints.",
+    "ingest_requests_shed": "Requests answered 503 at once because METRICS_INGEST_MAX_INFLIGHT_BYTES were "
+                            "in flight (senders retry). Sustained: add ingest replicas, or check Kafka's ack "
+                            "latency.",
     "ingest_records_rejected": "JSON API records refused (reasons returned to the client). Rising: a producer "
                                "sends bad or foreign-app records.",
     "sink_dead_lettered": "Minutes DynamoDB rejected for good (sent to metrics-1m-dlq). Non-zero: read the "

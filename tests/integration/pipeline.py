@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from app.cli import start_role, start_worker, wait_http, worker_env
 from app.local.embedded import DynamoServer, KafkaBroker, free_port
@@ -43,6 +44,11 @@ class Pipeline:
             "METRICS_TABLE_NAME": f"metrics-{uid}",
             "METRICS_MIGRATION_TOPIC": f"mig-{uid}",
             "METRICS_CHECKPOINTS_TOPIC": f"cp-{uid}",
+            # Every topic is the deployment's own: a shared one may have been created by another test with
+            # another partition count (the store migration reads all METRICS_PARTITIONS of each).
+            "METRICS_ALERTS_TOPIC": f"alerts-{uid}",
+            "METRICS_AUTOSCALE_TOPIC": f"autoscale-{uid}",
+            "METRICS_POLICY_COMMANDS_TOPIC": f"policy-{uid}",
             "METRICS_CASSANDRA_KEYSPACE": f"m{uid}",
             "METRICS_PARTITIONS": "4",
             "METRICS_GRACE_S": "2",
@@ -83,7 +89,8 @@ class Pipeline:
         port = free_port()
         env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(self.tmp), web_port=port,
                          extra=self.env_overrides)
-        self.ingest_proc = start_role("ingest", env, log_path=self.log_path.with_name(self.log_path.stem + "-ingest.log"))
+        self.ingest_proc = start_role("ingest", env,
+                                      log_path=self.log_path.with_name(self.log_path.stem + "-ingest.log"))
         wait_http(f"http://127.0.0.1:{port}/healthz", 60, self.ingest_proc)
         return f"http://127.0.0.1:{port}"
 
@@ -175,17 +182,18 @@ def wait_stored(p: Pipeline, apps: list[str], start_ms: int, minutes: int, timeo
         time.sleep(0.5)
 
 
-def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -> None:
+def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -> float:
     """Every minute the truth has is stored, equal to it: request counts (served or not), failed and errors
     exact; response max exact, mean to 1e-6 and p50/p95/p99 within 1 % of numpy's exact percentiles over the
     served requests only (no section when the router answered every request itself); rss max, platform
     event counts, add-on gauges (max, last), custom counters (sum), timers (count, max) and gauges (max,
-    last) exact."""
+    last) exact. Returns the largest relative percentile error met."""
     from app.local.traffic import gauge_last
     from tables.aggregate import Aggregate
 
     keys = truth.keys()
     assert keys <= set(stored), sorted(keys - set(stored))[:5]
+    worst = 0.0
     for key in sorted(keys):
         point = Aggregate.from_record(stored[key]).summary()
         requests = truth.requests.get(key, 0)
@@ -206,6 +214,7 @@ def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -
                     exact = float(np.quantile(arr, q))
                     got = point["response_ms"][name]
                     assert abs(got - exact) <= 0.01 * exact, (key, name, got, exact)
+                    worst = max(worst, abs(got - exact) / exact)
         if key in truth.rss_max:
             assert point["memory_mb"]["rss_max"] == truth.rss_max[key], key
         assert point.get("platform", {}) == dict(truth.platform.get(key, {})), key
@@ -228,6 +237,7 @@ def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -
         for name, gpts in truth.gauges.get(key, {}).items():
             m = metrics[name]
             assert (m["type"], m["max"], m["last"]) == ("gauge", max(v for _, v in gpts), gauge_last(gpts)), (key, name)
+    return worst
 
 
 def env_flag(name: str) -> bool:
@@ -418,3 +428,101 @@ class LiveTraffic:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=30)
+
+
+class FastTraffic:
+    """Generated traffic produced as wall time passes, ``speedup`` times faster than real time, from a thread:
+    ``duration_s`` of wall time carry ``speedup * duration_s`` of event time, which ends two minutes before
+    the wall clock (every minute is in the past, so only the data closes them). Each app sends a message a
+    second; every other message is split into single-observation messages, so both message forms are in
+    the stream. The generator's truth is what Kafka holds, whatever happens to the broker meanwhile."""
+
+    def __init__(self, broker: KafkaBroker, topic: str, *, duration_s: float, speedup: float, apps: int = 3,
+                 seed: int = 1, per_second: int = 100) -> None:
+        self.broker, self.topic, self.duration_s, self.speedup = broker, topic, duration_s, speedup
+        now_ms = int(time.time() * 1000)
+        self.start_ms = (now_ms - int(duration_s * speedup * 1000) - 120_000) // 60_000 * 60_000
+        self.gen = Generator(apps=apps, dynos=2, seed=seed, start_ms=self.start_ms, keep_truth=True,
+                             realistic=True)
+        self.per_message = max(1, int(per_second * speedup))
+        self.span_ms = int(1000 * speedup)
+        self.msgs = self.gen.messages(per_message=self.per_message, span_ms=self.span_ms)
+        self.next_ms = self.start_ms
+        self.messages = 0
+        """Generated messages (arrays): every other one goes to Kafka as it is, the others as ``singles``."""
+        self.singles = 0
+        self.observations = 0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.monotonic()
+        self.thread.start()
+
+    @property
+    def truth(self) -> Truth:
+        assert self.gen.truth is not None
+        return self.gen.truth
+
+    def _due(self) -> list[tuple[bytes, bytes]]:
+        elapsed_s = min(time.monotonic() - self.t0, self.duration_s)
+        due_ms = self.start_ms + int(elapsed_s * self.speedup * 1000)
+        out: list[tuple[bytes, bytes]] = []
+        while self.next_ms + self.span_ms <= due_ms:
+            self.next_ms += self.span_ms
+            for _ in self.gen.apps:  # one message per app, then the generator's clock moves on
+                key, value = next(self.msgs)
+                self.messages += 1
+                if self.messages % 2:
+                    out.append((key, value))
+                else:
+                    out += [(key, orjson.dumps(o)) for o in orjson.loads(value)]
+        return out
+
+    def _run(self) -> None:
+        asyncio.run(self._produce_all())
+
+    async def _produce_all(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        # One idempotent producer for the whole run: while the broker is down it retries the same batches
+        # (the broker drops what it already has), for up to request_timeout_ms, so nothing is doubled.
+        producer = AIOKafkaProducer(bootstrap_servers=self.broker.address, acks="all", enable_idempotence=True,
+                                    linger_ms=5, request_timeout_ms=180_000, max_request_size=8 * 1024 * 1024)
+        await producer.start()
+        try:
+            while True:
+                finished = time.monotonic() - self.t0 >= self.duration_s
+                due = self._due()
+                self.observations += sum(1 if v[:1] == b"{" else len(orjson.loads(v)) for _, v in due)
+                self.singles += sum(v[:1] == b"{" for _, v in due)
+                futs = [await producer.send(self.topic, value=v, key=k) for k, v in due]
+                await asyncio.gather(*futs)  # raises when Kafka did not take them in time: the test fails
+                if finished:
+                    break
+                await asyncio.sleep(0.5)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.done.set()
+            await producer.stop()
+
+    def wait(self, timeout_s: float) -> None:
+        """Until everything due is in Kafka."""
+        assert self.done.wait(timeout_s), "the traffic did not finish"
+        assert self.error is None, f"the traffic's producer failed: {self.error!r}"
+
+
+def wait_truth_stored(p: Pipeline, truth: Truth, start_ms: int, timeout_s: float) -> dict[tuple[str, str, int], Any]:
+    """Poll the store until every minute of the truth is there (or fail naming how many are); returns all the
+    stored minutes of the truth's apps (extra or doubled ones included, for the caller to compare)."""
+    keys = truth.keys()
+    apps = sorted({app for app, _, _ in keys})
+    procs = sorted({proc for _, proc, _ in keys})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = p.stored(apps, procs, start_ms // 1000, start_ms // 1000 + 6 * 3600)
+        if keys <= set(stored):
+            return stored
+        assert time.monotonic() < deadline, f"{len(keys & set(stored))} of {len(keys)} minutes stored"
+        time.sleep(1.0)
