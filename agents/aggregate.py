@@ -153,7 +153,8 @@ class Aggregator:
         """Wall-clock pass over the partitions this worker owns (idle ones included).
 
         ``highwaters``: the next offset the broker holds per partition; a partition whose highwater is
-        past our applied offset has messages waiting and is not idle (None: unknown, not idle).
+        past our applied offset has messages waiting and is not idle. None: unknown (the broker unreachable,
+        or not fetched lately), so not idle, and its quiet time starts again.
         """
         owned = set(assigned)
         async with self.lock:
@@ -162,6 +163,10 @@ class Aggregator:
             self.revoke([p for p in self.partitions if p not in owned])
             self._ensure_loaded(owned)
             held = list(self.partitions)
+            if highwaters is not None:
+                for p in held:
+                    if highwaters.get(p) is None:
+                        self.partitions[p].end_unknown()
             caught_up = {p: highwaters is None or (highwaters.get(p) is not None
                                                    and (highwaters.get(p) or 0) <= self.partitions[p].offset + 1)
                          for p in held}
@@ -335,12 +340,10 @@ def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Wat
         if faust_app.rebalancing or not faust_app.tables.recovery.completed.is_set():
             return
         assigned = {tp for tp in faust_app.assignor.assigned_actives() if tp.topic == settings.observations_topic}
-        highwaters: dict[int, int | None] = {}
-        for tp in assigned:
-            try:
-                highwaters[tp.partition] = faust_app.consumer.highwater(tp)
-            except Exception:  # not fetched yet / assignment changing: unknown, so not idle
-                highwaters[tp.partition] = None
+        # Unknown or stale (not fetched yet, assignment changing, broker unreachable): not idle.
+        now_ms = int(time.time() * 1000)  # aiokafka's fetch times are the system clock's
+        highwaters = {tp.partition: highwater(faust_app, tp.topic, tp.partition, fresh_at_ms=now_ms)
+                      for tp in assigned}
         await aggregator.close_idle({tp.partition for tp in assigned}, highwaters)
 
     @faust_app.on_partitions_revoked.connect

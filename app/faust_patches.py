@@ -62,12 +62,25 @@ def apply() -> None:
     _APPLIED = True
 
 
-def highwater(faust_app: Any, topic: str, partition: int) -> int | None:
-    """The broker's end offset of an assigned partition as of the consumer's last fetch (None: unknown)."""
+FRESH_FETCH_MS = 5_000
+"""A highwater older than this is stale: Faust's consumer fetches every partition at least every 1.5 s
+(``fetch_max_wait_ms``) while the broker answers and the partition is not paused."""
+
+
+def highwater(faust_app: Any, topic: str, partition: int, *, fresh_at_ms: int | None = None) -> int | None:
+    """The broker's end offset of an assigned partition as of the consumer's last fetch (None: unknown).
+    With ``fresh_at_ms`` (the wall clock now), also None when that fetch is older than FRESH_FETCH_MS: the
+    broker is unreachable or the partition paused, and the last known end may long have moved on."""
     from faust.types import TP
 
+    tp = TP(topic, partition)
     try:
-        hw = faust_app.consumer.highwater(TP(topic, partition))
+        hw = faust_app.consumer.highwater(tp)
+        if fresh_at_ms is not None:
+            # aiokafka keeps the time of each partition's last fetch response; Faust has no accessor.
+            polled_ms = faust_app.consumer._thread._ensure_consumer().last_poll_timestamp(tp)
+            if polled_ms is None or fresh_at_ms - polled_ms > FRESH_FETCH_MS:
+                return None
     except Exception:  # not assigned, or not fetched yet
         return None
     return None if hw is None else int(hw)

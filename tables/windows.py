@@ -8,8 +8,10 @@ drop late keys silently (../shared/notes/pitfalls.md). Here instead:
   2. the partition's watermark >= end + grace + idle timeout (A went quiet, others moved on);
   3. the partition has no messages waiting (its highwater is at our offset), received nothing for
      ``idle_timeout_ms`` of wall time, and the wall clock is past end + grace (an idle partition's minute
-     still closes). During a backlog replay, or while a restart or rebalance holds the backlog back, the
-     partition is not idle, so wall time never closes windows ahead of their data.
+     still closes). During a backlog replay, while a restart or rebalance holds the backlog back, or
+     while the broker cannot be asked (its end offset unknown or stale), the partition is not idle and
+     its quiet time starts again: wall time never closes windows ahead of their data, nor while
+     producers hold data back for an unreachable broker.
   All three are monotonic in ``end``, so an app's windows close in order and ``closed_ms`` (the end of
   its last closed window) is the lateness boundary: an event with ``ts < closed_ms`` is late.
 * **Idempotence** (at-least-once input): every window remembers the highest input offset folded into
@@ -115,7 +117,9 @@ class PartitionWindows:
         self.apps: dict[str, AppProgress] = {}
         self.offset = -1  # every message at or below this offset is fully applied
         self.wm_ms = -1
-        self.last_input_wall_ms = clock.now_ms()
+        self.busy_wall_ms = clock.now_ms()
+        """Wall time the partition last had input or was not known to be caught up: quiet (idle) is counted
+        from here, so a broker outage (end offsets unknown) never passes for idleness."""
         self.dirty_windows: set[WinKey] = set()
         self.dirty_apps: set[str] = set()
 
@@ -123,7 +127,7 @@ class PartitionWindows:
     def ingest(self, offset: int, value: bytes | None, result: IngestResult) -> None:
         """Fold one input message in. Never raises on bad data: rejects are appended to ``result``."""
         now_ms = self.clock.now_ms()
-        self.last_input_wall_ms = now_ms
+        self.busy_wall_ms = now_ms
         if offset <= self.offset:
             result.counts.skipped_replay += 1
             return
@@ -373,7 +377,7 @@ class PartitionWindows:
         restart or rebalance): then it is not idle, however long nothing arrived.
         """
         now_ms = self.clock.now_ms()
-        idle = caught_up and now_ms - self.last_input_wall_ms >= self.idle_timeout_ms
+        idle = caught_up and now_ms - self.busy_wall_ms >= self.idle_timeout_ms
         grace_ms = self.grace_ms
         part_limit = self.wm_ms - grace_ms - self.idle_timeout_ms
         out = []
@@ -388,6 +392,11 @@ class PartitionWindows:
                 out.append(agg)
         out.sort(key=lambda a: (a.key.start_ms, a.key.app, a.key.process_type))  # deterministic order
         return out
+
+    def end_unknown(self) -> None:
+        """The broker's end offset cannot be known now (unreachable, or not fetched lately): producers may be
+        holding this partition's data, so it is not quiet, and its quiet time starts again from now."""
+        self.busy_wall_ms = self.clock.now_ms()
 
     def closed_through_ms(self, *, caught_up: bool) -> int:
         """An event time before which every window of this partition that arrives in order is closed.

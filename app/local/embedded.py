@@ -182,6 +182,16 @@ class _JavaService:
             self._proc.wait(timeout=30)
         self._closed()
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process keeps its sockets and answers nothing, as a hung or cut-off node does (tests
+        of outages); :meth:`thaw` resumes it."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def _closed(self) -> None:
         self._proc = None
         if self._log is not None:

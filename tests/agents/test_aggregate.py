@@ -125,8 +125,10 @@ async def test_a_partition_with_messages_waiting_is_not_idle(clock: ManualClock)
     await h.agg.process_batch([(0, 0, msg(router(T0 + 1)))])
     clock.set(T0 + 10 * 60_000)  # long quiet, minute long over on the wall clock ...
     assert await h.agg.close_idle({0}, {0: 5}) == 0  # ... but offsets 1..4 are still to be read
-    assert await h.agg.close_idle({0}, {0: None}) == 0  # highwater unknown: not idle either
-    assert await h.agg.close_idle({0}, {0: 1}) == 1  # caught up: the idle partition's minute closes
+    assert await h.agg.close_idle({0}, {0: None}) == 0  # highwater unknown: not idle either, ...
+    assert await h.agg.close_idle({0}, {0: 1}) == 0  # ... and quiet only from when it is known again
+    clock.advance(h.agg.settings.idle_timeout_ms)
+    assert await h.agg.close_idle({0}, {0: 1}) == 1  # caught up and quiet: the idle partition's minute closes
 
 
 async def test_a_malformed_last_message_still_lets_the_partition_go_idle(clock: ManualClock) -> None:

@@ -193,6 +193,10 @@ def check_against_truth(stored: dict[tuple[str, str, int], Any], truth: Truth) -
 
     keys = truth.keys()
     assert keys <= set(stored), sorted(keys - set(stored))[:5]
+    wrong = {k: (Aggregate.from_record(stored[k]).summary().get("requests", 0), truth.requests[k])
+             for k in sorted(truth.requests) if truth.requests[k]
+             and Aggregate.from_record(stored[k]).summary().get("requests", 0) != truth.requests[k]}
+    assert not wrong, f"requests (stored, truth) of {len(wrong)} of {len(keys)} minutes: {wrong}"
     worst = 0.0
     for key in sorted(keys):
         point = Aggregate.from_record(stored[key]).summary()

@@ -1,4 +1,5 @@
-"""The whole pipeline on real parts: Apache Kafka -> worker process -> dynalite -> HTTP query."""
+"""The whole pipeline on real parts: Apache Kafka -> worker process -> dynalite -> HTTP query. Worker and broker
+faults: test_worker_faults.py and test_broker_faults.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -17,30 +17,6 @@ from app.local.traffic import Generator, produce
 from tests.integration.pipeline import Pipeline, check_against_truth, wait_stored
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Halves:
-    """Generated traffic in two parts, from 8 minutes ago: about two minutes and then three more."""
-
-    start_ms: int
-    gen: Generator
-    first: list[tuple[bytes, bytes]]
-    second: list[tuple[bytes, bytes]]
-
-    @classmethod
-    def make(cls, *, apps: int, seed: int, per_message: int, first_extra: int) -> "Halves":
-        start_ms = minute_floor_ms(int(time.time() * 1000)) - 8 * 60_000
-        gen = Generator(apps=apps, dynos=2, seed=seed, start_ms=start_ms, keep_truth=True)
-        msgs = gen.messages(per_message=per_message, span_ms=15_000)
-        first = [next(msgs) for _ in range(apps * 4 * 2 + first_extra)]
-        second = [next(msgs) for _ in range(apps * 4 * 3)]
-        return cls(start_ms, gen, first, second)
-
-
-def count(messages: list[tuple[bytes, bytes]]) -> int:
-    """Observations in these messages."""
-    return sum(len(orjson.loads(v)) for _, v in messages)
 
 
 def minute_floor_ms(t_ms: int) -> int:
@@ -95,113 +71,6 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
         assert "# HELP minutely_observations_rejected_total" in text and "minutely_windows_open" in text
     finally:
         p.stop()
-
-
-def test_worker_killed_mid_stream_neither_loses_nor_doubles(broker: KafkaBroker, dynamo: DynamoServer,
-                                                            tmp_path: Path) -> None:
-    """SIGKILL between minutes, restart on an empty state dir: state comes back from the changelog.
-
-    The idle timeout is longer than the test's pause between the halves: a caught-up partition that is
-    quiet longer than that closes its minutes, as designed, and the second half would then be late."""
-    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20")
-    h = Halves.make(apps=2, seed=11, per_message=300, first_extra=2)  # two minutes and a bit of the third
-    start_ms, gen, first, second = h.start_ms, h.gen, h.first, h.second
-    p.start(data_dir=tmp_path / "state-1")
-    try:
-        asyncio.run(produce(broker.address, p.settings.observations_topic, first))
-        p.wait_stats(lambda s: s["observations_accepted"] >= count(first), 60, "first half aggregated")
-        p.kill()  # no clean shutdown: offsets may be uncommitted, the third minute is open
-        p.start(data_dir=tmp_path / "state-2")
-        asyncio.run(produce(broker.address, p.settings.observations_topic, second))
-        assert gen.truth is not None
-        minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
-        # The restarted worker counts only what it had not applied; replays are skipped.
-        p.wait_stats(lambda s: s["sink_items_written"] >= 1 and s["windows_open"] == 0
-                     and s["observations_accepted"] >= 1, 120, "restarted worker caught up")
-        stored = wait_stored(p, gen.apps, start_ms, minutes)
-        assert len(stored) == minutes
-        check_against_truth(stored, gen.truth)
-    finally:
-        p.stop()
-
-
-def test_rebalance_to_a_second_worker_neither_loses_nor_doubles(broker: KafkaBroker, dynamo: DynamoServer,
-                                                                tmp_path: Path) -> None:
-    """A second worker joins mid-stream: partitions (and their open minutes) move through the changelog."""
-    import json
-    import urllib.request
-
-    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20")
-    h = Halves.make(apps=4, seed=13, per_message=200, first_extra=4)
-    start_ms, gen, first, second = h.start_ms, h.gen, h.first, h.second
-    p.start(data_dir=tmp_path / "a")
-    try:
-        asyncio.run(produce(broker.address, p.settings.observations_topic, first))
-        p.wait_stats(lambda s: s["observations_accepted"] >= count(first), 60, "first part aggregated")
-        _, url_b = p.start_second_worker(data_dir=tmp_path / "b")
-        asyncio.run(produce(broker.address, p.settings.observations_topic, second))
-        assert gen.truth is not None
-        minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
-        stored = wait_stored(p, gen.apps, start_ms, minutes)
-        assert len(stored) == minutes
-        check_against_truth(stored, gen.truth)
-        with urllib.request.urlopen(f"{url_b}/v1/stats", timeout=5) as r:
-            assert json.load(r)["counters"]["minutes_emitted"] > 0, "the second worker took no partitions"
-    finally:
-        p.stop()
-
-
-def _post(url: str, body: bytes, token: str) -> tuple[int, dict[str, str]]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, dict(r.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers)
-
-
-def test_broker_killed_mid_stream_neither_loses_nor_doubles(dynamo: DynamoServer, tmp_path: Path) -> None:
-    """The broker is SIGKILLed mid-stream and restarted on the same log directory while the worker and an
-    ingest process run. Neither is restarted by hand; every stored minute equals the generator's truth."""
-    broker = KafkaBroker(data_dir=tmp_path / "kafka")
-    broker.start()
-    p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="60")
-    h = Halves.make(apps=2, seed=17, per_message=300, first_extra=2)  # two minutes and a bit of the third
-    start_ms, gen, first, second = h.start_ms, h.gen, h.first, h.second
-    # An app outside the generator's truth probes the ingest path across the outage.
-    probe = lambda i: orjson.dumps([{"kind": "router", "app": "probe", "dyno": "web.1",  # noqa: E731
-                                     "ts": start_ms + i, "status": 200, "service_ms": 5.0}])
-    try:
-        p.start(data_dir=tmp_path / "state")
-        ingest = p.start_ingest() + "/v1/observations"
-        token = p.read_token("probe", "write")
-        deadline = time.monotonic() + 60
-        while _post(ingest, probe(0), token)[0] != 200:  # the ingest producer connects in the background
-            assert time.monotonic() < deadline, "ingest never accepted"
-            time.sleep(0.5)
-        asyncio.run(produce(broker.address, p.settings.observations_topic, first))
-        p.wait_stats(lambda s: s["observations_accepted"] >= count(first) + 1, 60, "first half aggregated")
-
-        broker.kill()
-        status, headers = _post(ingest, probe(1), token)
-        assert status == 503 and int(headers["Retry-After"]) >= 1  # nothing acknowledged that Kafka lacks
-        broker.start()  # same directory, same ports
-
-        deadline = time.monotonic() + 90
-        while _post(ingest, probe(2), token)[0] != 200:
-            assert time.monotonic() < deadline, "ingest did not recover after the broker came back"
-            time.sleep(1)
-        asyncio.run(produce(broker.address, p.settings.observations_topic, second))
-        assert gen.truth is not None
-        minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
-        stored = wait_stored(p, gen.apps, start_ms, minutes, timeout_s=180)
-        assert len(stored) == minutes
-        check_against_truth(stored, gen.truth)
-        assert p.proc is not None and p.proc.poll() is None, "the worker had to be restarted"
-        assert p.ingest_proc.poll() is None, "the ingest process had to be restarted"
-    finally:
-        p.stop()
-        broker.stop()
 
 
 def test_minutes_emitted_but_not_stored_survive_a_worker_kill(broker: KafkaBroker, tmp_path: Path) -> None:

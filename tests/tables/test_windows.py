@@ -89,6 +89,24 @@ def test_idle_partition_closes_on_wall_clock(pw: PartitionWindows, clock: Manual
     assert sorted(a.key.app for a in pw.due()) == ["other", "shop"]
 
 
+def test_an_unreachable_broker_is_not_idleness(pw: PartitionWindows, clock: ManualClock) -> None:
+    """While the broker's end offset is unknown, producers may hold this minute's last
+    seconds: the quiet time starts again once the broker is back (found by tests/integration/
+    test_broker_faults.py, where the minute closed during the outage and its tail was dead-lettered)."""
+    ingest(pw, 0, msg(router(T0 + 1)))
+    clock.set(T0 + 75_000)
+    pw.end_unknown()  # the broker went away at T0 + 1 s; still away 74 s later
+    assert pw.due(caught_up=False) == []
+    clock.set(T0 + 104_999)  # back, and caught up: quiet 29.999 s since its end was last unknown
+    assert pw.due() == []
+    ingest(pw, 1, msg(router(T0 + 59_000)))  # the minute's tail, from a producer's buffer: not late
+    clock.set(T0 + 134_998)
+    assert pw.due() == []
+    clock.set(T0 + 134_999)
+    [agg] = pw.due()
+    assert agg.summary()["requests"] == 2
+
+
 def test_backlog_replay_does_not_close_on_wall_clock(pw: PartitionWindows, clock: ManualClock) -> None:
     """Hours-old data consumed now: the partition is busy, so only event time closes windows."""
     clock.set(T0 + 3 * 3600_000)
