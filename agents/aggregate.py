@@ -30,15 +30,25 @@ Emit = Callable[[Sequence[Aggregate]], Awaitable[None]]
 DeadLetter = Callable[[int, Sequence[Rejected]], Awaitable[None]]
 
 
+REFETCH_WAIT_MS = 10_000
+"""How long records asked for again may take to arrive before a gap is taken as empty."""
+
+
 class Aggregator:
     """Owns the open windows of the partitions this worker is assigned."""
 
     def __init__(self, settings: Settings, state: WindowTableState, *, emit: Emit, dead_letter: DeadLetter,
                  counters: Counters, clock: Clock | None = None,
                  owns: Callable[[int], bool] | None = None, watermarks: Watermarks | None = None,
-                 end_offset: Callable[[int], int | None] | None = None) -> None:
+                 end_offset: Callable[[int], int | None] | None = None,
+                 refetch: Callable[[int, int], Awaitable[None]] | None = None) -> None:
         """``watermarks`` / ``end_offset``: where each closing round records how far the partition is closed,
-        and the end offset of ``metrics-1m`` that round's minutes are below (agents/progress.py)."""
+        and the end offset of ``metrics-1m`` that round's minutes are below (agents/progress.py).
+        ``refetch(partition, offset)``: make the consumer read the partition again from ``offset`` (see
+        :meth:`_contiguous`); None: offsets are taken as they come."""
+        self.refetch = refetch
+        self.refetching: dict[int, tuple[int, int]] = {}
+        """Per partition, the offset asked for again and the wall time it was asked (ms)."""
         self.watermarks = watermarks
         self.end_offset = end_offset
         self.settings = settings
@@ -112,9 +122,42 @@ class Aggregator:
                     return False
                 self._ensure_loaded([partition])
                 result = self.pending[partition] = IngestResult()
+            if not await self._contiguous(partition, offset):
+                return False
             self.partitions[partition].ingest(offset, value, result)
             self.pending_bytes += len(value or b"")
             return True
+
+    async def _contiguous(self, partition: int, offset: int) -> bool:
+        """Whether ``offset`` may be folded in: it follows the last one folded (or is a replay). A message
+        past a gap means the consumer skipped records -- Faust can, when a seek at start or after a rebalance
+        races its fetcher, and then counts the gap as acknowledged, so they would never be read. The
+        partition is read again from the gap; what arrives past it meanwhile is dropped, unacknowledged.
+        A gap still there after REFETCH_WAIT_MS holds no records (retention deleted them, or transaction
+        markers): then the message is taken, and the gap logged."""
+        expected = self.partitions[partition].offset + 1
+        if self.refetch is None or expected == 0 or offset <= expected:
+            self.refetching.pop(partition, None)
+            return True
+        now_ms = self.clock.now_ms()
+        asked = self.refetching.get(partition)
+        if asked is None or asked[0] != expected:
+            self.refetching[partition] = (expected, now_ms)
+            self.counters.inc("input_gaps_refetched")
+            log.warning("partition %d: offset %d arrived after %d; reading from %d again (the consumer skipped "
+                        "records)", partition, offset, expected - 1, expected)
+        elif now_ms - asked[1] >= REFETCH_WAIT_MS:
+            log.error("partition %d: offsets %d..%d could not be read again within %d s; going on from %d. "
+                      "Retention deleted them (raise the topic's retention.ms: the workers fell behind it), or "
+                      "a transactional producer's markers fill the gap", partition, expected, offset - 1,
+                      REFETCH_WAIT_MS // 1000, offset)
+            self.counters.inc("input_gaps_accepted")
+            self.refetching.pop(partition, None)
+            return True
+        # Again for every message fetched before the seek took effect: Faust's fetch loop moves its read
+        # offset past them, and would drop the records read again below it.
+        await self.refetch(partition, expected)
+        return False
 
     async def flush(self) -> IngestResult:
         """Persist what was folded in since the last flush, dead-letter its rejects, emit what is due."""
@@ -301,9 +344,15 @@ def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Wat
         return any(tp.partition == partition and tp.topic == settings.observations_topic
                    for tp in faust_app.consumer.assignment())
 
+    async def refetch(partition: int, offset: int) -> None:
+        from faust.types import TP
+
+        # In the consumer's thread, and Faust's read offset (below which it drops fetched records) with it.
+        await faust_app.consumer.seek_wait({TP(settings.observations_topic, partition): offset})
+
     aggregator = Aggregator(settings, WindowTableState(windows_table, settings.observations_topic),
                             emit=emit, dead_letter=dead_letter, counters=counters, owns=owns,
-                            watermarks=watermarks, end_offset=end_offset)
+                            watermarks=watermarks, end_offset=end_offset, refetch=refetch)
 
     unacked = Unacked(aggregator)
 

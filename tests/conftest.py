@@ -15,6 +15,7 @@ CASSANDRA_MODULES = frozenset({
     "tests/integration/test_cassandra_server.py",
     "tests/integration/test_migration.py",
     "tests/integration/test_store_protocol.py",
+    "tests/integration/test_store_faults.py",
 })
 
 

@@ -18,6 +18,11 @@ CATALOGUE: Final[dict[str, str]] = {
                              "the reasons on the DLQ topic and fix the producer.",
     "observations_replayed": "Input skipped because its effects were already applied (after a restart or "
                              "rebalance). Non-zero only around restarts; steady growth means offsets do not commit.",
+    "input_gaps_refetched": "Observations the consumer skipped (a gap in a partition's offsets, seen around "
+                            "starts and rebalances) and read again. Informational; each one is in the log.",
+    "input_gaps_accepted": "Offset gaps that held no records after a re-read: deleted by retention before "
+                           "this worker read them (lost data: raise the topic's retention.ms and watch "
+                           "consumer_lag_observations), or a transactional producer's markers.",
     "minutes_emitted": "Closed (app, process type, minute) records sent to metrics-1m. Flat while "
                        "observations_accepted rises: minutes are not closing (see windows_open, the worker log).",
     "minutes_resent": "Minutes closed before a restart or rebalance and sent to metrics-1m again, identical, "

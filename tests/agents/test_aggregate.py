@@ -245,3 +245,53 @@ async def test_by_default_a_closed_minute_is_forgotten_at_once(clock: ManualCloc
     res = await second.agg.process_batch([(0, 2, msg(router(T0 + 5)))])  # late for the closed minute
     assert res.counts.late == 1 and second.emitted == []
     assert second.counters.values.get("minutes_resent", 0) == 0
+
+
+def refetching(clock: ManualClock) -> tuple[Aggregator, list[tuple[int, int]], Counters]:
+    """An aggregator whose consumer seeks are recorded."""
+    seeks: list[tuple[int, int]] = []
+    counters = Counters()
+
+    async def refetch(partition: int, offset: int) -> None:
+        seeks.append((partition, offset))
+
+    async def emit(aggs: Sequence[Aggregate]) -> None:
+        pass
+
+    async def dead_letter(partition: int, dead: Sequence[Rejected]) -> None:
+        pass
+
+    agg = Aggregator(SETTINGS, WindowTableState({}, "observations"), emit=emit, dead_letter=dead_letter,
+                     counters=counters, clock=clock, refetch=refetch)
+    return agg, seeks, counters
+
+
+async def test_skipped_offsets_are_read_again_before_anything_past_them(clock: ManualClock) -> None:
+    """The consumer delivered 0..1, then skipped to 5 (Faust can, when a seek races its fetcher: found by the
+    crash loop in tests/integration/test_worker_faults.py, where a minute lost a fetch's worth of records)."""
+    agg, seeks, counters = refetching(clock)
+    assert await agg.add(0, 0, msg(router(T0 + 1)))
+    assert await agg.add(0, 1, msg(router(T0 + 2)))
+    assert not await agg.add(0, 5, msg(router(T0 + 6)))  # past a gap: not folded, not to be acknowledged
+    assert not await agg.add(0, 6, msg(router(T0 + 7)))  # fetched before the seek: dropped, and seek again
+    assert seeks == [(0, 2), (0, 2)] and counters.snapshot()["input_gaps_refetched"] == 1
+    for offset in range(2, 7):  # read again from the gap, in order
+        assert await agg.add(0, offset, msg(router(T0 + 1 + offset)))
+    assert await agg.add(0, 3, msg(router(T0 + 4)))  # a replay is still just skipped
+    await agg.flush()
+    [window] = agg.partitions[0].windows.values()
+    assert window.summary()["requests"] == 7 and len(seeks) == 2
+
+
+async def test_a_gap_that_holds_no_records_is_taken_after_the_wait(clock: ManualClock) -> None:
+    """Retention deleted offsets 2..4 before this worker read them: after the re-read brings nothing but the
+    same offset again, the message is taken (and the gap counted as data lost)."""
+    agg, seeks, counters = refetching(clock)
+    assert await agg.add(0, 1, msg(router(T0 + 1)))
+    assert not await agg.add(0, 5, msg(router(T0 + 6)))
+    clock.advance(9_999)
+    assert not await agg.add(0, 5, msg(router(T0 + 6)))  # still waiting for 2..4
+    clock.advance(1)
+    assert await agg.add(0, 5, msg(router(T0 + 6)))
+    assert seeks == [(0, 2), (0, 2)] and counters.snapshot()["input_gaps_accepted"] == 1
+    assert await agg.add(0, 6, msg(router(T0 + 7)))  # and on from there

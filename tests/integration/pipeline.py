@@ -23,7 +23,7 @@ from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.local.traffic import Generator, Truth, produce
 from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.storage.dynamodb import DynamoStore
+from app.storage.backends import metrics_store
 from app.storage.tokens import TokenStore
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -157,7 +157,7 @@ class Pipeline:
     def stored(self, apps: list[str], procs: list[str], since_s: int, until_s: int) -> dict[tuple[str, str, int], Any]:
         """Every minute DynamoDB holds for these series, decoded."""
         async def go() -> dict[tuple[str, str, int], Any]:
-            store = DynamoStore(self.settings)
+            store = metrics_store(self.settings)  # METRICS_STORE's (DynamoDB unless the test says otherwise)
             await store.start()
             try:
                 out = {}
@@ -281,18 +281,34 @@ class _LoopProxy:
 
 class CutProxy(_LoopProxy):
     """Forwards TCP to ``target`` until :meth:`cut`: then every connection is closed and new ones are
-    refused (the store is down for whoever talks through it) until :meth:`restore`."""
+    refused (the store is down for whoever talks through it) until :meth:`restore`. Meanwhile it can add
+    latency to what the client sends (:attr:`delay_s`) and reset the connection as every
+    :attr:`reset_every`-th request passes (in-flight requests fail, as on a node's bad day); :attr:`calls`
+    counts them."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__()
         self.target_port = target_port
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.delay_s = 0.0
+        self.reset_every = 0
+        self.calls: dict[str, int] = {"forwarded": 0, "reset": 0}
         self.restore()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool = False
+                    ) -> None:
         try:
             while data := await reader.read(65536):
+                if upstream:
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    seen = self.calls["forwarded"] + self.calls["reset"] + 1
+                    if self.reset_every and seen % self.reset_every == 0:
+                        self.calls["reset"] += 1
+                        writer.transport.abort()
+                        break
+                    self.calls["forwarded"] += 1
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -307,7 +323,7 @@ class CutProxy(_LoopProxy):
             writer.close()
             return
         self.writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        await asyncio.gather(self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer))
         self.writers -= {writer, up_writer}
 
     async def _start(self) -> None:
@@ -324,6 +340,8 @@ class CutProxy(_LoopProxy):
 
     def cut(self) -> None:
         self._call(self._stop())
+
+    down = cut
 
 
 class FaultProxy(_LoopProxy):
