@@ -343,10 +343,10 @@ def _addon(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
     if isinstance(ts_ms, str):
         return None
     addon = _ADDON_NAME.search(text)
-    return [{"kind": "addon", "app": app, "ts": ts_ms, "source": _ADDON_SOURCE.sub("_", source).lstrip(".-") or "addon",
+    return [{"kind": "addon", "app": app, "ts": ts_ms,
+             "source": _ADDON_SOURCE.sub("_", source).lstrip(".-") or "addon",
              "addon": addon.group(1).decode("utf-8", "replace")[:200] if addon else None,
              "samples": samples}], None
-
 
 
 def _unit_suffix(unit: bytes) -> str:
@@ -439,4 +439,3 @@ def _l2met(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
     if not good:
         return "; ".join(problems)
     return good, "; ".join(problems) if problems else None
-

@@ -98,8 +98,9 @@ class Pipeline:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
 
-    def stats(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"{self.url}/v1/stats", timeout=5) as r:
+    def stats(self, url: str | None = None) -> dict[str, int]:
+        """The counters of this deployment's worker, or of the one at ``url`` (a second worker)."""
+        with urllib.request.urlopen(f"{url or self.url}/v1/stats", timeout=5) as r:
             counters: dict[str, int] = json.load(r)["counters"]
             return counters
 

@@ -86,14 +86,20 @@ def test_broker_fault_loses_and_doubles_nothing(dynamo: DynamoServer, tmp_path: 
         traffic = FastTraffic(broker, p.settings.observations_topic, duration_s=TRAFFIC_S, speedup=3.0, seed=43)
         time.sleep(TRAFFIC_S / 3)
 
-        broker.kill() if fault == "killed" else broker.freeze()
+        if fault == "killed":
+            broker.kill()
+        else:
+            broker.freeze()
         t_down = time.monotonic()
         while_down: list[int] = []
         while time.monotonic() - t_down < DOWN_S:
             status, headers = probe.send()
             while_down.append(status)
             assert status == 503 and int(headers["Retry-After"]) >= 1, (status, headers)
-        broker.start() if fault == "killed" else broker.thaw()
+        if fault == "killed":
+            broker.start()  # same log directory, same ports
+        else:
+            broker.thaw()
         t_back = time.monotonic()
         while probe.send()[0] != 200:
             assert time.monotonic() - t_back < 120, "the ingest did not recover after Kafka came back"

@@ -190,7 +190,7 @@ def test_ingest_at_twice_its_capacity_sheds_cleanly_and_counts_every_acknowledge
         retries = asyncio.run(retry_refused(url, tokens, load.refused))
 
         # Every line of every frame is in the stored minute once: the 2xx'd ones and the retried ones.
-        sent_lines = warm.lines_acked + (sum(load.statuses.values())) * LINES
+        sent_lines = warm.lines_acked + sum(load.statuses.values()) * LINES
         deadline = time.monotonic() + 180
         while True:
             stored = p.stored(apps, ["web"], minute_ms // 1000, minute_ms // 1000 + 60)

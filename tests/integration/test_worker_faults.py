@@ -6,10 +6,8 @@ runs the long versions."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,12 +24,6 @@ LIFE_S = (20.0, 40.0) if CHAOS else (20.0, 26.0)
 SPEEDUP = 2.0 if CHAOS else 5.0
 """Event time per wall time: the short minute of traffic carries five minutes of data."""
 PAIR_S = 180.0 if CHAOS else 60.0
-
-
-def worker_stats(url: str) -> dict[str, int]:
-    with urllib.request.urlopen(f"{url}/v1/stats", timeout=5) as r:
-        counters: dict[str, int] = json.load(r)["counters"]
-        return counters
 
 
 @pytest.mark.parametrize("state", ["own", "empty"])
@@ -89,7 +81,7 @@ def test_two_workers_one_killed_loses_and_doubles_nothing(broker: KafkaBroker, d
         stored = wait_truth_stored(p, traffic.truth, traffic.start_ms, 180)
         worst = check_against_truth(stored, traffic.truth)
         assert set(stored) == traffic.truth.keys(), sorted(set(stored) - traffic.truth.keys())[:5]
-        emitted_b = worker_stats(url_b)["minutes_emitted"]
+        emitted_b = p.stats(url_b)["minutes_emitted"]
         assert emitted_a > 0 and emitted_b > 0, (emitted_a, emitted_b)
         print(f"\ntwo workers, one killed: {len(stored)} minutes equal to the truth (0 lost, 0 doubled, worst "
               f"percentile error {100 * worst:.2f} %); the killed one had emitted {emitted_a}, the survivor "
