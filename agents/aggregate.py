@@ -4,6 +4,11 @@ Input is consumed in batches (``take_events``); each batch is folded into the pa
 the changed state is written to the table once, then windows that became due are emitted. A wall-clock
 timer closes the due windows of idle partitions. Window rules and the idempotence argument:
 tables/windows.py. Table layout: tables/state.py.
+
+Per-app limits (process types, add-on sources, metric names per minute) come from app/limits.py, started
+with the app and followed while it runs. A closed minute is sent within ``minute_max_bytes``, degraded if it
+must be (tables/aggregate.py ``fit_record``; what it leaves out is dead-lettered): a minute the broker
+refuses would crash the worker, and the restart would rebuild the same minute.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import orjson
 
 from agents.progress import Watermarks
 from app.clock import Clock, SystemClock
+from app.errors import ConfigError
+from app.limits import Limits
 from app.ops.stats import Counters
 from app.settings import Settings
-from tables.aggregate import Aggregate
+from tables.aggregate import Aggregate, fit_record
 from tables.state import WindowTableState
-from tables.windows import IngestResult, PartitionWindows, Rejected
+from tables.windows import ADDON_SOURCES, METRIC_NAMES, PROCESS_TYPES, IngestResult, PartitionWindows, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,10 @@ DeadLetter = Callable[[int, Sequence[Rejected]], Awaitable[None]]
 
 REFETCH_WAIT_MS = 10_000
 """How long records asked for again may take to arrive before a gap is taken as empty."""
+MIN_MINUTE_BYTES = 16 * 1024
+"""The smallest budget a minute the broker refused as too large is fitted to again (halving each time)."""
+RECORD_OVERHEAD_BYTES = 1024
+"""Room left under the topic's max.message.bytes for the key and the record batch's framing."""
 
 
 class Aggregator:
@@ -41,11 +52,22 @@ class Aggregator:
                  counters: Counters, clock: Clock | None = None,
                  owns: Callable[[int], bool] | None = None, watermarks: Watermarks | None = None,
                  end_offset: Callable[[int], int | None] | None = None,
-                 refetch: Callable[[int, int], Awaitable[None]] | None = None) -> None:
+                 refetch: Callable[[int, int], Awaitable[None]] | None = None,
+                 limits: Limits | None = None) -> None:
         """``watermarks`` / ``end_offset``: where each closing round records how far the partition is closed,
         and the end offset of ``metrics-1m`` that round's minutes are below (agents/progress.py).
         ``refetch(partition, offset)``: make the consumer read the partition again from ``offset`` (see
-        :meth:`_contiguous`); None: offsets are taken as they come."""
+        :meth:`_contiguous`); None: offsets are taken as they come. ``limits``: per-app limits (started and
+        stopped by the caller); None: the settings' defaults for every app."""
+        if settings.minute_max_bytes + RECORD_OVERHEAD_BYTES > settings.topic_max_message_bytes:
+            raise ConfigError(f"minute_max_bytes ({settings.minute_max_bytes}) must stay {RECORD_OVERHEAD_BYTES} "
+                              f"bytes below topic_max_message_bytes ({settings.topic_max_message_bytes}), or "
+                              "the broker refuses the largest minutes",
+                              action="lower METRICS_MINUTE_MAX_BYTES, or raise METRICS_TOPIC_MAX_MESSAGE_BYTES "
+                                     "with the metrics topic's max.message.bytes")
+        self.limits = limits or Limits(settings)
+        self.fit_dead: dict[tuple[str, str, int], tuple[Aggregate, list[Rejected]]] = {}
+        """What :meth:`encode` left out of the minutes being emitted, to dead-letter once they are sent."""
         self.refetch = refetch
         self.refetching: dict[int, tuple[int, int]] = {}
         """Per partition, the offset asked for again and the wall time it was asked (ms)."""
@@ -77,7 +99,7 @@ class Aggregator:
         s = self.settings
         return PartitionWindows(p, clock=self.clock, grace_ms=s.grace_ms, idle_timeout_ms=s.idle_timeout_ms,
                                 max_future_ms=s.max_future_ms, max_message_bytes=s.max_message_bytes,
-                                max_centroids=s.digest_max_centroids, max_metric_names=s.max_metric_names)
+                                max_centroids=s.digest_max_centroids, limits_of=self.limits.of)
 
     def _ensure_loaded(self, partitions: Iterable[int]) -> None:
         """Rebuild partitions we do not hold in memory from the table (after start or rebalance)."""
@@ -229,7 +251,9 @@ class Aggregator:
         resent = sum(1 for pw, aggs in due for a in aggs if pw.is_closed(a))
         if due:
             # 1. emitted and acknowledged ...
+            self.fit_dead = {}
             await self.emit([a for _, aggs in due for a in aggs])
+            await self._dead_letter_fitted(due)
             now_ms = self.clock.now_ms()
             for pw, aggs in due:
                 # 2. ... then the lateness boundary is persisted, 3. the window is forgotten later.
@@ -254,12 +278,49 @@ class Aggregator:
         self.counters.set("windows_open", sum(len(pw.windows) for pw in self.partitions.values()))
         return n
 
+    def encode(self, agg: Aggregate, max_bytes: int | None = None) -> bytes:
+        """A closed minute as sent to metrics-1m, within ``max_bytes`` (``minute_max_bytes``): degraded when
+        it is larger, never refused. What it leaves out is dead-lettered after the send (:meth:`_close`)."""
+        budget = max_bytes or self.settings.minute_max_bytes
+        fit = fit_record(agg.to_record(), budget)
+        key = agg.key
+        if not fit.degraded:
+            self.fit_dead.pop((key.app, key.process_type, key.start_ms), None)
+            return fit.value
+        self.counters.inc("minutes_degraded")
+        log.warning("minute %s/%s %d of %d bytes sent as %d (budget %d): %d digests compressed, %d names left "
+                    "out (dead-lettered)", key.app, key.process_type, key.start_ms, fit.size, len(fit.value),
+                    budget, fit.digests_compressed, len(fit.dropped))
+        dead = [Rejected("rejected", f"minute over {budget} bytes ({fit.size} serialized): {kind} {name!r} "
+                         f"({size} bytes) dropped from {key.app}/{key.process_type} minute {key.start_ms}; "
+                         "keep ids out of metric names, use fewer high-cardinality timers, or raise "
+                         "METRICS_MINUTE_MAX_BYTES with the metrics topic's max.message.bytes",
+                         {"app": key.app, "proc": key.process_type, "start_ms": key.start_ms, kind: name,
+                          "bytes": size}, agg.offset, -1, key.app)
+                for kind, name, size in fit.dropped]
+        self.fit_dead[(key.app, key.process_type, key.start_ms)] = (agg, dead)
+        return fit.value
+
+    async def _dead_letter_fitted(self, due: list[tuple[PartitionWindows, list[Aggregate]]]) -> None:
+        fit_dead, self.fit_dead = self.fit_dead, {}
+        if not fit_dead:
+            return
+        for pw, aggs in due:
+            dead = [d for a in aggs for d in fit_dead.get((a.key.app, a.key.process_type, a.key.start_ms),
+                                                          (a, []))[1]]
+            if dead:
+                self.counters.inc("minute_names_dropped", len(dead))
+                await self.dead_letter(pw.partition, dead)
+
     def _count(self, result: IngestResult) -> None:
         c = result.counts
         self.counters.inc("observations_accepted", c.accepted)
         self.counters.inc("observations_late", c.late)
         self.counters.inc("observations_rejected", c.rejected)
         self.counters.inc("observations_replayed", c.skipped_replay)
+        self.counters.inc("limit_refused_process_types", c.refused[PROCESS_TYPES])
+        self.counters.inc("limit_refused_addon_sources", c.refused[ADDON_SOURCES])
+        self.counters.inc("limit_refused_metric_names", c.refused[METRIC_NAMES])
 
     def live(self, app: str, process_type: str, since_ms: int, until_ms: int) -> list[Aggregate]:
         """Open windows of one app/process type in ``[since_ms, until_ms)`` (for the query API)."""
@@ -280,6 +341,59 @@ def dead_letter_record(topic: str, partition: int, d: Rejected) -> bytes:
 
 def minute_record(agg: Aggregate) -> bytes:
     return orjson.dumps(agg.to_record())
+
+
+def is_size_error(exc: BaseException) -> bool:
+    """Whether a send failed because the record is too large (the producer's check or the broker's answer,
+    possibly wrapped in Faust's ProducerSendError)."""
+    from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, (MessageSizeTooLargeError, RecordTooLargeError)) or "MESSAGE_SIZE_TOO_LARGE" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+Send = Callable[[Aggregate, bytes], Awaitable[Awaitable[Any]]]
+"""Starts sending one minute; the awaitable it returns resolves once the broker acknowledged it."""
+
+
+async def send_minutes(aggs: Sequence[Aggregate], send: Send, encode: Callable[[Aggregate, int], bytes],
+                       budget: int, counters: Counters) -> list[Any]:
+    """Send every minute; those the broker refuses as too large are fitted to half the budget and sent again,
+    down to MIN_MINUTE_BYTES. Any other error is raised (the caller's crash path: a broker problem, not one
+    app's data). Returns the acknowledgements (record metadata) in no particular order."""
+    todo = list(aggs)
+    acks: list[Any] = []
+    while True:
+        started: list[tuple[Aggregate, Awaitable[Any]]] = []
+        refused: list[Aggregate] = []
+        for a in todo:
+            try:
+                started.append((a, await send(a, encode(a, budget))))
+            except Exception as exc:
+                if not is_size_error(exc) or budget <= MIN_MINUTE_BYTES:
+                    raise
+                refused.append(a)
+        for a, fut in started:
+            try:
+                acks.append(await fut)
+            except Exception as exc:
+                if not is_size_error(exc) or budget <= MIN_MINUTE_BYTES:
+                    raise
+                refused.append(a)
+        if not refused:
+            return acks
+        counters.inc("minutes_refused_too_large", len(refused))
+        budget = max(budget // 2, MIN_MINUTE_BYTES)
+        log.error("the broker refused %d minutes as too large; sending them again within %d bytes. Check that "
+                  "METRICS_MINUTE_MAX_BYTES is below max.message.bytes of the metrics topic and the brokers' "
+                  "message.max.bytes", len(refused), budget)
+        todo = refused
 
 
 class Unacked:
@@ -314,15 +428,20 @@ class Unacked:
 # Imported by app/__main__.py; kept below the logic so unit tests can build an Aggregator without a broker.
 
 def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Watermarks | None = None) -> Aggregator:
+    from mode import Service
+
     from app.app import dlq_topic, metrics_topic, observations_topic, windows_table
     from app.faust_patches import highwater
 
     sent_end: dict[int, int] = {}
     """Per metrics-1m partition, the offset after the last minute this worker sent (acknowledged)."""
 
+    async def send(a: Aggregate, value: bytes) -> Awaitable[Any]:
+        fut: Awaitable[Any] = await metrics_topic.send(key=a.key.app.encode(), value=value)
+        return fut
+
     async def emit(aggs: Sequence[Aggregate]) -> None:
-        futs = [await metrics_topic.send(key=a.key.app.encode(), value=minute_record(a)) for a in aggs]
-        for md in await asyncio.gather(*futs):
+        for md in await send_minutes(aggs, send, aggregator.encode, settings.minute_max_bytes, counters):
             sent_end[md.partition] = max(sent_end.get(md.partition, 0), md.offset + 1)
 
     def end_offset(partition: int) -> int | None:
@@ -350,9 +469,28 @@ def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Wat
         # In the consumer's thread, and Faust's read offset (below which it drops fetched records) with it.
         await faust_app.consumer.seek_wait({TP(settings.observations_topic, partition): offset})
 
+    limits = Limits(settings)
+    limits_start: list[asyncio.Future[None]] = []
+
+    async def start_limits() -> None:
+        """Once, before the first message is folded (the overrides must apply from the start)."""
+        if not limits_start:
+            limits_start.append(asyncio.ensure_future(limits.start()))
+        await asyncio.shield(limits_start[0])
+
+    @faust_app.service
+    class LimitsService(Service):
+        """Follows the limits file while the worker runs."""
+
+        async def on_start(self) -> None:
+            await start_limits()
+
+        async def on_stop(self) -> None:
+            await limits.stop()
+
     aggregator = Aggregator(settings, WindowTableState(windows_table, settings.observations_topic),
                             emit=emit, dead_letter=dead_letter, counters=counters, owns=owns,
-                            watermarks=watermarks, end_offset=end_offset, refetch=refetch)
+                            watermarks=watermarks, end_offset=end_offset, refetch=refetch, limits=limits)
 
     unacked = Unacked(aggregator)
 
@@ -370,6 +508,7 @@ def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Wat
 
     @faust_app.agent(observations_topic, name="aggregate")
     async def aggregate(stream: Any) -> None:
+        await start_limits()
         unacked.stream = stream = stream.noack()  # acked by Unacked.flush, once the table has them
         async for event in stream.events():
             message = event.message

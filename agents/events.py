@@ -18,10 +18,13 @@ that change the dyno count. ``hold`` decisions (one per minute per policy) are n
 the table's writes for apps with a policy, and a marker per minute draws nothing useful. The count between
 two steps is the previous step's ``to_dynos``.
 
-**Order of effects.** A batch's offsets are acknowledged only after DynamoDB accepted its items; while
-DynamoDB throttles or is down the job retries with backoff and stops consuming (backpressure). An item
-DynamoDB refuses for good (permissions, schema) is logged and counted, and the batch is dropped: markers
-are a view, never worth stalling the app's alert history behind.
+**Order of effects.** A batch's offsets are acknowledged only after the store accepted its items, with the
+sink's failure policy (agents/sink.py StoreWriter): while the store throttles or is down the job retries
+with backoff and stops consuming (backpressure); on an error only an operator can fix (permissions, a
+missing table) it stops, turns ``/readyz`` false and retries every 30 s, so no marker is lost to a bad IAM
+roll-out. An item the store refuses for good (too large, a name it cannot key) is isolated: it is logged
+and counted, and the batch's other markers are stored. Markers are a view, so a refused one is not
+dead-lettered.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any, Sequence
 
 import orjson
 
-from app.errors import RetriableError, StoreError, retry_delay_s
+from agents.sink import StoreWriter
+from app.errors import StoreError
 from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
 from app.storage.events import EVENTS_RESOLUTION_S, merge_items
@@ -86,8 +90,11 @@ class EventsJob:
         self.store = store
         self.settings = settings
         self.counters = counters
-        self.sleep = sleep
-        self.jitter = jitter
+        self.writer = StoreWriter(store, settings, counters, job="events", retries_counter="events_retries",
+                                  sleep=sleep, jitter=jitter)
+
+    async def check(self) -> None:
+        await self.writer.check()
 
     async def write(self, records: Sequence[tuple[str, bytes]], *, now_s: int) -> int:
         """Store a batch of ``(kind, value)`` records; returns the number of items written."""
@@ -101,39 +108,47 @@ class EventsJob:
             app, proc, event = got
             if event and event["ts"] > oldest:  # an expired event would be deleted by TTL at once
                 groups.setdefault((app, proc), []).append(event)
-        attempt = 0
-        while groups:
+        items: list[MetricItem] = []
+        events_of_item: dict[tuple[str, str, int], int] = {}
+        read_events = 0
+        for (app, proc), events in groups.items():
+            lo = min(e["ts"] for e in events)
+            hi = max(e["ts"] for e in events) + WINDOW_S
+
+            async def read(app: str = app, proc: str = proc, lo: int = lo, hi: int = hi) -> list[MetricItem]:
+                return await self.store.query(app, proc, EVENTS_RESOLUTION_S, lo, hi)
+
             try:
-                items: list[MetricItem] = []
-                for (app, proc), events in groups.items():
-                    lo = min(e["ts"] for e in events)
-                    hi = max(e["ts"] for e in events) + WINDOW_S
-                    existing = await self.store.query(app, proc, EVENTS_RESOLUTION_S, lo, hi)
-                    items.extend(merge_items(app, proc, existing, events))
-                if items:
-                    await self.store.put_many(items)
-                    self.counters.inc("events_stored", sum(len(events) for events in groups.values()))
-                return len(items)
-            except RetriableError as exc:
-                attempt += 1
-                self.counters.inc("events_retries")
-                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
-                                        max_ms=self.settings.backoff_max_ms, jitter=self.jitter())
-                log.warning("events: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
-                await self.sleep(delay_s)
-            except StoreError as exc:
+                existing = await self.writer.call(read)
+            except StoreError as exc:  # this series cannot be read (a name the store cannot key): skip it
                 self.counters.inc("events_failed")
-                log.error("events: DynamoDB refused %d apps' events for good (dropped; the dashboard will miss "
-                          "these markers): %s", len(groups), exc)
-                return 0
-        return 0
+                log.error("events: the store refused %s/%s for good (%d markers dropped): %s", app, proc,
+                          len(events), exc)
+                continue
+            read_events += len(events)
+            for item in merge_items(app, proc, existing, events):
+                items.append(item)
+                events_of_item[(app, proc, item.ts_s)] = sum(1 for e in events if e["ts"] == item.ts_s)
+        if not items:
+            return 0
+        refused = await self.writer.put(items)
+        for item, why in refused:
+            self.counters.inc("events_failed")
+            log.error("events: the store refused the markers of %s/%s at %d for good (dropped; the dashboard "
+                      "will miss them): %s", item.app, item.process_type, item.ts_s, why)
+        refused_keys = {(i.app, i.process_type, i.ts_s) for i, _ in refused}
+        self.counters.inc("events_stored", read_events - sum(events_of_item[k] for k in refused_keys))
+        return len(items) - len(refused)
 
 
 def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
          ready: asyncio.Event) -> EventsJob:
     import time
 
+    from app.ops.health import register_check
+
     job = EventsJob(store, settings, counters)
+    register_check("events", job.check)
     # Both topics keyed by app with the same partition count: Faust assigns an app's partitions of both to
     # the same worker, so each minute item has one writer.
     source = faust_app.topic(settings.alerts_topic, settings.autoscale_topic, key_type=bytes, value_type=bytes)

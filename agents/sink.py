@@ -1,24 +1,38 @@
-"""Stream job: ``metrics-1m`` -> DynamoDB.
+"""Stream job: ``metrics-1m`` -> the store (DynamoDB or Cassandra).
 
-Minutes are consumed in batches and written with BatchWriteItem (app/storage/dynamodb.py: <= 25 items per call, no
-duplicate keys, UnprocessedItems retried with backoff). The batch's input offsets are acknowledged only
-after ``put_many`` returned, i.e. after DynamoDB accepted every item: while DynamoDB throttles or is down
-the sink retries with backoff and stops consuming (backpressure), so nothing is committed unwritten.
-A minute DynamoDB rejects for good (permissions, schema, size) goes to ``metrics-1m-dlq`` with the
-reason, so one bad item cannot stall every app.
+Minutes are consumed in batches and written with ``put_many`` (app/storage/dynamodb.py: <= 25 items per
+call, no duplicate keys, UnprocessedItems retried with backoff). The batch's input offsets are acknowledged
+only after every minute was either stored or dead-lettered, so nothing is committed unwritten. What a
+failure does depends on its kind (app/errors.py), as Kafka Connect's ``errors.tolerance=none`` with a
+dead-letter queue for bad records only (KIP-298):
+
+* **Retriable** (throttling, unreachable, a credential-chain hiccup, clock skew): retry with backoff; the
+  sink stops consuming meanwhile (backpressure).
+* **One item refused** (over the item size limit, undecodable): that minute alone goes to
+  ``metrics-1m-dlq`` with the reason; the batch's other minutes are stored. A refused batch is written again
+  item by item, as agents/rollup.py does, to find the bad one.
+* **Fatal** (credentials, permissions, a missing table, anything unclassified): nothing is dead-lettered,
+  as no item is at fault. The sink stops consuming, commits nothing past the batch, turns ``/readyz`` false
+  with what to fix, and retries every ``FATAL_RETRY_S``: once the operator fixes the cause, the batch and
+  everything behind it is stored, once. Eight items in a row refused one by one count as fatal too: the
+  cause is then not one item.
+
+Dead-letter records are bounded (:func:`dead_letter_record`) and replayed with ``python -m app dlq replay``
+(app/ops/dlq.py); minute keys are deterministic, so re-storing a minute overwrites it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import orjson
 
-from app.errors import RetriableError, StoreError, retry_delay_s
+from app.errors import ItemsRefused, PipelineError, RetriableError, StoreError, StoreFatal, retry_delay_s
 from app.ops.stats import Counters
 from app.settings import WINDOW_S, Settings
 from app.storage.protocol import MetricItem, MetricsStore
@@ -27,6 +41,19 @@ log = logging.getLogger(__name__)
 
 DeadLetter = Callable[[Sequence[tuple[bytes, str]]], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
+
+FATAL_RETRY_S = 30.0
+"""Pause between attempts while the store refuses everything (StoreFatal): slow, as only an operator can
+help, and short enough that writing resumes within a probe period of the fix."""
+ISOLATE_STREAK = 8
+"""Items in a row refused one by one after which the cause is taken to be the store, not the items."""
+MAX_REASON_CHARS = 2048
+"""A dead-letter reason is cut to this: exception texts can quote whole requests."""
+PREFIX_BYTES = 1024
+"""What a truncated dead-letter record keeps of the original record."""
+RECORD_OVERHEAD_BYTES = 1024
+"""Kafka's record and batch headers plus the key, kept free below the broker's message size."""
 
 
 def decode_minute(value: bytes) -> MetricItem:
@@ -44,17 +71,150 @@ def decode_minute(value: bytes) -> MetricItem:
     return MetricItem(app=app, process_type=proc, resolution_s=res_s, ts_s=start_ms // 1000, payload=value)
 
 
+def _identity(value: bytes) -> dict[str, Any]:
+    """app / proc / start_ms of a record, as far as it can be read: what a truncated dead letter keeps."""
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(rec, dict):
+        return {}
+    return {k: rec[k] for k in ("app", "proc", "start_ms") if isinstance(rec.get(k), (str, int))}
+
+
+def dead_letter_record(value: bytes, reason: str, *, topic: str, max_bytes: int) -> tuple[bytes | None, bytes]:
+    """(key, value) of the ``metrics-1m-dlq`` record for a refused minute: the reason, the minute's identity
+    (app, proc, start_ms), the source topic and the record itself. When that would exceed ``max_bytes`` (the
+    broker would refuse it and the minute would vanish without trace) the record is replaced by its size,
+    SHA-256 and first bytes, flagged ``truncated``: still identifiable, not replayable. Keyed by app, so an
+    app's dead letters keep their order."""
+    ident = _identity(value)
+    head: dict[str, Any] = {"reason": reason[:MAX_REASON_CHARS], "topic": topic, **ident}
+    full = orjson.dumps({**head, "record": value.decode("utf-8", "replace")})
+    key = ident["app"].encode() if isinstance(ident.get("app"), str) else None
+    if len(full) <= max_bytes:
+        return key, full
+    return key, orjson.dumps({**head, "truncated": True, "record_bytes": len(value),
+                              "record_sha256": hashlib.sha256(value).hexdigest(),
+                              "record_prefix": value[:PREFIX_BYTES].decode("utf-8", "replace")})
+
+
+def _describe(item: MetricItem) -> str:
+    return f"{item.app}/{item.process_type} res {item.resolution_s} at {item.ts_s}"
+
+
+class StoreWriter:
+    """``put_many`` with the failure policy of the module docstring, shared by the sink and the events job:
+    retriable errors back off, fatal ones halt (``check`` fails) and retry slowly, refused items are
+    isolated one by one and returned."""
+
+    def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *, job: str,
+                 retries_counter: str, sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random,
+                 fatal_retry_s: float = FATAL_RETRY_S) -> None:
+        self.store = store
+        self.settings = settings
+        self.counters = counters
+        self.job = job
+        self.retries_counter = retries_counter
+        self.sleep = sleep
+        self.jitter = jitter
+        self.fatal_retry_s = fatal_retry_s
+        self.halted: StoreFatal | None = None
+        """The error the job stopped on; None while it writes."""
+
+    async def check(self) -> None:
+        """Readiness: fails while the job is stopped on an error only the operator can fix."""
+        if self.halted is not None:
+            raise PipelineError(f"{self.job} stopped consuming (nothing committed, retrying every "
+                                f"{self.fatal_retry_s:g} s): {self.halted}")
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()`` until it succeeds or an item is refused (StoreError, raised); retriable and fatal
+        errors are waited out."""
+        attempt = 0
+        while True:
+            try:
+                result = await fn()
+            except RetriableError as exc:
+                attempt += 1
+                self.counters.inc(self.retries_counter)
+                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
+                                        max_ms=self.settings.backoff_max_ms, jitter=self.jitter())
+                log.warning("%s: store unavailable (%s); retry %d in %.2f s", self.job, exc, attempt, delay_s)
+                await self.sleep(delay_s)
+                continue
+            except StoreFatal as exc:
+                await self.halt(exc)
+                continue
+            if self.halted is not None:
+                log.warning("%s: the store accepts writes again; consuming resumes (was: %s)", self.job, self.halted)
+                self.halted = None
+            return result
+
+    async def halt(self, exc: StoreFatal) -> None:
+        """Stop (the caller holds the batch, so nothing is committed past it) until the next attempt."""
+        self.counters.inc(self.retries_counter)
+        if self.halted is None:
+            log.error("%s: STOPPED consuming: %s -- nothing is dead-lettered or committed; retrying every %g s "
+                      "until this is fixed", self.job, exc, self.fatal_retry_s)
+        else:
+            log.warning("%s: still stopped: %s; retry in %g s", self.job, exc, self.fatal_retry_s)
+        self.halted = exc
+        await self.sleep(self.fatal_retry_s)
+
+    async def put(self, items: Sequence[MetricItem]) -> list[tuple[MetricItem, StoreError]]:
+        """Store ``items``; returns those refused for good with the reason, every other one is stored."""
+        if not items:
+            return []
+        try:
+            await self.call(lambda: self.store.put_many(items))
+            return []
+        except ItemsRefused as exc:  # the others were written
+            return list(exc.refused)
+        except StoreError as exc:
+            if len(items) == 1:
+                return [(items[0], exc)]
+            log.warning("%s: the store refused a batch of %d (%s); writing it item by item to find the bad ones",
+                        self.job, len(items), exc)
+        return await self._isolate(items)
+
+    async def _isolate(self, items: Sequence[MetricItem]) -> list[tuple[MetricItem, StoreError]]:
+        refused: list[tuple[MetricItem, StoreError]] = []
+        streak: list[tuple[MetricItem, StoreError]] = []
+        i = 0
+        while i < len(items):
+            got = await self.put([items[i]])
+            i += 1
+            if not got:
+                refused += streak  # a neighbour was stored: those were bad items indeed
+                streak = []
+                continue
+            streak += got
+            if len(streak) >= ISOLATE_STREAK:
+                last = streak[-1][1]
+                await self.halt(StoreFatal(f"{len(streak)} items in a row refused one by one, the last: {last}",
+                                           action=last.action or "the cause is the store or its schema, not "
+                                                                 "the items: fix it"))
+                i -= len(streak)  # not the items' fault: try them again
+                streak = []
+        return refused + streak
+
+
 class Sink:
     def __init__(self, store: MetricsStore, settings: Settings, *, dead_letter: DeadLetter, counters: Counters,
-                 sleep: Sleep = asyncio.sleep) -> None:
+                 sleep: Sleep = asyncio.sleep, fatal_retry_s: float = FATAL_RETRY_S) -> None:
         self.store = store
         self.settings = settings
         self.dead_letter = dead_letter
         self.counters = counters
-        self.sleep = sleep
+        self.writer = StoreWriter(store, settings, counters, job="sink", retries_counter="sink_retries",
+                                  sleep=sleep, fatal_retry_s=fatal_retry_s)
+
+    async def check(self) -> None:
+        await self.writer.check()
 
     async def write(self, values: Sequence[bytes]) -> int:
-        """Store a batch of minutes; returns when every valid one is in DynamoDB or dead-lettered."""
+        """Store a batch of minutes; returns (the number stored) when every one is stored or dead-lettered."""
         items: list[MetricItem] = []
         bad: list[tuple[bytes, str]] = []
         for v in values:
@@ -62,41 +222,35 @@ class Sink:
                 items.append(decode_minute(v))
             except (ValueError, orjson.JSONDecodeError) as exc:
                 bad.append((v, f"not a metrics-1m record: {exc}"))
-        attempt = 0
         started = time.monotonic()
-        while items:
-            try:
-                await self.store.put_many(items)
-                self.counters.inc("sink_items_written", len(items))
-                self.counters.observe("sink_batch_seconds", time.monotonic() - started)
-                break
-            except RetriableError as exc:
-                attempt += 1
-                self.counters.inc("sink_retries")
-                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
-                                        max_ms=self.settings.backoff_max_ms, jitter=random.random())
-                log.warning("sink: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
-                await self.sleep(delay_s)
-            except StoreError as exc:
-                log.error("sink: DynamoDB rejected %d minutes for good: %s", len(items), exc)
-                bad.extend((item.payload, str(exc)) for item in items)
-                break
+        refused = await self.writer.put(items)
+        for item, why in refused:
+            log.error("sink: the store refused %s for good (dead-lettered): %s", _describe(item), why)
+            bad.append((item.payload, str(why)))
+        written = len(items) - len(refused)
+        if written:
+            self.counters.inc("sink_items_written", written)
+            self.counters.observe("sink_batch_seconds", time.monotonic() - started)
         if bad:
             self.counters.inc("sink_dead_lettered", len(bad))
             await self.dead_letter(bad)
-        return len(items)
+        return written
 
 
 def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
          ready: asyncio.Event) -> Sink:
     from app.app import metrics_topic, sink_dlq_topic
+    from app.ops.health import register_check
+
+    max_bytes = settings.kafka_max_batch_bytes - RECORD_OVERHEAD_BYTES  # below the brokers' message.max.bytes
 
     async def dead_letter(bad: Sequence[tuple[bytes, str]]) -> None:
         for value, reason in bad:
-            await sink_dlq_topic.send(value=orjson.dumps({"reason": reason,
-                                                         "record": value.decode("utf-8", "replace")}))
+            key, record = dead_letter_record(value, reason, topic=settings.metrics_topic, max_bytes=max_bytes)
+            await sink_dlq_topic.send(key=key, value=record)
 
     sink = Sink(store, settings, dead_letter=dead_letter, counters=counters)
+    register_check("sink", sink.check)
 
     @faust_app.agent(metrics_topic, name="sink")
     async def sink_agent(stream: Any) -> None:

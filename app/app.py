@@ -42,8 +42,10 @@ def create_app(s: Settings) -> faust.App:
         value_serializer="raw",
         table_standby_replicas=0,
         # A single aggregation message may carry 500+ observations and a closing minute several KB of
-        # digests: allow the producer to batch them.
-        producer_max_request_size=8 * 1024 * 1024,
+        # digests: allow the producer to batch them. The largest single record is a changelog value
+        # (an open window), bounded by the changelogs' max.message.bytes (app/ops/topics.py); a minute is
+        # kept below METRICS_MINUTE_MAX_BYTES (agents/aggregate.py).
+        producer_max_request_size=s.changelog_max_message_bytes,
         consumer_max_fetch_size=s.fetch_max_partition_bytes,
         # JSON lines without secrets for log pipelines (app/ops/health.py); Faust's colored text otherwise.
         logging_config=json_logging_config("INFO") if s.log_format == "json" else None,
@@ -52,6 +54,8 @@ def create_app(s: Settings) -> faust.App:
 
 
 app = create_app(settings)
+# Should Faust create a changelog itself (ensure_topics normally does first), the same limit as there.
+changelog_configs = {"max.message.bytes": str(settings.changelog_max_message_bytes)}
 
 observations_topic = app.topic(settings.observations_topic, key_type=bytes, value_type=bytes,
                                partitions=settings.partitions)
@@ -68,7 +72,7 @@ sink_dlq_topic = app.topic(settings.sink_dlq_topic, key_type=bytes, value_type=b
 # Open windows and per-app progress, keyed by input partition (tables/state.py). Not a Faust windowed
 # table on purpose: we own the window lifecycle (tables/windows.py). RocksDB-backed with a changelog.
 windows_table = app.Table("windows", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          default=None)
+                          default=None, extra_topic_configs=changelog_configs)
 
 # --- alerting and autoscaling (agents/alerts.py, agents/autoscale.py) ---
 alerts_topic = app.topic(settings.alerts_topic, key_type=bytes, value_type=bytes, partitions=settings.partitions)
@@ -80,12 +84,12 @@ policy_commands_topic = app.topic(settings.policy_commands_topic, key_type=bytes
 # from the agents' streams, so every key lives in the partition of its app's minutes; changelogged, so a
 # restart keeps definitions and state.
 monitors_table = app.Table("monitors", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                           default=None)
+                           default=None, extra_topic_configs=changelog_configs)
 autoscale_table = app.Table("autoscale", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                            default=None)
+                            default=None, extra_topic_configs=changelog_configs)
 
 # --- query API and rollups (agents/rollup.py) ---
 # Partial 10 min / 1 h / 2 h buckets with the minutes merged into each, written from the rollup agent's
 # stream on metrics-1m (key = app), so each app's buckets live in the partition of its minutes.
 rollups_table = app.Table("rollups", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          default=None)
+                          default=None, extra_topic_configs=changelog_configs)

@@ -119,6 +119,11 @@ def local(argv: list[str]) -> int:
         ports = local_ports(settings, os.environ)
         for port, what, variable in ports:
             require_free_port(port, what, variable)
+        # The roles' operator ports (/readyz with reasons, /metrics, /v1/stats, /migration): the worker's, the
+        # ingest's beside it.
+        ingest_admin_port = int(os.environ.get("METRICS_INGEST_ADMIN_PORT", "6069"))
+        require_free_port(settings.admin_port, "operator endpoints of the worker", "METRICS_ADMIN_PORT")
+        require_free_port(ingest_admin_port, "operator endpoints of the ingest", "METRICS_INGEST_ADMIN_PORT")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -143,7 +148,8 @@ def local(argv: list[str]) -> int:
             stores.ensure_cassandra()
         worker = start_worker(env)
         children.append(worker)
-        ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port)})
+        ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port),
+                                       "METRICS_ADMIN_PORT": str(ingest_admin_port)})
         children.append(ingest)
         wait_http(f"http://127.0.0.1:{web_port}/healthz", 120, worker)
         wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
@@ -155,7 +161,8 @@ def local(argv: list[str]) -> int:
         print(f"dashboard http://127.0.0.1:{web_port}/dashboard/ (app-0 read token: {read_token})")
         print(f"query curl -H 'Authorization: Bearer {read_token}' "
               f"'http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web'")
-        print(f"counters http://127.0.0.1:{web_port}/v1/stats")
+        print(f"counters http://127.0.0.1:{settings.admin_port}/v1/stats (operators; also /readyz, /metrics, "
+              f"/dashboard/migration.html; the ingest's on port {ingest_admin_port})")
         print(f"drain http://127.0.0.1:{ingest_port}/v1/drains/logplex (app-0 drain token: {drain_tokens['app-0']})")
         print("demo " + ("off" if args.no_demo else f"{args.rate} requests/s over {args.apps} apps, through the drain"))
         print("Ctrl-C stops everything.\n", flush=True)
@@ -255,12 +262,12 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
     """Query API without stream jobs: closed minutes from the store (open ones are served by workers)."""
     from typing import AsyncIterator
 
-    from app.api.web import make_web_app, token_authorizer
+    from app.api.web import add_admin_routes, make_web_app, token_authorizer
     from app.migration.control import MigrationControl
     from app.migration.reads import Engines, MigratingQuery, ReadStats
     from app.migration.tables import FollowingTokens
     from app.migration.view import add_migration_routes
-    from app.ops.health import add_ops_routes
+    from app.ops.health import add_admin_port
     from app.storage.tokens import TokenStore
 
     control = MigrationControl(settings, counters=counters)
@@ -286,9 +293,13 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
         await engines.stop()
         await control.stop()
 
-    def routes(w: web.Application) -> None:
-        add_ops_routes(w, counters=counters, checks={"store": lambda: engines.ping(control.current().source)})
-        add_migration_routes(w, query)
+    def admin_routes(a: web.Application) -> None:
+        add_admin_routes(a, settings, counters)
+        add_migration_routes(a, query)
+
+    def routes(w: web.Application) -> None:  # the operator's endpoints: on the admin port only
+        add_admin_port(w, settings, counters=counters, checks={"store": lambda: engines.ping(control.current().source)},
+                       routes=admin_routes)
 
     webapp = make_web_app(query, settings, counters, authorize=token_authorizer(tokens), extra=routes)
     webapp.cleanup_ctx.append(lifecycle)
@@ -380,6 +391,10 @@ def main() -> int:
         return migration_main(sys.argv[2:])
     if cmd == "writer":
         return writer(sys.argv[2:])
+    if cmd == "dlq":  # python -m app dlq replay: dead-lettered records back to their topic (app/ops/dlq.py)
+        from app.ops.dlq import main as dlq_main
+
+        return dlq_main(sys.argv[2:])
     if cmd == "loadgen":
         from app.local.loadgen import main as loadgen_main
 

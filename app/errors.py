@@ -5,6 +5,8 @@ Callers decide from ``retriable`` (as aiokafka does), never from the message tex
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 
 class PipelineError(Exception):
     """Base class. ``retriable`` tells callers whether the same call may succeed later."""
@@ -38,7 +40,25 @@ class ConfigError(PipelineError):
 
 
 class StoreError(PipelineError):
-    """DynamoDB rejected a request in a way retrying will not fix (schema, permissions, size)."""
+    """The store refused an item (or request) in a way retrying will not fix: too large, a name it cannot
+    key. The rest of a batch may still be stored; the refused item is dead-lettered."""
+
+
+class StoreFatal(StoreError):
+    """The store refuses every request until an operator acts: credentials, permissions, a missing table or
+    keyspace, or a failure nobody classified. Not retriable by backoff and no item's fault, so nothing is
+    dead-lettered: writers stop consuming, turn not-ready and retry slowly until the cause is fixed. A
+    subclass of StoreError, so callers that only tell "retry" from "do not" keep working."""
+
+
+class ItemsRefused(StoreError):
+    """``put_many`` stored every item but ``refused`` (each MetricItem with its reason; typed Any because
+    this layer is below the storage protocol); raised after the others were written, so a caller
+    dead-letters exactly those."""
+
+    def __init__(self, message: str, *, refused: Sequence[tuple[Any, StoreError]], action: str = "") -> None:
+        self.refused = list(refused)
+        super().__init__(message, action=action)
 
 
 class StoreUnavailable(RetriableError):

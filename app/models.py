@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, Any, Literal, TypeGuard, Union
 
 import msgspec
@@ -127,10 +128,14 @@ class Decoded:
     observations: list[Observation]
     indexes: list[int] | None  # original positions when some were rejected; None = 0..n-1
     rejects: list[Reject]
+    more_rejects: int = 0
+    """Rejected records past ``max_rejects``: counted, not described (a body of 2 million bad elements must
+    not become 2 million reject objects)."""
 
 
-def decode(value: bytes | None, max_bytes: int) -> Decoded | Reject:
-    """Message bytes -> typed observations plus per-record rejects, or one Reject for the whole message."""
+def decode(value: bytes | None, max_bytes: int, *, max_rejects: int | None = None) -> Decoded | Reject:
+    """Message bytes -> typed observations plus per-record rejects (the first ``max_rejects``, if given), or
+    one Reject for the whole message."""
     if value is None:
         return Reject("empty message", None)
     if len(value) > max_bytes:
@@ -143,10 +148,10 @@ def decode(value: bytes | None, max_bytes: int) -> Decoded | Reject:
             return Decoded([_one.decode(value)], None, [])
     except (msgspec.ValidationError, msgspec.DecodeError):
         pass
-    return _decode_lenient(value)
+    return _decode_lenient(value, max_rejects)
 
 
-def _decode_lenient(value: bytes) -> Decoded | Reject:
+def _decode_lenient(value: bytes, max_rejects: int | None = None) -> Decoded | Reject:
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError:
@@ -161,6 +166,8 @@ def _decode_lenient(value: bytes) -> Decoded | Reject:
     out: list[Observation] = []
     indexes: list[int] = []
     rejects: list[Reject] = []
+    more = 0
+    room = len(data) if max_rejects is None else max_rejects
     for i, element in enumerate(data):
         reason = _element_problem(element)
         if reason is None:
@@ -170,8 +177,11 @@ def _decode_lenient(value: bytes) -> Decoded | Reject:
                 continue
             except msgspec.ValidationError as exc:
                 reason = str(exc)
-        rejects.append(Reject(reason, echo(element), i))
-    return Decoded(out, indexes, rejects)
+        if len(rejects) < room:
+            rejects.append(Reject(reason, echo(element), i))
+        else:
+            more += 1
+    return Decoded(out, indexes, rejects, more)
 
 
 def _element_problem(element: Any) -> str | None:
@@ -200,33 +210,39 @@ def echo(record: Any) -> Any:
     return record
 
 
-_valid_names: set[str] = set()
-_proc_of_dyno: dict[str, str] = {}
-known_process_type = _proc_of_dyno.get
-"""The cached answer of :func:`process_type` (a bound C method: no Python frame); None for a dyno not
-seen yet, which only :func:`process_type` may judge."""
+MAX_NAME_CHARS = 100
+"""Longest app or dyno name: a longer one is refused before any cache sees it, so junk names cost the
+caches at most ``_CACHE_MAX`` short entries."""
 _CACHE_MAX = 100_000
 
 
+@lru_cache(maxsize=_CACHE_MAX)
+def _valid_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
 def valid_app(app: Any) -> TypeGuard[str]:
-    if app in _valid_names:
-        return True
-    if type(app) is str and _NAME.match(app):
-        if len(_valid_names) < _CACHE_MAX:
-            _valid_names.add(app)
-        return True
-    return False
+    # An LRU, not a fill-once cache: junk names only evict, they never stop caching for good (L6).
+    return type(app) is str and len(app) <= MAX_NAME_CHARS and _valid_name(app)
 
 
-def process_type(dyno: str) -> str | None:
-    """``web.1`` -> ``web``; ``router`` -> ``web``; None when the dyno name is not valid."""
-    proc = _proc_of_dyno.get(dyno)
-    if proc is not None:
-        return proc
+@lru_cache(maxsize=_CACHE_MAX)
+def _proc_of_dyno(dyno: str) -> str | None:
     head = dyno.split(".", 1)[0]
     if not head or not _NAME.match(dyno):
         return None
-    proc = "web" if head == "router" else head
-    if len(_proc_of_dyno) < _CACHE_MAX:
-        _proc_of_dyno[dyno] = proc
-    return proc
+    return "web" if head == "router" else head
+
+
+def process_type(dyno: str) -> str | None:
+    """``web.1`` -> ``web``; ``router`` -> ``web``; None when the dyno name is not valid.
+
+    Answers come from a bounded LRU (C-level lookups); names over MAX_NAME_CHARS are refused first."""
+    if len(dyno) > MAX_NAME_CHARS:
+        return None
+    return _proc_of_dyno(dyno)
+
+
+known_process_type = process_type
+"""Kept for the column-wise fold (tables/windows.py): since the LRU also judges unseen dynos, it is
+:func:`process_type` itself."""

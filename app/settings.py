@@ -83,6 +83,17 @@ class Settings:
     """Distinct custom metric names per app, process type and minute; more are dead-lettered. A name that
     carries an id (user, request) would otherwise grow a minute without bound: its aggregate past the
     store's item size (400 KB on DynamoDB), every chart and the worker's memory."""
+    minute_max_bytes: int = 900 * 1024
+    """Largest serialized minute sent to ``metrics-1m``, below the topic's ``max.message.bytes`` (leaving
+    room for the key and the record's framing). A larger minute is degraded to fit (timers' exact values
+    become t-digests, then fewer centroids; then its largest custom metric names are dead-lettered):
+    a minute the broker refuses would stop the partition for every tenant (``minutes_degraded``)."""
+    topic_max_message_bytes: int = 1024 * 1024
+    """``max.message.bytes`` set on ``metrics-1m``, ``observations`` and the DLQ topics when they are
+    created (app/ops/topics.py); 1 MB, the broker default. Changelogs get ``changelog_max_message_bytes``."""
+    changelog_max_message_bytes: int = 8 * 1024 * 1024
+    """``max.message.bytes`` of the table changelogs (an open window holds up to 100 timers' exact values,
+    zlib-compressed), and the producer's ``max_request_size``."""
     batch_max: int = 2000
     """Input messages aggregated per table write; bigger batches amortize changelog writes."""
     batch_within_s: float = 0.2
@@ -178,6 +189,42 @@ class Settings:
     """Request bytes one ingest process holds at once (bodies being read, parsed or produced). A request that
     would go over it gets 503 with Retry-After before its body is read: under overload memory stays bounded
     and senders come back later (Logplex retries a 5xx), instead of every request queueing in memory."""
+    ingest_max_line_bytes: int = 10_240
+    """Longest drain line (syslog message) parsed. Logplex lines are far shorter (it splits app output
+    long before this); a longer one is dead-lettered with its first 2 KB, never parsed, so no line can cost
+    more than a bounded parse."""
+    ingest_parse_inline_bytes: int = 64 * 1024
+    """Bodies up to this size are parsed on the event loop (a thread hop costs more than the parse); larger
+    ones in a worker thread, so health checks and other tenants' requests keep being answered."""
+    ingest_max_dead_letters_per_request: int = 100
+    """Bad lines (drain) or records (JSON API) dead-lettered per request; the rest are only counted
+    (``ingest_dead_letters_dropped``), so one bad frame cannot multiply into thousands of DLQ records."""
+    ingest_max_decompressed_ratio: int = 100
+    """A compressed JSON body may inflate to this many times its size (and never past the body limit);
+    beyond it 413 (a decompression bomb)."""
+    ingest_work_slots: int = 4
+    """Requests parsed at once per ingest process. When all are busy, waiting requests are served app by
+    app in turn (not first come first served), so a flooding app waits behind its own backlog only."""
+    ingest_max_waiting_per_app: int = 8
+    """Requests one app may have waiting for a parse slot; beyond it the request is refused before its
+    body is read (503 on the drain, 429 on the JSON API)."""
+
+    # --- per-tenant limits (app/limits.py): defaults; per-app overrides in METRICS_LIMITS_FILE ----------
+    limits_file: str = ""
+    """YAML/JSON file of per-app overrides (``overrides: {app: {limit: value}}``), re-read when it changes;
+    empty: every app has the defaults below."""
+    limits_reload_s: float = 10.0
+    limit_ingest_rate_bytes_s: float = 4 * 1024 * 1024
+    """Request body bytes per second one app may send (all its tokens and ingest processes' share:
+    each ingest process enforces it on its own, so divide by the replicas for a global figure)."""
+    limit_ingest_burst_bytes: int = 16 * 1024 * 1024
+    """Bytes an app may send at once above its rate (the bucket's size)."""
+    limit_inflight_bytes_per_token: int = 16 * 1024 * 1024
+    """Request bytes one token may have in flight (being read, parsed or produced) in one ingest process."""
+    limit_process_types: int = 50
+    """Distinct process types per app and minute; observations of more are dead-lettered."""
+    limit_addon_sources: int = 20
+    """Distinct add-on sources per app and minute; more are dead-lettered."""
     dedup_window_s: float = 900.0
     """How long a delivered Logplex-Frame-Id is remembered: retries within it are answered 2xx, not re-counted."""
     dedup_lease_s: float = 30.0
@@ -193,6 +240,13 @@ class Settings:
     people at a terminal."""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    admin_host: str = "127.0.0.1"
+    """Where the operator's endpoints listen (``/readyz`` with reasons, ``/metrics``, ``/migration``,
+    ``/v1/stats``): never a tenant's port, so no path rule at an ingress is needed to keep tenants out. On
+    Kubernetes ``0.0.0.0`` (probes and Prometheus reach it), kept out of the Services the ingress targets."""
+    admin_port: int = 6068
+    """The operator's port (6066 and 6067 are the web and ingest tenant ports; ``make run`` gives its ingest
+    6069). 0: any free port, logged at start (tests)."""
     advertised_url: str = ""
     """How the other workers reach this worker's web port (Faust's ``canonical_url``): reads of an app
     another worker owns are forwarded there. Empty: ``http://{hostname}:{web_port}``. Must differ per worker;

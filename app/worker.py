@@ -16,7 +16,7 @@ from agents import aggregate, alerts, autoscale, events, progress, rollup, sink
 from app.api.openapi import document, with_policy_routes
 from app.api.policies import CommandResults, Forwarder, add_policy_routes
 from app.api.policies import token_authorizer as policy_authorizer
-from app.api.web import OPENAPI_KEY, make_web_app, token_authorizer
+from app.api.web import OPENAPI_KEY, add_admin_routes, make_web_app, token_authorizer
 from app.app import app, settings
 from app.migration.control import MigrationControl
 from app.migration.reads import Engines, MigratingQuery, ReadStats
@@ -69,14 +69,19 @@ def _recovered() -> bool:
     return bool(tables.recovery.completed.is_set() and not tables.recovery.in_recovery)
 
 
+def _admin_routes(admin: web.Application) -> None:
+    add_admin_routes(admin, settings, counters)
+    add_migration_routes(admin, query)
+
+
 def add_routes(webapp: web.Application) -> None:
-    """Policies API, /readyz (Kafka, table recovery, the store) and /metrics on the worker's web app."""
+    """Policies API on the worker's web app; /readyz (Kafka, table recovery, the store), /metrics, /migration
+    and /v1/stats on its admin port (the tenant port keeps a bare /readyz)."""
     # Monitors/policies: the app's read token to look, its write token to change (same tokens as the APIs).
     add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
-    add_migration_routes(webapp, query)
     webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(settings)))  # only workers serve them
-    ops.add_ops_routes(
-        webapp, counters=counters,
+    ops.add_admin_port(
+        webapp, settings, counters=counters, routes=_admin_routes,
         checks={
             "broker": ops.broker_check(settings.broker_url),
             "recovery": ops.flag_check(

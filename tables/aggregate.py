@@ -10,10 +10,12 @@ Serialized with :meth:`to_record` (JSON-able, ``v`` is bumped when the layout or
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from tables.digest import DEFAULT_MAX_CENTROIDS, Digest
+import orjson
+
+from tables.digest import DEFAULT_MAX_CENTROIDS, Digest, compressed_dict
 
 RECORD_VERSION = 1
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -372,6 +374,104 @@ class Aggregate:
         if self.platform:
             point["platform"] = dict(sorted(self.platform.items()))
         return point
+
+
+FIT_CENTROIDS = (200, 50)
+"""Centroid counts a minute over budget steps down to (after its own ``mc``), before names are dropped."""
+_KEEP_ALWAYS = ("v", "app", "proc", "start_ms", "res_s", "off", "mc", "resp", "st", "fail", "mem", "load")
+"""What the last resort keeps: the key, request counts and response digest, memory and load."""
+
+
+@dataclass(slots=True)
+class Fitted:
+    """A minute serialized within a byte budget: what :func:`fit_record` had to give up for it."""
+
+    value: bytes
+    size: int
+    """Bytes of the record as it was, before anything was given up."""
+    digests_compressed: int = 0
+    dropped: list[tuple[str, str, int]] = field(default_factory=list)
+    """``(section, name, bytes)`` left out: ``metric`` names (largest first), ``addon`` sources, then
+    ``errors`` / ``platform`` as a last resort."""
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.digests_compressed or self.dropped)
+
+
+def _size(v: Any) -> int:
+    return len(orjson.dumps(v))
+
+
+def fit_record(rec: dict[str, Any], max_bytes: int) -> Fitted:
+    """``orjson.dumps(rec)``, made to fit ``max_bytes`` when it does not.
+
+    A minute must never be larger than the broker accepts: a refused send would crash the worker, and its
+    restart rebuilds the same minute (a crash loop for every tenant of the partition). In order, each step
+    only if still over: timers' digests (custom and response) become t-digests of ``mc`` centroids, then of
+    FIT_CENTROIDS, largest first (exact counts, sums and max kept; percentiles approximate); then custom
+    metric names are left out, largest first; then add-on sources; then errors and platform events. ``rec``
+    itself is not changed. Byte accounting is exact: orjson writes a dict as the sum of its parts.
+    """
+    raw = orjson.dumps(rec)
+    size = total = len(raw)
+    fitted = Fitted(raw, size)
+    if total <= max_bytes:
+        return fitted
+    rec = dict(rec)
+    timers = dict(rec.get("tim") or {})
+    if timers:
+        rec["tim"] = timers
+    slots: list[str | None] = [None, *timers] if "resp" in rec else list(timers)  # None: the response timer
+
+    def timer_of(slot: str | None) -> dict[str, Any]:
+        return rec["resp"] if slot is None else timers[slot]  # type: ignore[no-any-return]
+
+    for mc in (int(rec.get("mc", DEFAULT_MAX_CENTROIDS)), *FIT_CENTROIDS):
+        for slot in sorted(slots, key=lambda k: -len(timer_of(k)["d"].get("centroids") or ())):
+            t = timer_of(slot)
+            d = compressed_dict(t["d"], mc)
+            if d is t["d"]:
+                continue
+            new = {**t, "d": d}
+            total += _size(new) - _size(t)
+            if slot is None:
+                rec["resp"] = new
+            else:
+                timers[slot] = new
+            fitted.digests_compressed += 1
+            if total <= max_bytes:
+                break
+        if total <= max_bytes:
+            break
+    # Names, largest first: a name's cost is its key, its value and the separators around them.
+    sections = [("metric", s) for s in ("tim", "cnt", "gau")] + [("addon", "add")]
+    for kind in ("metric", "addon"):
+        if total <= max_bytes:
+            break
+        parts = [(_size(k) + _size(v) + 2, sec, k) for what, sec in sections if what == kind
+                 for k, v in (rec.get(sec) or {}).items()]
+        for cost, sec, name in sorted(parts, key=lambda p: (-p[0], p[1], p[2])):
+            if total <= max_bytes:
+                break
+            section = rec[sec] = dict(rec[sec])
+            del section[name]
+            total -= cost
+            if not section:
+                del rec[sec]
+                total -= len(sec) + 6  # "sec":{} and a comma
+            fitted.dropped.append((kind, name, cost))
+    for sec, kind in (("err", "errors"), ("plat", "platform")):
+        if total > max_bytes and sec in rec:
+            cost = _size(rec.pop(sec)) + len(sec) + 4
+            total -= cost
+            fitted.dropped.append((kind, sec, cost))
+    value = orjson.dumps(rec)
+    if len(value) > max_bytes:  # the estimates are exact, but never trust that for a send
+        fitted.dropped += [("section", k, _size(v)) for k, v in rec.items() if k not in _KEEP_ALWAYS]
+        value = orjson.dumps({k: v for k, v in rec.items() if k in _KEEP_ALWAYS})
+    fitted.value = value
+    return fitted
 
 
 def _merge_gauges(mine: dict[str, Gauge], other: dict[str, Gauge]) -> None:

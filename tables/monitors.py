@@ -60,7 +60,9 @@ RESOLVED = "resolved"
 MONITOR_DELETED = "monitor_deleted"
 """``reason`` of the ``resolved`` event of a monitor deleted while firing."""
 
-_EMAIL = re.compile(r"^[^@\s,;<>\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}")
+"""Matched whole (``fullmatch``: ``$`` would accept a trailing newline, which ends the mail's headers).
+The local part is RFC 5322 ``atext`` and dots: ASCII, no space, quote, comma, semicolon or angle bracket."""
 _MONITOR_ID = re.compile(r"^mon_[0-9a-f]{12}$")
 
 
@@ -106,6 +108,26 @@ class Minute:
 
 
 # --- notification targets -----------------------------------------------------------------------------
+
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]/…``: what a read-token holder sees of a webhook URL, which is often itself
+    the credential (Slack, Discord). Only the write-token holder that set it got it back in full."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "?", parts.port
+    except ValueError:
+        return "…"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}/…"
+
+
+def redacted(public: dict[str, Any]) -> dict[str, Any]:
+    """A rendered monitor or policy (``public()``) with its webhook URLs cut by :func:`redact_url`."""
+    hooks = public.get("webhooks")
+    if not hooks:
+        return public
+    return {**public, "webhooks": [{**w, "url": redact_url(w["url"])} for w in hooks]}
+
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
@@ -173,7 +195,7 @@ def parse_targets(body: Mapping[str, Any]) -> Targets:
     if not isinstance(emails, list) or len(emails) > MAX_EMAILS:
         raise ValidationError("email", f"must be a list of at most {MAX_EMAILS} addresses")
     for e in emails:
-        if not isinstance(e, str) or len(e) > 254 or not _EMAIL.match(e):
+        if not isinstance(e, str) or len(e) > 254 or not _EMAIL.fullmatch(e):
             raise ValidationError("email", f"{e!r} is not an e-mail address")
     hooks = body.get("webhooks", [])
     if not isinstance(hooks, list) or len(hooks) > MAX_WEBHOOKS:

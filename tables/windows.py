@@ -18,6 +18,12 @@ drop late keys silently (../shared/notes/pitfalls.md). Here instead:
   it, every app the highest offset applied for it, and the partition the highest offset fully applied.
   A replayed message is skipped at the first level that has seen it, so a crash between table writes
   never double counts (writes of one partition go to one changelog partition, in order).
+* **Limits** per app (app/limits.py, looked up through ``limits_of``, so an override applies without a
+  restart): distinct process types per minute, add-on sources per minute, custom metric names per process
+  type and minute. Observations past a limit are refused before they cost any state; the first
+  LIMIT_DEAD_LETTERS of each (app, minute, limit) are dead-lettered with the reason, the rest only
+  counted, so a flood of refusals costs neither memory nor a dead letter each. Other apps' minutes are
+  untouched: every limit is counted per app.
 * **Emission** exactly once per (app, process type, minute): a closed window is sent and acknowledged,
   then ``closed_ms`` is persisted, and the window is deleted from the table only some time later
   (``closed_keep_s`` in app/settings.py). A restart before the delete restores the closed window and
@@ -32,10 +38,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from app import models
 from app.clock import Clock
+from app.limits import AppLimits
 from tables.aggregate import Aggregate, BucketKey
 from tables.digest import DEFAULT_MAX_CENTROIDS
 
@@ -44,6 +51,12 @@ COLUMN_MIN = 16
 """Router requests in a message from which the column-wise fold pays for its setup."""
 WinKey = tuple[str, str, int]
 """(app, process type, window start ms): a plain tuple hashes far faster than a dataclass on the hot path."""
+LIMIT_DEAD_LETTERS = 100
+"""Refusals dead-lettered per (app, minute, limit); past it they are counted only (limit_refused_*)."""
+PROCESS_TYPES, ADDON_SOURCES, METRIC_NAMES = 0, 1, 2
+"""Which limit refused an observation (index into Counts.refused)."""
+_UNLIMITED = AppLimits(ingest_rate_bytes_s=0.0, ingest_burst_bytes=0, inflight_bytes_per_token=0,
+                       max_process_types=1 << 30, max_addon_sources=1 << 30, max_metric_names=1 << 30)
 
 
 @dataclass(slots=True)
@@ -68,6 +81,8 @@ class Counts:
     late: int = 0
     rejected: int = 0
     skipped_replay: int = 0
+    refused: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Of ``rejected``: refused by a limit, indexed by PROCESS_TYPES, ADDON_SOURCES, METRIC_NAMES."""
 
 
 @dataclass(slots=True)
@@ -93,6 +108,7 @@ class IngestResult:
         c.late += o.late
         c.rejected += o.rejected
         c.skipped_replay += o.skipped_replay
+        c.refused = [a + b for a, b in zip(c.refused, o.refused)]
         self.dead.extend(other.dead)
 
 
@@ -102,7 +118,8 @@ class PartitionWindows:
     def __init__(self, partition: int, *, clock: Clock, grace_ms: int, idle_timeout_ms: int,
                  max_future_ms: int, max_message_bytes: int,
                  max_centroids: int = DEFAULT_MAX_CENTROIDS, window_ms: int = WINDOW_MS,
-                 column_min: int = COLUMN_MIN, max_metric_names: int = 100) -> None:
+                 column_min: int = COLUMN_MIN, limits_of: Callable[[str], AppLimits] | None = None) -> None:
+        """``limits_of(app)``: that app's limits now (app/limits.py ``Limits.of``); None: no limits."""
         self.partition = partition
         self.clock = clock
         self.grace_ms = grace_ms
@@ -112,8 +129,12 @@ class PartitionWindows:
         self.max_centroids = max_centroids
         self.window_ms = window_ms
         self.column_min = column_min
-        self.max_metric_names = max_metric_names
+        self.limits_of: Callable[[str], AppLimits] = limits_of or (lambda app: _UNLIMITED)
         self.windows: dict[WinKey, Aggregate] = {}
+        self.procs: dict[tuple[str, int], int] = {}
+        """Open windows per (app, minute start), the add-on series not counted: its distinct process types."""
+        self.refused: dict[tuple[str, int, int], int] = {}
+        """Refusals per (app, minute start, limit) of minutes still open: bounds their dead letters."""
         self.apps: dict[str, AppProgress] = {}
         self.offset = -1  # every message at or below this offset is fully applied
         self.wm_ms = -1
@@ -165,9 +186,9 @@ class PartitionWindows:
         window (two at a minute boundary). Each field is pulled out once (a comprehension or C-level
         ``map``) and folded per window in bulk (``list.extend``, ``Counter``): about 2x cheaper than
         :meth:`_fold_each`'s ~40 bytecodes per request. Anything unusual -- several apps, a dyno not
-        seen before, a late or future timestamp, a window that already holds this offset -- leaves the
-        whole message to :meth:`_fold_each`, which has the exact rules and reasons. Both paths give
-        identical aggregates (tests/test_windows.py).
+        valid, a late or future timestamp, a window that already holds this offset, a new process type past
+        the app's limit -- leaves the whole message to :meth:`_fold_each`, which has the exact rules and
+        reasons. Both paths give identical aggregates (tests/test_windows.py).
         """
         Router = models.Router
         n = len(obs)
@@ -211,10 +232,20 @@ class PartitionWindows:
                     got.append(i)
             groups = dict(positions)
         windows = self.windows
+        new_procs: dict[int, int] = {}
         for key in groups:
             agg = windows.get(key)
-            if agg is not None and offset <= agg.offset:
+            if agg is None:
+                if key[1] != models.APP_SERIES:
+                    new_procs[key[2]] = new_procs.get(key[2], 0) + 1
+            elif offset <= agg.offset:
                 return everything
+        if new_procs:
+            limit = self.limits_of(app).max_process_types
+            open_procs = self.procs
+            for start_ms, n in new_procs.items():
+                if open_procs.get((app, start_ms), 0) + n > limit:
+                    return everything  # _fold_each refuses the extra ones, with the reason
         # From here on the message is applied: nothing below can fail or fall back.
         if prog is None:
             prog = self.apps[app] = AppProgress()
@@ -227,6 +258,9 @@ class PartitionWindows:
             agg = windows.get(key)
             if agg is None:
                 agg = windows[key] = Aggregate(BucketKey(*key), max_centroids=self.max_centroids)
+                if key[1] != models.APP_SERIES:
+                    pk = (app, key[2])
+                    self.procs[pk] = self.procs.get(pk, 0) + 1
             touched[key] = agg
             if pos is None:
                 agg.response.pending.extend([v for v in services if v is not None] if unserved else services)
@@ -268,6 +302,10 @@ class PartitionWindows:
         accepted = 0
         last_app: str | None = None
         prog = AppProgress()
+        limits_of = self.limits_of
+        lim = _UNLIMITED
+        procs = self.procs
+        APP_SERIES = models.APP_SERIES
         proc_of = models.process_type
         Router = models.Router
         Runtime = models.Runtime
@@ -285,6 +323,7 @@ class PartitionWindows:
                 if got is None:
                     got = apps[app] = AppProgress()
                 prog, last_app = got, app
+                lim = limits_of(app)
                 seen_apps.add(app)
             if offset <= prog.offset:
                 counts.skipped_replay += 1
@@ -322,6 +361,13 @@ class PartitionWindows:
             if slot is None:
                 agg = touched.get(key) or windows.get(key)
                 if agg is None:
+                    if proc != APP_SERIES:
+                        pk = (app, key[2])
+                        n = procs.get(pk, 0)
+                        if n >= lim.max_process_types:
+                            self._refuse(result, PROCESS_TYPES, o, offset, i, indexes, key, lim)
+                            continue
+                        procs[pk] = n + 1
                     agg = windows[key] = Aggregate(BucketKey(*key), max_centroids=self.max_centroids)
                 elif offset <= agg.offset:
                     counts.skipped_replay += 1
@@ -344,15 +390,17 @@ class PartitionWindows:
                                     r.load_avg_1m)
             elif cls is Metric:
                 agg = slot[0]
-                if (len(agg.timers) + len(agg.counters) + len(agg.gauges) >= self.max_metric_names
+                if (len(agg.timers) + len(agg.counters) + len(agg.gauges) >= lim.max_metric_names
                         and m.name not in agg.timers and m.name not in agg.counters and m.name not in agg.gauges):
-                    self._reject(result, f"more than {self.max_metric_names} distinct custom metric names in this "
-                                 f"minute of {app}/{proc}: keep ids out of metric names, or raise "
-                                 "METRICS_MAX_METRIC_NAMES", o, offset, i, indexes, app)
+                    self._refuse(result, METRIC_NAMES, o, offset, i, indexes, key, lim)
                     continue
                 agg.add_metric(m.name, m.type, m.value, ts)
             elif cls is Addon:
                 a: models.Addon = o  # type: ignore[assignment]
+                addons = slot[0].addons
+                if a.source not in addons and len(addons) >= lim.max_addon_sources:
+                    self._refuse(result, ADDON_SOURCES, o, offset, i, indexes, key, lim)
+                    continue
                 slot[0].add_addon(a.source, a.samples, ts)
             else:
                 slot[0].add_event(o.name)  # type: ignore[union-attr]
@@ -368,6 +416,36 @@ class PartitionWindows:
         result.counts.rejected += 1
         index = i if indexes is None else indexes[i]
         result.dead.append(Rejected("rejected", reason, models.echo(record), offset, index, app))
+
+    def _refuse(self, result: IngestResult, limit: int, record: Any, offset: int, i: int,
+                indexes: list[int] | None, key: WinKey, lim: AppLimits) -> None:
+        """An observation past one of its app's limits: counted always, dead-lettered only the first
+        LIMIT_DEAD_LETTERS times per (app, minute, limit) -- no reason, echo or record beyond that."""
+        counts = result.counts
+        counts.refused[limit] += 1
+        app, proc, start_ms = key
+        k = (app, start_ms, limit)
+        n = self.refused[k] = self.refused.get(k, 0) + 1
+        if n > LIMIT_DEAD_LETTERS:
+            counts.rejected += 1
+            return
+        if limit == PROCESS_TYPES:
+            reason = (f"more than {lim.max_process_types} process types in minute {start_ms} of {app}: dyno "
+                      f"{record.dyno!r} refused. Process types come from dyno names: keep ids out of them, or "
+                      f"raise max_process_types for {app} in METRICS_LIMITS_FILE (default "
+                      "METRICS_LIMIT_PROCESS_TYPES)")
+        elif limit == ADDON_SOURCES:
+            reason = (f"more than {lim.max_addon_sources} add-on sources in minute {start_ms} of {app}: source "
+                      f"{record.source!r} refused; raise max_addon_sources for {app} in METRICS_LIMITS_FILE "
+                      "(default METRICS_LIMIT_ADDON_SOURCES)")
+        else:
+            reason = (f"more than {lim.max_metric_names} distinct custom metric names in minute {start_ms} of "
+                      f"{app}/{proc}: {record.name!r} refused; keep ids out of metric names, or raise "
+                      f"max_metric_names for {app} in METRICS_LIMITS_FILE (default METRICS_MAX_METRIC_NAMES)")
+        if n == LIMIT_DEAD_LETTERS:
+            reason += (f"; further refusals of this limit in this minute are only counted "
+                       f"(limit_refused_{('process_types', 'addon_sources', 'metric_names')[limit]})")
+        self._reject(result, reason, record, offset, i, indexes, app)
 
     # --- closing -----------------------------------------------------------------------------------
     def due(self, *, caught_up: bool = True) -> list[Aggregate]:
@@ -427,8 +505,18 @@ class PartitionWindows:
                 prog.closed_ms = end_ms
                 self.dirty_apps.add(agg.key.app)
             k = (agg.key.app, agg.key.process_type, agg.key.start_ms)
-            self.windows.pop(k, None)
+            if self.windows.pop(k, None) is not None and k[1] != models.APP_SERIES:
+                pk = (k[0], k[2])
+                left = self.procs.get(pk, 0) - 1
+                if left > 0:
+                    self.procs[pk] = left
+                else:
+                    self.procs.pop(pk, None)
             self.dirty_windows.discard(k)
+        if self.refused:  # forget the refusals of minutes now closed (a late event is refused as late)
+            apps, window_ms = self.apps, self.window_ms
+            self.refused = {k: n for k, n in self.refused.items()
+                            if (seen := apps.get(k[0])) is None or k[1] + window_ms > seen.closed_ms}
 
     def take_dirty(self) -> tuple[list[Aggregate], list[tuple[str, AppProgress]]]:
         """Windows and app progress changed since the last call, to persist once per batch."""
@@ -442,7 +530,10 @@ class PartitionWindows:
     def restore(self, windows: list[Aggregate], apps: dict[str, AppProgress], offset: int) -> None:
         """Rebuild from table state after a restart or rebalance."""
         for agg in windows:
-            self.windows[(agg.key.app, agg.key.process_type, agg.key.start_ms)] = agg
+            k = (agg.key.app, agg.key.process_type, agg.key.start_ms)
+            if k not in self.windows and k[1] != models.APP_SERIES:
+                self.procs[(k[0], k[2])] = self.procs.get((k[0], k[2]), 0) + 1
+            self.windows[k] = agg
         self.apps.update(apps)
         self.offset = max(self.offset, offset)
         for agg in windows:

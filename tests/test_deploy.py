@@ -149,7 +149,9 @@ def test_pods_are_locked_down_and_probed_on_their_own_endpoints(default_docs: li
                                                                  production_docs: list[Doc]) -> None:
     for docs in (default_docs, production_docs):
         port = int(config(docs)["METRICS_WEB_PORT"])
-        assert config(docs)["METRICS_WEB_HOST"] == "0.0.0.0"
+        admin_port = int(config(docs)["METRICS_ADMIN_PORT"])
+        assert config(docs)["METRICS_WEB_HOST"] == "0.0.0.0" and config(docs)["METRICS_ADMIN_HOST"] == "0.0.0.0"
+        assert admin_port != port
         for w in workloads(docs):
             pod = w["spec"]["template"]["spec"]
             assert pod["automountServiceAccountToken"] is False
@@ -164,10 +166,14 @@ def test_pods_are_locked_down_and_probed_on_their_own_endpoints(default_docs: li
                 for e in c.get("env", []):  # literal values only for what is not a secret
                     assert "value" not in e or not re.search(r"(?i)secret|password|token|access_key", e["name"])
             (c,) = pod["containers"]
-            assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-            assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+            assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"},
+                                  {"name": "admin", "containerPort": admin_port, "protocol": "TCP"}]
+            # probed on the operator's port: the tenants' /readyz says only ready or not
+            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+            assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+            annotations = w["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/port"] == str(admin_port)
             assert c["readinessProbe"]["timeoutSeconds"] > 2  # app/ops/health.py CHECK_TIMEOUT_S answers first
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert {"/tmp", "/var/lib/minutely"} <= mounts  # the only writable paths
@@ -191,7 +197,9 @@ def test_network_policy_opens_only_what_each_role_uses(default_docs: list[Doc]) 
     for role in ROLES:
         np = one(default_docs, "NetworkPolicy", f"{RELEASE}-minutely-{role}")["spec"]
         assert np["policyTypes"] == ["Ingress", "Egress"]
-        assert np["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+        monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        assert np["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]},
+                                 {"ports": [{"port": "admin", "protocol": "TCP"}], "from": monitoring}]
         egress_ports = {(p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"]}
         # every role reaches Kafka: the web role follows the store-migration state topic
         expected = {(53, "UDP"), (53, "TCP"), (443, "TCP"), (9092, "TCP")}
@@ -224,7 +232,12 @@ def test_a_cassandra_install_migrating_to_dynamodb_gets_its_writer(default_docs:
     assert writer["replicas"] == 2
     (c,) = writer["template"]["spec"]["containers"]
     assert c["args"] == ["writer", "--store", "dynamodb:metrics-v2", "--quiet", "-l", "info"]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    # The writer serves only operator endpoints (on its web port): that is the admin port, and no tenant port.
+    assert c["ports"] == [{"name": "admin", "containerPort": 6068, "protocol": "TCP"}]
+    assert {"name": "METRICS_WEB_PORT", "value": "6068"} in c["env"]
+    writer_np = one(docs, "NetworkPolicy", f"{RELEASE}-minutely-writer")["spec"]
+    assert [p["port"] for rule in writer_np["ingress"] for p in rule["ports"]] == ["admin"]
     for role in (*ROLES, "writer"):
         np = one(docs, "NetworkPolicy", f"{RELEASE}-minutely-{role}")["spec"]
         assert {(p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"]} >= {(9042, "TCP"),
@@ -307,20 +320,42 @@ def test_kafka_sasl_as_the_readme_configures_it() -> None:
 
 def test_optional_parts_switch_off_and_on() -> None:
     docs = render({"networkPolicy": {"enabled": False}, "kafka": {"ensureTopics": False},
-                   "metrics": {"podAnnotations": False, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+                   "metrics": {"podAnnotations": False, "podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
                    "image": {"digest": "sha256:" + "ab" * 32}})
     assert not find(docs, "NetworkPolicy")
     worker = one(docs, "StatefulSet", f"{RELEASE}-minutely-worker")["spec"]["template"]
     assert "initContainers" not in worker["spec"]
     assert "prometheus.io/scrape" not in worker["metadata"]["annotations"]
     assert worker["spec"]["containers"][0]["image"] == "minutely@sha256:" + "ab" * 32
-    monitors = find(docs, "ServiceMonitor")  # a CRD: kubernetes-validate has no schema, so check the shape
+    # A PodMonitor on the admin port (a CRD: kubernetes-validate has no schema, so check the shape): the admin
+    # port is in no Service, so a ServiceMonitor could not reach it.
+    monitors = find(docs, "PodMonitor")
     assert {m["metadata"]["name"] for m in monitors} == {f"{RELEASE}-minutely-{r}" for r in ROLES}
+    pods = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)}
     for m in monitors:
         assert m["apiVersion"] == "monitoring.coreos.com/v1" and m["metadata"]["labels"]["release"] == "prom"
-        assert m["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
-        svc = one(docs, "Service", m["metadata"]["name"])
-        assert labels_match(m["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+        assert m["spec"]["podMetricsEndpoints"] == [{"port": "admin", "path": "/metrics", "interval": "30s"}]
+        assert [n for n, labels in pods.items() if labels_match(m["spec"]["selector"]["matchLabels"], labels)] == [
+            m["metadata"]["name"]]
+    assert not find(docs, "ServiceMonitor")
+
+
+def test_the_admin_port_is_in_no_service_and_open_only_to_monitoring(default_docs: list[Doc],
+                                                                     production_docs: list[Doc]) -> None:
+    """Security review M2: the ingress reaches the Services, so the operator's endpoints must not be in them."""
+    for docs in (default_docs, production_docs):
+        for svc in find(docs, "Service"):
+            assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"], svc["metadata"]["name"]
+        for np in find(docs, "NetworkPolicy"):
+            admin_rules = [r for r in np["spec"]["ingress"] if {"port": "admin", "protocol": "TCP"} in r["ports"]]
+            assert len(admin_rules) == 1 and admin_rules[0]["ports"] == [{"port": "admin", "protocol": "TCP"}]
+            assert admin_rules[0]["from"] == [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    pods = render({"networkPolicy": {"adminFrom": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]}})
+    np = one(pods, "NetworkPolicy", f"{RELEASE}-minutely-web")["spec"]
+    assert np["ingress"][-1]["from"] == [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]
+    with pytest.raises(Exception, match="adminPort"):
+        render({"config": {"adminPort": 6066}})
 
 
 @pytest.mark.parametrize("values, error, message", [

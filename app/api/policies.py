@@ -30,6 +30,10 @@ owner does not answer in time. Without a forwarder (or an owner locator) another
 **Authorization** is a hook: ``authorize(request, app) -> bool`` (sync or async), default allow. A refusal is
 401 when the request has no ``Authorization`` header and 403 otherwise; a credential store that is down
 is a 503. :func:`token_authorizer` checks the app's tokens (read tokens for GET, write tokens for changes).
+
+**Webhook URLs are secrets** (a Slack or Discord URL is its own credential). Reads, which take a read token,
+show them as ``scheme://host/…`` (:func:`~tables.monitors.redacted`); only the answer to a write, which took
+the write token that set them, carries them in full.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from tables.monitors import (
     ValidationError,
     parse_monitor,
     parse_policy,
+    redacted,
     valid_monitor_id,
 )
 
@@ -340,7 +345,7 @@ async def list_monitors(request: web.Request) -> web.Response:
     backend = request.app[BACKEND_KEY]
     await _read_here(request, backend, app)
     doc = backend.monitors(app)
-    monitors = [] if doc is None else [m.public() for m in doc.monitors.values()]
+    monitors = [] if doc is None else [redacted(m.public()) for m in doc.monitors.values()]
     return json_response({"app": app, "monitors": monitors})
 
 
@@ -354,7 +359,7 @@ async def get_monitor(request: web.Request) -> web.Response:
     m = None if doc is None else doc.monitors.get(monitor_id)
     if m is None:
         return error(404, "not_found", f"no monitor {monitor_id!r}")
-    return json_response(m.public())
+    return json_response(redacted(m.public()))
 
 
 @_handler
@@ -421,7 +426,7 @@ async def list_policies(request: web.Request) -> web.Response:
     backend = request.app[BACKEND_KEY]
     await _read_here(request, backend, app)
     doc = backend.policies(app)
-    policies = [] if doc is None else [a.public() for a in doc.policies.values()]
+    policies = [] if doc is None else [redacted(a.public()) for a in doc.policies.values()]
     return json_response({"app": app, "policies": policies})
 
 
@@ -435,7 +440,7 @@ async def get_policy(request: web.Request) -> web.Response:
     a = None if doc is None else doc.policies.get(proc)
     if a is None:
         return error(404, "not_found", f"no autoscaling policy for {proc!r}")
-    return json_response(a.public())
+    return json_response(redacted(a.public()))
 
 
 @_handler

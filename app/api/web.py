@@ -4,8 +4,14 @@ and a 503 with Retry-After when a dependency is down -- never a 500 for bad inpu
 Auth: ``/v1/apps/{app}/...`` needs ``Authorization: Bearer <read token>``. No token, or one that is not a
 live read token: 401. A read token for another app gets exactly the answer a nonexistent app gets (404
 ``not_found``), before any parameter is looked at, so no endpoint tells whether another app exists.
-``/healthz``, ``/readyz``, ``/metrics``, ``/v1/stats``, the OpenAPI document and the dashboard's static files
-stay open (the dashboard asks for the token and sends it as Bearer).
+``/healthz``, a bare ``/readyz``, the OpenAPI document and the dashboard's static files stay open (the
+dashboard asks for the token and sends it as Bearer). The operator's endpoints (``/v1/stats``, ``/metrics``,
+``/readyz`` with reasons, ``/migration`` and its page) are on the admin port only (app/ops/health.py
+:func:`add_admin_port`, :func:`add_admin_routes` here): the tenant port answers 404 for them.
+
+Every response says ``X-Content-Type-Options: nosniff``; the dashboard's pages and files also carry a CSP
+(:data:`DASHBOARD_CSP`: its scripts and styles are files of its own origin, nothing inline) and
+``Referrer-Policy: no-referrer``, since its read token lives in the page's sessionStorage.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
 OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
-DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css",
-                   "migration.html": "text/html", "migration.js": "text/javascript"}
+DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+OPERATOR_FILES = {"migration.html": "text/html", "migration.js": "text/javascript", "dashboard.css": "text/css"}
+"""The migration page charts ``/migration`` (other tenants' names and values): served on the admin port only."""
 VENDOR_FILES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[2] / ".deps" / "uplot" / "dist"
 FINAL_CACHE_CONTROL = "private, no-cache"
@@ -46,6 +53,9 @@ FINAL_CACHE_CONTROL = "private, no-cache"
 bucket was final. Query processes drop their cached answers for it (agents/progress.py), but a browser or
 proxy holding a max-age could not be told; it revalidates instead, and the ETag makes that a cheap 304."""
 LIVE_CACHE_CONTROL = "private, no-cache"
+DASHBOARD_CSP = "default-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+"""The pages load only their own origin's scripts, styles and ``fetch`` targets (uPlot sets styles through the
+CSSOM, which ``style-src`` allows); no framing (clickjacking), no plugins, no ``<base>`` rewriting."""
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -226,7 +236,7 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 async def get_stats(request: web.Request) -> web.Response:
     values = request.app[COUNTERS_KEY].snapshot()
-    return json_response({"counters": values, "help": CATALOGUE})
+    return json_response({"counters": values, "help": CATALOGUE}, headers={"Cache-Control": "no-store"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -254,6 +264,14 @@ async def dashboard_file(request: web.Request) -> web.Response:
     return await _file(DASHBOARD_DIR / name, ctype)
 
 
+async def operator_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    ctype = OPERATOR_FILES.get(name)
+    if ctype is None:
+        return error(404, "not_found", f"no operator page {name!r}")
+    return await _file(DASHBOARD_DIR / name, ctype)
+
+
 async def vendor_file(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     ctype = VENDOR_FILES.get(name)
@@ -276,6 +294,15 @@ async def json_not_found(request: web.Request,
     return await handler(request)
 
 
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response (errors, redirects and 304s too): no content sniffing; the dashboard's files get the
+    CSP and no Referer (security review M9)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if request.path == "/dashboard" or request.path.startswith("/dashboard/"):
+        response.headers.setdefault("Content-Security-Policy", DASHBOARD_CSP)
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+
+
 async def _refuse_all(token: str) -> str | None:
     return None
 
@@ -285,6 +312,7 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
                  authorize: Authorize | None = None) -> web.Application:
     """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused."""
     webapp = web.Application(middlewares=[json_not_found])
+    webapp.on_response_prepare.append(security_headers)
     webapp[QUERY_KEY] = query
     webapp[SETTINGS_KEY] = settings
     webapp[COUNTERS_KEY] = counters
@@ -296,7 +324,6 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
     webapp.router.add_get("/v1/apps/{app}/events", get_events)
     webapp.router.add_get("/v1/whoami", whoami)
     webapp.router.add_get(OPENAPI_PATH, get_openapi)
-    webapp.router.add_get("/v1/stats", get_stats)
     webapp.router.add_get("/healthz", healthz)
     webapp.router.add_get("/dashboard", dashboard_redirect)
     webapp.router.add_get("/dashboard/", dashboard_file)
@@ -305,6 +332,18 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
     if extra is not None:
         extra(webapp)
     return webapp
+
+
+def add_admin_routes(admin: web.Application, settings: Settings, counters: Counters) -> None:
+    """The query roles' operator routes, for the admin port's app (app/ops/health.py :func:`add_admin_port`):
+    ``/v1/stats`` and the migration page's files (``/migration`` itself: app/migration/view.py)."""
+    admin.middlewares.append(json_not_found)
+    admin.on_response_prepare.append(security_headers)
+    admin[SETTINGS_KEY] = settings
+    admin[COUNTERS_KEY] = counters
+    admin.router.add_get("/v1/stats", get_stats)
+    admin.router.add_get("/dashboard/vendor/{name}", vendor_file)
+    admin.router.add_get("/dashboard/{name}", operator_file)
 
 
 def token_authorizer(tokens: Any) -> Authorize:

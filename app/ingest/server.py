@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import msgspec
 import orjson
@@ -26,17 +26,21 @@ from aiokafka.errors import KafkaError
 
 from app import models
 from app.api.web import SETTINGS_KEY, error, healthz, json_response
+from app.clock import Clock
 from app.errors import PipelineError, RetriableError
 from app.ingest import logplex
+from app.ingest.admission import Admission, Refusal
 from app.ingest.dedup import Claim, FrameDedup
+from app.limits import Limits
 from app.ops import kafka
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.protocol import TokenInfo
-from app.storage.tokens import TokenStore, bearer
+from app.storage.tokens import TokenStore, bearer, drain_id
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Produce = Callable[[str, Sequence[tuple[bytes, bytes]]], Awaitable[None]]
 """(topic, [(key, value)]) -> returns once the broker acknowledged all of them; RetriableError otherwise."""
 
@@ -124,160 +128,231 @@ def answers_unavailable(handler: Handler) -> Handler:
 
 class Ingest:
     def __init__(self, settings: Settings, *, tokens: TokenStore, dedup: FrameDedup, produce: Produce,
-                 counters: Counters) -> None:
+                 counters: Counters, limits: Limits | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
         self.tokens = tokens
         self.dedup = dedup
         self.produce = produce
         self.counters = counters
+        self.limits = limits if limits is not None else Limits(settings)
+        self.admission = Admission(settings, self.limits, counters, clock=clock)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _auth(self, request: web.Request, kind: str) -> Any:
         # ?token= only for drains (Logplex can send nothing else on some setups); a write token in a query
         # string would end up in access logs.
         token = bearer(request.headers, request.query if kind == "drain" else {})
         if not token:
-            where = ("Authorization: Bearer <token>, basic auth password, Logplex-Drain-Token header or ?token="
-                     if kind == "drain" else "Authorization: Bearer <token>")
+            where = (DRAIN_TOKEN_WHERE if kind == "drain" else "Authorization: Bearer <token>")
             return error(401, "missing_token", f"send a {kind} token: {where}")
         info = await self.tokens.verify(token, kind)
         if info is None:
             return error(403, "invalid_token", f"the token is unknown, revoked, or not a {kind} token")
         return info
 
-    async def _authorized_body(self, request: web.Request, kind: str) -> tuple[TokenInfo, bytes] | web.Response:
-        """The token's description and the body, or the 401/403/413 answer. The body is read only after
-        the token was accepted."""
-        info = await self._auth(request, kind)
-        if isinstance(info, web.Response):
-            return info
-        body = await _read(request, retriable=kind == "drain")
-        if isinstance(body, web.Response):
-            return body
-        return info, body
+    def _refused(self, refusal: Refusal, app: str, *, drain: bool) -> web.Response:
+        """Logplex drops a frame on any 4xx and retries a 5xx, so a throttled drain gets 503; HTTP callers 429."""
+        self.counters.inc_app(refusal.counter, app)
+        status = refusal.status or (503 if drain else refusal.api_status)
+        resp = error(status, refusal.code, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+        resp.force_close()  # the rest of the body stays unread
+        return resp
+
+    async def _offloop(self, body: bytes, parse: Callable[[bytes], T]) -> T:
+        """Small bodies are parsed inline (a thread hop costs more); large ones in a thread, so the loop keeps
+        answering health checks and other tenants meanwhile."""
+        if len(body) <= self.settings.ingest_parse_inline_bytes:
+            return parse(body)
+        return await asyncio.to_thread(parse, body)
 
     @answers_unavailable
     async def drain(self, request: web.Request) -> web.Response:
-        got = await self._authorized_body(request, "drain")
-        if isinstance(got, web.Response):
-            return got
-        info, body = got
-        try:
-            frame = logplex.parse_frame(body, info.app)
-        except logplex.FrameError as exc:
-            return error(400, "malformed_frame", str(exc))
+        info = await self._auth(request, "drain")
+        if isinstance(info, web.Response):
+            return info
+        app = info.app
         count = request.headers.get("Logplex-Msg-Count")
-        if count is not None and (not count.isdigit() or int(count) != frame.messages):
-            return error(400, "msg_count_mismatch",
-                         f"Logplex-Msg-Count is {count!r} but the frame holds {frame.messages} messages")
+        if count is not None and not (count.isascii() and count.isdigit() and len(count) <= 9):
+            return error(400, "bad_msg_count", f"Logplex-Msg-Count {count[:20]!r} is not a number of messages")
         frame_id = request.headers.get("Logplex-Frame-Id")
         if frame_id is not None and len(frame_id) > 200:
             return error(400, "bad_frame_id", "Logplex-Frame-Id longer than 200 characters")
-        if frame_id:
-            claim = await self.dedup.claim(info.app, frame_id)
-            if claim is Claim.DONE:
-                self.counters.inc("drain_frames_deduplicated")
-                return web.Response(status=204)
-            if claim is Claim.BUSY:
-                return error(503, "frame_in_flight", "this frame is being delivered; retry",
-                             {"Retry-After": "2"})
-        try:
-            await self._deliver(info.app, frame, frame_id)
-        except BaseException:
+        refusal = self.admission.refuse_early(app)
+        if refusal is not None:
+            return self._refused(refusal, app, drain=True)
+        async with self.admission.body(request, app, info.id) as body:
+            if isinstance(body, Refusal):
+                return self._refused(body, app, drain=True)
+            max_line = self.settings.ingest_max_line_bytes
+            try:
+                async with self.admission.slot(app):
+                    frame = await self._offloop(body, lambda b: logplex.parse_frame(b, app, max_line_bytes=max_line))
+            except logplex.FrameError as exc:
+                return error(400, "malformed_frame", str(exc))
+            if count is not None and int(count) != frame.messages:
+                return error(400, "msg_count_mismatch",
+                             f"Logplex-Msg-Count is {count!r} but the frame holds {frame.messages} messages")
             if frame_id:
-                await self.dedup.release(info.app, frame_id)
-            raise
-        if frame_id:
-            await self.dedup.complete(info.app, frame_id)
+                claim = await self.dedup.claim(app, frame_id)
+                if claim is Claim.DONE:
+                    self.counters.inc("drain_frames_deduplicated")
+                    return web.Response(status=204)
+                if claim is Claim.BUSY:
+                    return error(503, "frame_in_flight", "this frame is being delivered; retry",
+                                 {"Retry-After": "2"})
+            try:
+                await self._deliver(app, frame, frame_id, drain_id(request.headers))
+            except BaseException:
+                if frame_id:
+                    await self.dedup.release(app, frame_id)
+                raise
+            if frame_id:
+                await self._complete(app, frame_id)
         self.counters.inc("drain_frames")
         self.counters.inc("drain_lines_ignored", frame.ignored)
         self.counters.inc("ingest_observations_produced", len(frame.encoded))
         return web.Response(status=204)
 
-    async def _deliver(self, app: str, frame: logplex.ParsedFrame, frame_id: str | None) -> None:
+    async def _complete(self, app: str, key: str) -> None:
+        """Marks a delivered frame (or idempotency key) done. Kafka has acknowledged it, so a store hiccup here
+        must not answer 503 (the retry would count it twice once the lease ran out): retried in the
+        background instead."""
+        try:
+            await self.dedup.complete(app, key)
+        except RetriableError as exc:
+            log.warning("marking %s delivered failed (%s); retrying in the background", key[:40], exc)
+            task = asyncio.create_task(self._complete_later(app, key))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _complete_later(self, app: str, key: str) -> None:
+        for delay_s in (0.5, 1, 2, 4, 8):
+            await asyncio.sleep(delay_s)
+            try:
+                await self.dedup.complete(app, key)
+                return
+            except RetriableError:
+                continue
+        log.error("could not mark %s delivered; a retry after its lease may count it twice", key[:40])
+
+    async def _deliver(self, app: str, frame: logplex.ParsedFrame, frame_id: str | None, drain: str | None) -> None:
         size = self.settings.ingest_chunk_observations
         key = app.encode()
         records = [(key, b"[" + b",".join(frame.encoded[i:i + size]) + b"]")
                    for i in range(0, len(frame.encoded), size)]
-        dead = [(app.encode(), orjson.dumps({"kind": "rejected", "reason": b.reason, "app": app, "record": b.line,
-                                             "source": {"drain_frame": frame_id}})) for b in frame.bad]
+        keep = self.settings.ingest_max_dead_letters_per_request
+        source = {"drain_frame": frame_id, "drain_id": drain}
+        dead = [(key, orjson.dumps({"kind": "rejected", "reason": b.reason, "app": app, "record": b.line,
+                                    "source": source})) for b in frame.bad[:keep]]
         if records:
             await self.produce(self.settings.observations_topic, records)
         if dead:
             await self.produce(self.settings.dlq_topic, dead)
-            self.counters.inc("drain_lines_bad", len(dead))
+        self.counters.inc("drain_lines_bad", len(frame.bad))
+        self.counters.inc("ingest_dead_letters_dropped", len(frame.bad) - len(dead))
 
     @answers_unavailable
     async def observations(self, request: web.Request) -> web.Response:
-        got = await self._authorized_body(request, "write")
-        if isinstance(got, web.Response):
-            return got
-        info, body = got
-        parsed = parse_json_body(body, self.settings.max_message_bytes)
-        if isinstance(parsed, models.Reject):
-            return error(400, "malformed_body", parsed.reason)
-        good: list[Any] = []
-        rejected: list[dict[str, Any]] = []
-        for index, item in parsed:
-            if isinstance(item, models.Reject):
-                rejected.append({"index": index, "reason": item.reason})
-            elif item.app != info.app:
-                rejected.append({"index": index, "reason": f"record is for app {item.app!r} but the token is "
-                                                           f"for app {info.app!r}"})
-            else:
-                good.append(item)
-        if not good:
-            if not rejected:
-                return json_response({"accepted": 0, "rejected": []})
-            return json_response({"error": {"code": "no_valid_records",
-                                            "message": "every record was rejected; see rejected"},
-                                  "rejected": rejected[:1000]}, 400)
-        await self.produce(self.settings.observations_topic,
-                           chunks(info.app, good, self.settings.ingest_chunk_observations))
+        info = await self._auth(request, "write")
+        if isinstance(info, web.Response):
+            return info
+        app = info.app
+        idem = request.headers.get("Idempotency-Key")
+        if idem is not None and not 1 <= len(idem) <= 200:
+            return error(400, "bad_idempotency_key", "Idempotency-Key must be 1..200 characters")
+        refusal = self.admission.refuse_early(app)
+        if refusal is not None:
+            return self._refused(refusal, app, drain=False)
+        async with self.admission.body(request, app, info.id) as body:
+            if isinstance(body, Refusal):
+                return self._refused(body, app, drain=False)
+            max_rejects = MAX_REJECTS_RETURNED
+            async with self.admission.slot(app):
+                parsed = await self._offloop(
+                    body, lambda b: parse_json_body(b, self.settings.max_message_bytes, max_rejects=max_rejects))
+            if isinstance(parsed, models.Reject):
+                return error(400, "malformed_body", parsed.reason)
+            items, more_rejects = parsed
+            good: list[Any] = []
+            rejected: list[dict[str, Any]] = []
+            for index, item in items:
+                if isinstance(item, models.Reject):
+                    reason = item.reason
+                elif item.app != app:
+                    reason = f"record is for app {item.app!r} but the token is for app {app!r}"
+                else:
+                    good.append(item)
+                    continue
+                if len(rejected) < max_rejects:
+                    rejected.append({"index": index, "reason": reason})
+                else:
+                    more_rejects += 1
+            n_rejected = len(rejected) + more_rejects
+            more = {"rejected_not_listed": more_rejects} if more_rejects else {}
+            if not good:
+                if not rejected:
+                    return json_response({"accepted": 0, "rejected": []})
+                return json_response({"error": {"code": "no_valid_records",
+                                                "message": "every record was rejected; see rejected"},
+                                      "rejected": rejected, **more}, 400)
+            if idem:
+                claim = await self.dedup.claim(app, "idem:" + idem)
+                if claim is Claim.DONE:
+                    return json_response({"accepted": 0, "rejected": [], "duplicate": True},
+                                         headers={"Idempotent-Replayed": "true"})
+                if claim is Claim.BUSY:
+                    return error(409, "request_in_flight", "a request with this Idempotency-Key is being "
+                                                           "delivered; retry after the delay", {"Retry-After": "2"})
+            try:
+                await self.produce(self.settings.observations_topic,
+                                   chunks(app, good, self.settings.ingest_chunk_observations))
+            except BaseException:
+                if idem:
+                    await self.dedup.release(app, "idem:" + idem)
+                raise
+            if idem:
+                await self._complete(app, "idem:" + idem)
         self.counters.inc("ingest_observations_produced", len(good))
-        self.counters.inc("ingest_records_rejected", len(rejected))
-        return json_response({"accepted": len(good), "rejected": rejected[:1000]})
+        self.counters.inc("ingest_records_rejected", n_rejected)
+        return json_response({"accepted": len(good), "rejected": rejected, **more})
 
 
-async def _read(request: web.Request, *, retriable: bool = False) -> bytes | web.Response:
-    """The body, or 413 over the size limit, or -- when it trickles in slower than the timeout allows (a
-    slow-body client must not hold a connection and a buffer for ever) -- 408, or 503 with Retry-After when
-    ``retriable``: Logplex drops a frame on any 4xx but retries a 5xx, and a slow network is no reason to
-    lose a frame."""
-    timeout_s = request.app[SETTINGS_KEY].ingest_body_timeout_s
-    try:
-        return await asyncio.wait_for(request.read(), timeout_s)
-    except asyncio.TimeoutError:
-        message = f"the request body did not arrive within {timeout_s:g} s; send it at once"
-        resp = (error(503, "body_timeout", message, {"Retry-After": "5"}) if retriable
-                else error(408, "body_timeout", message))
-        resp.force_close()
-        return resp
-    except web.HTTPRequestEntityTooLarge:
-        return error(413, "body_too_large", f"request body over the {request.app[SETTINGS_KEY].ingest_max_body_bytes} "
-                                            "byte limit; send smaller batches")
+MAX_REJECTS_RETURNED = 1000
+"""Reasons listed in a JSON API answer; past it only counted (``rejected_not_listed``)."""
+DRAIN_TOKEN_WHERE = ("put it in the drain URL, https://user:TOKEN@host/v1/drains/logplex (basic auth) or "
+                     "https://host/v1/drains/logplex?token=TOKEN (Logplex-Drain-Token carries the drain's id, "
+                     "never a token)")
 
 
-def parse_json_body(body: bytes, max_bytes: int) -> list[tuple[int, Any]] | models.Reject:
-    """A JSON array (or one object) or NDJSON -> [(index, Observation | Reject)]."""
+def parse_json_body(body: bytes, max_bytes: int, *, max_rejects: int = MAX_REJECTS_RETURNED
+                    ) -> tuple[list[tuple[int, Any]], int] | models.Reject:
+    """A JSON array (or one object) or NDJSON -> ([(index, Observation | Reject)], rejects not listed): at
+    most ``max_rejects`` rejects are described, so a body of a million bad elements stays small in memory."""
     head = body.lstrip()[:1]
-    lines = body.split(b"\n")
-    if head == b"[" or len([ln for ln in lines if ln.strip()]) <= 1:
-        decoded = models.decode(body, max_bytes)
+    if head == b"[" or body.strip().count(b"\n") == 0:
+        decoded = models.decode(body, max_bytes, max_rejects=max_rejects)
         if isinstance(decoded, models.Reject):
             return decoded
-        return _indexed(decoded)
+        return _indexed(decoded), decoded.more_rejects
     out: list[tuple[int, Any]] = []
     index = 0
-    for line in lines:
+    rejects = more = 0
+    for line in body.split(b"\n"):
         if not line.strip():
             continue
-        d = models.decode(line, max_bytes)
+        d = models.decode(line, max_bytes, max_rejects=max(0, max_rejects - rejects))
         if isinstance(d, models.Reject):
-            out.append((index, d))
+            if rejects < max_rejects:
+                out.append((index, d))
+                rejects += 1
+            else:
+                more += 1
         else:
             out.extend((index, item) for _, item in _indexed(d))
+            rejects += len(d.rejects)
+            more += d.more_rejects
         index += 1
-    return out
+    return out, more
 
 
 def _indexed(d: models.Decoded) -> list[tuple[int, Any]]:
@@ -288,41 +363,9 @@ def _indexed(d: models.Decoded) -> list[tuple[int, Any]]:
     return out
 
 
-class LoadShedding:
-    """Bounds the request bytes in flight (``METRICS_INGEST_MAX_INFLIGHT_BYTES``). Past the budget a request
-    is answered 503 with Retry-After at once, its body unread: at twice its capacity the ingest stays at a
-    bounded memory and a steady throughput, where queueing every request would grow without end. A request
-    that declares no length counts as the largest body allowed; one request is always let in, so a budget
-    below the body limit cannot refuse everything."""
-
-    def __init__(self, settings: Settings, counters: Counters) -> None:
-        self.budget_bytes = settings.ingest_max_inflight_bytes
-        self.max_body_bytes = settings.ingest_max_body_bytes
-        self.counters = counters
-        self.held_bytes = 0
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
-        if request.method != "POST":
-            return await handler(request)
-        size = min(request.content_length if request.content_length is not None else self.max_body_bytes,
-                   self.max_body_bytes)
-        if self.held_bytes and self.held_bytes + size > self.budget_bytes:
-            self.counters.inc("ingest_requests_shed")
-            return error(503, "overloaded", "the ingest is at capacity; retry after the delay",
-                         {"Retry-After": "1"})
-        self.held_bytes += size
-        try:
-            return await handler(request)
-        finally:
-            self.held_bytes -= size
-
-
 def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.Application], None] | None = None
                     ) -> web.Application:
-    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes,
-                             middlewares=[LoadShedding(settings, ingest.counters).middleware])
+    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes)
     webapp.router.add_post("/v1/drains/logplex", ingest.drain)
     webapp.router.add_post("/v1/observations", ingest.observations)
     webapp[SETTINGS_KEY] = settings
@@ -341,9 +384,12 @@ def build(settings: Settings, counters: Counters) -> web.Application:
     tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
     dedup = FrameDedup(settings, table=FollowingFrames(settings, control.current))
     producer = KafkaProducer(settings)
-    ingest = Ingest(settings, tokens=tokens, dedup=dedup, produce=producer.produce, counters=counters)
+    limits = Limits(settings)
+    ingest = Ingest(settings, tokens=tokens, dedup=dedup, produce=producer.produce, counters=counters,
+                    limits=limits)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await limits.start()
         await control.start()
         await tokens.start()
         await dedup.start()
@@ -353,6 +399,7 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         await dedup.stop()
         await tokens.stop()
         await control.stop()
+        await limits.stop()
 
     from app.ops import health as ops
 
@@ -364,7 +411,9 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         "tokens": tokens.ping,
         "dedup": dedup.ping,
     }
-    webapp = make_ingest_app(ingest, settings, extra=lambda w: ops.add_ops_routes(w, counters=counters,
-                                                                                   checks=checks))
+    def admin(w: web.Application) -> None:  # /readyz with reasons and /metrics: the admin port only
+        ops.add_admin_port(w, settings, counters=counters, checks=checks)
+
+    webapp = make_ingest_app(ingest, settings, extra=admin)
     webapp.cleanup_ctx.append(lifecycle)
     return webapp

@@ -13,6 +13,7 @@ writes the exact aggregates of what was sent, to check the stored minutes agains
 from __future__ import annotations
 
 import argparse
+import base64
 import asyncio
 import sys
 import time
@@ -68,7 +69,9 @@ def render(o: dict[str, Any]) -> list[bytes]:
     if kind == "event":
         name = o["name"]
         if name == "release":
-            return [f"<134>1 {ts} host app api - Release v42 created by user deploy@example.com".encode()]
+            # As Heroku logs a deploy: its own line and the release's, at the same moment (one marker).
+            return [f"<134>1 {ts} host app api - Deploy 2c3d4e5 by user deploy@example.com".encode(),
+                    f"<134>1 {ts} host app api - Release v42 created by user deploy@example.com".encode()]
         if name == "scale":
             return [f"<134>1 {ts} host app api - Scaled to {o['dyno']}@2:Standard-1X by user ops@example.com".encode()]
         return [f"<45>1 {ts} host heroku {o['dyno']} - {_DYNO_EVENT_TEXT[name]}".encode()]
@@ -164,12 +167,29 @@ class Progress:
         sys.stderr.write(f"\nsent {self.n:,} {self.unit} in {el:.1f}s ({self.n / max(el, 1e-9):,.0f}/s)\n")
 
 
+def drain_id_of(token: str) -> str:
+    """A stable Logplex drain id (``d.<uuid>``) per token, as Logplex gives each drain its own."""
+    return f"d.{uuid.uuid5(uuid.NAMESPACE_URL, token)}"
+
+
+def logplex_headers(token: str, count: int, *, frame_id: str | None = None, in_url: str = "basic"
+                    ) -> dict[str, str]:
+    """Exactly what Logplex sends for a drain registered as ``https://user:TOKEN@host/...`` (``in_url=
+    "basic"``: HTTP basic auth) or ``https://host/...?token=TOKEN`` (``"query"``: the caller puts the token in
+    the URL): the drain's own id in ``Logplex-Drain-Token``, never our secret."""
+    headers = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(count),
+               "Logplex-Frame-Id": frame_id or uuid.uuid4().hex, "Logplex-Drain-Token": drain_id_of(token),
+               "User-Agent": "Logplex/v72"}
+    if in_url == "basic":
+        headers["Authorization"] = "Basic " + base64.b64encode(f"minutely:{token}".encode()).decode()
+    return headers
+
+
 async def post_frame(session: Any, url: str, token: str, body: bytes, count: int) -> None:
     """POST one frame; on 5xx or a connection error retry with the same Frame-Id (Logplex semantics)."""
     import aiohttp
 
-    headers = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(count),
-               "Logplex-Frame-Id": uuid.uuid4().hex, "Logplex-Drain-Token": token, "User-Agent": "Logplex/v123"}
+    headers = logplex_headers(token, count)
     delay_s = 0.2
     for _ in range(30):
         try:

@@ -1,7 +1,9 @@
-"""The operator's view of a migration: ``GET /migration`` (JSON) on every process that answers queries, and
-the page ``/dashboard/migration.html`` that charts it: both stores' read p50/p99 per minute side by side,
-and the shadow mismatch rate, the picture of Heroku's move. Exposed like ``/metrics`` (operators, not app
-users: restrict it at the ingress as you do ``/metrics``)."""
+"""The operator's view of a migration: ``GET /migration`` (JSON) on the admin port of every process that
+answers queries, and the page ``/dashboard/migration.html`` there that charts it: both stores' read p50/p99
+per minute side by side, and the shadow mismatch rate, the picture of Heroku's move.
+
+Only ever on the admin port (app/ops/health.py :func:`add_admin_port`), like ``/metrics``: the report's
+``recent_mismatches`` name every tenant's apps, process types and values."""
 
 from __future__ import annotations
 
@@ -19,5 +21,6 @@ async def get_migration(request: web.Request) -> web.Response:
 
 
 def add_migration_routes(webapp: web.Application, query: MigratingQuery) -> None:
+    """``webapp`` must be an admin port's app, never a tenant's."""
     webapp[MIGRATING_KEY] = query
     webapp.router.add_get("/migration", get_migration)

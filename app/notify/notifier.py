@@ -40,6 +40,7 @@ from app.notify.delivery import (
 )
 from app.notify.email import SMTP_TLS_MODES, EmailSender
 from app.notify.webhook import WebhookSender, allowed_networks
+from app.ops.logs import url_origin
 from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
 
@@ -264,7 +265,8 @@ class Notifier:
 
     def _give_up(self, job: _Job, reason: str) -> None:
         self.counters.inc("notifications_failed")
-        log.error("notification %s to %s given up: %s", job.delivery.id, job.delivery.target, reason)
+        # The target's origin only: a webhook URL's path is often its credential (Slack, Discord).
+        log.error("notification %s to %s given up: %s", job.delivery.id, url_origin(job.delivery.target), reason)
         self._finish(job, DeliveryResult(FAILED, job.attempts, reason))
 
     def _finish(self, job: _Job, result: DeliveryResult) -> None:

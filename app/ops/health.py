@@ -1,4 +1,8 @@
-"""Operational endpoints for every role (worker, web, ingest).
+"""Operational endpoints for every role (worker, web, ingest), on the operator's own port.
+
+Every role serving tenants runs a second aiohttp app, the *admin port* (``METRICS_ADMIN_HOST`` /
+``METRICS_ADMIN_PORT``, :func:`add_admin_port`), beside its tenant port. A NetworkPolicy cannot filter by
+path, so operator data stays off the port the ingress reaches instead (security review M2):
 
 * ``GET /readyz``: runs the role's readiness checks (broker reachable, table recovery finished, DynamoDB
   reachable, ...) concurrently, each under a timeout. 200 when all pass, 503 with each failure's reason
@@ -6,6 +10,10 @@
 * ``GET /metrics``: Prometheus exposition of the one counter catalogue (``app/ops/stats.py``). Values are read
   from ``Counters`` at scrape time, so the pipeline keeps a single set of numbers and nothing is declared
   twice.
+* ``GET /healthz``, and whatever the role adds (``/migration``, ``/v1/stats``).
+
+The tenant port keeps ``/healthz`` and a bare ``/readyz`` (``{"status": "ready"}`` or ``not_ready``): the
+same checks, without the names of tables, endpoints or errors.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import asyncio
 import logging
 import logging.config
 import time
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 import orjson
 from aiohttp import web
@@ -28,11 +36,11 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from app.errors import PipelineError, RetriableError
+from app.errors import ConfigError, PipelineError, RetriableError
 from app.ops.kafka import bootstrap_servers
 from app.ops.logs import redact
 from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, Counters
-from app.settings import PREFIX
+from app.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,18 @@ CHECK_CACHE_S = 1.0
 """Probes and people hitting /readyz at once share one run of the checks (each may call DynamoDB)."""
 
 READINESS_KEY: web.AppKey["Readiness"] = web.AppKey("readiness")
+
+_REGISTERED: dict[str, Check] = {}
+
+
+def register_check(name: str, check: Check) -> None:
+    """A readiness check from a part the composition root does not list: a stream job that stopped on an
+    error only an operator can fix (agents/sink.py). Jobs register when bound, before the web app is built;
+    :func:`add_ops_routes` adds every registered check to the role's own."""
+    _REGISTERED[name] = check
+
+
+ADMIN_KEY: web.AppKey["AdminPort"] = web.AppKey("admin_port")
 
 
 # --- readiness ------------------------------------------------------------------------------------------
@@ -114,7 +134,22 @@ async def readyz(request: web.Request) -> web.Response:
     results = await request.app[READINESS_KEY].run()
     ready = all(v == "ok" for v in results.values())
     body = {"status": "ready" if ready else "not_ready", "checks": results}
-    return web.Response(body=orjson.dumps(body), status=200 if ready else 503, content_type="application/json")
+    return web.Response(body=orjson.dumps(body), status=200 if ready else 503, content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def bare_readyz(request: web.Request) -> web.Response:
+    """The tenant port's readiness: the same checks, answered with the status alone (the reasons name tables,
+    endpoints and errors: the operator's, on the admin port)."""
+    results = await request.app[READINESS_KEY].run()
+    ready = all(v == "ok" for v in results.values())
+    return web.Response(body=orjson.dumps({"status": "ready" if ready else "not_ready"}),
+                        status=200 if ready else 503, content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
 
 def flag_check(is_set: Callable[[], bool], *, message: str, action: str) -> Check:
@@ -195,10 +230,60 @@ def make_registry(counters: Counters, *, refresh: Callable[[], None] | None = No
 
 def add_ops_routes(webapp: web.Application, *, counters: Counters, checks: Mapping[str, Check],
                    refresh: Callable[[], None] | None = None, check_timeout_s: float = CHECK_TIMEOUT_S) -> None:
-    """Add ``GET /readyz`` (the given checks) and ``GET /metrics`` (the catalogue) to a role's web app."""
-    webapp[READINESS_KEY] = Readiness(checks, timeout_s=check_timeout_s)
+    """Add ``GET /readyz`` (the given checks, with reasons), ``GET /metrics`` (the catalogue) and ``/healthz``
+    to an operator's app: the admin port's (:func:`add_admin_port`), or that of a process no tenant reaches
+    (the migration's writer). Never to a tenant's port."""
+    webapp[READINESS_KEY] = Readiness({**_REGISTERED, **checks}, timeout_s=check_timeout_s)
     webapp.router.add_get("/readyz", readyz)
     webapp.router.add_get("/metrics", make_aiohttp_handler(make_registry(counters, refresh=refresh)))
+    if not any(r.canonical == "/healthz" for r in webapp.router.resources()):
+        webapp.router.add_get("/healthz", healthz)
+
+
+class AdminPort:
+    """The operator's app of one process, listening on its own host and port while the tenant app runs (it
+    is started and stopped by the tenant app's ``cleanup_ctx``, so every way of running that app runs both)."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.app, self.host, self.port = app, host, port
+        self.url = ""
+        """``http://host:port`` once listening (the port the OS chose when ``port`` is 0)."""
+
+    async def serve(self, _tenant: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} for the operator's endpoints: {exc}",
+                              action=f"free that port (another process of this machine?), or set {PREFIX}ADMIN_PORT "
+                                     f"(0: any free port) and {PREFIX}ADMIN_HOST") from exc
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        log.info("operator endpoints (/readyz, /metrics, ...) on %s", self.url)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+
+def add_admin_port(tenant: web.Application, settings: Settings, *, counters: Counters, checks: Mapping[str, Check],
+                   refresh: Callable[[], None] | None = None, check_timeout_s: float = CHECK_TIMEOUT_S,
+                   routes: Callable[[web.Application], None] | None = None) -> AdminPort:
+    """The role's operator endpoints (:func:`add_ops_routes`, plus ``routes``) on ``settings.admin_host`` /
+    ``admin_port``, served for as long as ``tenant`` is; ``tenant`` gets the bare ``/readyz`` (same checks,
+    no details). ``tenant[ADMIN_KEY].url`` says where it listens."""
+    admin = web.Application()
+    add_ops_routes(admin, counters=counters, checks=checks, refresh=refresh, check_timeout_s=check_timeout_s)
+    if routes is not None:
+        routes(admin)
+    tenant[READINESS_KEY] = admin[READINESS_KEY]  # one run of the checks answers both ports
+    tenant.router.add_get("/readyz", bare_readyz)
+    port = AdminPort(admin, settings.admin_host, settings.admin_port)
+    tenant[ADMIN_KEY] = port
+    tenant.cleanup_ctx.append(port.serve)
+    return port
 
 
 def consumer_lag(monitor: Any, assigned: Iterable[Any], topic: str) -> int:

@@ -1,5 +1,6 @@
 """JSON log lines with secrets redacted (credentials in URLs, ``password=``/``token=``-style pairs, bearer
-tokens, AWS access key ids), for log pipelines that parse structured fields. Every role logs through this."""
+tokens, AWS access key ids, the path of webhook URLs), for log pipelines that parse structured fields. Every
+role logs through this."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging.config
 import re
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -24,15 +26,40 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # AWS access key ids (long-term AKIA..., temporary ASIA...)
     (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), "***"),
 )
+_URL = re.compile(r"""(?i)\bhttps?://[^\s/?#"'<>]+[^\s"'<>]*""")
+_WEBHOOK_URL = re.compile(r"(?i)hook|chat\.googleapis\.com")
+"""Slack (hooks.slack.com), Discord (/api/webhooks/), Teams (webhook.office.com), Google Chat and most
+self-hosted receivers: URLs whose path is itself the credential."""
 _SECRET_KEY = re.compile(rf"(?i)(?:{_SECRET_WORDS})")
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, for logs and error texts: a webhook URL's path and query are
+    often its secret (Slack, Discord). Text that is no URL (an e-mail address) is returned unchanged."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url.strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    if not parts.scheme or not host:
+        return "<unparsable URL>"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _redact_webhook_url(m: re.Match[str]) -> str:
+    url = m.group(0)
+    return f"{url_origin(url)}/***" if _WEBHOOK_URL.search(url) else url
 
 
 def redact(text: str) -> str:
     """Mask credentials in a log line or an error text; everything else is kept for the operator."""
     for pattern, repl in _REDACTIONS:
         text = pattern.sub(repl, text)
-    return text
+    return _URL.sub(_redact_webhook_url, text)
 
 
 def _redact_value(key: str, value: Any) -> Any:

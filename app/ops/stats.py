@@ -23,6 +23,25 @@ CATALOGUE: Final[dict[str, str]] = {
     "input_gaps_accepted": "Offset gaps that held no records after a re-read: deleted by retention before "
                            "this worker read them (lost data: raise the topic's retention.ms and watch "
                            "consumer_lag_observations), or a transactional producer's markers.",
+    "limit_refused_process_types": "Observations refused because their app already had max_process_types "
+                                   "process types in that minute (dead-lettered with the app; the first 100 per "
+                                   "app and minute). Rising: an app puts ids in dyno names; raise its limit in "
+                                   "METRICS_LIMITS_FILE only if the process types are real.",
+    "limit_refused_addon_sources": "Add-on samples refused because their app already had max_addon_sources "
+                                   "sources in that minute (dead-lettered with the app). Raise the app's limit "
+                                   "in METRICS_LIMITS_FILE if it has that many add-ons.",
+    "limit_refused_metric_names": "Custom metric observations refused because their minute already had "
+                                  "max_metric_names names (dead-lettered with the app). Rising: an app puts ids "
+                                  "in metric names; read the DLQ reasons.",
+    "minutes_degraded": "Minutes over METRICS_MINUTE_MAX_BYTES sent degraded to fit (digests compressed, then "
+                        "the largest custom metric names dropped; the log names the minute). Non-zero: an app "
+                        "has many high-cardinality timers; see minute_names_dropped and the DLQ reasons.",
+    "minute_names_dropped": "Custom metric names (or add-on sources) left out of a minute to fit its byte "
+                            "budget, each dead-lettered with its app and size. Non-zero: data was lost for "
+                            "that app; lower its metric cardinality.",
+    "minutes_refused_too_large": "Minutes the broker refused as too large, fitted to a smaller budget and sent "
+                                 "again. Non-zero: METRICS_MINUTE_MAX_BYTES is above the metrics topic's (or "
+                                 "the brokers') max.message.bytes; align them.",
     "minutes_emitted": "Closed (app, process type, minute) records sent to metrics-1m. Flat while "
                        "observations_accepted rises: minutes are not closing (see windows_open, the worker log).",
     "minutes_resent": "Minutes closed before a restart or rebalance and sent to metrics-1m again, identical, "
@@ -45,9 +64,28 @@ CATALOGUE: Final[dict[str, str]] = {
     "drain_lines_bad": "Router/runtime/l2met lines that did not parse (dead-lettered with the line). Rising: a "
                        "log format change upstream or an app logging malformed l2met; read the DLQ reasons.",
     "ingest_observations_produced": "Observations acknowledged by Kafka from the HTTP endpoints.",
-    "ingest_requests_shed": "Requests answered 503 at once because METRICS_INGEST_MAX_INFLIGHT_BYTES were "
-                            "in flight (senders retry). Sustained: add ingest replicas, or check Kafka's ack "
-                            "latency.",
+    "ingest_requests_shed": "Requests refused (503 drain, 429 JSON API) because METRICS_INGEST_MAX_INFLIGHT_BYTES "
+                            "were in flight and their app held more than its share of them (per app; senders "
+                            "retry). Sustained: add ingest replicas, or check Kafka's ack latency.",
+    "ingest_bytes_received": "Request body bytes read after the token was accepted, per app: what the rate "
+                             "limits charge. Use it to size an app's METRICS_LIMIT_INGEST_RATE_BYTES_S override.",
+    "ingest_refused_rate": "Requests refused because their app was over its ingest rate and burst (per app; "
+                           "503 on the drain, 429 on the JSON API, with Retry-After). Sustained for one app: "
+                           "raise its ingest_rate_bytes_s in METRICS_LIMITS_FILE if the traffic is legitimate.",
+    "ingest_refused_inflight": "Requests refused because their token had inflight_bytes_per_token request "
+                               "bytes in flight (per app). Sustained: the sender opens too many concurrent "
+                               "requests, or Kafka acknowledges slowly.",
+    "ingest_refused_queue": "Requests refused before their body was read because their app already had "
+                            "METRICS_INGEST_MAX_WAITING_PER_APP requests waiting for a parse slot (per app). "
+                            "Sustained: the ingest process is saturated; add replicas.",
+    "ingest_refused_slow_body": "Requests whose body did not arrive within METRICS_INGEST_BODY_TIMEOUT_S (per "
+                                "app; 503 on the drain, 408 on the JSON API). Sustained: slow senders or a "
+                                "slowloris attempt from that app's token.",
+    "ingest_refused_too_large": "Request bodies over METRICS_INGEST_MAX_BODY_BYTES, or inflating past "
+                                "METRICS_INGEST_MAX_DECOMPRESSED_RATIO times their compressed size (per app; 413).",
+    "ingest_dead_letters_dropped": "Bad lines or records past METRICS_INGEST_MAX_DEAD_LETTERS_PER_REQUEST in one "
+                                   "request: counted and refused, but not each sent to the DLQ. Rising: one sender "
+                                   "sends mostly garbage; the DLQ holds a sample of its reasons.",
     "ingest_records_rejected": "JSON API records refused (reasons returned to the client). Rising: a producer "
                                "sends bad or foreign-app records.",
     "sink_dead_lettered": "Minutes DynamoDB rejected for good (sent to metrics-1m-dlq). Non-zero: read the "
@@ -189,10 +227,21 @@ class Histogram:
         return out
 
 
+PER_APP: Final[frozenset[str]] = frozenset({
+    "ingest_requests_shed", "ingest_bytes_received", "ingest_refused_rate", "ingest_refused_inflight",
+    "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body",
+})
+"""Counters also kept per app (label ``app`` on ``/metrics``), so an operator sees which tenant a limit hit."""
+MAX_APPS_PER_COUNTER = 10_000
+OTHER_APPS = "_other"
+"""Apps past MAX_APPS_PER_COUNTER are counted together under this label: the scrape stays bounded."""
+
+
 class Counters:
     """Plain in-process counters (single event loop: no locking needed)."""
 
     def __init__(self) -> None:
+        self.by_app: dict[str, dict[str, int]] = {name: {} for name in PER_APP}
         self.values: dict[str, int] = {name: 0 for name in CATALOGUE}
         """For a histogram, the number of observations (its full state is in ``histograms``)."""
         self.histograms: dict[str, Histogram] = {name: Histogram(b) for name, b in HISTOGRAMS.items()}
@@ -201,6 +250,14 @@ class Counters:
         if name not in self.values:
             raise KeyError(f"counter {name!r} is not declared in app/ops/stats.py CATALOGUE")
         self.values[name] += n
+
+    def inc_app(self, name: str, app: str, n: int = 1) -> None:
+        """The counter's total and its value for ``app``."""
+        self.inc(name, n)
+        per = self.by_app[name]
+        if app not in per and len(per) >= MAX_APPS_PER_COUNTER:
+            app = OTHER_APPS
+        per[app] = per.get(app, 0) + n
 
     def set(self, name: str, value: int) -> None:
         if name not in self.values:

@@ -32,6 +32,19 @@ def topic_names(settings: Settings) -> list[str]:
             f"{settings.app_id}-rollups-changelog", settings.checkpoints_topic]
 
 
+def topic_configs(settings: Settings, topic: str) -> dict[str, str]:
+    """Explicit ``max.message.bytes``, so no broker default decides which minute is refused: a minute is kept
+    below ``minute_max_bytes`` (agents/aggregate.py), under ``topic_max_message_bytes``; changelogs (window
+    state, rollups) get ``changelog_max_message_bytes``, the producer's max_request_size (app/app.py). Changelogs
+    and checkpoints keep only the latest value per key, so a new node recovers state, not the whole history."""
+    if topic.endswith("-changelog"):
+        return {"cleanup.policy": "compact", "max.message.bytes": str(settings.changelog_max_message_bytes)}
+    configs = {"max.message.bytes": str(settings.topic_max_message_bytes)}
+    if topic == settings.checkpoints_topic:
+        configs["cleanup.policy"] = "compact"
+    return configs
+
+
 async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
     """Create missing topics; returns the names created. Existing topics are left as they are."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka.client_kwargs(settings))
@@ -42,11 +55,7 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
         if missing:
             try:
                 await admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor,
-                                                    # changelogs keep only the latest value per key, so a
-                                                    # new node recovers state, not the whole history
-                                                    topic_configs={"cleanup.policy": "compact"}
-                                                    if t.endswith("-changelog") or t == settings.checkpoints_topic
-                                                    else {})
+                                                    topic_configs=topic_configs(settings, t))
                                            for t in missing])
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process

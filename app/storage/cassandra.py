@@ -32,7 +32,7 @@ import acsylla
 import orjson
 
 from app.clock import Clock, SystemClock
-from app.errors import StoreError, StoreUnavailable
+from app.errors import ItemsRefused, StoreError, StoreFatal, StoreUnavailable
 from app.settings import PREFIX, Settings
 from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
 from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
@@ -84,7 +84,9 @@ def _step_s(resolution_s: int, kind: Kind) -> int:
 
 
 def classify(exc: BaseException, *, operation: str, settings: Settings) -> StoreError | StoreUnavailable:
-    """A driver failure as StoreUnavailable (retry later) or StoreError (an operator must act)."""
+    """A driver failure as StoreUnavailable (retry later) or StoreFatal (an operator must act: credentials,
+    grants, schema, or a failure nobody classified). The driver reports nothing as one row's fault; a row
+    too large is refused before sending (:meth:`CassandraStore._encode_all`)."""
     if isinstance(exc, (StoreError, StoreUnavailable)):
         return exc
     where = f"{settings.cassandra_hosts}:{settings.cassandra_port}"
@@ -103,8 +105,8 @@ def classify(exc: BaseException, *, operation: str, settings: Settings) -> Store
         action = (f"the keyspace {settings.cassandra_keyspace} lacks this schema: set {PREFIX}CREATE_TABLE=1 "
                   "once, or apply the CQL in app/storage/cassandra.py SCHEMA")
     else:
-        action = "not retriable; read the message above"
-    return StoreError(msg, action=action)
+        action = "unexpected error: read the message above and fix the cause (or report a bug); writes stop until then"
+    return StoreFatal(msg, action=action)
 
 
 def schema(settings: Settings) -> list[str]:
@@ -120,7 +122,9 @@ def schema(settings: Settings) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.progress (scope text, partition int, through_ms bigint, "
         f"updated_ms bigint, changed blob, PRIMARY KEY (scope, partition))",
         f"CREATE TABLE IF NOT EXISTS {ks}.tokens (key text PRIMARY KEY, app text, kind text, id text, "
-        f"created_s bigint)",
+        f"created_s bigint, revoked_s bigint)",
+        # Tables made before revocation tombstones (Cassandra 5.0's IF NOT EXISTS keeps this safe to re-run).
+        f"ALTER TABLE {ks}.tokens ADD IF NOT EXISTS revoked_s bigint",
         f"CREATE TABLE IF NOT EXISTS {ks}.frames (key text PRIMARY KEY, st text, lease_ms bigint) "
         f"WITH gc_grace_seconds = 3600",
     ]
@@ -280,14 +284,15 @@ class CassandraStore(_Part):
 
     async def put_many(self, items: Sequence[MetricItem]) -> None:
         """Every item as its own single-partition INSERT, sent concurrently (bounded by the session);
-        returns when all were acknowledged at the configured consistency."""
+        returns when all were acknowledged at the configured consistency. An item too large for a mutation
+        does not cost the others: they are written, then ItemsRefused names it."""
         if not items:
             return
         over = self.settings.compress_over_bytes
         if packed_bytes([i.payload for i in items], over) > OFFLOAD_BYTES:
-            rows = await asyncio.to_thread(self._encode_all, items)
+            rows, refused = await asyncio.to_thread(self._encode_all, items)
         else:
-            rows = self._encode_all(items)
+            rows, refused = self._encode_all(items)
         cql = (f"INSERT INTO {self.ks}.items (app, proc, res, kind, bucket, ts, d, z) "
                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
         tasks = [asyncio.ensure_future(self.db.rows(cql, row, operation="INSERT items")) for row in rows]
@@ -298,25 +303,30 @@ class CassandraStore(_Part):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        if refused:
+            raise ItemsRefused(f"Cassandra cannot store {len(refused)} of {len(items)} items; the others were "
+                               f"written: {refused[0][1]}", refused=refused, action=refused[0][1].action)
 
-    def _encode_all(self, items: Sequence[MetricItem]) -> list[list[Any]]:
+    def _encode_all(self, items: Sequence[MetricItem]) -> tuple[list[list[Any]], list[tuple[MetricItem, StoreError]]]:
         now_s = self.clock.now_ms() // 1000
         rows: dict[tuple[str, str, int, str, int], list[Any]] = {}
+        refused: list[tuple[MetricItem, StoreError]] = []
         for item in items:
             ttl_s = min(MAX_TTL_S, item.ts_s + item.span_s + self.settings.ttl_s - now_s)
             if ttl_s <= 0:
                 continue  # already past retention: it would expire on arrival
             data, zipped = pack(item.payload, self.settings.compress_over_bytes)
             if len(data) > MAX_VALUE_BYTES:
-                raise StoreError(f"item {item.app}/{item.process_type}/{item.resolution_s} ts={item.ts_s} is "
-                                 f"{len(data)} bytes after compression, over the node's mutation limit",
-                                 action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS); "
-                                        "retrying cannot help")
+                refused.append((item, StoreError(
+                    f"item {item.app}/{item.process_type}/{item.resolution_s} ts={item.ts_s} is "
+                    f"{len(data)} bytes after compression, over the node's mutation limit",
+                    action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS); retrying cannot help")))
+                continue
             bucket = item.ts_s - item.ts_s % bucket_span_s(_step_s(item.resolution_s, item.kind))
             rows[(item.app, item.process_type, item.resolution_s, item.kind, item.ts_s)] = [
                 item.app, item.process_type, item.resolution_s, item.kind, bucket, item.ts_s, data, zipped,
                 ttl_s]
-        return list(rows.values())
+        return list(rows.values()), refused
 
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
                     until_s: int, kind: Kind = DIGEST) -> list[MetricItem]:
@@ -360,21 +370,33 @@ class CassandraStore(_Part):
 
 
 class CassandraTokens(_Part):
-    """TokenTable on table ``tokens``."""
+    """TokenTable on table ``tokens`` (``revoked_s`` set on a revoked token's tombstone)."""
 
     async def put_token(self, key: str, info: TokenInfo) -> None:
+        # A live token's INSERT does not name revoked_s, so a stored one stays (columns merge): a revocation is
+        # never undone by a copy.
+        if info.revoked_s:
+            await self.db.rows(f"INSERT INTO {self.ks}.tokens (key, app, kind, id, created_s, revoked_s) "
+                               f"VALUES (?, ?, ?, ?, ?, ?)",
+                               [key, info.app, info.kind, info.id, info.created_s, info.revoked_s],
+                               operation="INSERT tokens")
+            return
         await self.db.rows(f"INSERT INTO {self.ks}.tokens (key, app, kind, id, created_s) VALUES (?, ?, ?, ?, ?)",
                            [key, info.app, info.kind, info.id, info.created_s], operation="INSERT tokens")
 
     async def get_token(self, key: str) -> TokenInfo | None:
-        rows = await self.db.rows(f"SELECT id, app, kind, created_s FROM {self.ks}.tokens WHERE key = ?", [key],
-                                  operation="SELECT tokens")
-        return TokenInfo(*rows[0]) if rows else None
+        rows = await self.db.rows(f"SELECT id, app, kind, created_s, revoked_s FROM {self.ks}.tokens WHERE key = ?",
+                                  [key], operation="SELECT tokens")
+        return self._info(*rows[0]) if rows else None
 
     async def all_tokens(self) -> list[tuple[str, TokenInfo]]:
-        rows = await self.db.rows(f"SELECT key, id, app, kind, created_s FROM {self.ks}.tokens", [],
+        rows = await self.db.rows(f"SELECT key, id, app, kind, created_s, revoked_s FROM {self.ks}.tokens", [],
                                   operation="SELECT tokens")
-        return [(key, TokenInfo(*rest)) for key, *rest in rows]
+        return [(key, self._info(*rest)) for key, *rest in rows]
+
+    @staticmethod
+    def _info(id: str, app: str, kind: str, created_s: int, revoked_s: int | None) -> TokenInfo:
+        return TokenInfo(id, app, kind, created_s, revoked_s or 0)
 
     async def delete_token(self, key: str) -> None:
         await self.db.rows(f"DELETE FROM {self.ks}.tokens WHERE key = ?", [key], operation="DELETE tokens")

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import aioboto3
@@ -38,6 +39,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    CredentialRetrievalError,
     HTTPClientError,
     NoCredentialsError,
 )
@@ -46,7 +48,7 @@ from botocore.exceptions import (
 )
 
 from app.clock import Clock, SystemClock
-from app.errors import ConfigError, PipelineError, StoreError, StoreUnavailable
+from app.errors import ConfigError, ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
 from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
@@ -225,16 +227,23 @@ class DynamoStore:
     async def put_many(self, items: Sequence[MetricItem]) -> None:
         """Write all items in concurrent BatchWriteItem calls; returns when every item was accepted.
 
-        Every item is encoded (and size-checked) before anything is written. Duplicate keys are collapsed,
-        last one winning, because DynamoDB rejects a batch that names a key twice.
+        Every item is encoded (and size-checked) before anything is written. An item that cannot be stored
+        (over 400 KB, a name with '#') does not cost the others: they are written, then ItemsRefused names
+        it. Duplicate keys are collapsed, last one winning, because DynamoDB rejects a batch that names a key
+        twice.
         """
         client = self._c()
         if packed_bytes([i.payload for i in items], self._settings.compress_over_bytes) > OFFLOAD_BYTES:
-            requests = await asyncio.to_thread(self._encode_all, items)
+            requests, refused = await asyncio.to_thread(self._encode_all, items)
         else:
-            requests = self._encode_all(items)
-        if not requests:
-            return
+            requests, refused = self._encode_all(items)
+        if requests:
+            await self._write_all(client, requests)
+        if refused:
+            raise ItemsRefused(f"DynamoDB cannot store {len(refused)} of {len(items)} items; the others were "
+                               f"written: {refused[0][1]}", refused=refused, action=refused[0][1].action)
+
+    async def _write_all(self, client: Any, requests: list[dict[str, Any]]) -> None:
         chunks = [requests[i:i + BATCH_MAX_ITEMS] for i in range(0, len(requests), BATCH_MAX_ITEMS)]
         gate = asyncio.Semaphore(max(1, self._settings.sink_concurrency))
 
@@ -282,13 +291,20 @@ class DynamoStore:
         cap_ms = min(s.backoff_max_ms, s.backoff_base_ms << min(attempt, 30))
         return cap_ms * self._jitter() / 1000
 
-    def _encode_all(self, items: Sequence[MetricItem]) -> list[dict[str, Any]]:
-        """Put requests for items, one per key (the last item given for a key wins)."""
+    def _encode_all(self, items: Sequence[MetricItem]
+                    ) -> tuple[list[dict[str, Any]], list[tuple[MetricItem, StoreError]]]:
+        """Put requests for items, one per key (the last item given for a key wins), and the items that
+        cannot be stored with the reason."""
         unique: dict[tuple[str, int], dict[str, Any]] = {}
+        refused: list[tuple[MetricItem, StoreError]] = []
         for item in items:
-            encoded = self._encode(item)
+            try:
+                encoded = self._encode(item)
+            except StoreError as exc:
+                refused.append((item, exc))
+                continue
             unique[(encoded[A_PK]["S"], item.ts_s)] = encoded
-        return [{"PutRequest": {"Item": it}} for it in unique.values()]
+        return [{"PutRequest": {"Item": it}} for it in unique.values()], refused
 
     def _encode(self, item: MetricItem) -> dict[str, Any]:
         pk = partition_key(item.app, item.process_type, item.resolution_s, item.kind)
@@ -463,7 +479,7 @@ class DynamoStore:
         keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", [])}
         types = {a["AttributeName"]: a["AttributeType"] for a in table.get("AttributeDefinitions", [])}
         if keys != {A_PK: "HASH", A_TS: "RANGE"} or types.get(A_PK) != "S" or types.get(A_TS) != "N":
-            raise StoreError(
+            raise StoreFatal(
                 f"table {self._table} has key schema {keys} {types}, expected pk (S, HASH) and ts (N, RANGE)",
                 action=f"point {PREFIX}TABLE_NAME at a table with this schema, or drop the table",
             )
@@ -489,32 +505,47 @@ def _code(e: ClientError) -> str:
 
 def classify_error(exc: BaseException, *, operation: str, table: str,
                    settings: Settings) -> StoreError | StoreUnavailable:
-    """Map a botocore/aiohttp failure to StoreUnavailable (retry later) or StoreError (an operator must
-    act). Callers decide from ``retriable``, never from the message."""
+    """Map a botocore/aiohttp failure to StoreUnavailable (retry later), StoreError (this item is refused)
+    or StoreFatal (every request fails until an operator acts: nothing is the item's fault, so nothing may be
+    dead-lettered). Callers decide from the type, never from the message."""
     retry_after_s = settings.backoff_max_ms / 1000
     where = settings.dynamodb_endpoint or f"AWS region {settings.aws_region}"
     if isinstance(exc, (StoreError, StoreUnavailable)):
         return exc
     if isinstance(exc, ClientError):
         code = _code(exc)
+        text = exc.response.get("Error", {}).get("Message", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        msg = f"DynamoDB {operation} on {table} failed: {code}: {exc.response.get('Error', {}).get('Message', '')}"
+        msg = f"DynamoDB {operation} on {table} failed: {code}: {text}"
         if code in _RETRIABLE_CODES or (code not in _ACTIONS and isinstance(status, int) and status >= 500):
             return StoreUnavailable(msg, action="DynamoDB is throttling or failing; retry later, and raise "
                                                 "table capacity if it persists", retry_after_s=retry_after_s)
-        action = _ACTIONS.get(code, "not retriable; read the message above")
-        return StoreError(msg, action=action.format(op=operation, table=table, where=where, prefix=PREFIX))
-    if isinstance(exc, NoCredentialsError):
-        return StoreError(f"DynamoDB {operation}: no AWS credentials found",
-                          action="provide credentials (env, profile, IRSA) or set "
-                                 f"{PREFIX}DYNAMODB_ENDPOINT for a local emulator")
+        if code == "InvalidSignatureException" and _CLOCK_SKEW.search(text):
+            # Signed with a clock that is off: botocore corrects its skew on the next attempts.
+            return StoreUnavailable(msg, action="this host's clock is off: sync it (chrony/NTP); retrying",
+                                    retry_after_s=retry_after_s)
+        action = _ACTIONS.get(code, "")
+        if code in _ITEM_CODES:
+            return StoreError(msg, action=action.format(op=operation, table=table, where=where, prefix=PREFIX))
+        return StoreFatal(msg, action=(action or "unexpected DynamoDB error: read the message above and fix the "
+                                                 "cause; writes stop until then").format(
+            op=operation, table=table, where=where, prefix=PREFIX))
+    if isinstance(exc, (NoCredentialsError, CredentialRetrievalError)):
+        # The credential chain (IRSA web identity, instance metadata) failed to answer this time: IRSA's STS
+        # call and IMDS have transient failures. A deployment without credentials stays in this retry loop,
+        # and says so in every warning.
+        return StoreUnavailable(f"DynamoDB {operation}: no AWS credentials available ({type(exc).__name__}: {exc})",
+                                action="retrying; if it persists provide credentials (env, profile, IRSA) or set "
+                                       f"{PREFIX}DYNAMODB_ENDPOINT for a local emulator",
+                                retry_after_s=retry_after_s)
     if isinstance(exc, _TRANSPORT_ERRORS):
         return StoreUnavailable(f"DynamoDB {operation} on {table} unreachable at {where}: "
                                 f"{type(exc).__name__}: {exc}",
                                 action=f"check the network / {PREFIX}DYNAMODB_ENDPOINT; retrying",
                                 retry_after_s=retry_after_s)
-    return StoreError(f"DynamoDB {operation} on {table} failed: {type(exc).__name__}: {exc}",
-                      action="unexpected error; not retried")
+    return StoreFatal(f"DynamoDB {operation} on {table} failed: {type(exc).__name__}: {exc}",
+                      action="unexpected error: read the message above and fix the cause (or report a bug); "
+                             "writes stop until then")
 
 
 _ACTIONS = {
@@ -527,6 +558,12 @@ _ACTIONS = {
                            "otherwise report this as a bug",
     "ResourceInUseException": "table {table} is being created, updated or deleted; wait and restart",
 }
+_ITEM_CODES = frozenset({"ValidationException"})
+"""Refusals of what was sent (an item over the size limit, a malformed value): another item may pass. Every
+other refusal is StoreFatal: it holds for every request until someone acts."""
+_CLOCK_SKEW = re.compile(r"signature expired|not yet current|clock skew|too skewed", re.IGNORECASE)
+"""InvalidSignatureException texts of a request signed with a clock that is off (retriable), as opposed to
+a wrong secret key ("signature we calculated does not match", fatal)."""
 
 
 _TTL_UNSUPPORTED_WARNED: set[str] = set()
@@ -644,16 +681,24 @@ class DynamoTable:
 
 
 class DynamoTokens(DynamoTable):
-    """Tokens in table ``<table_name>-tokens``: ``pk`` = hex digest, ``app``, ``kind``, ``id``, ``created_s``."""
+    """Tokens in table ``<table_name>-tokens``: ``pk`` = hex digest, ``app``, ``kind``, ``id``, ``created_s``,
+    and ``revoked_s`` on a revoked token's tombstone."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, f"{settings.table_name}-tokens")
 
     async def put_token(self, key: str, info: TokenInfo) -> None:
+        item = {"pk": {"S": key}, "app": {"S": info.app}, "kind": {"S": info.kind}, "id": {"S": info.id},
+                "created_s": {"N": str(info.created_s)}}
+        # A live token's put never replaces a tombstone (the protocol's "a revocation is never undone"); the
+        # condition needs no permission beyond PutItem.
+        condition: dict[str, str] = {"ConditionExpression": "attribute_not_exists(revoked_s)"}
+        if info.revoked_s:
+            item["revoked_s"], condition = {"N": str(info.revoked_s)}, {}
         try:
-            await self.client.put_item(TableName=self.table, Item={
-                "pk": {"S": key}, "app": {"S": info.app}, "kind": {"S": info.kind}, "id": {"S": info.id},
-                "created_s": {"N": str(info.created_s)}})
+            await self.client.put_item(TableName=self.table, Item=item, **condition)
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return  # revoked meanwhile: the tombstone stays
         except Exception as exc:  # classified: the caller gets retriable or not
             raise self.error(exc, "PutItem") from exc
 
@@ -686,7 +731,8 @@ class DynamoTokens(DynamoTable):
 
     @staticmethod
     def _info(item: Mapping[str, Any]) -> TokenInfo:
-        return TokenInfo(item["id"]["S"], item["app"]["S"], item["kind"]["S"], int(item["created_s"]["N"]))
+        return TokenInfo(item["id"]["S"], item["app"]["S"], item["kind"]["S"], int(item["created_s"]["N"]),
+                         int(item["revoked_s"]["N"]) if "revoked_s" in item else 0)
 
 
 class DynamoFrames(DynamoTable):

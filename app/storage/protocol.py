@@ -100,12 +100,17 @@ class TokenInfo:
     app: str
     kind: str
     created_s: int
+    revoked_s: int = 0
+    """When the token was revoked (epoch seconds); 0: live. A revoked token stays in the table as a tombstone,
+    so a store migration's copy, or a store that missed the revocation, cannot bring it back."""
 
 
 class TokenTable(Lifecycle, Protocol):
     """Tokens by the hex SHA-256 of the token (app/storage/tokens.py holds the logic around it)."""
 
     async def put_token(self, key: str, info: TokenInfo) -> None:
+        """Store ``info`` under ``key``. A revocation is never undone: a put with ``revoked_s == 0`` leaves the
+        ``revoked_s`` already stored (a tombstone wins over any copy of the live token)."""
         ...
 
     async def get_token(self, key: str) -> TokenInfo | None:
@@ -113,10 +118,11 @@ class TokenTable(Lifecycle, Protocol):
         ...
 
     async def all_tokens(self) -> list[tuple[str, TokenInfo]]:
-        """Every ``(key, info)``: a small table, read whole to list and to revoke by id."""
+        """Every ``(key, info)``, tombstones included: a small table, read whole to list, copy and revoke by id."""
         ...
 
     async def delete_token(self, key: str) -> None:
+        """Forget ``key``, tombstone included (revocation writes a tombstone instead: ``put_token``)."""
         ...
 
 

@@ -6,8 +6,10 @@ A token is 32 random bytes (``mk_<kind>_<urlsafe>``), shown once at creation. On
 same set: the hex digest, ``app``, ``kind``, ``id`` (first 12 hex chars, for listing and revoking),
 ``created_s``. Tokens are never logged; only ids are.
 
-Verification is cached in-process (positive 30 s, negative 5 s) so a drain POST does not pay a store read:
-a revoked token stops working within 30 s on every process.
+Verification is cached in-process (positive 30 s, negative 5 s; both bounded LRUs) so a drain POST does not
+pay a store read: a revoked token stops working within 30 s on every process. A revoked token is kept as a
+tombstone (``revoked_s``) in every store the migration state writes, so a store migration cannot bring it
+back (security review M8).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import binascii
 import hashlib
 import hmac
 import logging
+import re
 import secrets
+from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from app.clock import Clock, SystemClock
@@ -30,6 +35,13 @@ log = logging.getLogger(__name__)
 KINDS = ("drain", "write", "read")
 POSITIVE_TTL_MS = 30_000
 NEGATIVE_TTL_MS = 5_000
+CACHE_ENTRIES = 10_000
+"""Live tokens cached per process: far more than the drains one process serves."""
+NEGATIVE_CACHE_ENTRIES = 2_000
+"""Refused well-formed tokens cached per process (a client retrying a revoked token); a separate cache, so
+however many are tried, the live entries stay."""
+TOKEN_FORMAT = re.compile(r"mk_(drain|write|read)_[A-Za-z0-9_-]{43}\Z")
+"""What :meth:`TokenStore.create` makes (``token_urlsafe(32)`` is 43 characters); nothing else is looked up."""
 
 
 def digest(token: str) -> str:
@@ -37,13 +49,22 @@ def digest(token: str) -> str:
 
 
 class TokenStore:
-    """Create, verify, list and revoke tokens, on the store's token table."""
+    """Create, verify, list and revoke tokens, on the store's token table.
+
+    Verification is what unauthenticated clients reach, so it is bounded: a token not of the form
+    ``mk_<kind>_<43 urlsafe chars>`` (or of another kind than asked) is refused without a store read; live
+    tokens are cached in an LRU of :data:`CACHE_ENTRIES`, refused ones in a separate, smaller LRU, so a flood
+    of random well-formed tokens costs one read each but never evicts the tokens real drains use
+    (security review M1)."""
 
     def __init__(self, settings: Settings, *, table: TokenTable | None = None, clock: Clock | None = None) -> None:
         self.table = table if table is not None else token_table(settings)  # METRICS_STORE's, by default
         self.settings = settings
         self.clock = clock or SystemClock()
-        self._cache: dict[str, tuple[int, TokenInfo | None]] = {}
+        self._live: OrderedDict[str, tuple[int, TokenInfo]] = OrderedDict()
+        """digest -> (valid until ms, info), least recently used first."""
+        self._refused: OrderedDict[str, int] = OrderedDict()
+        """digest -> valid until ms, of tokens the table does not know or holds revoked."""
 
     async def start(self) -> None:
         await self.table.start()
@@ -62,41 +83,66 @@ class TokenStore:
         h = digest(token)
         info = TokenInfo(h[:12], app, kind, self.clock.now_ms() // 1000)
         await self.table.put_token(h, info)
+        self._refused.pop(h, None)
         log.info("created %s token %s for app %s", kind, info.id, app)
         return token, info
 
     async def verify(self, token: str | None, kind: str, app: str | None = None) -> TokenInfo | None:
         """The token's description when it is a live token of this kind (and app, if given), else None."""
-        if not token or len(token) > 200:
+        m = TOKEN_FORMAT.match(token) if token else None
+        if m is None or m.group(1) != kind:  # junk, or another kind: no store read
             return None
-        h = digest(token)
+        h = digest(m.group(0))
         now_ms = self.clock.now_ms()
-        hit = self._cache.get(h)
+        hit = self._live.get(h)
         if hit is not None and hit[0] > now_ms:
-            info = hit[1]
+            self._live.move_to_end(h)
+            info: TokenInfo | None = hit[1]
         else:
+            refused_until = self._refused.get(h)
+            if refused_until is not None and refused_until > now_ms:
+                return None
             info = await self.table.get_token(h)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[h] = (now_ms + (POSITIVE_TTL_MS if info else NEGATIVE_TTL_MS), info)
+            if info is not None and info.revoked_s:
+                info = None
+            self._remember(h, info, now_ms)
         if info is None or not hmac.compare_digest(info.kind, kind):
             return None
         if app is not None and info.app != app:
             return None
         return info
 
+    def _remember(self, h: str, info: TokenInfo | None, now_ms: int) -> None:
+        if info is None:
+            self._live.pop(h, None)
+            self._refused[h] = now_ms + NEGATIVE_TTL_MS
+            self._refused.move_to_end(h)
+            while len(self._refused) > NEGATIVE_CACHE_ENTRIES:
+                self._refused.popitem(last=False)
+        else:
+            self._refused.pop(h, None)
+            self._live[h] = (now_ms + POSITIVE_TTL_MS, info)
+            self._live.move_to_end(h)
+            while len(self._live) > CACHE_ENTRIES:
+                self._live.popitem(last=False)
+
     async def list(self, app: str | None = None) -> list[TokenInfo]:
-        out = [info for _, info in await self.table.all_tokens() if app is None or info.app == app]
+        """Live tokens (revoked ones are tombstones, not listed)."""
+        out = [info for _, info in await self.table.all_tokens()
+               if not info.revoked_s and (app is None or info.app == app)]
         return sorted(out, key=lambda t: (t.app, t.created_s))
 
     async def revoke(self, token_id: str) -> bool:
-        """Delete the token with this id (from ``list``). True when one was found."""
+        """Revoke the token with this id (from ``list``): a tombstone (``revoked_s``) in every store the table
+        writes (both during a store migration), so no copy of the token verifies again. True when one was
+        found, revoked already or not: running it again completes a revocation that failed half-way."""
+        now_s = self.clock.now_ms() // 1000
         found = False
         for key, info in await self.table.all_tokens():
             if info.id == token_id:
-                await self.table.delete_token(key)
+                await self.table.put_token(key, replace(info, revoked_s=info.revoked_s or now_s))
                 found = True
-        self._cache.clear()
+        self._live.clear()  # this process at once; the others within POSITIVE_TTL_MS
         if found:
             log.info("revoked token %s", token_id)
         return found
@@ -104,7 +150,10 @@ class TokenStore:
 
 def bearer(headers: Any, query: Any) -> str | None:
     """A token from ``Authorization: Bearer``, HTTP basic auth (the password, as drain URLs
-    ``https://user:TOKEN@host/...`` send it), a ``Logplex-Drain-Token`` header or ``?token=``."""
+    ``https://user:TOKEN@host/...`` send it) or ``?token=`` (drain URLs ``https://host/...?token=TOKEN``).
+
+    Never from ``Logplex-Drain-Token``: Logplex sends the drain's own id there (``d.<uuid>``) on every POST,
+    which is no secret of ours (see :func:`drain_id`)."""
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return str(auth[7:].strip())
@@ -114,6 +163,15 @@ def bearer(headers: Any, query: Any) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return user_pass.partition(":")[2] or user_pass
-    tok = headers.get("Logplex-Drain-Token") or query.get("token")
+    tok = query.get("token")
     return str(tok) if tok else None
 
+
+_DRAIN_ID = re.compile(r"d\.[0-9a-fA-F-]{1,64}\Z")
+
+
+def drain_id(headers: Any) -> str | None:
+    """Logplex's id of the drain that sent a frame (``Logplex-Drain-Token: d.<uuid>``), or None when absent or
+    not of that form. Recorded with what the drain sends (dead letters, logs); never taken for a token."""
+    raw = headers.get("Logplex-Drain-Token")
+    return str(raw) if raw and _DRAIN_ID.match(raw) else None

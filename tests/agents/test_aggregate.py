@@ -12,7 +12,7 @@ from agents.aggregate import Aggregator, Unacked, dead_letter_record
 from app.clock import ManualClock
 from app.ops.stats import Counters
 from app.settings import Settings
-from tables.aggregate import Aggregate
+from tables.aggregate import Aggregate, BucketKey
 from tables.state import WindowTableState
 from tables.windows import Rejected
 from tests.tables.test_windows import T0, msg, router
@@ -295,3 +295,115 @@ async def test_a_gap_that_holds_no_records_is_taken_after_the_wait(clock: Manual
     assert await agg.add(0, 5, msg(router(T0 + 6)))
     assert seeks == [(0, 2), (0, 2)] and counters.snapshot()["input_gaps_accepted"] == 1
     assert await agg.add(0, 6, msg(router(T0 + 7)))  # and on from there
+
+
+# --- a minute always fits (security review C2) and per-app limits (H1) -----------------------------------
+
+def _timers(app: str, ts: int, names: int, values: int) -> list[dict[str, Any]]:
+    import random
+
+    rng = random.Random(1)
+    return [{"kind": "metric", "app": app, "dyno": "web.1", "ts": ts, "name": f"t.{n}", "type": "timer",
+             "value": rng.uniform(0, 1000)} for n in range(names) for _ in range(values)]
+
+
+async def test_an_oversize_minute_is_emitted_degraded_and_its_dropped_names_dead_lettered(clock: ManualClock
+                                                                                          ) -> None:
+    settings = replace(SETTINGS, minute_max_bytes=8_000, digest_max_centroids=1000)
+    sent: list[bytes] = []
+
+    async def emit(aggs: Sequence[Aggregate]) -> None:
+        sent.extend(h.agg.encode(a) for a in aggs)
+
+    h = Harness({}, clock, settings=settings)
+    h.agg.emit = emit
+    await h.agg.process_batch([(0, 0, msg(*_timers("big", T0 + 1, 8, 600))),
+                               (0, 1, msg(router(T0 + 2, app="shop"))),
+                               (0, 2, msg(router(T0 + 80_000, app="big"), router(T0 + 80_000, app="shop")))])
+    assert len(sent) == 2 and all(len(v) <= 8_000 for v in sent)
+    by_app = {orjson.loads(v)["app"]: orjson.loads(v) for v in sent}
+    assert by_app["shop"]["st"] == [0, 1, 0, 0, 0]  # the other app's minute: as it was
+    kept = set(by_app["big"].get("tim", {}))
+    assert len(kept) < 8 and all(by_app["big"]["tim"][k]["n"] == 600 for k in kept)
+    dead = [d for _, d in h.dead]
+    assert {d.record["metric"] for d in dead} == {f"t.{n}" for n in range(8)} - kept
+    assert all(d.app == "big" and "minute over 8000 bytes" in d.reason and "METRICS_MINUTE_MAX_BYTES" in d.reason
+               for d in dead)
+    assert h.counters.values["minutes_degraded"] == 1
+    assert h.counters.values["minute_names_dropped"] == len(dead)
+
+
+async def test_a_size_error_on_send_is_fitted_smaller_and_sent_again() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+    from faust.exceptions import ProducerSendError
+
+    from agents.aggregate import MIN_MINUTE_BYTES, send_minutes
+
+    agg = Aggregator(SETTINGS, WindowTableState({}, "observations"),
+                     emit=lambda a: None,  # type: ignore[arg-type,return-value]
+                     dead_letter=lambda p, d: None, counters=Counters())  # type: ignore[arg-type,return-value]
+    big = Aggregate(BucketKey("big", "web", T0))
+    for r in _timers("big", T0, 4, 3_000):
+        big.add_metric(r["name"], "timer", r["value"], T0)
+    small = Aggregate(BucketKey("shop", "web", T0))
+    small.add_request(200, 5.0, None)
+    sizes: list[tuple[str, int]] = []
+
+    async def ack(n: int) -> int:
+        return n
+
+    async def broker_refuses_over_100k(a: Aggregate, value: bytes) -> Any:
+        sizes.append((a.key.app, len(value)))
+        if len(value) > 300_000:  # the producer's own check: raised at once, wrapped by Faust
+            raise ProducerSendError("send failed") from MessageSizeTooLargeError()
+        if len(value) > 100_000:  # the broker's answer: the acknowledgement fails
+            async def refused() -> int:
+                raise MessageSizeTooLargeError()
+            return refused()
+        return ack(len(value))
+
+    counters = Counters()
+    acks = await send_minutes([big, small], broker_refuses_over_100k, agg.encode, 900 * 1024, counters)
+    assert len(acks) == 2
+    assert [app for app, _ in sizes].count("shop") == 1  # sent once: the others' minutes are not held back
+    assert sizes[-1][0] == "big" and sizes[-1][1] <= 100_000
+    assert counters.values["minutes_refused_too_large"] >= 2 and agg.fit_dead  # names left out, to dead-letter
+    assert MIN_MINUTE_BYTES < 100_000
+
+    async def other_error(a: Aggregate, value: bytes) -> Any:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):  # not a size error: the caller's crash path, as before
+        await send_minutes([small], other_error, agg.encode, 900 * 1024, counters)
+
+
+async def test_limits_come_from_the_injected_limits_per_app(clock: ManualClock, tmp_path: Any) -> None:
+    from app.limits import Limits
+
+    path = tmp_path / "limits.yaml"
+    path.write_text("overrides:\n  shop:\n    max_process_types: 3\n")
+    settings = replace(SETTINGS, limit_process_types=1, limits_file=str(path))
+    limits = Limits(settings)
+    await limits.start()
+    try:
+        h = Harness({}, clock, settings=settings)
+        h.agg = Aggregator(settings, WindowTableState({}, "observations"), emit=h.emit, dead_letter=h.dead_letter,
+                           counters=h.counters, clock=clock, limits=limits)
+        res = await h.agg.process_batch([(0, 0, msg(*[router(T0 + i, app=a, dyno=f"p{i}.1")
+                                                      for a in ("shop", "blog") for i in range(4)]))])
+        assert res.counts.refused == [1 + 3, 0, 0]
+        assert h.counters.values["limit_refused_process_types"] == 4
+        assert {(d.app, d.reason.split(":")[0]) for _, d in h.dead} == {
+            ("shop", f"more than 3 process types in minute {T0} of shop"),
+            ("blog", f"more than 1 process types in minute {T0} of blog")}
+    finally:
+        await limits.stop()
+
+
+def test_minute_budget_must_stay_below_the_topic_limit() -> None:
+    from app.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="METRICS_MINUTE_MAX_BYTES"):
+        Aggregator(replace(SETTINGS, minute_max_bytes=1024 * 1024), WindowTableState({}, "observations"),
+                   emit=lambda a: None, dead_letter=lambda p, d: None,  # type: ignore[arg-type,return-value]
+                   counters=Counters())

@@ -10,7 +10,8 @@ import pytest
 from agents.events import ALERT, AUTOSCALE, EventsJob, decode_event
 from app.api.query import MetricsQuery
 from app.clock import ManualClock
-from app.errors import StoreError
+from agents.sink import FATAL_RETRY_S
+from app.errors import PipelineError, StoreError, StoreFatal
 from app.ops.stats import Counters
 from app.storage.events import EVENTS_RESOLUTION_S, events_of
 from tests.api.test_query import SETTINGS, T0, MemoryStore
@@ -99,15 +100,47 @@ async def test_retriable_failures_back_off_and_expired_events_are_skipped() -> N
     assert list(stored(store)) == [T0]
 
 
-async def test_a_permanent_store_error_drops_the_batch_and_counts_it() -> None:
+async def test_an_item_the_store_refuses_costs_only_its_own_markers() -> None:
+    """L9: one refused item no longer drops the batch's other markers."""
     class Refusing(MemoryStore):
         async def put_many(self, items: Any) -> None:
-            raise StoreError("AccessDenied", action="grant dynamodb:BatchWriteItem")
+            if any(i.app == "bad" for i in items):
+                raise StoreError("ValidationException: item too large", action="make it smaller")
+            await super().put_many(items)
 
     store = Refusing(ManualClock(NOW_S * 1000))
-    job, counters, _ = make_job(store)
-    assert await job.write([(ALERT, alert(T0))], now_s=NOW_S) == 0
-    assert counters.values["events_failed"] == 1
+    job, counters, slept = make_job(store)
+    batch = [(ALERT, alert(T0)), (ALERT, alert(T0, app="bad")), (ALERT, alert(T0 + 60, app="other"))]
+    assert await job.write(batch, now_s=NOW_S) == 2
+    assert list(stored(store)) == [T0] and list(stored(store, "other")) == [T0 + 60] and not stored(store, "bad")
+    assert counters.values["events_failed"] == 1 and counters.values["events_stored"] == 2 and not slept
+
+
+async def test_an_operator_error_is_waited_out_instead_of_dropping_markers() -> None:
+    class Denied(MemoryStore):
+        denials = 2
+
+        async def put_many(self, items: Any) -> None:
+            if self.denials:
+                self.denials -= 1
+                raise StoreFatal("AccessDeniedException", action="grant dynamodb:BatchWriteItem")
+            await super().put_many(items)
+
+    store = Denied(ManualClock(NOW_S * 1000))
+    job, counters, slept = make_job(store)
+    reasons: list[str] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        with pytest.raises(PipelineError) as err:
+            await job.check()
+        reasons.append(str(err.value))
+
+    job.writer.sleep = sleep
+    assert await job.write([(ALERT, alert(T0))], now_s=NOW_S) == 1
+    assert slept == [FATAL_RETRY_S] * 2 and all("grant dynamodb:BatchWriteItem" in r for r in reasons)
+    assert list(stored(store)) == [T0] and counters.values["events_failed"] == 0
+    await job.check()
 
 
 async def test_query_reads_events_in_range_oldest_first() -> None:

@@ -1,50 +1,74 @@
-"""The sink job (agents/sink.py) against an in-memory store that can throttle or refuse."""
+"""The sink job (agents/sink.py) against an in-memory store that can throttle or refuse, and against
+DynamoStore on moto: items are refused one at a time, operator errors stop the sink without dead-lettering."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import base64
+import logging
+import os
+from typing import Any, Callable, Sequence
 
 import orjson
+import pytest
 
-from agents.sink import Sink, decode_minute
-from app.errors import StoreError, StoreUnavailable
+from agents.sink import FATAL_RETRY_S, ISOLATE_STREAK, Sink, decode_minute, dead_letter_record
+from app.errors import ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
+from app.ops.health import Readiness
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.protocol import MetricItem
 from tables.aggregate import Aggregate, BucketKey
+from tests.storage.test_dynamodb import T0, StoreFactory, _moto_aio, aws, client_error, make_store  # noqa: F401
 
 
 class FlakyStore:
-    def __init__(self, failures: list[Exception]) -> None:
+    """Fails the first calls with ``failures``; refuses any batch holding a minute ``refuse`` picks."""
+
+    def __init__(self, failures: list[Exception], refuse: Callable[[MetricItem], bool] = lambda i: False,
+                 pre_check: Callable[[MetricItem], bool] = lambda i: False) -> None:
         self.failures = failures
+        self.refuse = refuse
+        self.pre_check = pre_check
         self.items: dict[tuple[str, str, int], MetricItem] = {}
         self.calls = 0
+        self.writes = 0
 
     async def put_many(self, items: Sequence[MetricItem]) -> None:
         self.calls += 1
         if self.failures:
             raise self.failures.pop(0)
+        if any(self.refuse(i) for i in items):  # as DynamoDB refuses a whole BatchWriteItem
+            raise StoreError("ValidationException: Item size has exceeded the maximum allowed size",
+                             action="make it smaller")
+        refused = [(i, StoreError("item over the limit", action="lower the size")) for i in items if self.pre_check(i)]
         for i in items:
-            self.items[(i.app, i.process_type, i.ts_s)] = i
+            if not self.pre_check(i):
+                self.items[(i.app, i.process_type, i.ts_s)] = i
+                self.writes += 1
+        if refused:
+            raise ItemsRefused("refused", refused=refused, action="lower the size")
 
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
                     until_s: int) -> list[MetricItem]:
         return []
 
 
-def minute(app: str, start_ms: int) -> bytes:
-    agg = Aggregate(BucketKey(app, "web", start_ms), max_centroids=50)
+def minute(app: str, start_ms: int, proc: str = "web") -> bytes:
+    agg = Aggregate(BucketKey(app, proc, start_ms), max_centroids=50)
     agg.add_request(200, 5.0, None)
     return orjson.dumps(agg.to_record())
 
 
-def make(store: FlakyStore) -> tuple[Sink, list[float], list[tuple[bytes, str]], Counters]:
+def make(store: Any, *, during_sleep: Callable[[], Any] | None = None
+         ) -> tuple[Sink, list[float], list[tuple[bytes, str]], Counters]:
     sleeps: list[float] = []
     dead: list[tuple[bytes, str]] = []
     counters = Counters()
 
     async def sleep(s: float) -> None:
         sleeps.append(s)
+        if during_sleep is not None:
+            await during_sleep()
 
     async def dead_letter(bad: Sequence[tuple[bytes, str]]) -> None:
         dead.extend(bad)
@@ -61,12 +85,38 @@ async def test_retries_until_dynamodb_accepts() -> None:
     assert counters.values["sink_retries"] == 3 and counters.values["sink_items_written"] == 2
 
 
-async def test_permanent_rejection_goes_to_dead_letter() -> None:
-    store = FlakyStore([StoreError("AccessDenied", action="grant dynamodb:BatchWriteItem")])
+async def test_credential_hiccups_and_clock_skew_are_retried_not_dead_lettered() -> None:
+    from botocore.exceptions import NoCredentialsError
+
+    from app.storage.dynamodb import classify_error
+
+    skew = client_error("InvalidSignatureException", message="Signature expired: 20240101T000000Z is now "
+                        "earlier than 20240101T000500Z")
+    failures = [classify_error(e, operation="BatchWriteItem", table="t", settings=Settings())
+                for e in (NoCredentialsError(), client_error("ExpiredTokenException"), skew)]
+    store = FlakyStore(list(failures))
+    sink, sleeps, dead, _ = make(store)
+    assert await sink.write([minute("a", 0)]) == 1
+    assert not dead and len(store.items) == 1 and len(sleeps) == 3 and max(sleeps) <= 5.0
+
+
+async def test_an_item_refused_before_writing_is_dead_lettered_alone() -> None:
+    store = FlakyStore([], pre_check=lambda i: i.app == "big")
     sink, _, dead, counters = make(store)
-    await sink.write([minute("a", 0)])
-    assert not store.items and len(dead) == 1 and "AccessDenied" in dead[0][1]
-    assert counters.values["sink_dead_lettered"] == 1
+    assert await sink.write([minute("a", 0), minute("big", 0), minute("b", 0)]) == 2
+    assert sorted(store.items) == [("a", "web", 0), ("b", "web", 0)] and store.calls == 1
+    assert [orjson.loads(v)["app"] for v, _ in dead] == ["big"] and "over the limit" in dead[0][1]
+    assert counters.values["sink_dead_lettered"] == 1 and counters.values["sink_items_written"] == 2
+
+
+async def test_a_batch_the_store_refuses_is_written_item_by_item() -> None:
+    """One bad minute among 20 costs only itself, as agents/rollup.py isolates bad items."""
+    store = FlakyStore([], refuse=lambda i: i.app == "bad")
+    sink, _, dead, _ = make(store)
+    values = [minute(f"a{n}", 0) for n in range(10)] + [minute("bad", 0)] + [minute(f"b{n}", 0) for n in range(9)]
+    assert await sink.write(values) == 19
+    assert len(store.items) == 19 and [orjson.loads(v)["app"] for v, _ in dead] == ["bad"]
+    assert "ValidationException" in dead[0][1]
 
 
 async def test_garbage_is_dead_lettered_and_valid_minutes_still_written() -> None:
@@ -77,6 +127,137 @@ async def test_garbage_is_dead_lettered_and_valid_minutes_still_written() -> Non
     assert [r for _, r in dead] and len(dead) == 2
 
 
+async def test_an_operator_error_stops_the_sink_until_fixed_and_dead_letters_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    fatal = StoreFatal("DynamoDB BatchWriteItem on metrics failed: AccessDeniedException: not authorized",
+                       action="grant dynamodb:BatchWriteItem on table metrics to this worker's IAM role")
+    store = FlakyStore([fatal] * 3)
+    seen: list[str] = []
+
+    async def probe() -> None:  # /readyz while the sink is stopped
+        results = await Readiness({"sink": sink.check}, cache_s=0).run()
+        seen.append(results["sink"])
+
+    sink, sleeps, dead, counters = make(store, during_sleep=probe)
+    with caplog.at_level(logging.WARNING, logger="agents.sink"):
+        # write() returns only once stored: the agent takes (and commits) nothing past this batch meanwhile.
+        assert await sink.write([minute("a", 0), minute("b", 0)]) == 2
+    assert not dead and len(store.items) == 2 and store.writes == 2  # stored once, after the fix
+    assert sleeps == [FATAL_RETRY_S] * 3
+    assert len(seen) == 3 and all("grant dynamodb:BatchWriteItem on table metrics" in s and "stopped" in s
+                                  for s in seen)
+    stopped = [r for r in caplog.records if r.levelno == logging.ERROR and "STOPPED" in r.getMessage()]
+    assert len(stopped) == 1 and "AccessDeniedException" in stopped[0].getMessage()
+    assert "grant dynamodb:BatchWriteItem" in stopped[0].getMessage()
+    assert any("resumes" in r.getMessage() for r in caplog.records)
+    await sink.check()  # ready again
+    assert counters.values["sink_dead_lettered"] == 0
+
+
+async def test_many_items_refused_in_a_row_count_as_the_store_not_the_items() -> None:
+    """A schema mismatch refuses every item the same way: after ISOLATE_STREAK in a row the sink stops as
+    on a fatal error instead of dead-lettering the whole stream."""
+    broken = {"on": True}
+    store = FlakyStore([], refuse=lambda i: broken["on"])
+
+    async def fix() -> None:
+        assert sink.writer.halted is not None
+        broken["on"] = False
+
+    sink, sleeps, dead, _ = make(store, during_sleep=fix)
+    values = [minute(f"a{n}", 0) for n in range(ISOLATE_STREAK + 4)]
+    assert await sink.write(values) == len(values)
+    assert not dead and sleeps == [FATAL_RETRY_S] and len(store.items) == len(values)
+
+
 def test_decode_minute_uses_deterministic_keys() -> None:
     item = decode_minute(minute("shop", 1_764_000_060_000))
     assert (item.app, item.process_type, item.resolution_s, item.ts_s) == ("shop", "web", 60, 1_764_000_060)
+
+
+def test_dead_letter_record_holds_the_minute_and_its_identity() -> None:
+    value = minute("shop", 1_764_000_060_000)
+    key, rec = dead_letter_record(value, "too big", topic="metrics-1m", max_bytes=100_000)
+    doc = orjson.loads(rec)
+    assert key == b"shop" and doc["record"].encode() == value and "truncated" not in doc
+    assert (doc["app"], doc["proc"], doc["start_ms"], doc["topic"]) == ("shop", "web", 1_764_000_060_000, "metrics-1m")
+
+
+def test_a_dead_letter_too_large_for_the_broker_is_truncated_but_traceable() -> None:
+    pad = base64.b64encode(os.urandom(300_000)).decode()
+    value = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_060_000, "res_s": 60, "pad": pad})
+    key, rec = dead_letter_record(value, "x" * 100_000, topic="metrics-1m", max_bytes=64_000)
+    doc = orjson.loads(rec)
+    assert len(rec) <= 64_000 and key == b"shop"
+    assert doc["truncated"] is True and "record" not in doc and doc["record_bytes"] == len(value)
+    assert (doc["app"], doc["proc"], doc["start_ms"]) == ("shop", "web", 1_764_000_060_000)
+    assert len(doc["reason"]) <= 2048 and len(doc["record_sha256"]) == 64
+    # Undecodable bytes: no identity to keep, but the digest and first bytes still trace it.
+    key, rec = dead_letter_record(os.urandom(70_000), "not a metrics-1m record", topic="metrics-1m", max_bytes=64_000)
+    doc = orjson.loads(rec)
+    assert key is None and doc["truncated"] and "app" not in doc and doc["record_prefix"]
+
+
+# --- against DynamoStore on moto -------------------------------------------------------------------------
+
+
+async def test_on_dynamodb_one_oversize_minute_is_dead_lettered_and_the_rest_stored(
+        make_store: StoreFactory) -> None:
+    store = await make_store()
+    sink, _, dead, _ = make(store)
+    pad = base64.b64encode(os.urandom(600_000)).decode()
+    big = orjson.dumps({"app": "big", "proc": "web", "start_ms": T0 * 1000, "res_s": 60, "pad": pad})
+    assert await sink.write([minute("a", T0 * 1000), big, minute("b", T0 * 1000)]) == 2
+    assert [orjson.loads(v)["app"] for v, _ in dead] == ["big"] and "400 KB" in dead[0][1]
+    for app in ("a", "b"):
+        assert len(await store.query(app, "web", 60, T0, T0 + 60)) == 1
+
+
+async def test_on_dynamodb_access_denied_stops_then_resumes_once_granted(
+        make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = await make_store()
+    original = store._client.batch_write_item
+    denied = {"left": 2}
+
+    async def batch_write_item(**kwargs: Any) -> Any:
+        if denied["left"]:
+            denied["left"] -= 1
+            raise client_error("AccessDeniedException", message="User is not authorized to perform "
+                               "dynamodb:BatchWriteItem")
+        return await original(**kwargs)
+
+    monkeypatch.setattr(store._client, "batch_write_item", batch_write_item)
+    reasons: list[str] = []
+
+    async def probe() -> None:
+        try:
+            await sink.check()
+        except PipelineError as exc:
+            reasons.append(str(exc))
+
+    sink, sleeps, dead, _ = make(store, during_sleep=probe)
+    assert await sink.write([minute("a", T0 * 1000)]) == 1
+    assert not dead and sleeps == [FATAL_RETRY_S] * 2
+    assert all(f"grant dynamodb:BatchWriteItem on table {store._table}" in r for r in reasons) and len(reasons) == 2
+    assert len(await store.query("a", "web", 60, T0, T0 + 60)) == 1
+
+
+async def test_a_registered_check_is_part_of_every_readyz(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bind() registers the sink's check (app/ops/health.py register_check): the composition roots, which
+    list their own checks, need no change for /readyz to report a stopped sink."""
+    from aiohttp import web
+
+    from app.ops import health
+
+    sink, _, _, _ = make(FlakyStore([]))
+    sink.writer.halted = StoreFatal("AccessDeniedException", action="grant dynamodb:BatchWriteItem")
+    monkeypatch.setattr(health, "_REGISTERED", {})
+    health.register_check("sink", sink.check)
+    webapp = web.Application()
+    health.add_ops_routes(webapp, counters=Counters(), checks={"store": _ok})
+    results = await webapp[health.READINESS_KEY].run()
+    assert results["store"] == "ok" and "grant dynamodb:BatchWriteItem" in results["sink"]
+
+
+async def _ok() -> None:
+    return None

@@ -129,9 +129,11 @@ async def test_monitor_lifecycle(aiohttp_client: AClient, worker: Worker) -> Non
     assert "whsec" not in await r.text()
     assert created["state"]["status"] == "ok" and created["threshold"] == 500.0
 
+    # Reads show the webhook URL (often itself a credential) by its origin only.
+    shown = {**created, "webhooks": [{"url": "https://hooks.example.com/…", "secret_set": True}]}
     listed = await (await c.get("/v1/apps/shop/monitors")).json()
-    assert listed == {"app": "shop", "monitors": [created]}
-    assert await (await c.get(f"/v1/apps/shop/monitors/{mid}")).json() == created
+    assert listed == {"app": "shop", "monitors": [shown]}
+    assert await (await c.get(f"/v1/apps/shop/monitors/{mid}")).json() == shown
     assert (await (await c.get("/v1/apps/blog/monitors")).json())["monitors"] == []
 
     r = await c.put(f"/v1/apps/shop/monitors/{mid}", json={**MONITOR, "threshold": 800, "sensitivity_min": 10})
@@ -260,6 +262,30 @@ async def test_token_authorizer_reads_with_read_tokens_and_changes_with_write_to
     tokens.down = True
     r = await c.get("/v1/apps/shop/monitors", headers=bearer("r-shop"))
     assert r.status == 503 and r.headers["Retry-After"] == "3"
+
+
+async def test_read_tokens_see_webhook_urls_redacted_and_write_tokens_in_full(
+        aiohttp_client: AClient, worker: Worker) -> None:
+    c = await client_for(aiohttp_client, worker, authorize=token_authorizer(Tokens()))
+    secret_url = "https://hooks.slack.com/services/T0001/B0002/XXXXsecretXXXX"
+    hooks = [{"url": secret_url, "secret": "whsec_0123456789abcdef"}]
+    write, read = {"Authorization": "Bearer w-shop"}, {"Authorization": "Bearer r-shop"}
+
+    r = await c.post("/v1/apps/shop/monitors", json={**MONITOR, "webhooks": hooks}, headers=write)
+    assert r.status == 201 and (await r.json())["webhooks"][0]["url"] == secret_url  # the writer set it
+    mid = (await r.json())["id"]
+    r = await c.put(f"/v1/apps/shop/monitors/{mid}", json={**MONITOR, "webhooks": hooks}, headers=write)
+    assert r.status == 200 and (await r.json())["webhooks"][0]["url"] == secret_url
+    r = await c.put("/v1/apps/shop/autoscaling/web", json={**POLICY, "webhooks": hooks}, headers=write)
+    assert r.status == 201 and (await r.json())["webhooks"][0]["url"] == secret_url
+
+    for path in ["/v1/apps/shop/monitors", f"/v1/apps/shop/monitors/{mid}", "/v1/apps/shop/autoscaling",
+                 "/v1/apps/shop/autoscaling/web"]:
+        r = await c.get(path, headers=read)
+        assert r.status == 200, path
+        text = await r.text()
+        assert "XXXXsecretXXXX" not in text and "/services" not in text, path
+        assert "https://hooks.slack.com/…" in text, path
 
 
 # --- ownership, broker and timeouts ----------------------------------------------------------------------------

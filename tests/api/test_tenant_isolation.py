@@ -208,3 +208,50 @@ async def test_ingest_body_limits_and_slow_bodies(tenants: Tenants) -> None:
     raw = await asyncio.wait_for(reader.read(4096), 5)
     assert raw.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in raw and b"body_timeout" in raw, raw[:300]
     writer.close()
+
+
+# --- operator endpoints: on the admin port only (security review M2) -----------------------------------
+
+OPERATOR_PATHS = ("/metrics", "/v1/stats", "/migration", "/dashboard/migration.html", "/dashboard/migration.js")
+
+
+@pytest.mark.parametrize("role", ["web", "ingest"])
+async def test_operator_endpoints_are_on_the_admin_port_only(aws: None, aiohttp_client: Any,  # noqa: F811
+                                                             role: str) -> None:
+    """The real role compositions (app/cli.py, app/ingest/server.py), with Kafka unreachable: the tenant port
+    answers 404 for every operator path and a bare /readyz; the admin port serves them, with the reasons."""
+    import aiohttp
+
+    from app.cli import build_web_role
+    from app.ingest.server import build
+    from app.ops.health import ADMIN_KEY
+
+    settings = replace(Settings(), table_name=f"ops-{time.monotonic_ns()}", dynamodb_endpoint="", create_table=True,
+                       broker_url="kafka://127.0.0.1:9", migration_wait_s=0.1, admin_port=0)
+    webapp = build_web_role(settings, Counters()) if role == "web" else build(settings, Counters())
+    tenant = await aiohttp_client(webapp)
+    for path in OPERATOR_PATHS:
+        assert (await tenant.get(path)).status == 404, path
+    assert (await tenant.get("/healthz")).status == 200
+    # The web role checks only its store; the ingest also Kafka, unreachable: not ready, and nothing more.
+    r = await tenant.get("/readyz")
+    text = await r.text()
+    ready = role == "web"
+    assert r.status == (200 if ready else 503) and orjson.loads(text) == {"status": "ready" if ready else "not_ready"}
+    assert "127.0.0.1:9" not in text and settings.table_name not in text
+    admin_url = webapp[ADMIN_KEY].url
+    assert admin_url.startswith("http://127.0.0.1:") and not admin_url.endswith(f":{tenant.port}")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{admin_url}/readyz") as r:
+            detail = await r.json()
+            assert detail["checks"] and (ready or "127.0.0.1:9" in detail["checks"]["broker"])  # operators only
+        async with s.get(f"{admin_url}/metrics") as r:
+            assert r.status == 200 and "minutely_" in await r.text()
+        async with s.get(f"{admin_url}/healthz") as r:
+            assert r.status == 200
+        if role == "web":
+            for path in ("/v1/stats", "/migration", "/dashboard/migration.html", "/dashboard/migration.js"):
+                async with s.get(f"{admin_url}{path}") as r:
+                    assert r.status == 200, path
+            async with s.get(f"{admin_url}/v1/apps/shop/metrics") as r:
+                assert r.status == 404  # and no tenant API on the admin port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import replace
 from typing import Any, AsyncIterator
@@ -9,11 +10,12 @@ from typing import Any, AsyncIterator
 import numpy as np
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from app.api.openapi import OPENAPI_PATH
 from app.api.query import MetricsQuery, merge_buckets
-from app.api.web import make_web_app, token_authorizer
+from app.api.web import DASHBOARD_CSP, add_admin_routes, make_web_app, token_authorizer
 from app.clock import ManualClock
 from app.errors import StoreUnavailable
 from app.ops.stats import Counters
@@ -182,8 +184,8 @@ async def test_whoami(client: TestClient[Any, Any]) -> None:
 
 async def test_open_endpoints_stay_open(client: TestClient[Any, Any]) -> None:
     assert (await client.get("/healthz")).status == 200
-    body = await (await client.get("/v1/stats")).json()
-    assert set(body["counters"]) == set(body["help"])
+    r = await client.get("/v1/stats")  # the operator's: on the admin port (test_stats_are_on_the_admin_app)
+    assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
     r = await client.get("/nowhere")
     assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
     r = await client.post("/v1/apps/shop/metrics")
@@ -210,6 +212,8 @@ async def test_openapi_document_describes_the_api(client: TestClient[Any, Any]) 
             if f'"{c}"' in inspect.getsource(web_module)}
     assert used <= codes and len(used) == 10
     for path in doc["paths"]:  # every documented path is routed
+        if path == "/v1/stats":  # still in app/api/openapi.py, served on the admin port only
+            continue
         r = await client.get(path.replace("{app}", "shop"), headers=auth())
         assert r.status in (200, 400), path
 
@@ -227,6 +231,48 @@ async def test_dashboard_and_vendored_chart_library_are_served(client: TestClien
         assert r.status == 200 and len(await r.read()) > 100, f"{path}: run `make install` (npm pack uplot)"
     assert (await client.get("/dashboard/vendor/..%2Fpackage.json")).status == 404
     assert (await client.get("/dashboard/secret.py")).status == 404
+
+
+async def test_dashboard_sends_security_headers_and_api_answers_are_not_sniffed(
+        client: TestClient[Any, Any]) -> None:
+    """M9: the dashboard's pages and files carry the CSP, nosniff and no Referer; JSON answers nosniff."""
+    for path in ("/dashboard/", "/dashboard/dashboard.js", "/dashboard/dashboard.css",
+                 "/dashboard/vendor/uPlot.iife.min.js", "/dashboard/nothing.html"):
+        r = await client.get(path)
+        assert r.headers["Content-Security-Policy"] == DASHBOARD_CSP, path
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["Referrer-Policy"] == "no-referrer"
+    r = await client.get("/dashboard", allow_redirects=False)
+    assert r.status == 302 and r.headers["Content-Security-Policy"] == DASHBOARD_CSP
+    for path, headers in ((f"/v1/apps/shop/metrics?since={T0}&until={T0 + 600}", auth()), ("/v1/whoami", {}),
+                          (OPENAPI_PATH, {}), ("/healthz", {}), ("/nowhere", {})):
+        r = await client.get(path, headers=headers)
+        assert r.content_type == "application/json" and r.headers["X-Content-Type-Options"] == "nosniff", path
+    # The page needs nothing the CSP refuses: no inline script or style, no other origin.
+    from app.api.web import DASHBOARD_DIR
+    for name in ("index.html", "migration.html"):
+        html = (DASHBOARD_DIR / name).read_text()
+        assert "<style" not in html and " style=" not in html and "javascript:" not in html
+        assert all('src="' in tag for tag in re.findall(r"<script[^>]*>", html)), name
+        assert "http://" not in html and "https://" not in html
+
+
+async def test_migration_page_and_stats_are_on_the_admin_app_only(client: TestClient[Any, Any]) -> None:
+    for path in ("/dashboard/migration.html", "/dashboard/migration.js"):
+        assert (await client.get(path)).status == 404
+    admin = web.Application()
+    counters = Counters()
+    add_admin_routes(admin, SETTINGS, counters)
+    c = TestClient(TestServer(admin))
+    await c.start_server()
+    try:
+        body = await (await c.get("/v1/stats")).json()
+        assert set(body["counters"]) == set(body["help"])
+        page = await c.get("/dashboard/migration.html")
+        assert page.status == 200 and page.headers["Content-Security-Policy"] == DASHBOARD_CSP
+        assert (await c.get("/dashboard/migration.js")).status == 200
+        assert (await c.get("/dashboard/index.html")).status == 404  # no tenant dashboard there
+    finally:
+        await c.close()
 
 
 async def test_missing_chart_library_says_how_to_install(aiohttp_client: Any, tmp_path: Any) -> None:

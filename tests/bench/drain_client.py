@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import uuid
 from collections import Counter
 
 import aiohttp
 import orjson
+
+from app.local.loadgen import logplex_headers
 
 
 def body_text(body: bytes) -> str:
@@ -33,10 +34,9 @@ async def main() -> None:
         nonlocal failures, lines
         while queue:
             body, n = queue.pop()
-            headers = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(n),
-                       "Logplex-Drain-Token": token}
-            if frame_ids:
-                headers["Logplex-Frame-Id"] = uuid.uuid4().hex
+            headers = logplex_headers(token, n)
+            if not frame_ids:
+                del headers["Logplex-Frame-Id"]
             async with session.post(url, data=body, headers=headers) as r:
                 await r.read()
                 if r.status >= 300:

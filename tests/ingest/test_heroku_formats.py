@@ -181,8 +181,7 @@ def test_dyno_platform_events(proc: bytes, text: bytes, name: str) -> None:
 
 def test_release_is_app_wide_and_scaling_names_each_process_type() -> None:
     release = one(dyno_line(b"api", b"Release v42 created by user dev@example.com", app=b"app", pri=b"134"))
-    deploy = one(dyno_line(b"api", b"Deploy 2c3d4e5 by user dev@example.com", app=b"app"))
-    assert (release["dyno"], release["name"]) == (models.APP_SERIES, "release") and deploy["name"] == "release"
+    assert (release["dyno"], release["name"]) == (models.APP_SERIES, "release")
     scaled = b"Scaled to clock@1:Standard-1X web@4:Performance-M by user ops@example.com"
     p = parse_frame(frame([dyno_line(b"api", scaled, app=b"app")]), "shop")
     assert [(o["dyno"], o["name"]) for o in p.observations] == [("clock", "scale"), ("web", "scale")]
@@ -337,3 +336,14 @@ def test_fast_and_general_router_paths_give_the_same_observation(body: bytes) ->
     general = logplex._classify(TS, b"heroku", b"router", body, "shop")
     assert isinstance(general, tuple) and general[1] is None
     assert general[0] == [fast]
+
+
+@pytest.mark.parametrize("beside", [b"Deploy 2c3d4e5 by user dev@example.com",
+                                    b"Rollback to v41 by user dev@example.com"])
+def test_one_release_gives_one_marker(beside: bytes) -> None:
+    """A deploy or rollback logs its own line at the same moment as "Release vN created": one marker."""
+    lines = [dyno_line(b"api", beside, app=b"app"),
+             dyno_line(b"api", b"Release v42 created by user dev@example.com", app=b"app")]
+    p = parse_frame(frame(lines), "shop")
+    assert [(o["dyno"], o["name"]) for o in p.observations] == [(models.APP_SERIES, "release")]
+    assert (p.ignored, p.bad) == (1, [])

@@ -27,6 +27,8 @@ from app.storage.backends import metrics_store
 from app.storage.tokens import TokenStore
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+OPERATOR_PATHS = ("/readyz", "/metrics", "/migration", "/v1/stats")
+"""Served on each process's admin port (METRICS_ADMIN_PORT), not on its tenants' port."""
 
 
 class Pipeline:
@@ -62,6 +64,9 @@ class Pipeline:
         self.settings = Settings.from_env(
             {**self.env_overrides, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
         self.web_port = free_port()
+        self.admin_port = free_port()
+        self.admin_urls: dict[str, str] = {self.url: f"http://127.0.0.1:{self.admin_port}"}
+        """Each process's tenant URL -> its admin port's URL (/readyz with reasons, /metrics, /v1/stats)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.others: list[subprocess.Popen[bytes]] = []
         ARTIFACTS.mkdir(exist_ok=True)
@@ -70,37 +75,44 @@ class Pipeline:
 
     def start(self, *, data_dir: Path) -> None:
         env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(data_dir), web_port=self.web_port,
-                         extra=self.env_overrides)
+                         extra={**self.env_overrides, "METRICS_ADMIN_PORT": str(self.admin_port)})
         self.proc = start_worker(env, log_path=self.log_path)
         wait_http(f"{self.url}/healthz", 120, self.proc)
 
     def start_second_worker(self, *, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
         """Another worker in the same consumer group (a rebalance splits the partitions)."""
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(data_dir), web_port=port,
-                         extra=self.env_overrides)
+                         extra={**self.env_overrides, "METRICS_ADMIN_PORT": str(admin_port)})
         proc = start_worker(env, log_path=self.log_path.with_name(self.log_path.stem + "-2.log"))
         self.others.append(proc)
         wait_http(f"http://127.0.0.1:{port}/healthz", 120, proc)
+        self.admin_urls[f"http://127.0.0.1:{port}"] = f"http://127.0.0.1:{admin_port}"
         return proc, f"http://127.0.0.1:{port}"
 
     def start_ingest(self) -> str:
         """An ingest process (``python -m app ingest``) for this deployment; returns its base URL."""
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(self.tmp), web_port=port,
-                         extra=self.env_overrides)
+                         extra={**self.env_overrides, "METRICS_ADMIN_PORT": str(admin_port)})
         self.ingest_proc = start_role("ingest", env,
                                       log_path=self.log_path.with_name(self.log_path.stem + "-ingest.log"))
         wait_http(f"http://127.0.0.1:{port}/healthz", 60, self.ingest_proc)
+        self.admin_urls[f"http://127.0.0.1:{port}"] = f"http://127.0.0.1:{admin_port}"
         return f"http://127.0.0.1:{port}"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
 
+    def admin_url(self, url: str | None = None) -> str:
+        """The admin port (operator endpoints) of this deployment's worker, or of the process at ``url``."""
+        return self.admin_urls[(url or self.url).rstrip("/")]
+
     def stats(self, url: str | None = None) -> dict[str, int]:
-        """The counters of this deployment's worker, or of the one at ``url`` (a second worker)."""
-        with urllib.request.urlopen(f"{url or self.url}/v1/stats", timeout=5) as r:
+        """The counters of this deployment's worker, or of the one at ``url`` (a second worker): on its admin
+        port, as the tenants' port has no /v1/stats."""
+        with urllib.request.urlopen(f"{self.admin_url(url)}/v1/stats", timeout=5) as r:
             counters: dict[str, int] = json.load(r)["counters"]
             return counters
 
@@ -116,8 +128,10 @@ class Pipeline:
         return asyncio.run(go())
 
     def get(self, path: str, *, token: str | None = None) -> Any:
+        """JSON from the worker: operator paths (/readyz with reasons, /migration, /v1/stats) on its admin port."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with urllib.request.urlopen(urllib.request.Request(f"{self.url}{path}", headers=headers), timeout=10) as r:
+        base = self.admin_url() if path.split("?")[0] in OPERATOR_PATHS else self.url
+        with urllib.request.urlopen(urllib.request.Request(f"{base}{path}", headers=headers), timeout=10) as r:
             return json.load(r)
 
     def wait_stats(self, pred: Any, timeout_s: float, what: str) -> dict[str, int]:
@@ -549,3 +563,51 @@ def wait_truth_stored(p: Pipeline, truth: Truth, start_ms: int, timeout_s: float
             return stored
         assert time.monotonic() < deadline, f"{len(keys & set(stored))} of {len(keys)} minutes stored"
         time.sleep(1.0)
+
+
+# --- helpers for the tenant-limit tests (tests/integration/test_tenant_limits.py) ----------------------------
+
+async def produce_to_partition(bootstrap: str, topic: str, partition: int, messages: list[tuple[bytes, bytes]]
+                               ) -> None:
+    """Like app.local.traffic.produce, every message to one partition (apps that share it, whatever their keys)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                max_request_size=1024 * 1024)
+    await producer.start()
+    try:
+        futs = [await producer.send(topic, value=v, key=k, partition=partition) for k, v in messages]
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+def read_topic(bootstrap: str, topic: str, *, min_records: int = 1, timeout_s: float = 30) -> list[Any]:
+    """Every record of ``topic`` from the beginning, JSON-decoded, once at least ``min_records`` are there (or the
+    timeout)."""
+    async def go() -> list[Any]:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        out: list[Any] = []
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=500)
+                out += [orjson.loads(r.value) for recs in batch.values() for r in recs]
+                if len(out) >= min_records and not batch:
+                    break
+        finally:
+            await consumer.stop()
+        return out
+    return asyncio.run(go())
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from app.ingest.server import build
 from app.local.embedded import DynamoServer, KafkaBroker
-from app.local.loadgen import frame
+from app.local.loadgen import frame, logplex_headers
 from app.ops.stats import Counters
 from app.ops.topics import ensure_topics
 from app.settings import Settings
@@ -80,11 +80,8 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 def drain_headers(token: str, count: int, frame_id: str | None = None) -> dict[str, str]:
-    h = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(count), "Logplex-Drain-Token": token,
-         "User-Agent": "Logplex/v123"}
-    if frame_id:
-        h["Logplex-Frame-Id"] = frame_id
-    return h
+    """What Logplex sends for a drain added as ``https://user:TOKEN@host/v1/drains/logplex``."""
+    return logplex_headers(token, count, frame_id=frame_id)
 
 
 async def test_ingest_readiness_and_metrics(env: Env, dynamo: DynamoServer, aiohttp_client: Any) -> None:
@@ -157,8 +154,20 @@ async def test_token_in_basic_auth_or_url(env: Env, broker: KafkaBroker) -> None
     r1 = await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]),
                                headers={"Authorization": f"Basic {basic}", "Logplex-Msg-Count": "1"})
     r2 = await env.client.post(f"/v1/drains/logplex?token={env.tokens['drain']}", data=frame([ROUTER_INFO]))
-    assert (r1.status, r2.status) == (204, 204)
-    assert len(await read_topic(broker, env.settings.observations_topic)) == 2
+    # Real Logplex on a ?token= drain: its drain id in Logplex-Drain-Token, our token only in the URL.
+    r3 = await env.client.post(f"/v1/drains/logplex?token={env.tokens['drain']}", data=frame([ROUTER_INFO]),
+                               headers=logplex_headers(env.tokens["drain"], 1, in_url="query"))
+    assert (r1.status, r2.status, r3.status) == (204, 204, 204)
+    assert len(await read_topic(broker, env.settings.observations_topic)) == 3
+
+
+async def test_the_drain_id_header_is_never_taken_for_a_token(env: Env, broker: KafkaBroker) -> None:
+    """Logplex-Drain-Token carries the drain's id; our token there (as older tests sent it) is no token."""
+    for value in (env.tokens["drain"], "d.01234567-89ab-cdef-0123-456789abcdef"):
+        r = await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]),
+                                  headers={"Logplex-Msg-Count": "1", "Logplex-Drain-Token": value})
+        assert r.status == 401 and "drain URL" in (await r.json())["error"]["message"]
+    assert await read_topic(broker, env.settings.observations_topic, wait_s=1) == []
 
 
 async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broker: KafkaBroker) -> None:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from app.local.embedded import DynamoServer, KafkaBroker
-from app.local.loadgen import frame, render
+from app.local.loadgen import frame, logplex_headers, render
 from tables.aggregate import Aggregate
 from tests.integration.pipeline import Pipeline, env_flag
 
@@ -86,8 +86,7 @@ def frames(apps: list[str], minute_ms: int, n: int) -> list[Frame]:
 
 
 async def send(session: aiohttp.ClientSession, url: str, tokens: dict[str, str], f: Frame, tally: Tally) -> None:
-    headers = {"Content-Type": "application/logplex-1", "Logplex-Msg-Count": str(LINES),
-               "Logplex-Frame-Id": f.frame_id, "Authorization": f"Bearer {tokens[f.app]}"}
+    headers = logplex_headers(tokens[f.app], LINES, frame_id=f.frame_id)
     t0 = time.monotonic()
     try:
         async with session.post(url, data=f.body, headers=headers) as r:

@@ -406,6 +406,11 @@ def test_json_log_line_fields() -> None:
     ("key id AKIAIOSFODNN7EXAMPLE in use", "AKIAIOSFODNN7EXAMPLE"),
     ("Authorization: Bearer eyJhbGciOi.payload.sig", "eyJhbGciOi.payload.sig"),
     ("Logplex-Drain-Token: d.01234567-89ab-cdef-0123-456789abcdef", "d.01234567-89ab-cdef-0123-456789abcdef"),
+    # Webhook URLs whose path is the credential.
+    ("POST https://hooks.slack.com/services/T0001/B0002/XXXXsecretXXXX failed", "XXXXsecretXXXX"),
+    ("to https://discord.com/api/webhooks/1234/XXXXsecretXXXX?wait=true", "XXXXsecretXXXX"),
+    ("to https://acme.webhook.office.com/webhookb2/XXXXsecretXXXX/IncomingWebhook/1", "XXXXsecretXXXX"),
+    ("url='https://example.com:8443/webhooks/XXXXsecretXXXX'", "XXXXsecretXXXX"),
 ])
 def test_json_logs_carry_no_secrets(text: str, secret: str) -> None:
     doc = emit(logging.getLogger("test.logs.redact"), "%s", text)
@@ -415,6 +420,17 @@ def test_json_logs_carry_no_secrets(text: str, secret: str) -> None:
 def test_json_logs_keep_what_is_not_secret() -> None:
     text = "table minutely-metrics ready; 12 tokens checked, token_id=tok_42, broker kafka://b1:9092"
     assert emit(logging.getLogger("test.ops.keep"), text)["msg"] == text
+    text = "read GET /v1/apps/shop/monitors not forwarded to http://worker-1.workers:6066/v1/apps/shop"
+    assert emit(logging.getLogger("test.ops.keep"), text)["msg"] == text
+
+
+def test_webhook_urls_are_logged_by_origin() -> None:
+    assert logs.redact("to https://hooks.slack.com/services/T/B/X.") == "to https://hooks.slack.com/***"
+    assert logs.url_origin("https://Hooks.Slack.com/services/T/B/X?x=1#f") == "https://hooks.slack.com"
+    assert logs.url_origin("http://u:pw@[2606:4700::1111]:8080/hook") == "http://[2606:4700::1111]:8080"
+    assert logs.url_origin("http://127.0.0.1:9/hook") == "http://127.0.0.1:9"
+    assert logs.url_origin("http://x.example.com:99999/a") == "<unparsable URL>"
+    assert logs.url_origin("ops@example.com") == "ops@example.com"  # an e-mail target is kept
 
 
 def test_json_logs_redact_exceptions_and_secret_named_extras() -> None:
@@ -470,3 +486,72 @@ def test_ensure_topics_command_uses_the_bootstrap_servers(monkeypatch: pytest.Mo
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert seen == [("b1:9092,b2:9092", 16)]
+
+
+# --- the admin port (security review M2) ----------------------------------------------------------------
+
+
+async def test_tenant_readyz_says_only_ready_or_not_and_the_admin_port_says_why(aiohttp_client: Any) -> None:
+    import aiohttp
+
+    async def dynamo_down() -> None:
+        raise StoreUnavailable("DescribeTable on minutely-metrics-tokens failed: http://10.0.0.5:8000",
+                               action="check the endpoint")
+
+    down = {"on": True}
+
+    async def flaky() -> None:
+        if down["on"]:
+            await dynamo_down()
+
+    def extra(a: web.Application) -> None:
+        a.router.add_get("/extra", ops.healthz)
+
+    tenant = web.Application()
+    admin = ops.add_admin_port(tenant, Settings(admin_port=0), counters=Counters(), checks={"dynamodb": flaky},
+                               routes=extra)
+    tenant[ops.READINESS_KEY].cache_s = 0
+    client = await aiohttp_client(tenant)
+    r = await client.get("/readyz")
+    text = await r.text()
+    assert r.status == 503 and orjson.loads(text) == {"status": "not_ready"}
+    assert "minutely" not in text and "10.0.0.5" not in text
+    for path in ("/metrics", "/extra"):
+        assert (await client.get(path)).status == 404
+    assert admin.url and admin.url != str(client.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{admin.url}/readyz") as r:
+            assert r.status == 503 and "10.0.0.5" in (await r.json())["checks"]["dynamodb"]
+        for path in ("/metrics", "/extra", "/healthz"):
+            async with s.get(f"{admin.url}{path}") as r:
+                assert r.status == 200, path
+        down["on"] = False
+        async with s.get(f"{admin.url}/readyz") as r:
+            assert r.status == 200
+    r = await client.get("/readyz")
+    assert r.status == 200 and await r.json() == {"status": "ready"}
+    await client.close()
+    with pytest.raises(aiohttp.ClientConnectionError):  # stopped with the tenant app
+        async with aiohttp.ClientSession() as s:
+            await s.get(f"{admin.url}/healthz")
+
+
+async def test_an_admin_port_in_use_is_a_config_error_naming_the_setting(aiohttp_client: Any) -> None:
+    import socket
+
+    from app.errors import ConfigError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        tenant = web.Application()
+        ops.add_admin_port(tenant, Settings(admin_port=held.getsockname()[1]), counters=Counters(), checks={})
+        with pytest.raises(ConfigError, match="METRICS_ADMIN_PORT"):
+            await aiohttp_client(tenant)
+
+
+def test_an_operators_app_gets_healthz_once() -> None:
+    app = web.Application()
+    app.router.add_get("/healthz", ops.healthz)
+    ops.add_ops_routes(app, counters=Counters(), checks={})  # no second /healthz route
+    assert sum(r.canonical == "/healthz" for r in app.router.resources()) == 1

@@ -20,14 +20,16 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
+    NoCredentialsError,
     ReadTimeoutError,
 )
 from moto import mock_aws
 from moto.core.botocore_stubber import BotocoreStubber
 
 from app.clock import ManualClock
-from app.errors import StoreError, StoreUnavailable
+from app.errors import ItemsRefused, StoreError, StoreFatal, StoreUnavailable
 from app.settings import Settings
 from app.storage.dynamodb import (
     MAX_WRITE_ROUNDS,
@@ -232,12 +234,15 @@ async def test_item_over_400kb_after_compression_is_rejected_before_writing(
         make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     store = await make_store()
     sent = spy_batches(store, monkeypatch)
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(ItemsRefused) as err:
         await store.put_many([item(T0, b"ok"), item(T0 + 60, os.urandom(400_000))])
-    assert not err.value.retriable
+    assert not err.value.retriable and not isinstance(err.value, StoreFatal)
     assert "after compression" in str(err.value) and "400" in str(err.value)
     assert err.value.action
-    assert sent == []
+    # The oversize item alone is refused (named, with its reason); its neighbour is written.
+    assert [(i.ts_s, "400 KB" in str(e)) for i, e in err.value.refused] == [(T0 + 60, True)]
+    assert [len(c) for c in sent] == [1]
+    assert await store.query("shop", "web", 60, T0, T0 + 120) == [item(T0, b"ok")]
     # Just under the limit (key, names and numbers included) is accepted.
     await store.put_many([item(T0, os.urandom(400_000 - 80))])
 
@@ -327,8 +332,8 @@ async def test_full_jitter_stays_within_the_cap(make_store: StoreFactory, monkey
     assert max(sleeps.calls) == 0.15
 
 
-def client_error(code: str, status: int = 400, op: str = "BatchWriteItem") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": f"simulated {code}"},
+def client_error(code: str, status: int = 400, op: str = "BatchWriteItem", message: str = "") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message or f"simulated {code}"},
                         "ResponseMetadata": {"HTTPStatusCode": status}}, op)
 
 
@@ -347,7 +352,7 @@ async def test_throttling_error_is_retriable(make_store: StoreFactory, monkeypat
 
 async def test_missing_table_is_not_retriable_and_says_what_to_do(make_store: StoreFactory) -> None:
     store = await make_store(create_table=False)
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(StoreFatal) as err:
         await store.put_many([item(T0)])
     assert not err.value.retriable
     assert "ResourceNotFoundException" in str(err.value)
@@ -369,6 +374,12 @@ async def test_missing_table_is_not_retriable_and_says_what_to_do(make_store: St
     (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
     (asyncio.TimeoutError(), True),
     (ConnectionResetError(), True),
+    (client_error("ExpiredTokenException"), True),
+    (client_error("InvalidSignatureException", message="Signature expired: 20240101T000000Z is now earlier "
+                  "than 20240101T000500Z"), True),
+    (client_error("InvalidSignatureException", message="Signature not yet current: 20300101T000000Z"), True),
+    (NoCredentialsError(), True),
+    (CredentialRetrievalError(provider="assume-role-with-web-identity", error_msg="STS timed out"), True),
     (client_error("ResourceNotFoundException"), False),
     (client_error("ValidationException"), False),
     (client_error("AccessDeniedException"), False),
@@ -378,6 +389,26 @@ def test_error_classification(exc: BaseException, retriable: bool) -> None:
     err = classify_error(exc, operation="BatchWriteItem", table="t", settings=Settings())
     assert err.retriable is retriable
     assert isinstance(err, StoreUnavailable if retriable else StoreError)
+    assert err.action
+
+
+@pytest.mark.parametrize(("exc", "fatal"), [
+    (client_error("AccessDeniedException"), True),
+    (client_error("ResourceNotFoundException"), True),
+    (client_error("UnrecognizedClientException"), True),
+    (client_error("InvalidSignatureException", message="The request signature we calculated does not match "
+                  "the signature you provided."), True),  # a wrong secret key, not the clock
+    (client_error("ResourceInUseException"), True),
+    (client_error("SomethingNew", 400), True),
+    (RuntimeError("something nobody classified"), True),
+    (client_error("ValidationException", message="Item size has exceeded the maximum allowed size"), False),
+])
+def test_operator_errors_are_fatal_and_item_errors_are_not(exc: BaseException, fatal: bool) -> None:
+    """Fatal: every request fails until an operator acts, so no item may be dead-lettered for it. Not fatal:
+    this item is refused, another may pass."""
+    err = classify_error(exc, operation="BatchWriteItem", table="metrics", settings=Settings())
+    assert isinstance(err, StoreError) and not err.retriable
+    assert isinstance(err, StoreFatal) is fatal
     assert err.action
 
 
@@ -516,8 +547,8 @@ def test_the_ttl_warning_is_said_once_per_endpoint(caplog: pytest.LogCaptureFixt
 def test_item_size_counts_names_and_values_as_dynamodb_does() -> None:
     from app.storage.dynamodb import item_size_bytes
 
-    item = {"pk": {"S": "shop#web#60"}, "ts": {"N": "1795344600"}, "d": {"B": b"x" * 1000},
-            "expires_at": {"N": "1797936600"}}
+    item: dict[str, dict[str, Any]] = {"pk": {"S": "shop#web#60"}, "ts": {"N": "1795344600"},
+                                       "d": {"B": b"x" * 1000}, "expires_at": {"N": "1797936600"}}
     assert item_size_bytes(item) == (2 + 11) + (2 + 11) + (1 + 1000) + (10 + 11)
     assert item_size_bytes({"s": {"S": "é"}}) == 1 + 2  # UTF-8 bytes, not characters
     with pytest.raises(ValueError, match="flat"):

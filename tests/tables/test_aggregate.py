@@ -9,7 +9,7 @@ import orjson
 import pytest
 from tdigest import TDigest as PyTDigest
 
-from tables.aggregate import Aggregate, BucketKey
+from tables.aggregate import Aggregate, BucketKey, fit_record
 from tables.digest import Digest
 
 
@@ -101,3 +101,59 @@ def test_switch_to_tdigest_keeps_percentiles_within_one_percent(repeats: bool) -
     for q in (0.5, 0.95, 0.99):
         want = float(np.quantile(values, q))
         assert abs((d.quantile(q) or 0.0) - want) <= 0.01 * want
+
+
+# --- a minute within a byte budget (security review C2) -------------------------------------------------
+
+def _big_minute(timers: int, values: int, *, counters: int = 0) -> Aggregate:
+    rng = random.Random(5)
+    agg = Aggregate(BucketKey("big", "web", 1_764_000_000_000))
+    agg.add_request(200, 12.0, None)
+    for t in range(timers):
+        for _ in range(values):
+            agg.add_metric(f"timer.{t}", "timer", rng.uniform(0, 10_000), 1_764_000_000_001)
+    for c in range(counters):
+        agg.add_metric(f"count.{c}", "counter", 1.0, 1_764_000_000_001)
+    return agg
+
+
+def test_a_minute_within_budget_is_sent_as_it_is() -> None:
+    agg = _big_minute(2, 100)
+    fit = fit_record(agg.to_record(), 900 * 1024)
+    assert not fit.degraded and fit.value == orjson.dumps(agg.to_record()) and fit.size == len(fit.value)
+
+
+def test_over_budget_exact_values_become_digests_first_counts_stay_exact() -> None:
+    agg = _big_minute(12, 4_000)
+    rec = agg.to_record()
+    fit = fit_record(rec, 900 * 1024)
+    assert fit.size > 1024 * 1024 and len(fit.value) <= 900 * 1024
+    assert fit.degraded and not fit.dropped and fit.digests_compressed >= 1
+    assert rec == agg.to_record()  # the window's own record is untouched
+    back = Aggregate.from_record(orjson.loads(fit.value))
+    assert set(back.timers) == set(agg.timers)
+    for name, t in agg.timers.items():
+        got = back.timers[name]
+        assert (got.n, got.sum, got.max) == (t.n, t.sum, t.max)
+        exact = t.digest.quantile(0.99)
+        assert exact is not None and abs((got.digest.quantile(0.99) or 0) - exact) <= 0.02 * exact
+
+
+def test_still_over_budget_drops_the_largest_names_and_says_which() -> None:
+    agg = _big_minute(40, 300, counters=5)
+    fit = fit_record(agg.to_record(), 40 * 1024)
+    assert len(fit.value) <= 40 * 1024
+    out = orjson.loads(fit.value)
+    dropped = {name for kind, name, _ in fit.dropped if kind == "metric"}
+    assert dropped and dropped <= set(agg.timers)  # timers are the largest: counters stay
+    assert set(out["tim"]) == set(agg.timers) - dropped and len(out["cnt"]) == 5
+    assert out["resp"]["n"] == 1 and out["st"] == [0, 1, 0, 0, 0]
+
+
+def test_a_tiny_budget_keeps_the_key_and_request_counts() -> None:
+    agg = _big_minute(3, 2_000)
+    agg.errors = {f"H{i}": 1 for i in range(400)}
+    fit = fit_record(agg.to_record(), 3_000)
+    out = orjson.loads(fit.value)
+    assert len(fit.value) <= 3_000 and (out["app"], out["proc"], out["st"]) == ("big", "web", [0, 1, 0, 0, 0])
+    assert {k for k, _, _ in fit.dropped} >= {"metric", "errors"}

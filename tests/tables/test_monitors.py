@@ -37,6 +37,8 @@ from tables.monitors import (
     Webhook,
     apply_monitor_command,
     parse_monitor,
+    redact_url,
+    redacted,
 )
 
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % 60_000
@@ -238,6 +240,11 @@ VALID: dict[str, Any] = {"metric": "LATENCY", "threshold": 500, "sensitivity_min
     ({"email": ["not-an-address"]}, "email"),
     ({"email": "ops@example.com"}, "email"),
     ({"email": ["a@example.com\r\nBcc: x@example.com"]}, "email"),
+    ({"email": ["ops@example.com\n"]}, "email"),  # "$" accepted it: a blank line ending the headers
+    ({"email": ["ops@example.com\r\n"]}, "email"),
+    ({"email": ["öps@example.com"]}, "email"),
+    ({"email": ["ops team@example.com"]}, "email"),
+    ({"email": ["\"ops\"@example.com"]}, "email"),
     ({"webhooks": [{"url": "ftp://example.com/x", "secret": "s" * 16}]}, "webhooks.url"),
     ({"webhooks": [{"url": "https://example.com/x", "secret": "short"}]}, "webhooks.secret"),
     ({"webhooks": [{"url": "https://example.com/x"}]}, "secret"),
@@ -259,6 +266,27 @@ def test_missing_fields_and_defaults() -> None:
     assert cfg.process_type == "web" and cfg.targets.email == ("ops@example.com",)
     assert cfg.public()["webhooks"] == [{"url": "http://127.0.0.1:9/hook", "secret_set": True}]
     assert MonitorConfig.from_record(cfg.to_record()) == cfg
+
+
+@pytest.mark.parametrize("address", ["ops@example.com", "first.last+alerts@mail.example.co.uk",
+                                     "o'brien_ops-1@example.io", "x!#$%&*/=?^`{|}~@example.com"])
+def test_ascii_addresses_are_accepted(address: str) -> None:
+    assert parse_monitor({**VALID, "email": [address]}, monitor_id=MID).targets.email == (address,)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://hooks.slack.com/services/T0001/B0002/XXXXsecret", "https://hooks.slack.com/…"),
+    ("https://discord.com/api/webhooks/1/XXXXsecret?wait=true", "https://discord.com/…"),
+    ("http://127.0.0.1:9/hook", "http://127.0.0.1:9/…"),
+    ("https://user:pw@[2606:4700::1111]:8443/h", "https://[2606:4700::1111]:8443/…"),
+])
+def test_webhook_urls_are_redacted_for_readers(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    cfg = parse_monitor({**VALID, "webhooks": [{"url": url, "secret": "s" * 16}]}, monitor_id=MID)
+    full = Monitor(cfg).public()
+    assert full["webhooks"] == [{"url": url, "secret_set": True}]  # the writer's answer
+    assert redacted(full) == {**full, "webhooks": [{"url": shown, "secret_set": True}]}
+    assert redacted(parse_monitor(VALID, monitor_id=MID).public())["webhooks"] == []
 
 
 def test_commands_round_trip_and_apply_idempotently() -> None:

@@ -314,9 +314,20 @@ def test_deep_nesting_and_a_10_mb_message_are_refused_whole(pw: PartitionWindows
     assert r.counts.accepted == 1
 
 
+def limited(**given: int) -> Any:
+    """A ``limits_of`` giving every app the defaults with ``given`` overridden."""
+    from dataclasses import replace
+
+    from app.limits import AppLimits
+    from app.settings import Settings
+
+    lim = replace(AppLimits.defaults(Settings()), **given)
+    return lambda app: lim
+
+
 def test_custom_metric_names_are_capped_per_minute(clock: ManualClock) -> None:
     pw = PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
-                          max_message_bytes=1_000_000, max_centroids=100, max_metric_names=3)
+                          max_message_bytes=1_000_000, max_centroids=100, limits_of=limited(max_metric_names=3))
     metric = {"kind": "metric", "app": "shop", "dyno": "web.1", "type": "counter", "value": 1.0}
     r = ingest(pw, 0, msg(*[{**metric, "ts": T0 + i, "name": f"user.{i}"} for i in range(5)],
                           {**metric, "ts": T0 + 9, "name": "user.0"}, {**metric, "ts": T0 + 60_000, "name": "user.4"}))
@@ -324,3 +335,93 @@ def test_custom_metric_names_are_capped_per_minute(clock: ManualClock) -> None:
     assert {d.index for d in r.dead} == {3, 4} and "METRICS_MAX_METRIC_NAMES" in r.dead[0].reason
     assert pw.windows[("shop", "web", T0)].counters == {"user.0": 2.0, "user.1": 1.0, "user.2": 1.0}
     assert pw.windows[("shop", "web", T0 + 60_000)].counters == {"user.4": 1.0}  # a new minute, a new count
+
+
+# --- per-app limits (security review H1) ------------------------------------------------------------------
+
+def _limited_pw(clock: ManualClock, limits_of: Any) -> PartitionWindows:
+    return PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
+                            max_message_bytes=1_000_000, max_centroids=100, limits_of=limits_of)
+
+
+@pytest.mark.parametrize("column", [True, False])
+def test_process_types_are_capped_per_app_and_minute_other_apps_exact(clock: ManualClock, column: bool) -> None:
+    pw = _limited_pw(clock, limited(max_process_types=3))
+    if not column:
+        pw.column_min = 10**9
+    flood = [router(T0 + i, app="flood", dyno=f"p{i}.1") for i in range(20)]
+    r = ingest(pw, 0, msg(*flood, *[router(T0 + i, app="shop", dyno=f"w{i % 3}.1") for i in range(20)]))
+    assert {k[1] for k in pw.windows if k[0] == "flood"} == {"p0", "p1", "p2"}
+    assert r.counts.refused == [17, 0, 0] and r.counts.rejected == 17 and r.counts.accepted == 23
+    assert sum(a.requests for k, a in pw.windows.items() if k[0] == "shop") == 20  # the other app: exact
+    refused = [d for d in r.dead if d.app == "flood"]
+    assert len(refused) == 17 and "more than 3 process types" in refused[0].reason
+    assert "'p3.1'" in refused[0].reason and "METRICS_LIMITS_FILE" in refused[0].reason
+    # An app in a column-wise message (one app, many requests) goes the same way; a known process type too.
+    r = ingest(pw, 1, msg(*[router(T0 + 100 + i, app="flood", dyno="p1.1") for i in range(20)],
+                          router(T0 + 200, app="flood", dyno="p9.1")))
+    assert r.counts.accepted == 20 and r.counts.refused == [1, 0, 0]
+    assert pw.windows[("flood", "p1", T0)].requests == 21
+    # The next minute has its own count; closing a minute frees its process types.
+    r = ingest(pw, 2, msg(*[router(T0 + 60_000 + i, app="flood", dyno=f"q{i}.1") for i in range(4)]))
+    assert r.counts.refused == [1, 0, 0]
+    pw.mark_closed([a for a in pw.windows.values() if a.key.start_ms == T0])
+    assert ("flood", T0) not in pw.procs and pw.procs[("flood", T0 + 60_000)] == 3
+    assert not any(k[1] == T0 for k in pw.refused)
+
+
+def test_refusals_past_the_dead_letter_cap_are_counted_only(pw: PartitionWindows, clock: ManualClock) -> None:
+    pw = _limited_pw(clock, limited(max_process_types=1))
+    r = ingest(pw, 0, msg(*[router(T0 + i % 50_000, app="flood", dyno=f"p{i}.1") for i in range(1_000)]))
+    assert r.counts.refused == [999, 0, 0] and r.counts.rejected == 999
+    assert len(r.dead) == 100 and "only counted (limit_refused_process_types)" in r.dead[-1].reason
+    assert len(pw.windows) == 1  # refusing costs no state
+
+
+def test_addon_sources_are_capped_per_app_and_minute(clock: ManualClock) -> None:
+    pw = _limited_pw(clock, limited(max_addon_sources=2))
+    addon = {"kind": "addon", "app": "shop", "samples": {"db_size": 1.0}}
+    r = ingest(pw, 0, msg(*[{**addon, "ts": T0 + i, "source": f"DB{i}"} for i in range(4)],
+                          {**addon, "ts": T0 + 9, "source": "DB0"}))
+    assert r.counts.accepted == 3 and r.counts.refused == [0, 2, 0]
+    assert "more than 2 add-on sources" in r.dead[0].reason and "'DB2'" in r.dead[0].reason
+    assert set(pw.windows[("shop", "app", T0)].addons) == {"DB0", "DB1"}
+    assert not pw.procs  # the add-on series is not a process type
+
+
+def test_a_limit_override_applies_to_one_app_and_without_a_restart(clock: ManualClock) -> None:
+    from app.limits import Limits, parse_overrides
+    from app.settings import Settings
+
+    limits = Limits(Settings(limit_process_types=2))
+    pw = _limited_pw(clock, limits.of)
+    six = [router(T0 + i, app=a, dyno=f"p{i}.1") for a in ("shop", "blog") for i in range(6)]
+    r = ingest(pw, 0, msg(*six))
+    assert r.counts.refused == [8, 0, 0]
+    limits._overrides = parse_overrides({"overrides": {"shop": {"max_process_types": 5}}}, limits.defaults)
+    r = ingest(pw, 1, msg(*[{**o, "ts": o["ts"] + 100} for o in six]))
+    assert r.counts.refused == [1 + 4, 0, 0]
+    assert len({k[1] for k in pw.windows if k[0] == "shop"}) == 5
+    assert len({k[1] for k in pw.windows if k[0] == "blog"}) == 2
+
+
+def test_restore_recounts_process_types(clock: ManualClock) -> None:
+    pw = _limited_pw(clock, limited(max_process_types=2))
+    ingest(pw, 0, msg(router(T0, dyno="a.1"), router(T0, dyno="b.1")))
+    fresh = _limited_pw(clock, limited(max_process_types=2))
+    fresh.restore(list(pw.windows.values()), dict(pw.apps), pw.offset)
+    r = ingest(fresh, 1, msg(router(T0 + 1, dyno="c.1"), router(T0 + 2, dyno="a.1")))
+    assert r.counts.refused == [1, 0, 0] and r.counts.accepted == 1
+
+
+def test_dyno_and_app_caches_are_bounded_lrus() -> None:
+    from app import models
+
+    assert models.process_type("x" * 101) is None and models.process_type("web.1") == "web"
+    assert not models.valid_app("a" * 101) and models.valid_app("shop")
+    for i in range(models._CACHE_MAX + 10):
+        models.process_type(f"junk{i}.1")
+    info = models._proc_of_dyno.cache_info()
+    assert info.currsize == models._CACHE_MAX and info.maxsize == models._CACHE_MAX
+    models.process_type("web.1")  # still cached after junk: a fresh entry, not "cache full forever"
+    assert models._proc_of_dyno.cache_info().currsize == models._CACHE_MAX

@@ -71,6 +71,9 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- if gt (int .Values.worker.replicas) (int .Values.kafka.partitions) -}}
 {{- fail (printf "worker.replicas (%d) is larger than kafka.partitions (%d): the extra workers would get no partition. Lower worker.replicas, or install with more partitions under a new kafka.appId (partitions cannot be raised in place)." (int .Values.worker.replicas) (int .Values.kafka.partitions)) -}}
 {{- end -}}
+{{- if eq (int .Values.config.adminPort) (int .Values.config.webPort) -}}
+{{- fail (printf "config.adminPort (%d) equals config.webPort: the operator's endpoints must not share the tenants' port (the ingress would reach them). Pick another adminPort." (int .Values.config.adminPort)) -}}
+{{- end -}}
 {{- range $k, $v := .Values.config.extra -}}
 {{- if not (regexMatch "^METRICS_[A-Z0-9_]+$" $k) -}}
 {{- fail (printf "config.extra key %q is not a METRICS_<NAME> setting: use the names in app/settings.py (METRICS_ + field name in upper case)" $k) -}}
@@ -84,6 +87,7 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- $v := $ctx.Values -}}
 {{- $spec := .spec -}}
 {{- $port := int $v.config.webPort -}}
+{{- $adminPort := int $v.config.adminPort -}}
 metadata:
   labels:
     {{- include "minutely.labels" . | nindent 4 }}
@@ -94,7 +98,7 @@ metadata:
     checksum/config: {{ include (print $ctx.Template.BasePath "/configmap.yaml") $ctx | sha256sum }}
     {{- if $v.metrics.podAnnotations }}
     prometheus.io/scrape: "true"
-    prometheus.io/port: {{ $port | quote }}
+    prometheus.io/port: {{ $adminPort | quote }}
     prometheus.io/path: /metrics
     {{- end }}
     {{- with $spec.podAnnotations }}
@@ -144,18 +148,25 @@ spec:
         {{- toYaml $spec.args | nindent 8 }}
         {{- end }}
       {{- include "minutely.envFrom" . | nindent 6 }}
+      # http: the tenants' port, the one in the Service. admin: the operator's (probes, Prometheus), in no
+      # Service. The writer serves no tenant: its only port is the admin one.
       ports:
+        {{- if ne .role "writer" }}
         - name: http
           containerPort: {{ $port }}
           protocol: TCP
+        {{- end }}
+        - name: admin
+          containerPort: {{ $adminPort }}
+          protocol: TCP
       startupProbe:
-        httpGet: {path: /healthz, port: http}
+        httpGet: {path: /healthz, port: admin}
         {{- toYaml $spec.probes.startup | nindent 8 }}
       livenessProbe:
-        httpGet: {path: /healthz, port: http}
+        httpGet: {path: /healthz, port: admin}
         {{- toYaml $spec.probes.liveness | nindent 8 }}
       readinessProbe:
-        httpGet: {path: /readyz, port: http}
+        httpGet: {path: /readyz, port: admin}
         {{- toYaml $spec.probes.readiness | nindent 8 }}
       resources:
         {{- toYaml $spec.resources | nindent 8 }}
@@ -206,8 +217,13 @@ spec:
 envFrom:
   - configMapRef:
       name: {{ include "minutely.fullname" .ctx }}
-{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env (eq .role "worker") }}
+{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env (eq .role "worker") (eq .role "writer") }}
 env:
+  {{- if eq .role "writer" }}
+  {{- /* The writer (app/writer.py) serves only operator endpoints, on its web port: the admin port here. */}}
+  - name: METRICS_WEB_PORT
+    value: {{ $v.config.adminPort | quote }}
+  {{- end }}
   {{- if eq .role "worker" }}
   {{- /* Each worker's stable address (headless Service): other workers forward policy reads for the apps
          it owns to it (app/api/policies.py); Faust advertises it as the worker's canonical URL. */}}

@@ -1,0 +1,239 @@
+"""``python -m app dlq replay``: send dead-lettered records back to the topic they came from, once the cause
+is fixed, without doubling anything.
+
+What the dead-letter topics hold, and what can be replayed
+-----------------------------------------------------------
+* ``metrics-1m-dlq`` (agents/sink.py :func:`~agents.sink.dead_letter_record`): a minute the store refused,
+  as ``{"reason", "topic", "app", "proc", "start_ms", "record"}`` with ``record`` the ``metrics-1m`` record
+  itself. Replayable whole, to ``topic`` keyed by app (the partition the aggregator sends the app's minutes
+  to). A minute's key in the store is deterministic (app, process type, resolution, minute start), so
+  storing it again overwrites it: a minute replayed twice is still stored once. By default every such
+  record is selected. Not replayable: records flagged ``truncated`` (the minute was too large for the
+  broker; only its identity, size and SHA-256 were kept) and records that were never a minute.
+* ``observations-dlq`` (agents/aggregate.py ``dead_letter_record``): ``{"kind", "reason", "app", "record",
+  "source": {"topic", "partition", "offset", "index"}}``. ``record`` is the observation echoed whole when it
+  was a JSON object under 2 KB (app/models.py ``echo``): replayable, to ``source.topic`` keyed by app, as a
+  one-observation message. A whole message that was not JSON, or an echo cut at 2 KB, is kept as text and
+  is not replayable. An observation is counted once more each time it is sent, so only those whose reason
+  can pass now are selected by default: ``ts ... ahead of the wall clock`` (a producer's clock was ahead,
+  the minute has come since). Late observations (``minute already closed``) and invalid ones are refused
+  again unless the settings or the code changed; replay those only with ``--reason``.
+
+How doubling is prevented
+-------------------------
+The replay reads the dead-letter topic in its own consumer group (``<METRICS_APP_ID>-dlq-replay``) from
+the offset that group committed, up to the end offsets taken when it starts (or ``--until-offset``): a
+minute dead-lettered again during the run is not replayed in a loop. After each chunk's records are
+acknowledged by the brokers (``acks=all``, idempotent producer) the group commits the offsets after them,
+so running the command twice replays nothing twice. A replayable record not selected (``--reason``, or an
+observation whose reason is not retriable) is re-appended to the end of the dead-letter topic before the
+commit, so a later run with another ``--reason`` still finds it; each dead-letter record is thus either
+replayed or moved, once. Records that cannot be replayed are counted and passed over. The one window left:
+a crash after the sends were acknowledged and before the commit replays that chunk again on the next run
+(harmless for minutes, which overwrite; it may count those observations twice). ``--dry-run`` reads the
+same range and prints counts by reason and outcome, sending and committing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import orjson
+
+from app.settings import WINDOW_S, Settings
+
+RETRIABLE_OBSERVATION_REASONS = ("ahead of the wall clock",)
+"""Observation dead-letter reasons that may pass when sent again unchanged (see the module docstring)."""
+CHUNK_RECORDS = 500
+GROUP_SUFFIX = "-dlq-replay"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One dead-letter record, read: where it would go back to, or why it cannot."""
+
+    reason: str
+    topic: str | None = None
+    key: bytes | None = None
+    value: bytes | None = None
+    retriable: bool = False
+    unreplayable: str = ""
+    """Why the original cannot be rebuilt; empty when it can."""
+
+    def selected(self, reason_filter: str | None) -> bool:
+        if self.unreplayable:
+            return False
+        return reason_filter in self.reason if reason_filter is not None else self.retriable
+
+
+def read_entry(value: bytes | None, settings: Settings) -> Entry:
+    """A record of either dead-letter topic -> the original record and where it goes (module docstring)."""
+    try:
+        doc = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return Entry("", unreplayable="not a dead-letter record (not JSON)")
+    if not isinstance(doc, dict):
+        return Entry("", unreplayable="not a dead-letter record (not a JSON object)")
+    reason = str(doc.get("reason", ""))
+    source = doc.get("source")
+    if isinstance(source, dict):  # observations-dlq
+        rec = doc.get("record")
+        topic = source.get("topic") or settings.observations_topic
+        if not (isinstance(rec, dict) and isinstance(rec.get("app"), str)):
+            return Entry(reason, unreplayable="the observation was not kept whole (a message prefix or an echo "
+                                              "cut at 2 KB)")
+        return Entry(reason, str(topic), rec["app"].encode(), orjson.dumps(rec),
+                     retriable=any(r in reason for r in RETRIABLE_OBSERVATION_REASONS))
+    if doc.get("truncated"):
+        return Entry(reason, unreplayable="truncated: the minute was too large for the broker (identity, size "
+                                          "and SHA-256 kept)")
+    rec_text = doc.get("record")
+    if not isinstance(rec_text, str):
+        return Entry(reason, unreplayable="no record")
+    raw = rec_text.encode()
+    app = _minute_app(raw)
+    if app is None:
+        return Entry(reason, unreplayable="never a metrics-1m record")
+    # Re-storing a minute overwrites its item: every minute may be replayed.
+    return Entry(reason, str(doc.get("topic") or settings.metrics_topic), app.encode(), raw, retriable=True)
+
+
+def _minute_app(raw: bytes) -> str | None:
+    """The app of a ``metrics-1m`` record, None when the sink would not take it (agents/sink.py
+    ``decode_minute``; repeated here because ops sits below the agents)."""
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    app, proc, start_ms = rec.get("app"), rec.get("proc"), rec.get("start_ms")
+    if isinstance(app, str) and isinstance(proc, str) and type(start_ms) is int and rec.get("res_s") == WINDOW_S:
+        return app
+    return None
+
+
+def reason_class(reason: str) -> str:
+    """A reason without its numbers, so counts group by cause rather than by record."""
+    return re.sub(r"\d+", "N", reason)[:160] or "(no reason)"
+
+
+@dataclass
+class Summary:
+    counts: Counter[tuple[str, str]]
+    """(outcome, reason class) -> records; outcome: replayed, requeued, unreplayable (or "would ..." dry)."""
+    ranges: dict[int, tuple[int, int]]
+    """partition -> (first offset read, offset read up to, exclusive)."""
+
+    def total(self, outcome: str) -> int:
+        return sum(n for (o, _), n in self.counts.items() if o == outcome)
+
+
+async def replay(settings: Settings, dlq_topic: str, *, dry_run: bool = False, reason: str | None = None,
+                 until_offset: int | None = None, group: str | None = None) -> Summary:
+    """Replay ``dlq_topic`` from the group's committed offsets to the end offsets at start (or
+    ``until_offset``); returns what was done (module docstring)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from app.ops import kafka
+
+    bootstrap = kafka.bootstrap(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group or settings.app_id + GROUP_SUFFIX,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed", **kafka.client_kwargs(settings))
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                max_request_size=8 * 1024 * 1024, **kafka.client_kwargs(settings))
+    await consumer.start()
+    await producer.start()
+    summary = Summary(Counter(), {})
+    try:
+        parts = await producer.partitions_for(dlq_topic)  # waits for the topic's metadata
+        if not parts:
+            raise SystemExit(f"error: topic {dlq_topic!r} does not exist (or has no partitions)")
+        tps = [TopicPartition(dlq_topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        stop: dict[Any, int] = {}
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            start = max(begins[tp], committed if committed is not None else begins[tp])
+            stop[tp] = ends[tp] if until_offset is None else min(ends[tp], until_offset)
+            consumer.seek(tp, start)
+            summary.ranges[tp.partition] = (start, max(start, stop[tp]))
+        pending = {tp for tp in tps if summary.ranges[tp.partition][0] < stop[tp]}
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=2000, max_records=CHUNK_RECORDS)
+            sends: list[asyncio.Future[Any]] = []
+            commit: dict[Any, int] = {}
+            for tp, records in batches.items():
+                for rec in records:
+                    if rec.offset >= stop[tp]:
+                        break
+                    entry = read_entry(rec.value, settings)
+                    if entry.unreplayable:
+                        outcome = "unreplayable"
+                    elif entry.selected(reason):
+                        outcome = "replayed"
+                        if not dry_run:
+                            assert entry.topic is not None
+                            sends.append(await producer.send(entry.topic, key=entry.key, value=entry.value))
+                    else:
+                        outcome = "requeued"
+                        if not dry_run:
+                            sends.append(await producer.send(dlq_topic, key=rec.key, value=rec.value))
+                    summary.counts[(outcome, reason_class(entry.reason) if not entry.unreplayable
+                                    else f"{reason_class(entry.reason)} [{entry.unreplayable}]")] += 1
+                    commit[tp] = rec.offset + 1
+            for tp in list(pending):
+                if await consumer.position(tp) >= stop[tp] or commit.get(tp, 0) >= stop[tp]:
+                    pending.discard(tp)
+            if dry_run or not commit:
+                continue
+            await asyncio.gather(*sends)  # acknowledged by the brokers before the offsets move past them
+            await consumer.commit(commit)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return summary
+
+
+def print_summary(summary: Summary, dlq_topic: str, *, dry_run: bool, out: TextIO) -> None:
+    verb = "would be " if dry_run else ""
+    for p, (first, last) in sorted(summary.ranges.items()):
+        print(f"{dlq_topic}[{p}]: offsets {first}..{last}", file=out)
+    for (outcome, why), n in sorted(summary.counts.items()):
+        print(f"{n:8d}  {verb}{outcome}  {why}", file=out)
+    print(f"{'dry run: ' if dry_run else ''}{summary.total('replayed')} {verb}replayed, "
+          f"{summary.total('requeued')} {verb}requeued (not selected), "
+          f"{summary.total('unreplayable')} unreplayable", file=out)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m app dlq replay [--topic T] [--dry-run] [--reason S] [--until-offset N]``."""
+    ap = argparse.ArgumentParser(prog="python -m app dlq", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("replay", help="send dead-lettered records back to their topic, each once",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--topic", help="the dead-letter topic to read: METRICS_SINK_DLQ_TOPIC (metrics-1m-dlq, the "
+                                   "default) or METRICS_DLQ_TOPIC (observations-dlq)")
+    r.add_argument("--dry-run", action="store_true", help="print counts by reason and outcome; send and commit "
+                                                          "nothing")
+    r.add_argument("--reason", help="replay only records whose reason contains this text (also selects "
+                                    "observations whose reason is not retriable)")
+    r.add_argument("--until-offset", type=int, help="stop before this offset in every partition (default: the "
+                                                    "end offsets when the run starts)")
+    args = ap.parse_args(argv)
+    settings = Settings.from_env()
+    topic = args.topic or settings.sink_dlq_topic
+    summary = asyncio.run(replay(settings, topic, dry_run=args.dry_run, reason=args.reason,
+                                 until_offset=args.until_offset))
+    print_summary(summary, topic, dry_run=args.dry_run, out=sys.stdout)
+    return 0
