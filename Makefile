@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
 TEST_PROCESSES ?= 3
 
-.PHONY: run test chaos install install-test install-cassandra bench bench-query bench-stores typecheck clean browser
+.PHONY: run test chaos install install-test install-cassandra bench bench-parse bench-query bench-stores typecheck clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 run: install
@@ -40,6 +40,10 @@ chaos: install-test browser
 bench: install-test
 	$(PY) -m tests.bench.bench_pipeline
 	$(PY) -m tests.bench.bench_ingest
+
+# Hostile drain lines: the parse rate of every line family with every field grown to 64 KB (linear = 4x).
+bench-parse: install-test
+	$(PY) -m tests.bench.bench_parse
 
 # What `make run` needs: the package, Apache Kafka (Maven Central), dynalite (npm), the dashboard's uPlot.
 install: $(VENV)/.installed $(KAFKA_LIB)/.resolved $(DYNALITE) $(UPLOT_DIR)/dist/uPlot.iife.min.js

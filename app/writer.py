@@ -8,8 +8,10 @@ aggregating workers' checkpoints (``checkpoints_topic``, agents/progress.py), as
 windows itself. Its writers pause while the migration does not write its store.
 
 Its consumer group is ``<app_id>-writer-<store>``; ``migration start`` set its offsets (the current end, or
-the earliest retained records with ``--backfill``). ``/readyz`` and ``/metrics`` (lag included) are served
-on ``METRICS_WEB_PORT``.
+the earliest retained records with ``--backfill``). ``/healthz``, ``/readyz`` (with reasons) and ``/metrics``
+(lag included) are served on its admin port (``METRICS_ADMIN_HOST`` / ``METRICS_ADMIN_PORT``,
+app/ops/health.py ``add_admin_port``), as on every role. It serves no tenant, so it listens on no tenant port
+(``METRICS_WEB_PORT`` is unused).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ events_job = events.bind(app, settings, store, counters, gate.ready)
 
 
 def _routes() -> web.Application:
+    """The app whose lifetime carries the admin port (``add_admin_port`` starts it with the app's startup and
+    stops it with its cleanup). No site ever listens for this app itself: the writer has no tenants."""
     webapp = web.Application()
-    ops.add_ops_routes(
-        webapp, counters=counters,
+    ops.add_admin_port(
+        webapp, settings, counters=counters,
         checks={"broker": ops.broker_check(settings.broker_url), "store": store.ping},
         refresh=ops.lag_refresher(app, counters, observations_topic=settings.observations_topic,
                                   metrics_topic=settings.metrics_topic))
@@ -64,11 +68,10 @@ class Runtime(Service):
         await store.start()
         await control.start()
         gate.started()
-        self._runner = web.AppRunner(_routes(), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, settings.web_host, settings.web_port).start()
-        log.info("writer for %s (group %s); ops on http://%s:%d", spec, settings.app_id, settings.web_host,
-                 settings.web_port)
+        webapp = _routes()
+        self._runner = web.AppRunner(webapp, access_log=None)
+        await self._runner.setup()  # runs the app's startup: the admin port listens from here on
+        log.info("writer for %s (group %s); ops on %s", spec, settings.app_id, webapp[ops.ADMIN_KEY].url)
 
     async def on_stop(self) -> None:
         if self._runner is not None:

@@ -233,9 +233,10 @@ def test_a_cassandra_install_migrating_to_dynamodb_gets_its_writer(default_docs:
     (c,) = writer["template"]["spec"]["containers"]
     assert c["args"] == ["writer", "--store", "dynamodb:metrics-v2", "--quiet", "-l", "info"]
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-    # The writer serves only operator endpoints (on its web port): that is the admin port, and no tenant port.
+    # The writer serves only operator endpoints, on its admin port (app/writer.py add_admin_port): no tenant port,
+    # and no METRICS_WEB_PORT pointed at the admin port.
     assert c["ports"] == [{"name": "admin", "containerPort": 6068, "protocol": "TCP"}]
-    assert {"name": "METRICS_WEB_PORT", "value": "6068"} in c["env"]
+    assert all(e["name"] != "METRICS_WEB_PORT" for e in c.get("env", []))
     writer_np = one(docs, "NetworkPolicy", f"{RELEASE}-minutely-writer")["spec"]
     assert [p["port"] for rule in writer_np["ingress"] for p in rule["ports"]] == ["admin"]
     for role in (*ROLES, "writer"):

@@ -66,6 +66,9 @@ MAX_LINE_BYTES = 10_240
 MAX_VALUE_BYTES = 64
 """A number with its unit (``measure#db=12.5ms``, ``sample#memory-total=15.05MB``) is at most this long."""
 MAX_DYNO_BYTES = 100
+MAX_METRICS_PER_LINE = 64
+"""l2met metrics (or process types of a scaling line) one line may carry: ``count#a=1 count#b=1 ...`` must not
+turn one 10 KB line into a thousand observations."""
 
 
 class FrameError(ValueError):
@@ -233,7 +236,8 @@ _RUNTIME_ERROR = re.compile(rb"Error (R\d\d)\b")
 # pipeline promotion) logs the latter. So only it counts; the others are ignored.
 _RELEASE = re.compile(rb"Release v\d+ created by ")
 _SCALED = re.compile(rb"Scaled? to (.*?)(?: by |\Z)")
-_SCALE_PART = re.compile(rb"([A-Za-z0-9_\-]{1,100})(?:@|=)\d+")
+# A name starts a token (the look-behind), so a long run of letters is scanned once, not from each position.
+_SCALE_PART = re.compile(rb"(?<![A-Za-z0-9_\-])([A-Za-z0-9_\-]{1,100}+)[@=]\d")
 _TO_MB = {b"MB": 1.0, b"kB": 1 / 1024, b"KB": 1 / 1024, b"GB": 1024.0, b"bytes": 1 / 1048576, b"B": 1 / 1048576,
           b"pages": 4096 / 1048576}
 """Memory units Heroku logs -> MB (a page is 4 KiB on Heroku's Linux dynos)."""
@@ -319,11 +323,11 @@ def _runtime(ts: bytes, text: bytes, app: str) -> Parsed:
         try:
             v = float(value)
         except ValueError:
-            return f"sample#{name.decode()}={value.decode()} is not a number"
+            return f"sample#{name[:60].decode()}={value[:40].decode()} is not a number"
         if name.startswith(b"memory"):
             scale = _TO_MB.get(unit or b"MB")
             if scale is None:
-                return f"sample#{name.decode()} has unit {unit.decode()!r}; expected MB, kB, GB or bytes"
+                return f"sample#{name[:60].decode()} has unit {unit[:20].decode()!r}; expected MB, kB, GB or bytes"
             v *= scale
         o[key] = v
     if len(o) == 4:
@@ -419,6 +423,8 @@ def _api_event(ts: bytes, text: bytes, app: str) -> Parsed:
         dynos = list(dict.fromkeys(p.decode() for p in _SCALE_PART.findall(m.group(1))))
         if not dynos:
             return None
+        if len(dynos) > MAX_METRICS_PER_LINE:
+            return f"scaling line names {len(dynos)} process types, over {MAX_METRICS_PER_LINE}"
     ts_ms = _ts(ts)
     if isinstance(ts_ms, str):
         return ts_ms
@@ -433,6 +439,9 @@ def _l2met(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
     found = _L2MET.findall(text)
     if not found:
         return None
+    over = len(found) - MAX_METRICS_PER_LINE
+    if over > 0:
+        found = found[:MAX_METRICS_PER_LINE]
     if len(procid) > MAX_DYNO_BYTES:
         return f"dyno name over {MAX_DYNO_BYTES} bytes"
     src = _SOURCE.search(text)
@@ -445,7 +454,7 @@ def _l2met(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
     problems: list[str] = []
     for kind, raw_name, raw_value in found:
         name = raw_name.decode("utf-8", "replace")
-        label = f"{kind.decode()}#{name}"
+        label = f"{kind.decode()}#{name[:60]}"
         got = _number(raw_value)
         if got is None:
             problems.append(f"{label}={raw_value[:40].decode('utf-8', 'replace')} is not a number with a unit")
@@ -467,6 +476,8 @@ def _l2met(ts: bytes, procid: bytes, text: bytes, app: str) -> Parsed:
             continue
         good.append({"kind": "metric", "app": app, "dyno": dyno, "ts": ts_ms, "name": name, "type": mtype,
                      "value": value})
+    if over > 0:
+        problems.append(f"{over} metrics past the first {MAX_METRICS_PER_LINE} of the line refused")
     if not good:
-        return "; ".join(problems)
-    return good, "; ".join(problems) if problems else None
+        return "; ".join(problems)[:1000]
+    return good, "; ".join(problems)[:1000] if problems else None

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from app.errors import ConfigError, PipelineError, RetriableError
 from app.ops.kafka import bootstrap_servers
 from app.ops.logs import redact
-from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, Counters
+from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, PER_APP, Counters
 from app.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,11 @@ class CatalogueCollector(Collector):
                 yield HistogramMetricFamily(full, help_text, buckets=h.cumulative(), sum_value=h.sum)
             elif name in GAUGES:
                 yield GaugeMetricFamily(full, help_text, value=values[name])
+            elif name in PER_APP:  # one series per app: which tenant a limit hit (sum by() for the total)
+                family = CounterMetricFamily(full, help_text, labels=["app"])
+                for app, n in sorted(self.counters.by_app[name].items()):
+                    family.add_metric([app], n)
+                yield family
             else:
                 yield CounterMetricFamily(full, help_text, value=values[name])
 

@@ -291,3 +291,17 @@ async def test_dead_letters_per_frame_are_capped(make_stack: Any) -> None:
     dead = [orjson.loads(v) for v in s.produced]
     assert len(dead) == 5 and dead[0]["source"]["drain_id"].startswith("d.")
     assert s.counters.snapshot()["ingest_dead_letters_dropped"] == 45
+
+
+def test_per_app_counters_are_labelled_on_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from app.ops.health import make_registry
+
+    counters = Counters()
+    counters.inc_app("ingest_refused_rate", "flood", 3)
+    counters.inc_app("ingest_refused_rate", "other")
+    text = generate_latest(make_registry(counters)).decode()
+    assert 'minutely_ingest_refused_rate_total{app="flood"} 3.0' in text
+    assert 'minutely_ingest_refused_rate_total{app="other"} 1.0' in text
+    assert counters.snapshot()["ingest_refused_rate"] == 4

@@ -18,9 +18,9 @@ from tests.integration.pipeline import Pipeline, check_against_truth
 pytestmark = pytest.mark.integration
 
 
-def ingest_counters(url: str) -> dict[str, float]:
-    """The ingest process's counters, from its Prometheus text (it serves no /v1/stats)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+def ingest_counters(admin_url: str) -> dict[str, float]:
+    """The ingest process's counters, from its Prometheus text on its admin port (it serves no /v1/stats)."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -61,7 +61,7 @@ def test_drain_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServ
         assert sum(n.get("R14", 0) for n in truth.platform.values()) >= 2  # web.1 of each app, 40 s in
         assert sum(n.get("release", 0) for n in truth.platform.values()) == 2
         assert truth.addons and truth.counters and truth.timers and truth.gauges
-        ingest = ingest_counters(url)
+        ingest = ingest_counters(p.admin_url(url))
         assert ingest["drain_lines_bad"] == 0  # nothing the load generator renders is dead-lettered
         assert ingest["drain_lines_ignored"] == 0  # and every line it renders is one the pipeline counts
         assert ingest["drain_frames"] > 0

@@ -10,11 +10,13 @@ from typing import Any, AsyncIterator
 
 import orjson
 import pytest
+import aiohttp
 from aiohttp.test_utils import TestClient
 
 from app.ingest.server import build
 from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.loadgen import frame, logplex_headers
+from app.ops.health import ADMIN_KEY
 from app.ops.stats import Counters
 from app.ops.topics import ensure_topics
 from app.settings import Settings
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 def make_settings(broker_url: str, endpoint: str, **kw: Any) -> Settings:
     uid = uuid.uuid4().hex[:8]
+    kw.setdefault("admin_port", 0)  # several apps in one test (and xdist workers): each its own free admin port
     return Settings(broker_url=broker_url, dynamodb_endpoint=endpoint, table_name=f"ing-{uid}",
                     observations_topic=f"obs-{uid}", dlq_topic=f"dlq-{uid}", metrics_topic=f"m-{uid}",
                     sink_dlq_topic=f"sd-{uid}", partitions=2, app_id=f"ing{uid}", produce_timeout_s=3, **kw)
@@ -48,6 +51,13 @@ async def read_topic(broker: KafkaBroker, topic: str, *, wait_s: float = 2.0) ->
         await c.stop()
 
 
+async def admin_get(client: TestClient[Any, Any], path: str) -> tuple[int, bytes]:
+    """GET ``path`` on the admin port of the app ``client`` serves (/readyz with reasons, /metrics)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{client.app[ADMIN_KEY].url}{path}") as r:
+            return r.status, await r.read()
+
+
 class Env:
     def __init__(self, settings: Settings, client: TestClient[Any, Any], counters: Counters,
                  tokens: dict[str, str]) -> None:
@@ -66,7 +76,7 @@ async def env(broker: KafkaBroker, dynamo: DynamoServer, aiohttp_client: Any) ->
     counters = Counters()
     client = await aiohttp_client(build(s, counters))
     for _ in range(300):  # the producer connects in the background; an empty post would not touch it
-        checks = (await (await client.get("/readyz")).json())["checks"]
+        checks = orjson.loads((await admin_get(client, "/readyz"))[1])["checks"]
         if checks["producer"] == "ok":
             break
         await asyncio.sleep(0.1)
@@ -86,21 +96,26 @@ def drain_headers(token: str, count: int, frame_id: str | None = None) -> dict[s
 
 async def test_ingest_readiness_and_metrics(env: Env, dynamo: DynamoServer, aiohttp_client: Any) -> None:
     for _ in range(60):  # readiness is eventual: each check has a 2 s budget, slower on a loaded machine
-        r = await env.client.get("/readyz")
-        if r.status == 200:
+        status, body = await admin_get(env.client, "/readyz")
+        if status == 200:
             break
         await asyncio.sleep(0.5)
-    assert r.status == 200, await r.text()
-    assert set((await r.json())["checks"]) == {"broker", "producer", "tokens", "dedup"}
+    assert status == 200, body
+    assert set(orjson.loads(body)["checks"]) == {"broker", "producer", "tokens", "dedup"}
+    r = await env.client.get("/readyz")  # the tenant port: the status alone
+    assert r.status == 200 and await r.json() == {"status": "ready"}
+    assert (await env.client.get("/metrics")).status == 404
     await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=drain_headers(env.tokens["drain"], 1))
-    text = await (await env.client.get("/metrics")).text()
+    text = (await admin_get(env.client, "/metrics"))[1].decode()
     assert "minutely_drain_frames_total 1.0" in text
     # DynamoDB unreachable (tokens/dedup tables): not ready, with the reason.
     down = make_settings(env.settings.broker_url, "http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0)
     c = await aiohttp_client(build(down, Counters()))
+    status, raw = await admin_get(c, "/readyz")
+    body = orjson.loads(raw)
+    assert status == 503 and body["status"] == "not_ready" and body["checks"]["tokens"] != "ok"
     r = await c.get("/readyz")
-    body = await r.json()
-    assert r.status == 503 and body["status"] == "not_ready" and body["checks"]["tokens"] != "ok"
+    assert r.status == 503 and await r.json() == {"status": "not_ready"}
 
 
 async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: Env, broker: KafkaBroker) -> None:

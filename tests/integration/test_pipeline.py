@@ -65,7 +65,7 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
                 time.sleep(0.5)
         assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "store": "ok"}}
 
-        with urllib.request.urlopen(f"{p.url}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"{p.admin_url()}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert f"minutely_observations_accepted_total {float(n_obs)}" in text
         assert "# HELP minutely_observations_rejected_total" in text and "minutely_windows_open" in text

@@ -217,13 +217,8 @@ spec:
 envFrom:
   - configMapRef:
       name: {{ include "minutely.fullname" .ctx }}
-{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env (eq .role "worker") (eq .role "writer") }}
+{{- if or $v.credentials.awsSecret $v.credentials.secretEnv .spec.env (eq .role "worker") }}
 env:
-  {{- if eq .role "writer" }}
-  {{- /* The writer (app/writer.py) serves only operator endpoints, on its web port: the admin port here. */}}
-  - name: METRICS_WEB_PORT
-    value: {{ $v.config.adminPort | quote }}
-  {{- end }}
   {{- if eq .role "worker" }}
   {{- /* Each worker's stable address (headless Service): other workers forward policy reads for the apps
          it owns to it (app/api/policies.py); Faust advertises it as the worker's canonical URL. */}}
