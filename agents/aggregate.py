@@ -30,6 +30,9 @@ from tables.aggregate import Aggregate, fit_record
 from tables.state import WindowTableState
 from tables.windows import ADDON_SOURCES, METRIC_NAMES, PROCESS_TYPES, IngestResult, PartitionWindows, Rejected
 
+LIMIT_COUNTERS = {PROCESS_TYPES: "limit_refused_process_types", ADDON_SOURCES: "limit_refused_addon_sources",
+                  METRIC_NAMES: "limit_refused_metric_names"}
+
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Sequence[Aggregate]], Awaitable[None]]
@@ -318,9 +321,8 @@ class Aggregator:
         self.counters.inc("observations_late", c.late)
         self.counters.inc("observations_rejected", c.rejected)
         self.counters.inc("observations_replayed", c.skipped_replay)
-        self.counters.inc("limit_refused_process_types", c.refused[PROCESS_TYPES])
-        self.counters.inc("limit_refused_addon_sources", c.refused[ADDON_SOURCES])
-        self.counters.inc("limit_refused_metric_names", c.refused[METRIC_NAMES])
+        for (app, limit), n in c.refused.items():
+            self.counters.inc_app(LIMIT_COUNTERS[limit], app, n)
 
     def live(self, app: str, process_type: str, since_ms: int, until_ms: int) -> list[Aggregate]:
         """Open windows of one app/process type in ``[since_ms, until_ms)`` (for the query API)."""

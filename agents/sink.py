@@ -13,7 +13,7 @@ dead-letter queue for bad records only (KIP-298):
   item by item, as agents/rollup.py does, to find the bad one.
 * **Fatal** (credentials, permissions, a missing table, anything unclassified): nothing is dead-lettered,
   as no item is at fault. The sink stops consuming, commits nothing past the batch, turns ``/readyz`` false
-  with what to fix, and retries every ``FATAL_RETRY_S``: once the operator fixes the cause, the batch and
+  with what to fix, and retries every ``METRICS_STORE_FATAL_RETRY_S``: once the operator fixes the cause, the batch and
   everything behind it is stored, once. Eight items in a row refused one by one count as fatal too: the
   cause is then not one item.
 
@@ -43,9 +43,6 @@ DeadLetter = Callable[[Sequence[tuple[bytes, str]]], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 
-FATAL_RETRY_S = 30.0
-"""Pause between attempts while the store refuses everything (StoreFatal): slow, as only an operator can
-help, and short enough that writing resumes within a probe period of the fix."""
 ISOLATE_STREAK = 8
 """Items in a row refused one by one after which the cause is taken to be the store, not the items."""
 MAX_REASON_CHARS = 2048
@@ -110,7 +107,7 @@ class StoreWriter:
 
     def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *, job: str,
                  retries_counter: str, sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random,
-                 fatal_retry_s: float = FATAL_RETRY_S) -> None:
+                 fatal_retry_s: float | None = None) -> None:
         self.store = store
         self.settings = settings
         self.counters = counters
@@ -118,7 +115,7 @@ class StoreWriter:
         self.retries_counter = retries_counter
         self.sleep = sleep
         self.jitter = jitter
-        self.fatal_retry_s = fatal_retry_s
+        self.fatal_retry_s = settings.store_fatal_retry_s if fatal_retry_s is None else fatal_retry_s
         self.halted: StoreFatal | None = None
         """The error the job stopped on; None while it writes."""
 
@@ -202,7 +199,7 @@ class StoreWriter:
 
 class Sink:
     def __init__(self, store: MetricsStore, settings: Settings, *, dead_letter: DeadLetter, counters: Counters,
-                 sleep: Sleep = asyncio.sleep, fatal_retry_s: float = FATAL_RETRY_S) -> None:
+                 sleep: Sleep = asyncio.sleep, fatal_retry_s: float | None = None) -> None:
         self.store = store
         self.settings = settings
         self.dead_letter = dead_letter

@@ -163,7 +163,8 @@ def local(argv: list[str]) -> int:
               f"'http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web'")
         print(f"counters http://127.0.0.1:{settings.admin_port}/v1/stats (operators; also /readyz, /metrics, "
               f"/dashboard/migration.html; the ingest's on port {ingest_admin_port})")
-        print(f"drain http://127.0.0.1:{ingest_port}/v1/drains/logplex (app-0 drain token: {drain_tokens['app-0']})")
+        print(f"drain http://drain:{drain_tokens['app-0']}@127.0.0.1:{ingest_port}/v1/drains/logplex (app-0's drain "
+              "URL: the token is its basic-auth password, as Logplex sends it)")
         print("demo " + ("off" if args.no_demo else f"{args.rate} requests/s over {args.apps} apps, through the drain"))
         print("Ctrl-C stops everything.\n", flush=True)
         asyncio.run(_serve(args, ingest_port, drain_tokens, children, stores))

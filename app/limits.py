@@ -9,6 +9,7 @@ Kubernetes: a ConfigMap mounted as a file, which the kubelet updates in place)::
       shop:                        # the app
         ingest_rate_bytes_s: 8000000
         max_process_types: 200
+        query_rate_per_s: 50       # read API requests/s (app/api/web.py)
 
 A file that cannot be read or has an unknown limit keeps the overrides in force and is logged with the line
 to fix; it never stops a process nor resets a tenant to the defaults silently.
@@ -40,6 +41,9 @@ class AppLimits:
     max_process_types: int
     max_addon_sources: int
     max_metric_names: int
+    # Defaulted, so an AppLimits built by hand for the ingest side (tables/windows.py) need not name them.
+    query_rate_per_s: float = Settings.limit_query_rate_per_s
+    query_burst: int = Settings.limit_query_burst
 
     @classmethod
     def defaults(cls, settings: Settings) -> "AppLimits":
@@ -48,7 +52,9 @@ class AppLimits:
                    inflight_bytes_per_token=settings.limit_inflight_bytes_per_token,
                    max_process_types=settings.limit_process_types,
                    max_addon_sources=settings.limit_addon_sources,
-                   max_metric_names=settings.max_metric_names)
+                   max_metric_names=settings.max_metric_names,
+                   query_rate_per_s=settings.limit_query_rate_per_s,
+                   query_burst=settings.limit_query_burst)
 
 
 LIMIT_NAMES = tuple(f.name for f in fields(AppLimits))

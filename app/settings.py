@@ -172,6 +172,9 @@ class Settings:
     """BatchWriteItem requests in flight from one sink."""
     sink_batch_max: int = 500
     sink_within_s: float = 0.5
+    store_fatal_retry_s: float = 30.0
+    """How often the sink (or the events job), stopped on an error only the operator can fix (credentials,
+    permissions, a missing table), tries again; nothing is committed or dead-lettered meanwhile."""
     backoff_base_ms: int = 50
     backoff_max_ms: int = 5000
 
@@ -225,6 +228,26 @@ class Settings:
     """Distinct process types per app and minute; observations of more are dead-lettered."""
     limit_addon_sources: int = 20
     """Distinct add-on sources per app and minute; more are dead-lettered."""
+    limit_query_rate_per_s: float = 20.0
+    """Read API requests per second one app may make (all its read tokens together; metrics, events and
+    whoami, 304 revalidations included). Each query process enforces it on its own (a web process, a
+    worker): divide by the replicas a client can reach for a global figure. Past it: 429 ``rate_limited``."""
+    limit_query_burst: int = 60
+    """Read API requests an app may make at once above its rate (the bucket's size: a dashboard's first
+    load asks for a dozen series)."""
+    query_max_concurrent: int = 16
+    """Read API queries (metrics, events) computing at once per process; beyond it a request waits up to
+    ``query_queue_timeout_s`` for a slot, then 503 ``overloaded`` with Retry-After. On a worker the read API
+    shares the event loop with the stream jobs: this bounds what tenants' queries can take from them.
+    0: no cap."""
+    query_max_concurrent_per_app: int = 8
+    """Of those, the slots one app may hold (default half): one app's many concurrent queries wait for its
+    own to finish, never for every slot, and freed slots go to the waiting apps in turn."""
+    query_queue_timeout_s: float = 1.0
+    """How long a query waits for a slot before its 503 ``overloaded``."""
+    events_max_range_days: float = 7.0
+    """Widest ``since``..``until`` of one ``/events`` request (it is not cached: every call reads its range
+    from the store); wider: 400 ``range_too_large``."""
     dedup_window_s: float = 900.0
     """How long a delivered Logplex-Frame-Id is remembered: retries within it are answered 2xx, not re-counted."""
     dedup_lease_s: float = 30.0

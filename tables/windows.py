@@ -81,8 +81,15 @@ class Counts:
     late: int = 0
     rejected: int = 0
     skipped_replay: int = 0
-    refused: list[int] = field(default_factory=lambda: [0, 0, 0])
-    """Of ``rejected``: refused by a limit, indexed by PROCESS_TYPES, ADDON_SOURCES, METRIC_NAMES."""
+    refused: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Of ``rejected``: refused by a limit, per (app, PROCESS_TYPES | ADDON_SOURCES | METRIC_NAMES)."""
+
+    def refused_by_limit(self) -> list[int]:
+        """All apps' refusals, indexed by PROCESS_TYPES, ADDON_SOURCES, METRIC_NAMES."""
+        out = [0, 0, 0]
+        for (_, limit), n in self.refused.items():
+            out[limit] += n
+        return out
 
 
 @dataclass(slots=True)
@@ -108,7 +115,8 @@ class IngestResult:
         c.late += o.late
         c.rejected += o.rejected
         c.skipped_replay += o.skipped_replay
-        c.refused = [a + b for a, b in zip(c.refused, o.refused)]
+        for k, n in o.refused.items():
+            c.refused[k] = c.refused.get(k, 0) + n
         self.dead.extend(other.dead)
 
 
@@ -422,8 +430,8 @@ class PartitionWindows:
         """An observation past one of its app's limits: counted always, dead-lettered only the first
         LIMIT_DEAD_LETTERS times per (app, minute, limit) -- no reason, echo or record beyond that."""
         counts = result.counts
-        counts.refused[limit] += 1
         app, proc, start_ms = key
+        counts.refused[app, limit] = counts.refused.get((app, limit), 0) + 1
         k = (app, start_ms, limit)
         n = self.refused[k] = self.refused.get(k, 0) + 1
         if n > LIMIT_DEAD_LETTERS:

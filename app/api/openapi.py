@@ -183,8 +183,6 @@ def document(settings: Settings) -> dict[str, Any]:
                                           "type": "object", "properties": {"app": {"type": "string"},
                                                                            "kind": {"type": "string"}}}}}},
                               "401": auth_responses["401"], "503": auth_responses["503"]}}},
-            "/v1/stats": {"get": {"operationId": "stats", "summary": "Pipeline counters with help texts",
-                                  "responses": {"200": {"description": "counters"}}}},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",
                                  "responses": {"200": {"description": "alive"}}}},
             "/dashboard/": {"get": {"operationId": "dashboard", "summary": "The metrics dashboard (HTML)",

@@ -76,8 +76,10 @@ class LocalStores:
             self.writers[spec] = self._start_writer(spec)
 
     def _start_writer(self, spec: str) -> subprocess.Popen[bytes]:
+        # The writer serves only its admin port (/readyz, /metrics): a free one, never the worker's or the
+        # ingest's. `writer --store` derives its group and store.
         port = free_port()
-        env = {**self.env, "METRICS_WEB_PORT": str(port)}  # `writer --store` derives its group and store
+        env = {**self.env, "METRICS_ADMIN_PORT": str(port)}
         log_path = self.data_dir / f"{writer_group(self.settings, spec)}.log"
         proc = self.start_role("writer", env, log_path=log_path, args=("--store", spec, "-l", "info"))
         print(f"writer for {spec} started (ops http://127.0.0.1:{port}/metrics, log {log_path})", flush=True)

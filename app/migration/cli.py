@@ -238,6 +238,12 @@ async def change(settings: Settings, args: argparse.Namespace) -> int:
         nxt = sm.rollback(st, now_ms=now_ms)
     else:
         nxt = sm.finish(st, settings, now_ms=now_ms, force=args.force)
+        # Reads move to the new store alone with this state. A revocation that reached only the old one (its
+        # tombstone written while the new store was unreachable: app/migration/tables.py) counts until now
+        # because a tombstone in any store wins; after it, only the new store is read. So the copy runs
+        # again first (idempotent; tombstones included, and a live copy never undoes one), and a failure
+        # refuses the finish instead of publishing it.
+        print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target} (tombstones included)")
     await publish(settings, nxt)
     print(f"{st.label}  ->  {nxt.label}  (version {nxt.version})")
     return 0

@@ -34,12 +34,40 @@ class MigrationError(ConfigError):
     """A command that does not apply to the current phase; the message says what would."""
 
 
-def store_settings(settings: Settings, spec: str) -> Settings:
-    """Settings that point at the store ``spec`` names (``name`` or ``name:namespace``)."""
+class InvalidSpec(ConfigError, ValueError):
+    """A store spec that names no store, or a keyspace that is not a plain CQL name (it is interpolated into
+    CQL). A ValueError too, so a state record on the topic that carries one is ignored like any unreadable
+    record (app/migration/control.py) instead of reaching a store."""
+
+
+_SPEC_ACTION = (f"name one of {', '.join(STORES)}, optionally with :<table> (dynamodb) or :<keyspace> (cassandra; "
+                "a letter, then up to 47 letters, digits or _)")
+
+
+_RECORD_ACTION = ("the record is ignored: only `python -m app migration` writes that topic, so check who else can "
+                  "(Kafka ACLs), then publish a valid state with the migration CLI")
+
+
+def check_spec(spec: str, *, source: str = "--to / --store", action: str = _SPEC_ACTION) -> str:
+    """``spec`` if it names a store (and a valid keyspace), else InvalidSpec saying where it came from."""
+    if not isinstance(spec, str):
+        raise InvalidSpec(f"store spec from {source} is not a string: {spec!r:.80}", action=action)
     name, _, namespace = spec.partition(":")
     if name not in STORES:
-        raise ConfigError(f"unknown store {spec!r}", action=f"name one of {', '.join(STORES)}, optionally "
-                                                              "with :<table> (dynamodb) or :<keyspace> (cassandra)")
+        raise InvalidSpec(f"unknown store {spec[:80]!r} (from {source})", action=action)
+    if name == "cassandra" and namespace:
+        from app.storage.cassandra import KEYSPACE_RE  # the driver module, loaded only for a Cassandra spec
+
+        if not KEYSPACE_RE.fullmatch(namespace):
+            raise InvalidSpec(f"invalid Cassandra keyspace {namespace[:80]!r} in store spec (from {source})",
+                              action=action)
+    return spec
+
+
+def store_settings(settings: Settings, spec: str) -> Settings:
+    """Settings that point at the store ``spec`` names (``name`` or ``name:namespace``)."""
+    check_spec(spec)
+    name, _, namespace = spec.partition(":")
     if not namespace:
         return replace(settings, store=name)
     if name == "dynamodb":
@@ -131,6 +159,9 @@ class MigrationState:
         state = cls(**known)
         if state.phase not in PHASES:
             raise ValueError(f"unknown phase {state.phase!r}")
+        check_spec(state.source, source="the migration state record's source", action=_RECORD_ACTION)
+        if state.target or state.phase != "single":
+            check_spec(state.target, source="the migration state record's target", action=_RECORD_ACTION)
         return state
 
 

@@ -230,6 +230,7 @@ class Histogram:
 PER_APP: Final[frozenset[str]] = frozenset({
     "ingest_requests_shed", "ingest_bytes_received", "ingest_refused_rate", "ingest_refused_inflight",
     "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body",
+    "limit_refused_process_types", "limit_refused_addon_sources", "limit_refused_metric_names",
 })
 """Counters also kept per app (label ``app`` on ``/metrics``), so an operator sees which tenant a limit hit."""
 MAX_APPS_PER_COUNTER = 10_000

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any, ClassVar, Sequence
 
 import acsylla
 import orjson
 
 from app.clock import Clock, SystemClock
-from app.errors import ItemsRefused, StoreError, StoreFatal, StoreUnavailable
+from app.errors import ConfigError, ItemsRefused, StoreError, StoreFatal, StoreUnavailable
 from app.settings import PREFIX, Settings
 from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
 from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
@@ -109,13 +110,56 @@ def classify(exc: BaseException, *, operation: str, settings: Settings) -> Store
     return StoreFatal(msg, action=action)
 
 
+KEYSPACE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+"""An unquoted CQL keyspace name (Cassandra allows 48 characters). It is interpolated into every statement,
+so nothing else is accepted."""
+_REPLICATION_ITEM = re.compile(r"\s*'([A-Za-z0-9_.:-]{1,128})'\s*:\s*(?:'([A-Za-z0-9_./:-]{1,128})'|(\d{1,4}))\s*")
+
+
+def check_keyspace(name: str, *, source: str = f"{PREFIX}CASSANDRA_KEYSPACE") -> str:
+    """``name`` if it is a plain CQL keyspace name, else a ConfigError naming where it came from."""
+    if not isinstance(name, str) or not KEYSPACE_RE.fullmatch(name):
+        raise ConfigError(f"invalid Cassandra keyspace {str(name)[:80]!r} (from {source})",
+                          action=f"fix {source}: a letter, then up to 47 letters, digits or _")
+    return name
+
+
+def replication_cql(value: str) -> str:
+    """The replication setting parsed as a CQL map (``{'class': '<strategy>', '<key>': <int or 'string'>,
+    ...}``) and written back from what was parsed, so only a map reaches the CREATE KEYSPACE statement."""
+    action = (f"set {PREFIX}CASSANDRA_REPLICATION to a CQL map such as {{'class': 'NetworkTopologyStrategy', "
+              f"'dc1': 3}} (quoted keys; integer or quoted values; no other syntax)")
+    text = value.strip() if isinstance(value, str) else ""
+    if not (text.startswith("{") and text.endswith("}")) or len(text) > 2048:
+        raise ConfigError(f"invalid {PREFIX}CASSANDRA_REPLICATION {str(value)[:80]!r}: not a CQL map", action=action)
+    items: dict[str, str] = {}
+    for part in text[1:-1].split(","):
+        m = _REPLICATION_ITEM.fullmatch(part)
+        if m is None:
+            raise ConfigError(f"invalid {PREFIX}CASSANDRA_REPLICATION entry {part.strip()[:80]!r}", action=action)
+        key, string, number = m.groups()
+        if key in items:
+            raise ConfigError(f"{PREFIX}CASSANDRA_REPLICATION names {key!r} twice", action=action)
+        items[key] = f"'{string}'" if string is not None else str(int(number))
+    if not items.get("class", "").startswith("'"):
+        raise ConfigError(f"{PREFIX}CASSANDRA_REPLICATION has no 'class' (string)", action=action)
+    return "{" + ", ".join(f"'{k}': {v}" for k, v in items.items()) + "}"
+
+
+def check_config(settings: Settings) -> None:
+    """The settings interpolated into CQL, checked at start (a ConfigError says what to fix)."""
+    check_keyspace(settings.cassandra_keyspace)
+    replication_cql(settings.cassandra_replication)
+
+
 def schema(settings: Settings) -> list[str]:
     """The keyspace and tables, as CQL (``IF NOT EXISTS``: safe on every start, and for IaC to apply)."""
-    ks = settings.cassandra_keyspace
+    ks = check_keyspace(settings.cassandra_keyspace)
+    replication = replication_cql(settings.cassandra_replication)
     twcs = ("compaction = {'class': 'TimeWindowCompactionStrategy', 'compaction_window_unit': 'DAYS', "
             "'compaction_window_size': 1}")
     return [
-        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {settings.cassandra_replication}",
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}",
         f"CREATE TABLE IF NOT EXISTS {ks}.items (app text, proc text, res int, kind text, bucket bigint, "
         f"ts bigint, d blob, z boolean, PRIMARY KEY ((app, proc, res, kind, bucket), ts)) "
         f"WITH CLUSTERING ORDER BY (ts ASC) AND {twcs} AND gc_grace_seconds = 10800",
@@ -138,6 +182,7 @@ class CassandraSession:
     _shared: ClassVar[dict[tuple[str, int, str, str], "CassandraSession"]] = {}
 
     def __init__(self, settings: Settings) -> None:
+        check_config(settings)
         self.settings = settings
         self._users = 0
         self._session: Any = None

@@ -391,7 +391,7 @@ async def test_limits_come_from_the_injected_limits_per_app(clock: ManualClock, 
                            counters=h.counters, clock=clock, limits=limits)
         res = await h.agg.process_batch([(0, 0, msg(*[router(T0 + i, app=a, dyno=f"p{i}.1")
                                                       for a in ("shop", "blog") for i in range(4)]))])
-        assert res.counts.refused == [1 + 3, 0, 0]
+        assert res.counts.refused_by_limit() == [1 + 3, 0, 0]
         assert h.counters.values["limit_refused_process_types"] == 4
         assert {(d.app, d.reason.split(":")[0]) for _, d in h.dead} == {
             ("shop", f"more than 3 process types in minute {T0} of shop"),

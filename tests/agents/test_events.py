@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from app.settings import Settings
+
 from typing import Any
 
 import orjson
@@ -10,13 +12,14 @@ import pytest
 from agents.events import ALERT, AUTOSCALE, EventsJob, decode_event
 from app.api.query import MetricsQuery
 from app.clock import ManualClock
-from agents.sink import FATAL_RETRY_S
 from app.errors import PipelineError, StoreError, StoreFatal
 from app.ops.stats import Counters
 from app.storage.events import EVENTS_RESOLUTION_S, events_of
 from tests.api.test_query import SETTINGS, T0, MemoryStore
 
 NOW_S = T0 + 3600
+
+FATAL_RETRY_S = Settings().store_fatal_retry_s
 
 
 def alert(minute_s: int, event: str = "firing", monitor: str = "mon_a", app: str = "shop",

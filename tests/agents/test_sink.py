@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import orjson
 import pytest
 
-from agents.sink import FATAL_RETRY_S, ISOLATE_STREAK, Sink, decode_minute, dead_letter_record
+from agents.sink import ISOLATE_STREAK, Sink, decode_minute, dead_letter_record
 from app.errors import ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
 from app.ops.health import Readiness
 from app.ops.stats import Counters
@@ -19,6 +19,8 @@ from app.settings import Settings
 from app.storage.protocol import MetricItem
 from tables.aggregate import Aggregate, BucketKey
 from tests.storage.test_dynamodb import T0, StoreFactory, _moto_aio, aws, client_error, make_store  # noqa: F401
+
+FATAL_RETRY_S = Settings().store_fatal_retry_s
 
 
 class FlakyStore:

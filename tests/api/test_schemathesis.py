@@ -88,15 +88,7 @@ def base_url() -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def tenant_document() -> dict[str, Any]:
-    """The document without ``/v1/stats``: an operator's endpoint, on the admin port only (security review M2),
-    which app/api/openapi.py still lists."""
-    doc: dict[str, Any] = with_policy_routes(document(SETTINGS))
-    doc["paths"].pop("/v1/stats", None)
-    return doc
-
-
-schema = schemathesis.openapi.from_dict(tenant_document())
+schema = schemathesis.openapi.from_dict(with_policy_routes(document(SETTINGS)))
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance, checks.response_headers_conformance, checks.ignored_auth]
 """Not ``positive_data_acceptance``: a range over the retention, or more points than the limit, is a 400 the

@@ -118,6 +118,7 @@ def main() -> None:
             port = free_port()
             proc = start_role("ingest", worker_env(broker.url, dynamo.endpoint, data_dir=tempfile.mkdtemp(),
                                                    web_port=port, extra={**overrides,
+                                                   "METRICS_ADMIN_PORT": str(free_port()),
                                                    "METRICS_KAFKA_MAX_BATCH_BYTES": str(batch_bytes)}))
             try:
                 # Ready, not only alive: the producer has connected (a 503 before would count as a failure).

@@ -237,7 +237,7 @@ def main() -> int:
                             ("cached", {})):
             port = free_port()
             env = worker_env("kafka://127.0.0.1:1", dynamo.endpoint, data_dir=str(ARTIFACTS), web_port=port,
-                             extra={"METRICS_TABLE_NAME": table, **extra})
+                             extra={"METRICS_TABLE_NAME": table, "METRICS_ADMIN_PORT": str(free_port()), **extra})
             proc = start_role("web", env, log_path=ARTIFACTS / f"bench-query-web-{mode}.log")
             procs.append(proc)
             wait_http(f"http://127.0.0.1:{port}/healthz", 60, proc)

@@ -371,7 +371,10 @@ class FaultProxy(_LoopProxy):
         self.delay_s = 0.0
         self.throttle = 0.0
         self.errors = 0.0
-        self.calls: dict[str, int] = {"forwarded": 0, "throttled": 0, "5xx": 0}
+        self.deny_writes = False
+        """Answer writes (BatchWriteItem, PutItem) 400 AccessDeniedException, as DynamoDB does for a role
+        without the permission: not a bad item, not retriable by the client; the operator must fix it."""
+        self.calls: dict[str, int] = {"forwarded": 0, "throttled": 0, "5xx": 0, "denied": 0}
         self.runner: Any = None
         self.session: Any = None
         self.restore()
@@ -384,6 +387,13 @@ class FaultProxy(_LoopProxy):
         body = await request.read()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        target = request.headers.get("X-Amz-Target", "")
+        if self.deny_writes and target.endswith((".BatchWriteItem", ".PutItem")):
+            self.calls["denied"] += 1
+            return web.Response(status=400, content_type="application/x-amz-json-1.0", body=json.dumps({
+                "__type": "com.amazon.coral.service#AccessDeniedException",
+                "message": f"User: arn:aws:sts::123456789012:assumed-role/minutely-worker is not authorized to "
+                           f"perform: dynamodb:{target.rpartition('.')[2]}"}).encode())
         r = random.random()
         if r < self.throttle:
             self.calls["throttled"] += 1

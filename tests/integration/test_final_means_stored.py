@@ -33,9 +33,9 @@ def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
     traffic = None
     try:
         p.start(data_dir=tmp_path / "state")
-        web_port = free_port()
+        web_port, admin_port = free_port(), free_port()
         env = worker_env(broker.url, dynamo.endpoint, data_dir=str(tmp_path / "web"), web_port=web_port,
-                         extra=p.env_overrides)
+                         extra={**p.env_overrides, "METRICS_ADMIN_PORT": str(admin_port)})
         web = start_role("web", env, log_path=p.log_path.with_name(p.log_path.stem + "-web.log"))
         wait_http(f"http://127.0.0.1:{web_port}/healthz", 60, web)
         tokens = create_tokens(p, ["app-0"])
@@ -49,7 +49,7 @@ def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
             return get(f"{base}&since={since_s}&until={until_s}", tokens["app-0"])
 
         def lag_s() -> list[float]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:  # admin port
                 return [float(line.split()[-1]) for line in r.read().decode().splitlines()
                         if line.startswith("minutely_query_watermark_lag_seconds")]
 

@@ -43,8 +43,10 @@ class Stack:
                           METRICS_BACKOFF_MAX_MS="1000", METRICS_MAX_ATTEMPTS="1")
         self.tmp = tmp
         self.env = worker_env(broker.url, dynamo.endpoint, data_dir=str(tmp / "web"), web_port=free_port(),
-                              extra=self.p.env_overrides)
+                              extra={**self.p.env_overrides, "METRICS_ADMIN_PORT": str(free_port())})
         self.web_port = int(self.env["METRICS_WEB_PORT"])
+        self.admin_url = f"http://127.0.0.1:{self.env['METRICS_ADMIN_PORT']}"
+        """The web process's operator endpoints (/migration, /v1/stats, the migration page)."""
         self.web: subprocess.Popen[bytes] | None = None
         self.writer: subprocess.Popen[bytes] | None = None
         self.proxy = CutProxy(int(dynamo.endpoint.rsplit(":", 1)[1]))  # the DynamoDB writer's way to dynalite
@@ -61,7 +63,8 @@ class Stack:
         self.web.wait(timeout=30)
 
     def start_writer(self) -> None:
-        env = {**self.env, "METRICS_WEB_PORT": str(free_port()), "METRICS_DATA_DIR": str(self.tmp / "writers"),
+        env = {**self.env, "METRICS_WEB_PORT": str(free_port()), "METRICS_ADMIN_PORT": str(free_port()),
+               "METRICS_DATA_DIR": str(self.tmp / "writers"),
                "METRICS_DYNAMODB_ENDPOINT": self.proxy.endpoint}
         log = ARTIFACTS / f"{self.p.env_overrides['METRICS_APP_ID']}-writer.log"
         self.writer = start_role("writer", env, log_path=log, args=("--store", DYNAMO, "-l", "info"))
@@ -76,12 +79,12 @@ class Stack:
         return r.stdout + r.stderr
 
     def report(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/migration", timeout=10) as r:
+        with urllib.request.urlopen(f"{self.admin_url}/migration", timeout=10) as r:
             doc: dict[str, Any] = json.load(r)
             return doc
 
     def counters(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/v1/stats", timeout=10) as r:
+        with urllib.request.urlopen(f"{self.admin_url}/v1/stats", timeout=10) as r:
             doc: dict[str, int] = json.load(r)["counters"]
             return doc
 
@@ -367,7 +370,7 @@ def check_operator_page(s: Stack) -> None:
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=chromedriver))
     try:
-        driver.get(f"http://127.0.0.1:{s.web_port}/dashboard/migration.html")
+        driver.get(f"{s.admin_url}/dashboard/migration.html")  # the operator's page: on the admin port
         plotted = """const c = window.migration && window.migration.charts;
             if (!c || !c.latency || !c.mismatch) return null;
             return {labels: c.latency.series.slice(1).map((x) => x.label),

@@ -4,6 +4,7 @@ faults: test_worker_faults.py and test_broker_faults.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -63,7 +64,15 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
             except urllib.error.HTTPError as exc:
                 assert time.monotonic() < deadline, exc.read()
                 time.sleep(0.5)
-        assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "store": "ok"}}
+        # the worker's own checks and those its stream jobs register (agents/sink.py, agents/events.py)
+        assert ready == {"status": "ready", "checks": {"broker": "ok", "recovery": "ok", "store": "ok",
+                                                       "sink": "ok", "events": "ok"}}
+        with urllib.request.urlopen(f"{p.url}/readyz", timeout=5) as r:  # the tenants' port: the status alone
+            assert json.load(r) == {"status": "ready"}
+        for path in ("/metrics", "/v1/stats"):  # operator data is on the admin port only
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"{p.url}{path}", timeout=5)
+            assert err.value.code == 404, path
 
         with urllib.request.urlopen(f"{p.admin_url()}/metrics", timeout=5) as r:
             text = r.read().decode()

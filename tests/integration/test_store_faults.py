@@ -8,6 +8,7 @@ a TCP proxy that resets connections as requests pass (tests/integration/pipeline
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -133,6 +134,57 @@ def test_slow_failing_and_down_store_lose_nothing_and_queries_answer_503(
               f"sink retries {stats.get('sink_retries', 0)}; queries {statuses.count(200)}x 200, "
               f"{statuses.count(503)}x 503, 0x 500 (down {down_s:.0f} s); all stored {caught_up_s:.1f} s after the "
               "store came back")
+    finally:
+        p.stop()
+        proxy.close()
+
+
+def test_sink_under_an_auth_error_stops_and_stores_every_minute_once_after_the_fix(
+        broker: KafkaBroker, dynamo: DynamoServer, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The worker's role loses dynamodb:BatchWriteItem (AccessDeniedException on every write) while minutes
+    arrive: nothing is dead-lettered, readiness turns false with the fix in its reason; once the permission is
+    back, every minute is stored once (equal to the truth)."""
+    p, proxy = behind_proxy("dynamodb", broker, dynamo, request, tmp_path)
+    p.env_overrides["METRICS_STORE_FATAL_RETRY_S"] = "3"
+    try:
+        proxy.deny_writes = True
+        p.start(data_dir=tmp_path / "state")
+        start_ms = (int(time.time() * 1000) // 60_000 - 5) * 60_000
+        gen = Generator(apps=2, dynos=2, seed=5, start_ms=start_ms, keep_truth=True, realistic=True)
+        msgs = gen.messages(per_message=300, span_ms=10_000)
+        asyncio.run(produce(broker.address, p.settings.observations_topic, [next(msgs) for _ in range(2 * 6 * 4)]))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ready = p.get("/readyz")
+            except urllib.error.HTTPError as exc:  # 503: not ready, with the reasons
+                ready = json.loads(exc.read())
+            sink = ready.get("checks", {}).get("sink", "ok")
+            if sink != "ok" and proxy.calls["denied"] >= 1:
+                break
+            assert time.monotonic() < deadline, f"readiness never turned false: {ready}, {proxy.calls}"
+            time.sleep(1)
+        assert "AccessDenied" in str(sink) and "BatchWriteItem" in str(sink), sink
+        stats = p.stats()
+        assert stats.get("sink_dead_lettered", 0) == 0 and stats.get("sink_items_written", 0) == 0, stats
+        denied = proxy.calls["denied"]
+        proxy.deny_writes = False  # the operator grants the permission again
+        t_fixed = time.monotonic()
+        truth = gen.truth
+        assert truth is not None
+        keys = truth.keys()
+        deadline = time.monotonic() + 120
+        while len(stored := p.stored(["app-0", "app-1"], ["web", "worker", "app"], start_ms // 1000,
+                                     start_ms // 1000 + 3600)) < len(keys):
+            assert time.monotonic() < deadline, f"{len(stored)} of {len(keys)} minutes stored"
+            time.sleep(1)
+        check_against_truth(stored, truth)
+        stats = p.stats()
+        assert stats.get("sink_dead_lettered", 0) == 0
+        assert p.get("/readyz")["checks"]["sink"] == "ok"
+        print(f"\nsink under an auth error: {denied} writes denied, 0 dead-lettered, readiness false with "
+              f"{str(sink)[:120]!r}; after the fix all {len(keys)} minutes stored once, "
+              f"{time.monotonic() - t_fixed:.1f} s later")
     finally:
         p.stop()
         proxy.close()

@@ -352,7 +352,7 @@ def test_process_types_are_capped_per_app_and_minute_other_apps_exact(clock: Man
     flood = [router(T0 + i, app="flood", dyno=f"p{i}.1") for i in range(20)]
     r = ingest(pw, 0, msg(*flood, *[router(T0 + i, app="shop", dyno=f"w{i % 3}.1") for i in range(20)]))
     assert {k[1] for k in pw.windows if k[0] == "flood"} == {"p0", "p1", "p2"}
-    assert r.counts.refused == [17, 0, 0] and r.counts.rejected == 17 and r.counts.accepted == 23
+    assert r.counts.refused_by_limit() == [17, 0, 0] and r.counts.rejected == 17 and r.counts.accepted == 23
     assert sum(a.requests for k, a in pw.windows.items() if k[0] == "shop") == 20  # the other app: exact
     refused = [d for d in r.dead if d.app == "flood"]
     assert len(refused) == 17 and "more than 3 process types" in refused[0].reason
@@ -360,11 +360,11 @@ def test_process_types_are_capped_per_app_and_minute_other_apps_exact(clock: Man
     # An app in a column-wise message (one app, many requests) goes the same way; a known process type too.
     r = ingest(pw, 1, msg(*[router(T0 + 100 + i, app="flood", dyno="p1.1") for i in range(20)],
                           router(T0 + 200, app="flood", dyno="p9.1")))
-    assert r.counts.accepted == 20 and r.counts.refused == [1, 0, 0]
+    assert r.counts.accepted == 20 and r.counts.refused_by_limit() == [1, 0, 0]
     assert pw.windows[("flood", "p1", T0)].requests == 21
     # The next minute has its own count; closing a minute frees its process types.
     r = ingest(pw, 2, msg(*[router(T0 + 60_000 + i, app="flood", dyno=f"q{i}.1") for i in range(4)]))
-    assert r.counts.refused == [1, 0, 0]
+    assert r.counts.refused_by_limit() == [1, 0, 0]
     pw.mark_closed([a for a in pw.windows.values() if a.key.start_ms == T0])
     assert ("flood", T0) not in pw.procs and pw.procs[("flood", T0 + 60_000)] == 3
     assert not any(k[1] == T0 for k in pw.refused)
@@ -373,7 +373,7 @@ def test_process_types_are_capped_per_app_and_minute_other_apps_exact(clock: Man
 def test_refusals_past_the_dead_letter_cap_are_counted_only(pw: PartitionWindows, clock: ManualClock) -> None:
     pw = _limited_pw(clock, limited(max_process_types=1))
     r = ingest(pw, 0, msg(*[router(T0 + i % 50_000, app="flood", dyno=f"p{i}.1") for i in range(1_000)]))
-    assert r.counts.refused == [999, 0, 0] and r.counts.rejected == 999
+    assert r.counts.refused_by_limit() == [999, 0, 0] and r.counts.rejected == 999
     assert len(r.dead) == 100 and "only counted (limit_refused_process_types)" in r.dead[-1].reason
     assert len(pw.windows) == 1  # refusing costs no state
 
@@ -383,7 +383,7 @@ def test_addon_sources_are_capped_per_app_and_minute(clock: ManualClock) -> None
     addon = {"kind": "addon", "app": "shop", "samples": {"db_size": 1.0}}
     r = ingest(pw, 0, msg(*[{**addon, "ts": T0 + i, "source": f"DB{i}"} for i in range(4)],
                           {**addon, "ts": T0 + 9, "source": "DB0"}))
-    assert r.counts.accepted == 3 and r.counts.refused == [0, 2, 0]
+    assert r.counts.accepted == 3 and r.counts.refused_by_limit() == [0, 2, 0]
     assert "more than 2 add-on sources" in r.dead[0].reason and "'DB2'" in r.dead[0].reason
     assert set(pw.windows[("shop", "app", T0)].addons) == {"DB0", "DB1"}
     assert not pw.procs  # the add-on series is not a process type
@@ -397,10 +397,11 @@ def test_a_limit_override_applies_to_one_app_and_without_a_restart(clock: Manual
     pw = _limited_pw(clock, limits.of)
     six = [router(T0 + i, app=a, dyno=f"p{i}.1") for a in ("shop", "blog") for i in range(6)]
     r = ingest(pw, 0, msg(*six))
-    assert r.counts.refused == [8, 0, 0]
+    assert r.counts.refused_by_limit() == [8, 0, 0]
+    assert r.counts.refused == {("shop", 0): 4, ("blog", 0): 4}  # counted per app
     limits._overrides = parse_overrides({"overrides": {"shop": {"max_process_types": 5}}}, limits.defaults)
     r = ingest(pw, 1, msg(*[{**o, "ts": o["ts"] + 100} for o in six]))
-    assert r.counts.refused == [1 + 4, 0, 0]
+    assert r.counts.refused_by_limit() == [1 + 4, 0, 0]
     assert len({k[1] for k in pw.windows if k[0] == "shop"}) == 5
     assert len({k[1] for k in pw.windows if k[0] == "blog"}) == 2
 
@@ -411,7 +412,7 @@ def test_restore_recounts_process_types(clock: ManualClock) -> None:
     fresh = _limited_pw(clock, limited(max_process_types=2))
     fresh.restore(list(pw.windows.values()), dict(pw.apps), pw.offset)
     r = ingest(fresh, 1, msg(router(T0 + 1, dyno="c.1"), router(T0 + 2, dyno="a.1")))
-    assert r.counts.refused == [1, 0, 0] and r.counts.accepted == 1
+    assert r.counts.refused_by_limit() == [1, 0, 0] and r.counts.accepted == 1
 
 
 def test_dyno_and_app_caches_are_bounded_lrus() -> None:
