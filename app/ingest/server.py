@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import msgspec
@@ -158,12 +159,24 @@ class Ingest:
         resp.force_close()  # the rest of the body stays unread
         return resp
 
-    async def _offloop(self, body: bytes, parse: Callable[[bytes], T]) -> T:
-        """Small bodies are parsed inline (a thread hop costs more); large ones in a thread, so the loop keeps
-        answering health checks and other tenants meanwhile."""
-        if len(body) <= self.settings.ingest_parse_inline_bytes:
-            return parse(body)
-        return await asyncio.to_thread(parse, body)
+    @asynccontextmanager
+    async def _admitted(self, request: web.Request, info: TokenInfo, *, drain: bool
+                        ) -> AsyncIterator[bytes | web.Response]:
+        """The body, read under the app's and token's budgets (held until the block ends), or the refusal."""
+        refusal = self.admission.refuse_early(info.app)
+        if refusal is not None:
+            yield self._refused(refusal, info.app, drain=drain)
+            return
+        async with self.admission.body(request, info.app, info.id) as body:
+            yield self._refused(body, info.app, drain=drain) if isinstance(body, Refusal) else body
+
+    async def _parse(self, app: str, body: bytes, parse: Callable[[bytes], T]) -> T:
+        """In one of the process's parse slots, app by app. Small bodies are parsed inline (a thread hop costs
+        more); large ones in a thread, so the loop keeps answering health checks and other tenants."""
+        async with self.admission.slot(app):
+            if len(body) <= self.settings.ingest_parse_inline_bytes:
+                return parse(body)
+            return await asyncio.to_thread(parse, body)
 
     @answers_unavailable
     async def drain(self, request: web.Request) -> web.Response:
@@ -177,16 +190,12 @@ class Ingest:
         frame_id = request.headers.get("Logplex-Frame-Id")
         if frame_id is not None and len(frame_id) > 200:
             return error(400, "bad_frame_id", "Logplex-Frame-Id longer than 200 characters")
-        refusal = self.admission.refuse_early(app)
-        if refusal is not None:
-            return self._refused(refusal, app, drain=True)
-        async with self.admission.body(request, app, info.id) as body:
-            if isinstance(body, Refusal):
-                return self._refused(body, app, drain=True)
+        async with self._admitted(request, info, drain=True) as body:
+            if isinstance(body, web.Response):
+                return body
             max_line = self.settings.ingest_max_line_bytes
             try:
-                async with self.admission.slot(app):
-                    frame = await self._offloop(body, lambda b: logplex.parse_frame(b, app, max_line_bytes=max_line))
+                frame = await self._parse(app, body, lambda b: logplex.parse_frame(b, app, max_line_bytes=max_line))
             except logplex.FrameError as exc:
                 return error(400, "malformed_frame", str(exc))
             if count is not None and int(count) != frame.messages:
@@ -260,16 +269,12 @@ class Ingest:
         idem = request.headers.get("Idempotency-Key")
         if idem is not None and not 1 <= len(idem) <= 200:
             return error(400, "bad_idempotency_key", "Idempotency-Key must be 1..200 characters")
-        refusal = self.admission.refuse_early(app)
-        if refusal is not None:
-            return self._refused(refusal, app, drain=False)
-        async with self.admission.body(request, app, info.id) as body:
-            if isinstance(body, Refusal):
-                return self._refused(body, app, drain=False)
+        async with self._admitted(request, info, drain=False) as body:
+            if isinstance(body, web.Response):
+                return body
             max_rejects = MAX_REJECTS_RETURNED
-            async with self.admission.slot(app):
-                parsed = await self._offloop(
-                    body, lambda b: parse_json_body(b, self.settings.max_message_bytes, max_rejects=max_rejects))
+            parsed = await self._parse(
+                app, body, lambda b: parse_json_body(b, self.settings.max_message_bytes, max_rejects=max_rejects))
             if isinstance(parsed, models.Reject):
                 return error(400, "malformed_body", parsed.reason)
             items, more_rejects = parsed

@@ -22,7 +22,7 @@ from app.cli import LINGERING_S
 from app.clock import ManualClock
 from app.ingest.dedup import FrameDedup
 from app.ingest.server import Ingest, make_ingest_app
-from app.local.loadgen import frame
+from app.local.loadgen import frame, logplex_headers
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.tokens import TokenStore
@@ -156,11 +156,19 @@ async def test_drain_and_json_api_matrix(tenants: Tenants) -> None:
             path, token = f"{path}?token={token}", None
         return (await c.post(path, data=data, headers=bearer(token))).status
 
-    assert await post(drain, t["shop-drain"], body) == 204
-    assert await post(drain, t["shop-drain"], body, query=True) == 204  # Heroku drain URLs may carry it
-    assert await post(drain, None, body) == 401
+    async def logplex(token: str | None, *, in_url: str = "basic") -> int:
+        """As Logplex sends it: the drain id in Logplex-Drain-Token, the token in the drain URL."""
+        headers = logplex_headers(token or "none", 1, in_url=in_url if token else "none")
+        path = f"{drain}?token={token}" if token and in_url == "query" else drain
+        return (await c.post(path, data=body, headers=headers)).status
+
+    assert await logplex(t["shop-drain"]) == 204
+    assert await logplex(t["shop-drain"], in_url="query") == 204
+    assert await post(drain, t["shop-drain"], body) == 204  # a sender other than Logplex: Bearer
+    assert await logplex(None) == 401  # the drain id alone is no token
     for wrong in ("shop-read", "shop-write", "revoked-drain"):
-        assert await post(drain, t[wrong], body) == 403, wrong
+        assert await logplex(t[wrong]) == 403, wrong
+        assert await logplex(t[wrong], in_url="query") == 403, wrong
     obs = orjson.dumps([{"kind": "router", "app": "shop", "dyno": "web.1", "ts": T0 * 1000, "status": 200,
                          "service_ms": 3.0}, {"kind": "router", "app": "other", "dyno": "web.1", "ts": T0 * 1000,
                                               "status": 200, "service_ms": 3.0}])
@@ -171,8 +179,8 @@ async def test_drain_and_json_api_matrix(tenants: Tenants) -> None:
     assert await post("/v1/observations", t["shop-write"], obs, query=True) == 401  # would end up in access logs
     for wrong in ("shop-read", "shop-drain", "revoked-write", "other-read"):
         assert await post("/v1/observations", t[wrong], obs) == 403, wrong
-    # Everything produced is the token's app's, and only from the accepted calls (two frames, one batch).
-    assert [k for _, records in tenants.produced for k, _ in records] == [b"shop", b"shop", b"shop"]
+    # Everything produced is the token's app's, and only from the accepted calls (three frames, one batch).
+    assert [k for _, records in tenants.produced for k, _ in records] == [b"shop"] * 4
 
 
 async def test_ingest_body_limits_and_slow_bodies(tenants: Tenants) -> None:
