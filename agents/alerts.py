@@ -33,6 +33,7 @@ drop it by ``X-Minutely-Event``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, MutableMapping, Sequence
@@ -408,22 +409,44 @@ def owner_locator(faust_app: Any, settings: Settings, *, table_name: str = "moni
     return locate
 
 
+def command_sender(topic: Any, settings: Settings) -> Callable[[str, bytes], Awaitable[None]]:
+    """Produce a policy command to ``topic`` (a Faust topic: ``send`` returns a future resolved on the
+    broker's acknowledgement) and return once it is acknowledged, within ``produce_timeout_s``: a broker that
+    does not answer is a RetriableError (the API's 503 with Retry-After), not a request that hangs (security
+    review L7). The command may still reach the topic after the timeout: the client's retry is a new command,
+    as after any 503."""
+    from aiokafka.errors import KafkaError
+
+    timeout_s = settings.produce_timeout_s
+
+    async def produce(app: str, value: bytes) -> None:
+        fut = await topic.send(key=app.encode(), value=value)
+        # Shielded: on the timeout only the wait ends; Faust's producer still settles its own future.
+        await asyncio.shield(fut)
+
+    async def send(app: str, value: bytes) -> None:
+        try:
+            await asyncio.wait_for(produce(app, value), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise RetriableError(f"policy command for {app!r} not acknowledged by the broker within {timeout_s:g} s",
+                                 action=f"check the brokers ({PREFIX}BROKER_URL); the client may retry",
+                                 retry_after_s=max(1.0, min(timeout_s, 5.0))) from None
+        except KafkaError as exc:
+            raise RetriableError(f"policy command not acknowledged: {exc!r}",
+                                 action="check the brokers; the client may retry") from None
+    return send
+
+
 def policy_backend(faust_app: Any, settings: Settings, *, monitors: Callable[[str], AppMonitors | None],
                    policies: Callable[[str], AppPolicies | None], results: CommandResults,
                    forwarder: Forwarder | None = None) -> PolicyBackend:
     """The web API's view of this worker: ownership, local tables, the commands topic, and where another
-    worker's app is read (when ``forwarder`` is given)."""
-    from aiokafka.errors import KafkaError
-
+    worker's app is read (when ``forwarder`` is given, limited to ``forward_allowed_suffix``)."""
     from app.app import policy_commands_topic
 
-    async def send(app: str, value: bytes) -> None:
-        try:
-            fut = await policy_commands_topic.send(key=app.encode(), value=value)
-            await fut
-        except KafkaError as exc:
-            raise RetriableError(f"policy command not acknowledged: {exc!r}",
-                                 action="check the brokers; the client may retry") from None
+    if forwarder is not None:
+        forwarder.allow_only(settings.forward_allowed_suffix)
+    send = command_sender(policy_commands_topic, settings)
 
     def owner(app: str) -> str:
         owned = owned_partitions(faust_app, settings.metrics_topic)

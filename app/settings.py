@@ -208,6 +208,10 @@ class Settings:
     ingest_work_slots: int = 4
     """Requests parsed at once per ingest process. When all are busy, waiting requests are served app by
     app in turn (not first come first served), so a flooding app waits behind its own backlog only."""
+    ingest_max_active_requests: int = 16
+    """Requests one ingest process works on at once (reading, parsing, producing) before apps are held to
+    their share of them (this over the apps with requests in progress); past its share an app's request is
+    refused before its body is read."""
     ingest_max_waiting_per_app: int = 8
     """Requests one app may have waiting for a parse slot; beyond it the request is refused before its
     body is read (503 on the drain, 429 on the JSON API)."""
@@ -274,6 +278,12 @@ class Settings:
     """How the other workers reach this worker's web port (Faust's ``canonical_url``): reads of an app
     another worker owns are forwarded there. Empty: ``http://{hostname}:{web_port}``. Must differ per worker;
     on Kubernetes the StatefulSet pod's DNS name, ``http://<pod>.<headless service>.<namespace>.svc:6066``."""
+    forward_allowed_suffix: str = ""
+    """Where a read may be forwarded (with the client's Authorization header): comma-separated DNS suffixes
+    (``<headless service>.<namespace>.svc``) and/or IP networks. The owner's URL comes from Kafka consumer
+    group metadata, so any other target is refused (503, logged). Empty: the domain of ``advertised_url``
+    (the headless Service's, on Kubernetes); with no domain there (the local stack), loopback and this host
+    only (app/api/policies.py ForwardTargets)."""
     query_timeout_s: float = 5.0
     """A query (or its token check) the store has not answered within this gets 503 with Retry-After; the
     reads go on and fill the caches. Without it a down store holds requests for its client's whole retry

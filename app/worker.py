@@ -109,6 +109,9 @@ class Runtime(Service):
         gate.started()
         await notifier.start()
         await policy_forwarder.start()
+        # The read API shares this event loop with the stream jobs: make_web_app caps the queries computing at
+        # once (METRICS_QUERY_MAX_CONCURRENT, per app METRICS_QUERY_MAX_CONCURRENT_PER_APP) and rate-limits each
+        # app (METRICS_LIMIT_QUERY_*, following METRICS_LIMITS_FILE while the runner is set up).
         self._runner = web.AppRunner(make_web_app(query, settings, counters,
                                                   extra=add_routes,
                                                   authorize=token_authorizer(tokens)),

@@ -15,7 +15,7 @@ OPENAPI_PATH = "/v1/openapi.json"
 
 _ERROR_CODES = ["unauthorized", "invalid_token", "not_found", "invalid_app", "invalid_process_type",
                 "invalid_range", "invalid_resolution", "range_too_large", "too_many_points", "unavailable",
-                "store_error"]
+                "store_error", "rate_limited", "overloaded"]
 
 
 _EPOCH = {"type": "integer", "minimum": 0, "maximum": 10**11}
@@ -92,7 +92,11 @@ def document(settings: Settings) -> dict[str, Any]:
     auth_responses = {
         "401": _error("no token, or not a live read token (`unauthorized`, `invalid_token`)"),
         "404": _error("`not_found`: the app does not exist or the token is for another app (the same answer)"),
-        "503": _error("`unavailable` (with Retry-After) or `store_error`: DynamoDB cannot answer now"),
+        "429": {**_error("`rate_limited`: the app is over its read API rate (per app, all its tokens; 304s "
+                         "count); retry after Retry-After seconds"),
+                "headers": {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}}},
+        "503": _error("`unavailable` (with Retry-After) or `store_error`: DynamoDB cannot answer now; "
+                      "`overloaded` (with Retry-After): too many queries computing at once here"),
     }
     return {
         "openapi": "3.1.0",
@@ -171,8 +175,8 @@ def document(settings: Settings) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "events with since <= ts < until; Cache-Control: private, no-cache",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Events"}}}},
-                    "400": _error(f"bad parameter or range over the {settings.ttl_days:g}-day retention "
-                                  "(`range_too_large`)"),
+                    "400": _error(f"bad parameter or range over {settings.events_max_range_days:g} days "
+                                  "(`range_too_large`: events are read uncached)"),
                     **auth_responses,
                 }}},
             "/v1/whoami": {"get": {
@@ -182,7 +186,8 @@ def document(settings: Settings) -> dict[str, Any]:
                                       "content": {"application/json": {"schema": {
                                           "type": "object", "properties": {"app": {"type": "string"},
                                                                            "kind": {"type": "string"}}}}}},
-                              "401": auth_responses["401"], "503": auth_responses["503"]}}},
+                              "401": auth_responses["401"], "429": auth_responses["429"],
+                              "503": auth_responses["503"]}}},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",
                                  "responses": {"200": {"description": "alive"}}}},
             "/dashboard/": {"get": {"operationId": "dashboard", "summary": "The metrics dashboard (HTML)",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import logging
 import uuid
 from dataclasses import dataclass
@@ -119,18 +120,91 @@ def same_origin(a: str, b: str) -> bool:
     return (ua.scheme, (ua.host or "").lower(), ua.port) == (ub.scheme, (ub.host or "").lower(), ub.port)
 
 
+_LOCAL_NAMES = ("localhost",)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+class ForwardTargets:
+    """Which advertised URLs a read may be forwarded to (security review L10): the URL comes from a consumer
+    group member's assignment metadata, and the forward carries the client's ``Authorization`` header, so a
+    group member advertising a host of its own would collect read tokens.
+
+    ``allowed`` (``forward_allowed_suffix``): comma-separated DNS suffixes (``host == s`` or
+    ``host.endswith("." + s)``) and/or IP networks (``10.0.0.0/8``, ``127.0.0.1``). Empty: derived from this
+    worker's own advertised URL -- a name with a domain (the chart's ``<pod>.<headless service>.<namespace>.svc``)
+    allows that domain (the headless Service's: only the StatefulSet's pods have names there); a bare hostname,
+    loopback or IP (the local stack) allows only loopback, ``localhost`` and this host's own name.
+    """
+
+    def __init__(self, self_url: str, allowed: str = "") -> None:
+        self.suffixes: tuple[str, ...] = ()
+        self.networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        self.names: tuple[str, ...] = ()
+        entries = [e.strip().lower().strip(".") for e in allowed.split(",") if e.strip().strip(".")]
+        if entries:
+            nets, suffixes = [], []
+            for e in entries:
+                try:
+                    nets.append(ipaddress.ip_network(e, strict=False))
+                except ValueError:
+                    suffixes.append(e)
+            self.networks, self.suffixes = tuple(nets), tuple(suffixes)
+            self.source = "forward_allowed_suffix"
+            return
+        host = (URL(self_url).host or "").lower().rstrip(".")
+        if host and _ip(host) is None and "." in host:
+            self.suffixes = (host.split(".", 1)[1],)
+            self.source = f"the domain of this worker's advertised URL {self_url}"
+        else:
+            self.networks = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+            self.names = _LOCAL_NAMES + ((host,) if host and _ip(host) is None else ())
+            self.source = f"loopback only (this worker's advertised URL {self_url} names no domain)"
+
+    def allows(self, url: str) -> bool:
+        try:
+            u = URL(url)
+        except ValueError:
+            return False
+        host = (u.host or "").lower().rstrip(".")
+        if u.scheme not in ("http", "https") or not host or u.user is not None:
+            return False
+        ip = _ip(host)
+        if ip is not None:
+            return any(ip in net for net in self.networks if net.version == ip.version)
+        return host in self.names or any(host == s or host.endswith("." + s) for s in self.suffixes)
+
+    def describe(self) -> str:
+        allowed = [*self.suffixes, *map(str, self.networks), *self.names]
+        return f"{', '.join(allowed) or 'nothing'} ({self.source})"
+
+
 class Forwarder:
     """Forwards a read to the worker that owns the app and relays its answer.
 
     Owns one HTTP session for the process's lifetime (:meth:`start` / :meth:`stop`): connections to the
     other workers are reused, and every forward is bounded by ``timeout_s`` (``connect_timeout_s`` to open
-    a connection), so a stuck owner costs the client a 503 with Retry-After, not a hung request.
+    a connection), so a stuck owner costs the client a 503 with Retry-After, not a hung request. Only owners
+    whose URL :class:`ForwardTargets` allows are asked (``allowed``, or :meth:`allow_only` later); any other
+    is refused with a 503 and logged, and never sees the client's credentials.
     """
 
-    def __init__(self, *, self_url: str, timeout_s: float = 5.0, connect_timeout_s: float = 1.0) -> None:
+    def __init__(self, *, self_url: str, timeout_s: float = 5.0, connect_timeout_s: float = 1.0,
+                 allowed: str = "") -> None:
         self.self_url = self_url
         self.timeout = ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+        self.targets = ForwardTargets(self_url, allowed)
         self._session: ClientSession | None = None
+
+    def allow_only(self, allowed: str) -> None:
+        """Replace the allowed targets (``forward_allowed_suffix``; empty: keep the derived default)."""
+        if allowed.strip():
+            self.targets = ForwardTargets(self.self_url, allowed)
 
     async def start(self) -> None:
         if self._session is None:
@@ -149,6 +223,13 @@ class Forwarder:
         """The owner's answer to the same method, path and query (with the client's credentials)."""
         if self._session is None:
             raise RuntimeError("Forwarder.forward before start()")
+        if not self.targets.allows(owner_url):
+            log.error("read %s %s not forwarded: its owner advertises %r, outside the allowed forward targets %s; "
+                      "a consumer-group member may be misconfigured or hostile -- check the group's members, or "
+                      "set METRICS_FORWARD_ALLOWED_SUFFIX", request.method, request.rel_url.path, owner_url[:200],
+                      self.targets.describe())
+            return error(503, "owner_unavailable", "the worker that evaluates this app cannot be reached from here; "
+                                                   "retry shortly", {"Retry-After": "1"})
         target = URL(owner_url).join(request.rel_url)
         headers = {h: request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in request.headers}
         headers[FORWARDED_HEADER] = self.self_url

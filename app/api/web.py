@@ -12,15 +12,36 @@ dashboard asks for the token and sends it as Bearer). The operator's endpoints (
 Every response says ``X-Content-Type-Options: nosniff``; the dashboard's pages and files also carry a CSP
 (:data:`DASHBOARD_CSP`: its scripts and styles are files of its own origin, nothing inline) and
 ``Referrer-Policy: no-referrer``, since its read token lives in the page's sessionStorage.
+
+Fairness between tenants (security review M7), in each query process (web or worker) on its own:
+
+* a rate limit per app (:class:`QueryRate`): a token bucket of ``query_rate_per_s`` requests and
+  ``query_burst`` (app/limits.py: ``METRICS_LIMIT_QUERY_*`` defaults, per-app overrides in the limits file)
+  shared by all the app's read tokens, so minting tokens buys no extra rate. Charged on every request whose
+  token is valid, right after the token check -- before the app in the path is compared (a 429 depends on the
+  caller's own bucket only, so it tells nothing about another app) and before any parameter is read. A
+  conditional request that ends in a 304 is charged like any other: its ETag is the answer's, so the answer is
+  looked up (or computed) all the same; only the bytes on the wire are saved. Past it: 429 ``rate_limited``
+  with Retry-After (the time until the bucket holds a request again), counted per app (``query_refused_rate``).
+* a cap on queries computing at once (:class:`QueryGate`): ``query_max_concurrent`` slots, of which one app
+  holds at most ``query_max_concurrent_per_app``; a query without a slot waits up to
+  ``query_queue_timeout_s`` (freed slots go to the waiting apps in turn), then 503 ``overloaded`` with
+  Retry-After (``query_refused_busy``). A slot is held until the store work ends, even past the query
+  timeout (the work goes on, shielded), so a hung store cannot pile up unbounded reads. On a worker this
+  bounds what tenants' queries take from the stream jobs on the same event loop.
+* ``/events`` is not cached (every call reads its whole range from the store), so its range is capped at
+  ``events_max_range_days`` (400 ``range_too_large`` beyond it); ``/metrics`` keeps the retention as its bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import orjson
 from aiohttp import web
@@ -28,7 +49,9 @@ from aiohttp import web
 from app import models
 from app.api.openapi import OPENAPI_PATH, document
 from app.api.query import RESOLUTION_NAMES, Authorize, QueryEngine, auto_resolution
+from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError
+from app.limits import Limits
 from app.ops.stats import CATALOGUE, Counters
 from app.settings import WINDOW_S, Settings
 from app.storage.tokens import bearer
@@ -41,6 +64,8 @@ SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 COUNTERS_KEY: web.AppKey[Counters] = web.AppKey("counters", Counters)
 AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
 OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+RATE_KEY: web.AppKey["QueryRate"] = web.AppKey("query_rate")
+GATE_KEY: web.AppKey["QueryGate"] = web.AppKey("query_gate")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -131,6 +156,150 @@ def _retrieve(task: "asyncio.Future[Any]") -> None:
         task.exception()
 
 
+MAX_TRACKED_APPS = 100_000
+"""Rate buckets kept (least recently used dropped: a dropped bucket is a full one, which it nearly always is)."""
+MAX_RETRY_AFTER_S = 60
+
+
+class QueryRate:
+    """Per-app token buckets of read API requests: ``query_burst`` deep, refilled at ``query_rate_per_s``
+    (the app's limits, re-read on every request, so an override applies without a restart). One per process
+    (a single event loop: no locks)."""
+
+    def __init__(self, limits: Limits, clock: Clock | None = None) -> None:
+        self.limits = limits
+        self.clock = clock or SystemClock()
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        """app -> [requests the bucket holds, when it was last refilled (ms)]"""
+
+    def take(self, app: str) -> int | None:
+        """Charge one request to ``app``: None when it may go on, else the seconds until it may retry."""
+        now_ms = self.clock.now_ms()
+        lim = self.limits.of(app)
+        burst = float(lim.query_burst)
+        b = self._buckets.get(app)
+        if b is None:
+            b = self._buckets[app] = [burst, float(now_ms)]
+            if len(self._buckets) > MAX_TRACKED_APPS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(app)
+            b[0] = min(burst, b[0] + max(0.0, now_ms - b[1]) / 1000 * lim.query_rate_per_s)
+            b[1] = float(now_ms)
+        if b[0] >= 1:
+            b[0] -= 1
+            return None
+        rate = lim.query_rate_per_s
+        wait_s = math.ceil((1 - b[0]) / rate) if rate > 0 else MAX_RETRY_AFTER_S
+        return max(1, min(wait_s, MAX_RETRY_AFTER_S))
+
+
+class QueryGate:
+    """At most ``slots`` queries computing at once, at most ``per_app`` of them one app's. A query without a
+    slot waits up to ``wait_s``; a freed slot goes to the waiting apps in turn (round robin, first come first
+    served within an app), skipping apps that already hold their share. ``slots`` 0: no cap."""
+
+    def __init__(self, slots: int, per_app: int, wait_s: float) -> None:
+        self.slots = max(0, slots)
+        self.per_app = min(per_app, self.slots) if per_app > 0 else self.slots
+        self.per_app = max(1, self.per_app)
+        self.wait_s = wait_s
+        self.busy = 0
+        self.held: dict[str, int] = {}
+        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+
+    def _free_for(self, app: str) -> bool:
+        return self.busy < self.slots and self.held.get(app, 0) < self.per_app
+
+    def _take(self, app: str) -> None:
+        self.busy += 1
+        self.held[app] = self.held.get(app, 0) + 1
+
+    async def acquire(self, app: str) -> bool:
+        """True: a slot is held (give it back with :meth:`release`); False: none freed within ``wait_s``."""
+        if self.slots == 0:
+            return True
+        if app not in self._queues and self._free_for(app):
+            self._take(app)
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(app, deque()).append(fut)
+        try:
+            await asyncio.wait((fut,), timeout=self.wait_s)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(app)  # handed a slot while being cancelled: pass it on
+            else:
+                self._forget(app, fut)
+            raise
+        if fut.done():
+            return True  # handed over by _dispatch, already counted
+        self._forget(app, fut)
+        return False
+
+    def release(self, app: str) -> None:
+        if self.slots == 0:
+            return
+        self.busy -= 1
+        left = self.held[app] - 1
+        if left:
+            self.held[app] = left
+        else:
+            del self.held[app]
+        self._dispatch()
+
+    def _forget(self, app: str, fut: "asyncio.Future[None]") -> None:
+        fut.cancel()
+        q = self._queues.get(app)
+        if q is not None and fut in q:
+            q.remove(fut)
+            if not q:
+                del self._queues[app]
+
+    def _dispatch(self) -> None:
+        """Free slots to the first waiting apps, in turn, that hold less than their share."""
+        while self.busy < self.slots:
+            for app, q in self._queues.items():
+                if self.held.get(app, 0) < self.per_app:
+                    break
+            else:
+                return
+            fut = q.popleft()
+            if q:
+                self._queues.move_to_end(app)  # its next query waits for every other app's turn
+            else:
+                del self._queues[app]
+            if not fut.done():
+                self._take(app)
+                fut.set_result(None)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+
+async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]]) -> T | web.Response:
+    """``make()`` in one of the process's query slots and within the query timeout; else the 503 to answer
+    (no slot in time, the store down or slow). The slot is given back when the work ends, not when this
+    request stops waiting for it."""
+    gate = request.app[GATE_KEY]
+    if not await gate.acquire(app):
+        request.app[COUNTERS_KEY].inc_app("query_refused_busy", app)
+        return error(503, "overloaded", f"no query slot freed within {gate.wait_s:g} s (at most {gate.slots} "
+                     f"queries compute at once here, {gate.per_app} of one app); retry after the delay",
+                     {"Retry-After": str(max(1, math.ceil(gate.wait_s)))})
+    try:
+        task = asyncio.ensure_future(make())
+    except BaseException:
+        gate.release(app)
+        raise
+    task.add_done_callback(lambda _: gate.release(app))
+    try:
+        return await _bounded(request, task)
+    except (RetriableError, StoreError) as exc:
+        return _unavailable(exc)
+
+
 async def _token_app(request: web.Request) -> str | web.Response:
     """The app the request's read token grants, or the 401/503 to answer."""
     token = bearer(request.headers, {})  # not ?token=: query strings end up in access logs
@@ -148,6 +317,13 @@ async def _token_app(request: web.Request) -> str | web.Response:
         return error(401, "invalid_token", "the token is not a valid read token (revoked, mistyped, or a "
                      "drain/write token); create a read token for the app",
                      {"WWW-Authenticate": 'Bearer realm="minutely", error="invalid_token"'})
+    retry_after_s = request.app[RATE_KEY].take(app)
+    if retry_after_s is not None:
+        request.app[COUNTERS_KEY].inc_app("query_refused_rate", app)
+        lim = request.app[RATE_KEY].limits.of(app)
+        return error(429, "rate_limited", f"app {app!r} is over its read API rate of {lim.query_rate_per_s:g} "
+                     f"requests/s (burst {lim.query_burst}); retry after the delay (the operator can raise the "
+                     "app's limit)", {"Retry-After": str(retry_after_s)})
     return app
 
 
@@ -197,10 +373,10 @@ async def get_metrics(request: web.Request) -> web.Response:
     if points > settings.max_query_points:
         return error(400, "too_many_points", f"{points} points at {res} s resolution; at most "
                      f"{settings.max_query_points} per request: use a coarser resolution or a shorter range")
-    try:
-        ans = await _bounded(request, request.app[QUERY_KEY].answer(app, proc, res, since_s, until_s))
-    except (RetriableError, StoreError) as exc:
-        return _unavailable(exc)
+    engine = request.app[QUERY_KEY]
+    ans = await _query(request, app, lambda: engine.answer(app, proc, res, since_s, until_s))
+    if isinstance(ans, web.Response):
+        return ans
     headers = {"ETag": ans.etag, "Cache-Control": FINAL_CACHE_CONTROL if ans.final else LIVE_CACHE_CONTROL,
                "Vary": "Authorization", "X-Final": "true" if ans.final else "false"}
     inm = request.headers.get("If-None-Match")
@@ -210,14 +386,23 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 
 async def get_events(request: web.Request) -> web.Response:
-    """Alert transitions and autoscaling steps in ``[since, until)`` (agents/events.py), oldest first."""
+    """Alert transitions and autoscaling steps in ``[since, until)`` (agents/events.py), oldest first.
+
+    Not cached (each call is one store Query over its range, and ranges rarely repeat: ``until`` follows the
+    clock), so the range is capped at ``events_max_range_days`` (default 7) rather than the retention:
+    400 ``range_too_large`` beyond it."""
     parsed = await _series_request(request)
     if isinstance(parsed, web.Response):
         return parsed
-    try:
-        body = await _bounded(request, request.app[QUERY_KEY].events(*parsed))
-    except (RetriableError, StoreError) as exc:
-        return _unavailable(exc)
+    app, proc, since_s, until_s = parsed
+    max_days = request.app[SETTINGS_KEY].events_max_range_days
+    if until_s - since_s > max_days * 86400:
+        return error(400, "range_too_large", f"at most {max_days:g} days of events per request; narrow "
+                     "since/until")
+    engine = request.app[QUERY_KEY]
+    body = await _query(request, app, lambda: engine.events(app, proc, since_s, until_s))
+    if isinstance(body, web.Response):
+        return body
     return web.Response(body=body, content_type="application/json",
                         headers={"Cache-Control": LIVE_CACHE_CONTROL, "Vary": "Authorization"})
 
@@ -309,9 +494,24 @@ async def _refuse_all(token: str) -> str | None:
 
 def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
                  extra: Callable[[web.Application], None] | None = None, *,
-                 authorize: Authorize | None = None) -> web.Application:
-    """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused."""
+                 authorize: Authorize | None = None, limits: Limits | None = None,
+                 clock: Clock | None = None) -> web.Application:
+    """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused.
+    ``limits``: the per-app limits (the query rate); without them the app follows ``METRICS_LIMITS_FILE`` itself
+    (loaded at startup, reloaded while it runs). ``clock`` drives the rate buckets (tests)."""
     webapp = web.Application(middlewares=[json_not_found])
+    if limits is None:
+        limits = own = Limits(settings)
+
+        async def follow_limits(_: web.Application) -> AsyncIterator[None]:
+            await own.start()
+            yield
+            await own.stop()
+
+        webapp.cleanup_ctx.append(follow_limits)
+    webapp[RATE_KEY] = QueryRate(limits, clock)
+    webapp[GATE_KEY] = QueryGate(settings.query_max_concurrent, settings.query_max_concurrent_per_app,
+                                 settings.query_queue_timeout_s)
     webapp.on_response_prepare.append(security_headers)
     webapp[QUERY_KEY] = query
     webapp[SETTINGS_KEY] = settings

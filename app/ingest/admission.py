@@ -5,15 +5,19 @@ Every budget is charged on body bytes as they arrive, after the token was verifi
 they can, so a refused request costs little CPU:
 
 1. before the body is read: the app's rate bucket is in debt, or the app already has
-   ``ingest_max_waiting_per_app`` requests waiting for a parse slot;
+   ``ingest_max_waiting_per_app`` requests waiting for a parse slot, or the process has
+   ``ingest_max_active_requests`` requests in progress and this app more than its share of them (the
+   budget divided by the apps with requests in progress). That share bounds how much of the event loop's
+   queue one app's requests fill, which is what a quiet app's request waits behind;
 2. while it is read: the chunk would take the token past ``inflight_bytes_per_token``, or the process past
    ``ingest_max_inflight_bytes`` while this app holds more than its fair share of it (the budget divided by
    the apps with bytes in flight), or the body past its limit;
 3. parsing waits for one of ``ingest_work_slots``; waiting requests are served app by app in turn, so a quiet
    app's request waits for at most one request of each other app, never behind a flooding app's backlog.
 
-The rate bucket may go into debt by one body (the bytes of a request already admitted still count), and the
-``Retry-After`` answered is the time the debt takes to repay.
+The rate is checked before a body is read; an admitted body is read to its end even if that takes the
+bucket into debt (by at most one body per request in flight), and the next request's ``Retry-After`` is the
+time the debt takes to repay. Refusing a body half-way would charge the app for bytes it must send again.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ class Admission:
         self.slots = settings.ingest_work_slots
         self.max_waiting = settings.ingest_max_waiting_per_app
         self.body_timeout_s = settings.ingest_body_timeout_s
+        self.max_active = settings.ingest_max_active_requests
+        self._active: dict[str, int] = {}
+        self.active_total = 0
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.held_bytes = 0
         self._held_by_app: dict[str, int] = {}
@@ -103,8 +110,27 @@ class Admission:
                        max(1, min(wait_s, 60)), "ingest_refused_rate")
 
     # --- before the body -------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def request(self, app: str) -> AsyncIterator[Refusal | None]:
+        """A request of ``app`` from its admission to its answer: the refusal decided before a byte of its
+        body is read, or None (then it counts as in progress until the block ends)."""
+        refusal = self.refuse_early(app)
+        if refusal is not None:
+            yield refusal
+            return
+        self._active[app] = self._active.get(app, 0) + 1
+        self.active_total += 1
+        try:
+            yield None
+        finally:
+            self.active_total -= 1
+            left = self._active[app] - 1
+            if left:
+                self._active[app] = left
+            else:
+                del self._active[app]
+
     def refuse_early(self, app: str) -> Refusal | None:
-        """A refusal decided before a byte of the body is read, or None."""
         b = self._bucket(app)
         if b.level <= 0:
             return self._rate_refusal(app, b)
@@ -112,6 +138,10 @@ class Admission:
         if q is not None and len(q) >= self.max_waiting:
             return Refusal("queue_full", f"app {app!r} already has {len(q)} requests waiting at this ingest "
                                          "process; retry after the delay", 1, "ingest_refused_queue")
+        active = self._active.get(app, 0)
+        if self.active_total >= self.max_active and active >= max(1, self.max_active // len(self._active)):
+            return Refusal("overloaded", "the ingest is at capacity and this app has more than its share of the "
+                                         "requests in progress; retry after the delay", 1, "ingest_requests_shed")
         return None
 
     # --- the body --------------------------------------------------------------------------------------
@@ -165,10 +195,9 @@ class Admission:
             if app_held + n > share:
                 return Refusal("overloaded", "the ingest is at capacity and this app holds more than its share "
                                              "of it; retry after the delay", 1, "ingest_requests_shed")
-        b = self._bucket(app)
-        if b.level <= 0:
-            return self._rate_refusal(app, b)
-        b.level -= n
+        # The rate was checked before the body (refuse_early): an admitted body finishes, in debt if need be,
+        # as refusing it half-way would charge the app for bytes it must send again.
+        self._bucket(app).level -= n
         self.held_bytes += n
         self._held_by_app[app] = app_held + n
         self._held_by_token[token_id] = token_held + n

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from app import models
-from app.api.web import SETTINGS_KEY, error, healthz, json_response
+from app.api.web import COUNTERS_KEY, SETTINGS_KEY, error, get_stats, healthz, json_response
 from app.clock import Clock
 from app.errors import PipelineError, RetriableError
 from app.ingest import logplex
@@ -163,12 +163,12 @@ class Ingest:
     async def _admitted(self, request: web.Request, info: TokenInfo, *, drain: bool
                         ) -> AsyncIterator[bytes | web.Response]:
         """The body, read under the app's and token's budgets (held until the block ends), or the refusal."""
-        refusal = self.admission.refuse_early(info.app)
-        if refusal is not None:
-            yield self._refused(refusal, info.app, drain=drain)
-            return
-        async with self.admission.body(request, info.app, info.id) as body:
-            yield self._refused(body, info.app, drain=drain) if isinstance(body, Refusal) else body
+        async with self.admission.request(info.app) as refusal:
+            if refusal is not None:
+                yield self._refused(refusal, info.app, drain=drain)
+                return
+            async with self.admission.body(request, info.app, info.id) as body:
+                yield self._refused(body, info.app, drain=drain) if isinstance(body, Refusal) else body
 
     async def _parse(self, app: str, body: bytes, parse: Callable[[bytes], T]) -> T:
         """In one of the process's parse slots, app by app. Small bodies are parsed inline (a thread hop costs
@@ -416,8 +416,13 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         "tokens": tokens.ping,
         "dedup": dedup.ping,
     }
-    def admin(w: web.Application) -> None:  # /readyz with reasons and /metrics: the admin port only
-        ops.add_admin_port(w, settings, counters=counters, checks=checks)
+
+    def stats_route(admin: web.Application) -> None:
+        admin[COUNTERS_KEY] = counters
+        admin.router.add_get("/v1/stats", get_stats)
+
+    def admin(w: web.Application) -> None:  # /readyz with reasons, /metrics, /v1/stats: the admin port only
+        ops.add_admin_port(w, settings, counters=counters, checks=checks, routes=stats_route)
 
     webapp = make_ingest_app(ingest, settings, extra=admin)
     webapp.cleanup_ctx.append(lifecycle)

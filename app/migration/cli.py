@@ -266,7 +266,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("pct", type=int)
     sub.add_parser("rollback", help="one phase back")
     sub.add_parser("copy-tokens", help="copy every token to the new store again (idempotent)")
-    p = sub.add_parser("finish", help="single(new store); refused before both hold the whole retention")
+    p = sub.add_parser("finish", help="single(new store), after copying the tokens (revocations included) again; "
+                                      "refused before both hold the whole retention")
     p.add_argument("--force", action="store_true")
     p = sub.add_parser("verify", help="compare every series over a range in both stores (exit 1 on differences)")
     p.add_argument("--since", type=int, required=True, help="epoch seconds")

@@ -148,6 +148,14 @@ CATALOGUE: Final[dict[str, str]] = {
                      "the cause. Non-zero: fix the table or IAM; the dashboard misses those markers.",
     "query_auth_refused": "Metric requests refused for a missing or invalid read token (401). Rising: a "
                           "dashboard or client uses a revoked token; issue a new read token.",
+    "query_refused_rate": "Read API requests refused because their app was over its query rate and burst "
+                          "(per app; 429 rate_limited with Retry-After; 304 revalidations count as requests). "
+                          "Sustained for one app: a script polls too often, or raise its query_rate_per_s in "
+                          "METRICS_LIMITS_FILE if the traffic is legitimate.",
+    "query_refused_busy": "Queries refused because METRICS_QUERY_MAX_CONCURRENT were computing, or their app "
+                          "held its METRICS_QUERY_MAX_CONCURRENT_PER_APP, for METRICS_QUERY_QUEUE_TIMEOUT_S "
+                          "(per app; 503 overloaded with Retry-After). One app: it sends many slow queries at "
+                          "once; many apps: the store is slow (see query_cache_misses) or add web processes.",
     "rollup_minutes_merged": "Minutes merged into 10 min / 1 h / 2 h rollup buckets (three per minute).",
     "rollup_minutes_replayed": "Minutes already in their rollup bucket (redelivery after a restart); skipped. "
                                "Non-zero only around restarts; steady growth means offsets do not commit.",
@@ -231,6 +239,7 @@ PER_APP: Final[frozenset[str]] = frozenset({
     "ingest_requests_shed", "ingest_bytes_received", "ingest_refused_rate", "ingest_refused_inflight",
     "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body",
     "limit_refused_process_types", "limit_refused_addon_sources", "limit_refused_metric_names",
+    "query_refused_rate", "query_refused_busy",
 })
 """Counters also kept per app (label ``app`` on ``/metrics``), so an operator sees which tenant a limit hit."""
 MAX_APPS_PER_COUNTER = 10_000

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from agents.alerts import (
     AlertEngine,
     Outbox,
+    command_sender,
     decode_command,
     owner_locator,
     partition_for,
@@ -30,6 +31,7 @@ from app.api.policies import (
     UNKNOWN,
     CommandResults,
     Forwarder,
+    ForwardTargets,
     Locate,
     PolicyBackend,
     add_policy_routes,
@@ -324,6 +326,54 @@ async def test_broker_down_and_apply_timeout(aiohttp_client: AClient, worker: Wo
     assert r.status == 202 and len(worker.results) == 0
 
 
+class FakeCommandsTopic:
+    """A Faust topic whose broker acknowledges (``ack``), fails, or never answers (``hang``)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.futures: list[asyncio.Future[None]] = []
+
+    async def send(self, *, key: bytes, value: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.futures.append(fut)
+        if self.mode == "ack":
+            fut.set_result(None)
+        elif self.mode == "error":
+            from aiokafka.errors import KafkaTimeoutError
+
+            fut.set_exception(KafkaTimeoutError())
+        return fut
+
+
+@pytest.mark.parametrize("mode", ["hang", "error"])
+async def test_a_broker_that_does_not_acknowledge_a_command_is_a_503_with_retry_after(
+        aiohttp_client: AClient, worker: Worker, mode: str) -> None:
+    """Security review L7: the produce is bounded by produce_timeout_s, so a POST during a broker outage
+    gets a retriable answer instead of hanging."""
+    topic = FakeCommandsTopic(mode)
+    backend = worker.backend()
+    backend.send = command_sender(topic, Settings(produce_timeout_s=0.2))
+    webapp = web.Application()
+    add_policy_routes(webapp, backend)
+    c = await aiohttp_client(webapp)
+    started = asyncio.get_running_loop().time()
+    r = await c.post("/v1/apps/shop/monitors", json=MONITOR)
+    assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+    assert (await r.json())["error"]["code"] == "unavailable" and len(worker.results) == 0
+    assert asyncio.get_running_loop().time() - started < 2.0
+    if mode == "hang":
+        # The wait ended, Faust's own future did not: the producer can still settle it without an error.
+        assert not topic.futures[0].cancelled()
+        topic.futures[0].set_result(None)
+    assert (await c.put("/v1/apps/shop/autoscaling/web", json=POLICY)).status == 503
+
+
+async def test_an_acknowledged_command_is_sent_within_the_timeout() -> None:
+    topic = FakeCommandsTopic("ack")
+    await command_sender(topic, Settings(produce_timeout_s=0.2))("shop", b"{}")
+    assert len(topic.futures) == 1 and topic.futures[0].done()
+
+
 # --- reads of another worker's app: forwarded to its owner ------------------------------------------------------
 
 SELF_URL = "http://worker-1.workers.test:6066"
@@ -331,7 +381,8 @@ SELF_URL = "http://worker-1.workers.test:6066"
 
 @pytest.fixture
 async def forwarder() -> AsyncIterator[Forwarder]:
-    f = Forwarder(self_url=SELF_URL, timeout_s=0.5, connect_timeout_s=0.5)
+    # The owners below listen on loopback: allowed next to the workers' domain.
+    f = Forwarder(self_url=SELF_URL, timeout_s=0.5, connect_timeout_s=0.5, allowed="workers.test,127.0.0.0/8")
     await f.start()
     yield f
     await f.stop()
@@ -466,6 +517,62 @@ async def test_writes_are_not_forwarded(aiohttp_client: AClient, forwarder: Forw
     assert (await c.post("/v1/apps/shop/monitors", json=MONITOR)).status == 202
     assert (await c.put("/v1/apps/shop/autoscaling/web", json=POLICY)).status == 202
     assert asked == []
+
+
+@pytest.mark.parametrize("owner_url", [
+    "http://attacker.example:6066", "http://worker-0.workers.test.attacker.example:6066",
+    "http://evilworkers.test:6066", "http://10.0.0.9:6066", "http://user:pw@worker-0.workers.test:6066",
+    "ftp://worker-0.workers.test/",
+])
+async def test_reads_are_never_forwarded_outside_the_allowed_domain(
+        aiohttp_client: AClient, aiohttp_server: AServer, owner_url: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Security review L10: the owner's URL comes from consumer-group metadata; a member advertising a host
+    of its own must not receive the client's read token."""
+    f = Forwarder(self_url=SELF_URL, timeout_s=0.5, connect_timeout_s=0.5)  # default: the workers' domain
+    await f.start()
+    try:
+        c = await non_owner_client(aiohttp_client, f, located_at(owner_url))
+        r = await c.get("/v1/apps/shop/monitors", headers={"Authorization": "Bearer mk_read_x"})
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert (await r.json())["error"]["code"] == "owner_unavailable"
+        assert "outside the allowed forward targets workers.test" in caplog.text
+    finally:
+        await f.stop()
+
+
+async def test_an_allowed_owner_gets_the_read_and_the_setting_replaces_the_default(
+        aiohttp_client: AClient, aiohttp_server: AServer) -> None:
+    fake = FakeOwner()
+    server = await fake.serve(aiohttp_server)
+    f = Forwarder(self_url="http://127.0.0.1:6066", timeout_s=0.5, connect_timeout_s=0.5)  # the local stack
+    await f.start()
+    try:
+        c = await non_owner_client(aiohttp_client, f, located_at(base_url(server)))
+        assert (await c.get("/v1/apps/shop/monitors")).status == 200 and len(fake.requests) == 1
+        f.allow_only("workers.test")  # METRICS_FORWARD_ALLOWED_SUFFIX: loopback no longer allowed
+        assert (await c.get("/v1/apps/shop/monitors")).status == 503 and len(fake.requests) == 1
+        f.allow_only("")  # empty keeps what is allowed
+        assert (await c.get("/v1/apps/shop/monitors")).status == 503
+    finally:
+        await f.stop()
+
+
+def test_forward_targets() -> None:
+    k8s = ForwardTargets("http://m-0.metrics-minutely-worker.observability.svc:6066")
+    assert k8s.allows("http://m-3.metrics-minutely-worker.observability.svc:6066")
+    assert k8s.allows("http://M-3.Metrics-Minutely-Worker.observability.svc.:6066/")
+    for bad in ("http://m-3.other.observability.svc:6066", "http://observability.svc:6066", "http://127.0.0.1:6066",
+                "http://metrics-minutely-worker.observability.svc.evil.example", "not a url", ""):
+        assert not k8s.allows(bad), bad
+    local = ForwardTargets("http://devbox:6066")  # the local stack: Faust's default http://{hostname}:{port}
+    assert local.allows("http://devbox:6067") and local.allows("http://127.0.0.1:6067")
+    assert local.allows("http://localhost:1") and local.allows("http://[::1]:6066")
+    assert not local.allows("http://devbox.example.com:6066") and not local.allows("http://10.1.2.3:6066")
+    configured = ForwardTargets("http://devbox:6066", ".workers.svc, 10.20.0.0/16")
+    assert configured.allows("http://w-1.workers.svc:6066") and configured.allows("http://10.20.3.4:6066")
+    assert not configured.allows("http://127.0.0.1:6066") and not configured.allows("http://devbox:6066")
+    assert not configured.allows("http://[::1]:6066")
 
 
 def test_same_origin() -> None:

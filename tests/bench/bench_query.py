@@ -237,7 +237,11 @@ def main() -> int:
                             ("cached", {})):
             port = free_port()
             env = worker_env("kafka://127.0.0.1:1", dynamo.endpoint, data_dir=str(ARTIFACTS), web_port=port,
-                             extra={"METRICS_TABLE_NAME": table, "METRICS_ADMIN_PORT": str(free_port()), **extra})
+                             extra={"METRICS_TABLE_NAME": table, "METRICS_ADMIN_PORT": str(free_port()),
+                                    # one app's token from 16 connections: measure the engine, not the
+                                    # per-app query rate limit
+                                    "METRICS_LIMIT_QUERY_RATE_PER_S": "1000000", "METRICS_LIMIT_QUERY_BURST": "1000000",
+                                    "METRICS_QUERY_MAX_CONCURRENT_PER_APP": "64", **extra})
             proc = start_role("web", env, log_path=ARTIFACTS / f"bench-query-web-{mode}.log")
             procs.append(proc)
             wait_http(f"http://127.0.0.1:{port}/healthz", 60, proc)

@@ -18,6 +18,7 @@
   const ADDON_GROUPS = [["sizes (MB)", (k) => k.endsWith("_mb")], ["load", (k) => k.startsWith("load_avg")],
                         ["connections", (k) => k.includes("connections")],
                         ["ratios", (k) => k.endsWith("_rate") || k.includes("percentage")], ["other", () => true]];
+  const EVENTS_MAX_SPAN_S = 7 * 86400;
   const state = { fetches: 0, charts: {}, last: null, events: [], markers: {}, drawn: {}, token: null, app: null,
                   timer: null, seq: 0, addons: [], appDoc: null };
   window.dashboard = state;
@@ -235,7 +236,9 @@
       const [doc, ev, appWide] = await Promise.all([
         api(base + "/metrics?" + qs),
         // Markers are an extra: the charts still show when the events cannot be read.
-        api(base + "/events?" + new URLSearchParams({ process_type: proc, since: String(until - span),
+        // The events API answers at most 7 days (METRICS_EVENTS_MAX_RANGE_DAYS): longer views get the newest week.
+        api(base + "/events?" + new URLSearchParams({ process_type: proc,
+                                                      since: String(until - Math.min(span, EVENTS_MAX_SPAN_S)),
                                                       until: String(until) })).catch(() => ({ events: [] })),
         // Add-on metrics and releases belong to the whole app (process type `app`): also an extra.
         proc === "app" ? Promise.resolve(null) : api(base + "/metrics?" + appQs).catch(() => null),

@@ -78,6 +78,10 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- if not (regexMatch "^METRICS_[A-Z0-9_]+$" $k) -}}
 {{- fail (printf "config.extra key %q is not a METRICS_<NAME> setting: use the names in app/settings.py (METRICS_ + field name in upper case)" $k) -}}
 {{- end -}}
+{{- /* Secrets by name. METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN (a limit per token) is not one. */}}
+{{- if and (regexMatch "_(PASSWORD|TOKEN|SECRET|KEY)$" $k) (not (regexMatch "_PER_TOKEN$" $k)) -}}
+{{- fail (printf "config.extra key %q names a secret (it ends in _PASSWORD, _TOKEN, _SECRET or _KEY), and config.extra goes into a ConfigMap that anyone who can read the namespace's ConfigMaps can read. Put the value in a Secret and reference it instead: credentials.secretEnv: [{name: %s, secretName: <secret>, key: <key in the secret>}]" $k $k) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -227,6 +231,9 @@ env:
       fieldRef: {fieldPath: metadata.name}
   - name: METRICS_ADVERTISED_URL
     value: {{ printf "http://$(POD_NAME).%s.%s.svc:%d" (include "minutely.roleName" (dict "ctx" .ctx "role" "worker")) .ctx.Release.Namespace (int $v.config.webPort) | quote }}
+  {{- /* Reads are forwarded (with the client's token) only to hosts in the headless Service's domain. */}}
+  - name: METRICS_FORWARD_ALLOWED_SUFFIX
+    value: {{ printf "%s.%s.svc" (include "minutely.roleName" (dict "ctx" .ctx "role" "worker")) .ctx.Release.Namespace | quote }}
   {{- end }}
   {{- if $v.credentials.awsSecret }}
   - name: AWS_SHARED_CREDENTIALS_FILE
