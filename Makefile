@@ -31,11 +31,12 @@ typecheck: install-test
 
 # The reliability campaign's long versions (README "Reliability"): a 5-minute worker crash loop (own and empty
 # state), Kafka and the store gone 60 s, the ingest at 2x capacity for 60 s, 300 generated requests per API
-# operation, ~100,000 hostile records. `make test` runs short ones. Each test's figure is in its PASSED section.
+# operation, ~100,000 hostile records, a flooding app beside a quiet one for 60 s. `make test` runs short ones. Each test's figure is in its PASSED section.
 chaos: install-test browser
 	MINUTELY_CHAOS=1 $(PY) -m pytest -q -n 2 -rP tests/integration/test_worker_faults.py \
 	  tests/integration/test_broker_faults.py tests/integration/test_store_faults.py tests/integration/test_overload.py \
-	  tests/api/test_schemathesis.py tests/tables/test_windows.py tests/api/test_tenant_isolation.py
+	  tests/api/test_schemathesis.py tests/tables/test_windows.py tests/api/test_tenant_isolation.py \
+	  tests/integration/test_noisy_neighbour.py
 
 bench: install-test
 	$(PY) -m tests.bench.bench_pipeline
