@@ -582,3 +582,26 @@ def test_checkov_default_chart_only_lacks_the_image_digest(checkov_report: dict[
 def test_checkov_finds_nothing_in_the_dockerfile(checkov_report: dict[str, dict[str, Any]]) -> None:
     assert checkov_report["docker"]["passed"] > 50
     assert checkov_report["docker"]["failed"] == []
+
+
+def test_per_app_limits_reach_every_role_as_a_file_it_re_reads() -> None:
+    from app.limits import AppLimits, parse_overrides
+    from app.settings import Settings
+
+    docs = render({"limits": {"defaults": {"process_types": 80},
+                              "overrides": {"shop": {"ingest_rate_bytes_s": 8000000, "max_process_types": 200}}}})
+    assert config(docs)["METRICS_LIMITS_FILE"] == "/etc/minutely/limits/limits.yaml"
+    assert config(docs)["METRICS_LIMIT_PROCESS_TYPES"] == "80"
+    settings = Settings.from_env({k: v for k, v in config(docs).items() if k.startswith("METRICS_LIMIT")})
+    file = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-minutely-limits")["data"]["limits.yaml"])
+    got = parse_overrides(file, AppLimits.defaults(settings))  # what every role loads (app/limits.py)
+    assert (got["shop"].ingest_rate_bytes_s, got["shop"].max_process_types, got["shop"].max_addon_sources) == (
+        8e6, 200, 20)
+    for w in workloads(docs):
+        spec = w["spec"]["template"]["spec"]
+        (c,) = [c for c in spec["containers"]]
+        assert {"name": "limits", "mountPath": "/etc/minutely/limits", "readOnly": True} in c["volumeMounts"]
+        assert {"name": f"{RELEASE}-minutely-limits"} == next(v["configMap"] for v in spec["volumes"]
+                                                              if v["name"] == "limits")
+    with pytest.raises(Exception, match="no_such_limit"):
+        render({"limits": {"overrides": {"shop": {"no_such_limit": 1}}}})

@@ -4,7 +4,7 @@ rollback | finish [--force] | verify --since S --until S [--app APP]``.
 Each command reads the state from Kafka, checks the transition (app/migration/state.py), sets what the new
 phase needs (the new writer's offsets, the token copy), and appends the next state; every process follows
 within about a second. ``status`` also shows both writers' lag, and, from the processes that answer queries
-(``--web``, default this machine's), the last hour's mismatch rate and both stores' read p50/p99.
+(``--web``: their admin ports, default this machine's worker's), the last hour's mismatch rate and both stores' read p50/p99.
 """
 
 from __future__ import annotations
@@ -254,8 +254,9 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("status", help="phase, writers' lag, sync horizon, mismatch rate, both stores' latency")
-    p.add_argument("--web", action="append", help="a process answering queries (repeatable); default: this "
-                                                  "machine's worker")
+    p.add_argument("--web", action="append", help="the admin port of a process answering queries (repeatable; "
+                                                  "/migration is served there only); default: this machine's "
+                                                  "worker's, METRICS_ADMIN_PORT")
     p = sub.add_parser("start", help="dual-write: start writing the new store")
     p.add_argument("--to", required=True, help="dynamodb | cassandra, optionally :<table> / :<keyspace>")
     p.add_argument("--backfill", action="store_true", help="the new writer starts at the oldest retained records")
@@ -278,7 +279,7 @@ def main(argv: list[str]) -> int:
     settings = Settings.from_env()
     try:
         if args.cmd == "status":
-            return asyncio.run(status(settings, args.web or [f"http://127.0.0.1:{settings.web_port}"]))
+            return asyncio.run(status(settings, args.web or [f"http://127.0.0.1:{settings.admin_port}"]))
         if args.cmd == "verify":
             return asyncio.run(verify(settings, args.since, args.until, args.app, args.resolution or [60, 3600]))
         return asyncio.run(change(settings, args))

@@ -179,12 +179,17 @@ spec:
       volumeMounts:
         - {name: data, mountPath: /var/lib/minutely}
         - {name: tmp, mountPath: /tmp}
+        # Per-app limit overrides (limits.overrides), re-read when the kubelet updates the file: no restart.
+        - {name: limits, mountPath: /etc/minutely/limits, readOnly: true}
         {{- if $v.credentials.awsSecret }}
         - {name: aws-credentials, mountPath: /var/run/secrets/minutely/aws, readOnly: true}
         {{- end }}
   volumes:
     - name: tmp
       emptyDir: {sizeLimit: 256Mi}
+    - name: limits
+      configMap:
+        name: {{ include "minutely.fullname" $ctx }}-limits
     {{- if ne .role "worker" }}
     - name: data
       emptyDir: {sizeLimit: 256Mi}
