@@ -216,6 +216,13 @@ class Settings:
     """Requests one app may have waiting for a parse slot; beyond it the request is refused before its
     body is read (503 on the drain, 429 on the JSON API)."""
 
+    auth_failures_per_s: float = 5.0
+    auth_failures_burst: int = 50
+    """Unknown (well-formed) tokens one client address may try per second, and at once, before its uncached
+    tokens are refused without a store read (every process; a token already cached still works)."""
+    forwarded_for_hops: int = 0
+    """Proxies in front of the HTTP ports that append the client's address to ``X-Forwarded-For`` (an
+    ingress: 1). 0: the TCP peer is the client. Failed-token budgets are kept per client address."""
     # --- per-tenant limits (app/limits.py): defaults; per-app overrides in METRICS_LIMITS_FILE ----------
     limits_file: str = ""
     """YAML/JSON file of per-app overrides (``overrides: {app: {limit: value}}``), re-read when it changes;
@@ -374,6 +381,14 @@ class Settings:
     """Sent as ``Authorization: Bearer``."""
     formation_secret: str = ""
     """HMAC-SHA256 key for the formation call's X-Minutely-Signature header (empty: unsigned)."""
+    secrets_key: str = field(default="", repr=False)
+    """Fernet key (urlsafe base64 of 32 bytes) that encrypts webhook HMAC secrets at rest: in the
+    policy-commands topic, the monitors/policies changelogs (and RocksDB) and the notification outbox. Make
+    one with ``python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"``.
+    Rotation: several comma-separated keys, the first encrypts new records and all of them decrypt; keep an
+    old key listed until every record written under it has been rewritten. Empty: secrets are stored in
+    plaintext (as before; a JSON-logging worker warns at start). Records written under a key that is no
+    longer listed stay stored, but their webhooks fail (logged, naming the missing key's id)."""
     autoscale_history_min: int = 60
     """Minutes of history the capacity model looks at (the platform's documented past hour)."""
     autoscale_min_requests: int = 20
@@ -471,3 +486,24 @@ class Settings:
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
             raise ConfigError("kafka_ssl_certfile and kafka_ssl_keyfile go together",
                               action=f"set both {PREFIX}KAFKA_SSL_CERTFILE and {PREFIX}KAFKA_SSL_KEYFILE, or neither")
+        if self.secrets_key:
+            secrets_keys(self.secrets_key)
+
+
+def secrets_keys(value: str) -> list[str]:
+    """The Fernet keys of ``secrets_key`` (comma-separated, the first encrypts); ConfigError naming the
+    position of a malformed one, never its value."""
+    from cryptography.fernet import Fernet  # loaded only when a key is set (every role reads settings)
+
+    keys = [k.strip() for k in value.split(",")]
+    for i, k in enumerate(keys, 1):
+        try:
+            Fernet(k)
+        except ValueError:
+            where = f"key {i} of {len(keys)}" if len(keys) > 1 else "the key"
+            raise ConfigError(
+                f"secrets_key: {where} is not a Fernet key (urlsafe base64 of 32 bytes)",
+                action=f"set {PREFIX}SECRETS_KEY to keys made with python -c \"from cryptography.fernet import "
+                       "Fernet; print(Fernet.generate_key().decode())\" (comma-separated, the first encrypts)",
+            ) from None
+    return keys

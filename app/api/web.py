@@ -54,7 +54,7 @@ from app.errors import RetriableError, StoreError
 from app.limits import Limits
 from app.ops.stats import CATALOGUE, Counters
 from app.settings import WINDOW_S, Settings
-from app.storage.tokens import bearer
+from app.storage.tokens import bearer, client_middleware
 from tables.aggregate import RESOLUTIONS
 
 log = logging.getLogger(__name__)
@@ -499,7 +499,7 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
     """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused.
     ``limits``: the per-app limits (the query rate); without them the app follows ``METRICS_LIMITS_FILE`` itself
     (loaded at startup, reloaded while it runs). ``clock`` drives the rate buckets (tests)."""
-    webapp = web.Application(middlewares=[json_not_found])
+    webapp = web.Application(middlewares=[json_not_found, client_middleware(settings.forwarded_for_hops)])
     if limits is None:
         limits = own = Limits(settings)
 

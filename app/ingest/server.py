@@ -37,7 +37,7 @@ from app.ops import kafka
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.protocol import TokenInfo
-from app.storage.tokens import TokenStore, bearer, drain_id
+from app.storage.tokens import TokenStore, bearer, client_middleware, drain_id
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,8 @@ def _indexed(d: models.Decoded) -> list[tuple[int, Any]]:
 
 def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.Application], None] | None = None
                     ) -> web.Application:
-    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes)
+    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes,
+                             middlewares=[client_middleware(settings.forwarded_for_hops)])
     webapp.router.add_post("/v1/drains/logplex", ingest.drain)
     webapp.router.add_post("/v1/observations", ingest.observations)
     webapp[SETTINGS_KEY] = settings

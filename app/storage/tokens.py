@@ -22,8 +22,11 @@ import logging
 import re
 import secrets
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import replace
-from typing import Any
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
 
 from app.clock import Clock, SystemClock
 from app.settings import Settings
@@ -65,6 +68,7 @@ class TokenStore:
         """digest -> (valid until ms, info), least recently used first."""
         self._refused: OrderedDict[str, int] = OrderedDict()
         """digest -> valid until ms, of tokens the table does not know or holds revoked."""
+        self.failures = FailureBudget(settings.auth_failures_per_s, settings.auth_failures_burst)
 
     async def start(self) -> None:
         await self.table.start()
@@ -88,7 +92,11 @@ class TokenStore:
         return token, info
 
     async def verify(self, token: str | None, kind: str, app: str | None = None) -> TokenInfo | None:
-        """The token's description when it is a live token of this kind (and app, if given), else None."""
+        """The token's description when it is a live token of this kind (and app, if given), else None.
+
+        A client (:data:`CLIENT`) whose unknown tokens have used up its failure budget gets None for any token
+        not cached, without a store read: guessing well-formed tokens costs the store nothing past the budget,
+        and the tokens of everyone else, cached or not, are still checked."""
         m = TOKEN_FORMAT.match(token) if token else None
         if m is None or m.group(1) != kind:  # junk, or another kind: no store read
             return None
@@ -102,7 +110,12 @@ class TokenStore:
             refused_until = self._refused.get(h)
             if refused_until is not None and refused_until > now_ms:
                 return None
+            client = CLIENT.get()
+            if client is not None and not self.failures.allows(client, now_ms):
+                return None
             info = await self.table.get_token(h)
+            if info is None and client is not None:
+                self.failures.charge(client, now_ms)
             if info is not None and info.revoked_s:
                 info = None
             self._remember(h, info, now_ms)
@@ -165,6 +178,65 @@ def bearer(headers: Any, query: Any) -> str | None:
         return user_pass.partition(":")[2] or user_pass
     tok = query.get("token")
     return str(tok) if tok else None
+
+
+CLIENT: ContextVar[str | None] = ContextVar("minutely_client", default=None)
+"""The address of the client whose request is being served (set by :func:`client_middleware`)."""
+
+
+class FailureBudget:
+    """Unknown tokens a client may try per second (a bucket per client address, least recently used dropped:
+    a dropped bucket is a full one)."""
+
+    MAX_CLIENTS = 100_000
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self.per_s = per_s
+        self.burst = float(burst)
+        self._buckets: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self.refused = 0
+
+    def _level(self, client: str, now_ms: int) -> float:
+        got = self._buckets.get(client)
+        if got is None:
+            return self.burst
+        level, stamp_ms = got
+        return min(self.burst, level + (now_ms - stamp_ms) / 1000 * self.per_s)
+
+    def allows(self, client: str, now_ms: int) -> bool:
+        ok = self._level(client, now_ms) >= 1
+        self.refused += not ok
+        return ok
+
+    def charge(self, client: str, now_ms: int) -> None:
+        self._buckets[client] = (self._level(client, now_ms) - 1, now_ms)
+        self._buckets.move_to_end(client)
+        if len(self._buckets) > self.MAX_CLIENTS:
+            self._buckets.popitem(last=False)
+
+
+def client_address(request: web.BaseRequest, forwarded_hops: int) -> str | None:
+    """The client's address: the TCP peer, or with ``forwarded_hops`` proxies in front (an ingress, a load
+    balancer) the address the outermost of them appended to ``X-Forwarded-For`` (entries further left are the
+    client's own claims, which anyone can forge)."""
+    if forwarded_hops > 0:
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        if len(hops) >= forwarded_hops:
+            return hops[-forwarded_hops][:64]
+    return request.remote
+
+
+def client_middleware(forwarded_hops: int) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Sets :data:`CLIENT` for the request, so token checks charge failed guesses to whoever made them."""
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        reset = CLIENT.set(client_address(request, forwarded_hops))
+        try:
+            return await handler(request)
+        finally:
+            CLIENT.reset(reset)
+    return middleware
 
 
 _DRAIN_ID = re.compile(r"d\.[0-9a-fA-F-]{1,64}\Z")

@@ -244,3 +244,37 @@ async def test_an_unreachable_target_does_not_stop_verification(stores: Stores,
     monkeypatch.setattr(target, "get_token", down)
     assert await TokenStore(Settings(), table=f).verify(tok, "drain") == info
     assert "revocations not consulted" in caplog.text
+
+
+async def test_a_client_guessing_tokens_costs_the_store_nothing_past_its_budget() -> None:
+    from app.storage.tokens import CLIENT
+
+    table = CountingTable()
+    store = TokenStore(replace(Settings(), auth_failures_per_s=1.0, auth_failures_burst=5), table=table,
+                       clock=ManualClock(1_000))
+    good, _ = await store.create("shop", "drain")
+    reads = len(table.reads)
+    guesser = CLIENT.set("198.51.100.7")
+    try:
+        for _ in range(100):
+            assert await store.verify("mk_drain_" + secrets.token_urlsafe(32), "drain") is None
+        assert len(table.reads) - reads == 5  # the burst; the other 95 guesses read nothing
+        assert store.failures.refused == 95
+    finally:
+        CLIENT.reset(guesser)
+    other = CLIENT.set("203.0.113.9")  # another client is not held to the guesser's budget
+    try:
+        assert await store.verify(good, "drain") is not None
+    finally:
+        CLIENT.reset(other)
+
+
+def test_the_client_address_behind_proxies() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from app.storage.tokens import client_address
+
+    r = make_mocked_request("GET", "/", headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.7, 10.0.0.2"})
+    assert client_address(r, 1) == "10.0.0.2"  # the one our ingress appended
+    assert client_address(r, 2) == "198.51.100.7"
+    assert client_address(r, 0) == r.remote  # no proxy trusted: the TCP peer; the header is the client's claim
