@@ -24,6 +24,7 @@ from app.migration.state import home_spec
 from app.migration.tables import FollowingTokens
 from app.migration.view import add_migration_routes
 from app.migration.writes import WriteGate
+from app.notify.delivery import use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops import health as ops
 from app.ops.stats import counters
@@ -31,6 +32,9 @@ from app.storage.backends import metrics_store
 from app.storage.tokens import TokenStore
 
 log = logging.getLogger(__name__)
+
+# Webhook secrets in policy commands, the monitors/policies changelogs and the outbox: sealed with this key.
+secrets_box = use_secrets_key(settings.secrets_key)
 
 store = metrics_store(settings, counters=counters)  # METRICS_STORE: what this worker's writers store into
 home = home_spec(settings)
@@ -103,6 +107,10 @@ class Runtime(Service):
         self._runner: web.AppRunner | None = None
 
     async def on_start(self) -> None:
+        if not secrets_box.enabled and settings.log_format == "json":  # production-like: say it once
+            log.warning("webhook HMAC secrets are stored in plaintext (policy-commands topic, monitors changelog, "
+                        "outbox): set METRICS_SECRETS_KEY to a Fernet key, made with python -c \"from "
+                        "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())\"")
         await store.start()
         await control.start()  # the migration state: which stores to write and read
         await tokens.start()

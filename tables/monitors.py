@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from app import models
+from app.notify.delivery import Secret, secret_from_record, secret_to_record
 from tables.aggregate import Aggregate
 
 WINDOW_MS = 60_000
@@ -132,7 +133,18 @@ def redacted(public: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class Webhook:
     url: str
-    secret: str
+    secret: Secret = field(repr=False)
+    """Plaintext from the API; sealed in records (``secret_enc``) when ``METRICS_SECRETS_KEY`` is set, and
+    then also in memory once decoded: only the sender decrypts it, to sign (app/notify/delivery.py)."""
+
+    def to_record(self) -> dict[str, Any]:
+        return {"url": self.url, **secret_to_record(self.secret)}
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> "Webhook":
+        if "secret" not in rec and "secret_enc" not in rec:
+            raise KeyError("secret")
+        return cls(rec["url"], secret_from_record(rec))
 
     def public(self) -> dict[str, Any]:
         return {"url": self.url, "secret_set": True}  # the signing secret is never read back
@@ -144,13 +156,11 @@ class Targets:
     webhooks: tuple[Webhook, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
-        return {"email": list(self.email), "webhooks": [{"url": w.url, "secret": w.secret}
-                                                        for w in self.webhooks]}
+        return {"email": list(self.email), "webhooks": [w.to_record() for w in self.webhooks]}
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> "Targets":
-        return cls(tuple(rec.get("email", ())), tuple(Webhook(w["url"], w["secret"])
-                                                      for w in rec.get("webhooks", ())))
+        return cls(tuple(rec.get("email", ())), tuple(Webhook.from_record(w) for w in rec.get("webhooks", ())))
 
     def public(self) -> dict[str, Any]:
         return {"email": list(self.email), "webhooks": [w.public() for w in self.webhooks]}

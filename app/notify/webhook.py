@@ -28,6 +28,8 @@ from app.notify.delivery import (
     Delivery,
     DeliveryFailed,
     DeliveryUnavailable,
+    SecretBox,
+    secret_box,
 )
 from app.ops.logs import url_origin
 from app.settings import PREFIX, Settings
@@ -231,13 +233,15 @@ class WebhookSender:
 
     def __init__(self, *, timeout_s: float, formation_method: str = "PATCH", formation_token: str = "",
                  formation_secret: str = "", clock_s: Callable[[], float] = time.time,
-                 allowed_networks: Sequence[Network] | None = None) -> None:
+                 allowed_networks: Sequence[Network] | None = None, box: SecretBox | None = None) -> None:
         self.allowed = None if allowed_networks is None else list(allowed_networks)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.formation_method = formation_method
         self.formation_token = formation_token
         self.formation_secret = formation_secret
         self.clock_s = clock_s
+        self.box = box
+        """Opens sealed secrets (None: the process's, :func:`app.notify.delivery.secret_box`)."""
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -263,7 +267,10 @@ class WebhookSender:
             if self.formation_token:
                 headers["Authorization"] = f"Bearer {self.formation_token}"
         if secret:
-            headers[SIGNATURE_HEADER] = sign(secret, body, int(self.clock_s()))
+            # The only place a stored secret is decrypted. SecretUnavailable (its key is no longer configured)
+            # is a DeliveryFailed: this delivery is given up and logged with the key to restore.
+            plain = (self.box or secret_box()).open(secret)
+            headers[SIGNATURE_HEADER] = sign(plain, body, int(self.clock_s()))
         where = f"{method} {url_origin(d.target)}"
         try:
             url = URL(d.target)

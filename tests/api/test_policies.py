@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.fernet import Fernet
 
 from agents.alerts import (
     AlertEngine,
@@ -40,6 +41,7 @@ from app.api.policies import (
 )
 from app.errors import RetriableError, StoreUnavailable
 from app.local.embedded import free_port
+from app.notify.delivery import SealedSecret, use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import Settings
@@ -288,6 +290,33 @@ async def test_read_tokens_see_webhook_urls_redacted_and_write_tokens_in_full(
         text = await r.text()
         assert "XXXXsecretXXXX" not in text and "/services" not in text, path
         assert "https://hooks.slack.com/…" in text, path
+
+
+async def test_with_a_secrets_key_the_hmac_secret_is_stored_sealed_and_never_answered(
+        aiohttp_client: AClient, worker: Worker) -> None:
+    """METRICS_SECRETS_KEY: the policy-commands topic, the monitors/policies table values and their
+    answers never carry a webhook's HMAC secret (answers never did: ``secret_set``)."""
+    box = use_secrets_key(Fernet.generate_key().decode())
+    try:
+        c = await client_for(aiohttp_client, worker)
+        r = await c.post("/v1/apps/shop/monitors", json=MONITOR)
+        assert r.status == 201 and "whsec" not in await r.text()
+        mid = (await r.json())["id"]
+        r = await c.put(f"/v1/apps/shop/monitors/{mid}", json=MONITOR)
+        assert r.status == 200 and "whsec" not in await r.text()
+        r = await c.put("/v1/apps/shop/autoscaling/web", json={**POLICY, "webhooks": MONITOR["webhooks"]})
+        assert r.status == 201 and "whsec" not in await r.text()
+        for path in ["/v1/apps/shop/monitors", f"/v1/apps/shop/monitors/{mid}", "/v1/apps/shop/autoscaling/web"]:
+            assert "whsec" not in await (await c.get(path)).text(), path
+        assert len(worker.sent) == 3 and all(b"whsec" not in v and b'"secret_enc"' in v for _, v in worker.sent)
+        stored = [*worker.monitors_table.values(), *worker.autoscale_table.values()]
+        assert stored and all(b"whsec" not in v for v in stored)
+        doc = worker.alerts.doc("shop")
+        assert doc is not None
+        sealed = doc.monitors[mid].config.targets.webhooks[0].secret
+        assert isinstance(sealed, SealedSecret) and box.open(sealed) == "whsec_0123456789abcdef"
+    finally:
+        use_secrets_key("")
 
 
 # --- ownership, broker and timeouts ----------------------------------------------------------------------------

@@ -6,15 +6,16 @@ Every timeline lists its minutes explicitly and expects the exact events: (event
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import orjson
 import pytest
+from cryptography.fernet import Fernet
 
 from agents.alerts import AlertEngine, Outbox, doc_key, partition_for
 from app.api.policies import CommandResults
 from app.clock import ManualClock
-from app.notify.delivery import Delivery, DeliveryFailed
+from app.notify.delivery import Delivery, DeliveryFailed, SealedSecret, SecretBox, key_id, use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import Settings
@@ -28,10 +29,12 @@ from tables.monitors import (
     MONITOR_REPLACE,
     AlertEvent,
     AppMonitors,
+    AppPolicies,
     Command,
     Minute,
     Monitor,
     MonitorConfig,
+    PolicyConfig,
     Targets,
     ValidationError,
     Webhook,
@@ -563,3 +566,89 @@ def test_a_minute_of_router_errors_without_service_time_has_an_error_rate_and_no
         down.add_request(503, None, "H14")
     m = Minute.from_aggregate(down)
     assert (m.requests, m.failed, m.p95_ms, m.error_rate) == (30, 30, None, 1.0)
+
+
+# --- webhook secrets at rest (METRICS_SECRETS_KEY) ------------------------------------------------------------
+
+KEY = Fernet.generate_key().decode()
+OLD_KEY = Fernet.generate_key().decode()
+PLAIN = "whsec_plaintext_0123456789"
+HOOKS = Targets((), (Webhook("http://127.0.0.1:9/hook", PLAIN),))
+
+
+@pytest.fixture
+def keyed() -> Iterator[SecretBox]:
+    box = use_secrets_key(KEY)
+    yield box
+    use_secrets_key("")
+
+
+def test_with_a_key_commands_and_table_values_never_hold_the_plaintext(keyed: SecretBox) -> None:
+    raw = Command("c1", MONITOR_CREATE, "shop", monitor=latency(targets=HOOKS)).to_bytes()  # policy-commands
+    assert PLAIN.encode() not in raw and b'"secret_enc"' in raw and b'"secret":' not in raw
+    cmd = Command.from_bytes(raw)
+    assert cmd.monitor is not None
+    sealed = cmd.monitor.targets.webhooks[0].secret
+    assert isinstance(sealed, SealedSecret) and sealed.key_id == key_id(KEY) and keyed.open(sealed) == PLAIN
+    doc = AppMonitors()
+    assert apply_monitor_command(doc, cmd, max_monitors=2).status == 201
+    stored = doc.to_bytes()  # the monitors changelog and RocksDB
+    assert PLAIN.encode() not in stored and b'"secret":' not in stored
+    assert AppMonitors.from_bytes(stored).to_bytes() == stored  # sealed once, not re-encrypted every minute
+    assert PLAIN not in orjson.dumps(doc.monitors[MID].public()).decode()
+    policy = PolicyConfig("web", 1, 4, 300.0, targets=HOOKS)  # autoscaling policies' webhooks alike
+    policies = AppPolicies()
+    policies.put(policy)
+    for raw in (policies.to_bytes(), Command("c2", "policy.put", "shop", policy=policy).to_bytes()):
+        assert PLAIN.encode() not in raw and b'"secret_enc"' in raw
+
+
+def test_old_plaintext_monitor_records_still_read_and_are_sealed_when_written_again() -> None:
+    old_cmd = Command("c1", MONITOR_CREATE, "shop", monitor=latency(targets=HOOKS)).to_bytes()
+    doc = AppMonitors()
+    doc.put(latency(targets=HOOKS))
+    old_doc = doc.to_bytes()
+    assert PLAIN.encode() in old_doc and PLAIN.encode() in old_cmd  # no key: stored as before
+    box = use_secrets_key(KEY)
+    try:
+        cmd = Command.from_bytes(old_cmd)
+        assert cmd.monitor is not None and box.open(cmd.monitor.targets.webhooks[0].secret) == PLAIN
+        back = AppMonitors.from_bytes(old_doc)
+        assert box.open(back.monitors[MID].config.targets.webhooks[0].secret) == PLAIN
+        assert PLAIN.encode() not in back.to_bytes()
+    finally:
+        use_secrets_key("")
+
+
+async def test_with_a_key_the_outbox_holds_no_plaintext_and_the_sender_gets_it_sealed(keyed: SecretBox) -> None:
+    table: dict[bytes, bytes] = {}
+    h = Harness(table)
+    create = Command("c1", MONITOR_CREATE, "shop", monitor=latency(500, 1, targets=HOOKS))
+    await h.engine.on_command(0, Command.from_bytes(create.to_bytes()))  # as the agent gets it from the topic
+    h.sender.hold = asyncio.Event()
+    await h.engine.on_minute(0, record(0, 800))
+    assert len(outbox_keys(table)) == 1
+    assert all(PLAIN.encode() not in v for v in table.values())  # outbox and monitors doc alike
+    h.sender.hold.set()
+    await h.notifier.join()
+    (d,) = h.sender.sent
+    assert isinstance(d.secret, SealedSecret) and keyed.open(d.secret) == PLAIN
+    await h.notifier.stop()
+
+
+async def test_a_doc_sealed_under_a_key_no_longer_configured_still_evaluates(keyed: SecretBox) -> None:
+    """The worker does not crash on it: monitors keep running, the webhook's delivery fails when it is
+    signed (tests/notify/test_secrets.py), naming the key to restore."""
+    use_secrets_key(OLD_KEY)
+    doc = AppMonitors()
+    doc.put(latency(500, 1, targets=HOOKS))
+    table = {doc_key("shop"): doc.to_bytes()}
+    use_secrets_key(KEY)
+    h = Harness(table)
+    events = await h.engine.on_minute(0, record(0, 800))
+    assert [e.event for e in events] == ["firing"]
+    await h.notifier.join()
+    (d,) = h.sender.sent
+    assert isinstance(d.secret, SealedSecret) and d.secret.key_id == key_id(OLD_KEY)
+    assert AppMonitors.from_bytes(table[doc_key("shop")]).monitors[MID].state.status == "firing"
+    await h.notifier.stop()
