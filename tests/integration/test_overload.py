@@ -160,8 +160,11 @@ async def retry_refused(url: str, tokens: dict[str, str], refused: list[Frame]) 
 
 def test_ingest_at_twice_its_capacity_sheds_cleanly_and_counts_every_acknowledged_line(
         broker: KafkaBroker, dynamo: DynamoServer, tmp_path: Path) -> None:
+    # The process's capacity, not the apps' own limits (tests/integration/test_noisy_neighbour.py): lifted.
     p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="20",
-                 METRICS_INGEST_MAX_INFLIGHT_BYTES=str(INFLIGHT_BYTES))
+                 METRICS_INGEST_MAX_INFLIGHT_BYTES=str(INFLIGHT_BYTES),
+                 METRICS_LIMIT_INGEST_RATE_BYTES_S=str(10**9), METRICS_LIMIT_INGEST_BURST_BYTES=str(10**9),
+                 METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN=str(10**9))
     p.start(data_dir=tmp_path / "state")
     try:
         base = p.start_ingest()
