@@ -119,6 +119,10 @@ def main() -> None:
             proc = start_role("ingest", worker_env(broker.url, dynamo.endpoint, data_dir=tempfile.mkdtemp(),
                                                    web_port=port, extra={**overrides,
                                                    "METRICS_ADMIN_PORT": str(free_port()),
+                                                   # one app at the process's capacity: its own limits lifted
+                                                   "METRICS_LIMIT_INGEST_RATE_BYTES_S": str(10**9),
+                                                   "METRICS_LIMIT_INGEST_BURST_BYTES": str(10**9),
+                                                   "METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN": str(10**9),
                                                    "METRICS_KAFKA_MAX_BATCH_BYTES": str(batch_bytes)}))
             try:
                 # Ready, not only alive: the producer has connected (a 503 before would count as a failure).
