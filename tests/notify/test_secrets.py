@@ -3,6 +3,7 @@ old plaintext records still read, opened only to sign, a missing key fails one d
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any, Iterator
 
@@ -33,9 +34,10 @@ from app.ops.stats import Counters
 from app.settings import Settings
 
 SECRET = "whsec_0123456789abcdef"
-KEY = Fernet.generate_key().decode()
-OLD_KEY = Fernet.generate_key().decode()
-OTHER_KEY = Fernet.generate_key().decode()
+# Fixed keys (any 32 bytes, urlsafe base64): test ids must be the same in every pytest-xdist process.
+KEY = base64.urlsafe_b64encode(b"k" * 32).decode()
+OLD_KEY = base64.urlsafe_b64encode(b"o" * 32).decode()
+OTHER_KEY = base64.urlsafe_b64encode(b"x" * 32).decode()
 
 
 @pytest.fixture
