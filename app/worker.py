@@ -24,7 +24,7 @@ from app.migration.state import home_spec
 from app.migration.tables import FollowingTokens
 from app.migration.view import add_migration_routes
 from app.migration.writes import WriteGate
-from app.notify.delivery import use_secrets_key
+from app.sealing import use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops import health as ops
 from app.ops.stats import counters

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from app import models
-from app.notify.delivery import Secret, secret_from_record, secret_to_record
+from app.sealing import Secret, secret_from_record, secret_to_record
 from tables.aggregate import Aggregate
 
 WINDOW_MS = 60_000

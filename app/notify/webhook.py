@@ -28,9 +28,9 @@ from app.notify.delivery import (
     Delivery,
     DeliveryFailed,
     DeliveryUnavailable,
-    SecretBox,
-    secret_box,
+    SecretUnavailable,
 )
+from app.sealing import SecretBox, SecretUnreadable, secret_box
 from app.ops.logs import url_origin
 from app.settings import PREFIX, Settings
 
@@ -267,9 +267,12 @@ class WebhookSender:
             if self.formation_token:
                 headers["Authorization"] = f"Bearer {self.formation_token}"
         if secret:
-            # The only place a stored secret is decrypted. SecretUnavailable (its key is no longer configured)
-            # is a DeliveryFailed: this delivery is given up and logged with the key to restore.
-            plain = (self.box or secret_box()).open(secret)
+            # The only place a stored secret is decrypted. One whose key is no longer configured fails this
+            # delivery for good (SecretUnavailable, a DeliveryFailed), logged with the key to restore.
+            try:
+                plain = (self.box or secret_box()).open(secret)
+            except SecretUnreadable as exc:
+                raise SecretUnavailable(str(exc).removesuffix(f" -- {exc.action}"), action=exc.action) from None
             headers[SIGNATURE_HEADER] = sign(plain, body, int(self.clock_s()))
         where = f"{method} {url_origin(d.target)}"
         try:

@@ -41,7 +41,7 @@ from app.api.policies import (
 )
 from app.errors import RetriableError, StoreUnavailable
 from app.local.embedded import free_port
-from app.notify.delivery import SealedSecret, use_secrets_key
+from app.sealing import SealedSecret, use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import Settings

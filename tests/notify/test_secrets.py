@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.fernet import Fernet
 
-from app.errors import ConfigError
+from app.errors import ConfigError, RetriableError
 from app.notify.delivery import (
     DELIVERED,
     FAILED,
@@ -21,13 +21,9 @@ from app.notify.delivery import (
     Delivery,
     DeliveryFailed,
     DeliveryResult,
-    SealedSecret,
-    SecretBox,
     SecretUnavailable,
-    key_id,
-    secret_box,
-    use_secrets_key,
 )
+from app.sealing import SealedSecret, SecretBox, SecretUnreadable, key_id, secret_box, use_secrets_key
 from app.notify.notifier import Notifier
 from app.notify.webhook import SIGNATURE_HEADER, WebhookSender, allowed_networks, verify_signature
 from app.ops.stats import Counters
@@ -81,13 +77,13 @@ def test_a_key_no_longer_configured_names_the_key_to_restore() -> None:
     sealed = SecretBox(OLD_KEY).seal(SECRET)
     assert isinstance(sealed, SealedSecret)
     for box in (SecretBox(KEY), SecretBox("")):
-        with pytest.raises(SecretUnavailable) as err:
+        with pytest.raises(SecretUnreadable) as err:
             box.open(sealed)
         text = str(err.value)
-        assert isinstance(err.value, DeliveryFailed)  # permanent: the notifier gives up at once
+        assert not isinstance(err.value, RetriableError)  # permanent: the sender gives that delivery up
         assert key_id(OLD_KEY) in text and "METRICS_SECRETS_KEY" in text and err.value.action
         assert SECRET not in text and KEY not in text and OLD_KEY not in text
-    with pytest.raises(SecretUnavailable, match="damaged"):
+    with pytest.raises(SecretUnreadable, match="damaged"):
         SecretBox(KEY).open(SealedSecret("gAAAAAnot-a-token", key_id(KEY)))
 
 

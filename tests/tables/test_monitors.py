@@ -15,7 +15,8 @@ from cryptography.fernet import Fernet
 from agents.alerts import AlertEngine, Outbox, doc_key, partition_for
 from app.api.policies import CommandResults
 from app.clock import ManualClock
-from app.notify.delivery import Delivery, DeliveryFailed, SealedSecret, SecretBox, key_id, use_secrets_key
+from app.notify.delivery import Delivery, DeliveryFailed
+from app.sealing import SealedSecret, SecretBox, key_id, use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import Settings
