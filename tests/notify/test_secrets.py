@@ -19,7 +19,6 @@ from app.notify.delivery import (
     FAILED,
     WEBHOOK,
     Delivery,
-    DeliveryFailed,
     DeliveryResult,
     SecretUnavailable,
 )
