@@ -25,6 +25,7 @@ from app.clock import Clock, SystemClock
 from app.errors import ConfigError
 from app.limits import Limits
 from app.ops.stats import Counters
+from app.ops.topics import RECORD_OVERHEAD_BYTES
 from app.settings import Settings
 from tables.aggregate import Aggregate, fit_record
 from tables.state import WindowTableState
@@ -44,8 +45,6 @@ REFETCH_WAIT_MS = 10_000
 """How long records asked for again may take to arrive before a gap is taken as empty."""
 MIN_MINUTE_BYTES = 16 * 1024
 """The smallest budget a minute the broker refused as too large is fitted to again (halving each time)."""
-RECORD_OVERHEAD_BYTES = 1024
-"""Room left under the topic's max.message.bytes for the key and the record batch's framing."""
 
 
 class Aggregator:
@@ -339,10 +338,6 @@ def dead_letter_record(topic: str, partition: int, d: Rejected) -> bytes:
     return orjson.dumps({"kind": d.kind, "reason": d.reason, "app": d.app, "record": d.record,
                          "source": {"topic": topic, "partition": partition, "offset": d.offset,
                                     "index": d.index}})
-
-
-def minute_record(agg: Aggregate) -> bytes:
-    return orjson.dumps(agg.to_record())
 
 
 def is_size_error(exc: BaseException) -> bool:

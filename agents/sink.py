@@ -34,6 +34,7 @@ import orjson
 
 from app.errors import ItemsRefused, PipelineError, RetriableError, StoreError, StoreFatal, retry_delay_s
 from app.ops.stats import Counters
+from app.ops.topics import RECORD_OVERHEAD_BYTES
 from app.settings import WINDOW_S, Settings
 from app.storage.protocol import MetricItem, MetricsStore
 
@@ -49,8 +50,6 @@ MAX_REASON_CHARS = 2048
 """A dead-letter reason is cut to this: exception texts can quote whole requests."""
 PREFIX_BYTES = 1024
 """What a truncated dead-letter record keeps of the original record."""
-RECORD_OVERHEAD_BYTES = 1024
-"""Kafka's record and batch headers plus the key, kept free below the broker's message size."""
 
 
 def decode_minute(value: bytes) -> MetricItem:

@@ -81,7 +81,11 @@ def parse_overrides(doc: Any, defaults: AppLimits) -> dict[str, AppLimits]:
                 raise ConfigError(f"overrides.{app}.{name}={value!r} must be a number >= 0",
                                   action="fix the limits file")
             kind = type(getattr(defaults, name))
-            values[name] = kind(value)
+            try:
+                values[name] = kind(value)
+            except (ValueError, OverflowError):  # .inf or .nan for a count
+                raise ConfigError(f"overrides.{app}.{name}={value!r} must be a finite number",
+                                  action="fix the limits file") from None
         out[str(app)] = replace(defaults, **values)
     return out
 

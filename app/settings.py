@@ -230,7 +230,7 @@ class Settings:
     """YAML/JSON file of per-app overrides (``overrides: {app: {limit: value}}``), re-read when it changes;
     empty: every app has the defaults below."""
     limits_reload_s: float = 10.0
-    limit_ingest_rate_bytes_s: float = 4 * 1024 * 1024
+    limit_ingest_rate_bytes_s: float = 4.0 * 1024 * 1024
     """Request body bytes per second one app may send (all its tokens and ingest processes' share:
     each ingest process enforces it on its own, so divide by the replicas for a global figure)."""
     limit_ingest_burst_bytes: int = 16 * 1024 * 1024
@@ -473,6 +473,13 @@ class Settings:
                               action=f"set {PREFIX}STORE=dynamodb or {PREFIX}STORE=cassandra")
         if self.cassandra_max_inflight < 1:
             raise ConfigError("cassandra_max_inflight must be >= 1", action=f"set {PREFIX}CASSANDRA_MAX_INFLIGHT")
+        for name in ("ingest_work_slots", "ingest_max_active_requests", "ingest_max_body_bytes",
+                     "ingest_max_line_bytes", "ingest_max_inflight_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1", action=f"set {PREFIX}{name.upper()}")
+        if self.limits_reload_s <= 0 or self.ingest_max_waiting_per_app < 0:
+            raise ConfigError("limits_reload_s must be > 0 and ingest_max_waiting_per_app >= 0",
+                              action=f"set {PREFIX}LIMITS_RELOAD_S / {PREFIX}INGEST_MAX_WAITING_PER_APP")
         if self.ttl_days <= 0:
             raise ConfigError("ttl_days must be > 0", action=f"set {PREFIX}TTL_DAYS")
         if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:

@@ -588,11 +588,16 @@ def test_per_app_limits_reach_every_role_as_a_file_it_re_reads() -> None:
     from app.limits import AppLimits, parse_overrides
     from app.settings import Settings
 
-    docs = render({"limits": {"defaults": {"process_types": 80},
+    defaults = {"ingest_rate_bytes_s": 4194304, "ingest_burst_bytes": 16777216, "inflight_bytes_per_token": 16777216,
+                "max_process_types": 80, "max_addon_sources": 20, "max_metric_names": 150, "query_rate_per_s": 2.5,
+                "query_burst": 60}  # the values comment's example, with three changed
+    docs = render({"limits": {"defaults": defaults,
                               "overrides": {"shop": {"ingest_rate_bytes_s": 8000000, "max_process_types": 200}}}})
     assert config(docs)["METRICS_LIMITS_FILE"] == "/etc/minutely/limits/limits.yaml"
-    assert config(docs)["METRICS_LIMIT_PROCESS_TYPES"] == "80"
-    settings = Settings.from_env({k: v for k, v in config(docs).items() if k.startswith("METRICS_LIMIT")})
+    assert config(docs)["METRICS_LIMIT_INGEST_BURST_BYTES"] == "16777216"  # not 1.6777216e+07
+    settings = Settings.from_env(config(docs))  # every rendered setting parses
+    assert AppLimits.defaults(settings) == AppLimits(**{k: type(getattr(AppLimits.defaults(Settings()), k))(v)
+                                                       for k, v in defaults.items()})
     file = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-minutely-limits")["data"]["limits.yaml"])
     got = parse_overrides(file, AppLimits.defaults(settings))  # what every role loads (app/limits.py)
     assert (got["shop"].ingest_rate_bytes_s, got["shop"].max_process_types, got["shop"].max_addon_sources) == (
@@ -603,5 +608,6 @@ def test_per_app_limits_reach_every_role_as_a_file_it_re_reads() -> None:
         assert {"name": "limits", "mountPath": "/etc/minutely/limits", "readOnly": True} in c["volumeMounts"]
         assert {"name": f"{RELEASE}-minutely-limits"} == next(v["configMap"] for v in spec["volumes"]
                                                               if v["name"] == "limits")
-    with pytest.raises(Exception, match="no_such_limit"):
-        render({"limits": {"overrides": {"shop": {"no_such_limit": 1}}}})
+    for bad in ({"overrides": {"shop": {"no_such_limit": 1}}}, {"defaults": {"no_such_limit": 1}}):
+        with pytest.raises(Exception, match="no_such_limit"):
+            render({"limits": bad})

@@ -202,7 +202,7 @@ def document(settings: Settings) -> dict[str, Any]:
 
 _POLICY_ERROR_CODES = ["invalid_app", "invalid_process_type", "invalid_json", "invalid_field", "immutable_field",
                        "too_many_monitors", "not_found", "unauthorized", "forbidden", "not_owner", "rebalancing",
-                       "owner_unavailable", "unavailable", "auth_error"]
+                       "owner_unavailable", "unavailable", "auth_error", "rate_limited"]
 
 
 def _policy_schemas() -> dict[str, Any]:
@@ -302,6 +302,9 @@ def _policy_paths() -> dict[str, Any]:
                    "immutable_field"),
         "401": err("no Authorization header (`unauthorized`)"),
         "403": err("the token is not one of this app's tokens of the needed kind (`forbidden`)"),
+        "429": {**err("`rate_limited`: the app is over its API request rate (the read API's, shared); retry "
+                      "after Retry-After seconds"),
+                "headers": {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}}},
         "503": err("with Retry-After: partitions are moving (`rebalancing`), the owning worker did not answer "
                    "(`owner_unavailable`), or the broker or the credential store is down"),
     }

@@ -51,7 +51,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, w
 from yarl import URL
 
 from app import models
-from app.api.web import error, json_response
+from app.api.web import COUNTERS_KEY, RATE_KEY, error, json_response
 from app.errors import PipelineError, RetriableError
 from tables.monitors import (
     MONITOR_CREATE,
@@ -332,6 +332,13 @@ async def _app_of(request: web.Request) -> str:
             raise _Refused(error(401, "unauthorized", f"credentials for app {app!r} are required",
                                  {"WWW-Authenticate": "Bearer"}))
         raise _Refused(error(403, "forbidden", f"these credentials do not grant access to app {app!r}"))
+    rate = request.app.get(RATE_KEY)  # the read API's per-app buckets, on a worker's web app
+    if rate is not None:
+        wait_s = rate.take(app)
+        if wait_s is not None:
+            request.app[COUNTERS_KEY].inc_app("query_refused_rate", app)
+            raise _Refused(error(429, "rate_limited", f"app {app!r} is over its API request rate; retry after the "
+                                                      "delay", {"Retry-After": str(wait_s)}))
     return app
 
 

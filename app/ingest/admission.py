@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from app.clock import Clock, SystemClock
 from app.limits import Limits
@@ -173,6 +174,10 @@ class Admission:
                             break
                         held += n
                         parts.append(chunk)
+            except (RequestPayloadError, ConnectionError) as exc:
+                # A body that does not decompress, or a sender gone half-way: this request's fault only.
+                refusal = Refusal("malformed_body", f"the request body cannot be read: {exc}", 1,
+                                  "ingest_refused_bad_body", status=400)
             except TimeoutError:
                 # A slow-body client must not hold a connection and a buffer for ever. Logplex drops a frame
                 # on any 4xx but retries a 5xx, and a slow network is no reason to lose a frame: 503 there.

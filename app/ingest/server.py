@@ -2,9 +2,12 @@
 
 What senders can rely on:
 * 2xx only after Kafka acknowledged every record (acks=all); never a 2xx for data not durably produced.
-* 503 with Retry-After while Kafka (or the token/dedup table) is unavailable; 413 over the body limit;
-  400 with ``{"error": {"code", "message"}}`` for malformed bodies; 401 without and 403 with a wrong
-  token, producing nothing. Never a 5xx for a client's bad data.
+* 503 with Retry-After while Kafka (or the token/dedup table) is unavailable, and past an app's limits on
+  the drain (Logplex drops a frame on any 4xx); 429 with Retry-After past them on the JSON API
+  (app/ingest/admission.py); 413 over the body limit; 408 for a slow body on the JSON API (503 on the
+  drain); 409 while a request with the same Idempotency-Key is in flight; 400 with ``{"error": {"code",
+  "message"}}`` for malformed bodies; 401 without and 403 with a wrong token, producing nothing. Never a
+  5xx for a client's bad data.
 * Records are produced as arrays of one app's observations (the pipeline's batched form), keyed by app.
 * The app is the one the token belongs to. The router line's ``host`` field is ignored: custom domains
   make it unreliable, and a token must not write into another app.
@@ -242,7 +245,17 @@ class Ingest:
                 return
             except RetriableError:
                 continue
+            except PipelineError as exc:
+                log.error("could not mark %s delivered (%s); a retry after its lease may count it twice",
+                          key[:40], exc)
+                return
         log.error("could not mark %s delivered; a retry after its lease may count it twice", key[:40])
+
+    async def stop(self) -> None:
+        """Cancel the background marks still retrying (before the dedup table they use is closed)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _deliver(self, app: str, frame: logplex.ParsedFrame, frame_id: str | None, drain: str | None) -> None:
         size = self.settings.ingest_chunk_observations
@@ -401,6 +414,7 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         await dedup.start()
         await producer.start()
         yield
+        await ingest.stop()
         await producer.stop()
         await dedup.stop()
         await tokens.stop()

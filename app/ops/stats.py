@@ -81,6 +81,9 @@ CATALOGUE: Final[dict[str, str]] = {
     "ingest_refused_slow_body": "Requests whose body did not arrive within METRICS_INGEST_BODY_TIMEOUT_S (per "
                                 "app; 503 on the drain, 408 on the JSON API). Sustained: slow senders or a "
                                 "slowloris attempt from that app's token.",
+    "ingest_refused_bad_body": "Request bodies that could not be read (a compressed body that does not "
+                               "decompress, or the sender gone half-way; per app; 400). Rising for one app: its "
+                               "sender's encoding is broken.",
     "ingest_refused_too_large": "Request bodies over METRICS_INGEST_MAX_BODY_BYTES, or inflating past "
                                 "METRICS_INGEST_MAX_DECOMPRESSED_RATIO times their compressed size (per app; 413).",
     "ingest_dead_letters_dropped": "Bad lines or records past METRICS_INGEST_MAX_DEAD_LETTERS_PER_REQUEST in one "
@@ -237,7 +240,7 @@ class Histogram:
 
 PER_APP: Final[frozenset[str]] = frozenset({
     "ingest_requests_shed", "ingest_bytes_received", "ingest_refused_rate", "ingest_refused_inflight",
-    "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body",
+    "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body", "ingest_refused_bad_body",
     "limit_refused_process_types", "limit_refused_addon_sources", "limit_refused_metric_names",
     "query_refused_rate", "query_refused_busy",
 })

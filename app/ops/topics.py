@@ -23,6 +23,10 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+RECORD_OVERHEAD_BYTES = 1024
+"""Kafka's record and batch headers plus the key, kept free below a topic's max.message.bytes by whatever
+sizes a record to fit (a minute, a dead letter)."""
+
 
 def topic_names(settings: Settings) -> list[str]:
     return [settings.observations_topic, settings.metrics_topic, settings.dlq_topic, settings.sink_dlq_topic,

@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from app.clock import Clock, SystemClock
+from app.errors import RetriableError
 from app.settings import Settings
 from app.storage.backends import token_table
 from app.storage.protocol import TokenInfo, TokenTable
@@ -40,6 +41,8 @@ POSITIVE_TTL_MS = 30_000
 NEGATIVE_TTL_MS = 5_000
 CACHE_ENTRIES = 10_000
 """Live tokens cached per process: far more than the drains one process serves."""
+KNOWN_ENTRIES = 100_000
+"""Digests of tokens seen live, kept after their cache entry expired (64 bytes each)."""
 NEGATIVE_CACHE_ENTRIES = 2_000
 """Refused well-formed tokens cached per process (a client retrying a revoked token); a separate cache, so
 however many are tried, the live entries stay."""
@@ -68,6 +71,8 @@ class TokenStore:
         """digest -> (valid until ms, info), least recently used first."""
         self._refused: OrderedDict[str, int] = OrderedDict()
         """digest -> valid until ms, of tokens the table does not know or holds revoked."""
+        self._known: OrderedDict[str, None] = OrderedDict()
+        """Digests seen live (least recently used first): never held to a client's failure budget."""
         self.failures = FailureBudget(settings.auth_failures_per_s, settings.auth_failures_burst)
 
     async def start(self) -> None:
@@ -94,9 +99,12 @@ class TokenStore:
     async def verify(self, token: str | None, kind: str, app: str | None = None) -> TokenInfo | None:
         """The token's description when it is a live token of this kind (and app, if given), else None.
 
-        A client (:data:`CLIENT`) whose unknown tokens have used up its failure budget gets None for any token
-        not cached, without a store read: guessing well-formed tokens costs the store nothing past the budget,
-        and the tokens of everyone else, cached or not, are still checked."""
+        A client (:data:`CLIENT`) whose unknown tokens have used up its failure budget cannot make the store
+        read a token this process has never seen live: guessing well-formed tokens costs the store nothing
+        past the budget. Tokens seen live (:data:`KNOWN_ENTRIES` of them) are always checked, so clients that
+        share an address with a guesser (behind one proxy, Logplex's egress) keep working; a new token from
+        such an address meanwhile gets a retriable error (503 with Retry-After: Logplex retries), never a
+        refusal a sender would drop data on."""
         m = TOKEN_FORMAT.match(token) if token else None
         if m is None or m.group(1) != kind:  # junk, or another kind: no store read
             return None
@@ -111,8 +119,10 @@ class TokenStore:
             if refused_until is not None and refused_until > now_ms:
                 return None
             client = CLIENT.get()
-            if client is not None and not self.failures.allows(client, now_ms):
-                return None
+            if client is not None and h not in self._known and not self.failures.allows(client, now_ms):
+                raise RetriableError("too many unknown tokens were tried from this address; retry after the delay",
+                                     action="check for a sender guessing tokens; behind proxies set "
+                                            "METRICS_FORWARDED_FOR_HOPS", retry_after_s=5)
             info = await self.table.get_token(h)
             if info is None and client is not None:
                 self.failures.charge(client, now_ms)
@@ -134,6 +144,10 @@ class TokenStore:
                 self._refused.popitem(last=False)
         else:
             self._refused.pop(h, None)
+            self._known[h] = None
+            self._known.move_to_end(h)
+            while len(self._known) > KNOWN_ENTRIES:
+                self._known.popitem(last=False)
             self._live[h] = (now_ms + POSITIVE_TTL_MS, info)
             self._live.move_to_end(h)
             while len(self._live) > CACHE_ENTRIES:

@@ -199,12 +199,17 @@ async def test_a_declared_length_holds_nothing_until_the_bytes_arrive(make_stack
                 b"Content-Length: 4000000\r\n\r\n[")
         await w.drain()
         writers.append(w)
-    await asyncio.sleep(0.2)
-    assert s.ingest.admission.held_bytes <= 16  # one byte each
+    for _ in range(500):  # until the server has read every request's headers: all 16 in progress
+        if s.ingest.admission.active_total == 16:
+            break
+        await asyncio.sleep(0.01)
+    assert s.ingest.admission.active_total == 16
+    assert s.ingest.admission.held_bytes <= 16  # one byte each, not 16 x 4 MB
     r = await s.client.post("/v1/observations", data=body("quiet", 100), headers=bearer(s.tokens["quiet-write"]))
     assert r.status == 200
     for w in writers:
         w.close()
+        await w.wait_closed()
 
 
 async def test_waiting_requests_are_served_app_by_app() -> None:
@@ -262,6 +267,9 @@ async def test_compressed_bodies_count_after_decompression_with_a_ratio_limit(ma
     r = await s.client.post("/v1/observations", data=bomb, headers=auth)
     assert r.status == 413 and (await r.json())["error"]["code"] == "body_too_large"
     assert s.counters.by_app["ingest_refused_too_large"] == {"quiet": 1}
+    r = await s.client.post("/v1/observations", data=b"\x1f\x8b\x08\x00not gzip at all" * 10, headers=auth)
+    assert r.status == 400 and (await r.json())["error"]["code"] == "malformed_body"  # never a 500
+    assert s.counters.by_app["ingest_refused_bad_body"] == {"quiet": 1}
 
 
 async def test_idempotency_key_makes_a_retried_batch_count_once(make_stack: Any) -> None:

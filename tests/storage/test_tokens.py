@@ -247,24 +247,36 @@ async def test_an_unreachable_target_does_not_stop_verification(stores: Stores,
 
 
 async def test_a_client_guessing_tokens_costs_the_store_nothing_past_its_budget() -> None:
+    from app.errors import RetriableError
     from app.storage.tokens import CLIENT
 
     table = CountingTable()
-    store = TokenStore(replace(Settings(), auth_failures_per_s=1.0, auth_failures_burst=5), table=table,
-                       clock=ManualClock(1_000))
-    good, _ = await store.create("shop", "drain")
-    reads = len(table.reads)
-    guesser = CLIENT.set("198.51.100.7")
+    clock = ManualClock(1_000)
+    store = TokenStore(replace(Settings(), auth_failures_per_s=1.0, auth_failures_burst=5), table=table, clock=clock)
+    known, _ = await store.create("shop", "drain")
+    new, _ = await store.create("blog", "drain")
+    shared = CLIENT.set("198.51.100.7")  # a guesser, and Logplex's drains of other apps, behind one address
     try:
-        for _ in range(100):
+        assert await store.verify(known, "drain") is not None  # seen live once
+        reads = len(table.reads)
+        for _ in range(5):
             assert await store.verify("mk_drain_" + secrets.token_urlsafe(32), "drain") is None
+        for _ in range(95):
+            with pytest.raises(RetriableError):  # 503 with Retry-After: a sender retries, none drops data
+                await store.verify("mk_drain_" + secrets.token_urlsafe(32), "drain")
         assert len(table.reads) - reads == 5  # the burst; the other 95 guesses read nothing
         assert store.failures.refused == 95
+        clock.advance(60_000)  # the known token's cache entry expired: it is read again, budget or not
+        assert await store.verify(known, "drain") is not None
+        for _ in range(5):  # the bucket refilled meanwhile (to its burst): the guesser spends it again
+            assert await store.verify("mk_drain_" + secrets.token_urlsafe(32), "drain") is None
+        with pytest.raises(RetriableError):  # a token never seen live waits until the guessing stops
+            await store.verify(new, "drain")
     finally:
-        CLIENT.reset(guesser)
-    other = CLIENT.set("203.0.113.9")  # another client is not held to the guesser's budget
+        CLIENT.reset(shared)
+    other = CLIENT.set("203.0.113.9")  # another address is not held to the guesser's budget
     try:
-        assert await store.verify(good, "drain") is not None
+        assert await store.verify(new, "drain") is not None
     finally:
         CLIENT.reset(other)
 
