@@ -195,7 +195,7 @@ async def slow_client(aiohttp_client: Any, engine: SlowEngine, counters: Counter
 async def test_one_app_cannot_take_every_query_slot(aiohttp_client: Any) -> None:
     engine, counters = SlowEngine(), Counters()
     c = await slow_client(aiohttp_client, engine, counters, query_max_concurrent=4,
-                          query_max_concurrent_per_app=2, query_queue_timeout_s=0.3)
+                          query_max_concurrent_per_app=2, query_queue_timeout_s=1.0)
     paths = [METRICS.format(app="shop")] * 3 + ["/v1/apps/shop/events"]
     flood = [asyncio.create_task(c.get(p, headers=auth())) for p in paths]
     await until(lambda: engine.running.get("shop") == 2 and c.app[GATE_KEY].waiting == 2)
