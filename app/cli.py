@@ -275,7 +275,7 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
     stats = ReadStats()
     engines = Engines(settings, stats, counters=counters)
     query = MigratingQuery(settings, control.current, engines, stats=stats, counters=counters)
-    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
+    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current), counters=counters)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         import gc

@@ -56,7 +56,7 @@ progress.bind_checkpoint_sender(app, settings, watermarks,
 read_stats = ReadStats()
 engines = Engines(settings, read_stats, live=aggregator.live, counters=counters, started={home: store})
 query = MigratingQuery(settings, control.current, engines, stats=read_stats, counters=counters)
-tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
+tokens = TokenStore(settings, table=FollowingTokens(settings, control.current), counters=counters)
 notifier = Notifier(settings, counters)
 policy_results = CommandResults()
 alert_engine = alerts.bind(app, settings, counters, notifier, policy_results)

@@ -400,7 +400,7 @@ def build(settings: Settings, counters: Counters) -> web.Application:
     from app.migration.tables import FollowingFrames, FollowingTokens
 
     control = MigrationControl(settings, counters=counters)  # tokens and frame ids follow a store migration
-    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current))
+    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current), counters=counters)
     dedup = FrameDedup(settings, table=FollowingFrames(settings, control.current))
     producer = KafkaProducer(settings)
     limits = Limits(settings)

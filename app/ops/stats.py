@@ -81,6 +81,10 @@ CATALOGUE: Final[dict[str, str]] = {
     "ingest_refused_slow_body": "Requests whose body did not arrive within METRICS_INGEST_BODY_TIMEOUT_S (per "
                                 "app; 503 on the drain, 408 on the JSON API). Sustained: slow senders or a "
                                 "slowloris attempt from that app's token.",
+    "auth_lookups_refused": "Token checks answered 503 without a store read because their client address had "
+                            "tried METRICS_AUTH_FAILURES_BURST unknown tokens (tokens seen live are always "
+                            "checked). Sustained: someone guesses tokens; behind proxies check "
+                            "METRICS_FORWARDED_FOR_HOPS, or every client shares the proxy's budget.",
     "ingest_refused_bad_body": "Request bodies that could not be read (a compressed body that does not "
                                "decompress, or the sender gone half-way; per app; 400). Rising for one app: its "
                                "sender's encoding is broken.",

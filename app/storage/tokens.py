@@ -30,6 +30,7 @@ from aiohttp import web
 
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError
+from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.backends import token_table
 from app.storage.protocol import TokenInfo, TokenTable
@@ -63,8 +64,10 @@ class TokenStore:
     of random well-formed tokens costs one read each but never evicts the tokens real drains use
     (security review M1)."""
 
-    def __init__(self, settings: Settings, *, table: TokenTable | None = None, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings, *, table: TokenTable | None = None, clock: Clock | None = None,
+                 counters: Counters | None = None) -> None:
         self.table = table if table is not None else token_table(settings)  # METRICS_STORE's, by default
+        self.counters = counters
         self.settings = settings
         self.clock = clock or SystemClock()
         self._live: OrderedDict[str, tuple[int, TokenInfo]] = OrderedDict()
@@ -120,6 +123,8 @@ class TokenStore:
                 return None
             client = CLIENT.get()
             if client is not None and h not in self._known and not self.failures.allows(client, now_ms):
+                if self.counters is not None:
+                    self.counters.inc("auth_lookups_refused")
                 raise RetriableError("too many unknown tokens were tried from this address; retry after the delay",
                                      action="check for a sender guessing tokens; behind proxies set "
                                             "METRICS_FORWARDED_FOR_HOPS", retry_after_s=5)

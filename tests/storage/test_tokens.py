@@ -252,7 +252,11 @@ async def test_a_client_guessing_tokens_costs_the_store_nothing_past_its_budget(
 
     table = CountingTable()
     clock = ManualClock(1_000)
-    store = TokenStore(replace(Settings(), auth_failures_per_s=1.0, auth_failures_burst=5), table=table, clock=clock)
+    from app.ops.stats import Counters
+
+    counters = Counters()
+    store = TokenStore(replace(Settings(), auth_failures_per_s=1.0, auth_failures_burst=5), table=table, clock=clock,
+                       counters=counters)
     known, _ = await store.create("shop", "drain")
     new, _ = await store.create("blog", "drain")
     shared = CLIENT.set("198.51.100.7")  # a guesser, and Logplex's drains of other apps, behind one address
@@ -265,7 +269,7 @@ async def test_a_client_guessing_tokens_costs_the_store_nothing_past_its_budget(
             with pytest.raises(RetriableError):  # 503 with Retry-After: a sender retries, none drops data
                 await store.verify("mk_drain_" + secrets.token_urlsafe(32), "drain")
         assert len(table.reads) - reads == 5  # the burst; the other 95 guesses read nothing
-        assert store.failures.refused == 95
+        assert store.failures.refused == counters.values["auth_lookups_refused"] == 95
         clock.advance(60_000)  # the known token's cache entry expired: it is read again, budget or not
         assert await store.verify(known, "drain") is not None
         for _ in range(5):  # the bucket refilled meanwhile (to its burst): the guesser spends it again
