@@ -94,7 +94,9 @@ def main() -> None:
     dynamo.start()
     uid = uuid.uuid4().hex[:6]
     overrides = {"METRICS_OBSERVATIONS_TOPIC": f"bi-{uid}", "METRICS_DLQ_TOPIC": f"bid-{uid}",
-                 "METRICS_TABLE_NAME": f"bi-{uid}", "METRICS_PARTITIONS": "4"}
+                 "METRICS_TABLE_NAME": f"bi-{uid}", "METRICS_PARTITIONS": "4",
+                 # the topic's own max.message.bytes (1 MB by default, app/ops/topics.py) raised with the broker's
+                 "METRICS_TOPIC_MAX_MESSAGE_BYTES": str(8 * 1024 * 1024)}
     settings = Settings.from_env({**overrides, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint})
     rows: list[tuple[str, float]] = [("parse only (this process, no HTTP/Kafka)", rate_mix),
                                      ("parse only, served requests and runtime samples only (baseline)", rate_classic),
@@ -123,6 +125,8 @@ def main() -> None:
                                                    "METRICS_LIMIT_INGEST_RATE_BYTES_S": str(10**9),
                                                    "METRICS_LIMIT_INGEST_BURST_BYTES": str(10**9),
                                                    "METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN": str(10**9),
+                                                   "METRICS_INGEST_MAX_WAITING_PER_APP": "1000",
+                                                   "METRICS_INGEST_MAX_ACTIVE_REQUESTS": "1000",
                                                    "METRICS_KAFKA_MAX_BATCH_BYTES": str(batch_bytes)}))
             try:
                 # Ready, not only alive: the producer has connected (a 503 before would count as a failure).
