@@ -23,7 +23,7 @@ Fairness between tenants (security review M7), in each query process (web or wor
   conditional request that ends in a 304 is charged like any other: its ETag is the answer's, so the answer is
   looked up (or computed) all the same; only the bytes on the wire are saved. Past it: 429 ``rate_limited``
   with Retry-After (the time until the bucket holds a request again), counted per app (``query_refused_rate``).
-* a cap on queries computing at once (:class:`QueryGate`): ``query_max_concurrent`` slots, of which one app
+* a cap on queries computing at once (:class:`app.limits.FairSlots`): ``query_max_concurrent`` slots, of which one app
   holds at most ``query_max_concurrent_per_app``; a query without a slot waits up to
   ``query_queue_timeout_s`` (freed slots go to the waiting apps in turn), then 503 ``overloaded`` with
   Retry-After (``query_refused_busy``). A slot is held until the store work ends, even past the query
@@ -39,7 +39,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -51,7 +50,7 @@ from app.api.openapi import OPENAPI_PATH, document
 from app.api.query import RESOLUTION_NAMES, Authorize, QueryEngine, auto_resolution
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError
-from app.limits import Limits
+from app.limits import Buckets, FairSlots, Limits
 from app.ops.stats import CATALOGUE, Counters
 from app.settings import WINDOW_S, Settings
 from app.storage.tokens import bearer, client_middleware
@@ -65,7 +64,7 @@ COUNTERS_KEY: web.AppKey[Counters] = web.AppKey("counters", Counters)
 AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
 OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 RATE_KEY: web.AppKey["QueryRate"] = web.AppKey("query_rate")
-GATE_KEY: web.AppKey["QueryGate"] = web.AppKey("query_gate")
+GATE_KEY: web.AppKey[FairSlots] = web.AppKey("query_gate")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
@@ -156,126 +155,25 @@ def _retrieve(task: "asyncio.Future[Any]") -> None:
         task.exception()
 
 
-MAX_TRACKED_APPS = 100_000
-"""Rate buckets kept (least recently used dropped: a dropped bucket is a full one, which it nearly always is)."""
-MAX_RETRY_AFTER_S = 60
-
-
 class QueryRate:
     """Per-app token buckets of read API requests: ``query_burst`` deep, refilled at ``query_rate_per_s``
-    (the app's limits, re-read on every request, so an override applies without a restart). One per process
-    (a single event loop: no locks)."""
+    (the app's limits, re-read on every request, so an override applies without a restart)."""
 
     def __init__(self, limits: Limits, clock: Clock | None = None) -> None:
         self.limits = limits
         self.clock = clock or SystemClock()
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
-        """app -> [requests the bucket holds, when it was last refilled (ms)]"""
+        self._buckets = Buckets()
 
     def take(self, app: str) -> int | None:
         """Charge one request to ``app``: None when it may go on, else the seconds until it may retry."""
-        now_ms = self.clock.now_ms()
         lim = self.limits.of(app)
-        burst = float(lim.query_burst)
-        b = self._buckets.get(app)
-        if b is None:
-            b = self._buckets[app] = [burst, float(now_ms)]
-            if len(self._buckets) > MAX_TRACKED_APPS:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(app)
-            b[0] = min(burst, b[0] + max(0.0, now_ms - b[1]) / 1000 * lim.query_rate_per_s)
-            b[1] = float(now_ms)
-        if b[0] >= 1:
-            b[0] -= 1
+        now_ms = self.clock.now_ms()
+        rate, burst = lim.query_rate_per_s, float(lim.query_burst)
+        level = self._buckets.level(app, rate_per_s=rate, burst=burst, now_ms=now_ms)
+        if level >= 1:
+            self._buckets.charge(app, 1, rate_per_s=rate, burst=burst, now_ms=now_ms)
             return None
-        rate = lim.query_rate_per_s
-        wait_s = math.ceil((1 - b[0]) / rate) if rate > 0 else MAX_RETRY_AFTER_S
-        return max(1, min(wait_s, MAX_RETRY_AFTER_S))
-
-
-class QueryGate:
-    """At most ``slots`` queries computing at once, at most ``per_app`` of them one app's. A query without a
-    slot waits up to ``wait_s``; a freed slot goes to the waiting apps in turn (round robin, first come first
-    served within an app), skipping apps that already hold their share. ``slots`` 0: no cap."""
-
-    def __init__(self, slots: int, per_app: int, wait_s: float) -> None:
-        self.slots = max(0, slots)
-        self.per_app = min(per_app, self.slots) if per_app > 0 else self.slots
-        self.per_app = max(1, self.per_app)
-        self.wait_s = wait_s
-        self.busy = 0
-        self.held: dict[str, int] = {}
-        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
-
-    def _free_for(self, app: str) -> bool:
-        return self.busy < self.slots and self.held.get(app, 0) < self.per_app
-
-    def _take(self, app: str) -> None:
-        self.busy += 1
-        self.held[app] = self.held.get(app, 0) + 1
-
-    async def acquire(self, app: str) -> bool:
-        """True: a slot is held (give it back with :meth:`release`); False: none freed within ``wait_s``."""
-        if self.slots == 0:
-            return True
-        if app not in self._queues and self._free_for(app):
-            self._take(app)
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(app, deque()).append(fut)
-        try:
-            await asyncio.wait((fut,), timeout=self.wait_s)
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release(app)  # handed a slot while being cancelled: pass it on
-            else:
-                self._forget(app, fut)
-            raise
-        if fut.done():
-            return True  # handed over by _dispatch, already counted
-        self._forget(app, fut)
-        return False
-
-    def release(self, app: str) -> None:
-        if self.slots == 0:
-            return
-        self.busy -= 1
-        left = self.held[app] - 1
-        if left:
-            self.held[app] = left
-        else:
-            del self.held[app]
-        self._dispatch()
-
-    def _forget(self, app: str, fut: "asyncio.Future[None]") -> None:
-        fut.cancel()
-        q = self._queues.get(app)
-        if q is not None and fut in q:
-            q.remove(fut)
-            if not q:
-                del self._queues[app]
-
-    def _dispatch(self) -> None:
-        """Free slots to the first waiting apps, in turn, that hold less than their share."""
-        while self.busy < self.slots:
-            for app, q in self._queues.items():
-                if self.held.get(app, 0) < self.per_app:
-                    break
-            else:
-                return
-            fut = q.popleft()
-            if q:
-                self._queues.move_to_end(app)  # its next query waits for every other app's turn
-            else:
-                del self._queues[app]
-            if not fut.done():
-                self._take(app)
-                fut.set_result(None)
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return Buckets.retry_after_s(level, 1, rate)
 
 
 async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]]) -> T | web.Response:
@@ -287,7 +185,7 @@ async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]
         request.app[COUNTERS_KEY].inc_app("query_refused_busy", app)
         return error(503, "overloaded", f"no query slot freed within {gate.wait_s:g} s (at most {gate.slots} "
                      f"queries compute at once here, {gate.per_app} of one app); retry after the delay",
-                     {"Retry-After": str(max(1, math.ceil(gate.wait_s)))})
+                     {"Retry-After": str(max(1, math.ceil(gate.wait_s or 1)))})
     try:
         task = asyncio.ensure_future(make())
     except BaseException:
@@ -510,7 +408,7 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
 
         webapp.cleanup_ctx.append(follow_limits)
     webapp[RATE_KEY] = QueryRate(limits, clock)
-    webapp[GATE_KEY] = QueryGate(settings.query_max_concurrent, settings.query_max_concurrent_per_app,
+    webapp[GATE_KEY] = FairSlots(settings.query_max_concurrent, settings.query_max_concurrent_per_app,
                                  settings.query_queue_timeout_s)
     webapp.on_response_prepare.append(security_headers)
     webapp[QUERY_KEY] = query

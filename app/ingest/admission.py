@@ -23,23 +23,19 @@ time the debt takes to repay. Refusing a body half-way would charge the app for 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections import OrderedDict, deque
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from app.clock import Clock, SystemClock
-from app.limits import Limits
+from app.limits import Buckets, FairSlots, Limits
 from app.ops.stats import Counters
 from app.settings import Settings
 
 CHUNK_BYTES = 64 * 1024
-MAX_TRACKED_APPS = 100_000
-"""Rate buckets kept (least recently used dropped: a dropped bucket is a full one, which it nearly always is)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +51,6 @@ class Refusal:
     api_status: int = 429
 
 
-class _Bucket:
-    __slots__ = ("level", "stamp_ms")
-
-    def __init__(self, level: float, stamp_ms: int) -> None:
-        self.level = level
-        self.stamp_ms = stamp_ms
-
-
 class Admission:
     """One per ingest process (a single event loop: no locks)."""
 
@@ -74,41 +62,22 @@ class Admission:
         self.budget_bytes = settings.ingest_max_inflight_bytes
         self.max_body_bytes = settings.ingest_max_body_bytes
         self.max_ratio = settings.ingest_max_decompressed_ratio
-        self.slots = settings.ingest_work_slots
+        self.slots = FairSlots(settings.ingest_work_slots, settings.ingest_work_slots, None)
         self.max_waiting = settings.ingest_max_waiting_per_app
         self.body_timeout_s = settings.ingest_body_timeout_s
         self.max_active = settings.ingest_max_active_requests
         self._active: dict[str, int] = {}
         self.active_total = 0
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets = Buckets()
         self.held_bytes = 0
         self._held_by_app: dict[str, int] = {}
         self._held_by_token: dict[str, int] = {}
-        self._busy = 0
-        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
 
     # --- rate ------------------------------------------------------------------------------------------
-    def _bucket(self, app: str) -> _Bucket:
-        now_ms = self.clock.now_ms()
+    def _rate(self, app: str) -> dict[str, Any]:
         lim = self.limits.of(app)
-        b = self._buckets.get(app)
-        if b is None:
-            b = self._buckets[app] = _Bucket(float(lim.ingest_burst_bytes), now_ms)
-            if len(self._buckets) > MAX_TRACKED_APPS:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(app)
-            b.level = min(float(lim.ingest_burst_bytes),
-                          b.level + (now_ms - b.stamp_ms) / 1000 * lim.ingest_rate_bytes_s)
-            b.stamp_ms = now_ms
-        return b
-
-    def _rate_refusal(self, app: str, b: _Bucket) -> Refusal:
-        rate = self.limits.of(app).ingest_rate_bytes_s
-        wait_s = math.ceil(-b.level / rate) if rate > 0 else 60
-        return Refusal("rate_limited", f"app {app!r} is over its ingest rate of {rate:,.0f} bytes/s; retry after "
-                                       "the delay (the operator can raise the app's limit)",
-                       max(1, min(wait_s, 60)), "ingest_refused_rate")
+        return {"rate_per_s": lim.ingest_rate_bytes_s, "burst": lim.ingest_burst_bytes,
+                "now_ms": self.clock.now_ms()}
 
     # --- before the body -------------------------------------------------------------------------------
     @asynccontextmanager
@@ -132,12 +101,15 @@ class Admission:
                 del self._active[app]
 
     def refuse_early(self, app: str) -> Refusal | None:
-        b = self._bucket(app)
-        if b.level <= 0:
-            return self._rate_refusal(app, b)
-        q = self._queues.get(app)
-        if q is not None and len(q) >= self.max_waiting:
-            return Refusal("queue_full", f"app {app!r} already has {len(q)} requests waiting at this ingest "
+        rate = self._rate(app)
+        level = self._buckets.level(app, **rate)
+        if level <= 0:
+            return Refusal("rate_limited", f"app {app!r} is over its ingest rate of {rate['rate_per_s']:,.0f} "
+                                           "bytes/s; retry after the delay (the operator can raise the app's limit)",
+                           Buckets.retry_after_s(level, 0, rate["rate_per_s"]), "ingest_refused_rate")
+        waiting = self.slots.waiting_of(app)
+        if waiting >= self.max_waiting:
+            return Refusal("queue_full", f"app {app!r} already has {waiting} requests waiting at this ingest "
                                          "process; retry after the delay", 1, "ingest_refused_queue")
         active = self._active.get(app, 0)
         if self.active_total >= self.max_active and active >= max(1, self.max_active // len(self._active)):
@@ -202,7 +174,7 @@ class Admission:
                                              "of it; retry after the delay", 1, "ingest_requests_shed")
         # The rate was checked before the body (refuse_early): an admitted body finishes, in debt if need be,
         # as refusing it half-way would charge the app for bytes it must send again.
-        self._bucket(app).level -= n
+        self._buckets.charge(app, n, **self._rate(app))
         self.held_bytes += n
         self._held_by_app[app] = app_held + n
         self._held_by_token[token_id] = token_held + n
@@ -221,48 +193,10 @@ class Admission:
                 del held[key]
 
     # --- parse slots, app by app -----------------------------------------------------------------------
-    @asynccontextmanager
-    async def slot(self, app: str) -> AsyncIterator[None]:
+    def slot(self, app: str) -> AbstractAsyncContextManager[None]:
         """One of the process's parse slots; when all are busy, apps take turns."""
-        if self._busy < self.slots and not self._queues:
-            self._busy += 1
-        else:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._queues.setdefault(app, deque()).append(fut)
-            try:
-                await fut  # the slot is handed over by _next() with _busy unchanged
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._next()  # handed a slot while being cancelled: pass it on
-                else:
-                    self._forget(app, fut)
-                raise
-        try:
-            yield
-        finally:
-            self._next()
-
-    def _forget(self, app: str, fut: asyncio.Future[None]) -> None:
-        q = self._queues.get(app)
-        if q is not None and fut in q:
-            q.remove(fut)
-            if not q:
-                del self._queues[app]
-
-    def _next(self) -> None:
-        """Hand the freed slot to the next app in turn (round robin over apps with requests waiting)."""
-        while self._queues:
-            app, q = next(iter(self._queues.items()))
-            fut = q.popleft()
-            if q:
-                self._queues.move_to_end(app)  # its next request waits for every other app's
-            else:
-                del self._queues[app]
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self._busy -= 1
+        return self.slots.slot(app)
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self.slots.waiting

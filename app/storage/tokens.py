@@ -30,6 +30,7 @@ from aiohttp import web
 
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError
+from app.limits import Buckets
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.backends import token_table
@@ -204,34 +205,22 @@ CLIENT: ContextVar[str | None] = ContextVar("minutely_client", default=None)
 
 
 class FailureBudget:
-    """Unknown tokens a client may try per second (a bucket per client address, least recently used dropped:
-    a dropped bucket is a full one)."""
-
-    MAX_CLIENTS = 100_000
+    """Unknown tokens a client may try: ``burst`` at once and ``per_s`` a second, a bucket per client address
+    (app/limits.py :class:`~app.limits.Buckets`)."""
 
     def __init__(self, per_s: float, burst: int) -> None:
         self.per_s = per_s
         self.burst = float(burst)
-        self._buckets: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._buckets = Buckets()
         self.refused = 0
 
-    def _level(self, client: str, now_ms: int) -> float:
-        got = self._buckets.get(client)
-        if got is None:
-            return self.burst
-        level, stamp_ms = got
-        return min(self.burst, level + (now_ms - stamp_ms) / 1000 * self.per_s)
-
     def allows(self, client: str, now_ms: int) -> bool:
-        ok = self._level(client, now_ms) >= 1
+        ok = self._buckets.level(client, rate_per_s=self.per_s, burst=self.burst, now_ms=now_ms) >= 1
         self.refused += not ok
         return ok
 
     def charge(self, client: str, now_ms: int) -> None:
-        self._buckets[client] = (self._level(client, now_ms) - 1, now_ms)
-        self._buckets.move_to_end(client)
-        if len(self._buckets) > self.MAX_CLIENTS:
-            self._buckets.popitem(last=False)
+        self._buckets.charge(client, 1, rate_per_s=self.per_s, burst=self.burst, now_ms=now_ms)
 
 
 def client_address(request: web.BaseRequest, forwarded_hops: int) -> str | None:

@@ -14,7 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from app.api.query import Answer, MetricsQuery
-from app.api.web import GATE_KEY, QueryGate, make_web_app
+from app.api.web import GATE_KEY, make_web_app
+from app.limits import FairSlots as QueryGate
 from app.clock import ManualClock
 from app.limits import AppLimits, Limits
 from app.ops.stats import Counters
