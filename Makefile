@@ -10,26 +10,41 @@ DYNALITE_VERSION := 4.0.0
 DYNALITE := .deps/dynalite/node_modules/dynalite/cli.js
 UPLOT_VERSION := 1.6.32
 UPLOT_DIR := .deps/uplot
+# uv installs the venv from uv.lock (the versions the tests passed with); it lives in its own venv in .deps.
+UV_VERSION := 0.13.8
+UV_VENV := .deps/uv-$(UV_VERSION)
+UV := $(UV_VENV)/bin/uv
+# --locked: stop if uv.lock no longer matches pyproject.toml (run `make lock`) instead of re-resolving.
+# Never a downloaded interpreter (machines reach PyPI only): the venv's own Python.
+UV_SYNC := UV_PYTHON_DOWNLOADS=never $(UV) sync --locked --python $(PY)
 DEMO ?= 1
 FRESH ?= 0
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
 TEST_PROCESSES ?= 3
 
-.PHONY: run test chaos install install-test install-cassandra bench bench-parse bench-query bench-stores typecheck clean browser
+.PHONY: run test chaos install install-test install-cassandra lock bench bench-parse bench-query bench-stores typecheck docs clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
-run: install
+# Cassandra's jars come too, whatever METRICS_STORE says: a store migration started while this runs
+# (`minutely migration start --to cassandra`) starts a local node, which make cannot foresee. 66 MB once,
+# a stamp check after.
+run: install install-cassandra
 	$(if $(filter 1,$(FRESH)),rm -rf data,)
 	$(PY) -m app local $(if $(filter 0,$(DEMO)),--no-demo,)
 
-test: install-test typecheck browser
+test: install-test typecheck docs browser
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --durations=15 $(PYTEST_ARGS)
 
 typecheck: install-test
 	$(PY) -m mypy
 
-# The reliability campaign's long versions (README "Reliability"): a 5-minute worker crash loop (own and empty
+# The reference in docs/ (mkdocs-material, from the test extra), built into artifacts/ (never the tracked tree).
+# --strict (and mkdocs.yml's validation) fails on a broken link or anchor and on a page missing from the nav.
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir artifacts/site
+
+# The reliability campaign's long versions (docs/reliability.md): a 5-minute worker crash loop (own and empty
 # state), Kafka and the store gone 60 s, the ingest at 2x capacity for 60 s, 300 generated requests per API
 # operation, ~100,000 hostile records, a flooding app beside a quiet one for 60 s. `make test` runs short ones. Each test's figure is in its PASSED section.
 chaos: install-test browser
@@ -46,7 +61,7 @@ bench: install-test
 bench-parse: install-test
 	$(PY) -m tests.bench.bench_parse
 
-# What `make run` needs: the package, Apache Kafka (Maven Central), dynalite (npm), the dashboard's uPlot.
+# What `make run` needs: the package at uv.lock's versions, Apache Kafka (Maven Central), dynalite (npm), uPlot.
 install: $(VENV)/.installed $(KAFKA_LIB)/.resolved $(DYNALITE) $(UPLOT_DIR)/dist/uPlot.iife.min.js
 
 # What the tests add: pytest and friends, moto's server, checkov in its own venv, Apache Cassandra.
@@ -60,32 +75,43 @@ install-cassandra: $(CASSANDRA_LIB)/.resolved
 	$(PYTHON) -m venv .deps/checkov
 	.deps/checkov/bin/pip install -q checkov==3.3.30
 
-$(VENV)/.installed: pyproject.toml
+# The runtime dependencies as locked. --inexact: `make run` leaves what `make test` installed in place.
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(UV_SYNC) --inexact
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test]'
+# The test extra (with the docs tools) as locked, exactly: a package dropped from the lock leaves the venv.
+$(VENV)/.installed-test: pyproject.toml uv.lock $(VENV)/.installed
+	$(UV_SYNC) --extra test
 	touch $@
+
+# Re-resolve uv.lock after editing pyproject.toml's dependencies: pins that still fit stay as they are.
+# `make lock UPGRADE=1` moves every pin to the newest version allowed.
+lock: | $(UV)
+	UV_PYTHON_DOWNLOADS=never $(UV) lock $(if $(filter 1,$(UPGRADE)),--upgrade,)
+
+$(UV):
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/pip install -q uv==$(UV_VERSION)
 
 # A JVM part's jars from Maven Central, as pinned in a small pom in the repo: $(call maven_jars,<pom>,<lib dir>)
 define maven_jars
 	@command -v java >/dev/null 2>&1 || { echo "java not found: install Java 17 (Debian openjdk-17-jre-headless)"; exit 1; }
 	@command -v mvn >/dev/null 2>&1 || { echo "mvn not found: install Maven (Debian maven)"; exit 1; }
-	rm -rf $(2)
-	mvn -q -B -f $(1) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(2)
+	rm -rf $(2).new
+	mvn -q -B -f $(1) dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(2).new
 	rm -rf app/local/conf/target
-	touch $(2)/.resolved
+	touch $(2).new/.resolved
+	rm -rf $(2) && mv $(2).new $(2)
 endef
 
 # Apache Kafka and its runtime dependencies.
 $(KAFKA_LIB)/.resolved: app/local/conf/kafka-pom.xml
 	$(call maven_jars,$<,$(KAFKA_LIB))
 
-# Apache Cassandra 5.0 and its runtime dependencies from Maven Central (the second store; `make run` stores in
-# DynamoDB and needs it only for METRICS_STORE=cassandra or a migration: `make install-cassandra`).
+# Apache Cassandra 5.0 and its runtime dependencies from Maven Central (the second store: METRICS_STORE=cassandra
+# or a migration's target; `make run` and `make test` install it).
 $(CASSANDRA_LIB)/.resolved: app/local/conf/cassandra-pom.xml
 	$(call maven_jars,$<,$(CASSANDRA_LIB))
 

@@ -1,1 +1,1 @@
-"""Stream jobs, one module each: aggregate (observations -> minutes), sink (minutes -> DynamoDB)."""
+"""Stream jobs, one module each: aggregate (observations -> minutes), sink (minutes -> the store)."""

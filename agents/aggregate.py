@@ -24,14 +24,14 @@ from agents.progress import Watermarks
 from app.clock import Clock, SystemClock
 from app.errors import ConfigError
 from app.limits import Limits
-from app.ops.stats import Counters
+from app.ops.stats import CounterName, Counters
 from app.ops.topics import RECORD_OVERHEAD_BYTES
 from app.settings import Settings
 from tables.aggregate import Aggregate, fit_record
 from tables.state import WindowTableState
 from tables.windows import ADDON_SOURCES, METRIC_NAMES, PROCESS_TYPES, IngestResult, PartitionWindows, Rejected
 
-LIMIT_COUNTERS = {PROCESS_TYPES: "limit_refused_process_types", ADDON_SOURCES: "limit_refused_addon_sources",
+LIMIT_COUNTERS: dict[int, CounterName] = {PROCESS_TYPES: "limit_refused_process_types", ADDON_SOURCES: "limit_refused_addon_sources",
                   METRIC_NAMES: "limit_refused_metric_names"}
 
 log = logging.getLogger(__name__)

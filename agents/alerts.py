@@ -41,6 +41,11 @@ from typing import Any, Awaitable, Callable, MutableMapping, Sequence
 import orjson
 from aiokafka.partitioner import murmur2
 
+from app.alerting.autoscale import AppPolicies
+from app.alerting.commands import MONITOR_DELETE, MONITOR_OPS, Command, Outcome, apply_monitor_command
+from app.alerting.minute import Minute
+from app.alerting.monitors import LATENCY, MONITOR_DELETED, AlertEvent, AppMonitors
+from app.alerting.targets import Targets
 from app.api.policies import (
     LOCAL,
     REMOTE,
@@ -56,20 +61,6 @@ from app.notify.delivery import EMAIL, WEBHOOK, Delivery, DeliveryResult, DoneCa
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
-from tables.monitors import (
-    LATENCY,
-    MONITOR_DELETE,
-    MONITOR_DELETED,
-    MONITOR_OPS,
-    AlertEvent,
-    AppMonitors,
-    AppPolicies,
-    Command,
-    Minute,
-    Outcome,
-    Targets,
-    apply_monitor_command,
-)
 from tables.state import partition_context
 
 log = logging.getLogger(__name__)
@@ -284,7 +275,7 @@ class AlertEngine:
         doc = self.doc(cmd.app) or AppMonitors()
         gone = doc.monitors.get(cmd.monitor_id) if cmd.op == MONITOR_DELETE else None
         outcome = apply_monitor_command(doc, cmd, max_monitors=self.settings.max_monitors_per_app)
-        if outcome.status < 300:
+        if outcome.applied:
             resolved = gone.deleted(cmd.app) if gone is not None else None
             deliveries: list[tuple[str, Delivery]] = []
             if resolved is not None and gone is not None:
@@ -299,7 +290,7 @@ class AlertEngine:
                 del self.table[doc_key(cmd.app)]
             self.outbox.send(cmd.app, partition, deliveries)
             self.counters.inc("policy_commands_applied")
-        log.info("policy command %s %s %s -> %d", cmd.id, cmd.op, cmd.app, outcome.status)
+        log.info("policy command %s %s %s -> %s", cmd.id, cmd.op, cmd.app, outcome.result)
         if self.results is not None:
             self.results.resolve(cmd.id, outcome)
         return outcome

@@ -1,10 +1,11 @@
 """Stream job: closed minutes of the web process -> autoscaling decisions.
 
-Per app with a policy, every closed ``web`` minute is one :class:`~tables.monitors.Decision` (model and
-rules: tables/monitors.py ``estimate`` and ``Autoscaler``). Each decision goes to the ``autoscale`` topic;
-a change of the dyno count also goes to the platform's formation API (``METRICS_FORMATION_URL``) as
-``{"quantity": n, ...}``, and running pinned at ``max_dynos`` notifies the policy's targets at most once a
-day. The current dyno count is the last decision's, or the policy's ``current_dynos`` when it was written.
+Per app with a policy, every closed ``web`` minute is one :class:`~app.alerting.autoscale.Decision` (model
+and rules: app/alerting/autoscale.py ``estimate`` and ``Autoscaler``). Each decision goes to the
+``autoscale`` topic; a change of the dyno count also goes to the platform's formation API
+(``METRICS_FORMATION_URL``) as ``{"quantity": n, ...}``, and running pinned at ``max_dynos`` notifies the
+policy's targets at most once a day (``METRICS_AUTOSCALE_PINNED_NOTIFY_EVERY_MIN``). The current dyno count
+is the last decision's, or the policy's ``current_dynos`` when it was written.
 
 Same layout and guarantees as agents/alerts.py: policies and state are one value per app in the
 changelogged ``autoscale`` table, written only from this agent's stream; commands from the web API arrive
@@ -30,40 +31,18 @@ from agents.alerts import (
     owns_partition,
     peek_minute,
 )
+from app.alerting.autoscale import AppPolicies, AutoscaleParams, Decision
+from app.alerting.commands import POLICY_OPS, Command, Outcome, apply_policy_command
+from app.alerting.minute import Minute
 from app.api.policies import CommandResults
-from app.errors import ConfigError
 from app.notify.delivery import FORMATION, Delivery
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
-from app.settings import PREFIX, Settings
-from tables.monitors import (
-    POLICY_OPS,
-    AppPolicies,
-    AutoscaleParams,
-    Command,
-    Decision,
-    Minute,
-    Outcome,
-    apply_policy_command,
-)
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PublishDecision = Callable[[Decision], Awaitable[None]]
-
-
-def params_from(settings: Settings) -> AutoscaleParams:
-    """The model's constants from the settings; ConfigError when they make no sense."""
-    s = settings
-    if min(s.autoscale_history_min, s.autoscale_min_requests, s.autoscale_up_cooldown_min,
-           s.autoscale_down_cooldown_min, s.autoscale_down_stable_min) < 1 or not 0 <= s.autoscale_down_headroom < 1:
-        raise ConfigError("autoscale_* minutes and min_requests must be >= 1 (steps are at least a minute apart) "
-                          "and autoscale_down_headroom within [0, 1)", action=f"set {PREFIX}AUTOSCALE_*")
-    return AutoscaleParams(history_min=s.autoscale_history_min, min_requests=s.autoscale_min_requests,
-                           up_cooldown_min=s.autoscale_up_cooldown_min,
-                           down_cooldown_min=s.autoscale_down_cooldown_min,
-                           down_stable_min=s.autoscale_down_stable_min,
-                           down_headroom=s.autoscale_down_headroom)
 
 
 def doc_key(app: str) -> bytes:
@@ -97,7 +76,7 @@ class AutoscaleEngine:
         self.publish = publish
         self.outbox = outbox
         self.results = results
-        self.params = params_from(settings)
+        self.params = AutoscaleParams.from_settings(settings)
 
     def doc(self, app: str) -> AppPolicies | None:
         raw = self.table.get(doc_key(app))
@@ -158,13 +137,13 @@ class AutoscaleEngine:
             return None
         doc = self.doc(cmd.app) or AppPolicies()
         outcome = apply_policy_command(doc, cmd)
-        if outcome.status < 300:
+        if outcome.applied:
             if doc.policies:
                 self.table[doc_key(cmd.app)] = doc.to_bytes()
             elif doc_key(cmd.app) in self.table:
                 del self.table[doc_key(cmd.app)]
             self.counters.inc("policy_commands_applied")
-        log.info("policy command %s %s %s -> %d", cmd.id, cmd.op, cmd.app, outcome.status)
+        log.info("policy command %s %s %s -> %s", cmd.id, cmd.op, cmd.app, outcome.result)
         if self.results is not None:
             self.results.resolve(cmd.id, outcome)
         return outcome

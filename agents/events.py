@@ -1,4 +1,4 @@
-"""Stream job: alert transitions (``alerts``) and autoscaling decisions (``autoscale``) -> DynamoDB, so the
+"""Stream job: alert transitions (``alerts``) and autoscaling decisions (``autoscale``) -> the store, so the
 dashboard can draw them as markers (``GET /v1/apps/{app}/events``, app/api/web.py).
 
 **Storage.** Events live in the metrics table through the same store, as one item per (app, process type,
@@ -32,13 +32,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 
 from agents.sink import StoreWriter
 from app.errors import StoreError
 from app.ops.stats import Counters
+from app.retry import Sleep
 from app.settings import WINDOW_S, Settings
 from app.storage.events import EVENTS_RESOLUTION_S, merge_items
 from app.storage.protocol import MetricItem, MetricsStore
@@ -86,7 +87,7 @@ def decode_event(kind: str, value: bytes) -> tuple[str, str, dict[str, Any]] | N
 
 class EventsJob:
     def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *,
-                 sleep: Any = asyncio.sleep, jitter: Any = random.random) -> None:
+                 sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random) -> None:
         self.store = store
         self.settings = settings
         self.counters = counters

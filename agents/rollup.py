@@ -19,15 +19,15 @@ of that app live in the same partition of the changelogged ``rollups`` table. A 
 :class:`Aggregate` and the set of minute starts already in it (``mins``). For each batch:
 
 1. minutes are grouped by (app, process type, resolution, bucket); a bucket not in the table is read back
-   from DynamoDB (it was evicted, or this is the first deployment), else it starts empty;
+   from the store (it was evicted, or this is the first deployment), else it starts empty;
 2. a minute whose start is already in ``mins`` is skipped (redelivery), the others are merged;
-3. changed buckets and changed summary blocks are written to DynamoDB (``put_many``: returns only when
+3. changed buckets and changed summary blocks are written to the store (``put_many``: returns only when
    every item was accepted; the rollup item carries ``mins`` too, so the read-back in 1. is exact);
 4. only then the table values are written; Faust flushes them before it commits the batch's offsets.
 
 A crash before 4. redelivers the batch; the table does not hold its minutes yet, so they are merged again
 into the same previous state and the same items are overwritten. A crash after 4. skips them in step 2.
-While DynamoDB throttles or is down the batch is retried with backoff and nothing is consumed meanwhile.
+While the store throttles or is down the batch is retried with backoff and nothing is consumed meanwhile.
 Buckets leave the table ``rollup_evict_after_s`` after their end (wall clock); a later minute re-merges
 into the stored item via step 1.
 """
@@ -38,14 +38,15 @@ import asyncio
 import logging
 import random
 import zlib
-from typing import Any, Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Callable, MutableMapping, Sequence
 
 import orjson
 
 from agents.progress import Watermarks
 from app.clock import Clock, SystemClock
-from app.errors import RetriableError, StoreError, retry_delay_s
+from app.errors import RetriableError, StoreError
 from app.ops.stats import Counters
+from app.retry import RetryPolicy, Sleep, retry_retriable
 from app.settings import WINDOW_S, Settings
 from app.storage.protocol import DIGEST, SUMMARY, MetricItem, MetricsStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
@@ -55,7 +56,6 @@ from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 log = logging.getLogger(__name__)
 
 Table = MutableMapping[bytes, Any]
-Sleep = Callable[[float], Awaitable[None]]
 BucketId = tuple[str, str, int, int]
 """(app, process type, resolution_s, bucket start s); a summary block's id has the block start instead."""
 READ_CONCURRENCY = 16
@@ -147,7 +147,7 @@ def decode_minute(value: bytes) -> Aggregate:
 class Rollup:
     def __init__(self, table: Table, store: MetricsStore, settings: Settings, counters: Counters, *,
                  context_topic: str, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
-                 watermarks: Watermarks | None = None) -> None:
+                 jitter: Callable[[], float] = random.random, watermarks: Watermarks | None = None) -> None:
         """``watermarks``: told of each minute stored after its partition's stored-through watermark had
         passed it (agents/progress.py), so query caches drop the app's answers."""
         self.watermarks = watermarks
@@ -158,10 +158,11 @@ class Rollup:
         self.context_topic = context_topic
         self.clock = clock or SystemClock()
         self.sleep = sleep
+        self.policy = RetryPolicy.from_ms(settings.backoff_base_ms, settings.backoff_max_ms, jitter=jitter)
 
     async def process(self, batch: Sequence[tuple[int, bytes]]) -> int:
         """Fold a batch of ``(partition, metrics-1m value)`` into the rollups and summary blocks; returns
-        buckets written. Returns only once DynamoDB accepted them (retrying while it is unavailable)."""
+        buckets written. Returns only once the store accepted them (retrying while it is unavailable)."""
         groups: dict[BucketId, tuple[int, list[Aggregate]]] = {}
         for partition, value in batch:
             try:
@@ -176,17 +177,12 @@ class Rollup:
                 groups.setdefault(bid, (partition, []))[1].append(minute)
         if not groups:
             return 0
-        attempt = 0
-        while True:
-            try:
-                return await self._apply(groups)
-            except RetriableError as exc:
-                attempt += 1
-                self.counters.inc("rollup_retries")
-                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
-                                        max_ms=self.settings.backoff_max_ms, jitter=random.random())
-                log.warning("rollup: DynamoDB unavailable (%s); retry %d in %.2f s", exc, attempt, delay_s)
-                await self.sleep(delay_s)
+        return await retry_retriable(lambda: self._apply(groups), policy=self.policy, sleep=self.sleep,
+                                     on_retry=self._retrying)
+
+    def _retrying(self, exc: RetriableError, retry: int, delay_s: float) -> None:
+        self.counters.inc("rollup_retries")
+        log.warning("rollup: store unavailable (%s); retry %d in %.2f s", exc, retry, delay_s)
 
     async def _apply(self, groups: dict[BucketId, tuple[int, list[Aggregate]]]) -> int:
         buckets = await self._load(groups)

@@ -32,16 +32,16 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import orjson
 
-from app.errors import ItemsRefused, PipelineError, RetriableError, StoreError, StoreFatal, retry_delay_s
-from app.ops.stats import Counters
+from app.errors import ItemsRefused, PipelineError, RetriableError, StoreError, StoreFatal
+from app.ops.stats import CounterName, Counters
 from app.ops.topics import RECORD_OVERHEAD_BYTES
+from app.retry import RetryPolicy, Sleep, retry_retriable
 from app.settings import WINDOW_S, Settings
 from app.storage.protocol import MetricItem, MetricsStore
 
 log = logging.getLogger(__name__)
 
 DeadLetter = Callable[[Sequence[tuple[bytes, str]]], Awaitable[None]]
-Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 
 ISOLATE_STREAK = 8
@@ -105,7 +105,7 @@ class StoreWriter:
     isolated one by one and returned."""
 
     def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *, job: str,
-                 retries_counter: str, sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random,
+                 retries_counter: CounterName, sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random,
                  fatal_retry_s: float | None = None) -> None:
         self.store = store
         self.settings = settings
@@ -113,7 +113,7 @@ class StoreWriter:
         self.job = job
         self.retries_counter = retries_counter
         self.sleep = sleep
-        self.jitter = jitter
+        self.policy = RetryPolicy.from_ms(settings.backoff_base_ms, settings.backoff_max_ms, jitter=jitter)
         self.fatal_retry_s = settings.store_fatal_retry_s if fatal_retry_s is None else fatal_retry_s
         self.halted: StoreFatal | None = None
         """The error the job stopped on; None while it writes."""
@@ -127,18 +127,9 @@ class StoreWriter:
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``fn()`` until it succeeds or an item is refused (StoreError, raised); retriable and fatal
         errors are waited out."""
-        attempt = 0
         while True:
             try:
-                result = await fn()
-            except RetriableError as exc:
-                attempt += 1
-                self.counters.inc(self.retries_counter)
-                delay_s = retry_delay_s(exc, attempt, base_ms=self.settings.backoff_base_ms,
-                                        max_ms=self.settings.backoff_max_ms, jitter=self.jitter())
-                log.warning("%s: store unavailable (%s); retry %d in %.2f s", self.job, exc, attempt, delay_s)
-                await self.sleep(delay_s)
-                continue
+                result = await retry_retriable(fn, policy=self.policy, sleep=self.sleep, on_retry=self._retrying)
             except StoreFatal as exc:
                 await self.halt(exc)
                 continue
@@ -146,6 +137,10 @@ class StoreWriter:
                 log.warning("%s: the store accepts writes again; consuming resumes (was: %s)", self.job, self.halted)
                 self.halted = None
             return result
+
+    def _retrying(self, exc: RetriableError, retry: int, delay_s: float) -> None:
+        self.counters.inc(self.retries_counter)
+        log.warning("%s: store unavailable (%s); retry %d in %.2f s", self.job, exc, retry, delay_s)
 
     async def halt(self, exc: StoreFatal) -> None:
         """Stop (the caller holds the batch, so nothing is committed past it) until the next attempt."""

@@ -1,10 +1,8 @@
-"""``python -m app <command>``: ``local`` (whole stack on this machine) or any Faust command (``worker``)."""
+"""``python -m app <command>``: the click group of app/cli.py (``python -m app --help`` lists the commands)."""
 
 from __future__ import annotations
-
-import sys
 
 from app.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

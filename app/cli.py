@@ -1,4 +1,4 @@
-"""Command-line entry points besides Faust's own (``python -m app worker``).
+"""The one command line: ``python -m app <command>`` and the ``minutely`` script (a click group).
 
 ``python -m app local [--no-demo]`` runs the whole pipeline on one machine: Apache Kafka and dynalite
 (app/local/embedded.py) on the settings' default ports, a worker (stream jobs + web API), an ingest process
@@ -7,7 +7,6 @@ and demo traffic, with their data in ``data/``. Ctrl-C stops all of it; the next
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -15,8 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn
+
+import click
 
 from app.errors import ConfigError, PipelineError
 from app.local.embedded import (
@@ -26,8 +28,11 @@ from app.local.embedded import (
     free_port,
     require_free_port,
 )
+from app.local.loadgen import loadgen
+from app.ops.dlq import dlq
 
 if TYPE_CHECKING:
+    import faust
     from aiohttp import web
 
     from app.local.stores import LocalStores
@@ -51,9 +56,14 @@ def worker_env(broker_url: str, dynamodb_endpoint: str, *, data_dir: str, web_po
 def start_role(role: str, env: dict[str, str], *, log_path: Path | None = None,
                args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """Start ``python -m app <role> [args]`` (worker, ingest, web) as a child process."""
-    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "app", role, *args], env=env, stdout=out or None,
-                            stderr=subprocess.STDOUT if out else None, cwd=str(Path(__file__).resolve().parent.parent))
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed below, the child has its own copy
+    try:
+        return subprocess.Popen([sys.executable, "-m", "app", role, *args], env=env, stdout=out or None,
+                                stderr=subprocess.STDOUT if out else None,
+                                cwd=str(Path(__file__).resolve().parent.parent))
+    finally:
+        if out is not None:
+            out.close()  # Popen gave the child a duplicate descriptor: ours would only leak
 
 
 def start_worker(env: dict[str, str], *, log_path: Path | None = None) -> subprocess.Popen[bytes]:
@@ -102,17 +112,9 @@ def local_ports(settings: "Settings", env: Mapping[str, str]) -> list[tuple[int,
     ]
 
 
-def local(argv: list[str]) -> int:
+def run_local(*, demo: bool = True, rate: int = 2000, apps: int = 3, data_dir: Path = LOCAL_DATA_DIR) -> int:
+    """``python -m app local``; the exit code (2: a port is taken or the settings point elsewhere)."""
     from app.settings import Settings
-
-    ap = argparse.ArgumentParser(prog="python -m app local", description=__doc__)
-    ap.add_argument("--no-demo", action="store_true", help="start without demo traffic")
-    ap.add_argument("--rate", type=int, default=2000, help="demo router requests per second")
-    ap.add_argument("--apps", type=int, default=3)
-    ap.add_argument("--data-dir", type=Path, default=LOCAL_DATA_DIR,
-                    help="Kafka's log, dynalite's tables and the worker's state (kept across runs; "
-                         "`make clean` or `make run FRESH=1` empties it)")
-    args = ap.parse_args(argv)
 
     try:
         settings = Settings.from_env()
@@ -128,7 +130,7 @@ def local(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     (kafka_port, _, _), (controller_port, _, _), (dynamo_port, _, _), (web_port, _, _), (ingest_port, _, _) = ports
-    data_dir: Path = args.data_dir.resolve()
+    data_dir = data_dir.resolve()
     broker = KafkaBroker(data_dir=data_dir / "kafka", port=kafka_port, controller_port=controller_port)
     dynamo = DynamoServer(port=dynamo_port, data_dir=data_dir / "dynamodb")
     children: list[subprocess.Popen[bytes]] = []
@@ -144,8 +146,8 @@ def local(argv: list[str]) -> int:
         # The broker is durable and keeps the changelogs, so the worker's RocksDB state is kept with it.
         env = worker_env(broker.url, dynamo.endpoint, data_dir=str(data_dir / "worker"), web_port=web_port)
         stores = LocalStores(settings, env, data_dir, start_role)
-        if settings.store == "cassandra":
-            stores.ensure_cassandra()
+        if settings.store == "cassandra" or os.environ.get("METRICS_LOCAL_CASSANDRA") == "1":
+            stores.ensure_cassandra()  # the second: a node for `migration start --to cassandra` to find
         worker = start_worker(env)
         children.append(worker)
         ingest = start_role("ingest", {**env, "METRICS_WEB_PORT": str(ingest_port),
@@ -153,7 +155,7 @@ def local(argv: list[str]) -> int:
         children.append(ingest)
         wait_http(f"http://127.0.0.1:{web_port}/healthz", 120, worker)
         wait_http(f"http://127.0.0.1:{ingest_port}/healthz", 60, ingest)
-        drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(args.apps)]))
+        drain_tokens = asyncio.run(_demo_tokens([f"app-{i}" for i in range(apps)]))
         read_token = asyncio.run(_demo_tokens(["app-0"], kind="read"))["app-0"]
         print(f"\nbroker {broker.address} ({broker.kind} {broker.version})")
         print(f"dynamodb {dynamo.endpoint} ({dynamo.kind})")
@@ -165,9 +167,9 @@ def local(argv: list[str]) -> int:
               f"/dashboard/migration.html; the ingest's on port {ingest_admin_port})")
         print(f"drain http://drain:{drain_tokens['app-0']}@127.0.0.1:{ingest_port}/v1/drains/logplex (app-0's drain "
               "URL: the token is its basic-auth password, as Logplex sends it)")
-        print("demo " + ("off" if args.no_demo else f"{args.rate} requests/s over {args.apps} apps, through the drain"))
+        print("demo " + (f"{rate} requests/s over {apps} apps, through the drain" if demo else "off"))
         print("Ctrl-C stops everything.\n", flush=True)
-        asyncio.run(_serve(args, ingest_port, drain_tokens, children, stores))
+        asyncio.run(_serve(rate if demo else 0, apps, ingest_port, drain_tokens, children, stores))
     except KeyboardInterrupt:
         pass
     except PipelineError as exc:
@@ -202,21 +204,21 @@ async def _demo_tokens(apps: list[str], kind: str = "drain") -> dict[str, str]:
         await store.stop()
 
 
-async def _serve(args: argparse.Namespace, ingest_port: int, drain_tokens: dict[str, str],
+async def _serve(demo_rate: int, apps: int, ingest_port: int, drain_tokens: dict[str, str],
                  children: list[subprocess.Popen[bytes]], stores: "LocalStores") -> None:
-    from app.local import loadgen
+    """Until Ctrl-C or a child exits; ``demo_rate`` router requests per second through the drain (0: none)."""
+    from app.local import loadgen as gen
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     demo: asyncio.Task[object] | None = None
-    if not args.no_demo:
-        gen_args = argparse.Namespace(
-            mode="drain", apps=args.apps, dynos=2, rate=args.rate, duration=10**9, realtime=True, seed=1,
-            start_ms=None, url=f"http://127.0.0.1:{ingest_port}", frame_lines=200, concurrency=4, truth=None,
-            token=[f"{a}={t}" for a, t in drain_tokens.items()], bootstrap="", topic="", quiet=True)
-        demo = asyncio.create_task(loadgen.run(gen_args))
+    if demo_rate:
+        load = gen.Load(mode="drain", apps=apps, rate=demo_rate, duration=10**9, realtime=True,
+                        url=f"http://127.0.0.1:{ingest_port}", concurrency=4,
+                        token=tuple(f"{a}={t}" for a, t in drain_tokens.items()), quiet=True)
+        demo = asyncio.create_task(gen.run(load))
     following = asyncio.create_task(stores.follow(stop))  # writers (and Cassandra) for a store migration
     while not stop.is_set() and all(c.poll() is None for c in children) and not following.done():
         try:
@@ -307,105 +309,256 @@ def build_web_role(settings: "Settings", counters: "Counters") -> "web.Applicati
     return webapp
 
 
-def tokens(argv: list[str]) -> int:
-    """``python -m app tokens create|list|revoke``."""
+LOGLEVELS = ("CRIT", "ERROR", "WARN", "INFO", "DEBUG")
+"""Faust's choices (faust/cli/base.py), written out: importing them would load Faust for every command."""
+FAUST_CONSOLE_PORT = 50101
+"""Faust's default aiomonitor port (``--debug`` only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    """The group's own options, for the commands that run a Faust worker."""
+
+    quiet: bool = False
+    debug: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """What ``faust worker`` takes, but its web flags: the HTTP server is ours (app/worker.py Runtime), on the
+    settings' host and port."""
+
+    loglevel: str = "WARN"
+    logfile: str | None = None
+    quiet: bool = False
+    debug: bool = False
+    blocking_timeout_s: float | None = None
+    console_port: int = FAUST_CONSOLE_PORT
+
+
+def _exit(code: int) -> NoReturn:
+    click.get_current_context().exit(code)
+
+
+@click.group(context_settings={"max_content_width": 110})
+@click.option("--quiet/--no-quiet", "-q", default=False,
+              help="workers: no banner, nothing but the logs on stdout/stderr (also after the command)")
+@click.option("--debug/--no-debug", default=False, help="workers: debug output and Faust's blocking detector")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
+    """minutely: per-minute metrics from Kafka to a store, served over HTTP (docs/)."""
+    ctx.obj = Root(quiet=quiet, debug=debug)
+
+
+def worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The Faust worker options ``worker`` and ``writer`` take, with Faust's names and defaults."""
+    for option in reversed([
+        click.option("--loglevel", "-l", type=click.Choice(LOGLEVELS, case_sensitive=False), default="WARN",
+                     show_default=True, help="logging level"),
+        click.option("--logfile", "-f", type=click.Path(dir_okay=False), default=None,
+                     help="log to this file (default: stderr)"),
+        click.option("--quiet", "-q", "quiet_here", is_flag=True, help="as the group's --quiet"),
+        click.option("--blocking-timeout", type=float, default=None,
+                     help="with --debug: seconds the event loop may block before the detector logs it"),
+        click.option("--console-port", type=int, default=FAUST_CONSOLE_PORT, show_default=True,
+                     help="with --debug: aiomonitor console port"),
+    ]):
+        command = option(command)
+    return command
+
+
+def _worker_options(root: Root, loglevel: str, logfile: str | None, quiet_here: bool,
+                    blocking_timeout: float | None, console_port: int) -> WorkerOptions:
+    return WorkerOptions(loglevel=loglevel, logfile=logfile, quiet=root.quiet or quiet_here, debug=root.debug,
+                         blocking_timeout_s=blocking_timeout, console_port=console_port)
+
+
+def run_worker(faust_app: "faust.App", options: WorkerOptions) -> NoReturn:
+    """Run ``faust_app`` in a Faust worker, as ``faust worker`` does (its exit code is the process's)."""
+    import faust
+
+    faust_app.finalize()
+    faust_app.worker_init()
+    faust_app.worker_init_post_autodiscover()
+    worker = faust.Worker(
+        faust_app, loglevel=options.loglevel, logfile=options.logfile, quiet=options.quiet, debug=options.debug,
+        blocking_timeout=options.blocking_timeout_s, console_port=options.console_port,
+        redirect_stdouts=True,  # print() in a job becomes a log line, as under `faust worker`
+    )
+    worker.execute_from_commandline()
+
+
+def compose_worker() -> "faust.App":
+    """The worker's Faust app with its stream jobs and web server bound (app/worker.py)."""
+    import app.worker  # noqa: F401 - binds the agents, timers and web service on the Faust app
+    from app.app import app as faust_app
+
+    return faust_app
+
+
+def compose_writer(spec: str) -> "faust.App":
+    """The Faust app of the writer for store ``spec`` (app/writer.py), in its own consumer group."""
+    from app.migration.writes import writer_env
     from app.settings import Settings
-    from app.storage.tokens import KINDS, TokenStore
 
-    ap = argparse.ArgumentParser(prog="python -m app tokens")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("create", help="create a token; it is printed once and stored only hashed")
-    c.add_argument("--app", required=True)
-    c.add_argument("--kind", required=True, choices=KINDS)
-    ls = sub.add_parser("list", help="list token ids (never the tokens)")
-    ls.add_argument("--app")
-    rv = sub.add_parser("revoke", help="revoke a token by the id `list` shows")
-    rv.add_argument("id")
-    args = ap.parse_args(argv)
+    os.environ.update(writer_env(Settings.from_env(), spec, os.environ))  # app/app.py reads them at import
+    Path(os.environ["METRICS_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+    import app.writer  # noqa: F401 - binds the writing jobs on the Faust app
+    from app.app import app as faust_app
 
+    return faust_app
+
+
+@cli.command("local")
+@click.option("--no-demo", is_flag=True, help="start without demo traffic")
+@click.option("--rate", type=int, default=2000, show_default=True, help="demo router requests per second")
+@click.option("--apps", type=int, default=3, show_default=True, help="demo apps")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=LOCAL_DATA_DIR,
+              help="Kafka's log, dynalite's tables and the worker's state (kept across runs; `make clean` or "
+                   "`make run FRESH=1` empties it)")
+def local_command(no_demo: bool, rate: int, apps: int, data_dir: Path) -> None:
+    """The whole pipeline on this machine: broker, DynamoDB, worker, ingest and demo traffic (``make run``)."""
+    _exit(run_local(demo=not no_demo, rate=rate, apps=apps, data_dir=data_dir))
+
+
+@cli.command("worker")
+@worker_options
+@click.pass_obj
+def worker_command(root: Root, /, **options: Any) -> None:
+    """Stream jobs, the query API and the policies API: a Faust worker (app/worker.py)."""
+    run_worker(compose_worker(), _worker_options(root, **options))
+
+
+@cli.command("writer")
+@click.option("--store", "spec", required=True, help="dynamodb | cassandra, optionally :<table> / :<keyspace>")
+@worker_options
+@click.pass_obj
+def writer_command(root: Root, /, spec: str, **options: Any) -> None:
+    """During a store migration: the jobs that store minutes into one store, in their own consumer group
+    (app/writer.py)."""
+    run_worker(compose_writer(spec), _worker_options(root, **options))
+
+
+@cli.command("ingest")
+def ingest_command() -> None:
+    """Heroku log drains and the JSON ingest API, to Kafka (HTTP only; app/ingest/)."""
+    serve("ingest")
+
+
+@cli.command("web")
+def web_command() -> None:
+    """The query API without stream jobs: closed minutes from the store (HTTP only)."""
+    serve("web")
+
+
+@cli.group("tokens")
+def tokens_group() -> None:
+    """Drain, write and read tokens; stored hashed (both stores during a migration)."""
+
+
+TOKEN_KINDS = ("drain", "write", "read")
+"""app/storage/tokens.py KINDS, written out: importing the store would load aiohttp and boto for ``--help``."""
+
+
+def _with_tokens(use: Callable[[Any], Any]) -> int:
+    """``use(store)`` (a coroutine function returning the exit code) with a started TokenStore."""
     async def go() -> int:
-        from app import models
         from app.migration.control import read_state
         from app.migration.tables import FollowingTokens
+        from app.settings import Settings
+        from app.storage.tokens import TokenStore
 
         settings = Settings.from_env()
         state = await read_state(settings)  # during a store migration, tokens change in both stores
         store = TokenStore(settings, table=FollowingTokens(settings, lambda: state))
         await store.start()
         try:
-            if args.cmd == "create":
-                if not models.valid_app(args.app):
-                    print("app must be 1..100 characters of [A-Za-z0-9._-]", file=sys.stderr)
-                    return 2
-                token, info = await store.create(args.app, args.kind)
-                print(token)
-                print(f"id {info.id} app {info.app} kind {info.kind} (store the token now; it is not shown again)",
-                      file=sys.stderr)
-            elif args.cmd == "list":
-                for t in await store.list(args.app):
-                    print(f"{t.id}  {t.app}  {t.kind}  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t.created_s))}")
-            else:
-                if not await store.revoke(args.id):
-                    print(f"no token with id {args.id}", file=sys.stderr)
-                    return 1
-                print(f"revoked {args.id}")
-            return 0
+            code: int = await use(store)
+            return code
         finally:
             await store.stop()
 
     return asyncio.run(go())
 
 
-def writer(argv: list[str]) -> int:
-    """``python -m app writer --store <spec> [faust worker options]``: the jobs that store minutes, for one
-    store, in their own consumer group (app/writer.py)."""
-    from app.settings import Settings
+@tokens_group.command("create")
+@click.option("--app", "app_name", required=True, help="1..100 characters of [A-Za-z0-9._-]")
+@click.option("--kind", required=True, type=click.Choice(TOKEN_KINDS))
+def tokens_create(app_name: str, kind: str) -> None:
+    """Create a token; it is printed once and stored only hashed."""
+    from app import models
 
-    ap = argparse.ArgumentParser(prog="python -m app writer")
-    ap.add_argument("--store", required=True, help="dynamodb | cassandra, optionally :<table> / :<keyspace>")
-    args, rest = ap.parse_known_args(argv)
-    from app.migration.writes import writer_env
+    if not models.valid_app(app_name):
+        print("app must be 1..100 characters of [A-Za-z0-9._-]", file=sys.stderr)
+        _exit(2)
 
-    os.environ.update(writer_env(Settings.from_env(), args.store, os.environ))
-    Path(os.environ["METRICS_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-    # Faust's global options (--quiet) go before its command, the worker's own (-l info) after it.
-    faust_globals = [a for a in rest if a in ("--quiet", "-q")]
-    sys.argv = [sys.argv[0], *faust_globals, "worker", *(a for a in rest if a not in faust_globals)]
-    import app.writer  # noqa: F401 - binds the writing jobs on the Faust app (settings read from the env above)
-    from app.app import app as faust_app
+    async def create(store: Any) -> int:
+        token, info = await store.create(app_name, kind)
+        print(token)
+        print(f"id {info.id} app {info.app} kind {info.kind} (store the token now; it is not shown again)",
+              file=sys.stderr)
+        return 0
 
-    faust_app.main()
-    return 0
-
-
-def main() -> int:
-    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
-    if cmd == "local":
-        return local(sys.argv[2:])
-    if cmd in ("ingest", "web"):
-        return serve(cmd)
-    if cmd == "tokens":
-        return tokens(sys.argv[2:])
-    if cmd == "migration":
-        from app.migration.cli import main as migration_main
-
-        return migration_main(sys.argv[2:])
-    if cmd == "writer":
-        return writer(sys.argv[2:])
-    if cmd == "dlq":  # python -m app dlq replay: dead-lettered records back to their topic (app/ops/dlq.py)
-        from app.ops.dlq import main as dlq_main
-
-        return dlq_main(sys.argv[2:])
-    if cmd == "loadgen":
-        from app.local.loadgen import main as loadgen_main
-
-        return loadgen_main(sys.argv[2:])
-    # Everything else is a Faust command (worker, tables, agents, ...).
-    import app.worker  # noqa: F401 - registers the agents, timer and web service on the Faust app
-    from app.app import app as faust_app
-
-    faust_app.main()
-    return 0
+    _exit(_with_tokens(create))
 
 
-__all__ = ["main", "local", "serve", "tokens", "worker_env", "start_worker", "start_role", "wait_http", "free_port"]
+@tokens_group.command("list")
+@click.option("--app", "app_name", default=None, help="only this app's")
+def tokens_list(app_name: str | None) -> None:
+    """List token ids (never the tokens)."""
+    async def show(store: Any) -> int:
+        for t in await store.list(app_name):
+            print(f"{t.id}  {t.app}  {t.kind}  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t.created_s))}")
+        return 0
+
+    _exit(_with_tokens(show))
+
+
+@tokens_group.command("revoke")
+@click.argument("token_id", metavar="ID")
+def tokens_revoke(token_id: str) -> None:
+    """Revoke a token by the id `list` shows."""
+    async def revoke(store: Any) -> int:
+        if not await store.revoke(token_id):
+            print(f"no token with id {token_id}", file=sys.stderr)
+            return 1
+        print(f"revoked {token_id}")
+        return 0
+
+    _exit(_with_tokens(revoke))
+
+
+PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+"""A command whose arguments another parser reads (its own ``--help`` included)."""
+
+
+@cli.command("migration", context_settings=PASSTHROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def migration_command(args: tuple[str, ...]) -> None:
+    """Move between stores without downtime: status, start, shadow, cutover, rollback, finish, ..."""
+    from app.migration.cli import main as migration_main
+
+    _exit(migration_main(list(args)))
+
+
+@cli.command("faust", context_settings=PASSTHROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def faust_command(args: tuple[str, ...]) -> None:
+    """Faust's own commands (tables, agents, ...) on the worker's app: ``faust --help``."""
+    from faust.cli.faust import cli as faust_cli
+
+    faust_cli.main(args=list(args), prog_name=f"{click.get_current_context().find_root().info_name} faust",
+                   app=compose_worker())
+
+
+cli.add_command(dlq)
+cli.add_command(loadgen)
+
+
+def main() -> None:
+    """``python -m app`` and the ``minutely`` script (pyproject.toml): exits with the command's code."""
+    cli.main()
+
+
+__all__ = ["main", "cli", "run_local", "serve", "worker_env", "start_worker", "start_role", "wait_http",
+           "free_port"]

@@ -19,20 +19,14 @@ class PipelineError(Exception):
 
 
 class RetriableError(PipelineError):
-    """A dependency is unavailable or throttling; retry with backoff."""
+    """A dependency is unavailable or throttling; retry with backoff (app/retry.py), waiting at least
+    ``retry_after_s``."""
 
     retriable = True
 
     def __init__(self, message: str, *, action: str = "", retry_after_s: float = 1.0) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message, action=action)
-
-
-def retry_delay_s(exc: RetriableError, attempt: int, *, base_ms: int, max_ms: int, jitter: float) -> float:
-    """Backoff before retry ``attempt`` (1, 2, ...): exponential from ``base_ms``, at least what the
-    dependency asked for, capped at ``max_ms``, then jittered into [50 %, 100 %] (``jitter`` in [0, 1))."""
-    delay_s = min(max_ms / 1000, max(exc.retry_after_s, base_ms / 1000 * (1 << min(attempt, 30))))
-    return delay_s * (0.5 + jitter / 2)
 
 
 class ConfigError(PipelineError):
@@ -62,4 +56,4 @@ class ItemsRefused(StoreError):
 
 
 class StoreUnavailable(RetriableError):
-    """DynamoDB is throttling or unreachable."""
+    """The store (any backend) is throttling or unreachable."""

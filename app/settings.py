@@ -391,6 +391,8 @@ class Settings:
     old key listed until every record written under it has been rewritten. Empty: secrets are stored in
     plaintext (as before; a JSON-logging worker warns at start). Records written under a key that is no
     longer listed stay stored, but their webhooks fail (logged, naming the missing key's id)."""
+    # The autoscaling model's constants: app/alerting/autoscale.py AutoscaleParams reads every
+    # ``autoscale_<name>`` below (these are its only defaults) and checks them.
     autoscale_history_min: int = 60
     """Minutes of history the capacity model looks at (the platform's documented past hour)."""
     autoscale_min_requests: int = 20
@@ -402,6 +404,8 @@ class Settings:
     """Consecutive minutes within target and with headroom before one dyno is removed."""
     autoscale_down_headroom: float = 0.2
     """Scaling down keeps this fraction of the estimated capacity spare."""
+    autoscale_pinned_notify_every_min: int = 1440
+    """Minutes between two notices that a policy runs pinned at ``max_dynos`` (once a day)."""
 
 
     @property

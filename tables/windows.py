@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
-from typing import Any, Callable, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Sequence
 
 from app import models
 from app.clock import Clock
@@ -160,23 +160,23 @@ class PartitionWindows:
         if offset <= self.offset:
             result.counts.skipped_replay += 1
             return
-        decoded = models.decode(value, self.max_message_bytes)
+        # Every record rule that needs no window state (names, clock skew, fields) is checked by the decode.
+        decoded = models.decode(value, self.max_message_bytes, now_ms=now_ms, max_future_ms=self.max_future_ms)
         if isinstance(decoded, models.Reject):
             result.counts.rejected += 1
             result.dead.append(Rejected("rejected", decoded.reason, decoded.record, offset, -1, None))
             self.offset = offset  # handled: a replay must not dead-letter it twice, and idleness needs it
             return
-        for rej in decoded.rejects:
-            result.counts.rejected += 1
-            result.dead.append(Rejected("rejected", rej.reason, rej.record, offset, rej.index, None))
+        if decoded.rejects:
+            self._rejected(offset, decoded.rejects, result)
         obs = decoded.observations
         touched: dict[WinKey, Aggregate] = {}
         seen_apps: set[str] = set()
         rest: Sequence[int] = range(len(obs))
         if len(obs) >= self.column_min:
-            rest = self._fold_routers(offset, obs, now_ms, touched, seen_apps, result.counts)
+            rest = self._fold_routers(offset, decoded, touched, seen_apps, result.counts)
         if rest:
-            self._fold_each(offset, obs, rest, decoded.indexes, now_ms, touched, seen_apps, result)
+            self._fold_each(offset, decoded, rest, touched, seen_apps, result)
         # Stamp offsets after the whole message: several observations of one message share a window.
         for key, agg in touched.items():
             agg.offset = offset
@@ -186,22 +186,35 @@ class PartitionWindows:
         self.dirty_apps |= seen_apps
         self.offset = offset
 
-    def _fold_routers(self, offset: int, obs: list[models.Observation], now_ms: int,
-                      touched: dict[WinKey, Aggregate], seen_apps: set[str], counts: Counts) -> Sequence[int]:
+    def _rejected(self, offset: int, rejects: list[models.Reject], result: IngestResult) -> None:
+        """Records the decode refused: dead-lettered, unless their app already applied this offset (a
+        replay after a crash between table writes: they were dead-lettered the first time)."""
+        apps = self.apps
+        counts = result.counts
+        for rej in rejects:
+            if rej.app is not None and (prog := apps.get(rej.app)) is not None and offset <= prog.offset:
+                counts.skipped_replay += 1
+                continue
+            counts.rejected += 1
+            result.dead.append(Rejected("rejected", rej.reason, rej.record, offset, rej.index, rej.app))
+
+    def _fold_routers(self, offset: int, decoded: models.Decoded, touched: dict[WinKey, Aggregate],
+                      seen_apps: set[str], counts: Counts) -> Sequence[int]:
         """Fold a message's router requests column by column; returns the positions left to fold one by one.
 
         A batched message is one app's requests over a few seconds: one app, one process type, one
         window (two at a minute boundary). Each field is pulled out once (a comprehension or C-level
         ``map``) and folded per window in bulk (``list.extend``, ``Counter``): about 2x cheaper than
-        :meth:`_fold_each`'s ~40 bytecodes per request. Anything unusual -- several apps, a dyno not
-        valid, a late or future timestamp, a window that already holds this offset, a new process type past
-        the app's limit -- leaves the whole message to :meth:`_fold_each`, which has the exact rules and
-        reasons. Both paths give identical aggregates (tests/test_windows.py).
+        :meth:`_fold_each`'s ~40 bytecodes per request. Anything unusual -- several apps, a late
+        timestamp, a window that already holds this offset, a new process type past the app's limit --
+        leaves the whole message to :meth:`_fold_each`, which counts each case exactly. Both paths give
+        identical aggregates (tests/tables/test_windows.py).
         """
         Router = models.Router
+        obs = decoded.observations
         n = len(obs)
         everything = range(n)
-        is_router = [o.__class__ is Router for o in obs]
+        is_router = decoded.router_mask or [o.__class__ is Router for o in obs]  # the decode's, when it made one
         n_routers = is_router.count(True)
         if n_routers < self.column_min:
             return everything
@@ -210,29 +223,33 @@ class PartitionWindows:
         if n_routers != n:
             routers = list(compress(obs, is_router))
             rest = list(compress(everything, map(not_, is_router)))
-        apps = {o.app for o in routers}
+        apps = decoded.apps if n_routers == n or len(decoded.apps) == 1 else {o.app for o in routers}
         if len(apps) != 1:
             return everything
-        app = apps.pop()
+        (app,) = apps
         prog = self.apps.get(app)
-        if not models.valid_app(app) or (prog is not None and offset <= prog.offset):
+        if prog is not None and offset <= prog.offset:
             return everything
-        ts_ms = [o.ts for o in routers]
+        ts_ms = decoded.ts_ms
+        if not ts_ms:
+            ts_ms = [o.ts for o in routers]
+        elif n_routers != n:
+            ts_ms = list(compress(ts_ms, is_router))
         lo_ms, hi_ms = min(ts_ms), max(ts_ms)
-        if hi_ms > now_ms + self.max_future_ms or (prog is not None and lo_ms < prog.closed_ms):
+        if prog is not None and lo_ms < prog.closed_ms:
             return everything
-        procs = {models.known_process_type(d) for d in {o.dyno for o in routers}}
-        if None in procs:
-            return everything
+        proc_of = decoded.process_types
+        procs = set(proc_of.values())
+        if len(procs) != 1 and n_routers != n:  # other kinds' dynos in the message: the routers' own
+            procs = {proc_of[d] for d in {o.dyno for o in routers}}
         window_ms = self.window_ms
         groups: dict[WinKey, list[int] | None]
         if len(procs) == 1 and lo_ms // window_ms == hi_ms // window_ms:
-            groups = {(app, cast(str, procs.pop()), lo_ms - lo_ms % window_ms): None}  # None: all of them
+            groups = {(app, procs.pop(), lo_ms - lo_ms % window_ms): None}  # None: all of them
         else:
-            proc_of = models.known_process_type
             positions: dict[WinKey, list[int]] = {}
             for i, o in enumerate(routers):
-                k = (app, cast(str, proc_of(o.dyno)), o.ts - o.ts % window_ms)
+                k = (app, proc_of[o.dyno], o.ts - o.ts % window_ms)
                 got = positions.get(k)
                 if got is None:
                     positions[k] = [i]
@@ -293,15 +310,17 @@ class PartitionWindows:
                 self.wm_ms = hi_ms
         return rest
 
-    def _fold_each(self, offset: int, obs: list[models.Observation], positions: Iterable[int],
-                   indexes: list[int] | None, now_ms: int, touched: dict[WinKey, Aggregate],
-                   seen_apps: set[str], result: IngestResult) -> None:
-        """Fold observations one at a time, with every check and its reason.
+    def _fold_each(self, offset: int, decoded: models.Decoded, positions: Iterable[int],
+                   touched: dict[WinKey, Aggregate], seen_apps: set[str], result: IngestResult) -> None:
+        """Fold valid observations (models.decode checked them) one at a time, with every rule that needs
+        window state: replays, lateness, per-app limits.
 
         Written flat on purpose: local names, tuple keys, one list append per request; counts, sums,
         max and digests are folded once per batch (Timer.flush).
         """
-        future_ms = now_ms + self.max_future_ms
+        obs = decoded.observations
+        indexes = decoded.indexes
+        proc_of = decoded.process_types
         window_ms = self.window_ms
         apps = self.apps
         windows = self.windows
@@ -314,7 +333,6 @@ class PartitionWindows:
         lim = _UNLIMITED
         procs = self.procs
         APP_SERIES = models.APP_SERIES
-        proc_of = models.process_type
         Router = models.Router
         Runtime = models.Runtime
         Metric = models.Metric
@@ -323,10 +341,6 @@ class PartitionWindows:
             o = obs[i]
             app = o.app
             if app != last_app:
-                if not models.valid_app(app):
-                    self._reject(result, "app must be 1..100 characters of [A-Za-z0-9._-]", o, offset,
-                                 i, indexes, None)
-                    continue
                 got = apps.get(app)
                 if got is None:
                     got = apps[app] = AppProgress()
@@ -337,33 +351,14 @@ class PartitionWindows:
                 counts.skipped_replay += 1
                 continue
             cls = o.__class__
-            proc = models.APP_SERIES if cls is Addon else proc_of(o.dyno)  # type: ignore[union-attr]
-            if proc is None:
-                self._reject(result, "dyno must look like web.1", o, offset, i, indexes, app)
-                continue
+            proc = APP_SERIES if cls is Addon else proc_of[o.dyno]  # type: ignore[union-attr]
             ts = o.ts
-            if ts > future_ms:
-                self._reject(result, f"ts is more than {self.max_future_ms} ms ahead of the wall clock",
-                             o, offset, i, indexes, app)
-                continue
             if ts < prog.closed_ms:
                 counts.late += 1
                 result.dead.append(Rejected(
                     "late", f"minute already closed: ts {ts} < {prog.closed_ms} (grace {self.grace_ms} ms)",
                     models.echo(o), offset, i if indexes is None else indexes[i], app))
                 continue
-            if cls is Runtime:
-                r: models.Runtime = o  # type: ignore[assignment]
-                if (r.memory_rss_mb is None and r.memory_swap_mb is None and r.memory_total_mb is None
-                        and r.memory_quota_mb is None and r.load_avg_1m is None):
-                    self._reject(result, "runtime sample has no memory_* or load_avg_1m field", o, offset, i,
-                                 indexes, app)
-                    continue
-            elif cls is Metric:
-                m: models.Metric = o  # type: ignore[assignment]
-                if m.type == "timer" and m.value < 0:
-                    self._reject(result, "timer value must be >= 0", o, offset, i, indexes, app)
-                    continue
             key = (app, proc, ts - ts % window_ms)
             slot = slots.get(key)
             if slot is None:
@@ -394,9 +389,11 @@ class PartitionWindows:
                     errs = slot[0].errors
                     errs[o.code] = errs.get(o.code, 0) + 1  # type: ignore[union-attr]
             elif cls is Runtime:
+                r: models.Runtime = o  # type: ignore[assignment]
                 slot[0].add_runtime(r.memory_rss_mb, r.memory_swap_mb, r.memory_total_mb, r.memory_quota_mb,
                                     r.load_avg_1m)
             elif cls is Metric:
+                m: models.Metric = o  # type: ignore[assignment]
                 agg = slot[0]
                 if (len(agg.timers) + len(agg.counters) + len(agg.gauges) >= lim.max_metric_names
                         and m.name not in agg.timers and m.name not in agg.counters and m.name not in agg.gauges):

@@ -7,8 +7,8 @@
   framework needs the helm binary, which does not exist here, so it scans Helm's rendered output instead.
 * hadolint lints the Dockerfile.
 
-Images cannot be built here (no Docker engine); the Dockerfile's install step is what docker/constraints.txt
-and ``docker/lock.py --check`` keep honest.
+Images cannot be built here (no Docker engine); the Dockerfile installs the runtime part of uv.lock, which
+``uv lock --check`` keeps in step with pyproject.toml.
 """
 
 from __future__ import annotations
@@ -488,7 +488,10 @@ def test_image_is_multi_stage_pinned_non_root_without_build_tools() -> None:
     assert users[-1] == "USER ${UID}:${GID}" and "ARG UID=10001" in runtime
     assert 'ENTRYPOINT ["minutely"]' in runtime
     install = "\n".join(build)
-    assert "pip install --only-binary=:all: -r /src/docker/constraints.txt" in install
+    assert "COPY pyproject.toml uv.lock /src/" in build
+    assert "uv export --frozen --no-dev --no-emit-project --format requirements-txt -o /src/requirements.txt" in install
+    assert "pip install --only-binary=:all: --require-hashes --no-deps -r /src/requirements.txt" in install
+    assert f"ARG UV_VERSION={uv_version()}" in build  # the uv that `make lock` wrote the lock with
     assert "pip install --no-deps /src" in install and "pip check" in install
     # the chart's roles are the image's commands; its paths are the image's writable ones
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -499,15 +502,33 @@ def test_image_is_multi_stage_pinned_non_root_without_build_tools() -> None:
     assert values["podSecurityContext"]["runAsUser"] == 10001
 
 
-def test_constraints_pin_every_runtime_dependency() -> None:
-    """The image installs docker/constraints.txt; a runtime dependency missing there would be resolved
-    freshly on build day (and `pip check` in the image would catch a missing one only at build)."""
-    result = subprocess.run([sys.executable, str(ROOT / "docker" / "lock.py"), "--check"], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    pins = (ROOT / "docker" / "constraints.txt").read_text()
-    for name in ("faust-streaming", "aioboto3", "prometheus-client", "rocksdict"):
-        assert re.search(rf"^{name}==\S+$", pins, re.M), name
+def uv_version() -> str:
+    m = re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert m, "Makefile lacks UV_VERSION"
+    return m.group(1)
+
+
+def uv_bin() -> str:
+    """The uv `make install` puts in .deps (the Makefile's version), else one on PATH."""
+    exe = ROOT / ".deps" / f"uv-{uv_version()}" / "bin" / "uv"
+    found = str(exe) if exe.exists() else shutil.which("uv")
+    assert found, f"uv not found at {exe}: run `make install` (pip installs uv=={uv_version()} from PyPI)"
+    return found
+
+
+def test_the_lock_matches_pyproject_and_pins_the_image_with_hashes() -> None:
+    """A pyproject.toml edit without `make lock` fails here, not on build day or on a fresh machine (whose
+    `uv sync --locked` would refuse the stale lock)."""
+    check = subprocess.run([uv_bin(), "lock", "--check", "--offline"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert check.returncode == 0, f"uv.lock is stale: run `make lock`\n{check.stderr}"
+    export = subprocess.run([uv_bin(), "export", "--frozen", "--no-dev", "--no-emit-project", "--format",
+                             "requirements-txt"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert export.returncode == 0, export.stderr
+    for name in ("faust-streaming", "aiokafka", "aioboto3", "prometheus-client", "rocksdict", "pydantic-settings"):
+        assert re.search(rf"^{name}==\S+ \\\n    --hash=sha256:", export.stdout, re.MULTILINE), name
+    for test_only in ("pytest", "moto", "mypy", "mkdocs-material"):  # extras stay out of the image
+        assert not re.search(rf"^{test_only}==", export.stdout, re.MULTILINE), test_only
 
 
 # --- checkov --------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("app", "agents", "tables")
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("app.errors", "app.clock", "app.models", "app.settings", "app.limits", "app.sealing"),
-    ("app.ops", "tables"),
+    ("app.errors", "app.retry", "app.clock", "app.models", "app.settings", "app.limits", "app.sealing"),
+    ("app.ops", "tables", "app.alerting"),
     ("app.storage", "app.notify", "app.app", "app.faust_patches"),
     ("app.ingest", "app.api", "agents", "app.migration", "app.local"),
     ("app.cli", "app.worker", "app.writer", "app.__main__", "app"),

@@ -10,12 +10,13 @@
     PUT    /v1/apps/{app}/autoscaling/{process_type}    create (201) or replace (200); process type: web
     DELETE /v1/apps/{app}/autoscaling/{process_type}    -> 204
 
-**Writes are commands.** A valid request becomes a :class:`~tables.monitors.Command` produced (acks=all) to
-the ``policy-commands`` topic with key = app, so it lands in the partition of the app's minutes and the
-worker evaluating them applies it from inside its stream (agents/alerts.py explains why). When that worker
-is this process the handler waits for the result (up to ``policy_apply_timeout_s``) and answers
-201/200/204/404/409 like a synchronous API; otherwise the command is durable but its outcome not
-observable here, and the answer is 202 with the command id.
+**Writes are commands.** A valid request (app/api/validation.py) becomes a
+:class:`~app.alerting.commands.Command` produced (acks=all) to the ``policy-commands`` topic with key = app,
+so it lands in the partition of the app's minutes and the worker evaluating them applies it from inside its
+stream (agents/alerts.py explains why). When that worker is this process the handler waits for the
+:class:`~app.alerting.commands.Outcome` (up to ``policy_apply_timeout_s``) and answers it as
+201/200/204/404/409 (:data:`OUTCOME_STATUS`) like a synchronous API; otherwise the command is durable but
+its outcome not observable here, and the answer is 202 with the command id.
 
 **Reads** come from the table of the worker that owns the app's partition. Any worker answers them: when
 the app is another worker's, the GET is forwarded once to that worker (its advertised URL, from Faust's
@@ -32,8 +33,8 @@ owner does not answer in time. Without a forwarder (or an owner locator) another
 is a 503. :func:`token_authorizer` checks the app's tokens (read tokens for GET, write tokens for changes).
 
 **Webhook URLs are secrets** (a Slack or Discord URL is its own credential). Reads, which take a read token,
-show them as ``scheme://host/…`` (:func:`~tables.monitors.redacted`); only the answer to a write, which took
-the write token that set them, carries them in full.
+show them as ``scheme://host/…`` (:func:`~app.alerting.targets.redacted`); only the answer to a write, which
+took the write token that set them, carries them in full.
 """
 
 from __future__ import annotations
@@ -51,24 +52,22 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, w
 from yarl import URL
 
 from app import models
-from app.api.web import COUNTERS_KEY, RATE_KEY, error, json_response
-from app.errors import PipelineError, RetriableError
-from tables.monitors import (
+from app.alerting.autoscale import AppPolicies
+from app.alerting.commands import (
     MONITOR_CREATE,
     MONITOR_DELETE,
     MONITOR_REPLACE,
     POLICY_DELETE,
     POLICY_PUT,
-    AppMonitors,
-    AppPolicies,
     Command,
     Outcome,
-    ValidationError,
-    parse_monitor,
-    parse_policy,
-    redacted,
-    valid_monitor_id,
+    Result,
 )
+from app.alerting.monitors import AppMonitors
+from app.alerting.targets import redacted
+from app.api.validation import ValidationError, parse_monitor, parse_policy, valid_monitor_id
+from app.api.web import COUNTERS_KEY, RATE_KEY, error, json_response
+from app.errors import PipelineError, RetriableError
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +379,21 @@ def _invalid(exc: ValidationError) -> web.Response:
     return json_response({"error": {"code": "invalid_field", "field": exc.field, "message": str(exc)}}, 400)
 
 
+OUTCOME_STATUS = {Result.CREATED: 201, Result.REPLACED: 200, Result.DELETED: 204, Result.NOT_FOUND: 404,
+                  Result.LIMIT_REACHED: 409, Result.IMMUTABLE: 400}
+"""The answer to each result of applying a command."""
+OUTCOME_ERROR_CODE = {Result.NOT_FOUND: "not_found", Result.LIMIT_REACHED: "too_many_monitors",
+                      Result.IMMUTABLE: "immutable_field"}
+
+
 def _outcome_response(outcome: Outcome, location: str | None = None) -> web.Response:
-    if outcome.status == 204:
+    status = OUTCOME_STATUS[outcome.result]
+    if outcome.result is Result.DELETED:
         return web.Response(status=204)
-    headers = {"Location": location} if location and outcome.status == 201 else None
-    return json_response(outcome.body, outcome.status, headers)
+    if not outcome.applied:
+        return error(status, OUTCOME_ERROR_CODE[outcome.result], outcome.message)
+    headers = {"Location": location} if location and outcome.result is Result.CREATED else None
+    return json_response(outcome.value, status, headers)
 
 
 async def _submit(backend: PolicyBackend, cmd: Command, *, wait: bool, location: str | None = None) -> web.Response:

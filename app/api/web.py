@@ -47,7 +47,7 @@ from aiohttp import web
 
 from app import models
 from app.api.openapi import OPENAPI_PATH, document
-from app.api.query import RESOLUTION_NAMES, Authorize, QueryEngine, auto_resolution
+from app.api.query import RESOLUTION_NAMES, QueryEngine, auto_resolution
 from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError
 from app.limits import Buckets, FairSlots, Limits
@@ -58,6 +58,9 @@ from tables.aggregate import RESOLUTIONS
 
 log = logging.getLogger(__name__)
 
+Authorize = Callable[[str], Awaitable["str | None"]]
+"""A read token -> the app it may read, or None when it is not a live read token."""
+
 QUERY_KEY: web.AppKey[QueryEngine] = web.AppKey("query")
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 COUNTERS_KEY: web.AppKey[Counters] = web.AppKey("counters", Counters)
@@ -67,8 +70,10 @@ RATE_KEY: web.AppKey["QueryRate"] = web.AppKey("query_rate")
 GATE_KEY: web.AppKey[FairSlots] = web.AppKey("query_gate")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
-DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css"}
-OPERATOR_FILES = {"migration.html": "text/html", "migration.js": "text/javascript", "dashboard.css": "text/css"}
+DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css",
+                   "favicon.svg": "image/svg+xml"}
+OPERATOR_FILES = {"migration.html": "text/html", "migration.js": "text/javascript", "dashboard.css": "text/css",
+                  "favicon.svg": "image/svg+xml"}
 """The migration page charts ``/migration`` (other tenants' names and values): served on the admin port only."""
 VENDOR_FILES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parents[2] / ".deps" / "uplot" / "dist"

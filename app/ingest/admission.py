@@ -32,7 +32,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from app.clock import Clock, SystemClock
 from app.limits import Buckets, FairSlots, Limits
-from app.ops.stats import Counters
+from app.ops.stats import CounterName, Counters
 from app.settings import Settings
 
 CHUNK_BYTES = 64 * 1024
@@ -45,7 +45,7 @@ class Refusal:
     code: str
     message: str
     retry_after_s: int
-    counter: str
+    counter: CounterName
     status: int | None = None
     """A fixed status (413 for a body over its limit); None: 503 on the drain, ``api_status`` on the JSON API."""
     api_status: int = 429

@@ -322,7 +322,8 @@ class KafkaBroker(_JavaService):
         self._proc = subprocess.Popen(
             [java, f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC",
              "-XX:TieredStopAtLevel=1", "-Xshare:auto", "-Djava.awt.headless=true",
-             f"-Dkafka.logs.dir={self.data_dir}", f"-Dlog4j.configuration=file:{CONF_DIR / 'kafka-log4j.properties'}",
+             f"-Dkafka.logs.dir={self.data_dir}",
+             f"-Dlog4j2.configurationFile={CONF_DIR / 'kafka-log4j2.properties'}",
              "-cp", self._classpath(), "kafka.Kafka", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

@@ -12,15 +12,16 @@ writes the exact aggregates of what was sent, to check the stored minutes agains
 
 from __future__ import annotations
 
-import argparse
 import base64
 import asyncio
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import click
 import orjson
 
 from app.local.traffic import Generator, Truth, gauge_last
@@ -205,13 +206,35 @@ async def post_frame(session: Any, url: str, token: str, body: bytes, count: int
     raise RuntimeError("drain kept failing; gave up after 30 attempts")
 
 
-async def run(args: argparse.Namespace) -> Truth:
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What :func:`run` sends: the ``loadgen`` options (``local`` and the tests build one directly)."""
+
+    mode: str = "kafka"
+    apps: int = 3
+    dynos: int = 2
+    rate: int = 1000
+    duration: float = 60
+    realtime: bool = False
+    seed: int = 1
+    start_ms: int | None = None
+    bootstrap: str = ""
+    topic: str = ""
+    url: str = ""
+    token: tuple[str, ...] = ()
+    frame_lines: int = 200
+    concurrency: int = 8
+    truth: str | None = None
+    quiet: bool = False
+
+
+async def run(args: Load) -> Truth:
     start_ms = args.start_ms if args.start_ms is not None else int(time.time() * 1000)
     gen = Generator(apps=args.apps, dynos=args.dynos, seed=args.seed, start_ms=start_ms, realistic=True)
     truth = Truth()
     per_app_s = max(1, round(args.rate / args.apps))  # router requests per app per second of event time
     seconds = int(args.duration)
-    progress = Progress("lines" if args.mode == "drain" else "observations", quiet=getattr(args, "quiet", False))
+    progress = Progress("lines" if args.mode == "drain" else "observations", quiet=args.quiet)
     tokens = dict(t.split("=", 1) for t in args.token or [])
     if args.mode == "drain":
         missing = [a for a in gen.apps if a not in tokens]
@@ -320,27 +343,34 @@ def truth_table(truth: Truth) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str]) -> int:
-    from app.settings import Settings
+def _settings_default(pick: Any) -> Any:
+    """A default read from the settings when the option is missing (not when the module is imported)."""
+    def default() -> Any:
+        from app.settings import Settings
 
-    s = Settings.from_env()
-    ap = argparse.ArgumentParser(prog="python -m app loadgen", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("kafka", "drain"), default="kafka")
-    ap.add_argument("--apps", type=int, default=3)
-    ap.add_argument("--dynos", type=int, default=2)
-    ap.add_argument("--rate", type=int, default=1000, help="router requests per second (event time)")
-    ap.add_argument("--duration", type=float, default=60, help="seconds of event time to generate")
-    ap.add_argument("--realtime", action="store_true", help="pace to the wall clock instead of as fast as possible")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--start-ms", type=int, default=None, help="event time of the first second (default: now)")
-    ap.add_argument("--bootstrap", default=kafka.bootstrap(s))
-    ap.add_argument("--topic", default=s.observations_topic)
-    ap.add_argument("--url", default=f"http://127.0.0.1:{s.web_port}", help="ingest base URL (drain mode)")
-    ap.add_argument("--token", action="append", help="APP=DRAIN_TOKEN (drain mode; once per app)")
-    ap.add_argument("--frame-lines", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--truth", help="write exact per-minute aggregates (JSON) here")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    asyncio.run(run(ap.parse_args(argv)))
-    return 0
+        return pick(Settings.from_env())
+    return default
+
+
+@click.command(help="Realistic Heroku traffic for N apps x M dynos, straight to Kafka or through the drain "
+                    "(docs/ingest.md).")
+@click.option("--mode", type=click.Choice(("kafka", "drain")), default="kafka", show_default=True)
+@click.option("--apps", type=int, default=3, show_default=True)
+@click.option("--dynos", type=int, default=2, show_default=True)
+@click.option("--rate", type=int, default=1000, show_default=True, help="router requests per second (event time)")
+@click.option("--duration", type=float, default=60, show_default=True, help="seconds of event time to generate")
+@click.option("--realtime", is_flag=True, help="pace to the wall clock instead of as fast as possible")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--start-ms", type=int, default=None, help="event time of the first second (default: now)")
+@click.option("--bootstrap", default=_settings_default(kafka.bootstrap), show_default="METRICS_BROKER_URL")
+@click.option("--topic", default=_settings_default(lambda s: s.observations_topic),
+              show_default="METRICS_OBSERVATIONS_TOPIC")
+@click.option("--url", default=_settings_default(lambda s: f"http://127.0.0.1:{s.web_port}"),
+              show_default="http://127.0.0.1:METRICS_WEB_PORT", help="ingest base URL (drain mode)")
+@click.option("--token", multiple=True, help="APP=DRAIN_TOKEN (drain mode; once per app)")
+@click.option("--frame-lines", type=int, default=200, show_default=True)
+@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--truth", default=None, help="write exact per-minute aggregates (JSON) here")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def loadgen(**options: Any) -> None:
+    asyncio.run(run(Load(**options)))

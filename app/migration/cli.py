@@ -3,8 +3,11 @@ rollback | finish [--force] | verify --since S --until S [--app APP]``.
 
 Each command reads the state from Kafka, checks the transition (app/migration/state.py), sets what the new
 phase needs (the new writer's offsets, the token copy), and appends the next state; every process follows
-within about a second. ``status`` also shows both writers' lag, and, from the processes that answer queries
-(``--web``: their admin ports, default this machine's worker's), the last hour's mismatch rate and both stores' read p50/p99.
+within about a second. ``start`` first checks that the new store answers a write and a read, and publishes
+nothing when it does not. ``status`` says what each store holds (its own stored-through watermark, read from
+it) and whether each writer runs (its consumer group's members and lag in Kafka), and, from the processes that
+answer queries (``--web``: their admin ports, default this machine's worker's), the last hour's mismatch rate
+and both stores' read p50/p99.
 """
 
 from __future__ import annotations
@@ -14,19 +17,36 @@ import asyncio
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from app.clock import SystemClock
-from app.errors import PipelineError
+from app.errors import PipelineError, RetriableError
 from app.migration import state as sm
 from app.migration.compare import compare_bodies
 from app.migration.control import publish, read_state
 from app.ops import kafka
 from app.settings import Settings
+from app.storage.backends import backend, metrics_store, token_table
+from app.storage.protocol import TokenInfo
+
+START_MARK = "set by migration start"
+"""The metadata ``start`` commits the new writer's offsets with. A writer commits its own (Faust: no
+metadata), so offsets still carrying this mark mean the writer never consumed anything."""
+PROBE_TIMEOUT_S = 15.0
+"""How long ``start`` waits for the new store to answer its probe write and read."""
+PROBE_KEY = "migration-probe"
+"""The token key of the probe (not a hex SHA-256, so no token can ever verify against it)."""
+GROUP_WAIT_S = 15.0
+"""How long ``status`` retries Kafka's group coordinator (a fresh broker loads it for a few seconds)."""
+STORE_TIMEOUT_S = 10.0
+"""How long ``status`` waits for a store's watermark."""
 
 
 def _writer_topics(settings: Settings) -> list[str]:
@@ -54,7 +74,7 @@ async def set_writer_offsets(settings: Settings, spec: str, *, backfill: bool) -
         tps = _partitions(settings, _writer_topics(settings))
         consumer.assign(tps)
         offsets = await (consumer.beginning_offsets(tps) if backfill else consumer.end_offsets(tps))
-        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        await consumer.commit({tp: OffsetAndMetadata(o, START_MARK) for tp, o in offsets.items()})
         if not backfill:
             return None
         # Per partition, the first retained minute; every minute after the newest of those is in Kafka.
@@ -69,29 +89,168 @@ async def set_writer_offsets(settings: Settings, spec: str, *, backfill: bool) -
         await consumer.stop()
 
 
-async def writer_lag(settings: Settings, spec: str) -> int | None:
-    """Records of ``metrics-1m`` the writer of ``spec`` has not committed; None when it never committed."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(settings), group_id=group_of(settings, spec),
-                                enable_auto_commit=False, **kafka.client_kwargs(settings))
-    await consumer.start()
+@dataclass(frozen=True, slots=True)
+class WriterView:
+    """What Kafka says of the writer of one store: its consumer group's members and committed offsets."""
+
+    spec: str
+    group: str
+    members: int
+    """Processes in the group now (0: none runs)."""
+    consumed: bool
+    """Whether the group ever committed offsets of its own (not only the ones ``start`` set)."""
+    lag: int | None
+    """``metrics-1m`` records past its committed offsets; None: nothing committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreView:
+    """What one store holds, from its own stored-through watermarks (agents/progress.py writes them)."""
+
+    spec: str
+    through_ms: int | None
+    """Every partition's minutes are stored up to here (the lowest partition's); None: some partition
+    (or all) has no watermark in this store yet."""
+    partitions: int
+    """Partitions with a watermark."""
+    updated_ms: int = 0
+    """Wall clock of the newest watermark write."""
+    error: str = ""
+    """Why the store could not be read ("" when it could)."""
+
+
+async def writer_view(settings: Settings, spec: str) -> WriterView:
+    group = group_of(settings, spec)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap(settings), **kafka.client_kwargs(settings))
+    await admin.start()
+    deadline = time.monotonic() + GROUP_WAIT_S
     try:
-        tps = _partitions(settings, [settings.metrics_topic])
-        ends = await consumer.end_offsets(tps)
-        lag, known = 0, False
-        for tp in tps:
-            committed = await consumer.committed(tp)
-            if committed is not None:
-                known = True
-                lag += max(0, ends[tp] - committed)
-        return lag if known else None
+        while True:
+            try:
+                [response] = await admin.describe_consumer_groups([group])
+                tps = _partitions(settings, [settings.metrics_topic])
+                offsets = await admin.list_consumer_group_offsets(group, partitions=tps)
+                break
+            except KafkaError as exc:  # a fresh broker's coordinator is still loading
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise RetriableError(f"Kafka did not describe consumer group {group}: {exc!r}",
+                                         action="check that Kafka is reachable and run the command again") from exc
+                await asyncio.sleep(0.5)
     finally:
-        await consumer.stop()
+        await admin.close()
+    # (error_code, group_id, state, protocol_type, protocol, members, ...): DescribeGroupsResponse
+    members = sum(len(g[5]) for g in response.groups if g[1] == group)
+    committed = {tp: om for tp, om in offsets.items() if om.offset >= 0}
+    lag: int | None = None
+    if committed:
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(settings), enable_auto_commit=False,
+                                    **kafka.client_kwargs(settings))
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets(list(committed))
+        finally:
+            await consumer.stop()
+        lag = sum(max(0, ends[tp] - om.offset) for tp, om in committed.items())
+    consumed = any(om.metadata != START_MARK for om in committed.values())
+    return WriterView(spec, group, members, consumed, lag)
+
+
+async def store_view(settings: Settings, spec: str, *, timeout_s: float = STORE_TIMEOUT_S) -> StoreView:
+    """The store's own watermarks, read from it (never inferred from the state or from Kafka)."""
+    store = metrics_store(sm.store_settings(settings, spec))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await store.start()
+            progress = await store.progress()
+    except (PipelineError, TimeoutError) as exc:
+        where = backend(sm.store_settings(settings, spec).store).where(sm.store_settings(settings, spec))
+        return StoreView(spec, None, 0, error=f"{where} did not answer: {exc or type(exc).__name__}")
+    finally:
+        await store.stop()
+    covered = {p.partition: p for p in progress if p.partition < settings.partitions}
+    through = min(p.stored_through_ms for p in covered.values()) if len(covered) == settings.partitions else None
+    return StoreView(spec, through, len(covered), max((p.updated_ms for p in covered.values()), default=0))
+
+
+def _ago(now_ms: int, ms: int) -> str:
+    return f"{max(0, now_ms - ms) / 1000:.0f} s ago"
+
+
+def describe(st: sm.MigrationState, settings: Settings, writers: list[WriterView], stores: dict[str, StoreView],
+             *, now_ms: int) -> list[str]:
+    """``status``'s lines on the writers, what each store holds, and the sync horizon: each from what Kafka
+    and the stores report, never from the state alone (a writer that never ran has no lag, it never ran)."""
+    out: list[str] = []
+    for w in writers:
+        if w.members:
+            run = f"running ({w.members} member{'s' if w.members > 1 else ''}), lag " + (
+                f"{w.lag} records" if w.lag is not None else "unknown (nothing committed yet)")
+        elif not w.consumed:
+            how = ("the aggregating workers, `python -m app worker`" if w.spec == sm.home_spec(settings) else
+                   f"`python -m app writer --store {w.spec}`; `make run` starts it")
+            run = f"never ran: no process has consumed in this group (run {how})"
+        else:
+            run = f"not running (no member in the group); {w.lag} records behind"
+        out.append(f"writer:   {w.spec:<32} group {w.group:<40} {run}")
+    for spec, v in stores.items():
+        if v.error:
+            held = f"unreachable: {v.error}"
+        elif v.through_ms is None:
+            held = ("holds nothing yet (no stored-through watermark)" if not v.partitions else
+                    f"watermarks in {v.partitions} of {settings.partitions} partitions only")
+        else:
+            held = f"stored through {sm.iso(v.through_ms)} (updated {_ago(now_ms, v.updated_ms)})"
+        out.append(f"store:    {spec:<32} {held}")
+    if st.phase == "single":
+        return out
+    source, target = stores.get(st.source), stores.get(st.target)
+    in_sync = sm.in_sync_at_ms(st, settings)
+    if target is None or target.through_ms is None or target.through_ms <= st.both_since_ms:
+        why = "it cannot be read" if target is not None and target.error else "its writer must run and catch up"
+        out.append(f"in sync:  not yet: {st.target} holds no minute since {sm.iso(st.both_since_ms)} ({why}); "
+                   f"until it does, everything is only in {st.source}")
+        return out
+    both_ms = target.through_ms if source is None or source.through_ms is None else min(
+        target.through_ms, source.through_ms)
+    behind = ""
+    if source is not None and source.through_ms is not None and source.through_ms > target.through_ms:
+        behind = f"; {st.target} is {(source.through_ms - target.through_ms) / 1000:.0f} s behind {st.source}"
+    out.append(f"in sync:  both stores hold every minute from {sm.iso(st.both_since_ms)} to {sm.iso(both_ms)}{behind}; "
+               f"older data is only in {st.source} and ages out at {sm.iso(in_sync)}"
+               + (" (reached: finish allowed)" if now_ms >= in_sync else " (finish refused before then)"))
+    return out
+
+
+async def probe(settings: Settings, spec: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """A write and a read through the protocols on the store ``spec`` names (a revoked token under a key no
+    token hashes to, deleted again, and the watermarks), within ``timeout_s``; PipelineError saying where
+    and what to do otherwise."""
+    target = sm.store_settings(settings, spec)
+    b = backend(target.store)
+    store, tokens = b.store(target, None, None), b.tokens(target)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await store.start()
+            await tokens.start()
+            await store.ping()
+            await store.progress()
+            now_s = SystemClock().now_ms() // 1000
+            await tokens.put_token(PROBE_KEY, TokenInfo(PROBE_KEY, "", "probe", now_s, revoked_s=now_s))
+            if await tokens.get_token(PROBE_KEY) is None:
+                raise PipelineError(f"{spec} did not return the probe it just stored",
+                                    action="check the store's consistency settings")
+            await tokens.delete_token(PROBE_KEY)
+    except (PipelineError, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {timeout_s:g} s"
+        raise PipelineError(f"{b.where(target)} is not reachable or not writable ({spec}): {reason}; nothing "
+                            "was published, the migration has not started", action=b.reach_action) from exc
+    finally:
+        await tokens.stop()
+        await store.stop()
 
 
 async def copy_tokens(settings: Settings, source: str, target: str) -> int:
     """Copy every token to the new store (idempotent); afterwards both are kept in step by the processes."""
-    from app.storage.backends import token_table
-
     src = token_table(sm.store_settings(settings, source))
     dst = token_table(sm.store_settings(settings, target))
     await src.start()
@@ -141,15 +300,11 @@ async def status(settings: Settings, web: list[str]) -> int:
     now_ms = SystemClock().now_ms()
     print(f"phase:    {st.label}  (version {st.version}"
           + (f", since {sm.iso(st.updated_ms)})" if st.updated_ms else ")"))
-    for spec in st.writes:
-        lag = await writer_lag(settings, spec)
-        print(f"writer:   {spec:<32} group {group_of(settings, spec):<40} lag "
-              + ("never committed" if lag is None else f"{lag} records"))
-    if st.phase != "single":
-        in_sync = sm.in_sync_at_ms(st, settings)
-        print(f"in sync:  both stores hold every minute since {sm.iso(st.both_since_ms)}; older data is only in "
-              f"{st.source} and ages out at {sm.iso(in_sync)}"
-              + (" (reached: finish allowed)" if now_ms >= in_sync else " (finish refused before then)"))
+    specs = list(dict.fromkeys([*st.writes, *([st.target] if st.target else [])]))
+    writers = [await writer_view(settings, spec) for spec in st.writes]
+    stores = {spec: await store_view(settings, spec) for spec in specs}
+    for line in describe(st, settings, writers, stores, now_ms=now_ms):
+        print(line)
     reports = _fetch_reports(web)
     for rep in reports:
         s = rep["summary"]
@@ -167,7 +322,6 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
                  resolutions: list[int]) -> int:
     """Compare every series over ``[since_s, until_s)`` in both stores; exit 1 on any difference."""
     from app.api.query import MetricsQuery
-    from app.storage.backends import metrics_store
 
     st = await read_state(settings)
     if not st.target:
@@ -219,6 +373,7 @@ async def change(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "start":
         nxt = sm.start(st, settings, args.to, backfill=args.backfill, now_ms=now_ms)
+        await probe(settings, nxt.target)  # before anything changes: no dual-write to a store that is not there
         earliest = await set_writer_offsets(settings, nxt.target, backfill=args.backfill)
         if args.backfill:
             nxt = sm.start(st, settings, args.to, backfill=True, now_ms=now_ms, earliest_ms=earliest)
@@ -236,7 +391,7 @@ async def change(settings: Settings, args: argparse.Namespace) -> int:
         nxt = sm.cutover(st, args.pct, now_ms=now_ms)
     elif args.cmd == "rollback":
         nxt = sm.rollback(st, now_ms=now_ms)
-    else:
+    elif args.cmd == "finish":
         nxt = sm.finish(st, settings, now_ms=now_ms, force=args.force)
         # Reads move to the new store alone with this state. A revocation that reached only the old one (its
         # tombstone written while the new store was unreachable: app/migration/tables.py) counts until now
@@ -244,6 +399,8 @@ async def change(settings: Settings, args: argparse.Namespace) -> int:
         # again first (idempotent; tombstones included, and a live copy never undoes one), and a failure
         # refuses the finish instead of publishing it.
         print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target} (tombstones included)")
+    else:
+        raise ValueError(f"unknown migration command {args.cmd!r}")
     await publish(settings, nxt)
     print(f"{st.label}  ->  {nxt.label}  (version {nxt.version})")
     return 0

@@ -27,15 +27,19 @@ from app.api.query import Answer, LiveSource, MetricsQuery
 from app.clock import Clock, SystemClock
 from app.migration.compare import KINDS, Mismatch, compare_bodies
 from app.migration.state import MigrationState, store_settings
-from app.ops.stats import Counters
+from app.ops.stats import CounterName, Counters
 from app.settings import Settings
 from app.storage.backends import metrics_store
-from app.storage.protocol import DIGEST, Backend, Kind, MetricItem, Progress
+from app.storage.protocol import DIGEST, Kind, MetricItem, MetricsBackend, Progress
 
 log = logging.getLogger("minutely.migration")
 
 SHADOW_MAX_INFLIGHT = 16
 RECENT_MISMATCHES = 200
+MISMATCH_COUNTERS: dict[str, CounterName] = {
+    "missing": "shadow_mismatch_missing", "extra": "shadow_mismatch_extra", "value": "shadow_mismatch_value",
+    "percentile": "shadow_mismatch_percentile"}
+"""Mismatch kind (app/migration/compare.py KINDS) -> its counter."""
 LATENCY_KEEP_MINUTES = 60
 SAMPLES_PER_MINUTE = 4_096
 """Latencies kept per store and minute (the first ones; p99 of 4,096 samples is well defined)."""
@@ -122,7 +126,7 @@ def _pct(sorted_values: list[float], q: float) -> float:
 class TimedStore:
     """A metrics store whose reads are timed into :class:`ReadStats` under the store's spec."""
 
-    def __init__(self, store: Backend, spec: str, stats: ReadStats) -> None:
+    def __init__(self, store: MetricsBackend, spec: str, stats: ReadStats) -> None:
         self.inner, self.spec, self.stats = store, spec, stats
 
     async def query(self, app: str, process_type: str, resolution_s: int, since_s: int, until_s: int,
@@ -171,7 +175,7 @@ class MigratingQuery:
         self.clock: Clock = clock or SystemClock()
         self._shadows: set[asyncio.Future[None]] = set()
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def _count(self, name: CounterName, n: int = 1) -> None:
         if self.counters is not None:
             self.counters.inc(name, n)
 
@@ -237,7 +241,7 @@ class MigratingQuery:
             self._count("shadow_matched")
             return
         for d in diffs:
-            self._count(f"shadow_mismatch_{d.kind}")
+            self._count(MISMATCH_COUNTERS[d.kind])
         for d in diffs[:10]:  # one line per difference, a few per answer: a bad store must not flood the log
             self.record(app, proc, res, serving, other, d, serving_ms=serving_ms, other_ms=other_ms)
 
@@ -253,10 +257,6 @@ class MigratingQuery:
     async def events(self, app: str, process_type: str, since_s: int, until_s: int) -> bytes:
         engine = await self.engine(self.state().serving(app, since_s), "serve")
         return await engine.events(app, process_type, since_s, until_s)
-
-    async def minutes(self, app: str, process_type: str, since_s: int, until_s: int) -> dict[str, Any]:
-        engine = await self.engine(self.state().serving(app, since_s), "serve")
-        return await engine.minutes(app, process_type, since_s, until_s)
 
     async def drain(self) -> None:
         """Wait for the shadow reads in flight (tests, shutdown)."""
@@ -276,7 +276,7 @@ class Engines:
     second one on the same store (their own caches, so the comparison reads the store)."""
 
     def __init__(self, settings: Settings, stats: ReadStats, *, live: LiveSource | None = None,
-                 counters: Counters | None = None, started: dict[str, Backend] | None = None) -> None:
+                 counters: Counters | None = None, started: dict[str, MetricsBackend] | None = None) -> None:
         """``started``: stores the caller already started and stops itself (a worker's own store), reused
         here rather than opened twice."""
         self.settings = settings

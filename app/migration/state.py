@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from app.errors import ConfigError
-from app.settings import STORES, Settings
+from app.settings import Settings
+from app.storage.backends import BACKENDS
 
 Phase = Literal["single", "dual_write", "shadow", "cutover"]
 PHASES: tuple[Phase, ...] = ("single", "dual_write", "shadow", "cutover")
@@ -40,8 +41,9 @@ class InvalidSpec(ConfigError, ValueError):
     record (app/migration/control.py) instead of reaching a store."""
 
 
-_SPEC_ACTION = (f"name one of {', '.join(STORES)}, optionally with :<table> (dynamodb) or :<keyspace> (cassandra; "
-                "a letter, then up to 47 letters, digits or _)")
+_SPEC_ACTION = (f"name one of {', '.join(BACKENDS)}, optionally with "
+                + " or ".join(f":{b.namespace_hint} ({b.name})" for b in BACKENDS.values())
+                + " (a keyspace: a letter, then up to 47 letters, digits or _)")
 
 
 _RECORD_ACTION = ("the record is ignored: only `python -m app migration` writes that topic, so check who else can "
@@ -53,14 +55,12 @@ def check_spec(spec: str, *, source: str = "--to / --store", action: str = _SPEC
     if not isinstance(spec, str):
         raise InvalidSpec(f"store spec from {source} is not a string: {spec!r:.80}", action=action)
     name, _, namespace = spec.partition(":")
-    if name not in STORES:
+    found = BACKENDS.get(name)
+    if found is None:
         raise InvalidSpec(f"unknown store {spec[:80]!r} (from {source})", action=action)
-    if name == "cassandra" and namespace:
-        from app.storage.cassandra import KEYSPACE_RE  # the driver module, loaded only for a Cassandra spec
-
-        if not KEYSPACE_RE.fullmatch(namespace):
-            raise InvalidSpec(f"invalid Cassandra keyspace {namespace[:80]!r} in store spec (from {source})",
-                              action=action)
+    if namespace and not found.valid_namespace(namespace):
+        raise InvalidSpec(f"invalid {name} {found.namespace_hint} {namespace[:80]!r} in store spec (from {source})",
+                          action=action)
     return spec
 
 
@@ -68,17 +68,12 @@ def store_settings(settings: Settings, spec: str) -> Settings:
     """Settings that point at the store ``spec`` names (``name`` or ``name:namespace``)."""
     check_spec(spec)
     name, _, namespace = spec.partition(":")
-    if not namespace:
-        return replace(settings, store=name)
-    if name == "dynamodb":
-        return replace(settings, store=name, table_name=namespace)
-    return replace(settings, store=name, cassandra_keyspace=namespace)
+    return BACKENDS[name].settings_for(settings, namespace)
 
 
 def home_spec(settings: Settings) -> str:
     """The spec of the store these settings name, with its namespace (so two tables stay apart)."""
-    return f"dynamodb:{settings.table_name}" if settings.store == "dynamodb" else \
-        f"cassandra:{settings.cassandra_keyspace}"
+    return f"{settings.store}:{BACKENDS[settings.store].namespace(settings)}"
 
 
 def canonical(settings: Settings, spec: str) -> str:

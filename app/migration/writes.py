@@ -16,6 +16,7 @@ from typing import Mapping
 
 from app.migration.state import MigrationState, store_settings, writer_group
 from app.settings import Settings
+from app.storage.backends import backend
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ def writer_env(settings: Settings, spec: str, env: Mapping[str, str]) -> dict[st
     target = store_settings(settings, spec)
     group = writer_group(settings, spec)
     out = dict(env)
-    out.update({"METRICS_APP_ID": group, "METRICS_STORE": target.store, "METRICS_TABLE_NAME": target.table_name,
-                "METRICS_CASSANDRA_KEYSPACE": target.cassandra_keyspace,
+    out.update({"METRICS_APP_ID": group, **backend(target.store).env(target),
                 "METRICS_DATA_DIR": str(Path(settings.data_dir) / group)})
     return out

@@ -42,6 +42,7 @@ from app.notify.email import SMTP_TLS_MODES, EmailSender
 from app.notify.webhook import WebhookSender, allowed_networks
 from app.ops.logs import url_origin
 from app.ops.stats import Counters
+from app.retry import RetryPolicy
 from app.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -246,12 +247,10 @@ class Notifier:
                 self._busy.discard(d.supersedes)
 
     def backoff_s(self, attempts: int, retry_after_s: float = 0.0) -> float:
-        """Exponential backoff with full jitter, at least the receiver's Retry-After, at most the cap."""
+        """The project's one backoff rule (app/retry.py): at least the receiver's Retry-After, at most the cap."""
         s = self.settings
-        cap_s = s.notify_backoff_max_ms / 1000
-        ceiling_s = min(cap_s, s.notify_backoff_base_ms / 1000 * 2 ** (attempts - 1))
-        jittered_s: float = self.rand() * ceiling_s
-        return min(cap_s, max(retry_after_s, jittered_s))
+        policy = RetryPolicy.from_ms(s.notify_backoff_base_ms, s.notify_backoff_max_ms, jitter=self.rand)
+        return policy.delay_s(attempts, retry_after_s)
 
     def _requeue(self, job: _Job) -> None:
         job.timer = None

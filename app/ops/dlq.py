@@ -36,7 +36,6 @@ same range and prints counts by reason and outcome, sending and committing nothi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import sys
@@ -44,6 +43,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import click
 import orjson
 
 from app.settings import WINDOW_S, Settings
@@ -215,25 +215,22 @@ def print_summary(summary: Summary, dlq_topic: str, *, dry_run: bool, out: TextI
           f"{summary.total('unreplayable')} unreplayable", file=out)
 
 
-def main(argv: list[str]) -> int:
-    """``python -m app dlq replay [--topic T] [--dry-run] [--reason S] [--until-offset N]``."""
-    ap = argparse.ArgumentParser(prog="python -m app dlq", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("replay", help="send dead-lettered records back to their topic, each once",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--topic", help="the dead-letter topic to read: METRICS_SINK_DLQ_TOPIC (metrics-1m-dlq, the "
-                                   "default) or METRICS_DLQ_TOPIC (observations-dlq)")
-    r.add_argument("--dry-run", action="store_true", help="print counts by reason and outcome; send and commit "
-                                                          "nothing")
-    r.add_argument("--reason", help="replay only records whose reason contains this text (also selects "
-                                    "observations whose reason is not retriable)")
-    r.add_argument("--until-offset", type=int, help="stop before this offset in every partition (default: the "
-                                                    "end offsets when the run starts)")
-    args = ap.parse_args(argv)
+@click.group()
+def dlq() -> None:
+    """Dead-lettered records (docs/ingest.md, "Dead letters": what each topic holds and what replays)."""
+
+
+@dlq.command("replay")
+@click.option("--topic", help="the dead-letter topic to read: METRICS_SINK_DLQ_TOPIC (metrics-1m-dlq, the default) "
+                              "or METRICS_DLQ_TOPIC (observations-dlq)")
+@click.option("--dry-run", is_flag=True, help="print counts by reason and outcome; send and commit nothing")
+@click.option("--reason", help="replay only records whose reason contains this text (also selects observations "
+                               "whose reason is not retriable)")
+@click.option("--until-offset", type=int, help="stop before this offset in every partition (default: the end "
+                                               "offsets when the run starts)")
+def replay_command(topic: str | None, dry_run: bool, reason: str | None, until_offset: int | None) -> None:
+    """Send dead-lettered records back to the topic they came from, each once."""
     settings = Settings.from_env()
-    topic = args.topic or settings.sink_dlq_topic
-    summary = asyncio.run(replay(settings, topic, dry_run=args.dry_run, reason=args.reason,
-                                 until_offset=args.until_offset))
-    print_summary(summary, topic, dry_run=args.dry_run, out=sys.stdout)
-    return 0
+    topic = topic or settings.sink_dlq_topic
+    summary = asyncio.run(replay(settings, topic, dry_run=dry_run, reason=reason, until_offset=until_offset))
+    print_summary(summary, topic, dry_run=dry_run, out=sys.stdout)

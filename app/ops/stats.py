@@ -7,9 +7,33 @@ named in GAUGES or HISTOGRAMS below.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Final
+from typing import Final, Literal
 
-CATALOGUE: Final[dict[str, str]] = {
+CounterName = Literal["observations_accepted", "observations_late", "observations_rejected",
+    "observations_replayed", "input_gaps_refetched", "input_gaps_accepted", "limit_refused_process_types",
+    "limit_refused_addon_sources", "limit_refused_metric_names", "minutes_degraded", "minute_names_dropped",
+    "minutes_refused_too_large", "minutes_emitted", "minutes_resent", "windows_open", "table_records_written",
+    "sink_items_written", "sink_retries", "drain_frames", "drain_frames_deduplicated", "drain_lines_ignored",
+    "drain_lines_bad", "ingest_observations_produced", "ingest_requests_shed", "ingest_bytes_received",
+    "ingest_refused_rate", "ingest_refused_inflight", "ingest_refused_queue", "ingest_refused_slow_body",
+    "auth_lookups_refused", "ingest_refused_bad_body", "ingest_refused_too_large", "ingest_dead_letters_dropped",
+    "ingest_records_rejected", "sink_dead_lettered", "sink_unprocessed_items", "sink_batch_seconds",
+    "consumer_lag_observations", "consumer_lag_minutes", "policy_commands_applied", "policy_commands_rejected",
+    "policy_minutes_invalid", "alerts_published", "alert_lag_seconds", "autoscale_decisions", "autoscale_steps",
+    "notifications_sent", "notification_retries", "notifications_failed", "notifications_deferred",
+    "notify_worker_restarts", "query_cache_hits", "query_cache_misses", "query_cache_bytes", "query_items_read",
+    "query_cache_invalidations", "query_digest_fallbacks", "query_prefix_reused", "query_tail_points_reused",
+    "events_stored", "events_invalid", "events_retries", "events_failed", "query_auth_refused",
+    "query_refused_rate", "query_refused_busy", "rollup_minutes_merged", "rollup_minutes_replayed",
+    "rollup_items_written", "minutes_stored_late", "stored_through_lag_seconds", "query_watermark_lag_seconds",
+    "shadow_reads", "shadow_matched", "shadow_mismatch_missing", "shadow_mismatch_extra", "shadow_mismatch_value",
+    "shadow_mismatch_percentile", "shadow_points_compared", "shadow_incomparable", "shadow_failed",
+    "shadow_timeouts", "shadow_skipped", "migration_state_version", "rollup_blocks_written", "rollup_store_reads",
+    "rollup_retries", "rollup_failed", "rollup_minutes_invalid"]
+"""Every counter name: a typo is a type error (mypy), not a KeyError on a hot path. Kept equal to the
+CATALOGUE's keys by tests/ops/test_ops.py; a name built at run time needs a typed mapping to these."""
+
+CATALOGUE: Final[dict[CounterName, str]] = {
     "observations_accepted": "Observations folded into a minute. Flat while producers send: check consumer lag "
                              "and the worker log.",
     "observations_late": "Observations for a minute already emitted (dead-lettered). Rising: producers buffer "
@@ -207,12 +231,12 @@ CATALOGUE: Final[dict[str, str]] = {
                               "producer writes another format to metrics-1m.",
 }
 
-GAUGES: Final[frozenset[str]] = frozenset({"windows_open", "consumer_lag_observations", "consumer_lag_minutes",
+GAUGES: Final[frozenset[CounterName]] = frozenset({"windows_open", "consumer_lag_observations", "consumer_lag_minutes",
                                            "query_cache_bytes", "stored_through_lag_seconds",
                                            "query_watermark_lag_seconds", "migration_state_version"})
 """Catalogue entries that are levels (set), not running totals (inc)."""
 
-HISTOGRAMS: Final[dict[str, tuple[float, ...]]] = {
+HISTOGRAMS: Final[dict[CounterName, tuple[float, ...]]] = {
     "sink_batch_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
     "alert_lag_seconds": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 }
@@ -242,7 +266,7 @@ class Histogram:
         return out
 
 
-PER_APP: Final[frozenset[str]] = frozenset({
+PER_APP: Final[frozenset[CounterName]] = frozenset({
     "ingest_requests_shed", "ingest_bytes_received", "ingest_refused_rate", "ingest_refused_inflight",
     "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body", "ingest_refused_bad_body",
     "limit_refused_process_types", "limit_refused_addon_sources", "limit_refused_metric_names",
@@ -258,17 +282,17 @@ class Counters:
     """Plain in-process counters (single event loop: no locking needed)."""
 
     def __init__(self) -> None:
-        self.by_app: dict[str, dict[str, int]] = {name: {} for name in PER_APP}
-        self.values: dict[str, int] = {name: 0 for name in CATALOGUE}
+        self.by_app: dict[CounterName, dict[str, int]] = {name: {} for name in PER_APP}
+        self.values: dict[CounterName, int] = {name: 0 for name in CATALOGUE}
         """For a histogram, the number of observations (its full state is in ``histograms``)."""
-        self.histograms: dict[str, Histogram] = {name: Histogram(b) for name, b in HISTOGRAMS.items()}
+        self.histograms: dict[CounterName, Histogram] = {name: Histogram(b) for name, b in HISTOGRAMS.items()}
 
-    def inc(self, name: str, n: int = 1) -> None:
+    def inc(self, name: CounterName, n: int = 1) -> None:
         if name not in self.values:
             raise KeyError(f"counter {name!r} is not declared in app/ops/stats.py CATALOGUE")
         self.values[name] += n
 
-    def inc_app(self, name: str, app: str, n: int = 1) -> None:
+    def inc_app(self, name: CounterName, app: str, n: int = 1) -> None:
         """The counter's total and its value for ``app``."""
         self.inc(name, n)
         per = self.by_app[name]
@@ -276,19 +300,19 @@ class Counters:
             app = OTHER_APPS
         per[app] = per.get(app, 0) + n
 
-    def set(self, name: str, value: int) -> None:
+    def set(self, name: CounterName, value: int) -> None:
         if name not in self.values:
             raise KeyError(f"counter {name!r} is not declared in app/ops/stats.py CATALOGUE")
         self.values[name] = value
 
-    def observe(self, name: str, value: float) -> None:
+    def observe(self, name: CounterName, value: float) -> None:
         h = self.histograms.get(name)
         if h is None:
             raise KeyError(f"histogram {name!r} is not declared in app/ops/stats.py HISTOGRAMS")
         h.observe(value)
         self.values[name] = h.count
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[CounterName, int]:
         return dict(self.values)
 
 

@@ -1,2 +1,3 @@
-"""What the service stores and where: the store protocol (``protocol``), its backends (``dynamodb``), how
-events are kept (``events``), and the small tables (``tokens``)."""
+"""What the service stores and where: the store protocols (``protocol``), their backends side by side
+(``dynamodb``, ``cassandra``) and the registry that makes them (``backends``), how events are kept
+(``events``), and the small tables (``tokens``)."""

@@ -1,38 +1,127 @@
-"""Which store a process uses: ``METRICS_STORE`` picks the backend of every store protocol
-(app/storage/protocol.py). Composition roots (worker, web, ingest, CLI) ask here, never a backend module."""
+"""Which store a process uses: the registry of backends. ``METRICS_STORE`` picks the backend of every store
+protocol (app/storage/protocol.py). Composition roots (worker, web, ingest, CLI) and the migration ask here,
+never a backend module: a backend's name, the setting that holds its namespace (a DynamoDB table, a
+Cassandra keyspace), and its factories are all a caller may know of it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
 from app.clock import Clock
+from app.errors import ConfigError
 from app.ops.stats import Counters
-from app.settings import Settings
-from app.storage.protocol import Backend, FrameTable, TokenTable
+from app.settings import PREFIX, STORES, Settings
+from app.storage.protocol import FrameTable, MetricsBackend, TokenTable
 
 
-def metrics_store(settings: Settings, *, store: str | None = None, counters: Counters | None = None,
-                  clock: Clock | None = None) -> Backend:
-    """The metrics store named ``store`` (default ``settings.store``)."""
-    name = store or settings.store
-    if name == "cassandra":
-        from app.storage.cassandra import (
-            CassandraStore,  # acsylla loads only where Cassandra is used
-        )
-        return CassandraStore(settings, clock=clock)
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One kind of store. The factories import their driver only when called (acsylla loads only where
+    Cassandra is used)."""
+
+    name: str
+    namespace_field: str
+    """The Settings field naming this backend's namespace: every one of its tables lives in it."""
+    namespace_hint: str
+    """What a namespace is, for messages (``<table>``, ``<keyspace>``)."""
+    store: Callable[[Settings, Clock | None, Counters | None], MetricsBackend]
+    tokens: Callable[[Settings], TokenTable]
+    frames: Callable[[Settings], FrameTable]
+    valid_namespace: Callable[[str], bool]
+    where: Callable[[Settings], str]
+    """Where the store is reached, for messages (``Cassandra at 127.0.0.1:9042``)."""
+    reach_action: str
+    """What an operator does when it cannot be reached."""
+
+    @property
+    def namespace_env(self) -> str:
+        return PREFIX + self.namespace_field.upper()
+
+    def namespace(self, settings: Settings) -> str:
+        value: str = getattr(settings, self.namespace_field)
+        return value
+
+    def settings_for(self, settings: Settings, namespace: str = "") -> Settings:
+        """``settings`` pointing at this backend (in ``namespace``, when given)."""
+        if namespace and not self.valid_namespace(namespace):
+            raise ConfigError(f"invalid {self.name} {self.namespace_hint} {namespace[:80]!r}",
+                              action=f"fix the {self.namespace_hint} (or {self.namespace_env})")
+        changes: dict[str, Any] = {self.namespace_field: namespace} if namespace else {}
+        return replace(settings, store=self.name, **changes)
+
+    def env(self, settings: Settings) -> dict[str, str]:
+        """The environment variables that point a process at this backend and ``settings``' namespace."""
+        return {f"{PREFIX}STORE": self.name, self.namespace_env: self.namespace(settings)}
+
+
+def _dynamo_store(settings: Settings, clock: Clock | None, counters: Counters | None) -> MetricsBackend:
     from app.storage.dynamodb import DynamoStore
     return DynamoStore(settings, clock=clock, counters=counters)
 
 
-def token_table(settings: Settings, *, store: str | None = None) -> TokenTable:
-    if (store or settings.store) == "cassandra":
-        from app.storage.cassandra import CassandraTokens
-        return CassandraTokens(settings)
+def _dynamo_tokens(settings: Settings) -> TokenTable:
     from app.storage.dynamodb import DynamoTokens
     return DynamoTokens(settings)
 
 
-def frame_table(settings: Settings, *, store: str | None = None) -> FrameTable:
-    if (store or settings.store) == "cassandra":
-        from app.storage.cassandra import CassandraFrames
-        return CassandraFrames(settings)
+def _dynamo_frames(settings: Settings) -> FrameTable:
     from app.storage.dynamodb import DynamoFrames
     return DynamoFrames(settings)
+
+
+def _cassandra_store(settings: Settings, clock: Clock | None, counters: Counters | None) -> MetricsBackend:
+    from app.storage.cassandra import CassandraStore
+    return CassandraStore(settings, clock=clock)
+
+
+def _cassandra_tokens(settings: Settings) -> TokenTable:
+    from app.storage.cassandra import CassandraTokens
+    return CassandraTokens(settings)
+
+
+def _cassandra_frames(settings: Settings) -> FrameTable:
+    from app.storage.cassandra import CassandraFrames
+    return CassandraFrames(settings)
+
+
+def _valid_keyspace(name: str) -> bool:
+    from app.storage.cassandra import KEYSPACE_RE  # interpolated into CQL: a plain name only
+    return KEYSPACE_RE.fullmatch(name) is not None
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("dynamodb", "table_name", "<table>", _dynamo_store, _dynamo_tokens, _dynamo_frames,
+            valid_namespace=lambda name: bool(name),
+            where=lambda s: f"DynamoDB at {s.dynamodb_endpoint or 'AWS ' + s.aws_region}",
+            reach_action=f"check {PREFIX}DYNAMODB_ENDPOINT / {PREFIX}AWS_REGION and the AWS credentials"),
+    Backend("cassandra", "cassandra_keyspace", "<keyspace>", _cassandra_store, _cassandra_tokens,
+            _cassandra_frames, valid_namespace=_valid_keyspace,
+            where=lambda s: f"Cassandra at {s.cassandra_hosts}:{s.cassandra_port}",
+            reach_action=(f"start a node there, or set {PREFIX}CASSANDRA_HOSTS / {PREFIX}CASSANDRA_PORT "
+                          "(locally: `make install-cassandra`, then restart `make run` with "
+                          f"{PREFIX}LOCAL_CASSANDRA=1)")),
+)}
+assert tuple(BACKENDS) == STORES, "app/settings.py STORES names the registered backends"
+
+
+def backend(name: str) -> Backend:
+    """The backend called ``name`` (ConfigError naming the known ones otherwise)."""
+    found = BACKENDS.get(name)
+    if found is None:
+        raise ConfigError(f"unknown store {name[:80]!r}", action=f"name one of {', '.join(BACKENDS)}")
+    return found
+
+
+def metrics_store(settings: Settings, *, store: str | None = None, counters: Counters | None = None,
+                  clock: Clock | None = None) -> MetricsBackend:
+    """The metrics store named ``store`` (default ``settings.store``)."""
+    return backend(store or settings.store).store(settings, clock, counters)
+
+
+def token_table(settings: Settings, *, store: str | None = None) -> TokenTable:
+    return backend(store or settings.store).tokens(settings)
+
+
+def frame_table(settings: Settings, *, store: str | None = None) -> FrameTable:
+    return backend(store or settings.store).frames(settings)

@@ -35,7 +35,8 @@ import orjson
 from app.clock import Clock, SystemClock
 from app.errors import ConfigError, ItemsRefused, StoreError, StoreFatal, StoreUnavailable
 from app.settings import PREFIX, Settings
-from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
+from app.storage._shared import decode, encode, fan_out
+from app.storage.codec import pack, unpack
 from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
 
 log = logging.getLogger(__name__)
@@ -333,21 +334,10 @@ class CassandraStore(_Part):
         does not cost the others: they are written, then ItemsRefused names it."""
         if not items:
             return
-        over = self.settings.compress_over_bytes
-        if packed_bytes([i.payload for i in items], over) > OFFLOAD_BYTES:
-            rows, refused = await asyncio.to_thread(self._encode_all, items)
-        else:
-            rows, refused = self._encode_all(items)
+        rows, refused = await encode(items, self.settings.compress_over_bytes, self._encode_all)
         cql = (f"INSERT INTO {self.ks}.items (app, proc, res, kind, bucket, ts, d, z) "
                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
-        tasks = [asyncio.ensure_future(self.db.rows(cql, row, operation="INSERT items")) for row in rows]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # the first failure decides; do not leave siblings running unobserved
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await fan_out(self.db.rows(cql, row, operation="INSERT items") for row in rows)
         if refused:
             raise ItemsRefused(f"Cassandra cannot store {len(refused)} of {len(items)} items; the others were "
                                f"written: {refused[0][1]}", refused=refused, action=refused[0][1].action)
@@ -382,17 +372,16 @@ class CassandraStore(_Part):
         buckets = range(since_s - since_s % span, until_s, span)
         cql = (f"SELECT ts, d, z FROM {self.ks}.items WHERE app = ? AND proc = ? AND res = ? AND kind = ? "
                f"AND bucket = ? AND ts >= ? AND ts < ?")
-        parts = await asyncio.gather(*(
+        parts = await fan_out(
             self.db.rows(cql, [app, process_type, resolution_s, kind, b, since_s, until_s],
-                         operation="SELECT items") for b in buckets))
+                         operation="SELECT items") for b in buckets)
         raws = [r for part in parts for r in part]
 
         def build() -> list[MetricItem]:
             return [MetricItem(app, process_type, resolution_s, ts, unpack(d, bool(z), f"{app}/{process_type} ts={ts}"),
                                kind) for ts, d, z in raws]
 
-        zipped = sum(len(d) for _, d, z in raws if z)
-        return await asyncio.to_thread(build) if zipped > OFFLOAD_BYTES // 8 else build()
+        return await decode(build, sum(len(d) for _, d, z in raws if z))
 
     async def series(self) -> list[tuple[str, str]]:
         """The partition keys only (a scan of every token range)."""
@@ -403,9 +392,9 @@ class CassandraStore(_Part):
     async def put_progress(self, progress: Sequence[Progress]) -> None:
         cql = (f"INSERT INTO {self.ks}.progress (scope, partition, through_ms, updated_ms, changed) "
                f"VALUES (?, ?, ?, ?, ?) USING TTL ?")
-        await asyncio.gather(*(self.db.rows(cql, [PROGRESS_SCOPE, p.partition, p.stored_through_ms, p.updated_ms,
-                                                  orjson.dumps(p.changed), self.settings.ttl_s],
-                                            operation="INSERT progress") for p in progress))
+        await fan_out(self.db.rows(cql, [PROGRESS_SCOPE, p.partition, p.stored_through_ms, p.updated_ms,
+                                         orjson.dumps(p.changed), self.settings.ttl_s],
+                                   operation="INSERT progress") for p in progress)
 
     async def progress(self) -> list[Progress]:
         rows = await self.db.rows(f"SELECT partition, through_ms, updated_ms, changed FROM {self.ks}.progress "

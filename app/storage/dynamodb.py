@@ -1,4 +1,5 @@
-"""Where finished minutes (and later rollups) are stored: a protocol, and DynamoDB behind it.
+"""DynamoDB behind the store protocols (app/storage/protocol.py, ``METRICS_STORE=dynamodb``): the metrics
+store, and the token and frame tables.
 
 Table design
 ------------
@@ -30,7 +31,7 @@ import logging
 import os
 import random
 import re
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, ClassVar, Mapping, Sequence
 
 import aioboto3
 import aiohttp
@@ -42,16 +43,19 @@ from botocore.exceptions import (
     CredentialRetrievalError,
     HTTPClientError,
     NoCredentialsError,
+    WaiterError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
 from app.clock import Clock, SystemClock
-from app.errors import ConfigError, ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
+from app.errors import ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
 from app.ops.stats import Counters
+from app.retry import RetryPolicy
 from app.settings import PREFIX, Settings
-from app.storage.codec import OFFLOAD_BYTES, pack, packed_bytes, unpack
+from app.storage._shared import decode, encode, fan_out
+from app.storage.codec import pack, unpack
 from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
 
 log = logging.getLogger(__name__)
@@ -67,7 +71,7 @@ MAX_WRITE_ROUNDS = 10
 """BatchWriteItem calls per chunk before UnprocessedItems becomes StoreUnavailable (about 20 s of backoff
 at the default 50 ms..5 s)."""
 TABLE_ACTIVE_POLLS = 120
-"""DescribeTable polls (1 s apart) waiting for a created table to become ACTIVE."""
+"""DescribeTable polls (1 s apart, botocore's ``table_exists`` waiter) waiting for a table to become ACTIVE."""
 
 PROGRESS_PK = "#progress"
 """The partition key of the pipeline's progress items (``ts`` = the metrics-1m partition). A series key
@@ -161,31 +165,28 @@ def client_config(settings: Settings) -> AioConfig:
     )
 
 
-class DynamoStore:
-    """MetricsStore on DynamoDB. Long-lived: owns one aioboto3 client from start() to stop(), since
-    short-lived clients pay endpoint resolution, credential lookup and TLS handshakes on every use."""
+class DynamoTable:
+    """One table and the one aioboto3 client that reaches it, from start() to stop(): long-lived, since
+    short-lived clients pay endpoint resolution, credential lookup and TLS handshakes on every use. When
+    settings allow, start() creates the table (on-demand), waits until it is ACTIVE, checks its keys and
+    turns TTL on. DynamoDB unreachable at start keeps the process up and not ready: ping() retries the
+    setup, and writes back off until it succeeds (the sink applies backpressure)."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
-                 jitter: Callable[[], float] = random.random, counters: Counters | None = None) -> None:
-        """``sleep`` and ``jitter`` (a float in [0, 1)) are injected so backoff is tested without waiting.
-        ``counters`` receives ``sink_unprocessed_items`` (throttling shows there before writes fail)."""
-        self._counters = counters
-        self._settings = settings
-        self._table = settings.table_name
-        self._clock: Clock = clock or SystemClock()
-        self._sleep = sleep
-        self._jitter = jitter
+    key_schema: ClassVar[tuple[tuple[str, str, str], ...]] = ((A_PK, "S", "HASH"),)
+    """(attribute, type, key type) of each key attribute."""
+    ttl_attribute: ClassVar[str | None] = None
+
+    def __init__(self, settings: Settings, table: str) -> None:
+        self.settings = settings
+        self.table = table
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._setup_pending = False  # table setup waiting for DynamoDB to answer (see start/ping)
 
-    # --- lifecycle ----------------------------------------------------------------------------------
-
     async def start(self) -> None:
-        """Create the client (kept for the process lifetime); create the table when configured to."""
         if self._client is not None:
             return
-        s = self._settings
+        s = self.settings
         session = aioboto3.Session(region_name=s.aws_region, **client_credentials(s))
         stack = contextlib.AsyncExitStack()
         try:
@@ -194,18 +195,18 @@ class DynamoStore:
             self._stack = stack
             if s.create_table:
                 try:
-                    await self._ensure_table()
-                except StoreUnavailable as exc:
-                    # DynamoDB unreachable at start: keep the process up and not-ready; ping() retries the
-                    # setup, and writes back off until it succeeds (the sink applies backpressure).
-                    log.warning("table setup deferred, DynamoDB unavailable: %s", exc)
+                    await self._setup()
+                except PipelineError as exc:
+                    if not exc.retriable:
+                        raise
+                    log.warning("table %s: setup deferred, DynamoDB unavailable: %s", self.table, exc)
                     self._setup_pending = True
         except BaseException:
             self._client = None
             self._stack = None
             await stack.aclose()
             raise
-        log.info("store ready: table %s (%s)", self._table, s.dynamodb_endpoint or f"AWS {s.aws_region}")
+        log.info("table %s ready (%s)", self.table, s.dynamodb_endpoint or f"AWS {s.aws_region}")
 
     async def stop(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -213,14 +214,93 @@ class DynamoStore:
             await stack.aclose()
 
     async def ping(self) -> None:
-        """Health check: the table is reachable and described (StoreUnavailable / StoreError otherwise)."""
+        """Readiness: the table answers (and was set up, if that had to wait for DynamoDB)."""
         if self._setup_pending:
-            await self._ensure_table()
-            self._setup_pending = False
+            await self._setup()
         try:
-            await self._c().describe_table(TableName=self._table)
-        except Exception as e:
-            raise self._classify(e, "DescribeTable") from e
+            await self.client.describe_table(TableName=self.table)
+        except Exception as exc:
+            raise self.error(exc, "DescribeTable") from exc
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__} used before start() or after stop()")
+        return self._client
+
+    def error(self, exc: BaseException, operation: str) -> StoreError | StoreUnavailable:
+        return classify_error(exc, operation=operation, table=self.table, settings=self.settings)
+
+    async def pages(self, operation: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
+        """Every item a Query or Scan returns, over all its pages (botocore's paginator), classified."""
+        out: list[dict[str, Any]] = []
+        try:
+            async for page in self.client.get_paginator(key).paginate(TableName=self.table, **kwargs):
+                out.extend(page.get("Items", []))
+        except Exception as exc:
+            raise self.error(exc, operation) from exc
+        return out
+
+    async def _setup(self) -> None:
+        """Create the table if missing, wait until ACTIVE, check its keys, then make sure TTL is on."""
+        c = self.client
+        try:
+            await c.describe_table(TableName=self.table)
+        except c.exceptions.ResourceNotFoundException:
+            log.info("creating DynamoDB table %s (PAY_PER_REQUEST)", self.table)
+            try:
+                await c.create_table(
+                    TableName=self.table, BillingMode="PAY_PER_REQUEST",
+                    KeySchema=[{"AttributeName": a, "KeyType": k} for a, _, k in self.key_schema],
+                    AttributeDefinitions=[{"AttributeName": a, "AttributeType": t} for a, t, _ in self.key_schema])
+            except c.exceptions.ResourceInUseException:
+                pass  # created concurrently by another process
+            except Exception as exc:
+                raise self.error(exc, "CreateTable") from exc
+        except Exception as exc:
+            raise self.error(exc, "DescribeTable") from exc
+        try:
+            await c.get_waiter("table_exists").wait(
+                TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": TABLE_ACTIVE_POLLS})
+            table = (await c.describe_table(TableName=self.table))["Table"]
+        except WaiterError as exc:
+            raise StoreUnavailable(f"table {self.table} did not become ACTIVE in {TABLE_ACTIVE_POLLS} s: {exc}",
+                                   action="check the table in the DynamoDB console", retry_after_s=10.0) from exc
+        except Exception as exc:
+            raise self.error(exc, "DescribeTable") from exc
+        self._check_schema(table)
+        if self.ttl_attribute:
+            await ensure_ttl(c, self.table, self.ttl_attribute, endpoint=self.settings.dynamodb_endpoint)
+        self._setup_pending = False
+
+    def _check_schema(self, table: Mapping[str, Any]) -> None:
+        """A same-named table with other keys would fail every write with a ValidationException: say so
+        at start instead."""
+        keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", [])}
+        types = {a["AttributeName"]: a["AttributeType"] for a in table.get("AttributeDefinitions", [])}
+        if keys != {a: k for a, _, k in self.key_schema} or any(types.get(a) != t for a, t, _ in self.key_schema):
+            expected = ", ".join(f"{a} ({t}, {k})" for a, t, k in self.key_schema)
+            raise StoreFatal(f"table {self.table} has key schema {keys} {types}, expected {expected}",
+                             action=f"point {PREFIX}TABLE_NAME at a table with this schema, or drop the table")
+
+
+class DynamoStore(DynamoTable):
+    """MetricsStore on DynamoDB (table ``table_name``, the design above)."""
+
+    key_schema = ((A_PK, "S", "HASH"), (A_TS, "N", "RANGE"))
+    ttl_attribute = A_EXPIRES
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
+                 jitter: Callable[[], float] = random.random, counters: Counters | None = None) -> None:
+        """``sleep`` and ``jitter`` (a float in [0, 1)) are injected so backoff is tested without waiting.
+        ``counters`` receives ``sink_unprocessed_items`` (throttling shows there before writes fail)."""
+        super().__init__(settings, settings.table_name)
+        self._counters = counters
+        self._settings = settings
+        self._table = settings.table_name
+        self._clock: Clock = clock or SystemClock()
+        self._sleep = sleep
+        self._jitter = jitter
 
     # --- writes -------------------------------------------------------------------------------------
 
@@ -233,10 +313,7 @@ class DynamoStore:
         twice.
         """
         client = self._c()
-        if packed_bytes([i.payload for i in items], self._settings.compress_over_bytes) > OFFLOAD_BYTES:
-            requests, refused = await asyncio.to_thread(self._encode_all, items)
-        else:
-            requests, refused = self._encode_all(items)
+        requests, refused = await encode(items, self._settings.compress_over_bytes, self._encode_all)
         if requests:
             await self._write_all(client, requests)
         if refused:
@@ -251,22 +328,16 @@ class DynamoStore:
             async with gate:
                 await self._write_chunk(client, chunk)
 
-        tasks = [asyncio.create_task(write(c)) for c in chunks]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            # The first failure decides; do not leave sibling requests running unobserved.
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await fan_out(write(c) for c in chunks)
 
     async def _write_chunk(self, client: Any, chunk: list[dict[str, Any]]) -> None:
         """One <=25-item batch, re-sending UnprocessedItems (which the SDK never retries) with backoff."""
+        backoff = RetryPolicy.from_ms(self._settings.backoff_base_ms, self._settings.backoff_max_ms,
+                                      jitter=self._jitter)
         pending = chunk
         for attempt in range(MAX_WRITE_ROUNDS):
-            if attempt:
-                await self._sleep(self._backoff_s(attempt - 1))
+            if attempt:  # a partial success, not an error: no retry_after_s to honour
+                await self._sleep(backoff.delay_s(attempt))
             try:
                 resp = await client.batch_write_item(RequestItems={self._table: pending})
             except Exception as e:
@@ -284,12 +355,6 @@ class DynamoStore:
                    f"{PREFIX}SINK_CONCURRENCY",
             retry_after_s=self._settings.backoff_max_ms / 1000,
         )
-
-    def _backoff_s(self, attempt: int) -> float:
-        """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**attempt)]."""
-        s = self._settings
-        cap_ms = min(s.backoff_max_ms, s.backoff_base_ms << min(attempt, 30))
-        return cap_ms * self._jitter() / 1000
 
     def _encode_all(self, items: Sequence[MetricItem]
                     ) -> tuple[list[dict[str, Any]], list[tuple[MetricItem, StoreError]]]:
@@ -336,31 +401,18 @@ class DynamoStore:
         pk = partition_key(app, process_type, resolution_s, kind)
         if until_s <= since_s:
             return []
-        client = self._c()
         now_s = self._clock.now_ms() // 1000
-        kwargs: dict[str, Any] = {
-            "TableName": self._table,
-            "KeyConditionExpression": "#pk = :pk AND #ts BETWEEN :since AND :last",
+        found = await self.pages(
+            "Query", "query",
+            KeyConditionExpression="#pk = :pk AND #ts BETWEEN :since AND :last",
             # Expired items are still returned until TTL gets round to deleting them (days). Filtering on
             # the server saves transfer and parsing; the check below keeps the contract on any backend.
-            "FilterExpression": "#e > :now",
-            "ProjectionExpression": "#ts, #d, #z, #e",
-            "ExpressionAttributeNames": {"#pk": A_PK, "#ts": A_TS, "#d": A_DATA, "#z": A_ZIP,
-                                         "#e": A_EXPIRES},
-            "ExpressionAttributeValues": {":pk": {"S": pk}, ":since": {"N": str(since_s)},
-                                          ":last": {"N": str(until_s - 1)}, ":now": {"N": str(now_s)}},
-        }
-        raws: list[dict[str, Any]] = []
-        while True:
-            try:
-                resp = await client.query(**kwargs)
-            except Exception as e:
-                raise self._classify(e, "Query") from e
-            raws.extend(r for r in resp.get("Items", []) if int(r[A_EXPIRES]["N"]) > now_s)
-            last_key = resp.get("LastEvaluatedKey")
-            if not last_key:
-                break
-            kwargs["ExclusiveStartKey"] = last_key
+            FilterExpression="#e > :now",
+            ProjectionExpression="#ts, #d, #z, #e",
+            ExpressionAttributeNames={"#pk": A_PK, "#ts": A_TS, "#d": A_DATA, "#z": A_ZIP, "#e": A_EXPIRES},
+            ExpressionAttributeValues={":pk": {"S": pk}, ":since": {"N": str(since_s)},
+                                       ":last": {"N": str(until_s - 1)}, ":now": {"N": str(now_s)}})
+        raws = [r for r in found if int(r[A_EXPIRES]["N"]) > now_s]
 
         def build() -> list[MetricItem]:
             out = [MetricItem(app, process_type, resolution_s, int(r[A_TS]["N"]), self._decode(pk, r), kind)
@@ -368,8 +420,7 @@ class DynamoStore:
             out.sort(key=lambda m: m.ts_s)  # already in key order; cheap insurance for the contract
             return out
 
-        zipped = sum(len(r[A_DATA]["B"]) for r in raws if A_ZIP in r)
-        return await asyncio.to_thread(build) if zipped > OFFLOAD_BYTES // 8 else build()
+        return await decode(build, sum(len(r[A_DATA]["B"]) for r in raws if A_ZIP in r))
 
     @staticmethod
     def _decode(pk: str, raw: Mapping[str, Any]) -> bytes:
@@ -378,20 +429,11 @@ class DynamoStore:
     async def series(self) -> list[tuple[str, str]]:
         """A Scan of the keys only (it still reads, and bills, every item)."""
         found: set[tuple[str, str]] = set()
-        kwargs: dict[str, Any] = {"TableName": self._table, "ProjectionExpression": "#pk",
-                                  "ExpressionAttributeNames": {"#pk": A_PK}}
-        while True:
-            try:
-                resp = await self._c().scan(**kwargs)
-            except Exception as e:
-                raise self._classify(e, "Scan") from e
-            for r in resp.get("Items", []):
-                parts = r[A_PK]["S"].split("#")
-                if len(parts) == 3 and parts[2] == "60":
-                    found.add((parts[0], parts[1]))
-            if not resp.get("LastEvaluatedKey"):
-                return sorted(found)
-            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        for r in await self.pages("Scan", "scan", ProjectionExpression="#pk", ExpressionAttributeNames={"#pk": A_PK}):
+            parts = r[A_PK]["S"].split("#")
+            if len(parts) == 3 and parts[2] == "60":
+                found.add((parts[0], parts[1]))
+        return sorted(found)
 
     # --- pipeline progress ----------------------------------------------------------------------------
 
@@ -410,92 +452,22 @@ class DynamoStore:
             await self._write_chunk(client, requests[i:i + BATCH_MAX_ITEMS])
 
     async def progress(self) -> list[Progress]:
-        client = self._c()
-        kwargs: dict[str, Any] = {"TableName": self._table, "KeyConditionExpression": "#pk = :pk",
-                                  "ExpressionAttributeNames": {"#pk": A_PK},
-                                  "ExpressionAttributeValues": {":pk": {"S": PROGRESS_PK}}}
         out: list[Progress] = []
-        while True:
-            try:
-                resp = await client.query(**kwargs)
-            except Exception as e:
-                raise self._classify(e, "Query") from e
-            for r in resp.get("Items", []):
-                rec = orjson.loads(r[A_DATA]["B"])
-                out.append(Progress(int(r[A_TS]["N"]), int(rec["through_ms"]), int(rec["updated_ms"]),
-                                    {str(k): int(v) for k, v in rec.get("changed", {}).items()}))
-            if not resp.get("LastEvaluatedKey"):
-                return sorted(out, key=lambda p: p.partition)
-            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
-
-    # --- table setup --------------------------------------------------------------------------------
-
-    async def _ensure_table(self) -> None:
-        """Create the table if missing (on-demand), wait until ACTIVE, then make sure TTL is on."""
-        client = self._c()
-        table = await self._describe_or_none()
-        if table is None:
-            log.info("creating DynamoDB table %s (PAY_PER_REQUEST)", self._table)
-            try:
-                await client.create_table(
-                    TableName=self._table,
-                    KeySchema=[{"AttributeName": A_PK, "KeyType": "HASH"},
-                               {"AttributeName": A_TS, "KeyType": "RANGE"}],
-                    AttributeDefinitions=[{"AttributeName": A_PK, "AttributeType": "S"},
-                                          {"AttributeName": A_TS, "AttributeType": "N"}],
-                    BillingMode="PAY_PER_REQUEST",
-                )
-            except ClientError as e:
-                if _code(e) != "ResourceInUseException":  # another worker created it first: fine
-                    raise self._classify(e, "CreateTable") from e
-            except Exception as e:
-                raise self._classify(e, "CreateTable") from e
-        for _ in range(TABLE_ACTIVE_POLLS):
-            table = await self._describe_or_none()
-            if table is not None and table.get("TableStatus") == "ACTIVE":
-                break
-            await self._sleep(1.0)
-        else:
-            raise StoreUnavailable(f"table {self._table} did not become ACTIVE in {TABLE_ACTIVE_POLLS} s",
-                                   action="check the table in the DynamoDB console", retry_after_s=10.0)
-        self._check_schema(table)
-        await self._ensure_ttl()
-
-    async def _describe_or_none(self) -> dict[str, Any] | None:
-        try:
-            resp = await self._c().describe_table(TableName=self._table)
-        except ClientError as e:
-            if _code(e) == "ResourceNotFoundException":
-                return None
-            raise self._classify(e, "DescribeTable") from e
-        except Exception as e:
-            raise self._classify(e, "DescribeTable") from e
-        table: dict[str, Any] = resp["Table"]
-        return table
-
-    def _check_schema(self, table: Mapping[str, Any]) -> None:
-        """A same-named table with other keys would fail every write with a ValidationException: say so
-        at start instead."""
-        keys = {k["AttributeName"]: k["KeyType"] for k in table.get("KeySchema", [])}
-        types = {a["AttributeName"]: a["AttributeType"] for a in table.get("AttributeDefinitions", [])}
-        if keys != {A_PK: "HASH", A_TS: "RANGE"} or types.get(A_PK) != "S" or types.get(A_TS) != "N":
-            raise StoreFatal(
-                f"table {self._table} has key schema {keys} {types}, expected pk (S, HASH) and ts (N, RANGE)",
-                action=f"point {PREFIX}TABLE_NAME at a table with this schema, or drop the table",
-            )
-
-    async def _ensure_ttl(self) -> None:
-        await ensure_ttl(self._c(), self._table, A_EXPIRES, endpoint=self._settings.dynamodb_endpoint)
+        for r in await self.pages("Query", "query", KeyConditionExpression="#pk = :pk",
+                                  ExpressionAttributeNames={"#pk": A_PK},
+                                  ExpressionAttributeValues={":pk": {"S": PROGRESS_PK}}):
+            rec = orjson.loads(r[A_DATA]["B"])
+            out.append(Progress(int(r[A_TS]["N"]), int(rec["through_ms"]), int(rec["updated_ms"]),
+                                {str(k): int(v) for k, v in rec.get("changed", {}).items()}))
+        return sorted(out, key=lambda p: p.partition)
 
     # --- helpers ------------------------------------------------------------------------------------
 
     def _c(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("DynamoStore used before start() or after stop()")
-        return self._client
+        return self.client
 
     def _classify(self, exc: BaseException, operation: str) -> StoreError | StoreUnavailable:
-        return classify_error(exc, operation=operation, table=self._table, settings=self._settings)
+        return self.error(exc, operation)
 
 
 def _code(e: ClientError) -> str:
@@ -601,85 +573,6 @@ async def ensure_ttl(client: Any, table: str, attribute: str, *, endpoint: str) 
         log.warning("could not enable TTL on %s.%s (%s)", table, attribute, e)
 
 
-class DynamoTable:
-    """Creates its table (``pk`` string hash key; optional TTL attribute) when settings allow."""
-
-    ttl_attribute: str | None = None
-
-    def __init__(self, settings: Settings, table: str) -> None:
-        self.settings = settings
-        self.table = table
-        self._client: Any = None
-        self._ctx: Any = None
-        self._setup_pending = False
-
-    async def start(self) -> None:
-        if self._client is not None:
-            return
-        self._ctx = aioboto3.Session().client(
-            "dynamodb", region_name=self.settings.aws_region, endpoint_url=self.settings.dynamodb_endpoint or None,
-            config=client_config(self.settings), **client_credentials(self.settings))
-        self._client = await self._ctx.__aenter__()
-        if self.settings.create_table:
-            try:
-                await self._setup()
-            except PipelineError as exc:
-                if not exc.retriable:
-                    raise
-                # DynamoDB unreachable at start: keep running and report not-ready; ping() retries.
-                log.warning("%s: table setup deferred, DynamoDB unavailable: %s", self.table, exc)
-                self._setup_pending = True
-
-    async def _setup(self) -> None:
-        try:
-            await self._ensure_table()
-        except PipelineError:
-            raise
-        except Exception as exc:
-            raise self.error(exc, "CreateTable") from exc
-        self._setup_pending = False
-
-    async def stop(self) -> None:
-        if self._ctx is not None:
-            await self._ctx.__aexit__(None, None, None)
-        self._client = self._ctx = None
-
-    async def ping(self) -> None:
-        """Readiness: the table answers (and was set up, if that had to wait for DynamoDB)."""
-        if self._setup_pending:
-            await self._setup()
-        try:
-            await self.client.describe_table(TableName=self.table)
-        except Exception as exc:
-            raise self.error(exc, "DescribeTable") from exc
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            raise ConfigError(f"{type(self).__name__} used before start()", action="await start() at startup")
-        return self._client
-
-    def error(self, exc: BaseException, operation: str) -> PipelineError:
-        return classify_error(exc, operation=operation, table=self.table, settings=self.settings)
-
-    async def _ensure_table(self) -> None:
-        c = self._client
-        try:
-            await c.describe_table(TableName=self.table)
-            return
-        except c.exceptions.ResourceNotFoundException:
-            pass
-        try:
-            await c.create_table(TableName=self.table, BillingMode="PAY_PER_REQUEST",
-                                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                                 AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}])
-        except c.exceptions.ResourceInUseException:
-            pass  # created concurrently by another process
-        await c.get_waiter("table_exists").wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-        if self.ttl_attribute:
-            await ensure_ttl(c, self.table, self.ttl_attribute, endpoint=self.settings.dynamodb_endpoint)
-
-
 class DynamoTokens(DynamoTable):
     """Tokens in table ``<table_name>-tokens``: ``pk`` = hex digest, ``app``, ``kind``, ``id``, ``created_s``,
     and ``revoked_s`` on a revoked token's tombstone."""
@@ -711,17 +604,7 @@ class DynamoTokens(DynamoTable):
         return None if item is None else self._info(item)
 
     async def all_tokens(self) -> list[tuple[str, TokenInfo]]:
-        out: list[tuple[str, TokenInfo]] = []
-        kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
-        try:
-            while True:
-                resp = await self.client.scan(**kwargs)
-                out.extend((i["pk"]["S"], self._info(i)) for i in resp.get("Items", []))
-                if "LastEvaluatedKey" not in resp:
-                    return out
-                kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
-        except Exception as exc:
-            raise self.error(exc, "Scan") from exc
+        return [(i["pk"]["S"], self._info(i)) for i in await self.pages("Scan", "scan", ConsistentRead=True)]
 
     async def delete_token(self, key: str) -> None:
         try:

@@ -1,8 +1,9 @@
 """The store protocol: what the sinks, rollups, events job and query engine need from any metrics store.
 
 Backends (``app/storage/dynamodb.py``, ``app/storage/cassandra.py``) implement it, and the tables of
-tokens and drain-frame ids below; ``app/storage/backends.py`` picks one (``METRICS_STORE``) and the
-migration (``app/storage/migration.py``) composes two. Nothing above storage knows which one runs.
+tokens and drain-frame ids below; the registry in ``app/storage/backends.py`` makes them (``METRICS_STORE``
+picks one) and the migration (``app/migration/``) composes two through it. Nothing above storage knows
+which one runs.
 
 A series holds two kinds of item (README, "Store layout"): ``DIGEST`` items carry a bucket's full
 aggregate with its t-digests, for merging (rollups, ranges no summary covers); ``SUMMARY`` items are
@@ -88,7 +89,7 @@ class Lifecycle(Protocol):
         ...
 
 
-class Backend(MetricsStore, Lifecycle, Protocol):
+class MetricsBackend(MetricsStore, Lifecycle, Protocol):
     """A metrics store a process starts, stops and checks."""
 
 

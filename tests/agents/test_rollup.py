@@ -132,6 +132,7 @@ async def test_dynamodb_unavailable_is_retried_and_state_is_written_only_after_s
     r.table = Watch()
     await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])
     assert counters.values["rollup_retries"] == 2 and len(sleeps.calls) == 2
+    assert all(0.01 <= s <= SETTINGS.backoff_max_ms / 1000 for s in sleeps.calls)  # at least retry_after_s
     assert written == [1] * 8  # 3 buckets, 4 summary blocks and the series' since, all after the successful put
     assert stored(store, 3600, T0).requests == 10
 

@@ -25,9 +25,12 @@ from agents.alerts import (
     partition_for,
 )
 from agents.autoscale import AutoscaleEngine
+from app.alerting.autoscale import Decision
+from app.alerting.commands import Result
 from app.api.policies import (
     FORWARDED_HEADER,
     LOCAL,
+    OUTCOME_STATUS,
     REMOTE,
     UNKNOWN,
     CommandResults,
@@ -45,7 +48,6 @@ from app.sealing import SealedSecret, use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import Settings
-from tables.monitors import Decision
 
 AClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 AServer = Callable[..., Awaitable[TestServer]]
@@ -690,3 +692,7 @@ def test_openapi_document_describes_every_policy_route() -> None:
             assert "421" in op["responses"] and "forwarded" in op["description"]
         else:
             assert "202" in op["responses"]
+
+
+def test_every_outcome_of_a_command_has_an_answer() -> None:
+    assert set(OUTCOME_STATUS) == set(Result)

@@ -1,4 +1,6 @@
-"""Query logic (app/api/query.py): resolutions, percentile-correct merging, the final/tail split and the caches."""
+"""The query engine (app/api/query/engine.py): resolutions, the final/tail split, the answer cache
+(stale-while-revalidate, shared misses, the memory bound, expiry) and the incremental refresh. The
+``MemoryStore`` and minute helpers here serve the other query, web, agent and migration tests too."""
 
 from __future__ import annotations
 
@@ -10,13 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.api.query import (
-    STALE_GRACE_S,
-    ByteLRU,
-    MetricsQuery,
-    auto_resolution,
-    merge_buckets,
-)
+from app.api.query import STALE_GRACE_S, MetricsQuery, auto_resolution, merge_buckets
 from app.clock import ManualClock
 from app.errors import StoreUnavailable
 from app.ops.stats import Counters
@@ -73,6 +69,9 @@ class MemoryStore:
                 if (a, p, r) == (app, process_type, resolution_s) and since_s <= ts < until_s
                 and ts + self.spans.get((a, p, r, ts), 0) + self.ttl_s > now_s]
 
+    async def series(self) -> list[tuple[str, str]]:
+        return sorted({(a, p) for a, p, r, _ in self.items if r == 60})
+
     async def put_progress(self, progress: Sequence[Progress]) -> None:
         if self.fail_progress:
             self.fail_progress -= 1
@@ -109,35 +108,6 @@ def test_auto_resolution_follows_the_platform_ranges() -> None:
            [60, 60, 600, 600, 600, 600, 3600, 3600, 7200, 7200]
 
 
-async def test_hourly_percentiles_merge_digests_and_match_the_raw_observations() -> None:
-    """p95 over an hour == p95 of the hour's raw values (within digest error), not a mean of minute p95s."""
-    rng = np.random.default_rng(3)
-    clock = ManualClock((T0 + 86400) * 1000)
-    store = MemoryStore(clock)
-    raw: list[np.ndarray] = []
-    for i in range(60):
-        # Minutes differ a lot (a slow period): averaging per-minute p95s would be far off.
-        vals = rng.lognormal(3.0 + (1.5 if 20 <= i < 25 else 0.0), 0.6, size=rng.integers(200, 800))
-        raw.append(vals)
-    put_minutes(store, [minute(T0 + 60 * i, v) for i, v in enumerate(raw)])
-    q = MetricsQuery(store, settings=replace(SETTINGS, query_use_rollups=False), clock=clock)
-    doc = orjson.loads((await q.answer("shop", "web", 3600, T0, T0 + 3600)).body)
-    assert doc["resolution_s"] == 3600 and len(doc["points"]) == 1
-    p = doc["points"][0]
-    everything = np.concatenate(raw)
-    assert p["ts"] == T0 and p["requests"] == len(everything)
-    assert p["response_ms"]["max"] == everything.max()
-    assert abs(p["response_ms"]["mean"] - everything.mean()) <= 1e-9 * everything.mean()
-    for name, qq in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
-        exact = float(np.quantile(everything, qq))
-        assert abs(p["response_ms"][name] - exact) <= 0.01 * exact, (name, p["response_ms"][name], exact)
-    mean_of_p95 = float(np.mean([np.quantile(v, 0.95) for v in raw]))
-    assert abs(mean_of_p95 - float(np.quantile(everything, 0.95))) > 0.05 * mean_of_p95  # the trap is real
-    assert p["failed"] == sum(len(range(0, len(v), 50)) for v in raw)
-    assert p["memory_mb"]["quota"] == 512.0 and p["memory_mb"]["rss_max"] == 106.0
-    assert p["load"]["max"] == max(0.1 * ((T0 + 60 * i) % 11) for i in range(60))
-
-
 async def test_final_buckets_come_from_rollup_items_and_tail_from_minutes_plus_live() -> None:
     rng = np.random.default_rng(5)
     now_s = T0 + 3 * 3600 + 130  # with 300 s settle, only [T0, T0 + 2 h) is final
@@ -159,25 +129,6 @@ async def test_final_buckets_come_from_rollup_items_and_tail_from_minutes_plus_l
     # final buckets read the rollup items (resolution 3600); the two non-final ones merged minutes
     assert ("shop", "web", 3600, T0, T0 + 7200) in store.queries
     assert ("shop", "web", 60, T0 + 7200, T0 + 4 * 3600) in store.queries
-
-
-async def test_final_ranges_are_cached_and_extended_by_the_missing_part_only() -> None:
-    clock = ManualClock((T0 + 86400) * 1000)
-    store = MemoryStore(clock)
-    put_minutes(store, [minute(T0 + 60 * i, np.arange(1.0, 51.0), mc=50) for i in range(240)])
-    counters = Counters()
-    q = MetricsQuery(store, settings=SETTINGS, clock=clock, counters=counters)
-    a1 = await q.answer("shop", "web", 60, T0, T0 + 7200)
-    assert a1.final and a1.points == 120 and len(store.queries) == 1
-    a2 = await q.answer("shop", "web", 60, T0, T0 + 7200)
-    assert a2 is a1 and len(store.queries) == 1 and counters.values["query_cache_hits"] == 1
-    await q.answer("shop", "web", 60, T0 + 3600, T0 + 3 * 3600)  # overlaps: only [T0+2h, T0+3h) is read
-    assert store.queries[-1] == ("shop", "web", 60, T0 + 7200, T0 + 3 * 3600) and len(store.queries) == 2
-    a4 = await q.answer("shop", "web", 60, T0 + 60, T0 + 3 * 3600)  # inside the cached range: no read
-    assert len(store.queries) == 2 and a4.points == 179
-    clock.advance(int(SETTINGS.query_cache_max_age_s * 1000) + 1000)  # re-checked after the max age
-    await q.answer("shop", "web", 60, T0 + 60, T0 + 3 * 3600)
-    assert len(store.queries) == 3
 
 
 async def test_tail_answers_are_reused_briefly_then_recomputed() -> None:
@@ -247,36 +198,6 @@ async def test_store_failure_propagates_and_is_not_cached() -> None:
     assert (await q.answer("shop", "web", 60, T0, T0 + 3600)).points == 0
 
 
-def test_byte_lru_evicts_least_recently_used_and_expires() -> None:
-    lru: ByteLRU[str, int] = ByteLRU(100)
-    lru.put("a", 1, 40, 1000)
-    lru.put("b", 2, 40, 1000)
-    assert lru.get("a", 0) == 1  # a is now the most recent
-    lru.put("c", 3, 40, 1000)
-    assert lru.get("b", 0) is None and lru.get("a", 0) == 1 and lru.bytes == 80
-    assert lru.get("a", 1000) is None and lru.bytes == 40
-    lru.put("huge", 4, 101, 1000)
-    assert lru.get("huge", 0) is None
-
-
-async def test_tail_starts_from_the_partial_rollup_item_and_merges_only_newer_minutes() -> None:
-    now_s = T0 + 3600 + 20 * 60 + 10  # 20 minutes into the second hour: that 1 h bucket is not final
-    clock = ManualClock(now_s * 1000)
-    store = MemoryStore(clock)
-    minutes = [minute(T0 + 3600 + 60 * i, np.arange(1.0, 21.0), mc=50) for i in range(19)]
-    put_minutes(store, minutes)
-    partial = merge_buckets(minutes[:15], 3600)[T0 + 3600]  # the rollup job has merged 15 of them so far
-    rec = partial.to_record()
-    rec["mins"] = [m.key.start_ms // 1000 for m in minutes[:15]]
-    store.items[("shop", "web", 3600, T0 + 3600)] = orjson.dumps(rec)
-    live = minute(T0 + 3600 + 19 * 60, np.arange(1.0, 6.0), mc=50)
-    q = MetricsQuery(store, lambda a, p, s, u: [live] if s <= live.key.start_ms < u else [],
-                     settings=SETTINGS, clock=clock)
-    doc = orjson.loads((await q.answer("shop", "web", 3600, T0 + 3600, T0 + 7200)).body)
-    assert [p["requests"] for p in doc["points"]] == [19 * 20 + 5]
-    assert store.queries[-1] == ("shop", "web", 60, T0 + 3600 + 15 * 60, T0 + 7200)  # only the 4 newer minutes
-
-
 @pytest.mark.parametrize("res", [60, 3600])
 async def test_live_refresh_reuses_the_final_prefix_and_unchanged_tail_points_with_identical_results(
         res: int) -> None:
@@ -321,35 +242,3 @@ async def test_live_refresh_reuses_the_final_prefix_and_unchanged_tail_points_wi
     live[0] = minute(now_s - now_s % 60, np.arange(1.0, 3.0), mc=50)
     q2 = await q.answer("shop", "web", res, T0, now_s + 60)
     assert (q2.body, q2.etag) == await fresh()
-
-
-async def test_live_refresh_reads_dynamodb_every_interval_or_when_a_minute_closed_here() -> None:
-    settings = replace(SETTINGS, query_tail_read_interval_s=5.0)
-    now_s = T0 + 3600 + 10
-    clock = ManualClock(now_s * 1000)
-    store = MemoryStore(clock)
-    put_minutes(store, [minute(now_s - 10 - 60 * i, np.arange(1.0, 11.0), mc=50) for i in range(1, 4)])
-    open_minute = minute(now_s - 10, np.arange(1.0, 6.0), mc=50)
-    live = [open_minute]
-    q = MetricsQuery(store, lambda a, p, s, u: [m for m in live if s <= m.key.start_ms < u], settings=settings,
-                     clock=clock)
-    rng = ("shop", "web", 60, now_s - 240, now_s + 60)
-
-    async def refresh(ms: int) -> int:
-        clock.advance(ms)
-        await q.answer(*rng)  # stale: refreshed in the background
-        await asyncio.sleep(0.01)
-        return (await q.answer(*rng)).points
-
-    assert (await q.answer(*rng)).points == 4 and len(store.queries) == 1
-    # Another worker's sink stores a minute: within the interval only the open minute is re-rendered ...
-    put_minutes(store, [minute(now_s - 10 - 240, np.arange(1.0, 3.0), mc=50)])
-    assert await refresh(1500) == 4 and len(store.queries) == 1
-    # ... and the interval after the last read, DynamoDB is read again.
-    assert await refresh(4000) == 5 and len(store.queries) == 2
-    # The open minute closes here: read at once, and on every refresh until the sink has stored it.
-    live.clear()
-    assert await refresh(1100) == 4 and len(store.queries) == 3
-    put_minutes(store, [open_minute])
-    assert await refresh(1100) == 5 and len(store.queries) == 4
-    assert await refresh(1100) == 5 and len(store.queries) == 4  # found: back to the interval

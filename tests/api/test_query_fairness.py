@@ -176,9 +176,6 @@ class SlowEngine:
         return orjson.dumps({"app": app, "process_type": process_type, "since": since_s, "until": until_s,
                              "events": []})
 
-    async def minutes(self, app: str, process_type: str, since_s: int, until_s: int) -> dict[str, Any]:
-        raise NotImplementedError
-
 
 async def until(cond: Any, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):

@@ -55,7 +55,8 @@ def browser() -> Iterator[Any]:
     opts.binary_location = CHROMIUM
     for flag in FLAGS:
         opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are reported on the console
+    # CSP violations, failed requests and script errors are reported on the console (read with get_log).
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     try:
         yield driver
@@ -64,7 +65,7 @@ def browser() -> Iterator[Any]:
 
 
 def publish_events(broker: KafkaBroker, s: Served) -> None:
-    """Alert transitions and a scaling step for app-0, in the records' published format (tables/monitors.py
+    """Alert transitions and a scaling step for app-0, in the records' published format (app/alerting
     AlertEvent / Decision .to_record), on the worker's own topics; waits until the events job stored them."""
     settings = s.pipeline.settings
     fire_ms, resolve_ms, scale_ms = ((s.start_s + m * 60) * 1000 for m in (3, 9, 5))
@@ -123,6 +124,9 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     error = wait_for(lambda: browser.find_element(By.ID, "error").is_displayed()
                      and browser.find_element(By.ID, "error").text, 10, "the bad-token message")
     assert "token was refused" in error and "read token" in error
+    # The console so far: the refused token's 401s and nothing else (no favicon 404, no script error).
+    severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("status of 401" in m for m in severe), severe
 
     submit_token(browser, served.tokens["app-0"])
     wait_for(lambda: browser.execute_script("return window.dashboard.last !== null"), 20, "the first answer")
@@ -172,5 +176,8 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     csp = browser.execute_async_script(
         "const done = arguments[0]; fetch('/dashboard/').then((r) => done(r.headers.get('content-security-policy')))")
     assert csp == "default-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'"
-    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    console = browser.get_log("browser")
+    refused = [e["message"] for e in console if "Content Security Policy" in e["message"]]
     assert refused == []
+    # With a good token the page logs no error at all: no failed request, no script error.
+    assert [e["message"] for e in console if e["level"] == "SEVERE"] == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 import urllib.request
@@ -48,10 +47,9 @@ def test_drain_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServ
 
         tokens = asyncio.run(make_tokens())
         start_ms = (int(time.time() * 1000) // 60_000 - 6) * 60_000
-        args = argparse.Namespace(mode="drain", apps=2, dynos=2, rate=200, duration=180, realtime=False, seed=5,
-                                  start_ms=start_ms, url=url, frame_lines=150, concurrency=4, truth=None,
-                                  token=[f"{a}={t}" for a, t in tokens.items()], bootstrap="", topic="")
-        truth = asyncio.run(loadgen.run(args))
+        load = loadgen.Load(mode="drain", apps=2, dynos=2, rate=200, duration=180, seed=5, start_ms=start_ms,
+                            url=url, frame_lines=150, concurrency=4, token=tuple(f"{a}={t}" for a, t in tokens.items()))
+        truth = asyncio.run(loadgen.run(load))
         keys = truth.keys()
         procs = sorted({proc for _, proc, _ in keys})
         assert procs == ["app", "web", "worker"]  # add-on metrics and releases are kept app-wide

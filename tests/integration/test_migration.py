@@ -443,3 +443,98 @@ def test_start_sets_the_new_writers_offsets_at_the_end_or_with_backfill_at_the_o
         p = partition_of(key.decode(), 2)
         firsts.setdefault(p, orjson.loads(value)["start_ms"])
     assert earliest == max(firsts.values())
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app", "migration", *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: nothing listens there
+
+
+def _fresh_env(broker: KafkaBroker, dynamo: DynamoServer) -> dict[str, str]:
+    import os
+    import uuid
+
+    uid = uuid.uuid4().hex[:8]
+    return {**os.environ, "METRICS_BROKER_URL": broker.url, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint,
+            "METRICS_APP_ID": f"st{uid}", "METRICS_MIGRATION_TOPIC": f"mig-{uid}", "METRICS_PARTITIONS": "2",
+            "METRICS_METRICS_TOPIC": f"m1-{uid}", "METRICS_ALERTS_TOPIC": f"al-{uid}",
+            "METRICS_AUTOSCALE_TOPIC": f"as-{uid}", "METRICS_TABLE_NAME": f"st-{uid}",
+            "METRICS_CASSANDRA_PORT": str(_closed_port()), "METRICS_ADMIN_PORT": str(_closed_port())}
+
+
+def test_start_refuses_a_target_store_that_does_not_answer_and_publishes_nothing(
+        broker: KafkaBroker, dynamo: DynamoServer) -> None:
+    """`make run` on a fresh clone, then `start --to cassandra` with no Cassandra node: a plain refusal that
+    says what to run, and the state stays single."""
+    env = _fresh_env(broker, dynamo)
+    t0 = time.monotonic()
+    r = _cli(env, "start", "--to", "cassandra")
+    assert r.returncode != 0, r.stdout + r.stderr
+    port = env["METRICS_CASSANDRA_PORT"]
+    assert f"Cassandra at 127.0.0.1:{port} is not reachable" in r.stderr and "make install-cassandra" in r.stderr, \
+        r.stderr
+    assert "nothing was published" in r.stderr and time.monotonic() - t0 < 60
+    out = _cli(env, "status")
+    assert out.returncode == 0 and "phase:    single(dynamodb:" in out.stdout, out.stdout + out.stderr
+
+
+def test_status_reports_what_the_stores_hold_and_whether_the_writers_ran(
+        broker: KafkaBroker, dynamo: DynamoServer) -> None:
+    """No worker or writer runs here: status says so, instead of "lag 0" and "both stores hold every minute";
+    then the stores' own watermarks (the target's behind the source's) are what it reports."""
+    import asyncio
+
+    from app.migration.control import publish, read_state
+    from app.ops.topics import ensure_topics
+    from app.settings import Settings
+    from app.storage.protocol import Progress
+
+    env = _fresh_env(broker, dynamo)
+    settings = Settings.from_env(env)
+    asyncio.run(ensure_topics(broker.address, settings))
+    target = f"dynamodb:{settings.table_name}-v2"
+    r = _cli(env, "start", "--to", target)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = _cli(env, "status").stdout
+    writers = [line for line in out.splitlines() if line.startswith("writer:")]
+    assert len(writers) == 2 and all("never ran" in w for w in writers), out
+    assert "lag 0" not in out and "both stores hold" not in out and f"not yet: {target} holds no minute" in out, out
+    assert out.count("holds nothing yet") == 2, out
+
+    # The stores' own watermarks: the target stored through 3 minutes less than the source.
+    st = asyncio.run(read_state(settings))
+    since_ms = st.both_since_ms
+
+    async def stored(spec: str, through_ms: int) -> None:
+        from app.migration.state import store_settings
+
+        store = metrics_store(store_settings(settings, spec))
+        await store.start()
+        try:
+            await store.put_progress([Progress(p, through_ms, int(time.time() * 1000), {}) for p in range(2)])
+        finally:
+            await store.stop()
+
+    asyncio.run(stored(st.source, since_ms + 300_000))
+    asyncio.run(stored(target, since_ms + 120_000))
+    out = _cli(env, "status").stdout
+    assert "both stores hold every minute from" in out and f"{target} is 180 s behind {st.source}" in out, out
+    assert out.count("stored through") == 2, out
+
+    # A state naming a store nobody can reach (as `start` published before it probed): unreachable, not in sync.
+    asyncio.run(publish(settings, replace(st, target="cassandra:minutely", version=st.version + 1)))
+    out = _cli(env, "status").stdout
+    port = env["METRICS_CASSANDRA_PORT"]
+    assert f"unreachable: Cassandra at 127.0.0.1:{port} did not answer" in out, out
+    assert "both stores hold" not in out and "cannot be read" in out, out
+    cassandra_writer = next(line for line in out.splitlines() if line.startswith("writer:") and "cassandra" in line)
+    assert "never ran" in cassandra_writer, out

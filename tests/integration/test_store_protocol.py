@@ -20,7 +20,7 @@ from app.storage.backends import frame_table, metrics_store, token_table
 from app.storage.protocol import (
     DIGEST,
     SUMMARY,
-    Backend,
+    MetricsBackend,
     FrameTable,
     MetricItem,
     Progress,
@@ -38,7 +38,7 @@ T0 = (NOW_MS // 1000 - 3600) // 60 * 60
 class Parts:
     settings: Settings
     clock: ManualClock
-    metrics: Backend
+    metrics: MetricsBackend
     tokens: TokenTable
     frames: FrameTable
 

@@ -1,16 +1,27 @@
 """The embedded stack's port rules (app/local/embedded.py, app/cli.py): fixed ports equal to the settings'
-defaults, and a taken port stops ``make run`` at once with the port, its holder and the variable to change."""
+defaults, and a taken port stops ``make run`` at once with the port, its holder and the variable to change.
+And what ``make run`` installs: the pinned Kafka, and Cassandra's jars whatever the store."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from app.cli import local, local_ports
+from app.cli import local_ports, run_local
 from app.errors import ConfigError
-from app.local.embedded import free_port, port_holder, require_free_port
+from app.local.embedded import (
+    CONF_DIR,
+    ROOT,
+    KafkaBroker,
+    free_port,
+    port_holder,
+    require_free_port,
+)
 from app.settings import Settings
 
 
@@ -58,6 +69,25 @@ def test_make_run_stops_at_once_on_a_taken_port(monkeypatch: pytest.MonkeyPatch,
                             ("METRICS_DYNAMODB_ENDPOINT", f"http://127.0.0.1:{free_port()}"),
                             ("METRICS_INGEST_PORT", str(free_port()))):
             monkeypatch.setenv(name, value)
-        assert local(["--no-demo"]) == 2  # before anything was started
+        assert run_local(demo=False) == 2  # before anything was started
     err = capsys.readouterr().err
     assert f"error: port {port} (query API and dashboard) is already in use" in err and "METRICS_WEB_PORT" in err
+
+
+def test_make_run_installs_cassandra_whatever_the_store(tmp_path: Path) -> None:
+    """A migration started while `make run` serves needs a local Cassandra node, so `run` always resolves
+    its jars (once; a stamp check after) instead of stopping with "jars are not in .deps/cassandra/lib"."""
+    lib = tmp_path / "cassandra" / "lib"
+    out = subprocess.run(["make", "-n", "run", f"CASSANDRA_LIB={lib}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert "-f app/local/conf/cassandra-pom.xml dependency:copy-dependencies" in out and f"{lib}.new" in out
+
+
+def test_the_broker_runs_the_kafka_the_pom_pins() -> None:
+    """kafka-pom.xml is what `make install` resolves: a version bump there re-resolves .deps/kafka/lib."""
+    pinned = re.search(r"<kafka\.version>(.+)</kafka\.version>", (CONF_DIR / "kafka-pom.xml").read_text())
+    assert pinned and pinned.group(1).startswith("4.")
+    broker = KafkaBroker(data_dir=Path("unused"))
+    if broker.version != "unknown":  # installed: the jars are the pinned ones
+        assert broker.version == pinned.group(1)
+    assert (CONF_DIR / "kafka-log4j2.properties").exists()

@@ -426,3 +426,18 @@ def test_dyno_and_app_caches_are_bounded_lrus() -> None:
     assert info.currsize == models._CACHE_MAX and info.maxsize == models._CACHE_MAX
     models.process_type("web.1")  # still cached after junk: a fresh entry, not "cache full forever"
     assert models._proc_of_dyno.cache_info().currsize == models._CACHE_MAX
+
+
+def test_rejects_carry_their_app_and_a_replayed_app_skips_them(pw: PartitionWindows, clock: ManualClock) -> None:
+    """The decode judges the records (app/models.py); the dead letters name the app when only another rule
+    failed, and a replay an app already applied (crash between table writes) does not dead-letter them again."""
+    value = msg(router(T0 + 1), router(T0 + 2, dyno="web 1"), router(T0 + 3, app="a|b"))
+    r = ingest(pw, 4, value)
+    assert [(d.index, d.app, d.reason) for d in r.dead] == [
+        (1, "shop", "dyno must look like web.1"), (2, None, "app must be 1..100 characters of [A-Za-z0-9._-]")]
+    fresh = PartitionWindows(0, clock=clock, grace_ms=10_000, idle_timeout_ms=30_000, max_future_ms=300_000,
+                             max_message_bytes=1_000_000, max_centroids=100)
+    fresh.restore([], dict(pw.apps), -1)  # app progress persisted, partition offset not
+    r = ingest(fresh, 4, value)
+    assert (r.counts.skipped_replay, r.counts.rejected, r.counts.accepted) == (2, 1, 0)
+    assert [d.app for d in r.dead] == [None]

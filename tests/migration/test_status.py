@@ -1,0 +1,86 @@
+"""``migration status`` from what Kafka and the stores report (app/migration/cli.py :func:`describe`), and
+the commands' dispatch."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import pytest
+
+from app.migration import cli
+from app.migration import state as sm
+from app.migration.cli import StoreView, WriterView, describe
+from app.migration.writes import writer_env
+from app.settings import STORES, Settings
+from app.storage.backends import BACKENDS, backend
+
+S = replace(Settings(), partitions=4)
+T0 = 1_800_000_000_000
+A, B = "dynamodb:minutely-metrics", "cassandra:minutely"
+DUAL = sm.start(sm.initial(S), S, "cassandra", backfill=False, now_ms=T0)
+HOME = WriterView(A, "minutely", members=2, consumed=True, lag=3)
+
+
+def lines(writers: list[WriterView], stores: dict[str, StoreView], *, now_ms: int = T0 + 600_000) -> str:
+    return "\n".join(describe(DUAL, S, writers, stores, now_ms=now_ms))
+
+
+def test_a_writer_that_never_ran_is_said_to_have_never_run_not_to_lag_zero() -> None:
+    never = WriterView(B, sm.writer_group(S, B), members=0, consumed=False, lag=0)  # offsets only from `start`
+    out = lines([HOME, never], {A: StoreView(A, T0 + 540_000, 4, T0 + 599_000), B: StoreView(B, None, 0)})
+    writer = next(line for line in out.splitlines() if line.startswith("writer:") and B in line)
+    assert "never ran" in writer and "lag" not in writer and f"writer --store {B}" in writer
+    assert "running (2 members), lag 3 records" in out
+    assert f"store:    {B:<32} holds nothing yet" in out
+    assert "both stores hold" not in out and f"not yet: {B} holds no minute since" in out
+
+
+def test_a_writer_that_stopped_is_not_running_with_its_lag() -> None:
+    gone = WriterView(B, sm.writer_group(S, B), members=0, consumed=True, lag=120)
+    out = lines([HOME, gone], {A: StoreView(A, T0 + 540_000, 4), B: StoreView(B, T0 + 120_000, 4)})
+    assert "not running (no member in the group); 120 records behind" in out
+
+
+def test_an_unreachable_store_says_so_and_claims_nothing_in_sync() -> None:
+    down = StoreView(B, None, 0, error="Cassandra at 127.0.0.1:9042 did not answer: refused")
+    out = lines([HOME], {A: StoreView(A, T0 + 540_000, 4), B: down})
+    assert f"store:    {B:<32} unreachable: Cassandra at 127.0.0.1:9042" in out
+    assert "both stores hold" not in out and "cannot be read" in out
+
+
+def test_a_target_behind_the_source_shows_how_far_and_only_the_range_both_hold() -> None:
+    out = lines([HOME], {A: StoreView(A, T0 + 540_000, 4), B: StoreView(B, T0 + 300_000, 4)})
+    assert f"from {sm.iso(DUAL.both_since_ms)} to {sm.iso(T0 + 300_000)}" in out
+    assert f"{B} is 240 s behind {A}" in out and "finish refused before then" in out
+
+
+def test_watermarks_in_some_partitions_only_are_no_watermark() -> None:
+    out = lines([HOME], {A: StoreView(A, T0 + 540_000, 4), B: StoreView(B, None, 3)})
+    assert "watermarks in 3 of 4 partitions only" in out and "both stores hold" not in out
+
+
+async def test_an_unknown_command_raises_instead_of_finishing(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def state(_: Settings) -> sm.MigrationState:
+        return replace(DUAL, phase="cutover", cutover_pct=100)
+
+    async def never(*_: object) -> None:
+        raise AssertionError("published")
+
+    monkeypatch.setattr(cli, "read_state", state)
+    monkeypatch.setattr(cli, "publish", never)
+    with pytest.raises(ValueError, match="unknown migration command 'finsh'"):
+        await cli.change(S, argparse.Namespace(cmd="finsh", force=True))
+
+
+def test_the_registry_names_every_store_and_its_namespace() -> None:
+    assert tuple(BACKENDS) == STORES
+    assert backend("dynamodb").env(S) == {"METRICS_STORE": "dynamodb", "METRICS_TABLE_NAME": "minutely-metrics"}
+    assert backend("cassandra").settings_for(S, "ks2").cassandra_keyspace == "ks2"
+    assert sm.home_spec(backend("cassandra").settings_for(S)) == "cassandra:minutely"
+
+
+def test_a_writers_environment_names_its_store_and_namespace_through_the_registry() -> None:
+    env = writer_env(S, "cassandra:ks2", {"KEEP": "1"})
+    assert env["METRICS_STORE"] == "cassandra" and env["METRICS_CASSANDRA_KEYSPACE"] == "ks2" and env["KEEP"] == "1"
+    assert env["METRICS_APP_ID"] == "minutely-writer-cassandra-ks2" and "METRICS_TABLE_NAME" not in env
