@@ -1,14 +1,9 @@
 """Stream job: ``observations`` -> one-minute windows -> ``metrics-1m`` (+ ``observations-dlq``).
 
-Input is consumed in batches (``take_events``); each batch is folded into the partitions' open windows,
-the changed state is written to the table once, then windows that became due are emitted. A wall-clock
-timer closes the due windows of idle partitions. Window rules and the idempotence argument:
-tables/windows.py. Table layout: tables/state.py.
-
-Per-app limits (process types, add-on sources, metric names per minute) come from app/limits.py, started
-with the app and followed while it runs. A closed minute is sent within ``minute_max_bytes``, degraded if it
-must be (tables/aggregate.py ``fit_record``; what it leaves out is dead-lettered): a minute the broker
-refuses would crash the worker, and the restart would rebuild the same minute.
+Each message is folded on arrival and acknowledged only after its batch's state was flushed; a closed minute
+is always sent within ``minute_max_bytes`` (degraded if it must be, so the broker never refuses it). Window
+rules: tables/windows.py; state layout: tables/state.py.
+Reference: docs/design/windows.md
 """
 
 from __future__ import annotations
@@ -16,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,8 +27,12 @@ from tables.aggregate import Aggregate, fit_record
 from tables.state import WindowTableState
 from tables.windows import ADDON_SOURCES, METRIC_NAMES, PROCESS_TYPES, IngestResult, PartitionWindows, Rejected
 
-LIMIT_COUNTERS: dict[int, CounterName] = {PROCESS_TYPES: "limit_refused_process_types", ADDON_SOURCES: "limit_refused_addon_sources",
-                  METRIC_NAMES: "limit_refused_metric_names"}
+if TYPE_CHECKING:
+    from app.app import Wiring
+
+LIMIT_COUNTERS: dict[int, CounterName] = {PROCESS_TYPES: "limit_refused_process_types",
+                                          ADDON_SOURCES: "limit_refused_addon_sources",
+                                          METRIC_NAMES: "limit_refused_metric_names"}
 
 log = logging.getLogger(__name__)
 
@@ -422,13 +422,17 @@ class Unacked:
 
 
 # --- Faust binding --------------------------------------------------------------------------------------
-# Imported by app/__main__.py; kept below the logic so unit tests can build an Aggregator without a broker.
+# Called by the composition roots (app/worker.py); kept below the logic so unit tests can build an Aggregator
+# without a broker.
 
-def bind(faust_app: Any, settings: Settings, counters: Counters, watermarks: Watermarks | None = None) -> Aggregator:
+def bind(wiring: Wiring, settings: Settings, counters: Counters, watermarks: Watermarks | None = None) -> Aggregator:
     from mode import Service
 
-    from app.app import dlq_topic, metrics_topic, observations_topic, windows_table
     from app.faust_patches import highwater
+
+    faust_app: Any = wiring.app  # Faust's table manager and signals are typed narrower than they are
+    observations_topic, metrics_topic, dlq_topic = wiring.observations_topic, wiring.metrics_topic, wiring.dlq_topic
+    windows_table = wiring.windows_table
 
     sent_end: dict[int, int] = {}
     """Per metrics-1m partition, the offset after the last minute this worker sent (acknowledged)."""

@@ -1,42 +1,19 @@
-"""Stream job: closed minutes (``metrics-1m``) + configuration commands -> monitor events (``alerts``) and
-notifications (webhooks, e-mail).
+"""Stream job: closed minutes (``metrics-1m``) and ``policy-commands`` -> monitor events (``alerts``) and
+notifications.
 
-**Where configuration lives, and why commands.** Monitors are evaluated on the app's closed minutes,
-which arrive on ``metrics-1m`` partition ``murmur2(app) % N`` (key = app). Their definitions and state are
-one value per app in the changelogged ``monitors`` table, in that same partition, so the worker that
-evaluates an app owns its monitors and a restart (or another machine, from the changelog) resumes with
-definitions and state. The web API does not write that table: it produces a command (key = app) to the
-``policy-commands`` topic, which has as many partitions as ``metrics-1m``, so the command lands in the same
-partition number, Faust assigns both to the same worker (co-partitioned topics), and this agent applies it
-from inside its stream, where Faust routes the table write to the right changelog partition by itself.
-Compared with writing the table from the HTTP handler (computing the partition and faking the stream
-context, as tables/state.py must for its wall-clock closer):
-
-* any worker can accept a change -- the handler's worker need not own the app's partition, and a
-  changelog write by a non-owner would never reach the owner's in-memory/RocksDB copy;
-* the table has one writer, the agent, so a definition change never races a minute's state update;
-* the change is durable once the broker acknowledged it (acks=all), and it is applied in order with
-  at-least-once delivery; applying a command twice has the same effect (ids are assigned by the API).
-
-The commands topic is a queue, not the store: once applied, the table's (compacted) changelog holds the
-definition, so the topic's ordinary retention is fine.
-
-**Ordering of effects per minute** (at-least-once input, no transactions): the events are published and
-acknowledged first, then the monitor state and the pending deliveries (the outbox) are written to the
-table, then the deliveries are handed to the background :class:`~app.notify.Notifier`. A crash before
-the table write re-applies the minute (it is not yet recorded as applied) and re-sends the same events
-(same ``event_id``); a crash after it loses nothing, because a delivery leaves the outbox only when its
-receiver settled it (delivered, or refused/given up and logged). The outbox is swept periodically, so
-deliveries survive restarts and a full queue; a receiver may see a delivery twice around a crash and can
-drop it by ``X-Minutely-Event``.
+The only writer of the ``monitors`` table: commands are applied from inside the stream. Per minute the events
+are acknowledged before the state and the outbox are written, so a crash re-sends the same events and loses
+no delivery.
+Reference: docs/alerting.md#where-configuration-lives
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka.partitioner import murmur2
@@ -63,6 +40,9 @@ from app.ops.stats import Counters
 from app.settings import PREFIX, Settings
 from tables.state import partition_context
 
+if TYPE_CHECKING:
+    from app.app import Wiring
+
 log = logging.getLogger(__name__)
 
 Table = MutableMapping[bytes, Any]
@@ -80,7 +60,7 @@ def partition_for(app: str, partitions: int) -> int:
 
 
 def minute_iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def peek_minute(value: bytes) -> tuple[dict[str, Any], str, str, int] | None:
@@ -325,10 +305,11 @@ def owns_partition(faust_app: Any, settings: Settings) -> Callable[[int], bool]:
     return owns
 
 
-def bind(faust_app: Any, settings: Settings, counters: Counters, notifier: Notifier,
+def bind(wiring: Wiring, settings: Settings, counters: Counters, notifier: Notifier,
          results: CommandResults) -> AlertEngine:
-    from app.app import alerts_topic, monitors_table
     from app.notify.notifier import validate_settings
+
+    faust_app, alerts_topic, monitors_table = wiring.app, wiring.alerts_topic, wiring.monitors_table
 
     validate_settings(settings)
     source = faust_app.topic(settings.metrics_topic, settings.policy_commands_topic, key_type=bytes,
@@ -418,7 +399,7 @@ def command_sender(topic: Any, settings: Settings) -> Callable[[str, bytes], Awa
     async def send(app: str, value: bytes) -> None:
         try:
             await asyncio.wait_for(produce(app, value), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RetriableError(f"policy command for {app!r} not acknowledged by the broker within {timeout_s:g} s",
                                  action=f"check the brokers ({PREFIX}BROKER_URL); the client may retry",
                                  retry_after_s=max(1.0, min(timeout_s, 5.0))) from None
@@ -428,16 +409,15 @@ def command_sender(topic: Any, settings: Settings) -> Callable[[str, bytes], Awa
     return send
 
 
-def policy_backend(faust_app: Any, settings: Settings, *, monitors: Callable[[str], AppMonitors | None],
+def policy_backend(wiring: Wiring, settings: Settings, *, monitors: Callable[[str], AppMonitors | None],
                    policies: Callable[[str], AppPolicies | None], results: CommandResults,
                    forwarder: Forwarder | None = None) -> PolicyBackend:
     """The web API's view of this worker: ownership, local tables, the commands topic, and where another
     worker's app is read (when ``forwarder`` is given, limited to ``forward_allowed_suffix``)."""
-    from app.app import policy_commands_topic
-
+    faust_app = wiring.app
     if forwarder is not None:
         forwarder.allow_only(settings.forward_allowed_suffix)
-    send = command_sender(policy_commands_topic, settings)
+    send = command_sender(wiring.policy_commands_topic, settings)
 
     def owner(app: str) -> str:
         owned = owned_partitions(faust_app, settings.metrics_topic)

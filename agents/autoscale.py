@@ -1,23 +1,16 @@
-"""Stream job: closed minutes of the web process -> autoscaling decisions.
+"""Stream job: closed ``web`` minutes -> autoscaling decisions (``autoscale``) and formation API calls.
 
-Per app with a policy, every closed ``web`` minute is one :class:`~app.alerting.autoscale.Decision` (model
-and rules: app/alerting/autoscale.py ``estimate`` and ``Autoscaler``). Each decision goes to the
-``autoscale`` topic; a change of the dyno count also goes to the platform's formation API
-(``METRICS_FORMATION_URL``) as ``{"quantity": n, ...}``, and running pinned at ``max_dynos`` notifies the
-policy's targets at most once a day (``METRICS_AUTOSCALE_PINNED_NOTIFY_EVERY_MIN``). The current dyno count
-is the last decision's, or the policy's ``current_dynos`` when it was written.
-
-Same layout and guarantees as agents/alerts.py: policies and state are one value per app in the
-changelogged ``autoscale`` table, written only from this agent's stream; commands from the web API arrive
-on ``policy-commands``; deliveries wait in the table's outbox until settled. A formation call carries the
-absolute quantity, so only the newest pending one per (app, process type) is kept and sent: an older
-decision is never applied after a newer one.
+Same layout and guarantees as agents/alerts.py (the one writer of the ``autoscale`` table; deliveries wait in
+its outbox until settled). Only the newest pending formation call per (app, process type) is sent, so an
+older count never arrives last. The model: app/alerting/autoscale.py.
+Reference: docs/alerting.md#autoscaling-web
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -39,6 +32,9 @@ from app.notify.delivery import FORMATION, Delivery
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.app import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +147,9 @@ class AutoscaleEngine:
 
 # --- Faust binding ---------------------------------------------------------------------------------------------
 
-def bind(faust_app: Any, settings: Settings, counters: Counters, notifier: Notifier,
+def bind(wiring: Wiring, settings: Settings, counters: Counters, notifier: Notifier,
          results: CommandResults) -> AutoscaleEngine:
-    from app.app import autoscale_table, autoscale_topic
+    faust_app, autoscale_table, autoscale_topic = wiring.app, wiring.autoscale_table, wiring.autoscale_topic
 
     source = faust_app.topic(settings.metrics_topic, settings.policy_commands_topic, key_type=bytes,
                              value_type=bytes)

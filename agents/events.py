@@ -1,30 +1,9 @@
-"""Stream job: alert transitions (``alerts``) and autoscaling decisions (``autoscale``) -> the store, so the
-dashboard can draw them as markers (``GET /v1/apps/{app}/events``, app/api/web.py).
+"""Stream job: ``alerts`` and ``autoscale`` -> one store item per (app, process type, minute), the
+dashboard's markers (``GET /v1/apps/{app}/events``).
 
-**Storage.** Events live in the metrics table through the same store, as one item per (app, process type,
-minute) with resolution 0: partition key ``{app}#{process_type}#0``, sort key the minute start (epoch s),
-``expires_at`` = minute + retention like every other item. The payload is ``{"events": [...]}``, sorted by
-``id``. Why a per-minute list rather than one item per event: several events can share a minute (a latency
-and an error-rate monitor firing together, plus a scaling step) and the sort key is an integer second, so a
-key derived from the event id could collide and silently overwrite another event. The list is merged by
-``event_id`` (the producers' deterministic ids), so a redelivered event replaces itself and writing is
-idempotent: read the minute's item, merge, put. Both topics are keyed by app with as many partitions as
-``metrics-1m``, so one worker handles all of an app's events and the read-merge-write has a single writer
-(outside the moments a partition moves between workers; the at-least-once redelivery after a move writes
-the same events again).
-
-**What is kept.** Every alert event (``firing``, ``still_firing``, ``resolved``) and the autoscaling decisions
-that change the dyno count. ``hold`` decisions (one per minute per policy) are not stored: they would double
-the table's writes for apps with a policy, and a marker per minute draws nothing useful. The count between
-two steps is the previous step's ``to_dynos``.
-
-**Order of effects.** A batch's offsets are acknowledged only after the store accepted its items, with the
-sink's failure policy (agents/sink.py StoreWriter): while the store throttles or is down the job retries
-with backoff and stops consuming (backpressure); on an error only an operator can fix (permissions, a
-missing table) it stops, turns ``/readyz`` false and retries every 30 s, so no marker is lost to a bad IAM
-roll-out. An item the store refuses for good (too large, a name it cannot key) is isolated: it is logged
-and counted, and the batch's other markers are stored. Markers are a view, so a refused one is not
-dead-lettered.
+Events are merged by ``event_id``, so redelivery is idempotent; a batch is acknowledged only after the store
+accepted it, with the sink's failure rules (agents/sink.py).
+Reference: docs/dashboard.md#markers
 """
 
 from __future__ import annotations
@@ -32,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -43,6 +23,9 @@ from app.retry import Sleep
 from app.settings import WINDOW_S, Settings
 from app.storage.events import EVENTS_RESOLUTION_S, merge_items
 from app.storage.protocol import MetricItem, MetricsStore
+
+if TYPE_CHECKING:
+    from app.app import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +125,13 @@ class EventsJob:
         return len(items) - len(refused)
 
 
-def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
+def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Counters,
          ready: asyncio.Event) -> EventsJob:
     import time
 
     from app.ops.health import register_check
+
+    faust_app = wiring.app
 
     job = EventsJob(store, settings, counters)
     register_check("events", job.check)

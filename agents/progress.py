@@ -1,25 +1,8 @@
-"""Stream job: publish how far each ``metrics-1m`` partition is stored, so queries know what is final.
+"""Stream job: publish each ``metrics-1m`` partition's stored-through watermark, so queries know what is final.
 
-A bucket's age says nothing about whether the pipeline has stored it: a backlog after a restart, a sink
-backing off while the store is down, a broker failover or a replay all store minutes late. So the query
-path calls a bucket final only when its end is at or before the *stored-through* watermark of its app's
-partition (and the settle time has passed); until then it is live and never cached as final.
-
-How the watermark is made (all in the worker that owns partition p of ``observations`` and, co-partitioned,
-of ``metrics-1m``):
-
-1. After each closing round the aggregator knows ``closed_through`` (tables/windows.py): an event time
-   before which every window of p that arrives in order is closed and emitted. It records a checkpoint
-   ``(closed_through, end offset)``: the end of ``metrics-1m`` p once its sends were acknowledged.
-2. Faust commits an offset of ``metrics-1m`` p only when every agent reading it (the sink, the rollup job
-   with its summary blocks, alerts, autoscaling) has finished the records before it, i.e. after they were
-   stored. A checkpoint whose end offset is committed is therefore stored: the watermark moves to it.
-3. This job writes the watermark of each owned partition to the store about once a second
-   (``progress_interval_s``), with the apps that got a minute after the watermark had passed it (a late
-   or re-sent minute): query processes drop their cached answers for those apps.
-
-A new owner (after a rebalance or restart) starts from the published value. The watermark can move back:
-a backlog of old data (a replay) opens windows behind it, and those minutes are not stored yet.
+The watermark moves to a checkpoint ``(closed_through, end offset)`` only once Faust committed that offset,
+i.e. once every agent reading ``metrics-1m`` has stored the minutes before it.
+Reference: docs/design/final.md#how-the-watermark-is-made
 """
 
 from __future__ import annotations
@@ -27,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -36,6 +20,9 @@ from app.errors import PipelineError
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.protocol import MetricsStore, Progress
+
+if TYPE_CHECKING:
+    from app.app import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +161,12 @@ class Publisher:
         return len(progress)
 
 
-def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters, ready: asyncio.Event,
+def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Counters, ready: asyncio.Event,
          watermarks: Watermarks) -> Publisher:
     from agents.alerts import owned_partitions
     from app.faust_patches import committed_offset
+
+    faust_app = wiring.app
 
     def committed(partition: int) -> int | None:
         return committed_offset(faust_app, settings.metrics_topic, partition)
@@ -195,14 +184,14 @@ def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Coun
     return publisher
 
 
-def bind_checkpoint_sender(faust_app: Any, settings: Settings, watermarks: Watermarks,
+def bind_checkpoint_sender(wiring: Wiring, settings: Settings, watermarks: Watermarks,
                            wanted: Callable[[], bool]) -> None:
     """The aggregating worker's half of a second store's watermark: while ``wanted`` (a migration writes a
     store this worker does not), send each owned partition's newest checkpoint to the compacted
     ``checkpoints_topic``, into the same partition number, about once a second when it changed."""
     from agents.alerts import owned_partitions
-    from app.app import checkpoints_topic
 
+    faust_app, checkpoints_topic = wiring.app, wiring.checkpoints_topic
     sent: dict[int, tuple[int, int]] = {}
 
     @faust_app.timer(settings.progress_interval_s, name="send_checkpoints")
@@ -218,12 +207,10 @@ def bind_checkpoint_sender(faust_app: Any, settings: Settings, watermarks: Water
                 sent[p] = cp
 
 
-def bind_checkpoint_reader(faust_app: Any, watermarks: Watermarks) -> None:
+def bind_checkpoint_reader(wiring: Wiring, watermarks: Watermarks) -> None:
     """A store writer's half (app/writer.py): the aggregating workers' checkpoints, partition by partition
     (co-partitioned with ``metrics-1m``, so a writer reads those of the partitions it stores)."""
-    from app.app import checkpoints_topic
-
-    @faust_app.agent(checkpoints_topic, name="checkpoints")
+    @wiring.app.agent(wiring.checkpoints_topic, name="checkpoints")
     async def read(stream: Any) -> None:
         async for event in stream.events():
             try:

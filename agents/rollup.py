@@ -1,35 +1,8 @@
 """Stream job: ``metrics-1m`` -> 10 min / 1 h / 2 h rollup items, and the summary blocks charts read.
 
-Why precomputed: a 7-day chart at 2 h resolution reads 84 rollup items instead of 10,080 minutes (each a
-~5 KB compressed 1000-centroid digest); merging at read time was measured far slower (README, "Metrics
-API"). The query API still merges minutes for the newest, not yet final buckets (app/api/query.py).
-
-Summaries (tables/summary.py): every minute and every rollup bucket this job changes is rendered once into
-its chart point, which goes into the series' summary block for that resolution. Final points are read
-from those blocks only; the digests stay for merging. A block missing from the table is read back from
-the store, or, when the store has none either, seeded from the digest items of its span (a series written
-before blocks existed). A minute block that still lacks a minute its 1 h bucket holds (the sink had not
-stored it yet while seeding) is read back again on the next batch and marked ``partial`` until complete,
-so readers use the digests for that hour instead of showing a hole.
-
-State and idempotence (at-least-once input, no transactions)
--------------------------------------------------------------
-``metrics-1m`` is keyed by app, so every minute of an app arrives on one partition and the partial buckets
-of that app live in the same partition of the changelogged ``rollups`` table. A value holds the merged
-:class:`Aggregate` and the set of minute starts already in it (``mins``). For each batch:
-
-1. minutes are grouped by (app, process type, resolution, bucket); a bucket not in the table is read back
-   from the store (it was evicted, or this is the first deployment), else it starts empty;
-2. a minute whose start is already in ``mins`` is skipped (redelivery), the others are merged;
-3. changed buckets and changed summary blocks are written to the store (``put_many``: returns only when
-   every item was accepted; the rollup item carries ``mins`` too, so the read-back in 1. is exact);
-4. only then the table values are written; Faust flushes them before it commits the batch's offsets.
-
-A crash before 4. redelivers the batch; the table does not hold its minutes yet, so they are merged again
-into the same previous state and the same items are overwritten. A crash after 4. skips them in step 2.
-While the store throttles or is down the batch is retried with backoff and nothing is consumed meanwhile.
-Buckets leave the table ``rollup_evict_after_s`` after their end (wall clock); a later minute re-merges
-into the stored item via step 1.
+Idempotent under at-least-once input: each bucket records the minutes merged into it, and the table is
+written only after the store accepted the batch's items, so a crash redoes the same merge or skips it.
+Reference: docs/design/rollups.md, docs/design/storage.md#store-layout-summaries-apart-from-digests
 """
 
 from __future__ import annotations
@@ -38,7 +11,8 @@ import asyncio
 import logging
 import random
 import zlib
-from typing import Any, Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -52,6 +26,9 @@ from app.storage.protocol import DIGEST, SUMMARY, MetricItem, MetricsStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
 from tables.state import partition_context
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
+
+if TYPE_CHECKING:
+    from app.app import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +70,7 @@ class Block:
                                            "blk": b.encode().decode()}), 1)
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Block":
+    def decode(cls, raw: bytes) -> Block:
         rec = orjson.loads(zlib.decompress(raw))
         return cls(SummaryBlock.decode(rec["blk"].encode()), int(rec["p"]))
 
@@ -124,11 +101,11 @@ class Bucket:
         return zlib.compress(orjson.dumps(rec), 1)
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any], partition: int) -> "Bucket":
+    def from_record(cls, rec: dict[str, Any], partition: int) -> Bucket:
         return cls(Aggregate.from_record(rec), {int(m) for m in rec.get("mins", ())}, partition)
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Bucket":
+    def decode(cls, raw: bytes) -> Bucket:
         rec = orjson.loads(zlib.decompress(raw))
         return cls.from_record(rec, int(rec["p"]))
 
@@ -261,7 +238,7 @@ class Rollup:
         """Render the batch's minutes and changed buckets into their summary blocks; returns the blocks,
         the ids of those that changed, and the series whose ``since`` the table must learn."""
         wanted: dict[BucketId, int] = {}
-        for (app, proc, res, ts), (partition, minutes) in groups.items():
+        for (app, proc, res, ts), (partition, _minutes) in groups.items():
             wanted.setdefault((app, proc, res, block_of(ts, res)), partition)
             if res == HOUR_S:
                 wanted.setdefault((app, proc, WINDOW_S, ts), partition)  # the hour's minute block
@@ -418,10 +395,11 @@ class Rollup:
         return len(doomed)
 
 
-def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
+def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Counters,
          ready: asyncio.Event, watermarks: Watermarks | None = None) -> Rollup:
     from agents.alerts import owned_partitions
-    from app.app import metrics_topic, rollups_table
+
+    faust_app, metrics_topic, rollups_table = wiring.app, wiring.metrics_topic, wiring.rollups_table
 
     rollup = Rollup(rollups_table, store, settings, counters, context_topic=settings.metrics_topic,
                     watermarks=watermarks)

@@ -1,24 +1,9 @@
 """Stream job: ``metrics-1m`` -> the store (DynamoDB or Cassandra).
 
-Minutes are consumed in batches and written with ``put_many`` (app/storage/dynamodb.py: <= 25 items per
-call, no duplicate keys, UnprocessedItems retried with backoff). The batch's input offsets are acknowledged
-only after every minute was either stored or dead-lettered, so nothing is committed unwritten. What a
-failure does depends on its kind (app/errors.py), as Kafka Connect's ``errors.tolerance=none`` with a
-dead-letter queue for bad records only (KIP-298):
-
-* **Retriable** (throttling, unreachable, a credential-chain hiccup, clock skew): retry with backoff; the
-  sink stops consuming meanwhile (backpressure).
-* **One item refused** (over the item size limit, undecodable): that minute alone goes to
-  ``metrics-1m-dlq`` with the reason; the batch's other minutes are stored. A refused batch is written again
-  item by item, as agents/rollup.py does, to find the bad one.
-* **Fatal** (credentials, permissions, a missing table, anything unclassified): nothing is dead-lettered,
-  as no item is at fault. The sink stops consuming, commits nothing past the batch, turns ``/readyz`` false
-  with what to fix, and retries every ``METRICS_STORE_FATAL_RETRY_S``: once the operator fixes the cause, the batch and
-  everything behind it is stored, once. Eight items in a row refused one by one count as fatal too: the
-  cause is then not one item.
-
-Dead-letter records are bounded (:func:`dead_letter_record`) and replayed with ``python -m app dlq replay``
-(app/ops/dlq.py); minute keys are deterministic, so re-storing a minute overwrites it.
+A batch's offsets are acknowledged only after every minute was stored or dead-lettered: retriable errors back
+off (consuming nothing meanwhile), an item refused for good goes alone to ``metrics-1m-dlq``, and an error no
+item is at fault for stops the sink, not ready, until the operator fixes it.
+Reference: docs/design/storage.md#dynamodb-table
 """
 
 from __future__ import annotations
@@ -28,7 +13,8 @@ import hashlib
 import logging
 import random
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -38,6 +24,9 @@ from app.ops.topics import RECORD_OVERHEAD_BYTES
 from app.retry import RetryPolicy, Sleep, retry_retriable
 from app.settings import WINDOW_S, Settings
 from app.storage.protocol import MetricItem, MetricsStore
+
+if TYPE_CHECKING:
+    from app.app import Wiring
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +94,8 @@ class StoreWriter:
     isolated one by one and returned."""
 
     def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *, job: str,
-                 retries_counter: CounterName, sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random,
-                 fatal_retry_s: float | None = None) -> None:
+                 retries_counter: CounterName, sleep: Sleep = asyncio.sleep,
+                 jitter: Callable[[], float] = random.random, fatal_retry_s: float | None = None) -> None:
         self.store = store
         self.settings = settings
         self.counters = counters
@@ -228,10 +217,11 @@ class Sink:
         return written
 
 
-def bind(faust_app: Any, settings: Settings, store: MetricsStore, counters: Counters,
+def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Counters,
          ready: asyncio.Event) -> Sink:
-    from app.app import metrics_topic, sink_dlq_topic
     from app.ops.health import register_check
+
+    faust_app, metrics_topic, sink_dlq_topic = wiring.app, wiring.metrics_topic, wiring.sink_dlq_topic
 
     max_bytes = settings.kafka_max_batch_bytes - RECORD_OVERHEAD_BYTES  # below the brokers' message.max.bytes
 

@@ -1,11 +1,14 @@
-"""Faust wiring: the app, its topics and its table. Agents live in ``agents/``, one module per stream job.
+"""Faust wiring: the app, its topics and its tables, built from the settings by :func:`create_app`.
 
-Everything is configured from :class:`app.settings.Settings` (environment variables), read once at import.
+Agents live in ``agents/``, one module per stream job; the composition roots (app/worker.py, app/writer.py)
+bind them to a :class:`Wiring`. Nothing is read or built at import.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import faust
 
@@ -14,11 +17,67 @@ from app.ops import kafka
 from app.ops.logs import json_logging_config
 from app.settings import Settings
 
-settings = Settings.from_env()
-faust_patches.apply()  # a restarted worker must not skip records its group never committed
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """One process's Faust app with the topics and tables its jobs bind to (Faust's are untyped: ``Any``)."""
+
+    app: faust.App
+    observations_topic: Any
+    metrics_topic: Any
+    dlq_topic: Any
+    checkpoints_topic: Any
+    """How far each metrics-1m partition is closed (agents/progress.py), for a second store's writer during a
+    migration (app/writer.py); compacted, partitioned like metrics-1m."""
+    sink_dlq_topic: Any
+    windows_table: Any
+    """Open windows and per-app progress, keyed by input partition (tables/state.py). Not a Faust windowed
+    table on purpose: we own the window lifecycle (tables/windows.py). RocksDB-backed with a changelog."""
+    alerts_topic: Any
+    autoscale_topic: Any
+    policy_commands_topic: Any
+    monitors_table: Any
+    """Monitors with their state (one value per app) and pending deliveries (agents/alerts.py). Written only
+    from the agents' streams, so every key lives in the partition of its app's minutes; changelogged, so a
+    restart keeps definitions and state. ``autoscale_table`` is the same for autoscaling policies."""
+    autoscale_table: Any
+    rollups_table: Any
+    """Partial 10 min / 1 h / 2 h buckets with the minutes merged into each (agents/rollup.py), written from
+    the rollup agent's stream on metrics-1m (key = app), so each app's buckets live in its minutes' partition."""
 
 
-def create_app(s: Settings) -> faust.App:
+def create_app(settings: Settings) -> Wiring:
+    """A new Faust app for ``settings``, with the pipeline's topics and tables declared on it."""
+    faust_patches.apply()  # before any app exists: a restarted worker must not skip records never committed
+    app = _faust_app(settings)
+    # Should Faust create a changelog itself (ensure_topics normally does first), the same limit as there.
+    changelog_configs = {"max.message.bytes": str(settings.changelog_max_message_bytes)}
+
+    def topic(name: str) -> Any:
+        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+
+    def table(name: str) -> Any:
+        return app.Table(name, partitions=settings.partitions, key_type=bytes, value_type=bytes, default=None,
+                         extra_topic_configs=changelog_configs)
+
+    return Wiring(
+        app=app,
+        observations_topic=topic(settings.observations_topic),
+        metrics_topic=topic(settings.metrics_topic),
+        dlq_topic=topic(settings.dlq_topic),
+        checkpoints_topic=topic(settings.checkpoints_topic),
+        sink_dlq_topic=topic(settings.sink_dlq_topic),
+        windows_table=table("windows"),
+        alerts_topic=topic(settings.alerts_topic),
+        autoscale_topic=topic(settings.autoscale_topic),
+        policy_commands_topic=topic(settings.policy_commands_topic),
+        monitors_table=table("monitors"),
+        autoscale_table=table("autoscale"),
+        rollups_table=table("rollups"),
+    )
+
+
+def _faust_app(s: Settings) -> faust.App:
     return faust.App(
         s.app_id,
         broker=s.broker_url,
@@ -52,44 +111,3 @@ def create_app(s: Settings) -> faust.App:
         **kafka.faust_kwargs(s),  # TLS to the brokers, when configured
     )
 
-
-app = create_app(settings)
-# Should Faust create a changelog itself (ensure_topics normally does first), the same limit as there.
-changelog_configs = {"max.message.bytes": str(settings.changelog_max_message_bytes)}
-
-observations_topic = app.topic(settings.observations_topic, key_type=bytes, value_type=bytes,
-                               partitions=settings.partitions)
-metrics_topic = app.topic(settings.metrics_topic, key_type=bytes, value_type=bytes,
-                          partitions=settings.partitions)
-dlq_topic = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-# How far each metrics-1m partition is closed (agents/progress.py), for a second store's writer during a
-# migration (app/writer.py); compacted, partitioned like metrics-1m.
-checkpoints_topic = app.topic(settings.checkpoints_topic, key_type=bytes, value_type=bytes,
-                              partitions=settings.partitions)
-sink_dlq_topic = app.topic(settings.sink_dlq_topic, key_type=bytes, value_type=bytes,
-                           partitions=settings.partitions)
-
-# Open windows and per-app progress, keyed by input partition (tables/state.py). Not a Faust windowed
-# table on purpose: we own the window lifecycle (tables/windows.py). RocksDB-backed with a changelog.
-windows_table = app.Table("windows", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          default=None, extra_topic_configs=changelog_configs)
-
-# --- alerting and autoscaling (agents/alerts.py, agents/autoscale.py) ---
-alerts_topic = app.topic(settings.alerts_topic, key_type=bytes, value_type=bytes, partitions=settings.partitions)
-autoscale_topic = app.topic(settings.autoscale_topic, key_type=bytes, value_type=bytes,
-                            partitions=settings.partitions)
-policy_commands_topic = app.topic(settings.policy_commands_topic, key_type=bytes, value_type=bytes,
-                                  partitions=settings.partitions)
-# Monitors / autoscaling policies with their state (one value per app) and pending deliveries. Written only
-# from the agents' streams, so every key lives in the partition of its app's minutes; changelogged, so a
-# restart keeps definitions and state.
-monitors_table = app.Table("monitors", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                           default=None, extra_topic_configs=changelog_configs)
-autoscale_table = app.Table("autoscale", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                            default=None, extra_topic_configs=changelog_configs)
-
-# --- query API and rollups (agents/rollup.py) ---
-# Partial 10 min / 1 h / 2 h buckets with the minutes merged into each, written from the rollup agent's
-# stream on metrics-1m (key = app), so each app's buckets live in the partition of its minutes.
-rollups_table = app.Table("rollups", partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                          default=None, extra_topic_configs=changelog_configs)

@@ -29,6 +29,7 @@ from app.local.embedded import (
     require_free_port,
 )
 from app.local.loadgen import loadgen
+from app.migration.cli import migration
 from app.ops.dlq import dlq
 
 if TYPE_CHECKING:
@@ -80,8 +81,8 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None =
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"worker exited with code {proc.returncode} before serving {url}")
         try:
-            urllib.request.urlopen(url, timeout=1)
-            return
+            with urllib.request.urlopen(url, timeout=1):  # closed: an open response leaks its socket
+                return
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
@@ -342,7 +343,7 @@ def _exit(code: int) -> NoReturn:
 
 @click.group(context_settings={"max_content_width": 110})
 @click.option("--quiet/--no-quiet", "-q", default=False,
-              help="workers: no banner, nothing but the logs on stdout/stderr (also after the command)")
+              help="workers: no startup output on stdout, only the logs (also taken after the command)")
 @click.option("--debug/--no-debug", default=False, help="workers: debug output and Faust's blocking detector")
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
@@ -390,23 +391,18 @@ def run_worker(faust_app: "faust.App", options: WorkerOptions) -> NoReturn:
 
 def compose_worker() -> "faust.App":
     """The worker's Faust app with its stream jobs and web server bound (app/worker.py)."""
-    import app.worker  # noqa: F401 - binds the agents, timers and web service on the Faust app
-    from app.app import app as faust_app
+    from app.settings import Settings
+    from app.worker import create_worker
 
-    return faust_app
+    return create_worker(Settings.from_env())
 
 
 def compose_writer(spec: str) -> "faust.App":
     """The Faust app of the writer for store ``spec`` (app/writer.py), in its own consumer group."""
-    from app.migration.writes import writer_env
     from app.settings import Settings
+    from app.writer import create_writer
 
-    os.environ.update(writer_env(Settings.from_env(), spec, os.environ))  # app/app.py reads them at import
-    Path(os.environ["METRICS_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-    import app.writer  # noqa: F401 - binds the writing jobs on the Faust app
-    from app.app import app as faust_app
-
-    return faust_app
+    return create_writer(Settings.from_env(), spec)
 
 
 @cli.command("local")
@@ -528,23 +524,11 @@ def tokens_revoke(token_id: str) -> None:
     _exit(_with_tokens(revoke))
 
 
-PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
-"""A command whose arguments another parser reads (its own ``--help`` included)."""
-
-
-@cli.command("migration", context_settings=PASSTHROUGH)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def migration_command(args: tuple[str, ...]) -> None:
-    """Move between stores without downtime: status, start, shadow, cutover, rollback, finish, ..."""
-    from app.migration.cli import main as migration_main
-
-    _exit(migration_main(list(args)))
-
-
-@cli.command("faust", context_settings=PASSTHROUGH)
+@cli.command("faust", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                        "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def faust_command(args: tuple[str, ...]) -> None:
-    """Faust's own commands (tables, agents, ...) on the worker's app: ``faust --help``."""
+    """Faust's own commands (tables, agents, ...) on the worker's app: `faust --help` lists them."""
     from faust.cli.faust import cli as faust_cli
 
     faust_cli.main(args=list(args), prog_name=f"{click.get_current_context().find_root().info_name} faust",
@@ -553,6 +537,7 @@ def faust_command(args: tuple[str, ...]) -> None:
 
 cli.add_command(dlq)
 cli.add_command(loadgen)
+cli.add_command(migration)
 
 
 def main() -> None:

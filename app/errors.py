@@ -5,7 +5,8 @@ Callers decide from ``retriable`` (as aiokafka does), never from the message tex
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class PipelineError(Exception):

@@ -1,22 +1,15 @@
 """A fix for Faust's consumer: records fetched while its flow is paused are lost when nothing was committed.
 
-Faust (faust-streaming 0.15) drops the records it fetched while its flow is not active -- during recovery
-after a start or a rebalance -- and "seeks back to committed offsets" (``Consumer.perform_seek``). For a
-partition its group never committed, aiokafka's ``seek_to_committed`` does not seek at all, so the
-position stays past the dropped records and they are never delivered: ``auto_offset_reset`` is not applied
-again. In this pipeline that was a restarted worker's sinks starting past minutes the killed worker had
-emitted to metrics-1m but not yet stored -- lost minutes, found by the SIGKILL tests (first on a memory-only
-broker, then on Apache Kafka; ``tests/integration/test_pipeline.py``).
-
-The fix: after seeking to committed offsets, a stream partition with no committed offset is sought to the
-beginning, as ``auto_offset_reset=earliest`` did on its first assignment. Changelog partitions are left
-alone: Faust's recovery positions them itself. Re-reading is safe: every effect downstream is idempotent.
+After Faust seeks to the committed offsets, a stream partition with no committed offset is sought to the
+beginning (as ``auto_offset_reset=earliest`` did); changelog partitions are left to Faust's recovery.
+Reference: docs/design/windows.md (a restarted consumer skipped uncommitted records)
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +74,7 @@ def highwater(faust_app: Any, topic: str, partition: int, *, fresh_at_ms: int | 
             polled_ms = faust_app.consumer._thread._ensure_consumer().last_poll_timestamp(tp)
             if polled_ms is None or fresh_at_ms - polled_ms > FRESH_FETCH_MS:
                 return None
-    except Exception:  # not assigned, or not fetched yet
+    except Exception:  # noqa: BLE001  not assigned, or not fetched yet
         return None
     return None if hw is None else int(hw)
 

@@ -1,19 +1,8 @@
-"""Per-tenant limits, Mimir-style: a default for every limit, per-app overrides an operator changes without
-a restart; and the two mechanisms every role enforces them with, token :class:`Buckets` (rates) and
-:class:`FairSlots` (a fair share of the process's work).
+"""Per-tenant limits, Mimir-style: a default for every limit, per-app overrides changed without a restart, and
+the two mechanisms that enforce them: token :class:`Buckets` (rates) and :class:`FairSlots` (fair shares).
 
-Defaults come from the settings (``METRICS_LIMIT_*``). Overrides live in a YAML (or JSON) file named by
-``METRICS_LIMITS_FILE``, re-read every ``METRICS_LIMITS_RELOAD_S`` when its modification time changes (on
-Kubernetes: a ConfigMap mounted as a file, which the kubelet updates in place)::
-
-    overrides:
-      shop:                        # the app
-        ingest_rate_bytes_s: 8000000
-        max_process_types: 200
-        query_rate_per_s: 50       # read API requests/s (app/api/web.py)
-
-A file that cannot be read or has an unknown limit keeps the overrides in force and is logged with the line
-to fix; it never stops a process nor resets a tenant to the defaults silently.
+A limits file that cannot be read keeps the overrides in force and is logged with the line to fix.
+Reference: docs/ingest.md#per-tenant-limits-mimir-style
 """
 
 from __future__ import annotations
@@ -23,9 +12,10 @@ import logging
 import math
 import os
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any, AsyncIterator, Mapping
+from typing import Any
 
 import yaml
 
@@ -50,7 +40,7 @@ class AppLimits:
     query_burst: int = Settings.limit_query_burst
 
     @classmethod
-    def defaults(cls, settings: Settings) -> "AppLimits":
+    def defaults(cls, settings: Settings) -> AppLimits:
         return cls(ingest_rate_bytes_s=settings.limit_ingest_rate_bytes_s,
                    ingest_burst_bytes=settings.limit_ingest_burst_bytes,
                    inflight_bytes_per_token=settings.limit_inflight_bytes_per_token,
@@ -189,7 +179,7 @@ class FairSlots:
             del self.held[app]
         self._dispatch()
 
-    def _forget(self, app: str, fut: "asyncio.Future[None]") -> None:
+    def _forget(self, app: str, fut: asyncio.Future[None]) -> None:
         fut.cancel()
         q = self._queues.get(app)
         if q is not None and fut in q:
@@ -200,7 +190,7 @@ class FairSlots:
     def _dispatch(self) -> None:
         """Free slots to the first waiting apps, in turn, that hold less than their share."""
         while self.busy < self.slots:
-            for app, q in self._queues.items():
+            for app, q in self._queues.items():  # noqa: B007  q is the queue found, used after the break
                 if self.held.get(app, 0) < self.per_app:
                     break
             else:

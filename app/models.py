@@ -1,43 +1,22 @@
 """The observation contract (topic ``observations``, key = app) and its validation.
 
-A message value is one observation object or a JSON array of observations::
-
-    {"kind":"router","app":"shop","dyno":"web.1","ts":1764000000123,"status":200,"service_ms":12.0,
-     "connect_ms":1.0,"bytes":415,"code":null}
-    {"kind":"runtime","app":"shop","dyno":"web.1","ts":...,"memory_total_mb":...,"memory_rss_mb":...,
-     "memory_swap_mb":...,"memory_quota_mb":...,"load_avg_1m":...}
-    {"kind":"metric","app":"shop","dyno":"web.1","ts":...,"name":"db.query_ms","type":"timer","value":3.2}
-    {"kind":"addon","app":"shop","ts":...,"source":"DATABASE","addon":"postgresql-x-123",
-     "samples":{"db_size_mb":25004.8,"active_connections":92.0}}
-    {"kind":"event","app":"shop","dyno":"web.1","ts":...,"name":"R14"}
-
-``ts`` is event time in epoch ms; the process type is ``dyno`` up to the first dot (``router`` -- requests
-no dyno served -- counts under ``web``, the only process type the router serves). Unknown fields are
-ignored, so producers can send more than we aggregate.
-
-A router request without ``service_ms`` (null or absent) is one the router answered itself (H10 App
-crashed, H14 No web dynos, ...): it counts as a request, by status and error code, but has no latency, so
-it enters no percentile, mean or max. Add-on samples and app-wide events (releases) belong to the app,
-not to a process type: they are kept under the reserved process type :data:`APP_SERIES`.
-
-Decoding has two paths. The fast one decodes and type/bound-checks a whole message in C (msgspec, ~3 M
-observations/s). Only a message that fails it takes the lenient path: parse leniently (orjson, then the
-stdlib parser, which accepts NaN/Infinity and huge ints), then check each element on its own, so a bad
-record gets its own reason and its valid neighbours are kept. The worker then asks for the checks msgspec
-cannot express (app and dyno names, clock skew, runtime fields, timer sign: ``decode(now_ms=...)``), so
-its aggregation loop (tables/windows.py) only folds; what depends on window state (lateness, replays,
-per-app limits) stays there.
+A bad record is refused with its own reason and never costs its valid neighbours: a message is decoded in C
+(msgspec) first, leniently element by element only when that fails. The checks msgspec cannot express run in
+``decode(now_ms=...)``; what depends on window state stays in tables/windows.py.
+Reference: docs/ingest.md#input-topic-observations-key-app
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import compress
 from operator import not_
-from typing import AbstractSet, Annotated, Any, Literal, Sequence, TypeGuard, Union, cast
+from typing import Annotated, Any, Literal, TypeGuard, cast
 
 import msgspec
 import orjson
@@ -68,19 +47,19 @@ class Router(Struct, tag_field="kind", tag="router", frozen=True, gc=False):
     dyno: str
     ts: EpochMs
     status: Annotated[int, Meta(ge=100, le=599)]
-    service_ms: Union[Annotated[float, Meta(ge=0.0, le=MAX_SERVICE_MS)], None] = None
-    code: Union[Annotated[str, Meta(pattern=r"^[A-Z][0-9]{1,3}$")], None] = None
+    service_ms: Annotated[float, Meta(ge=0.0, le=MAX_SERVICE_MS)] | None = None
+    code: Annotated[str, Meta(pattern=r"^[A-Z][0-9]{1,3}$")] | None = None
 
 
 class Runtime(Struct, tag_field="kind", tag="runtime", frozen=True, gc=False):
     app: str
     dyno: str
     ts: EpochMs
-    memory_rss_mb: Union[NonNegative, None] = None
-    memory_swap_mb: Union[NonNegative, None] = None
-    memory_total_mb: Union[NonNegative, None] = None
-    memory_quota_mb: Union[NonNegative, None] = None
-    load_avg_1m: Union[NonNegative, None] = None
+    memory_rss_mb: NonNegative | None = None
+    memory_swap_mb: NonNegative | None = None
+    memory_total_mb: NonNegative | None = None
+    memory_quota_mb: NonNegative | None = None
+    load_avg_1m: NonNegative | None = None
 
 
 class Metric(Struct, tag_field="kind", tag="metric", frozen=True, gc=False):
@@ -99,7 +78,7 @@ class Addon(Struct, tag_field="kind", tag="addon", frozen=True, gc=False):
     source: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")]
     samples: Annotated[dict[SampleName, Annotated[float, Meta(ge=-1e300, le=1e300)]],
                        Meta(min_length=1, max_length=MAX_ADDON_SAMPLES)]
-    addon: Union[Annotated[str, Meta(max_length=200)], None] = None
+    addon: Annotated[str, Meta(max_length=200)] | None = None
 
 
 class Event(Struct, tag_field="kind", tag="event", frozen=True, gc=False):
@@ -110,7 +89,7 @@ class Event(Struct, tag_field="kind", tag="event", frozen=True, gc=False):
     name: Literal[EVENT_NAMES]  # type: ignore[valid-type]
 
 
-Observation = Union[Router, Runtime, Metric, Addon, Event]
+Observation = Router | Runtime | Metric | Addon | Event
 KINDS = ("router", "runtime", "metric", "addon", "event")
 # gc=False above: the structs hold only str/int/float/None and can never be part of a reference cycle, so
 # the collector need not track the ~500 of them a batched message creates (measured ~10 % faster decode).

@@ -8,8 +8,9 @@ Shared by the monitors' state (tables/) and the notifier (app/notify/), so it si
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -69,7 +70,7 @@ class SecretBox:
         if not isinstance(secret, SealedSecret):
             return secret
         kid = secret.key_id or "unknown"
-        restore = (f"(a key's id: printf %s KEY | sha256sum | cut -c1-8), or set the webhook again (PUT the "
+        restore = ("(a key's id: printf %s KEY | sha256sum | cut -c1-8), or set the webhook again (PUT the "
                    "monitor or policy)")
         if self._fernet is None:
             raise SecretUnreadable(f"the webhook secret is encrypted (key id {kid}) and {PREFIX}SECRETS_KEY is "

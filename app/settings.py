@@ -9,8 +9,9 @@ IRSA web identity), never from these settings.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from app.errors import ConfigError
 
@@ -429,7 +430,7 @@ class Settings:
         return int(self.max_future_s * 1000)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``METRICS_<FIELD>`` variables; a malformed value is a ConfigError."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

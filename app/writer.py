@@ -17,67 +17,92 @@ app/ops/health.py ``add_admin_port``), as on every role. It serves no tenant, so
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
 
+import faust
 from aiohttp import web
 from mode import Service
 
 from agents import events, progress, rollup, sink
-from app.app import app, settings
+from app.app import create_app
 from app.migration.control import MigrationControl
-from app.migration.state import home_spec
+from app.migration.state import home_spec, store_settings, writer_group
 from app.migration.writes import WriteGate
 from app.ops import health as ops
 from app.ops.stats import counters
+from app.settings import Settings
 from app.storage.backends import metrics_store
+from app.storage.protocol import MetricsBackend
 
 log = logging.getLogger(__name__)
 
-spec = home_spec(settings)  # the CLI points METRICS_STORE (and the table or keyspace) at the written store
-store = metrics_store(settings, counters=counters)
-gate = WriteGate(spec)
-control = MigrationControl(settings, counters=counters, on_change=gate.follow)
-watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
-sink_job = sink.bind(app, settings, store, counters, gate.ready)
-rollup_job = rollup.bind(app, settings, store, counters, gate.ready, watermarks)
-progress_job = progress.bind(app, settings, store, counters, gate.ready, watermarks)
-progress.bind_checkpoint_reader(app, watermarks)
-events_job = events.bind(app, settings, store, counters, gate.ready)
+
+def writer_settings(settings: Settings, spec: str) -> Settings:
+    """The writer's own settings: the store ``spec`` names, its consumer group as the Faust app id, and its
+    own state directory (RocksDB allows one process per directory)."""
+    group = writer_group(settings, spec)
+    return replace(store_settings(settings, spec), app_id=group, data_dir=str(Path(settings.data_dir) / group))
 
 
-def _routes() -> web.Application:
-    """The app whose lifetime carries the admin port (``add_admin_port`` starts it with the app's startup and
-    stops it with its cleanup). No site ever listens for this app itself: the writer has no tenants."""
-    webapp = web.Application()
-    ops.add_admin_port(
-        webapp, settings, counters=counters,
-        checks={"broker": ops.broker_check(settings.broker_url), "store": store.ping},
-        refresh=ops.lag_refresher(app, counters, observations_topic=settings.observations_topic,
-                                  metrics_topic=settings.metrics_topic))
-    return webapp
+def create_writer(settings: Settings, spec: str) -> faust.App:
+    """A new Faust app with the jobs that store minutes into ``spec`` bound, and :class:`Runtime` as its web
+    server (``settings`` are the deployment's: the writer's own come from :func:`writer_settings`)."""
+    settings = writer_settings(settings, spec)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    wiring = create_app(settings)
+    home = home_spec(settings)
+    store = metrics_store(settings, counters=counters)
+    gate = WriteGate(home)
+    control = MigrationControl(settings, counters=counters, on_change=gate.follow)
+    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
+    sink.bind(wiring, settings, store, counters, gate.ready)
+    rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
+    progress.bind(wiring, settings, store, counters, gate.ready, watermarks)
+    progress.bind_checkpoint_reader(wiring, watermarks)
+    events.bind(wiring, settings, store, counters, gate.ready)
+
+    def routes() -> web.Application:
+        """The app whose lifetime carries the admin port (``add_admin_port`` starts it with the app's startup
+        and stops it with its cleanup). No site ever listens for this app itself: the writer has no tenants."""
+        webapp = web.Application()
+        ops.add_admin_port(
+            webapp, settings, counters=counters,
+            checks={"broker": ops.broker_check(settings.broker_url), "store": store.ping},
+            refresh=ops.lag_refresher(wiring.app, counters, observations_topic=settings.observations_topic,
+                                      metrics_topic=settings.metrics_topic))
+        return webapp
+
+    wiring.app.web_server(Runtime(f"{home} (group {settings.app_id})", store=store, control=control, gate=gate,
+                                  routes=routes))
+    return wiring.app
 
 
 class Runtime(Service):
     """The store client, the migration state and the ops endpoints."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, what: str, *, store: MetricsBackend, control: MigrationControl, gate: WriteGate,
+                 routes: Callable[[], web.Application], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.what = what
+        self.store = store
+        self.control = control
+        self.gate = gate
+        self.routes = routes
         self._runner: web.AppRunner | None = None
 
     async def on_start(self) -> None:
-        await store.start()
-        await control.start()
-        gate.started()
-        webapp = _routes()
+        await self.store.start()
+        await self.control.start()
+        self.gate.started()
+        webapp = self.routes()
         self._runner = web.AppRunner(webapp, access_log=None)
         await self._runner.setup()  # runs the app's startup: the admin port listens from here on
-        log.info("writer for %s (group %s); ops on %s", spec, settings.app_id, webapp[ops.ADMIN_KEY].url)
+        log.info("writer for %s; ops on %s", self.what, webapp[ops.ADMIN_KEY].url)
 
     async def on_stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        await control.stop()
-        await store.stop()
-
-
-app.web_server(Runtime())
+        await self.control.stop()
+        await self.store.stop()

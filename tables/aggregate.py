@@ -34,7 +34,7 @@ def bucket_of(ts_s: int, resolution_s: int) -> int:
 class Stat:
     """sum, count, max of a gauge-like series (memory, load). Mean = sum / count."""
 
-    __slots__ = ("sum", "n", "max")
+    __slots__ = ("max", "n", "sum")
 
     def __init__(self, total: float = 0.0, n: int = 0, maximum: float | None = None) -> None:
         self.sum = total
@@ -47,7 +47,7 @@ class Stat:
         if self.max is None or v > self.max:
             self.max = v
 
-    def merge(self, other: "Stat") -> None:
+    def merge(self, other: Stat) -> None:
         self.sum += other.sum
         self.n += other.n
         if other.max is not None and (self.max is None or other.max > self.max):
@@ -57,7 +57,7 @@ class Stat:
         return [self.sum, self.n, self.max]
 
     @classmethod
-    def from_list(cls, v: list[Any]) -> "Stat":
+    def from_list(cls, v: list[Any]) -> Stat:
         return cls(float(v[0]), int(v[1]), None if v[2] is None else float(v[2]))
 
     def mean(self) -> float | None:
@@ -71,7 +71,7 @@ class Timer:
     count/sum/max/digest by :meth:`flush` with C builtins, once per batch.
     """
 
-    __slots__ = ("digest", "pending", "_n", "_sum", "_max")
+    __slots__ = ("_max", "_n", "_sum", "digest", "pending")
 
     def __init__(self, max_centroids: int) -> None:
         self.digest = Digest(max_centroids)
@@ -110,7 +110,7 @@ class Timer:
         self.flush()
         return self._max
 
-    def merge(self, other: "Timer") -> None:
+    def merge(self, other: Timer) -> None:
         self.flush()
         other.flush()
         self.digest.merge(other.digest)
@@ -124,7 +124,7 @@ class Timer:
         return {"n": self._n, "s": self._sum, "max": self._max, "d": self.digest.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], max_centroids: int) -> "Timer":
+    def from_dict(cls, d: dict[str, Any], max_centroids: int) -> Timer:
         t = cls(max_centroids)
         t._n, t._sum, t._max = int(d["n"]), float(d["s"]), d["max"]
         t.digest = Digest.from_dict(d["d"], max_centroids)
@@ -144,7 +144,7 @@ class Timer:
 class Gauge:
     """A custom gauge: mean/max over the bucket and the value of the latest sample (by event time)."""
 
-    __slots__ = ("stat", "last", "last_ts_ms")
+    __slots__ = ("last", "last_ts_ms", "stat")
 
     def __init__(self) -> None:
         self.stat = Stat()
@@ -156,7 +156,7 @@ class Gauge:
         if ts_ms >= self.last_ts_ms:
             self.last, self.last_ts_ms = v, ts_ms
 
-    def merge(self, other: "Gauge") -> None:
+    def merge(self, other: Gauge) -> None:
         self.stat.merge(other.stat)
         if other.last_ts_ms >= self.last_ts_ms:
             self.last, self.last_ts_ms = other.last, other.last_ts_ms
@@ -172,9 +172,26 @@ class BucketKey:
 class Aggregate:
     """Everything known about one (app, process type, bucket). Bounded size whatever the traffic."""
 
-    __slots__ = ("key", "resolution_s", "offset", "response", "status", "failed", "errors",
-                 "rss", "swap", "total", "quota_mb", "load", "timers", "counters", "gauges",
-                 "addons", "platform", "max_centroids")
+    __slots__ = (
+        "addons",
+        "counters",
+        "errors",
+        "failed",
+        "gauges",
+        "key",
+        "load",
+        "max_centroids",
+        "offset",
+        "platform",
+        "quota_mb",
+        "resolution_s",
+        "response",
+        "rss",
+        "status",
+        "swap",
+        "timers",
+        "total",
+    )
 
     def __init__(self, key: BucketKey, *, resolution_s: int = 60,
                  max_centroids: int = DEFAULT_MAX_CENTROIDS) -> None:
@@ -252,10 +269,10 @@ class Aggregate:
         self.platform[name] = self.platform.get(name, 0) + n
 
     # --- combining ---------------------------------------------------------------------------------
-    def merge(self, other: "Aggregate") -> None:
+    def merge(self, other: Aggregate) -> None:
         """Fold another bucket in (rollups, query-time merging). Exact for counts/sums/max."""
         self.response.merge(other.response)
-        self.status = [a + b for a, b in zip(self.status, other.status)]
+        self.status = [a + b for a, b in zip(self.status, other.status, strict=False)]
         self.failed += other.failed
         for code, n in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
@@ -310,7 +327,7 @@ class Aggregate:
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> "Aggregate":
+    def from_record(cls, rec: dict[str, Any]) -> Aggregate:
         if rec.get("v") != RECORD_VERSION:
             raise ValueError(f"unsupported aggregate record version {rec.get('v')!r}")
         mc = int(rec.get("mc", DEFAULT_MAX_CENTROIDS))
@@ -343,7 +360,7 @@ class Aggregate:
             if self.response.n:  # absent when no request of the bucket had a service time
                 r = self.response.summary()
                 point["response_ms"] = {k: r[k] for k in ("p50", "p95", "p99", "max", "mean")}
-            point["status"] = {c: n for c, n in zip(STATUS_CLASSES, self.status[1:]) if n}
+            point["status"] = {c: n for c, n in zip(STATUS_CLASSES, self.status[1:], strict=False) if n}
             point["failed"] = self.failed
         if self.errors:
             point["errors"] = dict(self.errors)

@@ -1,23 +1,16 @@
 """Mergeable percentile sketch: exact value counts while small, fastdigest (Rust t-digest) beyond.
 
-Router service times are integer milliseconds, so a minute of even 100k requests has only a few hundred
-distinct values. While the number of distinct values stays within ``exact_limit`` the digest keeps exact
-``value -> count`` pairs: percentiles are then exact (numpy's linear interpolation) and merges are exact.
-A t-digest cannot do this on tied data: measured on integer latencies, 1000 centroids are up to ~2 %
-off at p99 at any n. Past the limit the pairs become t-digest centroids and fastdigest takes over.
-
-Serialized form (window table, ``metrics-1m``, DynamoDB) in both modes is fastdigest's ``to_dict()``:
-``{"max_centroids", "sum", "min", "max", "n_values", "mass", "centroids": [{"m": mean, "c": count}]}``,
-plus ``"exact": true`` in exact mode (then each centroid is one distinct value). The ``centroids`` list is
-the pure-Python ``tdigest`` package's form, so ``tdigest.TDigest().update_from_dict`` reads either mode.
-Values are buffered and folded once per batch (``Counter.update`` / ``batch_update``, both in C).
+Percentiles and merges are exact while a digest holds at most ``exact_limit`` distinct values; both modes
+serialize as fastdigest's ``to_dict()``, which the ``tdigest`` package reads.
+Reference: docs/design/windows.md#digests
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from fastdigest import TDigest
 
@@ -27,7 +20,7 @@ DEFAULT_EXACT_LIMIT = 4096
 
 
 class Digest:
-    __slots__ = ("_td", "_exact", "_pending", "_sorted", "max_centroids", "exact_limit")
+    __slots__ = ("_exact", "_pending", "_sorted", "_td", "exact_limit", "max_centroids")
 
     def __init__(self, max_centroids: int = DEFAULT_MAX_CENTROIDS, *, exact_limit: int = DEFAULT_EXACT_LIMIT,
                  _td: Any = None, _exact: Counter[float] | None = None) -> None:
@@ -74,7 +67,7 @@ class Digest:
             self._td.merge_inplace(TDigest(max_centroids=self.max_centroids))  # compress to max_centroids
         self._exact = None
 
-    def merge(self, other: "Digest") -> None:
+    def merge(self, other: Digest) -> None:
         self.flush()
         other.flush()
         if other.count == 0:
@@ -118,7 +111,7 @@ class Digest:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], max_centroids: int = DEFAULT_MAX_CENTROIDS) -> "Digest":
+    def from_dict(cls, data: dict[str, Any], max_centroids: int = DEFAULT_MAX_CENTROIDS) -> Digest:
         """Reads both modes, and the ``tdigest`` package's dict (only ``centroids`` is required)."""
         if data.get("exact"):
             counts: Counter[float] = Counter()
@@ -180,7 +173,7 @@ def _normalize(data: dict[str, Any], max_centroids: int) -> dict[str, Any]:
     return {
         "max_centroids": max_centroids,
         "mass": mass,
-        "n_values": int(round(mass)),
+        "n_values": round(mass),
         "sum": float(sum(c["m"] * c["c"] for c in cents)),
         "min": min(means) if means else 0.0,
         "max": max(means) if means else 0.0,

@@ -1,15 +1,8 @@
 """Persisting window state in the Faust table (RocksDB + changelog), one input partition at a time.
 
-Keys (bytes) start with the input partition so a worker can rebuild exactly the partitions it owns:
-``{p}|w|{app}|{proc}|{start_ms}`` an open window (Aggregate record), ``{p}|a|{app}`` an app's progress,
-``{p}|p`` the partition's fully-applied offset. Values are orjson; window values are zlib-compressed
-(level 1: a 1000-centroid digest is ~25 KB of JSON, ~5 KB compressed, for ~0.1 ms) because each batch
-rewrites every window it touched into the changelog.
-
-Faust routes every table write (changelog partition and RocksDB column) by the "current event". Writes
-here happen in batches that mix partitions, and from the wall-clock closer outside any stream, so
-:func:`partition_context` sets that context explicitly for the partition being written. This is the
-only place that touches Faust's private context variable.
+Keys start with the input partition, so a worker rebuilds exactly the partitions it owns;
+:func:`partition_context` is the only place that touches Faust's private "current event".
+Reference: docs/design/windows.md (state layout)
 """
 
 from __future__ import annotations
@@ -17,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import weakref
 import zlib
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from faust import streams as faust_streams
@@ -104,7 +98,7 @@ class WindowTableState:
                 continue
             if p not in out:
                 continue
-            wins, apps, offset = out[p]
+            wins, apps, _offset = out[p]
             kind, _, name = rest.partition("|")
             if kind == "w":
                 wins.append(Aggregate.from_record(orjson.loads(zlib.decompress(raw))))

@@ -1,23 +1,8 @@
 """Summary blocks: the chart points of a series, stored apart from the digests they were computed from.
 
-A chart or API point (:meth:`Aggregate.summary`: counts, status classes, errors, p50/p95/p99/max/mean,
-memory, load, custom metrics) is ~400 bytes; the aggregate it comes from is ~5 KB of compressed t-digests.
-Reading 1,440 aggregates to draw 24 h cost ~1.7 s and 15 MB of DynamoDB reads, so the rollup agent renders
-each point once, when its minute or rollup bucket changes, and stores the points in blocks: one item per
-series, resolution and block span (``BLOCK_SPAN_S``). A 24 h chart at 1 min then reads 25 blocks of 60
-points, and its points go into the answer as they are, without being parsed. Why blocks and these spans
-(measured): README, "Store layout".
-
-Payload (versioned: a reader that meets another version falls back to the digests)::
-
-    {"v": 1, "res_s": 600, "start_s": ..., "ts": [t0, ...], "partial": false, "since_s": ...,
-     "thru": {"<t0>": <newest minute in t0>, ...}}\\n<point t0>\\n...
-
-One line per point, each the exact JSON the API returns (orjson never writes a raw newline). ``partial``
-marks a block known to lack a point its digests have (written while upgrading from a version without
-blocks): readers must not trust it and read the digests of its span instead. ``since_s`` says since when
-the writer has put every minute of the series into its blocks: a block span between ``since_s`` and this
-block that has no block had no data, so a reader need not look for digests there (sparse series).
+One line per point, each the exact JSON the API returns, so final points go into answers unparsed; a block
+of another version, or marked ``partial``, is not trusted: readers use the digests of its span.
+Reference: docs/design/storage.md#store-layout-summaries-apart-from-digests
 """
 
 from __future__ import annotations
@@ -31,8 +16,9 @@ from tables.aggregate import RESOLUTIONS, Aggregate, bucket_of
 SUMMARY_VERSION = 1
 BLOCK_SPAN_S = {60: 3600, 600: 6 * 3600, 3600: 86400, 7200: 7 * 86400}
 """Points per block: 60, 36, 24, 84. A block is rewritten whenever one of its points changes (every minute
-for the open one), so spans are a trade of read items against rewrite bytes; see README, "Store layout".
-The minute block spans exactly one 1 h rollup bucket, whose minute list tells whether the block misses one."""
+for the open one), so spans are a trade of read items against rewrite bytes (docs/design/storage.md, "Why
+these spans"). The minute block spans exactly one 1 h rollup bucket, whose minute list tells whether the block
+misses one."""
 assert set(BLOCK_SPAN_S) == set(RESOLUTIONS) and all(s % r == 0 for r, s in BLOCK_SPAN_S.items())
 
 
@@ -49,7 +35,7 @@ def point_json(agg: Aggregate) -> bytes:
 class SummaryBlock:
     """The points of one series at one resolution within ``[start_s, start_s + span)``."""
 
-    __slots__ = ("resolution_s", "start_s", "points", "partial", "since_s", "through")
+    __slots__ = ("partial", "points", "resolution_s", "since_s", "start_s", "through")
 
     def __init__(self, resolution_s: int, start_s: int, points: dict[int, bytes] | None = None, *,
                  partial: bool = False, since_s: int | None = None) -> None:
@@ -105,7 +91,7 @@ class SummaryBlock:
         return b"\n".join((orjson.dumps(head), *(self.points[ts] for ts in order)))
 
     @classmethod
-    def decode(cls, payload: bytes) -> "SummaryBlock":
+    def decode(cls, payload: bytes) -> SummaryBlock:
         """ValueError when the payload is not a block this version reads."""
         lines = payload.split(b"\n")
         try:
@@ -123,7 +109,7 @@ class SummaryBlock:
             raise ValueError(f"summary block header is malformed: {exc!r}") from None
         if len(order) != len(lines) - 1 or res_s not in BLOCK_SPAN_S:
             raise ValueError(f"summary block has {len(lines) - 1} points for {len(order)} timestamps")
-        block = cls(res_s, start_s, dict(zip(order, lines[1:])), partial=bool(partial),
+        block = cls(res_s, start_s, dict(zip(order, lines[1:], strict=True)), partial=bool(partial),
                     since_s=None if since_s is None else int(since_s))
         block.through = through
         return block

@@ -1,44 +1,19 @@
 """Tumbling one-minute event-time windows of one input partition, with a lifecycle we own.
 
-Faust's windowed tables close windows on a wall-clock sweep, lose expiry bookkeeping on restart and can
-drop late keys silently (../shared/notes/pitfalls.md). Here instead:
-
-* **Closing** a window ``[start, end)`` of app A happens when the first of these holds:
-  1. A's event-time watermark (max ``ts`` seen for A) >= end + grace;
-  2. the partition's watermark >= end + grace + idle timeout (A went quiet, others moved on);
-  3. the partition has no messages waiting (its highwater is at our offset), received nothing for
-     ``idle_timeout_ms`` of wall time, and the wall clock is past end + grace (an idle partition's minute
-     still closes). During a backlog replay, while a restart or rebalance holds the backlog back, or
-     while the broker cannot be asked (its end offset unknown or stale), the partition is not idle and
-     its quiet time starts again: wall time never closes windows ahead of their data, nor while
-     producers hold data back for an unreachable broker.
-  All three are monotonic in ``end``, so an app's windows close in order and ``closed_ms`` (the end of
-  its last closed window) is the lateness boundary: an event with ``ts < closed_ms`` is late.
-* **Idempotence** (at-least-once input): every window remembers the highest input offset folded into
-  it, every app the highest offset applied for it, and the partition the highest offset fully applied.
-  A replayed message is skipped at the first level that has seen it, so a crash between table writes
-  never double counts (writes of one partition go to one changelog partition, in order).
-* **Limits** per app (app/limits.py, looked up through ``limits_of``, so an override applies without a
-  restart): distinct process types per minute, add-on sources per minute, custom metric names per process
-  type and minute. Observations past a limit are refused before they cost any state; the first
-  LIMIT_DEAD_LETTERS of each (app, minute, limit) are dead-lettered with the reason, the rest only
-  counted, so a flood of refusals costs neither memory nor a dead letter each. Other apps' minutes are
-  untouched: every limit is counted per app.
-* **Emission** exactly once per (app, process type, minute): a closed window is sent and acknowledged,
-  then ``closed_ms`` is persisted, and the window is deleted from the table only some time later
-  (``closed_keep_s`` in app/settings.py). A restart before the delete restores the closed window and
-  re-sends an identical record with the same key (consumers overwrite); it never re-opens the minute.
-
-This module is pure: the caller (agents/aggregate.py) moves records to and from the Faust table.
+The closing rules are monotonic in a minute's end, so an app's minutes close in order; every window, app and
+partition records the input offsets it applied, so a replayed message never counts twice; each (app, process
+type, minute) is emitted once. Pure: agents/aggregate.py moves records to and from the Faust table.
+Reference: docs/design/windows.md
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from app import models
 from app.clock import Clock
@@ -71,7 +46,7 @@ class AppProgress:
         return [self.offset, self.wm_ms, self.closed_ms]
 
     @classmethod
-    def from_record(cls, rec: list[int]) -> "AppProgress":
+    def from_record(cls, rec: list[int]) -> AppProgress:
         return cls(int(rec[0]), int(rec[1]), int(rec[2]))
 
 
@@ -109,7 +84,7 @@ class IngestResult:
     counts: Counts = field(default_factory=Counts)
     dead: list[Rejected] = field(default_factory=list)
 
-    def add(self, other: "IngestResult") -> None:
+    def add(self, other: IngestResult) -> None:
         c, o = self.counts, other.counts
         c.accepted += o.accepted
         c.late += o.late

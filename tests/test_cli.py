@@ -27,7 +27,7 @@ def test_help_lists_every_command() -> None:
     listed = result.output.split("Commands:")[1]
     names = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and line[2] != " "]
     assert sorted(names) == list(COMMANDS)
-    assert sorted(cli.cli.commands) == list(COMMANDS)  # type: ignore[attr-defined]
+    assert sorted(cli.cli.commands) == list(COMMANDS)
 
 
 @pytest.mark.parametrize("args", [("nope",), ("tokens", "nope"), ("dlq", "nope"), ("worker", "--nope"),
@@ -148,21 +148,43 @@ def test_tokens_commands_and_exit_codes(monkeypatch: pytest.MonkeyPatch) -> None
     assert missing.exit_code == 1 and "no token with id t2" in missing.stderr
 
 
-def test_migration_gets_its_arguments_and_gives_its_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migration_commands_get_their_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch (app/migration/cli.py; the transitions themselves: tests/migration/)."""
     import app.migration.cli as migration
 
-    seen: list[list[str]] = []
+    seen: list[tuple[Any, ...]] = []
 
-    def main(argv: list[str]) -> int:
-        seen.append(argv)
-        return 1 if argv[0] == "verify" else 0
+    async def start(settings: Any, to: str, *, backfill: bool) -> int:
+        seen.append(("start", to, backfill))
+        return 0
 
-    monkeypatch.setattr(migration, "main", main)
+    async def verify(settings: Any, since_s: int, until_s: int, app: str | None, resolutions: list[int]) -> int:
+        seen.append(("verify", since_s, until_s, app, resolutions))
+        return 1
+
+    async def status(settings: Any, web: list[str]) -> int:
+        seen.append(("status", web))
+        return 0
+
+    async def finish(settings: Any, *, force: bool) -> int:
+        seen.append(("finish", force))
+        return 0
+
+    for name, fake in (("start", start), ("verify", verify), ("status", status), ("finish", finish)):
+        monkeypatch.setattr(migration, name, fake)
+    monkeypatch.setenv("METRICS_ADMIN_PORT", "7001")
     assert invoke("migration", "start", "--to", "cassandra", "--backfill").exit_code == 0
-    assert invoke("migration", "verify", "--since", "1", "--until", "2").exit_code == 1
-    assert invoke("migration", "--help").exit_code == 0  # its own parser's help
-    assert seen == [["start", "--to", "cassandra", "--backfill"], ["verify", "--since", "1", "--until", "2"],
-                    ["--help"]]
+    assert invoke("migration", "verify", "--since", "1", "--until", "2").exit_code == 1  # its exit code
+    assert invoke("migration", "verify", "--since", "1", "--until", "2", "--app", "shop", "--resolution", "600",
+                  "--resolution", "60").exit_code == 1
+    assert invoke("migration", "status").exit_code == 0
+    assert invoke("migration", "status", "--web", "http://a:1", "--web", "http://b:2").exit_code == 0
+    assert invoke("migration", "finish", "--force").exit_code == 0
+    assert seen == [("start", "cassandra", True), ("verify", 1, 2, None, [60, 3600]),
+                    ("verify", 1, 2, "shop", [600, 60]), ("status", ["http://127.0.0.1:7001"]),
+                    ("status", ["http://a:1", "http://b:2"]), ("finish", True)]
+    assert invoke("migration", "start").exit_code == 2  # --to is required
+    assert invoke("migration", "verify", "--since", "1").exit_code == 2
 
 
 def test_dlq_replay_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,3 +221,29 @@ def test_loadgen_options(monkeypatch: pytest.MonkeyPatch) -> None:
                                    bootstrap="127.0.0.1:19092", topic="observations", url="http://127.0.0.1:6066")
     assert seen[1] == loadgen.Load(mode="drain", apps=2, url="http://127.0.0.1:6067", token=("app-0=a", "app-1=b"),
                                    realtime=True, quiet=True, bootstrap="127.0.0.1:19092", topic="observations")
+
+
+def test_the_factories_build_a_worker_and_a_writer_without_reading_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from app.app import create_app
+    from app.settings import Settings
+    from app.worker import create_worker
+    from app.writer import create_writer
+
+    monkeypatch.setenv("METRICS_APP_ID", "not-read")  # the factories take their settings as given
+    settings = replace(Settings(), app_id="cli-test", data_dir=str(tmp_path / "state"))
+    wiring = create_app(settings)
+    assert wiring.app.conf.id == "cli-test" and wiring.metrics_topic.get_topic_name() == settings.metrics_topic
+    assert wiring.windows_table.name == "windows" and wiring.rollups_table.name == "rollups"
+
+    worker = create_worker(settings)
+    assert worker is not wiring.app  # a new app for each call: nothing is shared through the module
+    assert {"aggregate", "sink", "rollup", "events", "alerts", "autoscale"} <= {a.name for a in worker.agents.values()}
+
+    writer = create_writer(settings, "cassandra:ks2")
+    assert writer.conf.id == "cli-test-writer-cassandra-ks2"
+    assert Path(writer.conf.datadir) == tmp_path / "state" / "cli-test-writer-cassandra-ks2"
+    assert (tmp_path / "state" / "cli-test-writer-cassandra-ks2").is_dir()
+    assert {a.name for a in writer.agents.values()} == {"sink", "rollup", "events", "checkpoints"}

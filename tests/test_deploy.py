@@ -288,7 +288,7 @@ def test_the_production_example_talks_to_kafka_over_sasl_ssl_with_a_principal_pe
 
 
 def test_a_cassandra_install_migrating_to_dynamodb_gets_its_writer(default_docs: list[Doc]) -> None:
-    """README "Moving stores": store=cassandra, and the DynamoDB writer as its own Deployment."""
+    """docs/operations/migration.md: store=cassandra, and the DynamoDB writer as its own Deployment."""
     assert not [d for d in default_docs if d["metadata"]["name"].endswith("-writer")]  # off by default
     assert config(default_docs)["METRICS_STORE"] == "dynamodb"
     docs = render({"store": "cassandra", "cassandra": {"hosts": "cass-0.cass,cass-1.cass", "keyspace": "metrics"},
@@ -369,8 +369,8 @@ def test_credentials_are_referenced_and_mounted_as_files_not_inlined() -> None:
 
 
 def test_kafka_sasl_as_the_readme_configures_it() -> None:
-    """README "2. Kafka": SASL settings in the ConfigMap for every role that talks to Kafka, the password
-    only as a Secret reference -- and those settings are ones the application accepts."""
+    """docs/operations/deploy.md, "2. Kafka": SASL settings in the ConfigMap for every role that talks to Kafka,
+    the password only as a Secret reference -- and those settings are ones the application accepts."""
     from app.settings import Settings
 
     sasl = {"METRICS_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "METRICS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
@@ -495,7 +495,7 @@ def test_image_is_multi_stage_pinned_non_root_without_build_tools() -> None:
     assert "pip install --no-deps /src" in install and "pip check" in install
     # the chart's roles are the image's commands; its paths are the image's writable ones
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert [[a for a in values[r]["args"] if not a.startswith("-")][0] for r in ROLES] == list(ROLES)
+    assert [next(a for a in values[r]["args"] if not a.startswith("-")) for r in ROLES] == list(ROLES)
     assert 'CMD ["--quiet", "worker", "-l", "info"]' in runtime
     assert "METRICS_DATA_DIR=/var/lib/minutely" in final and "METRICS_WEB_PORT=6066" in final
     assert values["config"]["webPort"] == 6066

@@ -43,6 +43,9 @@ def test_nothing_moves_when_everything_was_committed_or_the_policy_is_not_earlie
 def test_the_faust_app_applies_the_patch() -> None:
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    import app.app  # noqa: F401 - applies it
+    from app.app import create_app
+    from app.settings import Settings
+
+    create_app(Settings())  # applies it, before the app is built
 
     assert AIOKafkaConsumerThread.seek_to_committed.__module__ == "app.faust_patches"

@@ -4,7 +4,8 @@ Every import counts, including those inside functions (they are how circles used
 first; a module may import its own layer or lower ones, never a higher one:
 
 0. shared: the observation contract, errors, clock, settings;
-1. ops (counters, logs, Kafka client settings, topics, health) and tables (window and digest state);
+1. ops (counters, logs, Kafka client settings, topics, health), tables (window and digest state) and alerting
+   (the pure alert rules and autoscaling model);
 2. storage, notify and the Faust wiring (``app/app.py``, ``app/faust_patches.py``);
 3. roles: ingest, api, agents, the store migration, and the local stack;
 4. entry points: the CLI, the worker's and the writer's composition roots, ``python -m app``.

@@ -8,8 +8,9 @@ publishes it and calls the platform's formation API when the count changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import orjson
 
@@ -45,7 +46,7 @@ class AutoscaleParams:
                                   f"{value!r}", action=f"set {PREFIX}AUTOSCALE_{f.name.upper()}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "AutoscaleParams":
+    def from_settings(cls, settings: Settings) -> AutoscaleParams:
         """ConfigError when the settings make no sense."""
         return cls(**{f.name: getattr(settings, f"autoscale_{f.name}") for f in fields(cls)})
 
@@ -66,7 +67,7 @@ class PolicyConfig:
                 **self.targets.to_record()}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "PolicyConfig":
+    def from_record(cls, rec: Mapping[str, Any]) -> PolicyConfig:
         return cls(rec["process_type"], int(rec["min_dynos"]), int(rec["max_dynos"]),
                    float(rec["p95_target_ms"]), rec.get("current_dynos"), Targets.from_record(rec))
 
@@ -92,7 +93,7 @@ class PolicyState:
                 "history": [list(h) for h in self.history]}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "PolicyState":
+    def from_record(cls, rec: Mapping[str, Any]) -> PolicyState:
         return cls(int(rec["dynos"]), int(rec["last_minute_ms"]), rec["last_step_ms"], int(rec["down_streak"]),
                    rec["pinned_notified_ms"], [(int(h[0]), int(h[1]), h[2], int(h[3])) for h in rec["history"]])
 
@@ -256,7 +257,7 @@ class Autoscaler:
         return {"cfg": self.config.to_record(), "st": self.state.to_record()}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "Autoscaler":
+    def from_record(cls, rec: Mapping[str, Any]) -> Autoscaler:
         return cls(PolicyConfig.from_record(rec["cfg"]), PolicyState.from_record(rec["st"]))
 
     def public(self) -> dict[str, Any]:
@@ -290,7 +291,7 @@ class AppPolicies:
         return orjson.dumps({"v": self.VERSION, "policies": [a.to_record() for a in self.policies.values()]})
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "AppPolicies":
+    def from_bytes(cls, raw: bytes) -> AppPolicies:
         rec = orjson.loads(raw)
         if rec.get("v") != cls.VERSION:
             raise ValueError(f"unsupported policies record version {rec.get('v')!r}")

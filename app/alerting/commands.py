@@ -49,7 +49,7 @@ class Command:
         return orjson.dumps(rec)
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "Command":
+    def from_bytes(cls, raw: bytes) -> Command:
         """ValueError when the message is not a valid command (it is then skipped and counted)."""
         try:
             rec = orjson.loads(raw)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from tables.aggregate import Aggregate
 
@@ -22,14 +23,14 @@ class Minute:
     p95_ms: float | None
 
     @classmethod
-    def from_aggregate(cls, agg: Aggregate) -> "Minute":
+    def from_aggregate(cls, agg: Aggregate) -> Minute:
         n = agg.requests
         p95 = agg.response.digest.quantile(0.95) if agg.response.n else None  # .n flushes buffered values
         return cls(agg.key.app, agg.key.process_type, agg.key.start_ms, n, agg.failed if n else 0,
                    None if p95 is None else float(p95))
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "Minute":
+    def from_record(cls, rec: Mapping[str, Any]) -> Minute:
         """From a ``metrics-1m`` record (Aggregate.to_record()); ValueError when it is not one."""
         try:
             return cls.from_aggregate(Aggregate.from_record(dict(rec)))

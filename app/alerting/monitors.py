@@ -1,23 +1,16 @@
-"""Threshold monitors (alerting): a state machine per monitor over the closed minutes of its process type.
+"""Threshold monitors: a state machine per monitor over the closed minutes of its process type.
 
-A monitor watches one metric of one process type of one app:
-
-* ``LATENCY``: the minute's p95 response time >= ``threshold`` ms (threshold >= 50).
-* ``ERROR_RATE``: failed requests (status >= 500) / requests >= ``threshold`` (0.005 .. 1.0).
-
-The condition must hold for ``sensitivity_min`` (1, 5 or 10) consecutive minutes before the monitor
-fires. A minute without requests, or a minute that produced no record at all (a gap between two
-records of the process type), does not hold: it cannot fire and it breaks a streak. While firing, a
-reminder goes out at most every ``notify_every_min`` (5, 60 or 1440) minutes, counted from the last
-notification. The first minute whose condition does not hold resolves the monitor. States: ``ok`` (never
-fired) -> ``firing`` -> ``resolved`` -> ``firing`` ...; every transition is an :class:`AlertEvent`.
-The accepted values of a definition are checked by the API (app/api/validation.py).
+``LATENCY`` (p95) or ``ERROR_RATE`` at or over the threshold for ``sensitivity_min`` consecutive minutes
+fires, reminders go at most every ``notify_every_min``, and the first minute under resolves; every transition
+is an :class:`AlertEvent`. The accepted values are checked by app/api/validation.py.
+Reference: docs/alerting.md#monitors
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import orjson
 
@@ -51,7 +44,7 @@ class MonitorConfig:
                 "notify_every_min": self.notify_every_min, **self.targets.to_record()}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "MonitorConfig":
+    def from_record(cls, rec: Mapping[str, Any]) -> MonitorConfig:
         return cls(rec["id"], rec["process_type"], rec["metric"], float(rec["threshold"]),
                    int(rec["sensitivity_min"]), int(rec["notify_every_min"]), Targets.from_record(rec))
 
@@ -78,7 +71,7 @@ class MonitorState:
                 "last_value": self.last_value}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "MonitorState":
+    def from_record(cls, rec: Mapping[str, Any]) -> MonitorState:
         return cls(rec["status"], int(rec["streak"]), int(rec["last_minute_ms"]), rec["firing_since_ms"],
                    rec["last_notified_ms"], rec["last_value"])
 
@@ -175,7 +168,7 @@ class Monitor:
         return {"cfg": self.config.to_record(), "st": self.state.to_record()}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "Monitor":
+    def from_record(cls, rec: Mapping[str, Any]) -> Monitor:
         return cls(MonitorConfig.from_record(rec["cfg"]), MonitorState.from_record(rec["st"]))
 
     def public(self) -> dict[str, Any]:
@@ -215,7 +208,7 @@ class AppMonitors:
         return orjson.dumps({"v": self.VERSION, "monitors": [m.to_record() for m in self.monitors.values()]})
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "AppMonitors":
+    def from_bytes(cls, raw: bytes) -> AppMonitors:
         rec = orjson.loads(raw)
         if rec.get("v") != cls.VERSION:
             raise ValueError(f"unsupported monitors record version {rec.get('v')!r}")

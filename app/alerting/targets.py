@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from app.sealing import Secret, secret_from_record, secret_to_record
@@ -40,7 +41,7 @@ class Webhook:
         return {"url": self.url, **secret_to_record(self.secret)}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "Webhook":
+    def from_record(cls, rec: Mapping[str, Any]) -> Webhook:
         if "secret" not in rec and "secret_enc" not in rec:
             raise KeyError("secret")
         return cls(rec["url"], secret_from_record(rec))
@@ -58,7 +59,7 @@ class Targets:
         return {"email": list(self.email), "webhooks": [w.to_record() for w in self.webhooks]}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "Targets":
+    def from_record(cls, rec: Mapping[str, Any]) -> Targets:
         return cls(tuple(rec.get("email", ())), tuple(Webhook.from_record(w) for w in rec.get("webhooks", ())))
 
     def public(self) -> dict[str, Any]:

@@ -1,40 +1,9 @@
-"""HTTP API for monitors (alerting) and autoscaling policies, per app.
+"""HTTP API for monitors and autoscaling policies, per app (``/v1/apps/{app}/monitors``, ``/autoscaling``).
 
-    GET    /v1/apps/{app}/monitors                      list, with each monitor's state
-    POST   /v1/apps/{app}/monitors                      create -> 201 (id assigned here)
-    GET    /v1/apps/{app}/monitors/{id}
-    PUT    /v1/apps/{app}/monitors/{id}                 replace the definition (state kept) -> 200
-    DELETE /v1/apps/{app}/monitors/{id}                 -> 204 (a firing monitor is resolved: ``resolved`` event)
-    GET    /v1/apps/{app}/autoscaling                   list
-    GET    /v1/apps/{app}/autoscaling/{process_type}
-    PUT    /v1/apps/{app}/autoscaling/{process_type}    create (201) or replace (200); process type: web
-    DELETE /v1/apps/{app}/autoscaling/{process_type}    -> 204
-
-**Writes are commands.** A valid request (app/api/validation.py) becomes a
-:class:`~app.alerting.commands.Command` produced (acks=all) to the ``policy-commands`` topic with key = app,
-so it lands in the partition of the app's minutes and the worker evaluating them applies it from inside its
-stream (agents/alerts.py explains why). When that worker is this process the handler waits for the
-:class:`~app.alerting.commands.Outcome` (up to ``policy_apply_timeout_s``) and answers it as
-201/200/204/404/409 (:data:`OUTCOME_STATUS`) like a synchronous API; otherwise the command is durable but
-its outcome not observable here, and the answer is 202 with the command id.
-
-**Reads** come from the table of the worker that owns the app's partition. Any worker answers them: when
-the app is another worker's, the GET is forwarded once to that worker (its advertised URL, from Faust's
-partition assignment) and its answer relayed -- status, body, ``Content-Type``, ``ETag`` and the other
-headers in :data:`RELAYED_HEADERS` -- by a :class:`Forwarder` with one long-lived HTTP session. A forwarded
-request carries :data:`FORWARDED_HEADER`; a worker receiving one never forwards again, so a disagreement
-between two workers' views of the assignment ends in a 503, not a loop. 503 ``rebalancing`` with
-Retry-After while partitions move (or the owner's URL is not known yet), 503 ``owner_unavailable`` when the
-owner does not answer in time. Without a forwarder (or an owner locator) another worker's app gets 421
-``not_owner``.
-
-**Authorization** is a hook: ``authorize(request, app) -> bool`` (sync or async), default allow. A refusal is
-401 when the request has no ``Authorization`` header and 403 otherwise; a credential store that is down
-is a 503. :func:`token_authorizer` checks the app's tokens (read tokens for GET, write tokens for changes).
-
-**Webhook URLs are secrets** (a Slack or Discord URL is its own credential). Reads, which take a read token,
-show them as ``scheme://host/…`` (:func:`~app.alerting.targets.redacted`); only the answer to a write, which
-took the write token that set them, carries them in full.
+Writes become commands on ``policy-commands`` (acks=all): 201/200/204 when this worker applies them, else 202.
+Reads come from the table of the worker that owns the app, forwarded there at most once. Webhook URLs are
+redacted in reads. Authorization is a hook (:func:`token_authorizer`: read tokens look, write tokens change).
+Reference: docs/alerting.md#where-configuration-lives
 """
 
 from __future__ import annotations
@@ -44,8 +13,9 @@ import inspect
 import ipaddress
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, web
@@ -238,7 +208,7 @@ class Forwarder:
                 body = await resp.read()
                 relayed = {h: v for h in RELAYED_HEADERS if (v := resp.headers.get(h)) is not None}
                 return web.Response(status=resp.status, body=body or None, headers=relayed)
-        except (ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError) as exc:
             log.warning("read %s %s not forwarded to its owner %s: %r", request.method, request.rel_url,
                         owner_url, exc)
             return error(503, "owner_unavailable", "the worker that evaluates this app did not answer; retry "
@@ -410,7 +380,7 @@ async def _submit(backend: PolicyBackend, cmd: Command, *, wait: bool, location:
         try:
             outcome = await asyncio.wait_for(asyncio.shield(fut), timeout=backend.apply_timeout_s)
             return _outcome_response(outcome, location)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             backend.results.forget(cmd.id)
     return json_response({"status": "accepted", "command_id": cmd.id,
                           "message": "the change is stored and will be applied by the worker that evaluates "

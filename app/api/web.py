@@ -1,36 +1,9 @@
-"""HTTP API (aiohttp). Errors are ``{"error": {"code", "message"}}`` with a 4xx for the client's mistakes
-and a 503 with Retry-After when a dependency is down -- never a 500 for bad input.
+"""HTTP API (aiohttp): the tenant routes of every process that answers queries.
 
-Auth: ``/v1/apps/{app}/...`` needs ``Authorization: Bearer <read token>``. No token, or one that is not a
-live read token: 401. A read token for another app gets exactly the answer a nonexistent app gets (404
-``not_found``), before any parameter is looked at, so no endpoint tells whether another app exists.
-``/healthz``, a bare ``/readyz``, the OpenAPI document and the dashboard's static files stay open (the
-dashboard asks for the token and sends it as Bearer). The operator's endpoints (``/v1/stats``, ``/metrics``,
-``/readyz`` with reasons, ``/migration`` and its page) are on the admin port only (app/ops/health.py
-:func:`add_admin_port`, :func:`add_admin_routes` here): the tenant port answers 404 for them.
-
-Every response says ``X-Content-Type-Options: nosniff``; the dashboard's pages and files also carry a CSP
-(:data:`DASHBOARD_CSP`: its scripts and styles are files of its own origin, nothing inline) and
-``Referrer-Policy: no-referrer``, since its read token lives in the page's sessionStorage.
-
-Fairness between tenants (security review M7), in each query process (web or worker) on its own:
-
-* a rate limit per app (:class:`QueryRate`): a token bucket of ``query_rate_per_s`` requests and
-  ``query_burst`` (app/limits.py: ``METRICS_LIMIT_QUERY_*`` defaults, per-app overrides in the limits file)
-  shared by all the app's read tokens, so minting tokens buys no extra rate. Charged on every request whose
-  token is valid, right after the token check -- before the app in the path is compared (a 429 depends on the
-  caller's own bucket only, so it tells nothing about another app) and before any parameter is read. A
-  conditional request that ends in a 304 is charged like any other: its ETag is the answer's, so the answer is
-  looked up (or computed) all the same; only the bytes on the wire are saved. Past it: 429 ``rate_limited``
-  with Retry-After (the time until the bucket holds a request again), counted per app (``query_refused_rate``).
-* a cap on queries computing at once (:class:`app.limits.FairSlots`): ``query_max_concurrent`` slots, of which one app
-  holds at most ``query_max_concurrent_per_app``; a query without a slot waits up to
-  ``query_queue_timeout_s`` (freed slots go to the waiting apps in turn), then 503 ``overloaded`` with
-  Retry-After (``query_refused_busy``). A slot is held until the store work ends, even past the query
-  timeout (the work goes on, shielded), so a hung store cannot pile up unbounded reads. On a worker this
-  bounds what tenants' queries take from the stream jobs on the same event loop.
-* ``/events`` is not cached (every call reads its whole range from the store), so its range is capped at
-  ``events_max_range_days`` (400 ``range_too_large`` beyond it); ``/metrics`` keeps the retention as its bound.
+Errors are ``{"error": {"code", "message"}}``: a 4xx for the client's mistakes, a 503 with Retry-After when a
+dependency is down, never a 500 for bad input. Another app answers exactly as a nonexistent one; rates and
+query slots are per app; the operator's endpoints are on the admin port only.
+Reference: docs/api.md#tenant-isolation
 """
 
 from __future__ import annotations
@@ -39,8 +12,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -66,7 +40,7 @@ SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 COUNTERS_KEY: web.AppKey[Counters] = web.AppKey("counters", Counters)
 AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
 OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
-RATE_KEY: web.AppKey["QueryRate"] = web.AppKey("query_rate")
+RATE_KEY: web.AppKey[QueryRate] = web.AppKey("query_rate")
 GATE_KEY: web.AppKey[FairSlots] = web.AppKey("query_gate")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
@@ -149,13 +123,13 @@ async def _bounded(request: web.Request, work: Awaitable[T]) -> T:
     task.add_done_callback(_retrieve)  # a late failure is the store's, already logged: not "never retrieved"
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RetriableError(f"the metrics store did not answer within {timeout_s:g} s",
                              action="check the store (METRICS_DYNAMODB_ENDPOINT / Cassandra) and its latency",
                              retry_after_s=2) from None
 
 
-def _retrieve(task: "asyncio.Future[Any]") -> None:
+def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 

@@ -1,31 +1,17 @@
-"""Who may send how much: per-app rate and burst, per-token bytes in flight, and a fair share of the process.
+"""Who may send how much: per-app rate and burst, per-token bytes in flight, a fair share of the process.
 
-Every budget is charged on body bytes as they arrive, after the token was verified, never on a declared
-``Content-Length``: a client that declares 4 MB and sends nothing holds nothing. Refusals happen as early as
-they can, so a refused request costs little CPU:
-
-1. before the body is read: the app's rate bucket is in debt, or the app already has
-   ``ingest_max_waiting_per_app`` requests waiting for a parse slot, or the process has
-   ``ingest_max_active_requests`` requests in progress and this app more than its share of them (the
-   budget divided by the apps with requests in progress). That share bounds how much of the event loop's
-   queue one app's requests fill, which is what a quiet app's request waits behind;
-2. while it is read: the chunk would take the token past ``inflight_bytes_per_token``, or the process past
-   ``ingest_max_inflight_bytes`` while this app holds more than its fair share of it (the budget divided by
-   the apps with bytes in flight), or the body past its limit;
-3. parsing waits for one of ``ingest_work_slots``; waiting requests are served app by app in turn, so a quiet
-   app's request waits for at most one request of each other app, never behind a flooding app's backlog.
-
-The rate is checked before a body is read; an admitted body is read to its end even if that takes the
-bucket into debt (by at most one body per request in flight), and the next request's ``Retry-After`` is the
-time the debt takes to repay. Refusing a body half-way would charge the app for bytes it must send again.
+Charged on body bytes as they arrive, after the token check, never on a declared ``Content-Length``; refused
+as early as it can be (before the body, while it is read), and parse slots are served app by app.
+Reference: docs/ingest.md#per-tenant-limits-mimir-style
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError

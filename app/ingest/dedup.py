@@ -1,14 +1,9 @@
 """Logplex frame deduplication that survives restarts and is shared by every ingest process.
 
-Logplex retries a frame with the same ``Logplex-Frame-Id`` on anything but 2xx. A frame must be counted
-once: the first delivery claims the id with a conditional write (``pending``, with a lease); only after
-Kafka acknowledged every record is it marked ``done``. A retry of a done frame is answered 2xx without
-producing; a retry while the first attempt is still in flight gets 503 (Logplex retries again later); a
-claim whose producer died is taken over once its lease expires. Entries live ``dedup_window_s``
-(the store's TTL; DynamoDB's claim also treats an expired entry as absent, as its TTL deletion is lazy).
-
-Left open: a process that dies after Kafka's ack but before marking ``done`` lets the retry produce the
-frame again once the lease expires (seconds-wide window, documented in the README).
+A frame id is claimed ``pending`` with a lease, marked ``done`` once Kafka acknowledged every record, and lives
+``dedup_window_s``. Left open: a process dying between the ack and ``done`` lets the retry produce the frame
+again once the lease expires.
+Reference: docs/ingest.md#heroku-log-drains-post-v1drainslogplex-python-m-app-ingest
 """
 
 from __future__ import annotations

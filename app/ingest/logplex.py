@@ -1,32 +1,9 @@
 """Logplex HTTPS drain frames -> observations of the core contract (app/models.py).
 
-A frame body (``Content-Type: application/logplex-1``) is a sequence of octet-counted RFC 5424 messages::
-
-    83 <40>1 2012-11-30T06:45:29+00:00 host app web.3 - State changed from starting to up
-
-Heroku's messages carry no structured-data field: after PRI/VERSION come TIMESTAMP HOSTNAME APP-NAME
-PROCID MSGID and the text (a nil ``-`` structured-data field, as log-shuttle sends, is skipped). Who logged
-a line (APP-NAME, PROCID) says what it is:
-
-* ``heroku router``: a request -> ``router``. The fast path takes the common form in one regex; the rest
-  (``sock=`` first, empty ``dyno=``/``connect=``/``service=``/``bytes=`` on errors the router answered
-  itself, the pre-2013 ``queue=``/``wait=``) goes through a key=value scan. No service time -> none in the
-  observation: such a request is counted but never timed.
-* ``heroku web.1``: log-runtime-metrics (``sample#memory_rss=21.22MB``) -> ``runtime``; dyno lifecycle and
-  runtime errors (``State changed from up to crashed``, ``Error R14 (...)``) -> ``event``.
-* ``app heroku-postgres`` / ``app heroku-redis``: add-on metrics -> ``addon`` (never a dead letter).
-* ``app api``: releases and scaling -> ``event``.
-* ``app web.1``: l2met custom metrics (``count#``, ``measure#``, ``sample#``) -> ``metric``.
-
-Everything else (app output, other platform lines) is ignored and counted. A line of one of these kinds that
-is really malformed is returned as a :class:`BadLine` with a reason; the rest of the frame still counts.
-Written for speed (this is the ingest hot path): bytes in, no per-field decoding beyond what is kept.
-
-Every path is linear in its input, whatever a tenant sends: a line over ``max_line_bytes`` is refused unread,
-numbers are matched only up to ``MAX_VALUE_BYTES``, and every pattern either cannot backtrack (possessive
-quantifiers, a key anchored at a token's start) or is anchored with bounded repetitions. The property test
-(tests/ingest/test_linear_parsing.py) grows every field of every line kind to 64 KB; the benchmark
-(tests/bench/bench_parse.py) prints the rates.
+Who logged a line (RFC 5424 APP-NAME and PROCID) says what it is; a malformed line of a known kind is a
+:class:`BadLine` with its reason, and the rest of the frame still counts. The ingest hot path: bytes in, and
+every path linear in its input (tests/ingest/test_linear_parsing.py).
+Reference: docs/ingest.md#heroku-log-drains-post-v1drainslogplex-python-m-app-ingest
 """
 
 from __future__ import annotations

@@ -1,26 +1,16 @@
-"""HTTP ingestion: Logplex HTTPS drains and a JSON batch API -> topic ``observations``.
+"""HTTP ingestion: Logplex HTTPS drains and a JSON batch API -> topic ``observations`` (``python -m app ingest``).
 
-What senders can rely on:
-* 2xx only after Kafka acknowledged every record (acks=all); never a 2xx for data not durably produced.
-* 503 with Retry-After while Kafka (or the token/dedup table) is unavailable, and past an app's limits on
-  the drain (Logplex drops a frame on any 4xx); 429 with Retry-After past them on the JSON API
-  (app/ingest/admission.py); 413 over the body limit; 408 for a slow body on the JSON API (503 on the
-  drain); 409 while a request with the same Idempotency-Key is in flight; 400 with ``{"error": {"code",
-  "message"}}`` for malformed bodies; 401 without and 403 with a wrong token, producing nothing. Never a
-  5xx for a client's bad data.
-* Records are produced as arrays of one app's observations (the pipeline's batched form), keyed by app.
-* The app is the one the token belongs to. The router line's ``host`` field is ignored: custom domains
-  make it unreliable, and a token must not write into another app.
-
-Run with ``python -m app ingest``.
+2xx only after Kafka acknowledged every record; never a 5xx for a client's bad data; the app is the token's.
+Reference: docs/ingest.md#what-senders-can-rely-on
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -100,7 +90,7 @@ class KafkaProducer:
         try:
             futs = [await self._producer.send(topic, value=v, key=k) for k, v in records]
             await asyncio.wait_for(asyncio.gather(*futs), self.settings.produce_timeout_s)
-        except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, KafkaError, OSError) as exc:
             raise RetriableError(f"Kafka did not acknowledge: {exc!r}", action="check the brokers",
                                  retry_after_s=2) from exc
 
@@ -117,7 +107,7 @@ Handler = Callable[["Ingest", web.Request], Awaitable[web.Response]]
 def answers_unavailable(handler: Handler) -> Handler:
     """Dependencies down -> 503 with Retry-After (the sender retries); never a 5xx without one."""
 
-    async def wrapped(self: "Ingest", request: web.Request) -> web.Response:
+    async def wrapped(self: Ingest, request: web.Request) -> web.Response:
         try:
             return await handler(self, request)
         except RetriableError as exc:
@@ -375,7 +365,7 @@ def parse_json_body(body: bytes, max_bytes: int, *, max_rejects: int = MAX_REJEC
 
 def _indexed(d: models.Decoded) -> list[tuple[int, Any]]:
     idx = d.indexes if d.indexes is not None else range(len(d.observations))
-    out: list[tuple[int, Any]] = list(zip(idx, d.observations))
+    out: list[tuple[int, Any]] = list(zip(idx, d.observations, strict=True))
     out.extend((r.index, r) for r in d.rejects)
     out.sort(key=lambda t: t[0])
     return out

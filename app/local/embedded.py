@@ -1,13 +1,8 @@
-"""The embedded stack: Apache Kafka (single-node KRaft, jars from Maven Central) and dynalite (an
-open-source DynamoDB server on LevelDB, from npm).
+"""The embedded stack: Apache Kafka (single-node KRaft), dynalite (or moto's server) and Apache Cassandra.
 
-Used by ``python -m app local`` and by the integration tests and benchmarks, so one machine with no cloud
-account runs the same code paths as production, against the broker users run. ``make install`` fetches
-both into ``.deps/``. Both keep their data in a directory of the caller's choosing: ``make run`` uses
-``data/`` in the project, so a restart serves what was stored before; tests use temporary directories.
-
-These are process managers called from synchronous orchestration (CLI, pytest session fixtures), never
-from inside the event loop.
+Process managers for ``python -m app local``, the integration tests and the benchmarks, called from
+synchronous orchestration, never from inside the event loop; each keeps its data where the caller says.
+Reference: docs/operations/embedded-stack.md
 """
 
 from __future__ import annotations
@@ -479,9 +474,10 @@ class DynamoServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
-                return
-            except urllib.error.HTTPError:
+                with urllib.request.urlopen(self.endpoint, timeout=1):  # closed: it holds a socket
+                    return
+            except urllib.error.HTTPError as exc:
+                exc.close()
                 return  # any HTTP status means the server answers
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)

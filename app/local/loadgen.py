@@ -1,24 +1,20 @@
 """``python -m app loadgen``: realistic traffic for N apps x M dynos, straight to Kafka or through the drain.
 
-Router requests have lognormal service times, a status mix with 4xx/5xx and H12/H13 errors and a few
-requests the router answered itself (H10/H14, no service time); every dyno sends runtime samples every 20 s,
-with an R14 when one is above the quota; each app has a Heroku Postgres metrics line a minute, a release and
-an l2met line a second from web.1 (app/local/traffic.py, ``realistic``). In ``drain`` mode they are rendered
-as the Heroku lines (router, log-runtime-metrics, add-on, platform, API and l2met), framed as Logplex frames
-and POSTed with drain tokens (``Logplex-Frame-Id``, ``Logplex-Msg-Count``), retrying a frame with the same id
-on 5xx as Logplex does; in ``kafka`` mode the same observations go straight to the topic. ``--truth FILE``
-writes the exact aggregates of what was sent, to check the stored minutes against.
+Both modes send the same observations (app/local/traffic.py, ``realistic``); ``drain`` mode frames them as
+Logplex does and retries a frame with the same id on 5xx; ``--truth FILE`` writes their exact aggregates.
+Reference: docs/ingest.md#load-generator
 """
 
 from __future__ import annotations
 
-import base64
 import asyncio
+import base64
 import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -29,7 +25,7 @@ from app.ops import kafka
 
 
 def syslog_ts(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="microseconds")
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="microseconds")
 
 
 _DESC = {"H10": "App crashed", "H12": "Request timeout", "H13": "Connection closed without response",
@@ -294,8 +290,8 @@ async def run(args: Load) -> Truth:
             await session.close()
     progress.done()
     if args.truth:
-        with open(args.truth, "wb") as f:
-            f.write(orjson.dumps(truth_table(truth), option=orjson.OPT_INDENT_2))
+        await asyncio.to_thread(Path(args.truth).write_bytes,
+                                orjson.dumps(truth_table(truth), option=orjson.OPT_INDENT_2))
     return truth
 
 

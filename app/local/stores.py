@@ -1,16 +1,17 @@
 """What ``python -m app local`` adds for a store migration: Apache Cassandra when the configuration or the
 migration state names it, and a writer process (app/writer.py) for each store the state writes besides the
 worker's own, started and stopped as the operator moves the state (``python -m app migration ...`` in
-another terminal). Production runs the writer as its own deployment (helm/, README "Moving stores")."""
+another terminal). Production runs the writer as its own deployment (helm/, docs/operations/migration.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from app.errors import PipelineError
 from app.local.embedded import CassandraServer, free_port, require_free_port
@@ -51,10 +52,8 @@ class LocalStores:
         try:
             while not stop.is_set():
                 await self.reconcile(control.current())
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             await control.stop()
 

@@ -1,16 +1,9 @@
 """Generated traffic with exact ground truth: demo data for ``make run``, input for tests and benchmarks.
 
-Router requests have lognormal service times and a status mix with 4xx/5xx and H12/H13 errors; each dyno
-sends a runtime sample every 20 s. Messages are arrays of one app's observations (the batched form).
-
-``realistic=True`` (what ``python -m app loadgen`` sends, in both modes) adds what a real Heroku drain carries
-besides: router errors the router answered itself (H10/H14: no dyno, no service time), an R14 whenever a
-dyno's memory sample is above its quota, one Heroku Postgres metrics line per app a minute (source
-``DATABASE``), one release per app (30 s in) and an l2met line per app a second from ``web.1``. Each is
-exactly the observation app/ingest/logplex.py makes of the line app/local/loadgen.py renders for it, so both
-modes have the same truth. Without it (the default) every request is served: the truth's request counts
-equal the lengths of its service-time lists, which older tests rely on.
-app/local/loadgen.py builds the Heroku-style load generator (drain/HTTP mode, progress bar) on this.
+``realistic=True`` (the load generator's) adds what a real drain carries, each exactly the observation
+app/ingest/logplex.py makes of its line, so both loadgen modes share one truth; without it every request is
+served (older tests rely on that).
+Reference: docs/ingest.md#load-generator
 """
 
 from __future__ import annotations
@@ -21,8 +14,9 @@ import sys
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 

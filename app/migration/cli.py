@@ -12,14 +12,14 @@ and both stores' read p50/p99.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Coroutine, NoReturn
 
+import click
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -362,84 +362,140 @@ async def verify(settings: Settings, since_s: int, until_s: int, app: str | None
             await s.stop()
 
 
-async def change(settings: Settings, args: argparse.Namespace) -> int:
+async def copy_tokens_again(settings: Settings) -> int:
+    """``copy-tokens``: every token to the new store again (idempotent)."""
+    st = await read_state(settings)
+    if not st.target:
+        print(f"no migration under way ({st.label})", file=sys.stderr)
+        return 2
+    print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target}")
+    return 0
+
+
+async def start(settings: Settings, to: str, *, backfill: bool) -> int:
+    """``start --to <store>``: dual writes, once the new store answered a probe."""
     st = await read_state(settings)
     now_ms = SystemClock().now_ms()
-    if args.cmd == "copy-tokens":
-        if not st.target:
-            print(f"no migration under way ({st.label})", file=sys.stderr)
-            return 2
-        print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target}")
-        return 0
-    if args.cmd == "start":
-        nxt = sm.start(st, settings, args.to, backfill=args.backfill, now_ms=now_ms)
-        await probe(settings, nxt.target)  # before anything changes: no dual-write to a store that is not there
-        earliest = await set_writer_offsets(settings, nxt.target, backfill=args.backfill)
-        if args.backfill:
-            nxt = sm.start(st, settings, args.to, backfill=True, now_ms=now_ms, earliest_ms=earliest)
-        # Published first: from then on every process creates and revokes tokens in both stores, so the copy
-        # below (which may wait for the new store to come up: `make run` starts it on this state) is complete.
-        await publish(settings, nxt)
-        print(f"{st.label}  ->  {nxt.label}  (version {nxt.version}); the writer's group "
-              f"{sm.writer_group(settings, nxt.target)} starts at the "
-              + ("oldest retained records" if args.backfill else "current end"))
-        print(f"copied {await copy_tokens_patiently(settings, nxt)} tokens to {nxt.target}")
-        return 0
-    elif args.cmd == "shadow":
-        nxt = sm.shadow(st, args.pct, aa=args.aa, now_ms=now_ms)
-    elif args.cmd == "cutover":
-        nxt = sm.cutover(st, args.pct, now_ms=now_ms)
-    elif args.cmd == "rollback":
-        nxt = sm.rollback(st, now_ms=now_ms)
-    elif args.cmd == "finish":
-        nxt = sm.finish(st, settings, now_ms=now_ms, force=args.force)
-        # Reads move to the new store alone with this state. A revocation that reached only the old one (its
-        # tombstone written while the new store was unreachable: app/migration/tables.py) counts until now
-        # because a tombstone in any store wins; after it, only the new store is read. So the copy runs
-        # again first (idempotent; tombstones included, and a live copy never undoes one), and a failure
-        # refuses the finish instead of publishing it.
-        print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target} (tombstones included)")
-    else:
-        raise ValueError(f"unknown migration command {args.cmd!r}")
+    nxt = sm.start(st, settings, to, backfill=backfill, now_ms=now_ms)
+    await probe(settings, nxt.target)  # before anything changes: no dual-write to a store that is not there
+    earliest = await set_writer_offsets(settings, nxt.target, backfill=backfill)
+    if backfill:
+        nxt = sm.start(st, settings, to, backfill=True, now_ms=now_ms, earliest_ms=earliest)
+    # Published first: from then on every process creates and revokes tokens in both stores, so the copy
+    # below (which may wait for the new store to come up: `make run` starts it on this state) is complete.
+    await publish(settings, nxt)
+    print(f"{st.label}  ->  {nxt.label}  (version {nxt.version}); the writer's group "
+          f"{sm.writer_group(settings, nxt.target)} starts at the "
+          + ("oldest retained records" if backfill else "current end"))
+    print(f"copied {await copy_tokens_patiently(settings, nxt)} tokens to {nxt.target}")
+    return 0
+
+
+Transition = Callable[[sm.MigrationState, int], sm.MigrationState]
+"""The next state from the current one and the time (ms); raises MigrationError when refused."""
+
+
+async def step(settings: Settings, transition: Transition) -> int:
+    """``shadow``, ``cutover``, ``rollback``: publish the state ``transition`` makes of the current one."""
+    st = await read_state(settings)
+    nxt = transition(st, SystemClock().now_ms())
     await publish(settings, nxt)
     print(f"{st.label}  ->  {nxt.label}  (version {nxt.version})")
     return 0
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app migration", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("status", help="phase, writers' lag, sync horizon, mismatch rate, both stores' latency")
-    p.add_argument("--web", action="append", help="the admin port of a process answering queries (repeatable; "
-                                                  "/migration is served there only); default: this machine's "
-                                                  "worker's, METRICS_ADMIN_PORT")
-    p = sub.add_parser("start", help="dual-write: start writing the new store")
-    p.add_argument("--to", required=True, help="dynamodb | cassandra, optionally :<table> / :<keyspace>")
-    p.add_argument("--backfill", action="store_true", help="the new writer starts at the oldest retained records")
-    p = sub.add_parser("shadow", help="compare N %% of apps' reads with the other store")
-    p.add_argument("pct", type=int)
-    p.add_argument("--aa", action="store_true", help="A/A: compare with the serving store itself (noise floor)")
-    p = sub.add_parser("cutover", help="serve N %% of apps from the new store")
-    p.add_argument("pct", type=int)
-    sub.add_parser("rollback", help="one phase back")
-    sub.add_parser("copy-tokens", help="copy every token to the new store again (idempotent)")
-    p = sub.add_parser("finish", help="single(new store), after copying the tokens (revocations included) again; "
-                                      "refused before both hold the whole retention")
-    p.add_argument("--force", action="store_true")
-    p = sub.add_parser("verify", help="compare every series over a range in both stores (exit 1 on differences)")
-    p.add_argument("--since", type=int, required=True, help="epoch seconds")
-    p.add_argument("--until", type=int, required=True, help="epoch seconds")
-    p.add_argument("--app")
-    p.add_argument("--resolution", action="append", type=int, help="seconds (repeatable); default 60 and 3600")
-    args = ap.parse_args(argv)
+async def finish(settings: Settings, *, force: bool) -> int:
+    """``finish``: single(new store), after copying the tokens again."""
+    st = await read_state(settings)
+    nxt = sm.finish(st, settings, now_ms=SystemClock().now_ms(), force=force)
+    # Reads move to the new store alone with this state. A revocation that reached only the old one (its
+    # tombstone written while the new store was unreachable: app/migration/tables.py) counts until now
+    # because a tombstone in any store wins; after it, only the new store is read. So the copy runs
+    # again first (idempotent; tombstones included, and a live copy never undoes one), and a failure
+    # refuses the finish instead of publishing it.
+    print(f"copied {await copy_tokens_patiently(settings, st)} tokens to {st.target} (tombstones included)")
+    await publish(settings, nxt)
+    print(f"{st.label}  ->  {nxt.label}  (version {nxt.version})")
+    return 0
+
+
+def _run(work: Callable[[Settings], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Exit with ``work``'s code; 2, with the reason, when the transition is refused or a part is missing."""
     settings = Settings.from_env()
     try:
-        if args.cmd == "status":
-            return asyncio.run(status(settings, args.web or [f"http://127.0.0.1:{settings.admin_port}"]))
-        if args.cmd == "verify":
-            return asyncio.run(verify(settings, args.since, args.until, args.app, args.resolution or [60, 3600]))
-        return asyncio.run(change(settings, args))
+        code = asyncio.run(work(settings))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    click.get_current_context().exit(code)
+
+
+@click.group("migration")
+def migration() -> None:
+    """Move between stores without downtime (docs/operations/migration.md).
+
+    Each command reads the state from Kafka, checks the transition, sets what the new phase needs and appends
+    the next state; every process follows within about a second.
+    """
+
+
+@migration.command("status")
+@click.option("--web", multiple=True, help="the admin port of a process answering queries (repeatable; "
+                                           "/migration is served there only); default: this machine's worker's, "
+                                           "METRICS_ADMIN_PORT")
+def status_command(web: tuple[str, ...]) -> None:
+    """Phase, writers' lag, sync horizon, mismatch rate, both stores' latency."""
+    _run(lambda s: status(s, list(web) or [f"http://127.0.0.1:{s.admin_port}"]))
+
+
+@migration.command("start")
+@click.option("--to", "to", required=True, help="dynamodb | cassandra, optionally :<table> / :<keyspace>")
+@click.option("--backfill", is_flag=True, help="the new writer starts at the oldest retained records")
+def start_command(to: str, backfill: bool) -> None:
+    """Dual-write: start writing the new store."""
+    _run(lambda s: start(s, to, backfill=backfill))
+
+
+@migration.command("shadow")
+@click.argument("pct", type=int)
+@click.option("--aa", is_flag=True, help="A/A: compare with the serving store itself (noise floor)")
+def shadow_command(pct: int, aa: bool) -> None:
+    """Compare PCT % of apps' reads with the other store."""
+    _run(lambda s: step(s, lambda st, now_ms: sm.shadow(st, pct, aa=aa, now_ms=now_ms)))
+
+
+@migration.command("cutover")
+@click.argument("pct", type=int)
+def cutover_command(pct: int) -> None:
+    """Serve PCT % of apps from the new store."""
+    _run(lambda s: step(s, lambda st, now_ms: sm.cutover(st, pct, now_ms=now_ms)))
+
+
+@migration.command("rollback")
+def rollback_command() -> None:
+    """One phase back."""
+    _run(lambda s: step(s, lambda st, now_ms: sm.rollback(st, now_ms=now_ms)))
+
+
+@migration.command("copy-tokens")
+def copy_tokens_command() -> None:
+    """Copy every token to the new store again (idempotent)."""
+    _run(copy_tokens_again)
+
+
+@migration.command("finish")
+@click.option("--force", is_flag=True, help="before both stores hold the whole retention")
+def finish_command(force: bool) -> None:
+    """Single(new store), after copying the tokens (revocations included) again; refused before both hold the
+    whole retention."""
+    _run(lambda s: finish(s, force=force))
+
+
+@migration.command("verify")
+@click.option("--since", type=int, required=True, help="epoch seconds")
+@click.option("--until", type=int, required=True, help="epoch seconds")
+@click.option("--app", "app", default=None)
+@click.option("--resolution", type=int, multiple=True, help="seconds (repeatable); default 60 and 3600")
+def verify_command(since: int, until: int, app: str | None, resolution: tuple[int, ...]) -> None:
+    """Compare every series over a range in both stores (exit 1 on differences)."""
+    _run(lambda s: verify(s, since, until, app, list(resolution) or [60, 3600]))

@@ -10,13 +10,14 @@ stores' stored-through watermarks), so the open minute and a writer's normal lag
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
 PERCENTILE_REL_TOL = 0.01
-"""The digests keep every percentile within 1 % of the exact value (README, "Coarser points merge digests"); two
+"""The digests keep every percentile within 1 % of the exact value (docs/api.md, "Coarser points"); two
 digests of the same data are each within it, so their difference stays within about twice that; 1 % of
 the larger is what a chart reader could notice."""
 MEAN_REL_TOL = 1e-9

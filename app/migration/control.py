@@ -8,8 +8,9 @@ phase and a change reaches every process within about a second. Compaction keeps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -34,11 +35,9 @@ async def ensure_topic(settings: Settings) -> None:
     await admin.start()
     try:
         if settings.migration_topic not in set(await admin.list_topics()):
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics([NewTopic(settings.migration_topic, 1, settings.replication_factor,
                                                     topic_configs={"cleanup.policy": "compact"})])
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 
@@ -66,7 +65,7 @@ class MigrationControl:
         self._task = asyncio.ensure_future(self._follow())
         try:
             await asyncio.wait_for(self.caught_up.wait(), self.settings.migration_wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("migration state not read within %.0f s: serving from %s until Kafka answers (check "
                       "%sBROKER_URL)", self.settings.migration_wait_s, self._state.source, PREFIX)
 
@@ -82,7 +81,7 @@ class MigrationControl:
                 await self._consume()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Kafka away: keep the last state, try again
+            except Exception as exc:  # noqa: BLE001  Kafka away: keep the last state, try again
                 log.warning("following %s failed (%s); retrying in 2 s", self.settings.migration_topic, exc)
                 await asyncio.sleep(2)
 

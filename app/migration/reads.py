@@ -1,14 +1,8 @@
 """The read side of a migration: which store serves each app, shadow reads, and both stores' latency.
 
-:class:`MigratingQuery` has the query engine's interface (app/api/query.py) and composes one engine per
-store: an app's reads are answered by its serving store's engine (``MigrationState.serving``); for shadowed
-apps the same query then runs on the other store's engine in the background and the answers are compared
-point by point (app/migration/compare.py). The user's answer never waits for the shadow and never fails
-because of it: a shadow that fails or times out is counted, and beyond ``SHADOW_MAX_INFLIGHT`` concurrent
-shadows new ones are skipped (counted) rather than queued.
-
-Every store is wrapped in :class:`TimedStore`, which records each read's latency per store and minute: the
-operator view and ``migration status`` show both stores' p50/p99 side by side.
+:class:`MigratingQuery` has the query engine's interface (app/api/query/); the user's answer never waits for a
+shadow read nor fails because of one.
+Reference: docs/operations/migration.md
 """
 
 from __future__ import annotations
@@ -18,8 +12,9 @@ import bisect
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -209,11 +204,11 @@ class MigratingQuery:
             engine = await self.engine(other, "shadow")
             shadow_ans = await asyncio.wait_for(engine.answer(app, proc, res, since_s, until_s),
                                                 self.settings.shadow_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._count("shadow_timeouts")
             self.stats.shadow(mismatched=None)
             return
-        except Exception as exc:  # a failing shadow store must never reach the user
+        except Exception as exc:  # noqa: BLE001  a failing shadow store must never reach the user
             self._count("shadow_failed")
             self.stats.shadow(mismatched=None)
             log.warning("shadow read of %s/%s on %s failed: %s", app, proc, other, exc)

@@ -1,20 +1,9 @@
-"""The migration between two stores as a state an operator moves step by step (README, "Moving stores").
+"""The migration between two stores as a state an operator moves step by step.
 
-Phases: ``single(A)`` -> ``dual-write`` -> ``shadow N%`` -> ``cutover N%`` -> ``single(B)``.
-
-* ``dual-write``: a writer per store, each in its own consumer group (app/writer.py), so a slow or failing
-  store never stalls the other. Reads come from A.
-* ``shadow N%``: for N % of apps (sticky: a hash of the app), each read also runs against the other store, in
-  the background; the differences are logged and counted (app/migration/reads.py).
-* ``cutover N%``: N % of apps (the same sticky order: shadowed apps are cut over first) are served from B.
-  Moving N down is the rollback, in effect on every process as soon as it reads the new state.
-* ``single(B)`` (``finish``): only B is written and read. A's writer stops where it is; a rollback resumes it
-  from its consumer group's offsets while Kafka still holds them.
-
-A store is named by a *spec*: ``dynamodb`` / ``cassandra``, or with a namespace, ``dynamodb:<table>`` /
-``cassandra:<keyspace>``, so a move between two DynamoDB tables (a new key design, region or account) is
-the same procedure. Every transition is checked here, where it is unit-tested; the state is carried by a
-compacted Kafka topic (app/migration/control.py).
+``single(A)`` -> ``dual-write`` -> ``shadow N%`` -> ``cutover N%`` -> ``single(B)``; a store is named by a spec
+(``dynamodb[:<table>]``, ``cassandra[:<keyspace>]``). Every transition is checked here; the state travels on a
+compacted topic (app/migration/control.py).
+Reference: docs/operations/migration.md
 """
 
 from __future__ import annotations
@@ -149,7 +138,7 @@ class MigrationState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> "MigrationState":
+    def from_json(cls, doc: dict[str, Any]) -> MigrationState:
         known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
         state = cls(**known)
         if state.phase not in PHASES:

@@ -3,13 +3,14 @@ the writers: ``migration start`` copies the tokens to the new store, then every 
 store the state writes, and reads go to the state's source (the new store after ``finish``), a revocation
 tombstone in any written store winning (:class:`FollowingTokens`). Frame ids
 live minutes (``dedup_window_s``): they follow the source, so a frame retried exactly across ``finish``
-may be counted twice (README, "Moving stores")."""
+may be counted twice (docs/operations/migration.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from app.errors import PipelineError
 from app.migration.state import MigrationState, store_settings

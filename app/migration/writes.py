@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from app.migration.state import MigrationState, store_settings, writer_group
 from app.settings import Settings

@@ -5,8 +5,9 @@ A webhook's secret is a :data:`app.sealing.Secret`: sealed at rest with ``METRIC
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from app.errors import PipelineError, RetriableError
 from app.sealing import Secret, secret_from_record, secret_to_record
@@ -67,7 +68,7 @@ class Delivery:
                 "supersedes": self.supersedes, "seq": self.seq}
 
     @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> "Delivery":
+    def from_record(cls, rec: Mapping[str, Any]) -> Delivery:
         return cls(rec["id"], rec["event_id"], rec["channel"], rec["target"], rec["body"], rec.get("subject", ""),
                    secret_from_record(rec), rec.get("supersedes", ""), int(rec.get("seq", 0)))
 

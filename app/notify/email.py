@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import ssl
@@ -78,8 +77,8 @@ class EmailSender:
                 raise DeliveryUnavailable(f"SMTP {exc.code}: {exc.message}") from None
             raise DeliveryFailed(f"SMTP {exc.code}: {exc.message}",
                                  action=f"check {PREFIX}SMTP_USERNAME/PASSWORD/FROM and the recipient") from None
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError,
-                asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError,
+                aiosmtplib.SMTPTimeoutError, OSError) as exc:
             raise DeliveryUnavailable(f"SMTP {self.host}:{self.port}: {type(exc).__name__}: {exc}",
                                       action="check that the SMTP server is reachable") from None
         except aiosmtplib.SMTPException as exc:

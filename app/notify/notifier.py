@@ -1,17 +1,8 @@
-"""Outgoing notifications: signed webhooks, e-mail over SMTP, and the background notifier that sends them.
+"""Outgoing notifications: the background notifier that sends deliveries (webhooks, e-mail) off the stream.
 
-The stream agents never wait on a receiver. They hand a :class:`Delivery` to :meth:`Notifier.submit`,
-which only puts it on a bounded queue and returns. A few worker tasks send with a timeout per attempt;
-a retriable failure (connection error, timeout, 408/425/429/5xx, SMTP 4xx) is re-queued after an
-exponential backoff with full jitter (``Retry-After`` respected), up to ``notify_max_attempts``. A
-permanent failure (other 4xx, SMTP 5xx, bad credentials) is given up at once. Each delivery ends with
-its ``on_done`` callback: ``delivered``, ``failed`` (given up, logged) or ``abandoned`` (the notifier
-stopped first: the agents keep such deliveries in their outbox and send them again after a restart).
-
-Workers are watched by a done-callback: a worker that dies of an unexpected error is logged with its
-traceback and replaced, so nothing stops silently.
-
-Senders: ``app/notify/webhook.py`` (webhooks, formation API) and ``app/notify/email.py`` (SMTP).
+:meth:`Notifier.submit` only queues; a retriable failure backs off (app/retry.py) up to
+``notify_max_attempts``; every delivery ends in its ``on_done`` (delivered, failed or abandoned).
+Reference: docs/alerting.md#notifications
 """
 
 from __future__ import annotations
@@ -19,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from app.errors import ConfigError
 from app.notify.delivery import (
@@ -178,7 +169,7 @@ class Notifier:
 
     async def join(self) -> None:
         """Wait until nothing is queued, sending or waiting for a retry (tests, shutdown)."""
-        while self._jobs:
+        while self._jobs:  # noqa: ASYNC110  a test and shutdown helper: polling is enough
             await asyncio.sleep(0.01)
 
     # --- sending -----------------------------------------------------------------------------------------
@@ -227,7 +218,7 @@ class Notifier:
         try:
             # The senders have their own timeouts; this one bounds anything they do not cover.
             await asyncio.wait_for(sender.send(d), timeout=self.settings.notify_timeout_s * 2)
-        except (DeliveryUnavailable, asyncio.TimeoutError) as exc:
+        except (TimeoutError, DeliveryUnavailable) as exc:
             retry_after_s = exc.retry_after_s if isinstance(exc, DeliveryUnavailable) else 0.0
             if job.attempts >= self.settings.notify_max_attempts:
                 self._give_up(job, f"{exc} (after {job.attempts} attempts)")

@@ -8,14 +8,14 @@ is the same on every retry and replay of an event, so receivers can drop duplica
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import logging
 import socket
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -30,8 +30,8 @@ from app.notify.delivery import (
     DeliveryUnavailable,
     SecretUnavailable,
 )
-from app.sealing import SecretBox, SecretUnreadable, secret_box
 from app.ops.logs import url_origin
+from app.sealing import SecretBox, SecretUnreadable, secret_box
 from app.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,11 @@ class WebhookSender:
                                              allow_redirects=False) as resp:
                 status = resp.status
                 retry_after = _retry_after_s(resp.headers.get("Retry-After"))
-                try:
+                # the status is the answer; a body cut short or too slow does not change it
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
                     await _drain(resp)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                    pass  # the status is the answer; a body cut short or too slow does not change it
                 resp.release()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # ForbiddenTarget comes straight from the literal check, or wrapped by aiohttp from the resolver.
             forbidden = exc if isinstance(exc, ForbiddenTarget) else getattr(exc, "os_error", None)
             if isinstance(forbidden, ForbiddenTarget):

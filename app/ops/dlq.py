@@ -1,37 +1,8 @@
-"""``python -m app dlq replay``: send dead-lettered records back to the topic they came from, once the cause
-is fixed, without doubling anything.
+"""``python -m app dlq replay``: send dead-lettered records back to their topic once the cause is fixed.
 
-What the dead-letter topics hold, and what can be replayed
------------------------------------------------------------
-* ``metrics-1m-dlq`` (agents/sink.py :func:`~agents.sink.dead_letter_record`): a minute the store refused,
-  as ``{"reason", "topic", "app", "proc", "start_ms", "record"}`` with ``record`` the ``metrics-1m`` record
-  itself. Replayable whole, to ``topic`` keyed by app (the partition the aggregator sends the app's minutes
-  to). A minute's key in the store is deterministic (app, process type, resolution, minute start), so
-  storing it again overwrites it: a minute replayed twice is still stored once. By default every such
-  record is selected. Not replayable: records flagged ``truncated`` (the minute was too large for the
-  broker; only its identity, size and SHA-256 were kept) and records that were never a minute.
-* ``observations-dlq`` (agents/aggregate.py ``dead_letter_record``): ``{"kind", "reason", "app", "record",
-  "source": {"topic", "partition", "offset", "index"}}``. ``record`` is the observation echoed whole when it
-  was a JSON object under 2 KB (app/models.py ``echo``): replayable, to ``source.topic`` keyed by app, as a
-  one-observation message. A whole message that was not JSON, or an echo cut at 2 KB, is kept as text and
-  is not replayable. An observation is counted once more each time it is sent, so only those whose reason
-  can pass now are selected by default: ``ts ... ahead of the wall clock`` (a producer's clock was ahead,
-  the minute has come since). Late observations (``minute already closed``) and invalid ones are refused
-  again unless the settings or the code changed; replay those only with ``--reason``.
-
-How doubling is prevented
--------------------------
-The replay reads the dead-letter topic in its own consumer group (``<METRICS_APP_ID>-dlq-replay``) from
-the offset that group committed, up to the end offsets taken when it starts (or ``--until-offset``): a
-minute dead-lettered again during the run is not replayed in a loop. After each chunk's records are
-acknowledged by the brokers (``acks=all``, idempotent producer) the group commits the offsets after them,
-so running the command twice replays nothing twice. A replayable record not selected (``--reason``, or an
-observation whose reason is not retriable) is re-appended to the end of the dead-letter topic before the
-commit, so a later run with another ``--reason`` still finds it; each dead-letter record is thus either
-replayed or moved, once. Records that cannot be replayed are counted and passed over. The one window left:
-a crash after the sends were acknowledged and before the commit replays that chunk again on the next run
-(harmless for minutes, which overwrite; it may count those observations twice). ``--dry-run`` reads the
-same range and prints counts by reason and outcome, sending and committing nothing.
+Reads in its own consumer group up to the end offsets taken at start and commits after the brokers
+acknowledged what it sent, so each record is replayed (or moved back to the end) once, never twice.
+Reference: docs/ingest.md#dead-letters-and-replaying-them-python-m-app-dlq-replay
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Operational endpoints for every role (worker, web, ingest), on the operator's own port.
+"""Operational endpoints for every role, on the operator's own port (``METRICS_ADMIN_HOST``, ``_PORT``).
 
-Every role serving tenants runs a second aiohttp app, the *admin port* (``METRICS_ADMIN_HOST`` /
-``METRICS_ADMIN_PORT``, :func:`add_admin_port`), beside its tenant port. A NetworkPolicy cannot filter by
-path, so operator data stays off the port the ingress reaches instead (security review M2):
-
-* ``GET /readyz``: runs the role's readiness checks (broker reachable, table recovery finished, DynamoDB
-  reachable, ...) concurrently, each under a timeout. 200 when all pass, 503 with each failure's reason
-  (what the operator must do) otherwise. Kubernetes routes traffic and paces rolling updates by it.
-* ``GET /metrics``: Prometheus exposition of the one counter catalogue (``app/ops/stats.py``). Values are read
-  from ``Counters`` at scrape time, so the pipeline keeps a single set of numbers and nothing is declared
-  twice.
-* ``GET /healthz``, and whatever the role adds (``/migration``, ``/v1/stats``).
-
-The tenant port keeps ``/healthz`` and a bare ``/readyz`` (``{"status": "ready"}`` or ``not_ready``): the
-same checks, without the names of tables, endpoints or errors.
+``/readyz`` (each failing check with what to do), ``/metrics`` (Prometheus, from the one counter catalogue in
+app/ops/stats.py) and ``/healthz``; the tenant port keeps only ``/healthz`` and a bare ``/readyz``, because a
+NetworkPolicy cannot filter by path.
+Reference: docs/operations/deploy.md, docs/api.md#tenant-isolation
 """
 
 from __future__ import annotations
@@ -22,7 +12,8 @@ import asyncio
 import logging
 import logging.config
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -55,7 +46,7 @@ slow dependency instead of timing out itself."""
 CHECK_CACHE_S = 1.0
 """Probes and people hitting /readyz at once share one run of the checks (each may call DynamoDB)."""
 
-READINESS_KEY: web.AppKey["Readiness"] = web.AppKey("readiness")
+READINESS_KEY: web.AppKey[Readiness] = web.AppKey("readiness")
 
 _REGISTERED: dict[str, Check] = {}
 
@@ -67,7 +58,7 @@ def register_check(name: str, check: Check) -> None:
     _REGISTERED[name] = check
 
 
-ADMIN_KEY: web.AppKey["AdminPort"] = web.AppKey("admin_port")
+ADMIN_KEY: web.AppKey[AdminPort] = web.AppKey("admin_port")
 
 
 # --- readiness ------------------------------------------------------------------------------------------
@@ -109,7 +100,7 @@ class Readiness:
     async def _run_all(self) -> dict[str, str]:
         names = list(self.checks)
         outcomes = await asyncio.gather(*(self._one(n) for n in names))
-        results = dict(zip(names, outcomes))
+        results = dict(zip(names, outcomes, strict=True))
         ready = all(v == "ok" for v in results.values())
         if ready != self._was_ready:
             if ready:
@@ -122,9 +113,9 @@ class Readiness:
     async def _one(self, name: str) -> str:
         try:
             await asyncio.wait_for(self.checks[name](), timeout=self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return f"no answer within {self.timeout_s:g} s -- check the dependency and the network path to it"
-        except Exception as exc:  # the reason goes to the operator; nothing may escape into a 500
+        except Exception as exc:  # noqa: BLE001  the reason goes to the operator; nothing may escape into a 500
             # PipelineErrors already say what to do; anything else is named by its type
             return redact(str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}")
         return "ok"
@@ -176,7 +167,7 @@ def broker_check(broker_url: str, *, connect_timeout_s: float = 1.5) -> Check:
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)),
                                                    timeout=connect_timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 reasons.append(f"{server}: {type(exc).__name__} {exc}".rstrip())
                 continue
             writer.close()

@@ -152,7 +152,7 @@ CATALOGUE: Final[dict[CounterName, str]] = {
                               "later. Rising: raise METRICS_NOTIFY_CONCURRENCY or fix slow receivers.",
     "notify_worker_restarts": "Notifier worker tasks that died of an unexpected error and were replaced. "
                               "Non-zero: a bug; read the traceback in the log.",
-    # --- query API and rollups (app/api/query.py, app/api/web.py, agents/rollup.py) ---
+    # --- query API and rollups (app/api/query/, app/api/web.py, agents/rollup.py) ---
     "query_cache_hits": "Metric queries answered from the in-process cache (or joined to an identical request "
                         "in flight). Informational; a low hit rate with many viewers means ranges never repeat.",
     "query_cache_misses": "Metric queries computed (DynamoDB read for missing or non-final buckets). Rising "
@@ -260,7 +260,7 @@ class Histogram:
     def cumulative(self) -> list[tuple[str, float]]:
         """``[(le, count of values <= le)]``, ending with ``+Inf``."""
         out, total = [], 0
-        for le, n in zip([*(repr(b) for b in self.bounds), "+Inf"], self.buckets):
+        for le, n in zip([*(repr(b) for b in self.bounds), "+Inf"], self.buckets, strict=True):
             total += n
             out.append((le, float(total)))
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -57,12 +58,10 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
         existing = set(await admin.list_topics())
         missing = [t for t in topic_names(settings) if t not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently by another process
                 await admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor,
                                                     topic_configs=topic_configs(settings, t))
                                            for t in missing])
-            except TopicAlreadyExistsError:
-                pass  # created concurrently by another process
             log.info("created topics %s with %d partitions", missing, settings.partitions)
         return missing
     finally:

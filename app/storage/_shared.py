@@ -4,7 +4,8 @@ work moved off the event loop when it is large (the compression itself: app/stor
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
 
 from app.storage.codec import OFFLOAD_BYTES, packed_bytes
 from app.storage.protocol import MetricItem

@@ -5,8 +5,9 @@ Cassandra keyspace), and its factories are all a caller may know of it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from app.clock import Clock
 from app.errors import ConfigError
@@ -99,8 +100,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             _cassandra_frames, valid_namespace=_valid_keyspace,
             where=lambda s: f"Cassandra at {s.cassandra_hosts}:{s.cassandra_port}",
             reach_action=(f"start a node there, or set {PREFIX}CASSANDRA_HOSTS / {PREFIX}CASSANDRA_PORT "
-                          "(locally: `make install-cassandra`, then restart `make run` with "
-                          f"{PREFIX}LOCAL_CASSANDRA=1)")),
+                          f"(locally: restart `make run` as `{PREFIX}LOCAL_CASSANDRA=1 make run`)")),
 )}
 assert tuple(BACKENDS) == STORES, "app/settings.py STORES names the registered backends"
 

@@ -1,25 +1,9 @@
-"""Apache Cassandra behind the store protocols (``METRICS_STORE=cassandra``), as Heroku ran this service
-before it moved to DynamoDB.
+"""Apache Cassandra behind the store protocols (``METRICS_STORE=cassandra``), on acsylla.
 
-Schema (keyspace ``cassandra_keyspace``, created with ``create_table``)
------------------------------------------------------------------------
-* ``items``: every metric item. Partition ``(app, proc, res, kind, bucket)``, clustering ``ts`` ascending:
-  one partition per series, item kind and bounded time bucket (:func:`bucket_span_s`: at most 1,440 rows),
-  so a range read is one or two single-partition slices in time order, and a chart's summary blocks never
-  share a partition with digests. Columns ``d`` (the payload, gzip-compressed like DynamoDB's when large:
-  app/storage/codec.py) and ``z``. Keys are deterministic, so a replayed minute overwrites its row.
-  Retention is Cassandra's native TTL, counted from the item's own time (``ts + span + ttl``), so replays do
-  not extend it; expired rows are never returned. Compaction: TimeWindowCompactionStrategy in one-day
-  windows, which drops whole SSTables once their rows expired instead of rewriting them (the strategy
-  Cassandra recommends for TTL'd time series); a short ``gc_grace_seconds``, as nothing is deleted.
-* ``progress``: the stored-through watermark of each ``metrics-1m`` partition, one partition in all.
-* ``tokens``: per-app credentials by SHA-256 (app/storage/tokens.py).
-* ``frames``: Logplex frame ids (app/ingest/dedup.py), claimed with lightweight transactions (``IF NOT
-  EXISTS`` / ``IF st = ...``), living ``dedup_window_s`` by TTL.
-
-The driver is acsylla (asyncio on the C++ driver), chosen by measurement over cassandra-driver (README):
-prepared statements, token-aware routing, at most ``cassandra_max_inflight`` statements in flight per
-process, and errors classified like the DynamoDB client's.
+One partition per series, item kind and bounded time bucket (:func:`bucket_span_s`); retention is the native
+TTL counted from the item's own time; frames are claimed with lightweight transactions. :func:`schema` is the
+CQL for IaC.
+Reference: docs/design/storage.md#cassandra-store-metrics_storecassandra
 """
 
 from __future__ import annotations
@@ -27,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import acsylla
 import orjson
@@ -93,7 +78,7 @@ def classify(exc: BaseException, *, operation: str, settings: Settings) -> Store
         return exc
     where = f"{settings.cassandra_hosts}:{settings.cassandra_port}"
     msg = f"Cassandra {operation} at {where} failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, _RETRIABLE) or isinstance(exc, (OSError, asyncio.TimeoutError)):
+    if isinstance(exc, (*_RETRIABLE, OSError, TimeoutError)):
         return StoreUnavailable(msg, action=f"the cluster is down, overloaded or unreachable: check the nodes "
                                             f"and {PREFIX}CASSANDRA_HOSTS; retrying",
                                 retry_after_s=settings.backoff_max_ms / 1000)
@@ -180,7 +165,7 @@ class CassandraSession:
     tables (each holds a reference; the last ``stop`` closes it). A cluster that is down at start leaves
     the process up and not ready: every call retries the connection (StoreUnavailable meanwhile)."""
 
-    _shared: ClassVar[dict[tuple[str, int, str, str], "CassandraSession"]] = {}
+    _shared: ClassVar[dict[tuple[str, int, str, str], CassandraSession]] = {}
 
     def __init__(self, settings: Settings) -> None:
         check_config(settings)
@@ -193,7 +178,7 @@ class CassandraSession:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def of(cls, settings: Settings) -> "CassandraSession":
+    def of(cls, settings: Settings) -> CassandraSession:
         key = (settings.cassandra_hosts, settings.cassandra_port, settings.cassandra_keyspace,
                settings.cassandra_username)
         shared = cls._shared.get(key)

@@ -1,26 +1,9 @@
-"""DynamoDB behind the store protocols (app/storage/protocol.py, ``METRICS_STORE=dynamodb``): the metrics
-store, and the token and frame tables.
+"""DynamoDB behind the store protocols (``METRICS_STORE=dynamodb``): the metrics store and the token and frame
+tables, on one client lifecycle (:class:`DynamoTable`).
 
-Table design
-------------
-One item per (app, process type, resolution, bucket). Partition key ``pk`` (S) is
-``"{app}#{process_type}#{resolution_s}"``; sort key ``ts`` (N) is the bucket start in epoch seconds, so a
-time-range read of one series is a single Query on one partition, in time order. Summary blocks
-(app/storage/protocol.py, tables/summary.py) live in their own partition, ``"...#{resolution_s}#s"`` with
-``ts`` the block start: a chart's Query reads them and never touches (or pays for) a digest. Attributes:
-
-* ``d`` (B): the aggregate, an opaque orjson document the store never parses. Stored gzip-compressed when
-  it is longer than ``compress_over_bytes`` (and compression actually helps), flagged by ``z`` (N) = 1.
-* ``expires_at`` (N): ``ts + span + ttl_s`` (span 0 for a bucket, a block's span for a block), the
-  table's TTL attribute. Retention is measured from the minute's
-  own time, so replaying old data does not extend it. TTL deletion is lazy (up to days), so reads also
-  drop expired items themselves.
-
-Keys are deterministic: replaying a minute overwrites the same item, which makes the sink idempotent under
-at-least-once delivery. The payload is a binary blob rather than a nested map because the item stays small,
-botocore's (de)serialization of nested maps is a known CPU cost, and nothing ever filters on inner fields.
-An item that would still exceed DynamoDB's 400 KB limit after compression is rejected (not retriable).
-``app`` and ``process_type`` must not contain ``#``, or two series could share a partition key.
+Keys are deterministic (a replayed minute overwrites its item), payloads are opaque blobs, and reads drop
+expired items themselves (TTL deletion is lazy). ``app`` and ``process_type`` never contain ``#``.
+Reference: docs/design/storage.md#dynamodb-table
 """
 
 from __future__ import annotations
@@ -31,7 +14,8 @@ import logging
 import os
 import random
 import re
-from typing import Any, Awaitable, Callable, ClassVar, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import aioboto3
 import aiohttp
@@ -387,7 +371,8 @@ class DynamoStore(DynamoTable):
         if size > MAX_ITEM_BYTES:
             raise StoreError(
                 f"item {pk} ts={item.ts_s} is {size} bytes after compression "
-                f"(payload {len(item.payload)} bytes), over DynamoDB's 400 KB item limit (we allow {MAX_ITEM_BYTES} bytes)",
+                f"(payload {len(item.payload)} bytes), over DynamoDB's 400 KB item limit "
+                f"(we allow {MAX_ITEM_BYTES} bytes)",
                 action="lower the aggregate's size (e.g. METRICS_DIGEST_MAX_CENTROIDS) or split the payload; "
                        "retrying cannot help",
             )

@@ -3,7 +3,8 @@ metric series uses. Written by ``agents/events.py``, read by the query API's ``/
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import orjson
 

@@ -1,20 +1,16 @@
-"""The store protocol: what the sinks, rollups, events job and query engine need from any metrics store.
+"""The store protocols: what the sinks, rollups, events job and query engine need from any store.
 
-Backends (``app/storage/dynamodb.py``, ``app/storage/cassandra.py``) implement it, and the tables of
-tokens and drain-frame ids below; the registry in ``app/storage/backends.py`` makes them (``METRICS_STORE``
-picks one) and the migration (``app/migration/``) composes two through it. Nothing above storage knows
-which one runs.
-
-A series holds two kinds of item (README, "Store layout"): ``DIGEST`` items carry a bucket's full
-aggregate with its t-digests, for merging (rollups, ranges no summary covers); ``SUMMARY`` items are
-blocks of rendered chart points (tables/summary.py), the only thing the query path reads for final points.
-A backend keeps the kinds apart so a read of one never pays for the other (DynamoDB bills whole items).
+Backends (app/storage/dynamodb.py, app/storage/cassandra.py) implement them and app/storage/backends.py makes
+them; nothing above storage knows which one runs. A series holds ``DIGEST`` items (full aggregates, for
+merging) and ``SUMMARY`` items (rendered chart points), kept apart so a read of one never pays for the other.
+Reference: docs/design/storage.md
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 Kind = Literal["digest", "summary"]
 DIGEST: Kind = "digest"

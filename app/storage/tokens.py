@@ -1,15 +1,8 @@
-"""Per-app credentials: drain tokens (Logplex drains), write tokens (JSON ingestion), read tokens (queries).
+"""Per-app credentials: drain, write and read tokens, stored as their SHA-256 in the store's token table.
 
-A token is 32 random bytes (``mk_<kind>_<urlsafe>``), shown once at creation. Only its SHA-256 is stored
-(random tokens need no slow hash), in the store's token table (``METRICS_STORE``: DynamoDB table
-``<table_name>-tokens`` or Cassandra table ``tokens``) so every ingest/web process and every restart sees the
-same set: the hex digest, ``app``, ``kind``, ``id`` (first 12 hex chars, for listing and revoking),
-``created_s``. Tokens are never logged; only ids are.
-
-Verification is cached in-process (positive 30 s, negative 5 s; both bounded LRUs) so a drain POST does not
-pay a store read: a revoked token stops working within 30 s on every process. A revoked token is kept as a
-tombstone (``revoked_s``) in every store the migration state writes, so a store migration cannot bring it
-back (security review M8).
+Verification is cached (valid 30 s, unknown 5 s), so a revoked token stops working within 30 s; a revocation is
+a tombstone in every store the migration writes, so no migration brings a token back.
+Reference: docs/ingest.md#credentials
 """
 
 from __future__ import annotations
@@ -22,9 +15,10 @@ import logging
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import replace
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from app.settings import Settings
-
 from typing import Any
 
 import orjson
@@ -14,6 +12,7 @@ from app.api.query import MetricsQuery
 from app.clock import ManualClock
 from app.errors import PipelineError, StoreError, StoreFatal
 from app.ops.stats import Counters
+from app.settings import Settings
 from app.storage.events import EVENTS_RESOLUTION_S, events_of
 from tests.api.test_query import SETTINGS, T0, MemoryStore
 

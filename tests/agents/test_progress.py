@@ -3,7 +3,7 @@ committed offsets of metrics-1m, published to the store; and closed_through in t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from agents.aggregate import Aggregator
 from agents.progress import Publisher, Watermarks

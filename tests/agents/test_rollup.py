@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import zlib
 from dataclasses import replace
@@ -208,7 +209,7 @@ def test_summary_blocks_equal_what_the_digests_give(minutes: list[tuple[int, dic
         aggs = sorted((_minute_from(T0 + 60 * m, spec) for m, spec in minutes), key=lambda a: a.key.start_ms)
         values = [(0, record(a)) for a in aggs]
         bounds = [0, *sorted(c for c in cuts if c < len(values)), len(values)]
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             await r.process(values[lo:hi])
         for a in aggs:  # what the sink stores
             store.items[("shop", "web", 60, a.key.start_ms // 1000)] = record(a)

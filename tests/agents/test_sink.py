@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 import pytest
 
-from agents.sink import ISOLATE_STREAK, Sink, decode_minute, dead_letter_record
+from agents.sink import ISOLATE_STREAK, Sink, dead_letter_record, decode_minute
 from app.errors import ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
 from app.ops.health import Readiness
 from app.ops.stats import Counters

@@ -7,8 +7,9 @@ action, from dynos, to dynos). The expected values are worked out from the model
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import fields, replace
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 

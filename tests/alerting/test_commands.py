@@ -3,7 +3,7 @@ outcomes, and webhook secrets at rest in commands and table values."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import orjson
 import pytest

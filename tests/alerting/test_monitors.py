@@ -6,7 +6,7 @@ Every timeline lists its minutes explicitly and expects the exact events: (event
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 import pytest

@@ -8,7 +8,8 @@ from the topic; the Kafka path itself is covered by tests/integration/test_alert
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -44,9 +45,9 @@ from app.api.policies import (
 )
 from app.errors import RetriableError, StoreUnavailable
 from app.local.embedded import free_port
-from app.sealing import SealedSecret, use_secrets_key
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
+from app.sealing import SealedSecret, use_secrets_key
 from app.settings import Settings
 
 AClient = Callable[..., Awaitable[TestClient[Any, Any]]]

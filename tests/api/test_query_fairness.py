@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestClient
 
 from app.api.query import Answer, MetricsQuery
 from app.api.web import GATE_KEY, make_web_app
-from app.limits import FairSlots as QueryGate
 from app.clock import ManualClock
 from app.limits import AppLimits, Limits
+from app.limits import FairSlots as QueryGate
 from app.ops.stats import Counters
 from app.settings import Settings
 from tests.api.test_query import SETTINGS, T0, MemoryStore

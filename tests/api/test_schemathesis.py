@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import orjson
@@ -92,7 +93,7 @@ schema = schemathesis.openapi.from_dict(with_policy_routes(document(SETTINGS)))
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance, checks.response_headers_conformance, checks.ignored_auth]
 """Not ``positive_data_acceptance``: a range over the retention, or more points than the limit, is a 400 the
-document cannot express (a constraint between two parameters); the README and the 400's message say it.
+document cannot express (a constraint between two parameters); docs/api.md and the 400's message say it.
 Not ``negative_data_rejection``: unknown query parameters are ignored on purpose, as most HTTP APIs do."""
 
 

@@ -1,14 +1,15 @@
 """Tenant isolation, endpoint by endpoint: every HTTP endpoint that takes a token, against no token, the right
 token, a token of the wrong kind, another app's token, a revoked token and a token in the query string, with
-the real token store (moto). Each answer is the one the README promises, and nothing tells an existing app
+the real token store (moto). Each answer is the one docs/api.md promises, and nothing tells an existing app
 from a nonexistent one. Also the body-size limit and slow bodies (slowloris) on the ingest."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import orjson
@@ -128,7 +129,7 @@ POLICY_CALLS = [("GET", "/v1/apps/{app}/monitors", None), ("POST", "/v1/apps/{ap
 
 @pytest.mark.parametrize("method, path, body", POLICY_CALLS)
 async def test_monitors_and_autoscaling_matrix(tenants: Tenants, method: str, path: str, body: Any) -> None:
-    """Looking needs the app's read token, changing its write token (README, Alerting and autoscaling)."""
+    """Looking needs the app's read token, changing its write token (docs/alerting.md)."""
     t = tenants.tokens
     shop, other, ghost = (path.format(app=a) for a in ("shop", "other", "ghost"))
     changes = method != "GET"

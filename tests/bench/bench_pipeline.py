@@ -143,7 +143,7 @@ def main() -> None:
     dynamo.start()
     rows: list[tuple[str, str, float, str]] = []
     try:
-        single, single_obs, single_minutes = make_traffic(args.single, 1)
+        single, _single_obs, single_minutes = make_traffic(args.single, 1)
         batched, batched_obs, batched_minutes = make_traffic(args.batched, 500)
         s = Settings()
         topics = {"single": f"bench-single-{uuid.uuid4().hex[:6]}", "batched": f"bench-batched-{uuid.uuid4().hex[:6]}"}

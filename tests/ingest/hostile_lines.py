@@ -9,7 +9,7 @@ that make backtracking patterns go quadratic: long digit runs (``\\d+\\.?\\d*``)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 TS = b"2023-11-14T22:13:20.123456+00:00"
 
@@ -39,7 +39,7 @@ def _fields(text: bytes) -> list[tuple[str, bytes]]:
             continue
         name = key.decode()
         for label, repl in ((f"{name} value", key + b"=@"), (f"{name} key", b"@=" + value)):
-            out.append((label, b" ".join(parts[:i] + [repl] + parts[i + 1:])))
+            out.append((label, b" ".join([*parts[:i], repl, *parts[i + 1:]])))
     out.append(("trailing text", text + b" @"))
     return out
 

@@ -319,9 +319,7 @@ def test_reads_on_a_worker_that_does_not_own_the_app(broker: KafkaBroker, dynamo
                                                      tmp_path: Path) -> None:
     """Two workers, the app's partition on one of them: a GET on either returns the owner's answer."""
     uid = uuid.uuid4().hex[:8]
-    p = Pipeline(broker, dynamo, tmp_path, **{
-        "METRICS_ALERTS_TOPIC": f"alerts-{uid}", "METRICS_AUTOSCALE_TOPIC": f"autoscale-{uid}",
-        "METRICS_POLICY_COMMANDS_TOPIC": f"policy-{uid}"})
+    p = Pipeline(broker, dynamo, tmp_path, METRICS_ALERTS_TOPIC=f"alerts-{uid}", METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}", METRICS_POLICY_COMMANDS_TOPIC=f"policy-{uid}")
     try:
         p.start(data_dir=tmp_path / "state-1")
         write, read = p.read_token("shop", "write"), p.read_token("shop", "read")

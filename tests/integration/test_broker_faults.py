@@ -1,4 +1,4 @@
-"""Broker faults on the real stack (README "Reliability"): the Kafka broker SIGKILLed and restarted on its log
+"""Broker faults on the real stack (docs/reliability.md): the Kafka broker SIGKILLed and restarted on its log
 directory, or unreachable (frozen with SIGSTOP: connections hang, nothing answers), while traffic flows, a
 worker aggregates and an ingest process takes requests. Neither process is restarted by hand. While Kafka is
 gone the ingest answers 503 with Retry-After and acknowledges nothing Kafka does not hold; afterwards every

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
+import aiohttp
 import orjson
 import pytest
-import aiohttp
 from aiohttp.test_utils import TestClient
 
 from app.ingest.server import build
@@ -53,9 +54,8 @@ async def read_topic(broker: KafkaBroker, topic: str, *, wait_s: float = 2.0) ->
 
 async def admin_get(client: TestClient[Any, Any], path: str) -> tuple[int, bytes]:
     """GET ``path`` on the admin port of the app ``client`` serves (/readyz with reasons, /metrics)."""
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{client.app[ADMIN_KEY].url}{path}") as r:
-            return r.status, await r.read()
+    async with aiohttp.ClientSession() as s, s.get(f"{client.app[ADMIN_KEY].url}{path}") as r:
+        return r.status, await r.read()
 
 
 class Env:

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import orjson
@@ -480,8 +481,8 @@ def test_start_refuses_a_target_store_that_does_not_answer_and_publishes_nothing
     r = _cli(env, "start", "--to", "cassandra")
     assert r.returncode != 0, r.stdout + r.stderr
     port = env["METRICS_CASSANDRA_PORT"]
-    assert f"Cassandra at 127.0.0.1:{port} is not reachable" in r.stderr and "make install-cassandra" in r.stderr, \
-        r.stderr
+    assert f"Cassandra at 127.0.0.1:{port} is not reachable" in r.stderr, r.stderr
+    assert "METRICS_LOCAL_CASSANDRA=1 make run" in r.stderr, r.stderr
     assert "nothing was published" in r.stderr and time.monotonic() - t0 < 60
     out = _cli(env, "status")
     assert out.returncode == 0 and "phase:    single(dynamodb:" in out.stdout, out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""A noisy neighbour at the ingest (README "Reliability", per-tenant admission: app/ingest/admission.py): on the
+"""A noisy neighbour at the ingest (docs/reliability.md, per-tenant admission: app/ingest/admission.py): on the
 real stack (an ingest process, Kafka, a worker, dynalite), app B sends Logplex frames at a steady rate, open
 loop, first alone (the baseline), then while app A floods the same ingest process with many closed-loop
 senders that retry every 503 after its Retry-After with the same Frame-Id, as Logplex does.
@@ -15,10 +15,10 @@ import asyncio
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import pytest
@@ -92,7 +92,7 @@ async def post(session: aiohttp.ClientSession, url: str, token: str, f: Frame, a
             elapsed_s = time.monotonic() - t0
             status = r.status
             retry_after = r.headers.get("Retry-After", "")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         tally.errors.append(repr(exc))
         if first:
             ans.first[0] = ans.first.get(0, 0) + 1

@@ -1,4 +1,4 @@
-"""The ingest at twice its capacity (README "Reliability"): an ingest process on the real stack is measured
+"""The ingest at twice its capacity (docs/reliability.md): an ingest process on the real stack is measured
 (closed loop, Logplex frames), then sent frames at twice that rate, open loop, as a fleet of drains would.
 It answers 2xx or a clean 503 with Retry-After, never anything else; its memory stays bounded; every frame
 answered 2xx, and every 503'd frame retried afterwards with its Frame-Id (as Logplex does), is counted

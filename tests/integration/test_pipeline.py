@@ -72,6 +72,7 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
         for path in ("/metrics", "/v1/stats"):  # operator data is on the admin port only
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(f"{p.url}{path}", timeout=5)
+            err.value.close()
             assert err.value.code == 404, path
 
         with urllib.request.urlopen(f"{p.admin_url()}/metrics", timeout=5) as r:

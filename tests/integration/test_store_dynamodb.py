@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -20,9 +21,9 @@ from app.storage.backends import frame_table, metrics_store, token_table
 from app.storage.protocol import (
     DIGEST,
     SUMMARY,
-    MetricsBackend,
     FrameTable,
     MetricItem,
+    MetricsBackend,
     Progress,
     TokenInfo,
     TokenTable,

@@ -4,7 +4,7 @@ A minute over the broker's message size used to crash the worker on send, and it
 minute (a crash loop for every app of the partition); any ``dyno=`` value was a new series. Here the worker
 must stay up, emit the big minute degraded within METRICS_MINUTE_MAX_BYTES (or with names dead-lettered),
 refuse what is past the per-app limits with dead-letter reasons, and keep every other app's minutes exact.
-The figures printed (peak RSS, minute sizes, minutes emitted) go to the README.
+The figures printed (peak RSS, minute sizes, minutes emitted) go to docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -21,8 +21,14 @@ import pytest
 from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import Generator
 from tables.aggregate import Aggregate
-from tests.integration.pipeline import (Pipeline, check_against_truth, peak_rss_mb, produce_to_partition,
-                                        read_topic, wait_truth_stored)
+from tests.integration.pipeline import (
+    Pipeline,
+    check_against_truth,
+    peak_rss_mb,
+    produce_to_partition,
+    read_topic,
+    wait_truth_stored,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +64,7 @@ def test_a_minute_of_12_timers_x_4000_distinct_values_is_emitted_degraded(broker
                                          _chunks("big", big, 1_000) + others))
         assert gen.truth is not None
         stored = wait_truth_stored(p, gen.truth, start_ms, 180)
-        check_against_truth({k: v for k, v in stored.items() if k in gen.truth.keys()}, gen.truth)
+        check_against_truth({k: v for k, v in stored.items() if k in gen.truth}, gen.truth)
         stats = p.wait_stats(lambda s: s["minutes_degraded"] >= 1, 60, "the big minute degraded")
         minute = p.stored(["big"], ["web"], start_ms // 1000, start_ms // 1000 + 3600)
         assert list(minute) == [("big", "web", start_ms)], minute.keys()
@@ -121,7 +127,7 @@ def test_50k_process_types_and_50k_metric_names_are_refused_past_the_limits(brok
                                          + _chunks("flood", metrics[1_000:], 500) + others))
         assert gen.truth is not None
         stored = wait_truth_stored(p, gen.truth, start_ms, 180)
-        check_against_truth({k: v for k, v in stored.items() if k in gen.truth.keys()}, gen.truth)
+        check_against_truth({k: v for k, v in stored.items() if k in gen.truth}, gen.truth)
         s = p.wait_stats(lambda s: s["limit_refused_process_types"] >= n - 50
                          and s["limit_refused_metric_names"] >= n - 100, 60, "the refusals counted")
         elapsed_s = time.monotonic() - t0

@@ -1,4 +1,4 @@
-"""Worker faults on the real stack (README "Reliability"): a worker SIGKILLed every 20-40 s and restarted, on
+"""Worker faults on the real stack (docs/reliability.md): a worker SIGKILLed every 20-40 s and restarted, on
 its own state directory or on an empty one, and one of two workers lost for good. Both message forms are in
 the stream (tests/integration/pipeline.py FastTraffic). Every stored minute equals the generator's truth:
 nothing lost, nothing doubled, max exact, percentiles within 1 %. ``MINUTELY_CHAOS=1`` (``make chaos``)

@@ -4,15 +4,14 @@ state read and published on Kafka replaced by a list."""
 
 from __future__ import annotations
 
-import argparse
 import uuid
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from app.migration.state import MigrationError, MigrationState
 from app.migration import cli
+from app.migration.state import MigrationError, MigrationState
 from app.migration.tables import FollowingTokens
 from app.settings import Settings
 from app.storage.dynamodb import DynamoTokens
@@ -49,7 +48,7 @@ async def test_finish_copies_a_tombstone_only_the_old_store_holds_before_publish
 
         monkeypatch.setattr(cli, "read_state", read_state)
         monkeypatch.setattr(cli, "publish", publish)
-        assert await cli.change(settings, argparse.Namespace(cmd="finish", force=True)) == 0
+        assert await cli.finish(settings, force=True) == 0
 
         [(state, at_publish)] = published
         assert state.phase == "single" and state.source == new and state.version == 8
@@ -83,5 +82,5 @@ async def test_a_refused_finish_copies_and_publishes_nothing(monkeypatch: pytest
     monkeypatch.setattr(cli, "copy_tokens_patiently", copy)
     monkeypatch.setattr(cli, "publish", publish)
     with pytest.raises(MigrationError, match="ages out at"):  # the retention has not passed: refused first
-        await cli.change(Settings(), argparse.Namespace(cmd="finish", force=False))
+        await cli.finish(Settings(), force=False)
     assert calls == []

@@ -37,7 +37,7 @@ def test_compare_exact_fields_percentile_tolerance_and_missing_points() -> None:
     diffs = result.mismatches
     assert [(d.kind, d.ts_s, d.field) for d in diffs] == [
         ("value", 60, "requests"), ("percentile", 120, "response_ms.p99"), ("missing", 180, "")]
-    assert [d.kind for d in compare_points(b + [point(240)], a, resolution_s=60, cutoff_s=300).mismatches] == \
+    assert [d.kind for d in compare_points([*b, point(240)], a, resolution_s=60, cutoff_s=300).mismatches] == \
         ["value", "percentile", "extra", "missing"]
     # The open minute and anything past the cutoff, or before both stores hold every minute, are not compared.
     assert compare_points(a, b, resolution_s=60, cutoff_s=180, since_s=120).mismatches == [

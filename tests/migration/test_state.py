@@ -56,7 +56,7 @@ def test_selection_is_sticky_per_app() -> None:
 
 
 def test_rollback_goes_one_phase_back_each_time() -> None:
-    _, dual, shadow, cutover = walk()
+    _, _dual, _shadow, cutover = walk()
     back = sm.rollback(cutover, now_ms=T0 + 300_000)
     assert back.phase == "shadow" and back.cutover_pct == 0 and back.shadow_pct == 10
     back = sm.rollback(back, now_ms=T0 + 301_000)

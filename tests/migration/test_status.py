@@ -3,10 +3,10 @@ the commands' dispatch."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import pytest
+from click.testing import CliRunner
 
 from app.migration import cli
 from app.migration import state as sm
@@ -60,17 +60,38 @@ def test_watermarks_in_some_partitions_only_are_no_watermark() -> None:
     assert "watermarks in 3 of 4 partitions only" in out and "both stores hold" not in out
 
 
-async def test_an_unknown_command_raises_instead_of_finishing(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def state(_: Settings) -> sm.MigrationState:
-        return replace(DUAL, phase="cutover", cutover_pct=100)
-
+def test_an_unknown_command_is_refused_before_anything_is_read_or_published(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command is its own click command: a misspelt one is a usage error, never the nearest step."""
     async def never(*_: object) -> None:
-        raise AssertionError("published")
+        raise AssertionError("read or published")
+
+    monkeypatch.setattr(cli, "read_state", never)
+    monkeypatch.setattr(cli, "publish", never)
+    result = CliRunner().invoke(cli.migration, ["finsh", "--force"])
+    assert result.exit_code == 2 and "No such command 'finsh'" in result.output
+    assert sorted(cli.migration.commands) == ["copy-tokens", "cutover", "finish", "rollback", "shadow", "start",
+                                              "status", "verify"]
+
+
+def test_each_command_runs_its_own_transition(monkeypatch: pytest.MonkeyPatch) -> None:
+    published: list[sm.MigrationState] = []
+
+    async def state(_: Settings) -> sm.MigrationState:
+        return replace(DUAL, phase="shadow", shadow_pct=100)
+
+    async def publish(_: Settings, st: sm.MigrationState) -> None:
+        published.append(st)
 
     monkeypatch.setattr(cli, "read_state", state)
-    monkeypatch.setattr(cli, "publish", never)
-    with pytest.raises(ValueError, match="unknown migration command 'finsh'"):
-        await cli.change(S, argparse.Namespace(cmd="finsh", force=True))
+    monkeypatch.setattr(cli, "publish", publish)
+    assert CliRunner().invoke(cli.migration, ["cutover", "10"]).exit_code == 0
+    assert CliRunner().invoke(cli.migration, ["rollback"]).exit_code == 0
+    assert CliRunner().invoke(cli.migration, ["shadow", "50", "--aa"]).exit_code == 0
+    assert [(s.phase, s.shadow_pct, s.cutover_pct, s.aa) for s in published] == [
+        ("cutover", 100, 10, False), ("dual_write", 0, 0, False), ("shadow", 50, 0, True)]
+    refused = CliRunner().invoke(cli.migration, ["finish"])  # from shadow: refused, with the reason, exit 2
+    assert refused.exit_code == 2 and refused.stderr.startswith("error: ") and len(published) == 3
+    assert CliRunner().invoke(cli.migration, ["cutover", "ten"]).exit_code == 2
 
 
 def test_the_registry_names_every_store_and_its_namespace() -> None:

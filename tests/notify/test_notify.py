@@ -7,9 +7,10 @@ import asyncio
 import email
 import email.policy
 import time
+from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 import pytest

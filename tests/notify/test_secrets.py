@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -20,12 +21,11 @@ from app.notify.delivery import (
     WEBHOOK,
     Delivery,
     DeliveryResult,
-    SecretUnavailable,
 )
-from app.sealing import SealedSecret, SecretBox, SecretUnreadable, key_id, secret_box, use_secrets_key
 from app.notify.notifier import Notifier
 from app.notify.webhook import SIGNATURE_HEADER, WebhookSender, allowed_networks, verify_signature
 from app.ops.stats import Counters
+from app.sealing import SealedSecret, SecretBox, SecretUnreadable, key_id, secret_box, use_secrets_key
 from app.settings import Settings
 
 SECRET = "whsec_0123456789abcdef"
@@ -223,4 +223,4 @@ def test_settings_reject_a_bad_key_with_the_action(value: str, where: str) -> No
 
 
 def test_keys_made_as_documented_are_valid() -> None:
-    Settings(secrets_key=Fernet.generate_key().decode()).validate()  # what the README's command prints
+    Settings(secrets_key=Fernet.generate_key().decode()).validate()  # what docs/alerting.md's command prints

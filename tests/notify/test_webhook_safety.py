@@ -10,7 +10,8 @@ import ipaddress
 import logging
 import tracemalloc
 import zlib
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web

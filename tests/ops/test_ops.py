@@ -7,7 +7,8 @@ import asyncio
 import io
 import logging
 from collections import namedtuple
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -43,7 +44,7 @@ async def ok() -> None:
 
 
 def test_catalogue_kinds_name_declared_metrics_with_actionable_help() -> None:
-    assert GAUGES <= set(CATALOGUE) and set(HISTOGRAMS) <= set(CATALOGUE)
+    assert set(CATALOGUE) >= GAUGES and set(HISTOGRAMS) <= set(CATALOGUE)
     assert not GAUGES & set(HISTOGRAMS)
     for name, text in CATALOGUE.items():
         assert len(text) > 20, f"{name}: help text must say what it counts and what to do when it moves"

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import acsylla
 import pytest
@@ -27,7 +27,7 @@ E = acsylla.errors
     (E.CassErrorServerInvalidQuery("unconfigured table items"), StoreFatal),
     (RuntimeError("something nobody classified"), StoreFatal),
     (E.CassErrorServerUnavailable("2 replicas needed"), StoreUnavailable),
-    (asyncio.TimeoutError(), StoreUnavailable),
+    (TimeoutError(), StoreUnavailable),
 ])
 def test_operator_errors_are_fatal(exc: BaseException, kind: type[Exception]) -> None:
     err = classify(exc, operation="INSERT items", settings=Settings())

@@ -11,8 +11,9 @@ import asyncio
 import gzip
 import os
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from aiobotocore.awsrequest import AioAWSResponse
@@ -372,7 +373,7 @@ async def test_missing_table_is_not_retriable_and_says_what_to_do(make_store: St
     (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
     (ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
     (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
-    (asyncio.TimeoutError(), True),
+    (TimeoutError(), True),
     (ConnectionResetError(), True),
     (client_error("ExpiredTokenException"), True),
     (client_error("InvalidSignatureException", message="Signature expired: 20240101T000000Z is now earlier "

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -233,7 +234,7 @@ async def test_revoke_finds_a_token_only_the_target_holds(stores: Stores) -> Non
 async def test_an_unreachable_target_does_not_stop_verification(stores: Stores,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    following, raw, states = stores
+    following, _raw, states = stores
     f = following("dual")
     tok, info = await TokenStore(Settings(), table=f).create("shop", "drain")
     target = await f.table(states["dual"].target)

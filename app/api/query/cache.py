@@ -4,7 +4,8 @@ an invalidation (app/api/query/progress.py) can drop one app's entries from all 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 SeriesKey = tuple[str, str, int]
 """(app, process type, resolution)"""

@@ -1,23 +1,8 @@
 """Answering metric queries at 1 min / 10 min / 1 h / 2 h resolution, with in-process caches.
 
-:class:`MetricsQuery` composes the jobs: :class:`~app.api.query.progress.ProgressWatch` (which cached
-answers may still be served), :class:`~app.api.query.final.FinalSeries` (final buckets, cached per series)
-and :class:`~app.api.query.tail.LiveTail` (the buckets not final yet, built on every read). Coarser points
-are always :meth:`Aggregate.merge` of the minutes: counts and sums add, max is max, means are weighted,
-percentiles come from the merged t-digests, never from averaging percentiles.
-
-Answers are cached per ``(app, process type, resolution, since, until)``: the rendered body and its ETag,
-reused until the max age when the whole range is final, else for ``query_tail_ttl_s`` (the live edge moves);
-a stale live-edge answer is served while one background task recomputes it (stale-while-revalidate, at most
-``STALE_GRACE_S``), so hot requests never wait for the tail's read and merge. The caches share
-``query_cache_max_bytes``, least recently used evicted first. Identical concurrent misses share one
-computation. Expired points (older than the retention) are never returned, cached or not.
-
-Refreshing a live answer is incremental, because it runs once a second per hot range on the event loop:
-the body is ``head + final points + tail points``, and the part up to the last final point (a 24 h range at
-1 min is ~500 KB) only changes when the edge moves (once per bucket), the series is re-read, or a point
-expires. The answer cache keeps where that prefix ends and the BLAKE2b state after hashing it, so a refresh
-slices the previous body, appends the re-rendered tail and hashes only the tail bytes.
+:class:`MetricsQuery` composes ProgressWatch, FinalSeries and LiveTail. Coarser points merge the minutes
+(percentiles from merged t-digests, never averaged), and only a range that is final is cached as final.
+Reference: docs/api.md#caching, docs/design/final.md
 """
 
 from __future__ import annotations
@@ -25,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import orjson
 

@@ -1,17 +1,15 @@
-"""Final buckets, cached per series: a bucket is final once its end is ``query_settle_s`` in the past and
-stored (nothing can change it any more), so it is read once.
+"""Final buckets, cached per series: final once stored and ``query_settle_s`` old, so each is read once.
 
-A series ``(app, process type, resolution)`` caches one contiguous range of final buckets, ``ts -> point
-JSON``. A request extends the range at its ends with a store read of just the missing part. The range is
-re-read after ``query_cache_max_age_s`` so a minute written late (worker backlog) shows up eventually.
-Points come from the summary blocks agents/rollup.py writes (tables/summary.py), unparsed; a block span with
-no usable block falls back to the digest items."""
+A series caches one contiguous range of final points, extended at its ends and re-read after
+``query_cache_max_age_s`` (a minute stored late shows up).
+Reference: docs/design/final.md#where-points-come-from
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from app.api.query.cache import POINT_OVERHEAD_BYTES, ByteLRU, SeriesKey
 from app.api.query.points import OFFLOAD_ITEMS, decode_item, merge_buckets
@@ -30,7 +28,7 @@ FALLBACK_CONCURRENCY = 8
 class Series:
     """Final buckets of one series over the contiguous range ``[lo, hi)``: absent means no data."""
 
-    __slots__ = ("points", "lo", "hi", "filled_ms", "version")
+    __slots__ = ("filled_ms", "hi", "lo", "points", "version")
 
     def __init__(self, points: dict[int, bytes], lo: int, hi: int, filled_ms: int) -> None:
         self.points = points

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from app.errors import PipelineError
 from app.ops.stats import CounterName, Counters

@@ -1,17 +1,14 @@
-"""The live edge: buckets not final yet, built on every read from what the store holds and this worker's open
-minutes.
+"""The live edge: buckets not final yet, built on every read from the store and this worker's open minutes.
 
-A bucket's point held by the summary blocks that already has every stored minute is used as it is;
-otherwise the stored minutes it lacks and the minutes still open in this worker's table are merged onto the
-bucket's rollup item. Per series and range end, the stored items and rendered points are cached: the items
-are re-read at most every ``query_tail_read_interval_s`` (sooner when the edge moved or a minute this worker
-held open has closed), and a bucket whose inputs are byte-for-byte the ones rendered last time is not decoded
-again (only the open minute, and a minute just written, cost a digest decode)."""
+Stored items are re-read at most every ``query_tail_read_interval_s``; a bucket whose inputs did not change is
+not decoded again.
+Reference: docs/api.md#caching
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 
@@ -42,7 +39,7 @@ class _TailCache:
       not found in the store yet (the sink writes them a moment after they close).
     """
 
-    __slots__ = ("points", "base", "through", "rollups", "minutes", "held", "lo", "read_ms", "open_ts", "pending")
+    __slots__ = ("base", "held", "lo", "minutes", "open_ts", "pending", "points", "read_ms", "rollups", "through")
 
     def __init__(self) -> None:
         self.points: dict[int, tuple[tuple[bytes, ...], bytes]] = {}
