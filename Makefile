@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
 TEST_PROCESSES ?= 3
 
-.PHONY: run test chaos install install-test install-cassandra lock bench bench-parse bench-query bench-stores typecheck docs clean browser
+.PHONY: run test chaos install install-test install-cassandra lock bench bench-parse bench-query bench-stores typecheck lint docs clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 # Cassandra's jars come too, whatever METRICS_STORE says: a store migration started while this runs
@@ -33,11 +33,15 @@ run: install install-cassandra
 	$(if $(filter 1,$(FRESH)),rm -rf data,)
 	$(PY) -m app local $(if $(filter 0,$(DEMO)),--no-demo,)
 
-test: install-test typecheck docs browser
+test: install-test lint typecheck docs browser
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --durations=15 $(PYTEST_ARGS)
 
 typecheck: install-test
 	$(PY) -m mypy
+
+# ruff, as configured in pyproject.toml ([tool.ruff]): lint only, the code is not reformatted.
+lint: install-test
+	$(PY) -m ruff check app agents tables tests
 
 # The reference in docs/ (mkdocs-material, from the test extra), built into artifacts/ (never the tracked tree).
 # --strict (and mkdocs.yml's validation) fails on a broken link or anchor and on a page missing from the nav.

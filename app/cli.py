@@ -8,15 +8,17 @@ and demo traffic, with their data in ``data/``. Ctrl-C stops all of it; the next
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -88,7 +90,7 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None =
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def local_ports(settings: "Settings", env: Mapping[str, str]) -> list[tuple[int, str, str]]:
+def local_ports(settings: Settings, env: Mapping[str, str]) -> list[tuple[int, str, str]]:
     """(port, what, the variable that moves it) of every part ``local`` starts; they equal the settings'
     defaults, so commands in another terminal find them with no environment variables."""
     from urllib.parse import urlsplit
@@ -206,7 +208,7 @@ async def _demo_tokens(apps: list[str], kind: str = "drain") -> dict[str, str]:
 
 
 async def _serve(demo_rate: int, apps: int, ingest_port: int, drain_tokens: dict[str, str],
-                 children: list[subprocess.Popen[bytes]], stores: "LocalStores") -> None:
+                 children: list[subprocess.Popen[bytes]], stores: LocalStores) -> None:
     """Until Ctrl-C or a child exits; ``demo_rate`` router requests per second through the drain (0: none)."""
     from app.local import loadgen as gen
 
@@ -222,10 +224,8 @@ async def _serve(demo_rate: int, apps: int, ingest_port: int, drain_tokens: dict
         demo = asyncio.create_task(gen.run(load))
     following = asyncio.create_task(stores.follow(stop))  # writers (and Cassandra) for a store migration
     while not stop.is_set() and all(c.poll() is None for c in children) and not following.done():
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
-            pass
     stop.set()
     await asyncio.gather(following, return_exceptions=True)
     if demo is not None:
@@ -262,9 +262,9 @@ def serve(role: str) -> int:
     return 0
 
 
-def build_web_role(settings: "Settings", counters: "Counters") -> "web.Application":
+def build_web_role(settings: Settings, counters: Counters) -> web.Application:
     """Query API without stream jobs: closed minutes from the store (open ones are served by workers)."""
-    from typing import AsyncIterator
+    from collections.abc import AsyncIterator
 
     from app.api.web import add_admin_routes, make_web_app, token_authorizer
     from app.migration.control import MigrationControl
@@ -374,7 +374,7 @@ def _worker_options(root: Root, loglevel: str, logfile: str | None, quiet_here: 
                          blocking_timeout_s=blocking_timeout, console_port=console_port)
 
 
-def run_worker(faust_app: "faust.App", options: WorkerOptions) -> NoReturn:
+def run_worker(faust_app: faust.App, options: WorkerOptions) -> NoReturn:
     """Run ``faust_app`` in a Faust worker, as ``faust worker`` does (its exit code is the process's)."""
     import faust
 
@@ -389,7 +389,7 @@ def run_worker(faust_app: "faust.App", options: WorkerOptions) -> NoReturn:
     worker.execute_from_commandline()
 
 
-def compose_worker() -> "faust.App":
+def compose_worker() -> faust.App:
     """The worker's Faust app with its stream jobs and web server bound (app/worker.py)."""
     from app.settings import Settings
     from app.worker import create_worker
@@ -397,7 +397,7 @@ def compose_worker() -> "faust.App":
     return create_worker(Settings.from_env())
 
 
-def compose_writer(spec: str) -> "faust.App":
+def compose_writer(spec: str) -> faust.App:
     """The Faust app of the writer for store ``spec`` (app/writer.py), in its own consumer group."""
     from app.settings import Settings
     from app.writer import create_writer
@@ -545,5 +545,14 @@ def main() -> None:
     cli.main()
 
 
-__all__ = ["main", "cli", "run_local", "serve", "worker_env", "start_worker", "start_role", "wait_http",
-           "free_port"]
+__all__ = [
+    "cli",
+    "free_port",
+    "main",
+    "run_local",
+    "serve",
+    "start_role",
+    "start_worker",
+    "wait_http",
+    "worker_env",
+]

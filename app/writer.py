@@ -17,9 +17,10 @@ app/ops/health.py ``add_admin_port``), as on every role. It serves no tenant, so
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faust
 from aiohttp import web

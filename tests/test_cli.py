@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from app import cli
 from app.local import loadgen
+from app.local.embedded import LOCAL_DATA_DIR
 from app.ops import dlq
 
 COMMANDS = ("dlq", "faust", "ingest", "loadgen", "local", "migration", "tokens", "web", "worker", "writer")
@@ -58,7 +59,7 @@ def test_local_options_and_exit_code(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "run_local", run_local)
     assert invoke("local", "--no-demo").exit_code == 2
     assert invoke("local", "--rate", "50", "--apps", "2", "--data-dir", "/tmp/x").exit_code == 2
-    assert calls == [dict(demo=False, rate=2000, apps=3, data_dir=cli.LOCAL_DATA_DIR),
+    assert calls == [dict(demo=False, rate=2000, apps=3, data_dir=LOCAL_DATA_DIR),
                      dict(demo=True, rate=50, apps=2, data_dir=Path("/tmp/x"))]
 
 
@@ -103,7 +104,11 @@ def test_writer_takes_its_store_and_the_worker_options(workers: list[tuple[objec
 
 def test_ingest_and_web_serve_their_role(monkeypatch: pytest.MonkeyPatch) -> None:
     roles: list[str] = []
-    monkeypatch.setattr(cli, "serve", lambda role: roles.append(role) or 0)
+    def serve(role: str) -> int:
+        roles.append(role)
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
     assert invoke("ingest").exit_code == 0 and invoke("web").exit_code == 0
     assert roles == ["ingest", "web"]
 

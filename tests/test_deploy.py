@@ -236,7 +236,8 @@ def test_only_workers_reach_any_https_host(production_docs: list[Doc]) -> None:
         rules = np["spec"]["egress"]
         assert {"ports": [{"port": 443, "protocol": "TCP"}], "to": vpc} in rules, role  # DynamoDB, STS endpoints
         ports = {(p["port"], p["protocol"]) for rule in rules for p in rule["ports"]}
-        expected = {(53, "UDP"), (53, "TCP"), (443, "TCP"), (9096, "TCP")} | ({(6066, "TCP")} if role == "worker" else set())
+        expected = ({(53, "UDP"), (53, "TCP"), (443, "TCP"), (9096, "TCP")}
+                    | ({(6066, "TCP")} if role == "worker" else set()))
         assert ports == expected, role
     # Without DynamoDB nobody needs HTTPS to the store: only the worker's webhooks remain.
     docs = render({"store": "cassandra"})
@@ -360,12 +361,15 @@ def test_credentials_are_referenced_and_mounted_as_files_not_inlined() -> None:
         pod = w["spec"]["template"]["spec"]
         vol = [v for v in pod["volumes"] if v["name"] == "aws-credentials"]
         assert vol == [{"name": "aws-credentials", "secret": {
-            "secretName": "minutely-aws", "defaultMode": 0o440, "items": [{"key": "credentials", "path": "credentials"}]}}]
+            "secretName": "minutely-aws", "defaultMode": 0o440,
+            "items": [{"key": "credentials", "path": "credentials"}]}}]
         (c,) = pod["containers"]
         env = {e["name"]: e for e in c["env"]}
         assert env["AWS_SHARED_CREDENTIALS_FILE"]["value"] == "/var/run/secrets/minutely/aws/credentials"
-        assert env["METRICS_KAFKA_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "kafka-creds", "key": "password"}}
-        assert {"name": "aws-credentials", "mountPath": "/var/run/secrets/minutely/aws", "readOnly": True} in c["volumeMounts"]
+        assert env["METRICS_KAFKA_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "kafka-creds", "key": "password"}}
+        assert {"name": "aws-credentials", "mountPath": "/var/run/secrets/minutely/aws",
+                "readOnly": True} in c["volumeMounts"]
 
 
 def test_kafka_sasl_as_the_readme_configures_it() -> None:
@@ -591,7 +595,8 @@ def test_checkov_finds_nothing_in_the_production_chart(checkov_report: dict[str,
     failed = checkov_report["production"]["failed"]
     assert [f for f in failed if f[0] != "CKV_K8S_35"] == []
     assert sorted(r for _, r in failed) == sorted(
-        f"{'StatefulSet' if role == 'worker' else 'Deployment'}.{NAMESPACE}.{RELEASE}-minutely-{role}" for role in ROLES)
+        f"{'StatefulSet' if role == 'worker' else 'Deployment'}.{NAMESPACE}.{RELEASE}-minutely-{role}"
+        for role in ROLES)
 
 
 def test_checkov_default_chart_only_lacks_the_image_digest(checkov_report: dict[str, dict[str, Any]]) -> None:

@@ -16,8 +16,9 @@ import asyncio
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, NoReturn
+from typing import Any, NoReturn
 
 import click
 import orjson

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from pathlib import Path
 
-from app.migration.state import MigrationState, store_settings, writer_group
-from app.settings import Settings
-from app.storage.backends import backend
+from app.migration.state import MigrationState
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +45,3 @@ class WriteGate:
             self.ready.set()
         else:
             self.ready.clear()
-
-
-def writer_env(settings: Settings, spec: str, env: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the writer process for store ``spec``: its own consumer group (the Faust app id),
-    store, and state directory (RocksDB allows one process per directory)."""
-    target = store_settings(settings, spec)
-    group = writer_group(settings, spec)
-    out = dict(env)
-    out.update({"METRICS_APP_ID": group, **backend(target.store).env(target),
-                "METRICS_DATA_DIR": str(Path(settings.data_dir) / group)})
-    return out

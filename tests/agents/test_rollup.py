@@ -232,7 +232,7 @@ def test_summary_blocks_equal_what_the_digests_give(minutes: list[tuple[int, dic
             assert from_blocks.body == from_digests.body
             got, want = orjson.loads(from_blocks.body)["points"], orjson.loads(merged.body)["points"]
             assert [p["ts"] for p in got] == [p["ts"] for p in want]
-            for p, q in zip(got, want):
+            for p, q in zip(got, want, strict=True):
                 assert _close(p, q), (res, p, q)
 
     asyncio.run(run())

@@ -205,7 +205,7 @@ def test_a_dead_letter_too_large_for_the_broker_is_truncated_but_traceable() -> 
 
 
 async def test_on_dynamodb_one_oversize_minute_is_dead_lettered_and_the_rest_stored(
-        make_store: StoreFactory) -> None:
+        make_store: StoreFactory) -> None:  # noqa: F811  the fixture imported above
     store = await make_store()
     sink, _, dead, _ = make(store)
     pad = base64.b64encode(os.urandom(600_000)).decode()
@@ -217,7 +217,7 @@ async def test_on_dynamodb_one_oversize_minute_is_dead_lettered_and_the_rest_sto
 
 
 async def test_on_dynamodb_access_denied_stops_then_resumes_once_granted(
-        make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811  the fixture imported above
     store = await make_store()
     original = store._client.batch_write_item
     denied = {"left": 2}

@@ -3,7 +3,7 @@ outcomes, and webhook secrets at rest in commands and table values."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -159,5 +159,6 @@ policy-commands topic hold such records, so they must decode, and encode again t
 @pytest.mark.parametrize("kind", sorted(RECORDS))
 def test_records_written_before_keep_their_bytes(kind: str) -> None:
     raw = RECORDS[kind].encode()
-    codec = {"monitors table": AppMonitors, "autoscale table": AppPolicies}.get(kind, Command)
-    assert codec.from_bytes(raw).to_bytes() == raw
+    decoders: dict[str, Callable[[bytes], AppMonitors | AppPolicies | Command]] = {
+        "monitors table": AppMonitors.from_bytes, "autoscale table": AppPolicies.from_bytes}
+    assert decoders.get(kind, Command.from_bytes)(raw).to_bytes() == raw

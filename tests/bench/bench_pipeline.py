@@ -178,8 +178,9 @@ def main() -> None:
         broker.stop()
 
     lines = [
-        f"Benchmark ({os.cpu_count()} cores, Apache Kafka {broker.version} on loopback, {args.single:,} single-observation "
-        f"messages, {batched_obs:,} observations in arrays of 500, {Settings().digest_max_centroids}-centroid digests)",
+        f"Benchmark ({os.cpu_count()} cores, Apache Kafka {broker.version} on loopback, "
+        f"{args.single:,} single-observation messages, {batched_obs:,} observations in arrays of 500, "
+        f"{Settings().digest_max_centroids}-centroid digests)",
         "",
         "| what | messages | rate | unit |",
         "|---|---|---:|---|",

@@ -77,7 +77,8 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
         minutes = [minute(rng, APP, t, 1000) for t in range(first, now_s - now_s % 60, 60)]
         records = [orjson.dumps(m.to_record()) for m in minutes]
         # bench: the sink's minute items, then the rollup job over the same minutes (its batches of 500)
-        await store.put_many([MetricItem(APP, PROC, 60, m.key.start_ms // 1000, r) for m, r in zip(minutes, records)])
+        await store.put_many([MetricItem(APP, PROC, 60, m.key.start_ms // 1000, r)
+                               for m, r in zip(minutes, records, strict=True)])
         rollup = Rollup({}, store, settings, Counters(), context_topic="metrics-1m")
         for i in range(0, len(records), 500):
             await rollup.process([(0, r) for r in records[i:i + 500]])

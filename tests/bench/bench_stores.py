@@ -140,8 +140,7 @@ async def run(dynamo: DynamoServer, cassandra: CassandraServer) -> str:
     rows.append("| serving (DynamoDB), 24 h at 1 min | shadow 0 % | shadow 100 % | added |")
     rows.append("|---|---:|---:|---:|")
     for cached, shadow in shadows.items():
-        for i, name in ((0, "p50"), (1, "p99")):
-            a, b = shadow[0][i], shadow[100][i]
+        for name, a, b in (("p50", shadow[0][0], shadow[100][0]), ("p99", shadow[0][1], shadow[100][1])):
             rows.append(f"| {'cached' if cached else 'uncached'}, {name} ms | {a:.2f} | {b:.2f} | "
                         f"{100 * (b - a) / a:+.1f} % |")
     rows.append("")

@@ -10,6 +10,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -24,7 +25,8 @@ def body_text(body: bytes) -> str:
 async def main() -> None:
     url, token, path, concurrency = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     frame_ids = "--frame-ids" in sys.argv
-    frames: list[tuple[bytes, int]] = [(f.encode("latin-1"), n) for f, n in orjson.loads(open(path, "rb").read())]
+    frames: list[tuple[bytes, int]] = [(f.encode("latin-1"), n) for f, n in
+                                      orjson.loads(await asyncio.to_thread(Path(path).read_bytes))]
     queue = list(reversed(frames))
     failures = 0
     lines = 0

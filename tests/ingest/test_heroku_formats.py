@@ -111,7 +111,7 @@ def test_router_lines_that_really_are_malformed_are_dead_lettered_with_a_reason(
                                                                        b" dyno=web.1 connect=1ms service=2ms "
                                                                        b"status=200 bytes=10")]), "shop")
     assert len(p.observations) == 1 and p.ignored == 0
-    for got, (_, why) in zip(p.bad, bad):
+    for got, (_, why) in zip(p.bad, bad, strict=True):
         assert why in got.reason, (got.reason, why)
 
 

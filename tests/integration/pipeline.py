@@ -292,6 +292,8 @@ class _LoopProxy:
     def close(self) -> None:
         self._call(self._stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=20)
+        self.loop.close()  # else its self-pipe (a socket pair) leaks: a ResourceWarning under filterwarnings=error
 
 
 class CutProxy(_LoopProxy):

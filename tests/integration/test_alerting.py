@@ -135,7 +135,7 @@ def read_topic(bootstrap: str, topic: str) -> list[Any]:
             out: list[Any] = []
             while True:
                 positions = [await consumer.position(tp) for tp in parts]
-                if all(pos >= end[tp] for pos, tp in zip(positions, parts)):
+                if all(pos >= end[tp] for pos, tp in zip(positions, parts, strict=True)):
                     return out
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
@@ -173,15 +173,16 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: KafkaBroker, dyn
     smtp_port = free_port()
     smtp = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
     smtp.start()
-    p = Pipeline(broker, dynamo, tmp_path, **{
-        "METRICS_ALERTS_TOPIC": f"alerts-{uid}", "METRICS_AUTOSCALE_TOPIC": f"autoscale-{uid}",
-        "METRICS_POLICY_COMMANDS_TOPIC": f"policy-{uid}",
-        "METRICS_SMTP_HOST": "127.0.0.1", "METRICS_SMTP_PORT": str(smtp_port), "METRICS_SMTP_TLS": "none",
-        "METRICS_FORMATION_URL": f"{receiver.url}/formation/{{app}}/{{process_type}}",
-        "METRICS_FORMATION_TOKEN": "platform-token", "METRICS_FORMATION_SECRET": FORMATION_SECRET,
-        "METRICS_OUTBOX_SWEEP_INTERVAL_S": "2",
-        "METRICS_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",  # the receivers are on loopback
-    })
+    p = Pipeline(
+        broker, dynamo, tmp_path,
+        METRICS_ALERTS_TOPIC=f"alerts-{uid}", METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}",
+        METRICS_POLICY_COMMANDS_TOPIC=f"policy-{uid}",
+        METRICS_SMTP_HOST="127.0.0.1", METRICS_SMTP_PORT=str(smtp_port), METRICS_SMTP_TLS="none",
+        METRICS_FORMATION_URL=f"{receiver.url}/formation/{{app}}/{{process_type}}",
+        METRICS_FORMATION_TOKEN="platform-token", METRICS_FORMATION_SECRET=FORMATION_SECRET,
+        METRICS_OUTBOX_SWEEP_INTERVAL_S="2",
+        METRICS_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",  # the receivers are on loopback
+    )
     s = p.settings
     now_ms = int(time.time() * 1000)
     t0 = now_ms - now_ms % 60_000 - 40 * 60_000  # 40 minutes ago: every minute is in the past
@@ -290,7 +291,7 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: KafkaBroker, dyn
                      for r in read_topic(broker.address, s.metrics_topic)}
         alert_records = read_topic(broker.address, s.alerts_topic)
         lines = []
-        for b, hook_req, rec in zip(bodies, hooks, alert_records):
+        for b, hook_req, rec in zip(bodies, hooks, alert_records, strict=False):
             closed = closed_ms[b["minute_start_ms"]]
             lines.append(f"{b['event']:>13} minute {(b['minute_start_ms'] - t0) // 60_000:>2}: published "
                          f"{rec.timestamp - closed:6.0f} ms, webhook received {hook_req['at_ms'] - closed:6.0f} ms, "
@@ -319,7 +320,8 @@ def test_reads_on_a_worker_that_does_not_own_the_app(broker: KafkaBroker, dynamo
                                                      tmp_path: Path) -> None:
     """Two workers, the app's partition on one of them: a GET on either returns the owner's answer."""
     uid = uuid.uuid4().hex[:8]
-    p = Pipeline(broker, dynamo, tmp_path, METRICS_ALERTS_TOPIC=f"alerts-{uid}", METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}", METRICS_POLICY_COMMANDS_TOPIC=f"policy-{uid}")
+    p = Pipeline(broker, dynamo, tmp_path, METRICS_ALERTS_TOPIC=f"alerts-{uid}",
+                 METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}", METRICS_POLICY_COMMANDS_TOPIC=f"policy-{uid}")
     try:
         p.start(data_dir=tmp_path / "state-1")
         write, read = p.read_token("shop", "write"), p.read_token("shop", "read")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka.partitioner import murmur2
 
 from app.local.embedded import DynamoServer, KafkaBroker
+from app.ops.kafka import partition_of
 from tables.aggregate import Aggregate
 from tests.integration.pipeline import FastTraffic, Pipeline, check_against_truth, env_flag, wait_truth_stored
 
@@ -25,11 +25,6 @@ CHAOS = env_flag("MINUTELY_CHAOS")
 DOWN_S = 60.0 if CHAOS else 15.0
 TRAFFIC_S = 2 * DOWN_S + 30.0
 """Kafka goes away a third of the way in, for DOWN_S."""
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """Kafka's default partitioner (murmur2, as the Java client and aiokafka use)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def probe_app(apps: list[str], partitions: int) -> str:

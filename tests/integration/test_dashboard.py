@@ -152,7 +152,7 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
     r14_buckets = {k[2] // 600_000 for k, v in truth.platform.items() if k[:2] == ("app-0", "web") and v.get("R14")}
     memory_r14 = [m for m in drawn["memory"] if m.startswith("R14")]
     assert r14_buckets and len(memory_r14) == len(r14_buckets), (r14_buckets, drawn["memory"])
-    assert sum(int(m.split("×")[1]) if "×" in m else 1 for m in memory_r14) == sum(
+    assert sum(int(m.split("×")[1]) if "×" in m else 1 for m in memory_r14) == sum(  # noqa: RUF001  the dashboard's multiplication sign
         v.get("R14", 0) for k, v in truth.platform.items() if k[:2] == ("app-0", "web"))
     # Add-on metrics (process type `app`): one chart per source and kind of sample, with data.
     addons = browser.execute_script("return window.dashboard.addons")

@@ -105,7 +105,8 @@ async def test_ingest_readiness_and_metrics(env: Env, dynamo: DynamoServer, aioh
     r = await env.client.get("/readyz")  # the tenant port: the status alone
     assert r.status == 200 and await r.json() == {"status": "ready"}
     assert (await env.client.get("/metrics")).status == 404
-    await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]), headers=drain_headers(env.tokens["drain"], 1))
+    await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]),
+                          headers=drain_headers(env.tokens["drain"], 1))
     text = (await admin_get(env.client, "/metrics"))[1].decode()
     assert "minutely_drain_frames_total 1.0" in text
     # DynamoDB unreachable (tokens/dedup tables): not ready, with the reason.
@@ -142,7 +143,8 @@ async def test_frame_dedup_survives_an_ingest_restart(env: Env, broker: KafkaBro
                                   headers=drain_headers(env.tokens["drain"], 1, "f-restart"))).status == 204
     await env.client.close()
     restarted = await aiohttp_client(build(env.settings, Counters()))
-    r = await restarted.post("/v1/drains/logplex", data=body, headers=drain_headers(env.tokens["drain"], 1, "f-restart"))
+    r = await restarted.post("/v1/drains/logplex", data=body,
+                             headers=drain_headers(env.tokens["drain"], 1, "f-restart"))
     assert r.status == 204
     assert len(await read_topic(broker, env.settings.observations_topic)) == 1
 

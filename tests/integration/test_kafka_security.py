@@ -75,7 +75,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
             "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;",
             "listener.name.sasl_ssl.plain.sasl.jaas.config":
-                f'org.apache.kafka.common.security.plain.PlainLoginModule required user_{PLAIN_USER}="{PLAIN_PASSWORD}";',
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'user_{PLAIN_USER}="{PLAIN_PASSWORD}";',
         },
         scram_users={SCRAM_USER: SCRAM_PASSWORD},
     )

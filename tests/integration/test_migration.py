@@ -116,13 +116,13 @@ def assert_truth(gen: Generator, app: str, doc: dict[str, Any], final: bool) -> 
         if raw is None:
             assert not final, point
             continue
-        raw = np.asarray(raw)
+        values = np.asarray(raw)
         if not final:
-            assert point.get("requests", 0) <= len(raw), (app, point)
+            assert point.get("requests", 0) <= len(values), (app, point)
             continue
-        assert point["requests"] == len(raw) and point["response_ms"]["max"] == raw.max(), (app, point)
+        assert point["requests"] == len(values) and point["response_ms"]["max"] == values.max(), (app, point)
         for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
-            exact = float(np.quantile(raw, q))
+            exact = float(np.quantile(values, q))
             assert abs(point["response_ms"][name] - exact) <= 0.01 * exact, (app, point["ts"], name)
 
 
@@ -308,7 +308,7 @@ def detect_divergence(s: Stack, tokens: dict[str, str], gen: Generator, both_sin
 
     async def progress() -> Any:
         from app.ops.kafka import partition_of
-        out = {"app-0 partition": partition_of("app-0", settings.partitions)}
+        out: dict[str, Any] = {"app-0 partition": partition_of("app-0", settings.partitions)}
         for st in (settings, s.p.settings):
             store = metrics_store(st)
             await store.start()

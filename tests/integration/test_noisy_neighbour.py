@@ -184,8 +184,8 @@ async def deliver(url: str, token: str, pending: list[Frame], ans: Answers) -> N
             if not pending:
                 return
             answers = await asyncio.gather(*(post(session, url, token, f, ans) for f in pending))
-            waits = [w for f, (status, w) in zip(pending, answers) if not 200 <= status < 300]
-            pending = [f for f, (status, _) in zip(pending, answers) if not 200 <= status < 300]
+            waits = [w for f, (status, w) in zip(pending, answers, strict=True) if not 200 <= status < 300]
+            pending = [f for f, (status, _) in zip(pending, answers, strict=True) if not 200 <= status < 300]
             if pending:
                 await asyncio.sleep(max(waits))
     raise AssertionError(f"{len(pending)} frames still refused after 60 rounds")
@@ -293,7 +293,8 @@ def test_a_flooding_app_is_throttled_and_a_steady_app_beside_it_is_not(
             f"noisy neighbour ({mode}): B {B_RATE:.0f} frames/s x {B_LINES} lines (open loop), {BASELINE_S:.0f} s "
             f"alone, then {FLOOD_S:.0f} s beside A ({A_SENDERS} closed-loop senders x 400-line frames, A's limits "
             f"{MODES[mode]}; in-flight budget {INFLIGHT_BYTES >> 20} MB)",
-            f"  B accepted on first attempt    {first_ok}/{b.sent_frames} ({100 * first_ok / max(1, b.sent_frames):.1f} %)"
+            f"  B accepted on first attempt    {first_ok}/{b.sent_frames} "
+            f"({100 * first_ok / max(1, b.sent_frames):.1f} %)"
             f"  refusals {b.codes or 'none'}",
             "  B latency       alone   beside A   ratio",
             f"    p50      {b0_p50:8.1f} ms {b1_p50:8.1f} ms {b1_p50 / b0_p50:7.2f}x",

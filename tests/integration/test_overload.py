@@ -146,9 +146,9 @@ async def retry_refused(url: str, tokens: dict[str, str], refused: list[Frame]) 
             tally = Tally()
             sem = asyncio.Semaphore(4)
 
-            async def one(f: Frame) -> None:
-                async with sem:
-                    await send(session, url, tokens, f, tally)
+            async def one(f: Frame) -> None:  # awaited within this iteration: its sem and tally
+                async with sem:  # noqa: B023
+                    await send(session, url, tokens, f, tally)  # noqa: B023
 
             await asyncio.gather(*(one(f) for f in pending))
             attempts += len(pending)

@@ -5,6 +5,7 @@ DynamoDB batch rules, its TTL API) is tested in its own file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -88,10 +89,8 @@ async def drop(name: str, parts: Parts) -> None:
             client = getattr(table, "_client", None)
             name_ = getattr(table, "_table", None) or getattr(table, "table", None)
             if client is not None:
-                try:
+                with contextlib.suppress(Exception):  # already gone
                     await client.delete_table(TableName=name_)
-                except Exception:
-                    pass  # already gone
     for p in (parts.frames, parts.tokens, parts.metrics):
         await p.stop()
 

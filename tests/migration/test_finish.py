@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from app.clock import SystemClock
 from app.migration import cli
 from app.migration.state import MigrationError, MigrationState
 from app.migration.tables import FollowingTokens
@@ -69,7 +70,7 @@ async def test_a_refused_finish_copies_and_publishes_nothing(monkeypatch: pytest
 
     async def read_state(_: Settings) -> MigrationState:
         return MigrationState("cutover", "dynamodb:a", "dynamodb:b", shadow_pct=100, cutover_pct=100, version=3,
-                              both_since_ms=cli.SystemClock().now_ms())
+                              both_since_ms=SystemClock().now_ms())
 
     async def copy(*_: Any, **__: Any) -> int:
         calls.append("copy")

@@ -17,6 +17,7 @@ from app.migration import state as sm
 from app.migration.compare import compare_points
 from app.migration.reads import MigratingQuery, ReadStats, TimedStore
 from app.ops.stats import Counters
+from app.storage.protocol import MetricItem
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute, put_minutes
 
 S = replace(SETTINGS, store="cassandra")
@@ -117,7 +118,7 @@ async def test_a_failing_or_slow_shadow_never_reaches_the_user() -> None:
     assert len(doc["points"]) == 90  # type: ignore[arg-type]
     assert f.counters.snapshot()["shadow_failed"] == 1
 
-    async def hang(*_: object, **__: object) -> list[object]:
+    async def hang(*_: object, **__: object) -> list[MetricItem]:
         await asyncio.sleep(3600)
         return []
 

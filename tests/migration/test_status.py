@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from app.migration import cli
 from app.migration import state as sm
 from app.migration.cli import StoreView, WriterView, describe
-from app.migration.writes import writer_env
 from app.settings import STORES, Settings
 from app.storage.backends import BACKENDS, backend
+from app.writer import writer_settings
 
 S = replace(Settings(), partitions=4)
 T0 = 1_800_000_000_000
@@ -101,7 +101,7 @@ def test_the_registry_names_every_store_and_its_namespace() -> None:
     assert sm.home_spec(backend("cassandra").settings_for(S)) == "cassandra:minutely"
 
 
-def test_a_writers_environment_names_its_store_and_namespace_through_the_registry() -> None:
-    env = writer_env(S, "cassandra:ks2", {"KEEP": "1"})
-    assert env["METRICS_STORE"] == "cassandra" and env["METRICS_CASSANDRA_KEYSPACE"] == "ks2" and env["KEEP"] == "1"
-    assert env["METRICS_APP_ID"] == "minutely-writer-cassandra-ks2" and "METRICS_TABLE_NAME" not in env
+def test_a_writers_settings_name_its_store_and_namespace_through_the_registry() -> None:
+    w = writer_settings(S, "cassandra:ks2")
+    assert w.store == "cassandra" and w.cassandra_keyspace == "ks2" and w.table_name == S.table_name
+    assert w.app_id == "minutely-writer-cassandra-ks2" and w.data_dir.endswith("minutely-writer-cassandra-ks2")

@@ -36,7 +36,7 @@ from app.notify.delivery import (
 from app.notify.email import EmailSender
 from app.notify.notifier import Notifier, validate_settings
 from app.notify.webhook import sign, verify_signature
-from app.ops.stats import Counters
+from app.ops.stats import CounterName, Counters
 from app.settings import Settings
 
 SECRET = "whsec_0123456789abcdef"
@@ -116,7 +116,8 @@ async def test_webhooks_reach_only_public_or_allowed_addresses(receiver: Any, ho
     n.submit(Delivery("x/webhook/0", "x", WEBHOOK, f"http://{host}:{port}/ok", "{}", secret=SECRET), res)
     await n.join()
     r = res.done["x/webhook/0"]
-    assert (r.state, r.attempts) == (FAILED, 1) and "public address" in r.error and "WEBHOOK_ALLOWED_NETWORKS" in r.error
+    assert (r.state, r.attempts) == (FAILED, 1)
+    assert "public address" in r.error and "WEBHOOK_ALLOWED_NETWORKS" in r.error
     assert receiver.at("/ok") == [] and counters.values["notifications_failed"] == 1
     await n.stop()
 
@@ -277,7 +278,7 @@ class BrokenBookkeeping(Counters):
         super().__init__()
         self.broken = True
 
-    def inc(self, name: str, n: int = 1) -> None:
+    def inc(self, name: CounterName, n: int = 1) -> None:
         if name == "notifications_failed" and self.broken:
             self.broken = False
             raise RuntimeError("bookkeeping bug")

@@ -25,7 +25,8 @@ def test_ssl_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
     client = ca.issue_cert("client.example")
     client.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     client.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    s = Settings.from_env({"METRICS_KAFKA_SECURITY_PROTOCOL": "SSL", "METRICS_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem"),
+    s = Settings.from_env({"METRICS_KAFKA_SECURITY_PROTOCOL": "SSL",
+                           "METRICS_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem"),
                            "METRICS_KAFKA_SSL_CERTFILE": str(tmp_path / "cert.pem"),
                            "METRICS_KAFKA_SSL_KEYFILE": str(tmp_path / "key.pem")})
     kw = kafka.client_kwargs(s)

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.sink import Sink
+from app.clock import ManualClock
 from app.errors import RetriableError, StoreError, StoreUnavailable
 from app.ops import health as ops
 from app.ops import kafka, logs, topics
@@ -24,6 +25,7 @@ from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, Counters
 from app.settings import Settings
 from app.storage.dynamodb import DynamoStore
 from app.storage.protocol import MetricItem
+from tests.api.test_query import MemoryStore
 
 TP = namedtuple("TP", "topic partition")
 
@@ -146,7 +148,7 @@ async def test_refresh_runs_per_scrape_and_a_failing_refresh_still_answers(
 def test_undeclared_names_are_refused() -> None:
     counters = Counters()
     with pytest.raises(KeyError, match="CATALOGUE"):
-        counters.inc("not_declared")
+        counters.inc("not_declared")  # type: ignore[arg-type]  # the runtime check under test
     with pytest.raises(KeyError, match="HISTOGRAMS"):
         counters.observe("sink_retries", 1.0)
 
@@ -308,18 +310,13 @@ def test_lag_refresher_sets_both_gauges() -> None:
 
 
 async def test_sink_records_batch_latency_including_retries() -> None:
-    class Flaky:
-        def __init__(self) -> None:
-            self.calls = 0
+    class Flaky(MemoryStore):
+        calls = 0
 
         async def put_many(self, items: Sequence[MetricItem]) -> None:
             self.calls += 1
             if self.calls == 1:
                 raise StoreUnavailable("throttled", retry_after_s=0.01)
-
-        async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
-                        until_s: int) -> list[MetricItem]:
-            return []
 
     async def no_dlq(bad: Sequence[tuple[bytes, str]]) -> None:
         raise AssertionError("nothing should be dead-lettered")
@@ -328,7 +325,7 @@ async def test_sink_records_batch_latency_including_retries() -> None:
         await asyncio.sleep(0.02)
 
     counters = Counters()
-    sink = Sink(Flaky(), Settings(), dead_letter=no_dlq, counters=counters, sleep=sleep)
+    sink = Sink(Flaky(ManualClock()), Settings(), dead_letter=no_dlq, counters=counters, sleep=sleep)
     record = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_000_000, "res_s": 60})
     await sink.write([record])
     h = counters.histograms["sink_batch_seconds"]
@@ -337,13 +334,9 @@ async def test_sink_records_batch_latency_including_retries() -> None:
 
 
 async def test_sink_records_no_latency_for_a_batch_refused_for_good() -> None:
-    class Refusing:
+    class Refusing(MemoryStore):
         async def put_many(self, items: Sequence[MetricItem]) -> None:
             raise StoreError("AccessDeniedException")
-
-        async def query(self, app: str, process_type: str, resolution_s: int, since_s: int,
-                        until_s: int) -> list[MetricItem]:
-            return []
 
     dead: list[tuple[bytes, str]] = []
 
@@ -352,7 +345,7 @@ async def test_sink_records_no_latency_for_a_batch_refused_for_good() -> None:
 
     counters = Counters()
     record = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_000_000, "res_s": 60})
-    await Sink(Refusing(), Settings(), dead_letter=dlq, counters=counters).write([record])
+    await Sink(Refusing(ManualClock()), Settings(), dead_letter=dlq, counters=counters).write([record])
     assert counters.histograms["sink_batch_seconds"].count == 0 and len(dead) == 1
 
 

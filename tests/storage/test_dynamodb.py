@@ -8,7 +8,9 @@ not (as DynamoDB does) batches naming a key twice, so the duplicate-key test ins
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -105,10 +107,9 @@ async def drop_stores(stores: list[DynamoStore]) -> None:
     """Delete the tables of started stores and stop them (the store fixtures' teardown)."""
     for store in stores:
         if store._client is not None:
-            try:
+            # another store in the test shares (and may have deleted) the table
+            with contextlib.suppress(ClientError):
                 await store._client.delete_table(TableName=store._table)
-            except ClientError:
-                pass  # another store in the test shares (and already deleted) the table
             await store.stop()
 
 
@@ -316,7 +317,7 @@ async def test_unprocessed_items_give_up_as_retriable_after_bounded_rounds(
     assert err.value.retriable and err.value.retry_after_s > 0
     assert calls == MAX_WRITE_ROUNDS
     assert sleeps.calls == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4]
-    assert all(b >= a for a, b in zip(sleeps.calls, sleeps.calls[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(sleeps.calls))
 
 
 async def test_full_jitter_stays_within_the_cap(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:

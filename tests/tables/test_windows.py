@@ -248,7 +248,7 @@ def test_column_fold_equals_one_by_one(messages: list[list[dict[str, Any]]], rep
     offsets = list(range(len(messages))) + [o for o in replays if o < len(messages)]
     for step, offset in enumerate(offsets):
         value = msg(*messages[offset])
-        for pw, out in zip(both, outcomes):
+        for pw, out in zip(both, outcomes, strict=True):
             r = ingest(pw, offset, value)
             out.append((r.counts, [(d.kind, d.reason, d.offset, d.index, d.app) for d in r.dead]))
             if step % 3 == 2:  # close what is due now and then, so later messages meet closed minutes
