@@ -22,7 +22,7 @@ from app.errors import ConfigError
 from app.limits import Limits
 from app.ops.stats import CounterName, Counters
 from app.ops.topics import RECORD_OVERHEAD_BYTES
-from app.settings import Settings
+from app.settings import KafkaSettings, LimitSettings, Settings, WindowSettings
 from tables.aggregate import Aggregate, fit_record
 from tables.state import WindowTableState
 from tables.windows import ADDON_SOURCES, METRIC_NAMES, PROCESS_TYPES, IngestResult, PartitionWindows, Rejected
@@ -50,24 +50,26 @@ MIN_MINUTE_BYTES = 16 * 1024
 class Aggregator:
     """Owns the open windows of the partitions this worker is assigned."""
 
-    def __init__(self, settings: Settings, state: WindowTableState, *, emit: Emit, dead_letter: DeadLetter,
+    def __init__(self, windows: WindowSettings, state: WindowTableState, *, emit: Emit, dead_letter: DeadLetter,
                  counters: Counters, clock: Clock | None = None,
                  owns: Callable[[int], bool] | None = None, watermarks: Watermarks | None = None,
                  end_offset: Callable[[int], int | None] | None = None,
                  refetch: Callable[[int, int], Awaitable[None]] | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None,
+                 topic_max_message_bytes: int = KafkaSettings().topic_max_message_bytes) -> None:
         """``watermarks`` / ``end_offset``: where each closing round records how far the partition is closed,
         and the end offset of ``metrics-1m`` that round's minutes are below (agents/progress.py).
         ``refetch(partition, offset)``: make the consumer read the partition again from ``offset`` (see
         :meth:`_contiguous`); None: offsets are taken as they come. ``limits``: per-app limits (started and
-        stopped by the caller); None: the settings' defaults for every app."""
-        if settings.minute_max_bytes + RECORD_OVERHEAD_BYTES > settings.topic_max_message_bytes:
-            raise ConfigError(f"minute_max_bytes ({settings.minute_max_bytes}) must stay {RECORD_OVERHEAD_BYTES} "
-                              f"bytes below topic_max_message_bytes ({settings.topic_max_message_bytes}), or "
+        stopped by the caller); None: the settings' defaults for every app. ``topic_max_message_bytes``: of
+        metrics-1m (``settings.kafka``), which every minute must fit."""
+        if windows.minute_max_bytes + RECORD_OVERHEAD_BYTES > topic_max_message_bytes:
+            raise ConfigError(f"minute_max_bytes ({windows.minute_max_bytes}) must stay {RECORD_OVERHEAD_BYTES} "
+                              f"bytes below topic_max_message_bytes ({topic_max_message_bytes}), or "
                               "the broker refuses the largest minutes",
                               action="lower METRICS_MINUTE_MAX_BYTES, or raise METRICS_TOPIC_MAX_MESSAGE_BYTES "
                                      "with the metrics topic's max.message.bytes")
-        self.limits = limits or Limits(settings)
+        self.limits = limits or Limits(LimitSettings())
         self.fit_dead: dict[tuple[str, str, int], tuple[Aggregate, list[Rejected]]] = {}
         """What :meth:`encode` left out of the minutes being emitted, to dead-letter once they are sent."""
         self.refetch = refetch
@@ -75,7 +77,7 @@ class Aggregator:
         """Per partition, the offset asked for again and the wall time it was asked (ms)."""
         self.watermarks = watermarks
         self.end_offset = end_offset
-        self.settings = settings
+        self.windows = windows
         self.state = state
         self.emit = emit
         self.dead_letter = dead_letter
@@ -98,10 +100,10 @@ class Aggregator:
         self.closed: dict[int, list[tuple[int, Aggregate]]] = {}
 
     def _new(self, p: int) -> PartitionWindows:
-        s = self.settings
-        return PartitionWindows(p, clock=self.clock, grace_ms=s.grace_ms, idle_timeout_ms=s.idle_timeout_ms,
-                                max_future_ms=s.max_future_ms, max_message_bytes=s.max_message_bytes,
-                                max_centroids=s.digest_max_centroids, limits_of=self.limits.of)
+        w = self.windows
+        return PartitionWindows(p, clock=self.clock, grace_ms=w.grace_ms, idle_timeout_ms=w.idle_timeout_ms,
+                                max_future_ms=w.max_future_ms, max_message_bytes=w.max_message_bytes,
+                                max_centroids=w.digest_max_centroids, limits_of=self.limits.of)
 
     def _ensure_loaded(self, partitions: Iterable[int]) -> None:
         """Rebuild partitions we do not hold in memory from the table (after start or rebalance)."""
@@ -262,7 +264,7 @@ class Aggregator:
                 pw.mark_closed(aggs)
                 self.counters.inc("table_records_written", self.state.persist(pw))
                 self.closed.setdefault(pw.partition, []).extend((now_ms, a) for a in aggs)
-        cutoff_ms = self.clock.now_ms() - self.settings.closed_keep_ms
+        cutoff_ms = self.clock.now_ms() - self.windows.closed_keep_ms
         for pw in pws:
             kept = self.closed.get(pw.partition)
             if kept and kept[0][0] <= cutoff_ms:
@@ -283,7 +285,7 @@ class Aggregator:
     def encode(self, agg: Aggregate, max_bytes: int | None = None) -> bytes:
         """A closed minute as sent to metrics-1m, within ``max_bytes`` (``minute_max_bytes``): degraded when
         it is larger, never refused. What it leaves out is dead-lettered after the send (:meth:`_close`)."""
-        budget = max_bytes or self.settings.minute_max_bytes
+        budget = max_bytes or self.windows.minute_max_bytes
         fit = fit_record(agg.to_record(), budget)
         key = agg.key
         if not fit.degraded:
@@ -442,13 +444,13 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, watermarks: Wat
         return fut
 
     async def emit(aggs: Sequence[Aggregate]) -> None:
-        for md in await send_minutes(aggs, send, aggregator.encode, settings.minute_max_bytes, counters):
+        for md in await send_minutes(aggs, send, aggregator.encode, settings.windows.minute_max_bytes, counters):
             sent_end[md.partition] = max(sent_end.get(md.partition, 0), md.offset + 1)
 
     def end_offset(partition: int) -> int | None:
         """The end of metrics-1m ``partition`` as far as this worker knows: its own acknowledged sends, and
         the consumer's highwater (records of a previous owner); None before either is known."""
-        hw = highwater(faust_app, settings.metrics_topic, partition)
+        hw = highwater(faust_app, settings.kafka.metrics_topic, partition)
         known = [o for o in (hw, sent_end.get(partition)) if o is not None]
         return max(known) if known else None
 
@@ -456,21 +458,21 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, watermarks: Wat
         for d in dead:
             # Not awaited one by one: Faust flushes the producer before it commits the input offsets.
             await dlq_topic.send(key=(d.app or "").encode(),
-                                 value=dead_letter_record(settings.observations_topic, partition, d))
+                                 value=dead_letter_record(settings.kafka.observations_topic, partition, d))
 
     def owns(partition: int) -> bool:
         # The consumer's current assignment: the same set Faust's commit filter uses, so offsets of
         # events we drop here are never committed by this worker (the new owner processes them).
-        return any(tp.partition == partition and tp.topic == settings.observations_topic
+        return any(tp.partition == partition and tp.topic == settings.kafka.observations_topic
                    for tp in faust_app.consumer.assignment())
 
     async def refetch(partition: int, offset: int) -> None:
         from faust.types import TP
 
         # In the consumer's thread, and Faust's read offset (below which it drops fetched records) with it.
-        await faust_app.consumer.seek_wait({TP(settings.observations_topic, partition): offset})
+        await faust_app.consumer.seek_wait({TP(settings.kafka.observations_topic, partition): offset})
 
-    limits = Limits(settings)
+    limits = Limits(settings.limits)
     limits_start: list[asyncio.Future[None]] = []
 
     async def start_limits() -> None:
@@ -489,9 +491,10 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, watermarks: Wat
         async def on_stop(self) -> None:
             await limits.stop()
 
-    aggregator = Aggregator(settings, WindowTableState(windows_table, settings.observations_topic),
+    aggregator = Aggregator(settings.windows, WindowTableState(windows_table, settings.kafka.observations_topic),
                             emit=emit, dead_letter=dead_letter, counters=counters, owns=owns,
-                            watermarks=watermarks, end_offset=end_offset, refetch=refetch, limits=limits)
+                            watermarks=watermarks, end_offset=end_offset, refetch=refetch, limits=limits,
+                            topic_max_message_bytes=settings.kafka.topic_max_message_bytes)
 
     unacked = Unacked(aggregator)
 
@@ -515,20 +518,21 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, watermarks: Wat
             message = event.message
             if await aggregator.add(message.partition, message.offset, event.value):
                 unacked.append(event, message.partition)
-            if len(unacked.events) >= settings.batch_max or aggregator.pending_bytes >= settings.batch_max_bytes:
+            if (len(unacked.events) >= settings.windows.batch_max
+                    or aggregator.pending_bytes >= settings.windows.batch_max_bytes):
                 await flush()
 
-    @faust_app.timer(settings.batch_within_s / 2, name="flush_aggregates")
+    @faust_app.timer(settings.windows.batch_within_s / 2, name="flush_aggregates")
     async def flush_aggregates() -> None:
         # A quiet stream still gets its last messages persisted and acknowledged within batch_within_s.
-        if unacked.events and time.monotonic() - unacked.since_s >= settings.batch_within_s:
+        if unacked.events and time.monotonic() - unacked.since_s >= settings.windows.batch_within_s:
             await flush()
 
-    @faust_app.timer(settings.close_interval_s, name="close_idle_windows")
+    @faust_app.timer(settings.windows.close_interval_s, name="close_idle_windows")
     async def close_idle() -> None:
         if faust_app.rebalancing or not faust_app.tables.recovery.completed.is_set():
             return
-        assigned = {tp for tp in faust_app.assignor.assigned_actives() if tp.topic == settings.observations_topic}
+        assigned = {tp for tp in faust_app.assignor.assigned_actives() if tp.topic == settings.kafka.observations_topic}
         # Unknown or stale (not fetched yet, assignment changing, broker unreachable): not idle.
         now_ms = int(time.time() * 1000)  # aiokafka's fetch times are the system clock's
         highwaters = {tp.partition: highwater(faust_app, tp.topic, tp.partition, fresh_at_ms=now_ms)
@@ -537,6 +541,6 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, watermarks: Wat
 
     @faust_app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        aggregator.revoke(tp.partition for tp in revoked if tp.topic == settings.observations_topic)
+        aggregator.revoke(tp.partition for tp in revoked if tp.topic == settings.kafka.observations_topic)
 
     return aggregator

@@ -37,7 +37,7 @@ from app.errors import RetriableError
 from app.notify.delivery import EMAIL, WEBHOOK, Delivery, DeliveryResult, DoneCallback
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, AlertingSettings, KafkaSettings, Settings
 from tables.state import partition_context
 
 if TYPE_CHECKING:
@@ -198,10 +198,10 @@ def doc_key(app: str) -> bytes:
 class AlertEngine:
     """Applies minutes and monitor commands to the ``monitors`` table (any mapping: tests use a dict)."""
 
-    def __init__(self, table: Table, settings: Settings, counters: Counters, *, publish: PublishAlerts,
+    def __init__(self, table: Table, alerting: AlertingSettings, counters: Counters, *, publish: PublishAlerts,
                  outbox: Outbox, results: CommandResults | None = None, clock: Clock | None = None) -> None:
         self.table = table
-        self.settings = settings
+        self.alerting = alerting
         self.counters = counters
         self.publish = publish
         self.outbox = outbox
@@ -254,7 +254,7 @@ class AlertEngine:
             return None
         doc = self.doc(cmd.app) or AppMonitors()
         gone = doc.monitors.get(cmd.monitor_id) if cmd.op == MONITOR_DELETE else None
-        outcome = apply_monitor_command(doc, cmd, max_monitors=self.settings.max_monitors_per_app)
+        outcome = apply_monitor_command(doc, cmd, max_monitors=self.alerting.max_monitors_per_app)
         if outcome.applied:
             resolved = gone.deleted(cmd.app) if gone is not None else None
             deliveries: list[tuple[str, Delivery]] = []
@@ -298,9 +298,9 @@ def owned_partitions(faust_app: Any, topic: str) -> set[int] | None:
     return {tp.partition for tp in faust_app.assignor.assigned_actives() if tp.topic == topic}
 
 
-def owns_partition(faust_app: Any, settings: Settings) -> Callable[[int], bool]:
+def owns_partition(faust_app: Any, kafka: KafkaSettings) -> Callable[[int], bool]:
     def owns(p: int) -> bool:
-        owned = owned_partitions(faust_app, settings.metrics_topic)
+        owned = owned_partitions(faust_app, kafka.metrics_topic)
         return owned is not None and p in owned
     return owns
 
@@ -311,8 +311,8 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, notifier: Notif
 
     faust_app, alerts_topic, monitors_table = wiring.app, wiring.alerts_topic, wiring.monitors_table
 
-    validate_settings(settings)
-    source = faust_app.topic(settings.metrics_topic, settings.policy_commands_topic, key_type=bytes,
+    validate_settings(settings.alerting)
+    source = faust_app.topic(settings.kafka.metrics_topic, settings.kafka.policy_commands_topic, key_type=bytes,
                              value_type=bytes)
 
     async def publish(events: Sequence[AlertEvent]) -> None:
@@ -320,15 +320,15 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, notifier: Notif
         for fut in futs:
             await fut
 
-    outbox = Outbox(monitors_table, notifier, context_topic=settings.metrics_topic,
-                    owns=owns_partition(faust_app, settings))
-    engine = AlertEngine(monitors_table, settings, counters, publish=publish, outbox=outbox, results=results)
+    outbox = Outbox(monitors_table, notifier, context_topic=settings.kafka.metrics_topic,
+                    owns=owns_partition(faust_app, settings.kafka))
+    engine = AlertEngine(monitors_table, settings.alerting, counters, publish=publish, outbox=outbox, results=results)
 
     @faust_app.agent(source, name="alerts")
     async def alerts_agent(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
-            if msg.topic == settings.policy_commands_topic:
+            if msg.topic == settings.kafka.policy_commands_topic:
                 cmd = decode_command(event.value, counters)
                 if cmd is not None:
                     await engine.on_command(msg.partition, cmd)
@@ -336,15 +336,15 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, notifier: Notif
                 closed_at_ms = int(msg.timestamp * 1000) if msg.timestamp else None
                 await engine.on_minute(msg.partition, event.value, closed_at_ms=closed_at_ms)
 
-    @faust_app.timer(settings.outbox_sweep_interval_s, name="alerts_outbox_sweep")
+    @faust_app.timer(settings.alerting.outbox_sweep_interval_s, name="alerts_outbox_sweep")
     async def sweep() -> None:
-        if owned_partitions(faust_app, settings.metrics_topic) is not None:
+        if owned_partitions(faust_app, settings.kafka.metrics_topic) is not None:
             outbox.sweep()
 
     return engine
 
 
-def owner_locator(faust_app: Any, settings: Settings, *, table_name: str = "monitors") -> Locate:
+def owner_locator(faust_app: Any, kafka: KafkaSettings, *, table_name: str = "monitors") -> Locate:
     """The advertised URL (Faust ``canonical_url``) of the worker that owns an app, from Faust's router.
 
     ``router.key_store(table, key)`` hashes the key with the producer's partitioner over the table's
@@ -367,7 +367,7 @@ def owner_locator(faust_app: Any, settings: Settings, *, table_name: str = "moni
             except Exception as exc:  # noqa: BLE001 - any failure here means "not known yet"
                 log.warning("owner of %r unknown: no metadata for %s: %r", app, changelog, exc)
                 return None
-        expected = partition_for(app, settings.partitions)
+        expected = partition_for(app, kafka.partitions)
         if tp.partition != expected:
             log.error("owner of %r unknown: Faust puts key %r in partition %d of %s, the app's minutes are in "
                       "partition %d; check %sPARTITIONS against the topics", app, key, tp.partition,
@@ -381,7 +381,7 @@ def owner_locator(faust_app: Any, settings: Settings, *, table_name: str = "moni
     return locate
 
 
-def command_sender(topic: Any, settings: Settings) -> Callable[[str, bytes], Awaitable[None]]:
+def command_sender(topic: Any, kafka: KafkaSettings) -> Callable[[str, bytes], Awaitable[None]]:
     """Produce a policy command to ``topic`` (a Faust topic: ``send`` returns a future resolved on the
     broker's acknowledgement) and return once it is acknowledged, within ``produce_timeout_s``: a broker that
     does not answer is a RetriableError (the API's 503 with Retry-After), not a request that hangs (security
@@ -389,7 +389,7 @@ def command_sender(topic: Any, settings: Settings) -> Callable[[str, bytes], Awa
     as after any 503."""
     from aiokafka.errors import KafkaError
 
-    timeout_s = settings.produce_timeout_s
+    timeout_s = kafka.produce_timeout_s
 
     async def produce(app: str, value: bytes) -> None:
         fut = await topic.send(key=app.encode(), value=value)
@@ -416,16 +416,16 @@ def policy_backend(wiring: Wiring, settings: Settings, *, monitors: Callable[[st
     worker's app is read (when ``forwarder`` is given, limited to ``forward_allowed_suffix``)."""
     faust_app = wiring.app
     if forwarder is not None:
-        forwarder.allow_only(settings.forward_allowed_suffix)
-    send = command_sender(wiring.policy_commands_topic, settings)
+        forwarder.allow_only(settings.web.forward_allowed_suffix)
+    send = command_sender(wiring.policy_commands_topic, settings.kafka)
 
     def owner(app: str) -> str:
-        owned = owned_partitions(faust_app, settings.metrics_topic)
+        owned = owned_partitions(faust_app, settings.kafka.metrics_topic)
         if owned is None:
             return UNKNOWN
-        return LOCAL if partition_for(app, settings.partitions) in owned else REMOTE
+        return LOCAL if partition_for(app, settings.kafka.partitions) in owned else REMOTE
 
     return PolicyBackend(owner=owner, monitors=monitors, policies=policies, send=send, results=results,
-                         apply_timeout_s=settings.policy_apply_timeout_s,
-                         locate=owner_locator(faust_app, settings) if forwarder is not None else None,
+                         apply_timeout_s=settings.alerting.policy_apply_timeout_s,
+                         locate=owner_locator(faust_app, settings.kafka) if forwarder is not None else None,
                          forwarder=forwarder)

@@ -31,7 +31,7 @@ from app.api.policies import CommandResults
 from app.notify.delivery import FORMATION, Delivery
 from app.notify.notifier import Notifier
 from app.ops.stats import Counters
-from app.settings import Settings
+from app.settings import AlertingSettings, AutoscaleSettings, Settings
 
 if TYPE_CHECKING:
     from app.app import Wiring
@@ -64,15 +64,17 @@ def pinned_text(d: Decision) -> tuple[str, str]:
 class AutoscaleEngine:
     """Applies minutes and policy commands to the ``autoscale`` table (any mapping: tests use a dict)."""
 
-    def __init__(self, table: Table, settings: Settings, counters: Counters, *, publish: PublishDecision,
-                 outbox: Outbox, results: CommandResults | None = None) -> None:
+    def __init__(self, table: Table, alerting: AlertingSettings, counters: Counters, *, publish: PublishDecision,
+                 outbox: Outbox, results: CommandResults | None = None, params: AutoscaleParams | None = None
+                 ) -> None:
+        """``params``: the model's constants (``settings.autoscale``; None: their defaults)."""
         self.table = table
-        self.settings = settings
+        self.alerting = alerting
         self.counters = counters
         self.publish = publish
         self.outbox = outbox
         self.results = results
-        self.params = AutoscaleParams.from_settings(settings)
+        self.params = params or AutoscaleParams.from_settings(AutoscaleSettings())
 
     def doc(self, app: str) -> AppPolicies | None:
         raw = self.table.get(doc_key(app))
@@ -80,7 +82,7 @@ class AutoscaleEngine:
 
     def deliveries(self, d: Decision, doc: AppPolicies) -> list[tuple[str, Delivery]]:
         out: list[tuple[str, Delivery]] = []
-        url = self.settings.formation_url
+        url = self.alerting.formation_url
         if d.changed and url:
             body = orjson.dumps({"quantity": d.to_dynos, "app": d.app, "process_type": d.process_type,
                                  "from_dynos": d.from_dynos, "reason": d.reason, "event_id": d.event_id,
@@ -151,32 +153,32 @@ def bind(wiring: Wiring, settings: Settings, counters: Counters, notifier: Notif
          results: CommandResults) -> AutoscaleEngine:
     faust_app, autoscale_table, autoscale_topic = wiring.app, wiring.autoscale_table, wiring.autoscale_topic
 
-    source = faust_app.topic(settings.metrics_topic, settings.policy_commands_topic, key_type=bytes,
+    source = faust_app.topic(settings.kafka.metrics_topic, settings.kafka.policy_commands_topic, key_type=bytes,
                              value_type=bytes)
 
     async def publish(d: Decision) -> None:
         fut = await autoscale_topic.send(key=d.app.encode(), value=orjson.dumps(d.to_record()))
         await fut
 
-    outbox = Outbox(autoscale_table, notifier, context_topic=settings.metrics_topic,
-                    owns=owns_partition(faust_app, settings))
-    engine = AutoscaleEngine(autoscale_table, settings, counters, publish=publish, outbox=outbox,
-                             results=results)
+    outbox = Outbox(autoscale_table, notifier, context_topic=settings.kafka.metrics_topic,
+                    owns=owns_partition(faust_app, settings.kafka))
+    engine = AutoscaleEngine(autoscale_table, settings.alerting, counters, publish=publish, outbox=outbox,
+                             results=results, params=AutoscaleParams.from_settings(settings.autoscale))
 
     @faust_app.agent(source, name="autoscale")
     async def autoscale_agent(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
-            if msg.topic == settings.policy_commands_topic:
+            if msg.topic == settings.kafka.policy_commands_topic:
                 cmd = decode_command(event.value, None)  # the alerts agent reports malformed ones
                 if cmd is not None:
                     engine.on_command(msg.partition, cmd)
             elif event.value is not None:
                 await engine.on_minute(msg.partition, event.value)
 
-    @faust_app.timer(settings.outbox_sweep_interval_s, name="autoscale_outbox_sweep")
+    @faust_app.timer(settings.alerting.outbox_sweep_interval_s, name="autoscale_outbox_sweep")
     async def sweep() -> None:
-        if owned_partitions(faust_app, settings.metrics_topic) is not None:
+        if owned_partitions(faust_app, settings.kafka.metrics_topic) is not None:
             outbox.sweep()
 
     return engine

@@ -20,7 +20,7 @@ from agents.sink import StoreWriter
 from app.errors import StoreError
 from app.ops.stats import Counters
 from app.retry import Sleep
-from app.settings import WINDOW_S, Settings
+from app.settings import WINDOW_S, Settings, StorageSettings
 from app.storage.events import EVENTS_RESOLUTION_S, merge_items
 from app.storage.protocol import MetricItem, MetricsStore
 
@@ -69,12 +69,12 @@ def decode_event(kind: str, value: bytes) -> tuple[str, str, dict[str, Any]] | N
 
 
 class EventsJob:
-    def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *,
+    def __init__(self, store: MetricsStore, storage: StorageSettings, counters: Counters, *,
                  sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random) -> None:
         self.store = store
-        self.settings = settings
+        self.storage = storage
         self.counters = counters
-        self.writer = StoreWriter(store, settings, counters, job="events", retries_counter="events_retries",
+        self.writer = StoreWriter(store, storage, counters, job="events", retries_counter="events_retries",
                                   sleep=sleep, jitter=jitter)
 
     async def check(self) -> None:
@@ -83,7 +83,7 @@ class EventsJob:
     async def write(self, records: Sequence[tuple[str, bytes]], *, now_s: int) -> int:
         """Store a batch of ``(kind, value)`` records; returns the number of items written."""
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        oldest = now_s - self.settings.ttl_s
+        oldest = now_s - self.storage.ttl_s
         for kind, value in records:
             got = decode_event(kind, value)
             if got is None:
@@ -133,17 +133,18 @@ def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Coun
 
     faust_app = wiring.app
 
-    job = EventsJob(store, settings, counters)
+    job = EventsJob(store, settings.storage, counters)
     register_check("events", job.check)
     # Both topics keyed by app with the same partition count: Faust assigns an app's partitions of both to
     # the same worker, so each minute item has one writer.
-    source = faust_app.topic(settings.alerts_topic, settings.autoscale_topic, key_type=bytes, value_type=bytes)
+    source = faust_app.topic(settings.kafka.alerts_topic, settings.kafka.autoscale_topic, key_type=bytes,
+                             value_type=bytes)
 
     @faust_app.agent(source, name="events")
     async def events_agent(stream: Any) -> None:
-        async for batch in stream.take_events(settings.sink_batch_max, within=settings.sink_within_s):
+        async for batch in stream.take_events(settings.storage.sink_batch_max, within=settings.storage.sink_within_s):
             await ready.wait()  # the store is started, and written in the migration's phase (app/writer.py)
-            records = [(ALERT if ev.message.topic == settings.alerts_topic else AUTOSCALE, ev.value)
+            records = [(ALERT if ev.message.topic == settings.kafka.alerts_topic else AUTOSCALE, ev.value)
                        for ev in batch if ev.value is not None]
             await job.write(records, now_s=int(time.time()))
 

@@ -169,15 +169,15 @@ def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Coun
     faust_app = wiring.app
 
     def committed(partition: int) -> int | None:
-        return committed_offset(faust_app, settings.metrics_topic, partition)
+        return committed_offset(faust_app, settings.kafka.metrics_topic, partition)
 
     publisher = Publisher(watermarks, store, counters, committed=committed)
 
-    @faust_app.timer(settings.progress_interval_s, name="publish_progress")
+    @faust_app.timer(settings.query.progress_interval_s, name="publish_progress")
     async def publish() -> None:
         if not ready.is_set():
             return
-        owned = owned_partitions(faust_app, settings.metrics_topic)
+        owned = owned_partitions(faust_app, settings.kafka.metrics_topic)
         if owned is not None:
             await publisher.publish(owned)
 
@@ -194,12 +194,12 @@ def bind_checkpoint_sender(wiring: Wiring, settings: Settings, watermarks: Water
     faust_app, checkpoints_topic = wiring.app, wiring.checkpoints_topic
     sent: dict[int, tuple[int, int]] = {}
 
-    @faust_app.timer(settings.progress_interval_s, name="send_checkpoints")
+    @faust_app.timer(settings.query.progress_interval_s, name="send_checkpoints")
     async def send() -> None:
         if not wanted():
             sent.clear()
             return
-        owned = owned_partitions(faust_app, settings.metrics_topic)
+        owned = owned_partitions(faust_app, settings.kafka.metrics_topic)
         for p in sorted(owned or ()):
             cp = watermarks.last_checkpoint.get(p)
             if cp is not None and sent.get(p) != cp:

@@ -21,7 +21,7 @@ from app.clock import Clock, SystemClock
 from app.errors import RetriableError, StoreError
 from app.ops.stats import Counters
 from app.retry import RetryPolicy, Sleep, retry_retriable
-from app.settings import WINDOW_S, Settings
+from app.settings import WINDOW_S, QuerySettings, Settings, StorageSettings
 from app.storage.protocol import DIGEST, SUMMARY, MetricItem, MetricsStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
 from tables.state import partition_context
@@ -122,7 +122,8 @@ def decode_minute(value: bytes) -> Aggregate:
 
 
 class Rollup:
-    def __init__(self, table: Table, store: MetricsStore, settings: Settings, counters: Counters, *,
+    def __init__(self, table: Table, store: MetricsStore, storage: StorageSettings, query: QuerySettings,
+                 counters: Counters, *,
                  context_topic: str, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[], float] = random.random, watermarks: Watermarks | None = None) -> None:
         """``watermarks``: told of each minute stored after its partition's stored-through watermark had
@@ -130,12 +131,12 @@ class Rollup:
         self.watermarks = watermarks
         self.table = table
         self.store = store
-        self.settings = settings
+        self.storage, self.query = storage, query
         self.counters = counters
         self.context_topic = context_topic
         self.clock = clock or SystemClock()
         self.sleep = sleep
-        self.policy = RetryPolicy.from_ms(settings.backoff_base_ms, settings.backoff_max_ms, jitter=jitter)
+        self.policy = RetryPolicy.from_ms(storage.backoff_base_ms, storage.backoff_max_ms, jitter=jitter)
 
     async def process(self, batch: Sequence[tuple[int, bytes]]) -> int:
         """Fold a batch of ``(partition, metrics-1m value)`` into the rollups and summary blocks; returns
@@ -197,7 +198,7 @@ class Rollup:
                     self.table[block_key(k)] = blocks[k].encode()
             for (app, proc), (partition, since_s) in new_since.items():
                 # Evicted a retention after it starts: a later batch takes it back from a stored block.
-                value = {"p": partition, "end_s": since_s + self.settings.ttl_s, "since": since_s}
+                value = {"p": partition, "end_s": since_s + self.storage.ttl_s, "since": since_s}
                 with partition_context(self.context_topic, partition):
                     self.table[since_key(app, proc)] = zlib.compress(orjson.dumps(value), 1)
         if self.watermarks is not None:
@@ -380,7 +381,7 @@ class Rollup:
 
     def evict(self, owned: set[int]) -> int:
         """Delete buckets of owned partitions that ended more than ``rollup_evict_after_s`` ago."""
-        cutoff_s = self.clock.now_ms() // 1000 - int(self.settings.rollup_evict_after_s)
+        cutoff_s = self.clock.now_ms() // 1000 - int(self.query.rollup_evict_after_s)
         doomed: list[tuple[bytes, int]] = []
         for key, raw in list(self.table.items()):
             if raw is None:
@@ -401,18 +402,18 @@ def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Coun
 
     faust_app, metrics_topic, rollups_table = wiring.app, wiring.metrics_topic, wiring.rollups_table
 
-    rollup = Rollup(rollups_table, store, settings, counters, context_topic=settings.metrics_topic,
-                    watermarks=watermarks)
+    rollup = Rollup(rollups_table, store, settings.storage, settings.query, counters,
+                    context_topic=settings.kafka.metrics_topic, watermarks=watermarks)
 
     @faust_app.agent(metrics_topic, name="rollup")
     async def rollup_agent(stream: Any) -> None:
-        async for events in stream.take_events(settings.rollup_batch_max, within=settings.rollup_within_s):
+        async for events in stream.take_events(settings.query.rollup_batch_max, within=settings.query.rollup_within_s):
             await ready.wait()  # the store is started, and written in the migration's phase (app/writer.py)
             await rollup.process([(e.message.partition, e.value) for e in events if e.value is not None])
 
     @faust_app.timer(60.0, name="rollup_evict")
     async def evict() -> None:
-        owned = owned_partitions(faust_app, settings.metrics_topic)
+        owned = owned_partitions(faust_app, settings.kafka.metrics_topic)
         if owned is not None:
             n = rollup.evict(owned)
             if n:

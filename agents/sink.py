@@ -22,7 +22,7 @@ from app.errors import ItemsRefused, PipelineError, RetriableError, StoreError, 
 from app.ops.stats import CounterName, Counters
 from app.ops.topics import RECORD_OVERHEAD_BYTES
 from app.retry import RetryPolicy, Sleep, retry_retriable
-from app.settings import WINDOW_S, Settings
+from app.settings import WINDOW_S, Settings, StorageSettings
 from app.storage.protocol import MetricItem, MetricsStore
 
 if TYPE_CHECKING:
@@ -93,17 +93,17 @@ class StoreWriter:
     retriable errors back off, fatal ones halt (``check`` fails) and retry slowly, refused items are
     isolated one by one and returned."""
 
-    def __init__(self, store: MetricsStore, settings: Settings, counters: Counters, *, job: str,
+    def __init__(self, store: MetricsStore, storage: StorageSettings, counters: Counters, *, job: str,
                  retries_counter: CounterName, sleep: Sleep = asyncio.sleep,
                  jitter: Callable[[], float] = random.random, fatal_retry_s: float | None = None) -> None:
         self.store = store
-        self.settings = settings
+        self.storage = storage
         self.counters = counters
         self.job = job
         self.retries_counter = retries_counter
         self.sleep = sleep
-        self.policy = RetryPolicy.from_ms(settings.backoff_base_ms, settings.backoff_max_ms, jitter=jitter)
-        self.fatal_retry_s = settings.store_fatal_retry_s if fatal_retry_s is None else fatal_retry_s
+        self.policy = RetryPolicy.from_ms(storage.backoff_base_ms, storage.backoff_max_ms, jitter=jitter)
+        self.fatal_retry_s = storage.fatal_retry_s if fatal_retry_s is None else fatal_retry_s
         self.halted: StoreFatal | None = None
         """The error the job stopped on; None while it writes."""
 
@@ -181,13 +181,13 @@ class StoreWriter:
 
 
 class Sink:
-    def __init__(self, store: MetricsStore, settings: Settings, *, dead_letter: DeadLetter, counters: Counters,
+    def __init__(self, store: MetricsStore, storage: StorageSettings, *, dead_letter: DeadLetter, counters: Counters,
                  sleep: Sleep = asyncio.sleep, fatal_retry_s: float | None = None) -> None:
         self.store = store
-        self.settings = settings
+        self.storage = storage
         self.dead_letter = dead_letter
         self.counters = counters
-        self.writer = StoreWriter(store, settings, counters, job="sink", retries_counter="sink_retries",
+        self.writer = StoreWriter(store, storage, counters, job="sink", retries_counter="sink_retries",
                                   sleep=sleep, fatal_retry_s=fatal_retry_s)
 
     async def check(self) -> None:
@@ -223,19 +223,19 @@ def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Coun
 
     faust_app, metrics_topic, sink_dlq_topic = wiring.app, wiring.metrics_topic, wiring.sink_dlq_topic
 
-    max_bytes = settings.kafka_max_batch_bytes - RECORD_OVERHEAD_BYTES  # below the brokers' message.max.bytes
+    max_bytes = settings.kafka.max_batch_bytes - RECORD_OVERHEAD_BYTES  # below the brokers' message.max.bytes
 
     async def dead_letter(bad: Sequence[tuple[bytes, str]]) -> None:
         for value, reason in bad:
-            key, record = dead_letter_record(value, reason, topic=settings.metrics_topic, max_bytes=max_bytes)
+            key, record = dead_letter_record(value, reason, topic=settings.kafka.metrics_topic, max_bytes=max_bytes)
             await sink_dlq_topic.send(key=key, value=record)
 
-    sink = Sink(store, settings, dead_letter=dead_letter, counters=counters)
+    sink = Sink(store, settings.storage, dead_letter=dead_letter, counters=counters)
     register_check("sink", sink.check)
 
     @faust_app.agent(metrics_topic, name="sink")
     async def sink_agent(stream: Any) -> None:
-        async for values in stream.take(settings.sink_batch_max, within=settings.sink_within_s):
+        async for values in stream.take(settings.storage.sink_batch_max, within=settings.storage.sink_within_s):
             # Set once the store's client is started, and while a migration writes this store (app/writer.py).
             await ready.wait()
             await sink.write(values)

@@ -51,26 +51,26 @@ def create_app(settings: Settings) -> Wiring:
     faust_patches.apply()  # before any app exists: a restarted worker must not skip records never committed
     app = _faust_app(settings)
     # Should Faust create a changelog itself (ensure_topics normally does first), the same limit as there.
-    changelog_configs = {"max.message.bytes": str(settings.changelog_max_message_bytes)}
+    changelog_configs = {"max.message.bytes": str(settings.kafka.changelog_max_message_bytes)}
 
     def topic(name: str) -> Any:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.partitions)
+        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions)
 
     def table(name: str) -> Any:
-        return app.Table(name, partitions=settings.partitions, key_type=bytes, value_type=bytes, default=None,
+        return app.Table(name, partitions=settings.kafka.partitions, key_type=bytes, value_type=bytes, default=None,
                          extra_topic_configs=changelog_configs)
 
     return Wiring(
         app=app,
-        observations_topic=topic(settings.observations_topic),
-        metrics_topic=topic(settings.metrics_topic),
-        dlq_topic=topic(settings.dlq_topic),
-        checkpoints_topic=topic(settings.checkpoints_topic),
-        sink_dlq_topic=topic(settings.sink_dlq_topic),
+        observations_topic=topic(settings.kafka.observations_topic),
+        metrics_topic=topic(settings.kafka.metrics_topic),
+        dlq_topic=topic(settings.kafka.dlq_topic),
+        checkpoints_topic=topic(settings.kafka.checkpoints_topic),
+        sink_dlq_topic=topic(settings.kafka.sink_dlq_topic),
         windows_table=table("windows"),
-        alerts_topic=topic(settings.alerts_topic),
-        autoscale_topic=topic(settings.autoscale_topic),
-        policy_commands_topic=topic(settings.policy_commands_topic),
+        alerts_topic=topic(settings.kafka.alerts_topic),
+        autoscale_topic=topic(settings.kafka.autoscale_topic),
+        policy_commands_topic=topic(settings.kafka.policy_commands_topic),
         monitors_table=table("monitors"),
         autoscale_table=table("autoscale"),
         rollups_table=table("rollups"),
@@ -79,24 +79,24 @@ def create_app(settings: Settings) -> Wiring:
 
 def _faust_app(s: Settings) -> faust.App:
     return faust.App(
-        s.app_id,
-        broker=s.broker_url,
-        store=s.store_url,
-        datadir=s.data_dir,
-        topic_partitions=s.partitions,
-        topic_replication_factor=s.replication_factor,
+        s.kafka.app_id,
+        broker=s.kafka.broker_url,
+        store=s.windows.store_url,
+        datadir=s.windows.data_dir,
+        topic_partitions=s.kafka.partitions,
+        topic_replication_factor=s.kafka.replication_factor,
         # Kafka has transactions, but Faust's exactly_once has open issues; correctness comes from idempotent
         # effects instead (tables/windows.py), so at-least-once is the right guarantee everywhere.
         processing_guarantee="at_least_once",
         producer_acks=-1,  # a minute is only "emitted" once every in-sync replica has it
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=s.session_timeout_s,
-        broker_heartbeat_interval=s.heartbeat_interval_s,
-        broker_rebalance_timeout=s.rebalance_timeout_s,
+        broker_session_timeout=s.kafka.session_timeout_s,
+        broker_heartbeat_interval=s.kafka.heartbeat_interval_s,
+        broker_rebalance_timeout=s.kafka.rebalance_timeout_s,
         web_enabled=True,  # served by our own aiohttp service (app/worker.py Runtime), not faust.web
         # Where the other workers reach this one: the partition assignment carries it, and reads of an app
         # owned elsewhere are forwarded there (app/api/policies.py).
-        canonical_url=s.advertised_url or f"http://{socket.gethostname()}:{s.web_port}",
+        canonical_url=s.web.advertised_url or f"http://{socket.gethostname()}:{s.web.port}",
         key_serializer="raw",
         value_serializer="raw",
         table_standby_replicas=0,
@@ -104,10 +104,10 @@ def _faust_app(s: Settings) -> faust.App:
         # digests: allow the producer to batch them. The largest single record is a changelog value
         # (an open window), bounded by the changelogs' max.message.bytes (app/ops/topics.py); a minute is
         # kept below METRICS_MINUTE_MAX_BYTES (agents/aggregate.py).
-        producer_max_request_size=s.changelog_max_message_bytes,
-        consumer_max_fetch_size=s.fetch_max_partition_bytes,
+        producer_max_request_size=s.kafka.changelog_max_message_bytes,
+        consumer_max_fetch_size=s.kafka.fetch_max_partition_bytes,
         # JSON lines without secrets for log pipelines (app/ops/health.py); Faust's colored text otherwise.
-        logging_config=json_logging_config("INFO") if s.log_format == "json" else None,
-        **kafka.faust_kwargs(s),  # TLS to the brokers, when configured
+        logging_config=json_logging_config("INFO") if s.ops.log_format == "json" else None,
+        **kafka.faust_kwargs(s.kafka),  # TLS to the brokers, when configured
     )
 

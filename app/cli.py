@@ -97,20 +97,20 @@ def local_ports(settings: Settings, env: Mapping[str, str]) -> list[tuple[int, s
 
     from app.ops.kafka import bootstrap_servers
 
-    servers = bootstrap_servers(settings.broker_url)
+    servers = bootstrap_servers(settings.kafka.broker_url)
     if len(servers) != 1 or not servers[0].startswith(("127.0.0.1:", "localhost:")):
         raise ConfigError(f"local mode runs its own broker, but METRICS_BROKER_URL names {servers}",
                           action="unset METRICS_BROKER_URL, or set it to kafka://127.0.0.1:<port>")
-    endpoint = urlsplit(settings.dynamodb_endpoint)
+    endpoint = urlsplit(settings.dynamodb.endpoint)
     if endpoint.hostname not in ("127.0.0.1", "localhost") or endpoint.port is None:
         raise ConfigError(f"local mode runs its own DynamoDB server, but METRICS_DYNAMODB_ENDPOINT is "
-                          f"{settings.dynamodb_endpoint!r}", action="unset METRICS_DYNAMODB_ENDPOINT, or set it to "
+                          f"{settings.dynamodb.endpoint!r}", action="unset METRICS_DYNAMODB_ENDPOINT, or set it to "
                           "http://127.0.0.1:<port>")
     return [
         (int(servers[0].rsplit(":", 1)[1]), "Kafka broker", "METRICS_BROKER_URL"),
         (int(env.get("METRICS_KAFKA_CONTROLLER_PORT", "9093")), "Kafka controller", "METRICS_KAFKA_CONTROLLER_PORT"),
         (endpoint.port, "DynamoDB server", "METRICS_DYNAMODB_ENDPOINT"),
-        (settings.web_port, "query API and dashboard", "METRICS_WEB_PORT"),
+        (settings.web.port, "query API and dashboard", "METRICS_WEB_PORT"),
         (int(env.get("METRICS_INGEST_PORT", "6067")), "ingest (drains, JSON API)", "METRICS_INGEST_PORT"),
     ]
 
@@ -127,7 +127,7 @@ def run_local(*, demo: bool = True, rate: int = 2000, apps: int = 3, data_dir: P
         # The roles' operator ports (/readyz with reasons, /metrics, /v1/stats, /migration): the worker's, the
         # ingest's beside it.
         ingest_admin_port = int(os.environ.get("METRICS_INGEST_ADMIN_PORT", "6069"))
-        require_free_port(settings.admin_port, "operator endpoints of the worker", "METRICS_ADMIN_PORT")
+        require_free_port(settings.ops.admin_port, "operator endpoints of the worker", "METRICS_ADMIN_PORT")
         require_free_port(ingest_admin_port, "operator endpoints of the ingest", "METRICS_INGEST_ADMIN_PORT")
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -145,11 +145,11 @@ def run_local(*, demo: bool = True, rate: int = 2000, apps: int = 3, data_dir: P
         dynamo.start()
         from app.ops.topics import ensure_topics
 
-        asyncio.run(ensure_topics(broker.address, settings))
+        asyncio.run(ensure_topics(broker.address, settings.kafka))
         # The broker is durable and keeps the changelogs, so the worker's RocksDB state is kept with it.
         env = worker_env(broker.url, dynamo.endpoint, data_dir=str(data_dir / "worker"), web_port=web_port)
         stores = LocalStores(settings, env, data_dir, start_role)
-        if settings.store == "cassandra" or os.environ.get("METRICS_LOCAL_CASSANDRA") == "1":
+        if settings.storage.backend == "cassandra" or os.environ.get("METRICS_LOCAL_CASSANDRA") == "1":
             stores.ensure_cassandra()  # the second: a node for `migration start --to cassandra` to find
         worker = start_worker(env)
         children.append(worker)
@@ -166,7 +166,7 @@ def run_local(*, demo: bool = True, rate: int = 2000, apps: int = 3, data_dir: P
         print(f"dashboard http://127.0.0.1:{web_port}/dashboard/ (app-0 read token: {read_token})")
         print(f"query curl -H 'Authorization: Bearer {read_token}' "
               f"'http://127.0.0.1:{web_port}/v1/apps/app-0/metrics?process_type=web'")
-        print(f"counters http://127.0.0.1:{settings.admin_port}/v1/stats (operators; also /readyz, /metrics, "
+        print(f"counters http://127.0.0.1:{settings.ops.admin_port}/v1/stats (operators; also /readyz, /metrics, "
               f"/dashboard/migration.html; the ingest's on port {ingest_admin_port})")
         print(f"drain http://drain:{drain_tokens['app-0']}@127.0.0.1:{ingest_port}/v1/drains/logplex (app-0's drain "
               "URL: the token is its basic-auth password, as Logplex sends it)")
@@ -197,9 +197,11 @@ def run_local(*, demo: bool = True, rate: int = 2000, apps: int = 3, data_dir: P
 
 async def _demo_tokens(apps: list[str], kind: str = "drain") -> dict[str, str]:
     from app.settings import Settings
+    from app.storage.backends import token_table
     from app.storage.tokens import TokenStore
 
-    store = TokenStore(Settings.from_env())
+    settings = Settings.from_env()
+    store = TokenStore(settings.web, table=token_table(settings))
     await store.start()
     try:
         return {app: (await store.create(app, kind))[0] for app in apps}
@@ -244,7 +246,7 @@ def serve(role: str) -> int:
     from app.settings import Settings
 
     settings = Settings.from_env()
-    if settings.log_format == "json":
+    if settings.ops.log_format == "json":
         setup_json_logging("INFO")
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -257,7 +259,7 @@ def serve(role: str) -> int:
     # lingering_time: after an answer that left a body unread (413, 408 for a slow body), how long the
     # server keeps reading and dropping it before closing; aiohttp's 10 s would let a slow client keep
     # the connection.
-    web.run_app(webapp, host=settings.web_host, port=settings.web_port, access_log=None, print=None,
+    web.run_app(webapp, host=settings.web.host, port=settings.web.port, access_log=None, print=None,
                 lingering_time=LINGERING_S)
     return 0
 
@@ -278,7 +280,7 @@ def build_web_role(settings: Settings, counters: Counters) -> web.Application:
     stats = ReadStats()
     engines = Engines(settings, stats, counters=counters)
     query = MigratingQuery(settings, control.current, engines, stats=stats, counters=counters)
-    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current), counters=counters)
+    tokens = TokenStore(settings.web, table=FollowingTokens(settings, control.current), counters=counters)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         import gc
@@ -302,8 +304,8 @@ def build_web_role(settings: Settings, counters: Counters) -> web.Application:
         add_migration_routes(a, query)
 
     def routes(w: web.Application) -> None:  # the operator's endpoints: on the admin port only
-        add_admin_port(w, settings, counters=counters, checks={"store": lambda: engines.ping(control.current().source)},
-                       routes=admin_routes)
+        add_admin_port(w, settings.ops, counters=counters,
+                       checks={"store": lambda: engines.ping(control.current().source)}, routes=admin_routes)
 
     webapp = make_web_app(query, settings, counters, authorize=token_authorizer(tokens), extra=routes)
     webapp.cleanup_ctx.append(lifecycle)
@@ -466,7 +468,7 @@ def _with_tokens(use: Callable[[Any], Any]) -> int:
 
         settings = Settings.from_env()
         state = await read_state(settings)  # during a store migration, tokens change in both stores
-        store = TokenStore(settings, table=FollowingTokens(settings, lambda: state))
+        store = TokenStore(settings.web, table=FollowingTokens(settings, lambda: state))
         await store.start()
         try:
             code: int = await use(store)

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from app.errors import ConfigError
-from app.settings import Settings
+from app.settings import LimitSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,19 @@ class AppLimits:
     max_addon_sources: int
     max_metric_names: int
     # Defaulted, so an AppLimits built by hand for the ingest side (tables/windows.py) need not name them.
-    query_rate_per_s: float = Settings.limit_query_rate_per_s
-    query_burst: int = Settings.limit_query_burst
+    query_rate_per_s: float = LimitSettings.model_fields["query_rate_per_s"].default
+    query_burst: int = LimitSettings.model_fields["query_burst"].default
 
     @classmethod
-    def defaults(cls, settings: Settings) -> AppLimits:
-        return cls(ingest_rate_bytes_s=settings.limit_ingest_rate_bytes_s,
-                   ingest_burst_bytes=settings.limit_ingest_burst_bytes,
-                   inflight_bytes_per_token=settings.limit_inflight_bytes_per_token,
-                   max_process_types=settings.limit_process_types,
-                   max_addon_sources=settings.limit_addon_sources,
-                   max_metric_names=settings.max_metric_names,
-                   query_rate_per_s=settings.limit_query_rate_per_s,
-                   query_burst=settings.limit_query_burst)
+    def defaults(cls, limits: LimitSettings) -> AppLimits:
+        return cls(ingest_rate_bytes_s=limits.ingest_rate_bytes_s,
+                   ingest_burst_bytes=limits.ingest_burst_bytes,
+                   inflight_bytes_per_token=limits.inflight_bytes_per_token,
+                   max_process_types=limits.process_types,
+                   max_addon_sources=limits.addon_sources,
+                   max_metric_names=limits.max_metric_names,
+                   query_rate_per_s=limits.query_rate_per_s,
+                   query_burst=limits.query_burst)
 
 
 LIMIT_NAMES = tuple(f.name for f in fields(AppLimits))
@@ -227,10 +227,10 @@ class FairSlots:
 class Limits:
     """Looks up an app's limits; reloads the overrides file in the background when it changes."""
 
-    def __init__(self, settings: Settings, *, overrides: Mapping[str, AppLimits] | None = None) -> None:
-        self.defaults = AppLimits.defaults(settings)
-        self.path = settings.limits_file
-        self.reload_s = settings.limits_reload_s
+    def __init__(self, limits: LimitSettings, *, overrides: Mapping[str, AppLimits] | None = None) -> None:
+        self.defaults = AppLimits.defaults(limits)
+        self.path = limits.file
+        self.reload_s = limits.reload_s
         self._overrides: dict[str, AppLimits] = dict(overrides or {})
         self._mtime_ns: int | None = None
         self._task: asyncio.Task[None] | None = None

@@ -96,7 +96,7 @@ def secret_box() -> SecretBox:
 
 
 def use_secrets_key(secrets_key: str) -> SecretBox:
-    """Install the box of ``secrets_key`` (the worker does, from ``Settings.secrets_key``)."""
+    """Install the box of ``secrets_key`` (the worker does, from ``settings.alerting.secrets_key``)."""
     global _box
     _box = SecretBox(secrets_key)
     return _box

@@ -43,14 +43,14 @@ def create_worker(settings: Settings) -> faust.App:
     wiring = create_app(settings)
     app = wiring.app
     # Webhook secrets in policy commands, the monitors/policies changelogs and the outbox: sealed with this key.
-    secrets_box = use_secrets_key(settings.secrets_key)
+    secrets_box = use_secrets_key(settings.alerting.secrets_key.get_secret_value())
     store = metrics_store(settings, counters=counters)  # METRICS_STORE: what this worker's writers store into
     home = home_spec(settings)
     # Writers run while the migration state writes this store (always, without a migration: app/migration/).
     gate = WriteGate(home)
     control = MigrationControl(settings, counters=counters, on_change=gate.follow)
     # How far each metrics-1m partition is stored: what queries may call final (agents/progress.py).
-    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
+    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query.cache_max_age_s * 1000))
     aggregator = aggregate.bind(wiring, settings, counters, watermarks)
     sink.bind(wiring, settings, store, counters, gate.ready)
     rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
@@ -63,8 +63,8 @@ def create_worker(settings: Settings) -> faust.App:
     read_stats = ReadStats()
     engines = Engines(settings, read_stats, live=aggregator.live, counters=counters, started={home: store})
     query = MigratingQuery(settings, control.current, engines, stats=read_stats, counters=counters)
-    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current), counters=counters)
-    notifier = Notifier(settings, counters)
+    tokens = TokenStore(settings.web, table=FollowingTokens(settings, control.current), counters=counters)
+    notifier = Notifier(settings.alerting, counters)
     policy_results = CommandResults()
     alert_engine = alerts.bind(wiring, settings, counters, notifier, policy_results)
     autoscaler = autoscale.bind(wiring, settings, counters, notifier, policy_results)
@@ -89,17 +89,17 @@ def create_worker(settings: Settings) -> faust.App:
         add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
         webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(settings)))  # only workers serve them
         ops.add_admin_port(
-            webapp, settings, counters=counters, routes=admin_routes,
+            webapp, settings.ops, counters=counters, routes=admin_routes,
             checks={
-                "broker": ops.broker_check(settings.broker_url),
+                "broker": ops.broker_check(settings.kafka.broker_url),
                 "recovery": ops.flag_check(
                     recovered, message="table recovery has not finished",
                     action="wait: window state is being rebuilt from RocksDB or the changelog; if it lasts, read "
                            "the worker log and minutely_consumer_lag_*"),
                 "store": store.ping,
             },
-            refresh=ops.lag_refresher(app, counters, observations_topic=settings.observations_topic,
-                                      metrics_topic=settings.metrics_topic),
+            refresh=ops.lag_refresher(app, counters, observations_topic=settings.kafka.observations_topic,
+                                      metrics_topic=settings.kafka.metrics_topic),
         )
 
     def web_app() -> web.Application:
@@ -135,7 +135,7 @@ class Runtime(Service):
 
     async def on_start(self) -> None:
         s = self.settings
-        if not self.sealed and s.log_format == "json":  # production-like: say it once
+        if not self.sealed and s.ops.log_format == "json":  # production-like: say it once
             log.warning("webhook HMAC secrets are stored in plaintext (policy-commands topic, monitors changelog, "
                         "outbox): set METRICS_SECRETS_KEY to a Fernet key, made with python -c \"from "
                         "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())\"")
@@ -147,8 +147,8 @@ class Runtime(Service):
         await self.forwarder.start()
         self._runner = web.AppRunner(self.web_app(), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, s.web_host, s.web_port).start()
-        log.info("web API on http://%s:%d", s.web_host, s.web_port)
+        await web.TCPSite(self._runner, s.web.host, s.web.port).start()
+        log.info("web API on http://%s:%d", s.web.host, s.web.port)
 
     async def on_stop(self) -> None:
         if self._runner is not None:

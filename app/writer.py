@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +43,20 @@ def writer_settings(settings: Settings, spec: str) -> Settings:
     """The writer's own settings: the store ``spec`` names, its consumer group as the Faust app id, and its
     own state directory (RocksDB allows one process per directory)."""
     group = writer_group(settings, spec)
-    return replace(store_settings(settings, spec), app_id=group, data_dir=str(Path(settings.data_dir) / group))
+    return store_settings(settings, spec).replace(app_id=group, data_dir=str(Path(settings.windows.data_dir) / group))
 
 
 def create_writer(settings: Settings, spec: str) -> faust.App:
     """A new Faust app with the jobs that store minutes into ``spec`` bound, and :class:`Runtime` as its web
     server (``settings`` are the deployment's: the writer's own come from :func:`writer_settings`)."""
     settings = writer_settings(settings, spec)
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(settings.windows.data_dir).mkdir(parents=True, exist_ok=True)
     wiring = create_app(settings)
     home = home_spec(settings)
     store = metrics_store(settings, counters=counters)
     gate = WriteGate(home)
     control = MigrationControl(settings, counters=counters, on_change=gate.follow)
-    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query_cache_max_age_s * 1000))
+    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query.cache_max_age_s * 1000))
     sink.bind(wiring, settings, store, counters, gate.ready)
     rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
     progress.bind(wiring, settings, store, counters, gate.ready, watermarks)
@@ -69,13 +68,13 @@ def create_writer(settings: Settings, spec: str) -> faust.App:
         and stops it with its cleanup). No site ever listens for this app itself: the writer has no tenants."""
         webapp = web.Application()
         ops.add_admin_port(
-            webapp, settings, counters=counters,
-            checks={"broker": ops.broker_check(settings.broker_url), "store": store.ping},
-            refresh=ops.lag_refresher(wiring.app, counters, observations_topic=settings.observations_topic,
-                                      metrics_topic=settings.metrics_topic))
+            webapp, settings.ops, counters=counters,
+            checks={"broker": ops.broker_check(settings.kafka.broker_url), "store": store.ping},
+            refresh=ops.lag_refresher(wiring.app, counters, observations_topic=settings.kafka.observations_topic,
+                                      metrics_topic=settings.kafka.metrics_topic))
         return webapp
 
-    wiring.app.web_server(Runtime(f"{home} (group {settings.app_id})", store=store, control=control, gate=gate,
+    wiring.app.web_server(Runtime(f"{home} (group {settings.kafka.app_id})", store=store, control=control, gate=gate,
                                   routes=routes))
     return wiring.app
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastdigest import TDigest
 
-DEFAULT_MAX_CENTROIDS = 1000  # see Settings.digest_max_centroids for the accuracy measurements
+DEFAULT_MAX_CENTROIDS = 1000  # see WindowSettings.digest_max_centroids (app/settings.py) for the accuracy measurements
 DEFAULT_EXACT_LIMIT = 4096
 """Distinct values kept exactly (~60 KB serialized at most, before compression)."""
 

@@ -230,7 +230,6 @@ def test_loadgen_options(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_factories_build_a_worker_and_a_writer_without_reading_the_environment(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dataclasses import replace
 
     from app.app import create_app
     from app.settings import Settings
@@ -238,9 +237,9 @@ def test_the_factories_build_a_worker_and_a_writer_without_reading_the_environme
     from app.writer import create_writer
 
     monkeypatch.setenv("METRICS_APP_ID", "not-read")  # the factories take their settings as given
-    settings = replace(Settings(), app_id="cli-test", data_dir=str(tmp_path / "state"))
+    settings = Settings.of(app_id="cli-test", data_dir=str(tmp_path / "state"))
     wiring = create_app(settings)
-    assert wiring.app.conf.id == "cli-test" and wiring.metrics_topic.get_topic_name() == settings.metrics_topic
+    assert wiring.app.conf.id == "cli-test" and wiring.metrics_topic.get_topic_name() == settings.kafka.metrics_topic
     assert wiring.windows_table.name == "windows" and wiring.rollups_table.name == "rollups"
 
     worker = create_worker(settings)

@@ -279,9 +279,8 @@ def test_the_production_example_talks_to_kafka_over_sasl_ssl_with_a_principal_pe
             "secretKeyRef": {"name": f"minutely-kafka-{role}", "key": "password"}}
         users.add(env["METRICS_KAFKA_SASL_USERNAME"]["value"])
         s = Settings.from_env({**cfg, "METRICS_KAFKA_SASL_USERNAME": env["METRICS_KAFKA_SASL_USERNAME"]["value"],
-                               "METRICS_KAFKA_SASL_PASSWORD": "from-the-secret"})
-        s.validate()
-        assert s.kafka_security_protocol == "SASL_SSL"
+                               "METRICS_KAFKA_SASL_PASSWORD": "from-the-secret"})  # checked as it is read
+        assert s.kafka.security_protocol == "SASL_SSL"
     assert users == {f"minutely-{r}" for r in ROLES}
     text = PRODUCTION_VALUES.read_text()
     for topic in ("policy-commands", "observations", "minutely-migration", "metrics-1m"):
@@ -391,7 +390,7 @@ def test_kafka_sasl_as_the_readme_configures_it() -> None:
         assert env["METRICS_KAFKA_SASL_PASSWORD"]["valueFrom"] == {
             "secretKeyRef": {"name": "minutely-kafka", "key": "password"}}
     s = Settings.from_env({**cfg, "METRICS_KAFKA_SASL_PASSWORD": "from-the-secret"})
-    assert (s.kafka_security_protocol, s.kafka_sasl_username) == ("SASL_SSL", "minutely")
+    assert (s.kafka.security_protocol, s.kafka.sasl_username) == ("SASL_SSL", "minutely")
 
 
 def test_optional_parts_switch_off_and_on() -> None:
@@ -622,10 +621,11 @@ def test_per_app_limits_reach_every_role_as_a_file_it_re_reads() -> None:
     assert config(docs)["METRICS_LIMITS_FILE"] == "/etc/minutely/limits/limits.yaml"
     assert config(docs)["METRICS_LIMIT_INGEST_BURST_BYTES"] == "16777216"  # not 1.6777216e+07
     settings = Settings.from_env(config(docs))  # every rendered setting parses
-    assert AppLimits.defaults(settings) == AppLimits(**{k: type(getattr(AppLimits.defaults(Settings()), k))(v)
-                                                       for k, v in defaults.items()})
+    builtin = AppLimits.defaults(Settings().limits)
+    assert AppLimits.defaults(settings.limits) == AppLimits(**{k: type(getattr(builtin, k))(v)
+                                                               for k, v in defaults.items()})
     file = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-minutely-limits")["data"]["limits.yaml"])
-    got = parse_overrides(file, AppLimits.defaults(settings))  # what every role loads (app/limits.py)
+    got = parse_overrides(file, AppLimits.defaults(settings.limits))  # what every role loads (app/limits.py)
     assert (got["shop"].ingest_rate_bytes_s, got["shop"].max_process_types, got["shop"].max_addon_sources) == (
         8e6, 200, 20)
     for w in workloads(docs):

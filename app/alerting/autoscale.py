@@ -17,13 +17,13 @@ import orjson
 from app.alerting.minute import WINDOW_MS, Minute
 from app.alerting.targets import Targets
 from app.errors import ConfigError
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, AutoscaleSettings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AutoscaleParams:
     """The model's constants. They have no defaults of their own: each is the setting
-    ``autoscale_<name>`` (``METRICS_AUTOSCALE_<NAME>``, explained in app/settings.py), read by
+    ``settings.autoscale.<name>`` (``METRICS_AUTOSCALE_<NAME>``, explained in app/settings.py), read by
     :meth:`from_settings`, and checked here, in one place."""
 
     history_min: int
@@ -46,9 +46,9 @@ class AutoscaleParams:
                                   f"{value!r}", action=f"set {PREFIX}AUTOSCALE_{f.name.upper()}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AutoscaleParams:
+    def from_settings(cls, autoscale: AutoscaleSettings) -> AutoscaleParams:
         """ConfigError when the settings make no sense."""
-        return cls(**{f.name: getattr(settings, f"autoscale_{f.name}") for f in fields(cls)})
+        return cls(**{f.name: getattr(autoscale, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)

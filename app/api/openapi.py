@@ -102,7 +102,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "minutely metrics API", "version": "1.0.0",
                  "description": "Per-app metrics at 1 min, 10 min, 1 h and 2 h resolution, retained "
-                                f"{settings.ttl_days:g} days. Authenticate with a per-app read token "
+                                f"{settings.storage.ttl_days:g} days. Authenticate with a per-app read token "
                                 "(`python -m app tokens create --app APP --kind read`) as a Bearer token."},
         "servers": [{"url": "/"}],
         "components": {
@@ -154,8 +154,8 @@ def document(settings: Settings) -> dict[str, Any]:
                                 "schema": {"type": "string", "enum": ["true", "false"]}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Metrics"}}}},
                     "304": {"description": "If-None-Match matched the current ETag"},
-                    "400": _error(f"bad parameter, range over the {settings.ttl_days:g}-day retention "
-                                  f"(`range_too_large`) or more than {settings.max_query_points} points "
+                    "400": _error(f"bad parameter, range over the {settings.storage.ttl_days:g}-day retention "
+                                  f"(`range_too_large`) or more than {settings.query.max_points} points "
                                   "(`too_many_points`)"),
                     **auth_responses,
                 }}},
@@ -176,7 +176,7 @@ def document(settings: Settings) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "events with since <= ts < until; Cache-Control: private, no-cache",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Events"}}}},
-                    "400": _error(f"bad parameter or range over {settings.events_max_range_days:g} days "
+                    "400": _error(f"bad parameter or range over {settings.query.events_max_range_days:g} days "
                                   "(`range_too_large`: events are read uncached)"),
                     **auth_responses,
                 }}},

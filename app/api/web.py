@@ -118,7 +118,7 @@ async def _bounded(request: web.Request, work: Awaitable[T]) -> T:
     store is down, its client's own retries (with backoff) would hold a request for ~15 s; a dashboard or
     an alerting script should hear "unavailable" sooner. The work itself goes on (shielded) and fills the
     caches, and requests sharing it are not cancelled."""
-    timeout_s = request.app[SETTINGS_KEY].query_timeout_s
+    timeout_s = request.app[SETTINGS_KEY].query.timeout_s
     task = asyncio.ensure_future(work)
     task.add_done_callback(_retrieve)  # a late failure is the store's, already logged: not "never retrieved"
     try:
@@ -229,8 +229,8 @@ async def _series_request(request: web.Request) -> tuple[str, str, int, int] | w
         return error(400, "invalid_range", str(exc))
     if since_s >= until_s:
         return error(400, "invalid_range", "since must be before until")
-    if until_s - since_s > settings.ttl_s + 2 * 7200:  # slack: a 30-day range aligned outward to 2 h buckets
-        return error(400, "range_too_large", f"at most {settings.ttl_days:g} days (the retention) per request; "
+    if until_s - since_s > settings.storage.ttl_s + 2 * 7200:  # slack: a 30-day range aligned outward to 2 h buckets
+        return error(400, "range_too_large", f"at most {settings.storage.ttl_days:g} days (the retention) per request; "
                      "narrow since/until")
     return app, proc, since_s, until_s
 
@@ -247,9 +247,9 @@ async def get_metrics(request: web.Request) -> web.Response:
     except ValueError as exc:
         return error(400, "invalid_resolution", str(exc))
     points = -(-until_s // res) - since_s // res
-    if points > settings.max_query_points:
+    if points > settings.query.max_points:
         return error(400, "too_many_points", f"{points} points at {res} s resolution; at most "
-                     f"{settings.max_query_points} per request: use a coarser resolution or a shorter range")
+                     f"{settings.query.max_points} per request: use a coarser resolution or a shorter range")
     engine = request.app[QUERY_KEY]
     ans = await _query(request, app, lambda: engine.answer(app, proc, res, since_s, until_s))
     if isinstance(ans, web.Response):
@@ -272,7 +272,7 @@ async def get_events(request: web.Request) -> web.Response:
     if isinstance(parsed, web.Response):
         return parsed
     app, proc, since_s, until_s = parsed
-    max_days = request.app[SETTINGS_KEY].events_max_range_days
+    max_days = request.app[SETTINGS_KEY].query.events_max_range_days
     if until_s - since_s > max_days * 86400:
         return error(400, "range_too_large", f"at most {max_days:g} days of events per request; narrow "
                      "since/until")
@@ -339,7 +339,7 @@ async def vendor_file(request: web.Request) -> web.Response:
     ctype = VENDOR_FILES.get(name)
     if ctype is None:
         return error(404, "not_found", f"no vendored file {name!r}")
-    configured = request.app[SETTINGS_KEY].dashboard_assets_dir
+    configured = request.app[SETTINGS_KEY].web.dashboard_assets_dir
     return await _file((Path(configured) if configured else DEFAULT_ASSETS_DIR) / name, ctype)
 
 
@@ -376,9 +376,9 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
     """``authorize`` maps a read token to its app (app/storage/tokens.py). Without one every token is refused.
     ``limits``: the per-app limits (the query rate); without them the app follows ``METRICS_LIMITS_FILE`` itself
     (loaded at startup, reloaded while it runs). ``clock`` drives the rate buckets (tests)."""
-    webapp = web.Application(middlewares=[json_not_found, client_middleware(settings.forwarded_for_hops)])
+    webapp = web.Application(middlewares=[json_not_found, client_middleware(settings.web.forwarded_for_hops)])
     if limits is None:
-        limits = own = Limits(settings)
+        limits = own = Limits(settings.limits)
 
         async def follow_limits(_: web.Application) -> AsyncIterator[None]:
             await own.start()
@@ -387,8 +387,8 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
 
         webapp.cleanup_ctx.append(follow_limits)
     webapp[RATE_KEY] = QueryRate(limits, clock)
-    webapp[GATE_KEY] = FairSlots(settings.query_max_concurrent, settings.query_max_concurrent_per_app,
-                                 settings.query_queue_timeout_s)
+    webapp[GATE_KEY] = FairSlots(settings.query.max_concurrent, settings.query.max_concurrent_per_app,
+                                 settings.query.queue_timeout_s)
     webapp.on_response_prepare.append(security_headers)
     webapp[QUERY_KEY] = query
     webapp[SETTINGS_KEY] = settings

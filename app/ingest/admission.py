@@ -19,7 +19,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from app.clock import Clock, SystemClock
 from app.limits import Buckets, FairSlots, Limits
 from app.ops.stats import CounterName, Counters
-from app.settings import Settings
+from app.settings import IngestSettings
 
 CHUNK_BYTES = 64 * 1024
 
@@ -40,18 +40,18 @@ class Refusal:
 class Admission:
     """One per ingest process (a single event loop: no locks)."""
 
-    def __init__(self, settings: Settings, limits: Limits, counters: Counters, *, clock: Clock | None = None
+    def __init__(self, ingest: IngestSettings, limits: Limits, counters: Counters, *, clock: Clock | None = None
                  ) -> None:
         self.limits = limits
         self.counters = counters
         self.clock = clock or SystemClock()
-        self.budget_bytes = settings.ingest_max_inflight_bytes
-        self.max_body_bytes = settings.ingest_max_body_bytes
-        self.max_ratio = settings.ingest_max_decompressed_ratio
-        self.slots = FairSlots(settings.ingest_work_slots, settings.ingest_work_slots, None)
-        self.max_waiting = settings.ingest_max_waiting_per_app
-        self.body_timeout_s = settings.ingest_body_timeout_s
-        self.max_active = settings.ingest_max_active_requests
+        self.budget_bytes = ingest.max_inflight_bytes
+        self.max_body_bytes = ingest.max_body_bytes
+        self.max_ratio = ingest.max_decompressed_ratio
+        self.slots = FairSlots(ingest.work_slots, ingest.work_slots, None)
+        self.max_waiting = ingest.max_waiting_per_app
+        self.body_timeout_s = ingest.body_timeout_s
+        self.max_active = ingest.max_active_requests
         self._active: dict[str, int] = {}
         self.active_total = 0
         self._buckets = Buckets()

@@ -11,8 +11,7 @@ from __future__ import annotations
 import enum
 
 from app.clock import Clock, SystemClock
-from app.settings import Settings
-from app.storage.backends import frame_table
+from app.settings import IngestSettings
 from app.storage.protocol import FrameTable
 
 
@@ -25,9 +24,10 @@ class Claim(enum.Enum):
 class FrameDedup:
     """Claims, completes and releases frame ids on the store's frame table (``METRICS_STORE``)."""
 
-    def __init__(self, settings: Settings, *, table: FrameTable | None = None, clock: Clock | None = None) -> None:
-        self.table = table if table is not None else frame_table(settings)  # METRICS_STORE's, by default
-        self.settings = settings
+    def __init__(self, ingest: IngestSettings, *, table: FrameTable, clock: Clock | None = None) -> None:
+        """``table``: the store's (``frame_table(settings)``: METRICS_STORE's), or one following a migration."""
+        self.table = table
+        self.ingest = ingest
         self.clock = clock or SystemClock()
 
     async def start(self) -> None:
@@ -46,13 +46,13 @@ class FrameDedup:
     async def claim(self, app: str, frame_id: str) -> Claim:
         now_ms = self.clock.now_ms()
         key = self._key(app, frame_id)
-        if await self.table.claim(key, now_ms=now_ms, lease_until_ms=now_ms + int(self.settings.dedup_lease_s * 1000),
-                                  expires_s=now_ms // 1000 + int(self.settings.dedup_window_s)):
+        if await self.table.claim(key, now_ms=now_ms, lease_until_ms=now_ms + int(self.ingest.dedup_lease_s * 1000),
+                                  expires_s=now_ms // 1000 + int(self.ingest.dedup_window_s)):
             return Claim.NEW
         return Claim.DONE if await self.table.is_done(key) else Claim.BUSY
 
     async def complete(self, app: str, frame_id: str) -> None:
-        expires_s = self.clock.now_ms() // 1000 + int(self.settings.dedup_window_s)
+        expires_s = self.clock.now_ms() // 1000 + int(self.ingest.dedup_window_s)
         await self.table.mark_done(self._key(app, frame_id), expires_s=expires_s)
 
     async def release(self, app: str, frame_id: str) -> None:

@@ -28,7 +28,7 @@ from app.ingest.dedup import Claim, FrameDedup
 from app.limits import Limits
 from app.ops import kafka
 from app.ops.stats import Counters
-from app.settings import Settings
+from app.settings import IngestSettings, KafkaSettings, Settings, WindowSettings
 from app.storage.protocol import TokenInfo
 from app.storage.tokens import TokenStore, bearer, client_middleware, drain_id
 
@@ -42,8 +42,8 @@ Produce = Callable[[str, Sequence[tuple[bytes, bytes]]], Awaitable[None]]
 class KafkaProducer:
     """One long-lived aiokafka producer (acks=all). Connects in the background until the broker answers."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
         self._producer: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -51,7 +51,7 @@ class KafkaProducer:
         self._task = asyncio.create_task(self._connect())
 
     async def _connect(self) -> None:
-        bootstrap = kafka.bootstrap(self.settings)
+        bootstrap = kafka.bootstrap(self.kafka)
         delay_s = 0.5
         while True:
             # max_batch_size: aiokafka keeps one batch in flight per partition, and one app's frames all go
@@ -59,10 +59,10 @@ class KafkaProducer:
             # so concurrent requests queue for that partition's round trips; a large batch carries every frame
             # that arrived during the previous round trip. Capped below the brokers' message.max.bytes.
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2,
-                                        max_batch_size=self.settings.kafka_max_batch_bytes,
+                                        max_batch_size=self.kafka.max_batch_bytes,
                                         max_request_size=8 * 1024 * 1024,
-                                        request_timeout_ms=int(self.settings.produce_timeout_s * 1000),
-                                        **kafka.client_kwargs(self.settings))
+                                        request_timeout_ms=int(self.kafka.produce_timeout_s * 1000),
+                                        **kafka.client_kwargs(self.kafka))
             try:
                 await producer.start()
                 self._producer = producer
@@ -89,7 +89,7 @@ class KafkaProducer:
                                  retry_after_s=2)
         try:
             futs = [await self._producer.send(topic, value=v, key=k) for k, v in records]
-            await asyncio.wait_for(asyncio.gather(*futs), self.settings.produce_timeout_s)
+            await asyncio.wait_for(asyncio.gather(*futs), self.kafka.produce_timeout_s)
         except (TimeoutError, KafkaError, OSError) as exc:
             raise RetriableError(f"Kafka did not acknowledge: {exc!r}", action="check the brokers",
                                  retry_after_s=2) from exc
@@ -121,15 +121,17 @@ def answers_unavailable(handler: Handler) -> Handler:
 
 
 class Ingest:
-    def __init__(self, settings: Settings, *, tokens: TokenStore, dedup: FrameDedup, produce: Produce,
-                 counters: Counters, limits: Limits | None = None, clock: Clock | None = None) -> None:
-        self.settings = settings
+    def __init__(self, ingest: IngestSettings, kafka: KafkaSettings, windows: WindowSettings, *, tokens: TokenStore,
+                 dedup: FrameDedup, produce: Produce, counters: Counters, limits: Limits,
+                 clock: Clock | None = None) -> None:
+        """``kafka``: the topics produced to; ``windows``: the largest message a worker takes."""
+        self.ingest, self.kafka, self.windows = ingest, kafka, windows
         self.tokens = tokens
         self.dedup = dedup
         self.produce = produce
         self.counters = counters
-        self.limits = limits if limits is not None else Limits(settings)
-        self.admission = Admission(settings, self.limits, counters, clock=clock)
+        self.limits = limits
+        self.admission = Admission(ingest, self.limits, counters, clock=clock)
         self._background: set[asyncio.Task[None]] = set()
 
     async def _auth(self, request: web.Request, kind: str) -> Any:
@@ -167,7 +169,7 @@ class Ingest:
         """In one of the process's parse slots, app by app. Small bodies are parsed inline (a thread hop costs
         more); large ones in a thread, so the loop keeps answering health checks and other tenants."""
         async with self.admission.slot(app):
-            if len(body) <= self.settings.ingest_parse_inline_bytes:
+            if len(body) <= self.ingest.parse_inline_bytes:
                 return parse(body)
             return await asyncio.to_thread(parse, body)
 
@@ -186,7 +188,7 @@ class Ingest:
         async with self._admitted(request, info, drain=True) as body:
             if isinstance(body, web.Response):
                 return body
-            max_line = self.settings.ingest_max_line_bytes
+            max_line = self.ingest.max_line_bytes
             try:
                 frame = await self._parse(app, body, lambda b: logplex.parse_frame(b, app, max_line_bytes=max_line))
             except logplex.FrameError as exc:
@@ -248,18 +250,18 @@ class Ingest:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _deliver(self, app: str, frame: logplex.ParsedFrame, frame_id: str | None, drain: str | None) -> None:
-        size = self.settings.ingest_chunk_observations
+        size = self.ingest.chunk_observations
         key = app.encode()
         records = [(key, b"[" + b",".join(frame.encoded[i:i + size]) + b"]")
                    for i in range(0, len(frame.encoded), size)]
-        keep = self.settings.ingest_max_dead_letters_per_request
+        keep = self.ingest.max_dead_letters_per_request
         source = {"drain_frame": frame_id, "drain_id": drain}
         dead = [(key, orjson.dumps({"kind": "rejected", "reason": b.reason, "app": app, "record": b.line,
                                     "source": source})) for b in frame.bad[:keep]]
         if records:
-            await self.produce(self.settings.observations_topic, records)
+            await self.produce(self.kafka.observations_topic, records)
         if dead:
-            await self.produce(self.settings.dlq_topic, dead)
+            await self.produce(self.kafka.dlq_topic, dead)
         self.counters.inc("drain_lines_bad", len(frame.bad))
         self.counters.inc("ingest_dead_letters_dropped", len(frame.bad) - len(dead))
 
@@ -277,7 +279,7 @@ class Ingest:
                 return body
             max_rejects = MAX_REJECTS_RETURNED
             parsed = await self._parse(
-                app, body, lambda b: parse_json_body(b, self.settings.max_message_bytes, max_rejects=max_rejects))
+                app, body, lambda b: parse_json_body(b, self.windows.max_message_bytes, max_rejects=max_rejects))
             if isinstance(parsed, models.Reject):
                 return error(400, "malformed_body", parsed.reason)
             items, more_rejects = parsed
@@ -312,8 +314,8 @@ class Ingest:
                     return error(409, "request_in_flight", "a request with this Idempotency-Key is being "
                                                            "delivered; retry after the delay", {"Retry-After": "2"})
             try:
-                await self.produce(self.settings.observations_topic,
-                                   chunks(app, good, self.settings.ingest_chunk_observations))
+                await self.produce(self.kafka.observations_topic,
+                                   chunks(app, good, self.ingest.chunk_observations))
             except BaseException:
                 if idem:
                     await self.dedup.release(app, "idem:" + idem)
@@ -373,8 +375,8 @@ def _indexed(d: models.Decoded) -> list[tuple[int, Any]]:
 
 def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.Application], None] | None = None
                     ) -> web.Application:
-    webapp = web.Application(client_max_size=settings.ingest_max_body_bytes,
-                             middlewares=[client_middleware(settings.forwarded_for_hops)])
+    webapp = web.Application(client_max_size=settings.ingest.max_body_bytes,
+                             middlewares=[client_middleware(settings.web.forwarded_for_hops)])
     webapp.router.add_post("/v1/drains/logplex", ingest.drain)
     webapp.router.add_post("/v1/observations", ingest.observations)
     webapp[SETTINGS_KEY] = settings
@@ -390,12 +392,12 @@ def build(settings: Settings, counters: Counters) -> web.Application:
     from app.migration.tables import FollowingFrames, FollowingTokens
 
     control = MigrationControl(settings, counters=counters)  # tokens and frame ids follow a store migration
-    tokens = TokenStore(settings, table=FollowingTokens(settings, control.current), counters=counters)
-    dedup = FrameDedup(settings, table=FollowingFrames(settings, control.current))
-    producer = KafkaProducer(settings)
-    limits = Limits(settings)
-    ingest = Ingest(settings, tokens=tokens, dedup=dedup, produce=producer.produce, counters=counters,
-                    limits=limits)
+    tokens = TokenStore(settings.web, table=FollowingTokens(settings, control.current), counters=counters)
+    dedup = FrameDedup(settings.ingest, table=FollowingFrames(settings, control.current))
+    producer = KafkaProducer(settings.kafka)
+    limits = Limits(settings.limits)
+    ingest = Ingest(settings.ingest, settings.kafka, settings.windows, tokens=tokens, dedup=dedup,
+                    produce=producer.produce, counters=counters, limits=limits)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await limits.start()
@@ -414,7 +416,7 @@ def build(settings: Settings, counters: Counters) -> web.Application:
     from app.ops import health as ops
 
     checks = {
-        "broker": ops.broker_check(settings.broker_url),
+        "broker": ops.broker_check(settings.kafka.broker_url),
         "producer": ops.flag_check(lambda: producer.ready, message="the Kafka producer is not connected yet",
                                    action="check METRICS_BROKER_URL and that the brokers are reachable "
                                           "(it keeps retrying)"),
@@ -427,7 +429,7 @@ def build(settings: Settings, counters: Counters) -> web.Application:
         admin.router.add_get("/v1/stats", get_stats)
 
     def admin(w: web.Application) -> None:  # /readyz with reasons, /metrics, /v1/stats: the admin port only
-        ops.add_admin_port(w, settings, counters=counters, checks=checks, routes=stats_route)
+        ops.add_admin_port(w, settings.ops, counters=counters, checks=checks, routes=stats_route)
 
     webapp = make_ingest_app(ingest, settings, extra=admin)
     webapp.cleanup_ctx.append(lifecycle)

@@ -12,6 +12,7 @@ import base64
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ import orjson
 
 from app.local.traffic import Generator, Truth, gauge_last
 from app.ops import kafka
+from app.settings import Settings
 
 
 def syslog_ts(ts_ms: int) -> str:
@@ -243,10 +245,8 @@ async def run(args: Load) -> Truth:
     if args.mode == "kafka":
         from aiokafka import AIOKafkaProducer
 
-        from app.settings import Settings
-
         producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5,
-                                    max_request_size=8 * 1024 * 1024, **kafka.client_kwargs(Settings.from_env()))
+                                    max_request_size=8 * 1024 * 1024, **kafka.client_kwargs(Settings.from_env().kafka))
         await producer.start()
     sem = asyncio.Semaphore(args.concurrency)
     pending: set[asyncio.Task[None]] = set()
@@ -339,11 +339,9 @@ def truth_table(truth: Truth) -> dict[str, Any]:
     return out
 
 
-def _settings_default(pick: Any) -> Any:
+def _settings_default(pick: Callable[[Settings], Any]) -> Callable[[], Any]:
     """A default read from the settings when the option is missing (not when the module is imported)."""
     def default() -> Any:
-        from app.settings import Settings
-
         return pick(Settings.from_env())
     return default
 
@@ -358,10 +356,11 @@ def _settings_default(pick: Any) -> Any:
 @click.option("--realtime", is_flag=True, help="pace to the wall clock instead of as fast as possible")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--start-ms", type=int, default=None, help="event time of the first second (default: now)")
-@click.option("--bootstrap", default=_settings_default(kafka.bootstrap), show_default="METRICS_BROKER_URL")
-@click.option("--topic", default=_settings_default(lambda s: s.observations_topic),
+@click.option("--bootstrap", default=_settings_default(lambda s: kafka.bootstrap(s.kafka)),
+              show_default="METRICS_BROKER_URL")
+@click.option("--topic", default=_settings_default(lambda s: s.kafka.observations_topic),
               show_default="METRICS_OBSERVATIONS_TOPIC")
-@click.option("--url", default=_settings_default(lambda s: f"http://127.0.0.1:{s.web_port}"),
+@click.option("--url", default=_settings_default(lambda s: f"http://127.0.0.1:{s.web.port}"),
               show_default="http://127.0.0.1:METRICS_WEB_PORT", help="ingest base URL (drain mode)")
 @click.option("--token", multiple=True, help="APP=DRAIN_TOKEN (drain mode; once per app)")
 @click.option("--frame-lines", type=int, default=200, show_default=True)

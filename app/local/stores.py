@@ -39,8 +39,8 @@ class LocalStores:
         """Start the local Cassandra node on ``cassandra_port`` (blocking, ~10 s) unless it runs."""
         if self.cassandra is not None:
             return
-        require_free_port(self.settings.cassandra_port, "Apache Cassandra (CQL)", "METRICS_CASSANDRA_PORT")
-        node = CassandraServer(data_dir=self.data_dir / "cassandra", port=self.settings.cassandra_port)
+        require_free_port(self.settings.cassandra.port, "Apache Cassandra (CQL)", "METRICS_CASSANDRA_PORT")
+        node = CassandraServer(data_dir=self.data_dir / "cassandra", port=self.settings.cassandra.port)
         node.start()
         self.cassandra = node
         print(f"cassandra {node.address} ({node.kind} {node.version}, data in {node.data_dir})", flush=True)

@@ -52,24 +52,25 @@ STORE_TIMEOUT_S = 10.0
 
 def _writer_topics(settings: Settings) -> list[str]:
     """What a store's writer consumes (its progress follows checkpoints_topic, read from the start)."""
-    return [settings.metrics_topic, settings.alerts_topic, settings.autoscale_topic]
+    return [settings.kafka.metrics_topic, settings.kafka.alerts_topic, settings.kafka.autoscale_topic]
 
 
 def group_of(settings: Settings, spec: str) -> str:
     """The consumer group writing ``spec``: the aggregating workers' for their own store, else a writer's."""
-    return settings.app_id if spec == sm.home_spec(settings) else sm.writer_group(settings, spec)
+    return settings.kafka.app_id if spec == sm.home_spec(settings) else sm.writer_group(settings, spec)
 
 
 def _partitions(settings: Settings, topics: list[str]) -> list[TopicPartition]:
     """The pipeline's topics all have ``METRICS_PARTITIONS`` partitions (app/ops/topics.py)."""
-    return [TopicPartition(t, p) for t in topics for p in range(settings.partitions)]
+    return [TopicPartition(t, p) for t in topics for p in range(settings.kafka.partitions)]
 
 
 async def set_writer_offsets(settings: Settings, spec: str, *, backfill: bool) -> int | None:
     """Point the writer group of ``spec`` at the end of its topics (or, with ``backfill``, their oldest
     records). Returns, for a backfill, from when ``metrics-1m`` holds every minute (ms), else None."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(settings), group_id=sm.writer_group(settings, spec),
-                                enable_auto_commit=False, **kafka.client_kwargs(settings))
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(settings.kafka),
+                                group_id=sm.writer_group(settings, spec), enable_auto_commit=False,
+                                **kafka.client_kwargs(settings.kafka))
     await consumer.start()
     try:
         tps = _partitions(settings, _writer_topics(settings))
@@ -80,7 +81,7 @@ async def set_writer_offsets(settings: Settings, spec: str, *, backfill: bool) -
             return None
         # Per partition, the first retained minute; every minute after the newest of those is in Kafka.
         earliest = 0
-        for tp in (tp for tp in tps if tp.topic == settings.metrics_topic):
+        for tp in (tp for tp in tps if tp.topic == settings.kafka.metrics_topic):
             consumer.seek(tp, offsets[tp])
             batch = await consumer.getmany(tp, timeout_ms=2000, max_records=1)
             for rec in batch.get(tp, []):
@@ -122,14 +123,15 @@ class StoreView:
 
 async def writer_view(settings: Settings, spec: str) -> WriterView:
     group = group_of(settings, spec)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap(settings), **kafka.client_kwargs(settings))
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap(settings.kafka),
+                                **kafka.client_kwargs(settings.kafka))
     await admin.start()
     deadline = time.monotonic() + GROUP_WAIT_S
     try:
         while True:
             try:
                 [response] = await admin.describe_consumer_groups([group])
-                tps = _partitions(settings, [settings.metrics_topic])
+                tps = _partitions(settings, [settings.kafka.metrics_topic])
                 offsets = await admin.list_consumer_group_offsets(group, partitions=tps)
                 break
             except KafkaError as exc:  # a fresh broker's coordinator is still loading
@@ -144,8 +146,8 @@ async def writer_view(settings: Settings, spec: str) -> WriterView:
     committed = {tp: om for tp, om in offsets.items() if om.offset >= 0}
     lag: int | None = None
     if committed:
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(settings), enable_auto_commit=False,
-                                    **kafka.client_kwargs(settings))
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(settings.kafka), enable_auto_commit=False,
+                                    **kafka.client_kwargs(settings.kafka))
         await consumer.start()
         try:
             ends = await consumer.end_offsets(list(committed))
@@ -164,12 +166,12 @@ async def store_view(settings: Settings, spec: str, *, timeout_s: float = STORE_
             await store.start()
             progress = await store.progress()
     except (PipelineError, TimeoutError) as exc:
-        where = backend(sm.store_settings(settings, spec).store).where(sm.store_settings(settings, spec))
+        where = backend(sm.store_settings(settings, spec).storage.backend).where(sm.store_settings(settings, spec))
         return StoreView(spec, None, 0, error=f"{where} did not answer: {exc or type(exc).__name__}")
     finally:
         await store.stop()
-    covered = {p.partition: p for p in progress if p.partition < settings.partitions}
-    through = min(p.stored_through_ms for p in covered.values()) if len(covered) == settings.partitions else None
+    covered = {p.partition: p for p in progress if p.partition < settings.kafka.partitions}
+    through = min(p.stored_through_ms for p in covered.values()) if len(covered) == settings.kafka.partitions else None
     return StoreView(spec, through, len(covered), max((p.updated_ms for p in covered.values()), default=0))
 
 
@@ -198,7 +200,7 @@ def describe(st: sm.MigrationState, settings: Settings, writers: list[WriterView
             held = f"unreachable: {v.error}"
         elif v.through_ms is None:
             held = ("holds nothing yet (no stored-through watermark)" if not v.partitions else
-                    f"watermarks in {v.partitions} of {settings.partitions} partitions only")
+                    f"watermarks in {v.partitions} of {settings.kafka.partitions} partitions only")
         else:
             held = f"stored through {sm.iso(v.through_ms)} (updated {_ago(now_ms, v.updated_ms)})"
         out.append(f"store:    {spec:<32} {held}")
@@ -227,7 +229,7 @@ async def probe(settings: Settings, spec: str, *, timeout_s: float = PROBE_TIMEO
     token hashes to, deleted again, and the watermarks), within ``timeout_s``; PipelineError saying where
     and what to do otherwise."""
     target = sm.store_settings(settings, spec)
-    b = backend(target.store)
+    b = backend(target.storage.backend)
     store, tokens = b.store(target, None, None), b.tokens(target)
     try:
         async with asyncio.timeout(timeout_s):
@@ -312,7 +314,7 @@ async def status(settings: Settings, web: list[str]) -> int:
         rate = "n/a" if s["mismatch_rate"] is None else f"{100 * s['mismatch_rate']:.2f} %"
         print(f"shadow:   last hour {s['shadows']} compared, {s['mismatched']} differed ({rate}), "
               f"{s['failed']} failed or timed out, {s['incomparable']} with nothing final in both stores yet "
-              f"(minutes are final after METRICS_QUERY_SETTLE_S={settings.query_settle_s:g} s and both "
+              f"(minutes are final after METRICS_QUERY_SETTLE_S={settings.query.settle_s:g} s and both "
               f"watermarks)")
         for spec, v in s["stores"].items():
             print(f"reads:    {spec:<32} p50 {_ms(v['p50_ms'])}  p99 {_ms(v['p99_ms'])}  ({v['n']} reads)")
@@ -446,7 +448,7 @@ def migration() -> None:
                                            "METRICS_ADMIN_PORT")
 def status_command(web: tuple[str, ...]) -> None:
     """Phase, writers' lag, sync horizon, mismatch rate, both stores' latency."""
-    _run(lambda s: status(s, list(web) or [f"http://127.0.0.1:{s.admin_port}"]))
+    _run(lambda s: status(s, list(web) or [f"http://127.0.0.1:{s.ops.admin_port}"]))
 
 
 @migration.command("start")

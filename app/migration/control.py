@@ -31,12 +31,13 @@ POLL_MS = 500
 
 async def ensure_topic(settings: Settings) -> None:
     """Create the state topic (1 partition, compacted) when missing."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap(settings), **kafka.client_kwargs(settings))
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap(settings.kafka),
+                                **kafka.client_kwargs(settings.kafka))
     await admin.start()
     try:
-        if settings.migration_topic not in set(await admin.list_topics()):
+        if settings.migration.topic not in set(await admin.list_topics()):
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(settings.migration_topic, 1, settings.replication_factor,
+                await admin.create_topics([NewTopic(settings.migration.topic, 1, settings.kafka.replication_factor,
                                                     topic_configs={"cleanup.policy": "compact"})])
     finally:
         await admin.close()
@@ -64,10 +65,10 @@ class MigrationControl:
         (then the configured store serves until Kafka answers; logged)."""
         self._task = asyncio.ensure_future(self._follow())
         try:
-            await asyncio.wait_for(self.caught_up.wait(), self.settings.migration_wait_s)
+            await asyncio.wait_for(self.caught_up.wait(), self.settings.migration.wait_s)
         except TimeoutError:
             log.error("migration state not read within %.0f s: serving from %s until Kafka answers (check "
-                      "%sBROKER_URL)", self.settings.migration_wait_s, self._state.source, PREFIX)
+                      "%sBROKER_URL)", self.settings.migration.wait_s, self._state.source, PREFIX)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -82,17 +83,17 @@ class MigrationControl:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  Kafka away: keep the last state, try again
-                log.warning("following %s failed (%s); retrying in 2 s", self.settings.migration_topic, exc)
+                log.warning("following %s failed (%s); retrying in 2 s", self.settings.migration.topic, exc)
                 await asyncio.sleep(2)
 
     async def _consume(self) -> None:
         s = self.settings
         await ensure_topic(s)
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(s), enable_auto_commit=False,
-                                    group_id=None, **kafka.client_kwargs(s))
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap(s.kafka), enable_auto_commit=False,
+                                    group_id=None, **kafka.client_kwargs(s.kafka))
         await consumer.start()
         try:
-            tp = TopicPartition(s.migration_topic, 0)
+            tp = TopicPartition(s.migration.topic, 0)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             end = (await consumer.end_offsets([tp]))[tp]
@@ -129,7 +130,7 @@ async def read_state(settings: Settings) -> MigrationState:
     try:
         await control.start()
         if not control.caught_up.is_set():
-            raise RetriableError(f"could not read {settings.migration_topic}",
+            raise RetriableError(f"could not read {settings.migration.topic}",
                                  action=f"check that Kafka is reachable ({PREFIX}BROKER_URL)")
         return control.current()
     finally:
@@ -139,13 +140,13 @@ async def read_state(settings: Settings) -> MigrationState:
 async def publish(settings: Settings, state: MigrationState) -> None:
     """Append ``state`` to the topic (acknowledged by every in-sync replica)."""
     await ensure_topic(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap(settings), acks="all",
-                                **kafka.client_kwargs(settings))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap(settings.kafka), acks="all",
+                                **kafka.client_kwargs(settings.kafka))
     await producer.start()
     try:
-        await producer.send_and_wait(settings.migration_topic, orjson.dumps(state.to_json()), key=KEY, partition=0)
+        await producer.send_and_wait(settings.migration.topic, orjson.dumps(state.to_json()), key=KEY, partition=0)
     except KafkaError as exc:
-        raise RetriableError(f"could not write {settings.migration_topic}: {exc}",
+        raise RetriableError(f"could not write {settings.migration.topic}: {exc}",
                              action="check Kafka and run the command again") from exc
     finally:
         await producer.stop()

@@ -203,7 +203,7 @@ class MigratingQuery:
         try:
             engine = await self.engine(other, "shadow")
             shadow_ans = await asyncio.wait_for(engine.answer(app, proc, res, since_s, until_s),
-                                                self.settings.shadow_timeout_s)
+                                                self.settings.migration.shadow_timeout_s)
         except TimeoutError:
             self._count("shadow_timeouts")
             self.stats.shadow(mismatched=None)

@@ -62,7 +62,7 @@ def store_settings(settings: Settings, spec: str) -> Settings:
 
 def home_spec(settings: Settings) -> str:
     """The spec of the store these settings name, with its namespace (so two tables stay apart)."""
-    return f"{settings.store}:{BACKENDS[settings.store].namespace(settings)}"
+    return f"{settings.storage.backend}:{BACKENDS[settings.storage.backend].namespace(settings)}"
 
 
 def canonical(settings: Settings, spec: str) -> str:
@@ -71,7 +71,7 @@ def canonical(settings: Settings, spec: str) -> str:
 
 def writer_group(settings: Settings, spec: str) -> str:
     """The consumer group (Faust app id) of the writer process for store ``spec`` (app/writer.py)."""
-    return f"{settings.app_id}-writer-{canonical(settings, spec).replace(':', '-')}"
+    return f"{settings.kafka.app_id}-writer-{canonical(settings, spec).replace(':', '-')}"
 
 
 def app_bucket(app: str) -> int:
@@ -233,7 +233,7 @@ def finish(state: MigrationState, settings: Settings, *, now_ms: int, force: boo
 
 def in_sync_at_ms(state: MigrationState, settings: Settings) -> int:
     """When everything the source holds is also in the target: ``both_since`` plus the retention."""
-    return state.both_since_ms + settings.ttl_s * 1000
+    return state.both_since_ms + settings.storage.ttl_s * 1000
 
 
 def iso(ms: int) -> str:

@@ -16,7 +16,7 @@ from app.notify.delivery import (
     DeliveryFailed,
     DeliveryUnavailable,
 )
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, AlertingSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,10 @@ class EmailSender:
     """One message per delivery over SMTP (aiosmtplib): a connection per message, because alert mail is
     rare and SMTP servers drop idle connections. TLS: ``none``, ``starttls`` (port 587) or ``tls`` (465)."""
 
-    def __init__(self, settings: Settings) -> None:
-        s = settings
+    def __init__(self, alerting: AlertingSettings) -> None:
+        s = alerting
         self.host, self.port, self.mode = s.smtp_host, s.smtp_port, s.smtp_tls
-        self.username, self.password = s.smtp_username or None, s.smtp_password or None
+        self.username, self.password = s.smtp_username or None, s.smtp_password.get_secret_value() or None
         self.sender = s.smtp_from
         self.timeout_s = s.notify_timeout_s
         self.tls_context: ssl.SSLContext | None = None

@@ -34,27 +34,29 @@ from app.notify.webhook import WebhookSender, allowed_networks
 from app.ops.logs import url_origin
 from app.ops.stats import Counters
 from app.retry import RetryPolicy
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, AlertingSettings
 
 log = logging.getLogger(__name__)
 
 
-def validate_settings(s: Settings) -> None:
+def validate_settings(alerting: AlertingSettings) -> None:
     """ConfigError for settings of this module that make no sense (called when the worker binds)."""
-    if s.smtp_tls not in SMTP_TLS_MODES:
+    if alerting.smtp_tls not in SMTP_TLS_MODES:
         raise ConfigError(f"smtp_tls must be one of {SMTP_TLS_MODES}", action=f"set {PREFIX}SMTP_TLS")
-    if s.notify_queue_max < 1 or s.notify_concurrency < 1 or s.notify_max_attempts < 1:
+    if alerting.notify_queue_max < 1 or alerting.notify_concurrency < 1 or alerting.notify_max_attempts < 1:
         raise ConfigError("notify_queue_max, notify_concurrency and notify_max_attempts must be >= 1",
                           action=f"set {PREFIX}NOTIFY_*")
-    if s.notify_timeout_s <= 0 or s.notify_backoff_base_ms <= 0 or s.notify_backoff_max_ms < s.notify_backoff_base_ms:
+    if (alerting.notify_timeout_s <= 0 or alerting.notify_backoff_base_ms <= 0
+            or alerting.notify_backoff_max_ms < alerting.notify_backoff_base_ms):
         raise ConfigError("notify_timeout_s > 0 and 0 < notify_backoff_base_ms <= notify_backoff_max_ms required",
                           action=f"set {PREFIX}NOTIFY_TIMEOUT_S / {PREFIX}NOTIFY_BACKOFF_*")
-    if s.max_monitors_per_app < 1 or s.policy_apply_timeout_s < 0 or s.outbox_sweep_interval_s <= 0:
+    if (alerting.max_monitors_per_app < 1 or alerting.policy_apply_timeout_s < 0
+            or alerting.outbox_sweep_interval_s <= 0):
         raise ConfigError("max_monitors_per_app >= 1, policy_apply_timeout_s >= 0 and outbox_sweep_interval_s > 0 "
                           "required", action=f"set {PREFIX}MAX_MONITORS_PER_APP / POLICY_APPLY_TIMEOUT_S / "
                                              "OUTBOX_SWEEP_INTERVAL_S")
-    allowed_networks(s)
-    if s.formation_url and "{app}" not in s.formation_url:
+    allowed_networks(alerting)
+    if alerting.formation_url and "{app}" not in alerting.formation_url:
         raise ConfigError("formation_url must contain {app} (and may contain {process_type})",
                           action=f"set {PREFIX}FORMATION_URL, e.g. https://api.example.com/apps/{{app}}/formation/"
                                  "{process_type}")
@@ -72,19 +74,19 @@ class _Job:
 class Notifier:
     """Bounded queue + worker tasks; :meth:`submit` never blocks and never raises."""
 
-    def __init__(self, settings: Settings, counters: Counters, *, senders: Mapping[str, Sender] | None = None,
+    def __init__(self, alerting: AlertingSettings, counters: Counters, *, senders: Mapping[str, Sender] | None = None,
                  rand: Callable[[], float] = random.random) -> None:
-        self.settings = settings
+        self.alerting = alerting
         self.counters = counters
         self.rand = rand
         if senders is None:
-            webhook = WebhookSender(timeout_s=settings.notify_timeout_s,
-                                    allowed_networks=allowed_networks(settings))
-            formation = WebhookSender(timeout_s=settings.notify_timeout_s,
-                                      formation_method=settings.formation_method,
-                                      formation_token=settings.formation_token,
-                                      formation_secret=settings.formation_secret)
-            senders = {WEBHOOK: webhook, FORMATION: formation, EMAIL: EmailSender(settings)}
+            webhook = WebhookSender(timeout_s=alerting.notify_timeout_s,
+                                    allowed_networks=allowed_networks(alerting))
+            formation = WebhookSender(timeout_s=alerting.notify_timeout_s,
+                                      formation_method=alerting.formation_method,
+                                      formation_token=alerting.formation_token.get_secret_value(),
+                                      formation_secret=alerting.formation_secret.get_secret_value())
+            senders = {WEBHOOK: webhook, FORMATION: formation, EMAIL: EmailSender(alerting)}
         self.senders = dict(senders)
         self._queue: asyncio.Queue[_Job] | None = None
         self._workers: set[asyncio.Task[None]] = set()
@@ -98,8 +100,8 @@ class Notifier:
         # Started lazily from the event loop's first submit: agents may submit before the web runtime
         # service runs, and no queue or task may be created outside a running loop.
         if self._queue is None:
-            self._queue = asyncio.Queue(maxsize=self.settings.notify_queue_max)
-            for _ in range(self.settings.notify_concurrency):
+            self._queue = asyncio.Queue(maxsize=self.alerting.notify_queue_max)
+            for _ in range(self.alerting.notify_concurrency):
                 self._spawn()
         return self._queue
 
@@ -162,7 +164,7 @@ class Notifier:
         except asyncio.QueueFull:
             self.counters.inc("notifications_deferred")
             log.warning("notification queue full (%d): %s deferred to the outbox sweep",
-                        self.settings.notify_queue_max, delivery.id)
+                        self.alerting.notify_queue_max, delivery.id)
             return False
         self._jobs[delivery.id] = job
         return True
@@ -217,10 +219,10 @@ class Notifier:
         job.attempts += 1
         try:
             # The senders have their own timeouts; this one bounds anything they do not cover.
-            await asyncio.wait_for(sender.send(d), timeout=self.settings.notify_timeout_s * 2)
+            await asyncio.wait_for(sender.send(d), timeout=self.alerting.notify_timeout_s * 2)
         except (TimeoutError, DeliveryUnavailable) as exc:
             retry_after_s = exc.retry_after_s if isinstance(exc, DeliveryUnavailable) else 0.0
-            if job.attempts >= self.settings.notify_max_attempts:
+            if job.attempts >= self.alerting.notify_max_attempts:
                 self._give_up(job, f"{exc} (after {job.attempts} attempts)")
                 return
             delay_s = self.backoff_s(job.attempts, retry_after_s)
@@ -239,7 +241,7 @@ class Notifier:
 
     def backoff_s(self, attempts: int, retry_after_s: float = 0.0) -> float:
         """The project's one backoff rule (app/retry.py): at least the receiver's Retry-After, at most the cap."""
-        s = self.settings
+        s = self.alerting
         policy = RetryPolicy.from_ms(s.notify_backoff_base_ms, s.notify_backoff_max_ms, jitter=self.rand)
         return policy.delay_s(attempts, retry_after_s)
 

@@ -32,7 +32,7 @@ from app.notify.delivery import (
 )
 from app.ops.logs import url_origin
 from app.sealing import SecretBox, SecretUnreadable, secret_box
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, AlertingSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ USER_AGENT = "minutely-notify/1"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def allowed_networks(s: Settings) -> list[Network]:
+def allowed_networks(alerting: AlertingSettings) -> list[Network]:
     try:
-        return [ipaddress.ip_network(n.strip(), strict=False) for n in s.webhook_allowed_networks.split(",")
+        return [ipaddress.ip_network(n.strip(), strict=False) for n in alerting.webhook_allowed_networks.split(",")
                 if n.strip()]
     except ValueError as exc:
         raise ConfigError(f"webhook_allowed_networks: {exc}",

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import click
 import orjson
 
-from app.settings import WINDOW_S, Settings
+from app.settings import WINDOW_S, KafkaSettings, Settings
 
 RETRIABLE_OBSERVATION_REASONS = ("ahead of the wall clock",)
 """Observation dead-letter reasons that may pass when sent again unchanged (see the module docstring)."""
@@ -43,7 +43,7 @@ class Entry:
         return reason_filter in self.reason if reason_filter is not None else self.retriable
 
 
-def read_entry(value: bytes | None, settings: Settings) -> Entry:
+def read_entry(value: bytes | None, kafka: KafkaSettings) -> Entry:
     """A record of either dead-letter topic -> the original record and where it goes (module docstring)."""
     try:
         doc = orjson.loads(value or b"")
@@ -55,7 +55,7 @@ def read_entry(value: bytes | None, settings: Settings) -> Entry:
     source = doc.get("source")
     if isinstance(source, dict):  # observations-dlq
         rec = doc.get("record")
-        topic = source.get("topic") or settings.observations_topic
+        topic = source.get("topic") or kafka.observations_topic
         if not (isinstance(rec, dict) and isinstance(rec.get("app"), str)):
             return Entry(reason, unreplayable="the observation was not kept whole (a message prefix or an echo "
                                               "cut at 2 KB)")
@@ -72,7 +72,7 @@ def read_entry(value: bytes | None, settings: Settings) -> Entry:
     if app is None:
         return Entry(reason, unreplayable="never a metrics-1m record")
     # Re-storing a minute overwrites its item: every minute may be replayed.
-    return Entry(reason, str(doc.get("topic") or settings.metrics_topic), app.encode(), raw, retriable=True)
+    return Entry(reason, str(doc.get("topic") or kafka.metrics_topic), app.encode(), raw, retriable=True)
 
 
 def _minute_app(raw: bytes) -> str | None:
@@ -106,20 +106,20 @@ class Summary:
         return sum(n for (o, _), n in self.counts.items() if o == outcome)
 
 
-async def replay(settings: Settings, dlq_topic: str, *, dry_run: bool = False, reason: str | None = None,
+async def replay(kafka: KafkaSettings, dlq_topic: str, *, dry_run: bool = False, reason: str | None = None,
                  until_offset: int | None = None, group: str | None = None) -> Summary:
     """Replay ``dlq_topic`` from the group's committed offsets to the end offsets at start (or
     ``until_offset``); returns what was done (module docstring)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from app.ops import kafka
+    from app.ops.kafka import bootstrap, client_kwargs
 
-    bootstrap = kafka.bootstrap(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group or settings.app_id + GROUP_SUFFIX,
+    servers = bootstrap(kafka)
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=group or kafka.app_id + GROUP_SUFFIX,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
-                                isolation_level="read_committed", **kafka.client_kwargs(settings))
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                max_request_size=8 * 1024 * 1024, **kafka.client_kwargs(settings))
+                                isolation_level="read_committed", **client_kwargs(kafka))
+    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True,
+                                max_request_size=8 * 1024 * 1024, **client_kwargs(kafka))
     await consumer.start()
     await producer.start()
     summary = Summary(Counter(), {})
@@ -147,7 +147,7 @@ async def replay(settings: Settings, dlq_topic: str, *, dry_run: bool = False, r
                 for rec in records:
                     if rec.offset >= stop[tp]:
                         break
-                    entry = read_entry(rec.value, settings)
+                    entry = read_entry(rec.value, kafka)
                     if entry.unreplayable:
                         outcome = "unreplayable"
                     elif entry.selected(reason):
@@ -202,6 +202,6 @@ def dlq() -> None:
 def replay_command(topic: str | None, dry_run: bool, reason: str | None, until_offset: int | None) -> None:
     """Send dead-lettered records back to the topic they came from, each once."""
     settings = Settings.from_env()
-    topic = topic or settings.sink_dlq_topic
-    summary = asyncio.run(replay(settings, topic, dry_run=dry_run, reason=reason, until_offset=until_offset))
+    topic = topic or settings.kafka.sink_dlq_topic
+    summary = asyncio.run(replay(settings.kafka, topic, dry_run=dry_run, reason=reason, until_offset=until_offset))
     print_summary(summary, topic, dry_run=dry_run, out=sys.stdout)

@@ -31,7 +31,7 @@ from app.errors import ConfigError, PipelineError, RetriableError
 from app.ops.kafka import bootstrap_servers
 from app.ops.logs import redact
 from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, PER_APP, Counters
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, OpsSettings
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +264,10 @@ class AdminPort:
             await runner.cleanup()
 
 
-def add_admin_port(tenant: web.Application, settings: Settings, *, counters: Counters, checks: Mapping[str, Check],
+def add_admin_port(tenant: web.Application, ops: OpsSettings, *, counters: Counters, checks: Mapping[str, Check],
                    refresh: Callable[[], None] | None = None, check_timeout_s: float = CHECK_TIMEOUT_S,
                    routes: Callable[[web.Application], None] | None = None) -> AdminPort:
-    """The role's operator endpoints (:func:`add_ops_routes`, plus ``routes``) on ``settings.admin_host`` /
+    """The role's operator endpoints (:func:`add_ops_routes`, plus ``routes``) on ``ops.admin_host`` /
     ``admin_port``, served for as long as ``tenant`` is; ``tenant`` gets the bare ``/readyz`` (same checks,
     no details). ``tenant[ADMIN_KEY].url`` says where it listens."""
     admin = web.Application()
@@ -276,7 +276,7 @@ def add_admin_port(tenant: web.Application, settings: Settings, *, counters: Cou
         routes(admin)
     tenant[READINESS_KEY] = admin[READINESS_KEY]  # one run of the checks answers both ports
     tenant.router.add_get("/readyz", bare_readyz)
-    port = AdminPort(admin, settings.admin_host, settings.admin_port)
+    port = AdminPort(admin, ops.admin_host, ops.admin_port)
     tenant[ADMIN_KEY] = port
     tenant.cleanup_ctx.append(port.serve)
     return port

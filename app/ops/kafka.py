@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.errors import ConfigError
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, KafkaSettings
 
 DEFAULT_KAFKA_PORT = 9092
 
@@ -46,14 +46,14 @@ def bootstrap_servers(broker_url: str) -> list[str]:
     return servers
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:
     """The TLS context for ``SSL`` and ``SASL_SSL`` (hostname checked), else None."""
-    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+    if kafka.security_protocol not in ("SSL", "SASL_SSL"):
         return None
     try:
-        ctx = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
-        if settings.kafka_ssl_certfile:
-            ctx.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+        ctx = ssl.create_default_context(cafile=kafka.ssl_cafile or None)
+        if kafka.ssl_certfile:
+            ctx.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the Kafka TLS files: {exc}",
                           action=f"check {PREFIX}KAFKA_SSL_CAFILE / _CERTFILE / _KEYFILE (readable PEM files)"
@@ -61,32 +61,32 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def client_kwargs(settings: Settings) -> dict[str, Any]:
+def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     """Keyword arguments for aiokafka's producer, consumer and admin client."""
-    protocol = settings.kafka_security_protocol
+    protocol = kafka.security_protocol
     kwargs: dict[str, Any] = {}
-    ctx = ssl_context(settings)
+    ctx = ssl_context(kafka)
     if ctx is not None:
         kwargs.update(security_protocol=protocol, ssl_context=ctx)
     if protocol.startswith("SASL_"):
-        kwargs.update(security_protocol=protocol, sasl_mechanism=settings.kafka_sasl_mechanism,
-                      sasl_plain_username=settings.kafka_sasl_username,
-                      sasl_plain_password=settings.kafka_sasl_password)
+        kwargs.update(security_protocol=protocol, sasl_mechanism=kafka.sasl_mechanism,
+                      sasl_plain_username=kafka.sasl_username,
+                      sasl_plain_password=kafka.sasl_password.get_secret_value())
     return kwargs
 
 
-def faust_kwargs(settings: Settings) -> dict[str, Any]:
+def faust_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
     """Keyword arguments for ``faust.App``: the same protocol and credentials as :func:`client_kwargs`."""
-    ctx = ssl_context(settings)
-    if settings.kafka_security_protocol.startswith("SASL_"):
+    ctx = ssl_context(kafka)
+    if kafka.security_protocol.startswith("SASL_"):
         from faust.auth import SASLCredentials
 
         return {"broker_credentials": SASLCredentials(
-            username=settings.kafka_sasl_username, password=settings.kafka_sasl_password, ssl_context=ctx,
-            mechanism=settings.kafka_sasl_mechanism)}
+            username=kafka.sasl_username, password=kafka.sasl_password.get_secret_value(), ssl_context=ctx,
+            mechanism=kafka.sasl_mechanism)}
     return {} if ctx is None else {"broker_credentials": ctx}
 
 
-def bootstrap(settings: Settings) -> str:
+def bootstrap(kafka: KafkaSettings) -> str:
     """``host:port,host2:port`` from the Faust-style ``broker_url``."""
-    return ",".join(bootstrap_servers(settings.broker_url))
+    return ",".join(bootstrap_servers(kafka.broker_url))

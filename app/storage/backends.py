@@ -6,7 +6,7 @@ Cassandra keyspace), and its factories are all a caller may know of it."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from app.clock import Clock
@@ -40,7 +40,7 @@ class Backend:
         return PREFIX + self.namespace_field.upper()
 
     def namespace(self, settings: Settings) -> str:
-        value: str = getattr(settings, self.namespace_field)
+        value: str = settings.get(self.namespace_field)
         return value
 
     def settings_for(self, settings: Settings, namespace: str = "") -> Settings:
@@ -49,7 +49,7 @@ class Backend:
             raise ConfigError(f"invalid {self.name} {self.namespace_hint} {namespace[:80]!r}",
                               action=f"fix the {self.namespace_hint} (or {self.namespace_env})")
         changes: dict[str, Any] = {self.namespace_field: namespace} if namespace else {}
-        return replace(settings, store=self.name, **changes)
+        return settings.replace(store=self.name, **changes)
 
     def env(self, settings: Settings) -> dict[str, str]:
         """The environment variables that point a process at this backend and ``settings``' namespace."""
@@ -58,32 +58,32 @@ class Backend:
 
 def _dynamo_store(settings: Settings, clock: Clock | None, counters: Counters | None) -> MetricsBackend:
     from app.storage.dynamodb import DynamoStore
-    return DynamoStore(settings, clock=clock, counters=counters)
+    return DynamoStore(settings.storage, settings.dynamodb, clock=clock, counters=counters)
 
 
 def _dynamo_tokens(settings: Settings) -> TokenTable:
     from app.storage.dynamodb import DynamoTokens
-    return DynamoTokens(settings)
+    return DynamoTokens(settings.storage, settings.dynamodb)
 
 
 def _dynamo_frames(settings: Settings) -> FrameTable:
     from app.storage.dynamodb import DynamoFrames
-    return DynamoFrames(settings)
+    return DynamoFrames(settings.storage, settings.dynamodb)
 
 
 def _cassandra_store(settings: Settings, clock: Clock | None, counters: Counters | None) -> MetricsBackend:
     from app.storage.cassandra import CassandraStore
-    return CassandraStore(settings, clock=clock)
+    return CassandraStore(settings.storage, settings.cassandra, clock=clock)
 
 
 def _cassandra_tokens(settings: Settings) -> TokenTable:
     from app.storage.cassandra import CassandraTokens
-    return CassandraTokens(settings)
+    return CassandraTokens(settings.storage, settings.cassandra)
 
 
 def _cassandra_frames(settings: Settings) -> FrameTable:
     from app.storage.cassandra import CassandraFrames
-    return CassandraFrames(settings)
+    return CassandraFrames(settings.storage, settings.cassandra)
 
 
 def _valid_keyspace(name: str) -> bool:
@@ -94,11 +94,11 @@ def _valid_keyspace(name: str) -> bool:
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("dynamodb", "table_name", "<table>", _dynamo_store, _dynamo_tokens, _dynamo_frames,
             valid_namespace=lambda name: bool(name),
-            where=lambda s: f"DynamoDB at {s.dynamodb_endpoint or 'AWS ' + s.aws_region}",
+            where=lambda s: f"DynamoDB at {s.dynamodb.endpoint or 'AWS ' + s.dynamodb.region}",
             reach_action=f"check {PREFIX}DYNAMODB_ENDPOINT / {PREFIX}AWS_REGION and the AWS credentials"),
     Backend("cassandra", "cassandra_keyspace", "<keyspace>", _cassandra_store, _cassandra_tokens,
             _cassandra_frames, valid_namespace=_valid_keyspace,
-            where=lambda s: f"Cassandra at {s.cassandra_hosts}:{s.cassandra_port}",
+            where=lambda s: f"Cassandra at {s.cassandra.hosts}:{s.cassandra.port}",
             reach_action=(f"start a node there, or set {PREFIX}CASSANDRA_HOSTS / {PREFIX}CASSANDRA_PORT "
                           f"(locally: restart `make run` as `{PREFIX}LOCAL_CASSANDRA=1 make run`)")),
 )}
@@ -115,13 +115,13 @@ def backend(name: str) -> Backend:
 
 def metrics_store(settings: Settings, *, store: str | None = None, counters: Counters | None = None,
                   clock: Clock | None = None) -> MetricsBackend:
-    """The metrics store named ``store`` (default ``settings.store``)."""
-    return backend(store or settings.store).store(settings, clock, counters)
+    """The metrics store named ``store`` (default ``settings.storage.backend``)."""
+    return backend(store or settings.storage.backend).store(settings, clock, counters)
 
 
 def token_table(settings: Settings, *, store: str | None = None) -> TokenTable:
-    return backend(store or settings.store).tokens(settings)
+    return backend(store or settings.storage.backend).tokens(settings)
 
 
 def frame_table(settings: Settings, *, store: str | None = None) -> FrameTable:
-    return backend(store or settings.store).frames(settings)
+    return backend(store or settings.storage.backend).frames(settings)

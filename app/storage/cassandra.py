@@ -19,7 +19,7 @@ import orjson
 
 from app.clock import Clock, SystemClock
 from app.errors import ConfigError, ItemsRefused, StoreError, StoreFatal, StoreUnavailable
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, CassandraSettings, StorageSettings
 from app.storage._shared import decode, encode, fan_out
 from app.storage.codec import pack, unpack
 from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
@@ -70,26 +70,27 @@ def _step_s(resolution_s: int, kind: Kind) -> int:
     return resolution_s * 60 if kind == SUMMARY else resolution_s
 
 
-def classify(exc: BaseException, *, operation: str, settings: Settings) -> StoreError | StoreUnavailable:
+def classify(exc: BaseException, *, operation: str, cassandra: CassandraSettings,
+             storage: StorageSettings) -> StoreError | StoreUnavailable:
     """A driver failure as StoreUnavailable (retry later) or StoreFatal (an operator must act: credentials,
     grants, schema, or a failure nobody classified). The driver reports nothing as one row's fault; a row
     too large is refused before sending (:meth:`CassandraStore._encode_all`)."""
     if isinstance(exc, (StoreError, StoreUnavailable)):
         return exc
-    where = f"{settings.cassandra_hosts}:{settings.cassandra_port}"
+    where = f"{cassandra.hosts}:{cassandra.port}"
     msg = f"Cassandra {operation} at {where} failed: {type(exc).__name__}: {exc}"
     if isinstance(exc, (*_RETRIABLE, OSError, TimeoutError)):
         return StoreUnavailable(msg, action=f"the cluster is down, overloaded or unreachable: check the nodes "
                                             f"and {PREFIX}CASSANDRA_HOSTS; retrying",
-                                retry_after_s=settings.backoff_max_ms / 1000)
+                                retry_after_s=storage.backoff_max_ms / 1000)
     e = acsylla.errors
     if isinstance(exc, (e.CassErrorServerBadCredentials,)):
         action = f"fix {PREFIX}CASSANDRA_USERNAME / {PREFIX}CASSANDRA_PASSWORD"
     elif isinstance(exc, (e.CassErrorServerUnauthorized,)):
-        action = f"grant this role MODIFY and SELECT on keyspace {settings.cassandra_keyspace}"
+        action = f"grant this role MODIFY and SELECT on keyspace {cassandra.keyspace}"
     elif isinstance(exc, (e.CassErrorServerInvalidQuery, e.CassExceptionInvalidQuery, e.KeyspaceNotFound,
                           e.TableNotFound, e.CassErrorServerConfigError)):
-        action = (f"the keyspace {settings.cassandra_keyspace} lacks this schema: set {PREFIX}CREATE_TABLE=1 "
+        action = (f"the keyspace {cassandra.keyspace} lacks this schema: set {PREFIX}CREATE_TABLE=1 "
                   "once, or apply the CQL in app/storage/cassandra.py SCHEMA")
     else:
         action = "unexpected error: read the message above and fix the cause (or report a bug); writes stop until then"
@@ -132,16 +133,16 @@ def replication_cql(value: str) -> str:
     return "{" + ", ".join(f"'{k}': {v}" for k, v in items.items()) + "}"
 
 
-def check_config(settings: Settings) -> None:
+def check_config(cassandra: CassandraSettings) -> None:
     """The settings interpolated into CQL, checked at start (a ConfigError says what to fix)."""
-    check_keyspace(settings.cassandra_keyspace)
-    replication_cql(settings.cassandra_replication)
+    check_keyspace(cassandra.keyspace)
+    replication_cql(cassandra.replication)
 
 
-def schema(settings: Settings) -> list[str]:
+def schema(cassandra: CassandraSettings) -> list[str]:
     """The keyspace and tables, as CQL (``IF NOT EXISTS``: safe on every start, and for IaC to apply)."""
-    ks = check_keyspace(settings.cassandra_keyspace)
-    replication = replication_cql(settings.cassandra_replication)
+    ks = check_keyspace(cassandra.keyspace)
+    replication = replication_cql(cassandra.replication)
     twcs = ("compaction = {'class': 'TimeWindowCompactionStrategy', 'compaction_window_unit': 'DAYS', "
             "'compaction_window_size': 1}")
     return [
@@ -167,9 +168,9 @@ class CassandraSession:
 
     _shared: ClassVar[dict[tuple[str, int, str, str], CassandraSession]] = {}
 
-    def __init__(self, settings: Settings) -> None:
-        check_config(settings)
-        self.settings = settings
+    def __init__(self, storage: StorageSettings, cassandra: CassandraSettings) -> None:
+        check_config(cassandra)
+        self.storage, self.cassandra = storage, cassandra
         self._users = 0
         self._session: Any = None
         self._connecting: asyncio.Lock | None = None
@@ -178,12 +179,11 @@ class CassandraSession:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def of(cls, settings: Settings) -> CassandraSession:
-        key = (settings.cassandra_hosts, settings.cassandra_port, settings.cassandra_keyspace,
-               settings.cassandra_username)
+    def of(cls, storage: StorageSettings, cassandra: CassandraSettings) -> CassandraSession:
+        key = (cassandra.hosts, cassandra.port, cassandra.keyspace, cassandra.username)
         shared = cls._shared.get(key)
         if shared is None:
-            shared = cls._shared[key] = cls(settings)
+            shared = cls._shared[key] = cls(storage, cassandra)
         return shared
 
     async def acquire(self) -> None:
@@ -210,7 +210,7 @@ class CassandraSession:
                 self._session = None
                 self._prepared.clear()
             self._loop = loop
-            self._gate = asyncio.Semaphore(self.settings.cassandra_max_inflight)
+            self._gate = asyncio.Semaphore(self.cassandra.max_inflight)
             self._connecting = asyncio.Lock()
         return self._gate
 
@@ -222,23 +222,22 @@ class CassandraSession:
         async with self._connecting:
             if self._session is not None:
                 return self._session
-            s = self.settings
+            c = self.cassandra
             cluster = acsylla.create_cluster(
-                [h.strip() for h in s.cassandra_hosts.split(",") if h.strip()], port=s.cassandra_port,
-                username=s.cassandra_username or None, password=s.cassandra_password or None,
-                consistency=s.cassandra_consistency, serial_consistency="LOCAL_SERIAL",
-                request_timeout=s.cassandra_request_timeout_s, connect_timeout=s.connect_timeout_s,
+                [h.strip() for h in c.hosts.split(",") if h.strip()], port=c.port,
+                username=c.username or None, password=c.password.get_secret_value() or None,
+                consistency=c.consistency, serial_consistency="LOCAL_SERIAL",
+                request_timeout=c.request_timeout_s, connect_timeout=self.storage.connect_timeout_s,
                 token_aware_routing=True, log_level="error")
             try:
                 session = await cluster.create_session()
-                if s.create_table:
-                    for cql in schema(s):
+                if self.storage.create_table:
+                    for cql in schema(c):
                         await session.execute(acsylla.create_statement(cql, timeout=60))
             except Exception as exc:
-                raise classify(exc, operation="connect", settings=s) from exc
+                raise classify(exc, operation="connect", cassandra=c, storage=self.storage) from exc
             self._session = session
-            log.info("Cassandra session ready: %s:%d keyspace %s", s.cassandra_hosts, s.cassandra_port,
-                     s.cassandra_keyspace)
+            log.info("Cassandra session ready: %s:%d keyspace %s", c.hosts, c.port, c.keyspace)
             return session
 
     async def _statement(self, session: Any, cql: str) -> Any:
@@ -266,7 +265,7 @@ class CassandraSession:
                         return out
                     stmt.set_page_state(result.page_state())
             except Exception as exc:
-                raise classify(exc, operation=operation, settings=self.settings) from exc
+                raise classify(exc, operation=operation, cassandra=self.cassandra, storage=self.storage) from exc
 
     async def applied(self, cql: str, params: Sequence[Any], *, operation: str) -> tuple[bool, dict[str, Any]]:
         """A lightweight transaction: whether it applied, and the row it found when it did not."""
@@ -278,7 +277,7 @@ class CassandraSession:
                 stmt.bind_list(list(params))
                 row = (await session.execute(stmt)).first()
             except Exception as exc:
-                raise classify(exc, operation=operation, settings=self.settings) from exc
+                raise classify(exc, operation=operation, cassandra=self.cassandra, storage=self.storage) from exc
         found: dict[str, Any] = row.as_dict() if row is not None else {}
         return bool(found.pop("[applied]", False)), found
 
@@ -289,10 +288,10 @@ class CassandraSession:
 class _Part:
     """What the store and the tables share: the session, and start/stop/ping on it."""
 
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
-        self.settings = settings
-        self.ks = settings.cassandra_keyspace
-        self.db = CassandraSession.of(settings)
+    def __init__(self, storage: StorageSettings, cassandra: CassandraSettings, clock: Clock | None = None) -> None:
+        self.storage, self.cassandra = storage, cassandra
+        self.ks = cassandra.keyspace
+        self.db = CassandraSession.of(storage, cassandra)
         self.clock: Clock = clock or SystemClock()
         self._started = False
 
@@ -319,7 +318,7 @@ class CassandraStore(_Part):
         does not cost the others: they are written, then ItemsRefused names it."""
         if not items:
             return
-        rows, refused = await encode(items, self.settings.compress_over_bytes, self._encode_all)
+        rows, refused = await encode(items, self.storage.compress_over_bytes, self._encode_all)
         cql = (f"INSERT INTO {self.ks}.items (app, proc, res, kind, bucket, ts, d, z) "
                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?")
         await fan_out(self.db.rows(cql, row, operation="INSERT items") for row in rows)
@@ -332,10 +331,10 @@ class CassandraStore(_Part):
         rows: dict[tuple[str, str, int, str, int], list[Any]] = {}
         refused: list[tuple[MetricItem, StoreError]] = []
         for item in items:
-            ttl_s = min(MAX_TTL_S, item.ts_s + item.span_s + self.settings.ttl_s - now_s)
+            ttl_s = min(MAX_TTL_S, item.ts_s + item.span_s + self.storage.ttl_s - now_s)
             if ttl_s <= 0:
                 continue  # already past retention: it would expire on arrival
-            data, zipped = pack(item.payload, self.settings.compress_over_bytes)
+            data, zipped = pack(item.payload, self.storage.compress_over_bytes)
             if len(data) > MAX_VALUE_BYTES:
                 refused.append((item, StoreError(
                     f"item {item.app}/{item.process_type}/{item.resolution_s} ts={item.ts_s} is "
@@ -378,7 +377,7 @@ class CassandraStore(_Part):
         cql = (f"INSERT INTO {self.ks}.progress (scope, partition, through_ms, updated_ms, changed) "
                f"VALUES (?, ?, ?, ?, ?) USING TTL ?")
         await fan_out(self.db.rows(cql, [PROGRESS_SCOPE, p.partition, p.stored_through_ms, p.updated_ms,
-                                         orjson.dumps(p.changed), self.settings.ttl_s],
+                                         orjson.dumps(p.changed), self.storage.ttl_s],
                                    operation="INSERT progress") for p in progress)
 
     async def progress(self) -> list[Progress]:

@@ -37,7 +37,7 @@ from app.clock import Clock, SystemClock
 from app.errors import ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
 from app.ops.stats import Counters
 from app.retry import RetryPolicy
-from app.settings import PREFIX, Settings
+from app.settings import PREFIX, DynamoSettings, StorageSettings
 from app.storage._shared import decode, encode, fan_out
 from app.storage.codec import pack, unpack
 from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress, TokenInfo
@@ -118,34 +118,34 @@ def item_size_bytes(item: Mapping[str, Mapping[str, Any]]) -> int:
     return size
 
 
-def client_credentials(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, str]:
+def client_credentials(dynamodb: DynamoSettings, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Dummy credentials for an emulator on a machine without an AWS account; otherwise none, so the
     standard chain (env, profile, IRSA, instance role) stays in charge."""
     env = os.environ if env is None else env
-    if settings.dynamodb_endpoint and not any(env.get(k) for k in _CREDENTIAL_ENV):
+    if dynamodb.endpoint and not any(env.get(k) for k in _CREDENTIAL_ENV):
         return {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
     return {}
 
 
-def client_config(settings: Settings) -> AioConfig:
+def client_config(dynamodb: DynamoSettings, storage: StorageSettings) -> AioConfig:
     """The one client's configuration; each value is a Settings field, documented there."""
     return AioConfig(
         # aiohttp connector limit: sink_concurrency BatchWriteItem calls plus queries and pings share it;
         # the default 10 would queue requests behind each other.
-        max_pool_connections=settings.max_pool_connections,
+        max_pool_connections=dynamodb.max_pool_connections,
         # Fail fast on an unreachable endpoint; 'standard' retries then try again.
-        connect_timeout=settings.connect_timeout_s,
+        connect_timeout=storage.connect_timeout_s,
         # Per socket read, not per request: a stuck connection is abandoned and retried instead of
         # stalling the sink.
-        read_timeout=settings.read_timeout_s,
+        read_timeout=dynamodb.read_timeout_s,
         # 'standard' (not the DynamoDB 'legacy' default of 10 attempts): bounded retries of throttling and
         # 5xx with jitter; our own backoff handles UnprocessedItems and longer outages. Note botocore's
         # 'max_attempts' here counts retries after the first request (5 -> up to 6 requests); the
         # total would be 'total_max_attempts'.
-        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        retries={"max_attempts": dynamodb.max_attempts, "mode": "standard"},
         # Keep idle pooled connections longer than the 12 s default so minute-spaced sink batches reuse
         # them instead of paying a TLS handshake each time. (tcp_keepalive is a no-op in aiobotocore.)
-        connector_args={"keepalive_timeout": settings.keepalive_timeout_s},
+        connector_args={"keepalive_timeout": dynamodb.keepalive_timeout_s},
     )
 
 
@@ -160,8 +160,8 @@ class DynamoTable:
     """(attribute, type, key type) of each key attribute."""
     ttl_attribute: ClassVar[str | None] = None
 
-    def __init__(self, settings: Settings, table: str) -> None:
-        self.settings = settings
+    def __init__(self, storage: StorageSettings, dynamodb: DynamoSettings, table: str) -> None:
+        self.storage, self.dynamodb = storage, dynamodb
         self.table = table
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -170,14 +170,14 @@ class DynamoTable:
     async def start(self) -> None:
         if self._client is not None:
             return
-        s = self.settings
-        session = aioboto3.Session(region_name=s.aws_region, **client_credentials(s))
+        session = aioboto3.Session(region_name=self.dynamodb.region, **client_credentials(self.dynamodb))
         stack = contextlib.AsyncExitStack()
         try:
             self._client = await stack.enter_async_context(session.client(
-                "dynamodb", endpoint_url=s.dynamodb_endpoint or None, config=client_config(s)))
+                "dynamodb", endpoint_url=self.dynamodb.endpoint or None,
+                config=client_config(self.dynamodb, self.storage)))
             self._stack = stack
-            if s.create_table:
+            if self.storage.create_table:
                 try:
                     await self._setup()
                 except PipelineError as exc:
@@ -190,7 +190,7 @@ class DynamoTable:
             self._stack = None
             await stack.aclose()
             raise
-        log.info("table %s ready (%s)", self.table, s.dynamodb_endpoint or f"AWS {s.aws_region}")
+        log.info("table %s ready (%s)", self.table, self.dynamodb.endpoint or f"AWS {self.dynamodb.region}")
 
     async def stop(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -213,7 +213,8 @@ class DynamoTable:
         return self._client
 
     def error(self, exc: BaseException, operation: str) -> StoreError | StoreUnavailable:
-        return classify_error(exc, operation=operation, table=self.table, settings=self.settings)
+        return classify_error(exc, operation=operation, table=self.table, dynamodb=self.dynamodb,
+                              storage=self.storage)
 
     async def pages(self, operation: str, key: str, **kwargs: Any) -> list[dict[str, Any]]:
         """Every item a Query or Scan returns, over all its pages (botocore's paginator), classified."""
@@ -254,7 +255,7 @@ class DynamoTable:
             raise self.error(exc, "DescribeTable") from exc
         self._check_schema(table)
         if self.ttl_attribute:
-            await ensure_ttl(c, self.table, self.ttl_attribute, endpoint=self.settings.dynamodb_endpoint)
+            await ensure_ttl(c, self.table, self.ttl_attribute, endpoint=self.dynamodb.endpoint)
         self._setup_pending = False
 
     def _check_schema(self, table: Mapping[str, Any]) -> None:
@@ -274,14 +275,14 @@ class DynamoStore(DynamoTable):
     key_schema = ((A_PK, "S", "HASH"), (A_TS, "N", "RANGE"))
     ttl_attribute = A_EXPIRES
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None, sleep: Sleep = asyncio.sleep,
-                 jitter: Callable[[], float] = random.random, counters: Counters | None = None) -> None:
+    def __init__(self, storage: StorageSettings, dynamodb: DynamoSettings, *, clock: Clock | None = None,
+                 sleep: Sleep = asyncio.sleep, jitter: Callable[[], float] = random.random,
+                 counters: Counters | None = None) -> None:
         """``sleep`` and ``jitter`` (a float in [0, 1)) are injected so backoff is tested without waiting.
         ``counters`` receives ``sink_unprocessed_items`` (throttling shows there before writes fail)."""
-        super().__init__(settings, settings.table_name)
+        super().__init__(storage, dynamodb, dynamodb.table_name)
         self._counters = counters
-        self._settings = settings
-        self._table = settings.table_name
+        self._table = dynamodb.table_name
         self._clock: Clock = clock or SystemClock()
         self._sleep = sleep
         self._jitter = jitter
@@ -297,7 +298,7 @@ class DynamoStore(DynamoTable):
         twice.
         """
         client = self._c()
-        requests, refused = await encode(items, self._settings.compress_over_bytes, self._encode_all)
+        requests, refused = await encode(items, self.storage.compress_over_bytes, self._encode_all)
         if requests:
             await self._write_all(client, requests)
         if refused:
@@ -306,7 +307,7 @@ class DynamoStore(DynamoTable):
 
     async def _write_all(self, client: Any, requests: list[dict[str, Any]]) -> None:
         chunks = [requests[i:i + BATCH_MAX_ITEMS] for i in range(0, len(requests), BATCH_MAX_ITEMS)]
-        gate = asyncio.Semaphore(max(1, self._settings.sink_concurrency))
+        gate = asyncio.Semaphore(max(1, self.dynamodb.sink_concurrency))
 
         async def write(chunk: list[dict[str, Any]]) -> None:
             async with gate:
@@ -316,7 +317,7 @@ class DynamoStore(DynamoTable):
 
     async def _write_chunk(self, client: Any, chunk: list[dict[str, Any]]) -> None:
         """One <=25-item batch, re-sending UnprocessedItems (which the SDK never retries) with backoff."""
-        backoff = RetryPolicy.from_ms(self._settings.backoff_base_ms, self._settings.backoff_max_ms,
+        backoff = RetryPolicy.from_ms(self.storage.backoff_base_ms, self.storage.backoff_max_ms,
                                       jitter=self._jitter)
         pending = chunk
         for attempt in range(MAX_WRITE_ROUNDS):
@@ -337,7 +338,7 @@ class DynamoStore(DynamoTable):
             f"DynamoDB left {len(pending)} items unprocessed after {MAX_WRITE_ROUNDS} BatchWriteItem rounds",
             action=f"table {self._table} is throttling: raise its capacity (or on-demand limits) or lower "
                    f"{PREFIX}SINK_CONCURRENCY",
-            retry_after_s=self._settings.backoff_max_ms / 1000,
+            retry_after_s=self.storage.backoff_max_ms / 1000,
         )
 
     def _encode_all(self, items: Sequence[MetricItem]
@@ -357,8 +358,8 @@ class DynamoStore(DynamoTable):
 
     def _encode(self, item: MetricItem) -> dict[str, Any]:
         pk = partition_key(item.app, item.process_type, item.resolution_s, item.kind)
-        data, zipped = pack(item.payload, self._settings.compress_over_bytes)
-        expires_at = item.ts_s + item.span_s + self._settings.ttl_s
+        data, zipped = pack(item.payload, self.storage.compress_over_bytes)
+        expires_at = item.ts_s + item.span_s + self.storage.ttl_s
         encoded: dict[str, Any] = {
             A_PK: {"S": pk},
             A_TS: {"N": str(item.ts_s)},
@@ -432,7 +433,7 @@ class DynamoStore(DynamoTable):
             A_PK: {"S": PROGRESS_PK}, A_TS: {"N": str(p.partition)},
             A_DATA: {"B": orjson.dumps({"through_ms": p.stored_through_ms, "updated_ms": p.updated_ms,
                                         "changed": p.changed})},
-            A_EXPIRES: {"N": str(now_s + self._settings.ttl_s)}}}} for p in progress]
+            A_EXPIRES: {"N": str(now_s + self.storage.ttl_s)}}}} for p in progress]
         for i in range(0, len(requests), BATCH_MAX_ITEMS):
             await self._write_chunk(client, requests[i:i + BATCH_MAX_ITEMS])
 
@@ -461,12 +462,12 @@ def _code(e: ClientError) -> str:
 
 
 def classify_error(exc: BaseException, *, operation: str, table: str,
-                   settings: Settings) -> StoreError | StoreUnavailable:
+                   dynamodb: DynamoSettings, storage: StorageSettings) -> StoreError | StoreUnavailable:
     """Map a botocore/aiohttp failure to StoreUnavailable (retry later), StoreError (this item is refused)
     or StoreFatal (every request fails until an operator acts: nothing is the item's fault, so nothing may be
     dead-lettered). Callers decide from the type, never from the message."""
-    retry_after_s = settings.backoff_max_ms / 1000
-    where = settings.dynamodb_endpoint or f"AWS region {settings.aws_region}"
+    retry_after_s = storage.backoff_max_ms / 1000
+    where = dynamodb.endpoint or f"AWS region {dynamodb.region}"
     if isinstance(exc, (StoreError, StoreUnavailable)):
         return exc
     if isinstance(exc, ClientError):
@@ -562,8 +563,8 @@ class DynamoTokens(DynamoTable):
     """Tokens in table ``<table_name>-tokens``: ``pk`` = hex digest, ``app``, ``kind``, ``id``, ``created_s``,
     and ``revoked_s`` on a revoked token's tombstone."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, f"{settings.table_name}-tokens")
+    def __init__(self, storage: StorageSettings, dynamodb: DynamoSettings) -> None:
+        super().__init__(storage, dynamodb, f"{dynamodb.table_name}-tokens")
 
     async def put_token(self, key: str, info: TokenInfo) -> None:
         item = {"pk": {"S": key}, "app": {"S": info.app}, "kind": {"S": info.kind}, "id": {"S": info.id},
@@ -609,8 +610,8 @@ class DynamoFrames(DynamoTable):
 
     ttl_attribute = "expires_at"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, f"{settings.table_name}-frames")
+    def __init__(self, storage: StorageSettings, dynamodb: DynamoSettings) -> None:
+        super().__init__(storage, dynamodb, f"{dynamodb.table_name}-frames")
 
     async def claim(self, key: str, *, now_ms: int, lease_until_ms: int, expires_s: int) -> bool:
         try:

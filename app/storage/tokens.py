@@ -26,8 +26,7 @@ from app.clock import Clock, SystemClock
 from app.errors import RetriableError
 from app.limits import Buckets
 from app.ops.stats import Counters
-from app.settings import Settings
-from app.storage.backends import token_table
+from app.settings import WebSettings
 from app.storage.protocol import TokenInfo, TokenTable
 
 log = logging.getLogger(__name__)
@@ -59,11 +58,12 @@ class TokenStore:
     of random well-formed tokens costs one read each but never evicts the tokens real drains use
     (security review M1)."""
 
-    def __init__(self, settings: Settings, *, table: TokenTable | None = None, clock: Clock | None = None,
+    def __init__(self, web: WebSettings, *, table: TokenTable, clock: Clock | None = None,
                  counters: Counters | None = None) -> None:
-        self.table = table if table is not None else token_table(settings)  # METRICS_STORE's, by default
+        """``table``: the store's (``token_table(settings)``: METRICS_STORE's), or one following a migration."""
+        self.table = table
         self.counters = counters
-        self.settings = settings
+        self.web = web
         self.clock = clock or SystemClock()
         self._live: OrderedDict[str, tuple[int, TokenInfo]] = OrderedDict()
         """digest -> (valid until ms, info), least recently used first."""
@@ -71,7 +71,7 @@ class TokenStore:
         """digest -> valid until ms, of tokens the table does not know or holds revoked."""
         self._known: OrderedDict[str, None] = OrderedDict()
         """Digests seen live (least recently used first): never held to a client's failure budget."""
-        self.failures = FailureBudget(settings.auth_failures_per_s, settings.auth_failures_burst)
+        self.failures = FailureBudget(web.auth_failures_per_s, web.auth_failures_burst)
 
     async def start(self) -> None:
         await self.table.start()

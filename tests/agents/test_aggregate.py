@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -18,7 +17,7 @@ from tables.state import WindowTableState
 from tables.windows import Rejected
 from tests.tables.test_windows import T0, msg, router
 
-SETTINGS = Settings(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
+SETTINGS = Settings.of(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
 
 
 class Harness:
@@ -28,7 +27,7 @@ class Harness:
         self.dead: list[tuple[int, Rejected]] = []
         self.fail_emit = fail_emit
         self.counters = Counters()
-        self.agg = Aggregator(settings, WindowTableState(table, "observations"), emit=self.emit,
+        self.agg = Aggregator(settings.windows, WindowTableState(table, "observations"), emit=self.emit,
                               dead_letter=self.dead_letter, counters=self.counters, clock=clock)
 
     async def emit(self, aggs: Sequence[Aggregate]) -> None:
@@ -128,7 +127,7 @@ async def test_a_partition_with_messages_waiting_is_not_idle(clock: ManualClock)
     assert await h.agg.close_idle({0}, {0: 5}) == 0  # ... but offsets 1..4 are still to be read
     assert await h.agg.close_idle({0}, {0: None}) == 0  # highwater unknown: not idle either, ...
     assert await h.agg.close_idle({0}, {0: 1}) == 0  # ... and quiet only from when it is known again
-    clock.advance(h.agg.settings.idle_timeout_ms)
+    clock.advance(h.agg.windows.idle_timeout_ms)
     assert await h.agg.close_idle({0}, {0: 1}) == 1  # caught up and quiet: the idle partition's minute closes
 
 
@@ -217,7 +216,7 @@ async def test_a_restart_soon_after_a_minute_closed_sends_it_again(clock: Manual
     """With ``closed_keep_s`` (off by default) a worker restarted soon after a minute closed sends it once
     more, identical, and never reopens it."""
     table: dict[bytes, bytes] = {}
-    keep = replace(SETTINGS, closed_keep_s=30.0)
+    keep = SETTINGS.replace(closed_keep_s=30.0)
     first = Harness(table, clock, settings=keep)
     await first.agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
     assert [(a.key.start_ms, a.requests) for a in first.emitted] == [(T0, 1)]
@@ -262,7 +261,7 @@ def refetching(clock: ManualClock) -> tuple[Aggregator, list[tuple[int, int]], C
     async def dead_letter(partition: int, dead: Sequence[Rejected]) -> None:
         pass
 
-    agg = Aggregator(SETTINGS, WindowTableState({}, "observations"), emit=emit, dead_letter=dead_letter,
+    agg = Aggregator(SETTINGS.windows, WindowTableState({}, "observations"), emit=emit, dead_letter=dead_letter,
                      counters=counters, clock=clock, refetch=refetch)
     return agg, seeks, counters
 
@@ -310,7 +309,7 @@ def _timers(app: str, ts: int, names: int, values: int) -> list[dict[str, Any]]:
 
 async def test_an_oversize_minute_is_emitted_degraded_and_its_dropped_names_dead_lettered(clock: ManualClock
                                                                                           ) -> None:
-    settings = replace(SETTINGS, minute_max_bytes=8_000, digest_max_centroids=1000)
+    settings = SETTINGS.replace(minute_max_bytes=8_000, digest_max_centroids=1000)
     sent: list[bytes] = []
 
     async def emit(aggs: Sequence[Aggregate]) -> None:
@@ -340,7 +339,7 @@ async def test_a_size_error_on_send_is_fitted_smaller_and_sent_again() -> None:
 
     from agents.aggregate import MIN_MINUTE_BYTES, send_minutes
 
-    agg = Aggregator(SETTINGS, WindowTableState({}, "observations"),
+    agg = Aggregator(SETTINGS.windows, WindowTableState({}, "observations"),
                      emit=lambda a: None,  # type: ignore[arg-type,return-value]
                      dead_letter=lambda p, d: None, counters=Counters())  # type: ignore[arg-type,return-value]
     big = Aggregate(BucketKey("big", "web", T0))
@@ -383,13 +382,13 @@ async def test_limits_come_from_the_injected_limits_per_app(clock: ManualClock, 
 
     path = tmp_path / "limits.yaml"
     path.write_text("overrides:\n  shop:\n    max_process_types: 3\n")
-    settings = replace(SETTINGS, limit_process_types=1, limits_file=str(path))
-    limits = Limits(settings)
+    settings = SETTINGS.replace(limit_process_types=1, limits_file=str(path))
+    limits = Limits(settings.limits)
     await limits.start()
     try:
         h = Harness({}, clock, settings=settings)
-        h.agg = Aggregator(settings, WindowTableState({}, "observations"), emit=h.emit, dead_letter=h.dead_letter,
-                           counters=h.counters, clock=clock, limits=limits)
+        h.agg = Aggregator(settings.windows, WindowTableState({}, "observations"), emit=h.emit,
+                           dead_letter=h.dead_letter, counters=h.counters, clock=clock, limits=limits)
         res = await h.agg.process_batch([(0, 0, msg(*[router(T0 + i, app=a, dyno=f"p{i}.1")
                                                       for a in ("shop", "blog") for i in range(4)]))])
         assert res.counts.refused_by_limit() == [1 + 3, 0, 0]
@@ -405,6 +404,6 @@ def test_minute_budget_must_stay_below_the_topic_limit() -> None:
     from app.errors import ConfigError
 
     with pytest.raises(ConfigError, match="METRICS_MINUTE_MAX_BYTES"):
-        Aggregator(replace(SETTINGS, minute_max_bytes=1024 * 1024), WindowTableState({}, "observations"),
+        Aggregator(SETTINGS.replace(minute_max_bytes=1024 * 1024).windows, WindowTableState({}, "observations"),
                    emit=lambda a: None, dead_letter=lambda p, d: None,  # type: ignore[arg-type,return-value]
                    counters=Counters())

@@ -74,17 +74,17 @@ class RecordingSender:
 
 class Harness:
     def __init__(self, table: dict[bytes, bytes], settings: Settings | None = None) -> None:
-        self.settings = settings or Settings(notify_backoff_base_ms=1, notify_backoff_max_ms=5)
+        self.settings = settings or Settings.of(notify_backoff_base_ms=1, notify_backoff_max_ms=5)
         self.counters = Counters()
         self.sender = RecordingSender()
-        self.notifier = Notifier(self.settings, self.counters,
+        self.notifier = Notifier(self.settings.alerting, self.counters,
                                  senders={"webhook": self.sender, "email": self.sender})
         self.published: list[AlertEvent] = []
         self.fail_publish = False
         self.owned = True
         self.outbox = Outbox(table, self.notifier, context_topic="metrics-1m", owns=lambda p: self.owned)
         self.results = CommandResults()
-        self.engine = AlertEngine(table, self.settings, self.counters, publish=self.publish,
+        self.engine = AlertEngine(table, self.settings.alerting, self.counters, publish=self.publish,
                                   outbox=self.outbox, results=self.results, clock=ManualClock(T0 + 10 * 60_000))
 
     async def publish(self, events: Sequence[AlertEvent]) -> None:

@@ -47,16 +47,16 @@ class RecordingSender:
 
 async def test_engine_publishes_every_minute_and_calls_the_formation_api_on_changes() -> None:
     table: dict[bytes, bytes] = {}
-    settings = Settings(formation_url="http://127.0.0.1:9/apps/{app}/formation/{process_type}")
+    settings = Settings.of(formation_url="http://127.0.0.1:9/apps/{app}/formation/{process_type}")
     counters = Counters()
     sender = RecordingSender()
-    notifier = Notifier(settings, counters, senders={"formation": sender, "email": sender, "webhook": sender})
+    notifier = Notifier(settings.alerting, counters, senders={"formation": sender, "email": sender, "webhook": sender})
     published: list[Decision] = []
 
     async def publish(d: Decision) -> None:
         published.append(d)
 
-    engine = AutoscaleEngine(table, settings, counters, publish=publish,
+    engine = AutoscaleEngine(table, settings.alerting, counters, publish=publish,
                              outbox=Outbox(table, notifier, context_topic="metrics-1m", owns=lambda p: True),
                              results=CommandResults())
     targets = Targets(("ops@example.com",), (Webhook("http://127.0.0.1:9/hook", "k" * 16),))
@@ -84,15 +84,15 @@ async def test_engine_publishes_every_minute_and_calls_the_formation_api_on_chan
 
 async def test_only_the_newest_formation_call_is_kept_pending() -> None:
     table: dict[bytes, bytes] = {}
-    settings = Settings(formation_url="http://127.0.0.1:9/apps/{app}")
+    settings = Settings.of(formation_url="http://127.0.0.1:9/apps/{app}")
     counters = Counters()
-    notifier = Notifier(settings, counters, senders={})  # nothing can be sent: deliveries stay pending
+    notifier = Notifier(settings.alerting, counters, senders={})  # nothing can be sent: deliveries stay pending
 
     async def publish(d: Decision) -> None:
         return None
 
     outbox = Outbox(table, notifier, context_topic="metrics-1m", owns=lambda p: True)
-    engine = AutoscaleEngine(table, settings, counters, publish=publish, outbox=outbox)
+    engine = AutoscaleEngine(table, settings.alerting, counters, publish=publish, outbox=outbox)
     engine.on_command(0, Command("c1", POLICY_PUT, "shop", policy=policy(1, 5, 300, current=1)))
     await notifier.stop()  # stopped: submits are refused, the outbox keeps what is pending
     for i, (lat, n) in enumerate([(200.0, 100), (400.0, 200), (450.0, 300)]):

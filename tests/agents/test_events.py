@@ -18,7 +18,7 @@ from tests.api.test_query import SETTINGS, T0, MemoryStore
 
 NOW_S = T0 + 3600
 
-FATAL_RETRY_S = Settings().store_fatal_retry_s
+FATAL_RETRY_S = Settings().storage.fatal_retry_s
 
 
 def alert(minute_s: int, event: str = "firing", monitor: str = "mon_a", app: str = "shop",
@@ -49,7 +49,7 @@ def make_job(store: Any) -> tuple[EventsJob, Counters, list[float]]:
     async def sleep(s: float) -> None:
         slept.append(s)
 
-    return EventsJob(store, SETTINGS, counters, sleep=sleep, jitter=lambda: 0.5), counters, slept
+    return EventsJob(store, SETTINGS.storage, counters, sleep=sleep, jitter=lambda: 0.5), counters, slept
 
 
 def stored(store: MemoryStore, app: str = "shop") -> dict[int, list[dict[str, Any]]]:
@@ -101,7 +101,7 @@ async def test_retriable_failures_back_off_and_expired_events_are_skipped() -> N
     # The read asked for 2 s (its retry_after_s is the floor); the put's 0.01 s is below half the first
     # backoff ceiling (jitter pinned at 0.5 of 50 ms), so the jitter decides (app/retry.py).
     assert slept == pytest.approx([2.0, 0.025])
-    assert await job.write([(ALERT, alert(T0 - SETTINGS.ttl_s))], now_s=NOW_S) == 0  # past the retention
+    assert await job.write([(ALERT, alert(T0 - SETTINGS.storage.ttl_s))], now_s=NOW_S) == 0  # past the retention
     assert list(stored(store)) == [T0]
 
 

@@ -17,7 +17,7 @@ from tables.windows import IngestResult, PartitionWindows, Rejected
 from tests.api.test_query import MemoryStore
 from tests.tables.test_windows import T0, msg, router
 
-SETTINGS = Settings(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
+SETTINGS = Settings.of(grace_s=10, idle_timeout_s=30, digest_max_centroids=100)
 
 
 def test_the_watermark_moves_only_when_the_checkpoints_offset_is_committed() -> None:
@@ -94,7 +94,7 @@ async def test_each_closing_round_checkpoints_its_partitions() -> None:
         pass
 
     ends = {0: 7}
-    agg = Aggregator(SETTINGS, WindowTableState({}, "observations"), emit=emit, dead_letter=dead_letter,
+    agg = Aggregator(SETTINGS.windows, WindowTableState({}, "observations"), emit=emit, dead_letter=dead_letter,
                      counters=Counters(), clock=clock, watermarks=wm, end_offset=ends.get)
     await agg.process_batch([(0, 0, msg(router(T0 + 1))), (0, 1, msg(router(T0 + 80_000)))])
     assert [a.key.start_ms for a in emitted] == [T0]

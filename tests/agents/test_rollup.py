@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import math
 import zlib
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,8 @@ def make(clock: ManualClock | None = None) -> tuple[Rollup, dict[bytes, Any], Me
     store = MemoryStore(clock)
     counters = Counters()
     sleeps = Sleeps()
-    r = Rollup(table, store, SETTINGS, counters, context_topic="metrics-1m", clock=clock, sleep=sleeps)
+    r = Rollup(table, store, SETTINGS.storage, SETTINGS.query, counters, context_topic="metrics-1m", clock=clock,
+               sleep=sleeps)
     return r, table, store, counters, sleeps
 
 
@@ -96,13 +96,13 @@ async def test_evicted_bucket_is_read_back_for_a_late_minute_and_replays_stay_id
     clock = ManualClock((T0 + 3600) * 1000)
     r, table, store, counters, _ = make(clock)
     await r.process([(1, record(minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50))) for i in range(9)])
-    clock.set((T0 + 7200 + int(SETTINGS.rollup_evict_after_s) + 1) * 1000)
+    clock.set((T0 + 7200 + int(SETTINGS.query.rollup_evict_after_s) + 1) * 1000)
     assert r.evict({0}) == 0  # partition 1 is not ours: its owner evicts it
     # The buckets and the minute block go; the coarser summary blocks stay until their own span ends.
     ended = [res for res in (60, 600, 3600, 7200) if block_of(T0, res) + BLOCK_SPAN_S[res] <= T0 + 7200]
     assert 60 in ended and 7200 not in ended
     assert r.evict({1}) == 3 + len(ended) and all(k.startswith((b"s|", b"m|")) for k in table)
-    clock.set((T0 + 8 * 86400 + int(SETTINGS.rollup_evict_after_s) + 1) * 1000)
+    clock.set((T0 + 8 * 86400 + int(SETTINGS.query.rollup_evict_after_s) + 1) * 1000)
     assert r.evict({1}) == 4 - len(ended) and list(table) == [since_key("shop", "web")]
     await r.process([(1, record(minute(T0 + 60 * 9, np.arange(1.0, 11.0), mc=50)))])  # late minute
     # First sight: 3 buckets, 4 blocks, and the 3 coarser blocks seeded from their (empty) span. After
@@ -133,7 +133,7 @@ async def test_dynamodb_unavailable_is_retried_and_state_is_written_only_after_s
     r.table = Watch()
     await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])
     assert counters.values["rollup_retries"] == 2 and len(sleeps.calls) == 2
-    assert all(0.01 <= s <= SETTINGS.backoff_max_ms / 1000 for s in sleeps.calls)  # at least retry_after_s
+    assert all(0.01 <= s <= SETTINGS.storage.backoff_max_ms / 1000 for s in sleeps.calls)  # at least retry_after_s
     assert written == [1] * 8  # 3 buckets, 4 summary blocks and the series' since, all after the successful put
     assert stored(store, 3600, T0).requests == 10
 
@@ -155,7 +155,7 @@ async def test_query_reads_rollups_written_by_the_job_same_as_merging_minutes() 
     for m in minutes:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     pre = MetricsQuery(store, settings=SETTINGS, clock=clock)
-    merged = MetricsQuery(store, settings=replace(SETTINGS, query_use_rollups=False), clock=clock)
+    merged = MetricsQuery(store, settings=SETTINGS.replace(query_use_rollups=False), clock=clock)
     for res in (600, 3600, 7200):
         a = orjson.loads((await pre.answer("shop", "web", res, T0, T0 + 4 * 3600)).body)
         b = orjson.loads((await merged.answer("shop", "web", res, T0, T0 + 4 * 3600)).body)
@@ -226,7 +226,7 @@ def test_summary_blocks_equal_what_the_digests_give(minutes: list[tuple[int, dic
             blocks, store.blocks = store.blocks, {}
             from_digests = await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
                 "shop", "web", res, since, until)
-            merged = await MetricsQuery(store, settings=replace(SETTINGS, query_use_rollups=False),
+            merged = await MetricsQuery(store, settings=SETTINGS.replace(query_use_rollups=False),
                                         clock=clock).answer("shop", "web", res, since, until)
             store.blocks, store.queries = blocks, []
             assert from_blocks.body == from_digests.body
@@ -378,7 +378,8 @@ async def test_an_item_the_store_refuses_for_good_does_not_cost_the_others() -> 
 # --- "final" means stored (agents/progress.py) ----------------------------------------------------------
 
 def _watermark(store: MemoryStore, through_ms: int, now_ms: int, changed: dict[str, int] | None = None) -> None:
-    store.progress_items = {p: Progress(p, through_ms, now_ms, dict(changed or {})) for p in range(SETTINGS.partitions)}
+    store.progress_items = {p: Progress(p, through_ms, now_ms, dict(changed or {}))
+                            for p in range(SETTINGS.kafka.partitions)}
 
 
 async def _ask_after_refresh(q: MetricsQuery, clock: ManualClock, res: int, since_s: int, until_s: int) -> Answer:
@@ -387,7 +388,7 @@ async def _ask_after_refresh(q: MetricsQuery, clock: ManualClock, res: int, sinc
     await q.answer("shop", "web", res, since_s, until_s)
     for _ in range(5):
         await asyncio.sleep(0)
-    clock.advance(int((SETTINGS.query_tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
+    clock.advance(int((SETTINGS.query.tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
     return await q.answer("shop", "web", res, since_s, until_s)
 
 
@@ -407,12 +408,12 @@ async def test_a_range_asked_before_it_was_stored_returns_the_stored_data_once_i
     await r.process([(0, record(m)) for m in minutes])  # the sink and the rollup job catch up
     for m in minutes:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
-    clock.advance(int((SETTINGS.query_tail_ttl_s + STALE_GRACE_S) * 1000) + 1)  # past stale-while-revalidate
+    clock.advance(int((SETTINGS.query.tail_ttl_s + STALE_GRACE_S) * 1000) + 1)  # past stale-while-revalidate
     for res, q in queries.items():
         ans = await q.answer("shop", "web", res, T0, T0 + 7200)
         assert len(orjson.loads(ans.body)["points"]) == 7200 // res and not ans.final, res
     _watermark(store, (T0 + 7200) * 1000, clock.now_ms())
-    clock.advance(int((SETTINGS.query_tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
+    clock.advance(int((SETTINGS.query.tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
     for res, q in queries.items():
         ans = await _ask_after_refresh(q, clock, res, T0, T0 + 7200)
         want = [orjson.loads(point_json(a)) for a in merge_buckets(minutes, res).values()]

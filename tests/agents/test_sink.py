@@ -21,7 +21,7 @@ from app.storage.protocol import MetricItem
 from tables.aggregate import Aggregate, BucketKey
 from tests.storage.test_dynamodb import T0, StoreFactory, _moto_aio, aws, client_error, make_store  # noqa: F401
 
-FATAL_RETRY_S = Settings().store_fatal_retry_s
+FATAL_RETRY_S = Settings().storage.fatal_retry_s
 
 
 class FlakyStore:
@@ -76,7 +76,8 @@ def make(store: Any, *, during_sleep: Callable[[], Any] | None = None
     async def dead_letter(bad: Sequence[tuple[bytes, str]]) -> None:
         dead.extend(bad)
 
-    return Sink(store, Settings(), dead_letter=dead_letter, counters=counters, sleep=sleep), sleeps, dead, counters
+    sink = Sink(store, Settings().storage, dead_letter=dead_letter, counters=counters, sleep=sleep)
+    return sink, sleeps, dead, counters
 
 
 async def test_retries_until_dynamodb_accepts() -> None:
@@ -95,7 +96,8 @@ async def test_credential_hiccups_and_clock_skew_are_retried_not_dead_lettered()
 
     skew = client_error("InvalidSignatureException", message="Signature expired: 20240101T000000Z is now "
                         "earlier than 20240101T000500Z")
-    failures = [classify_error(e, operation="BatchWriteItem", table="t", settings=Settings())
+    failures = [classify_error(e, operation="BatchWriteItem", table="t", dynamodb=Settings().dynamodb,
+                               storage=Settings().storage)
                 for e in (NoCredentialsError(), client_error("ExpiredTokenException"), skew)]
     store = FlakyStore(list(failures))
     sink, sleeps, dead, _ = make(store)

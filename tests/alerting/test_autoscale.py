@@ -19,7 +19,7 @@ from app.errors import ConfigError
 from app.settings import Settings
 
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % 60_000
-P = AutoscaleParams.from_settings(Settings())
+P = AutoscaleParams.from_settings(Settings().autoscale)
 """The settings' defaults: history 60 min, min_requests 20, up cooldown 1, down cooldown 5, stable 5,
 headroom 0.2, pinned notice once a day."""
 
@@ -210,7 +210,7 @@ def test_reconfigure_keeps_history_and_honours_a_new_current_count() -> None:
                                     {"autoscale_pinned_notify_every_min": 0}])
 def test_nonsensical_model_settings_are_refused(change: dict[str, Any]) -> None:
     with pytest.raises(ConfigError) as info:
-        AutoscaleParams.from_settings(Settings(**change))
+        AutoscaleParams.from_settings(Settings.of(**change).autoscale)
     assert f"METRICS_{next(iter(change)).upper()}" in str(info.value)  # names the variable to fix
     with pytest.raises(ConfigError):
         replace(P, **{k.removeprefix("autoscale_"): v for k, v in change.items()})  # checked however built
@@ -219,6 +219,6 @@ def test_nonsensical_model_settings_are_refused(change: dict[str, Any]) -> None:
 def test_every_constant_is_a_setting_with_its_only_default() -> None:
     defaults = Settings()
     assert {f.name: getattr(P, f.name) for f in fields(P)} == {
-        f.name: getattr(defaults, f"autoscale_{f.name}") for f in fields(AutoscaleParams)}
+        f.name: getattr(defaults.autoscale, f.name) for f in fields(AutoscaleParams)}
     assert P.pinned_notify_every_min == 1440 and P.history_min == 60
-    assert AutoscaleParams.from_settings(Settings(autoscale_history_min=30)).history_min == 30
+    assert AutoscaleParams.from_settings(Settings.of(autoscale_history_min=30).autoscale).history_min == 30

@@ -63,10 +63,10 @@ class Worker:
     """The engines of one worker plus the command transport."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings(max_monitors_per_app=3)
+        self.settings = settings or Settings.of(max_monitors_per_app=3)
         self.counters = Counters()
         self.results = CommandResults()
-        notifier = Notifier(self.settings, self.counters, senders={})
+        notifier = Notifier(self.settings.alerting, self.counters, senders={})
         self.monitors_table: dict[bytes, bytes] = {}
         self.autoscale_table: dict[bytes, bytes] = {}
 
@@ -76,10 +76,10 @@ class Worker:
         async def publish_decision(d: Decision) -> None:
             return None
 
-        self.alerts = AlertEngine(self.monitors_table, self.settings, self.counters, publish=publish_alerts,
+        self.alerts = AlertEngine(self.monitors_table, self.settings.alerting, self.counters, publish=publish_alerts,
                                   outbox=Outbox(self.monitors_table, notifier, context_topic="m", owns=lambda p: True),
                                   results=self.results)
-        self.autoscale = AutoscaleEngine(self.autoscale_table, self.settings, self.counters,
+        self.autoscale = AutoscaleEngine(self.autoscale_table, self.settings.alerting, self.counters,
                                          publish=publish_decision,
                                          outbox=Outbox(self.autoscale_table, notifier, context_topic="m",
                                                        owns=lambda p: True), results=self.results)
@@ -384,7 +384,7 @@ async def test_a_broker_that_does_not_acknowledge_a_command_is_a_503_with_retry_
     gets a retriable answer instead of hanging."""
     topic = FakeCommandsTopic(mode)
     backend = worker.backend()
-    backend.send = command_sender(topic, Settings(produce_timeout_s=0.2))
+    backend.send = command_sender(topic, Settings.of(produce_timeout_s=0.2).kafka)
     webapp = web.Application()
     add_policy_routes(webapp, backend)
     c = await aiohttp_client(webapp)
@@ -402,7 +402,7 @@ async def test_a_broker_that_does_not_acknowledge_a_command_is_a_503_with_retry_
 
 async def test_an_acknowledged_command_is_sent_within_the_timeout() -> None:
     topic = FakeCommandsTopic("ack")
-    await command_sender(topic, Settings(produce_timeout_s=0.2))("shop", b"{}")
+    await command_sender(topic, Settings.of(produce_timeout_s=0.2).kafka)("shop", b"{}")
     assert len(topic.futures) == 1 and topic.futures[0].done()
 
 
@@ -652,20 +652,20 @@ class FakeFaust:
 
 
 async def test_owner_locator_asks_faust_for_the_apps_partition() -> None:
-    settings = Settings(partitions=4)
+    settings = Settings.of(partitions=4)
     urls = {p: f"http://worker-{p % 2}.workers.test:6066" for p in range(4)}
     fake = FakeFaust(partitions=4, metadata=False, urls=urls)
-    locate = owner_locator(fake, settings)
+    locate = owner_locator(fake, settings.kafka)
     for app in ["shop", "blog", "a", "a-much-longer-app-name.example"]:
         assert await locate(app) == urls[partition_for(app, 4)]
     # The key is the app (the partition of its minutes), not the table key m|{app}.
     assert fake.keys[0] == ("monitors", b"shop")
     # A partition count that differs from the topics': Faust would route elsewhere, so no owner is named.
     assert partition_for("blog", 3) != partition_for("blog", 4)
-    mismatched = owner_locator(FakeFaust(partitions=4, metadata=True, urls=urls), Settings(partitions=3))
+    mismatched = owner_locator(FakeFaust(partitions=4, metadata=True, urls=urls), Settings.of(partitions=3).kafka)
     assert await mismatched("blog") is None
     # No assignment yet for the partition.
-    assert await owner_locator(FakeFaust(partitions=4, metadata=True, urls={}), settings)("shop") is None
+    assert await owner_locator(FakeFaust(partitions=4, metadata=True, urls={}), settings.kafka)("shop") is None
 
 
 # --- OpenAPI ------------------------------------------------------------------------------------------------

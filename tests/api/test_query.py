@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import orjson
@@ -21,8 +20,8 @@ from app.storage.protocol import DIGEST, SUMMARY, Kind, MetricItem, Progress
 from tables.aggregate import Aggregate, BucketKey
 
 T0 = 1_764_000_000 - 1_764_000_000 % 7200  # a 2 h boundary
-SETTINGS = replace(Settings(), query_settle_s=300.0, query_tail_ttl_s=1.0, query_cache_max_age_s=600.0,
-                   query_tail_read_interval_s=0.0)
+SETTINGS = Settings.of(query_settle_s=300.0, query_tail_ttl_s=1.0, query_cache_max_age_s=600.0,
+                       query_tail_read_interval_s=0.0)
 
 
 class MemoryStore:
@@ -30,7 +29,7 @@ class MemoryStore:
     omitted (as DynamoStore), and a log of the queries made. Digest items are in ``items``, summary
     blocks in ``blocks``."""
 
-    def __init__(self, clock: ManualClock, ttl_s: int = SETTINGS.ttl_s) -> None:
+    def __init__(self, clock: ManualClock, ttl_s: int = SETTINGS.storage.ttl_s) -> None:
         self.items: dict[tuple[str, str, int, int], bytes] = {}
         self.blocks: dict[tuple[str, str, int, int], bytes] = {}
         self.spans: dict[tuple[str, str, int, int], int] = {}
@@ -85,7 +84,7 @@ class MemoryStore:
             self.fail_progress -= 1
             raise StoreUnavailable("DynamoDB unreachable", retry_after_s=2)
         if self.progress_items is None:
-            return [Progress(p, 2**62, self.clock.now_ms(), {}) for p in range(SETTINGS.partitions)]
+            return [Progress(p, 2**62, self.clock.now_ms(), {}) for p in range(SETTINGS.kafka.partitions)]
         return [self.progress_items[p] for p in sorted(self.progress_items)]
 
 
@@ -146,15 +145,15 @@ async def test_tail_answers_are_reused_briefly_then_recomputed() -> None:
     await asyncio.sleep(0.01)
     a3 = await q.answer("shop", "web", 60, now_s - 600, now_s + 60)  # ... whose result the next one gets
     assert a3.points == 1 and a3.etag != a1.etag
-    clock.advance(int((SETTINGS.query_tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
+    clock.advance(int((SETTINGS.query.tail_ttl_s + STALE_GRACE_S) * 1000) + 1)
     store.items.clear()  # older than the stale grace: computed by the request itself
     assert (await q.answer("shop", "web", 60, now_s - 600, now_s + 60)).points == 0
 
 
 async def test_expired_points_are_never_returned_even_from_the_cache() -> None:
-    settings = replace(SETTINGS, ttl_days=1.0)
+    settings = SETTINGS.replace(ttl_days=1.0)
     clock = ManualClock((T0 + 7200) * 1000)
-    store = MemoryStore(clock, ttl_s=settings.ttl_s)
+    store = MemoryStore(clock, ttl_s=settings.storage.ttl_s)
     put_minutes(store, [minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50) for i in range(60)])
     q = MetricsQuery(store, settings=settings, clock=clock)
     assert (await q.answer("shop", "web", 60, T0, T0 + 3600)).points == 60
@@ -169,11 +168,11 @@ async def test_cache_memory_is_bounded() -> None:
     store = MemoryStore(clock)
     for proc in ("a", "b", "c", "d"):
         put_minutes(store, [minute(T0 + 60 * i, np.arange(1.0, 11.0), proc=proc, mc=50) for i in range(120)])
-    settings = replace(SETTINGS, query_cache_max_bytes=200_000)
+    settings = SETTINGS.replace(query_cache_max_bytes=200_000)
     q = MetricsQuery(store, settings=settings, clock=clock)
     for proc in ("a", "b", "c", "d"):
         assert (await q.answer("shop", proc, 60, T0, T0 + 7200)).points == 120
-        assert q.cache_bytes <= settings.query_cache_max_bytes
+        assert q.cache_bytes <= settings.query.cache_max_bytes
     n = len(store.queries)
     await q.answer("shop", "a", 60, T0, T0 + 7200)  # evicted (least recently used): read again
     assert len(store.queries) == n + 1

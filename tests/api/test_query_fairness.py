@@ -48,7 +48,7 @@ async def rate_client(aiohttp_client: Any, settings: Settings, clock: ManualCloc
 
 async def test_an_app_past_its_rate_and_burst_gets_429_with_retry_after_and_is_counted(aiohttp_client: Any) -> None:
     clock, counters = ManualClock(NOW_S * 1000), Counters()
-    settings = replace(SETTINGS, limit_query_rate_per_s=2.0, limit_query_burst=3)
+    settings = SETTINGS.replace(limit_query_rate_per_s=2.0, limit_query_burst=3)
     c = await rate_client(aiohttp_client, settings, clock, counters)
     url = METRICS.format(app="shop")
     for _ in range(3):  # the burst
@@ -70,7 +70,7 @@ async def test_an_app_past_its_rate_and_burst_gets_429_with_retry_after_and_is_c
 
 async def test_events_whoami_and_304_revalidations_are_charged_too(aiohttp_client: Any) -> None:
     clock, counters = ManualClock(NOW_S * 1000), Counters()
-    settings = replace(SETTINGS, limit_query_rate_per_s=1.0, limit_query_burst=4)
+    settings = SETTINGS.replace(limit_query_rate_per_s=1.0, limit_query_burst=4)
     c = await rate_client(aiohttp_client, settings, clock, counters)
     url = METRICS.format(app="shop")
     r = await c.get(url, headers=auth())
@@ -90,7 +90,7 @@ async def test_a_429_tells_nothing_about_the_app_in_the_path(aiohttp_client: Any
     """The caller's own bucket is charged before the path's app is compared: 'shop' (exists) and 'ghost'
     (never existed) get the same 429, as they get the same 404."""
     clock, counters = ManualClock(NOW_S * 1000), Counters()
-    c = await rate_client(aiohttp_client, replace(SETTINGS, limit_query_burst=2), clock, counters)
+    c = await rate_client(aiohttp_client, SETTINGS.replace(limit_query_burst=2), clock, counters)
     for app in ("shop", "ghost"):
         assert (await c.get(METRICS.format(app=app), headers=auth("tok-other"))).status == 404
     answers = []
@@ -103,8 +103,8 @@ async def test_a_429_tells_nothing_about_the_app_in_the_path(aiohttp_client: Any
 
 async def test_per_app_overrides_apply_and_a_slow_rate_says_how_long_to_wait(aiohttp_client: Any) -> None:
     clock, counters = ManualClock(NOW_S * 1000), Counters()
-    defaults = AppLimits.defaults(SETTINGS)
-    limits = Limits(SETTINGS, overrides={"shop": replace(defaults, query_rate_per_s=0.1, query_burst=1)})
+    defaults = AppLimits.defaults(SETTINGS.limits)
+    limits = Limits(SETTINGS.limits, overrides={"shop": replace(defaults, query_rate_per_s=0.1, query_burst=1)})
     c = await rate_client(aiohttp_client, SETTINGS, clock, counters, limits)
     assert (await c.get(METRICS.format(app="shop"), headers=auth())).status == 200
     r = await c.get(METRICS.format(app="shop"), headers=auth())
@@ -117,7 +117,7 @@ async def test_the_limits_file_sets_query_limits_and_is_followed_by_the_web_app(
                                                                                 tmp_path: Path) -> None:
     path = tmp_path / "limits.yaml"
     path.write_text("overrides:\n  shop:\n    query_burst: 2\n    query_rate_per_s: 0.5\n")
-    settings = replace(SETTINGS, limits_file=str(path))
+    settings = SETTINGS.replace(limits_file=str(path))
     c = await rate_client(aiohttp_client, settings, ManualClock(NOW_S * 1000), Counters())  # its own Limits
     assert [(await c.get(METRICS.format(app="shop"), headers=auth())).status for _ in range(3)] == [200, 200, 429]
     r = await c.get(METRICS.format(app="shop"), headers=auth())
@@ -139,7 +139,7 @@ async def test_events_range_is_capped(aiohttp_client: Any) -> None:
     # /metrics keeps the retention as its bound.
     r = await c.get(f"/v1/apps/shop/metrics?since={NOW_S - 30 * 86400}&until={NOW_S}", headers=auth())
     assert r.status == 200
-    c2 = await rate_client(aiohttp_client, replace(SETTINGS, events_max_range_days=1.0), ManualClock(0), Counters())
+    c2 = await rate_client(aiohttp_client, SETTINGS.replace(events_max_range_days=1.0), ManualClock(0), Counters())
     r = await c2.get(f"/v1/apps/shop/events?since={NOW_S - 86400 - 60}&until={NOW_S}", headers=auth())
     assert r.status == 400 and (await r.json())["error"]["code"] == "range_too_large"
 
@@ -185,7 +185,7 @@ async def until(cond: Any, timeout_s: float = 5.0) -> None:
 
 async def slow_client(aiohttp_client: Any, engine: SlowEngine, counters: Counters, **settings: Any
                       ) -> TestClient[Any, Any]:
-    s = replace(SETTINGS, limit_query_burst=1000, **settings)
+    s = SETTINGS.replace(limit_query_burst=1000, **settings)
     c: TestClient[Any, Any] = await aiohttp_client(make_web_app(engine, s, counters, authorize=authorize))
     return c
 

@@ -4,8 +4,6 @@ invalidation."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import orjson
 
@@ -27,7 +25,7 @@ async def test_hourly_percentiles_merge_digests_and_match_the_raw_observations()
         vals = rng.lognormal(3.0 + (1.5 if 20 <= i < 25 else 0.0), 0.6, size=rng.integers(200, 800))
         raw.append(vals)
     put_minutes(store, [minute(T0 + 60 * i, v) for i, v in enumerate(raw)])
-    q = MetricsQuery(store, settings=replace(SETTINGS, query_use_rollups=False), clock=clock)
+    q = MetricsQuery(store, settings=SETTINGS.replace(query_use_rollups=False), clock=clock)
     doc = orjson.loads((await q.answer("shop", "web", 3600, T0, T0 + 3600)).body)
     assert doc["resolution_s"] == 3600 and len(doc["points"]) == 1
     p = doc["points"][0]
@@ -59,7 +57,7 @@ async def test_final_ranges_are_cached_and_extended_by_the_missing_part_only() -
     assert store.queries[-1] == ("shop", "web", 60, T0 + 7200, T0 + 3 * 3600) and len(store.queries) == 2
     a4 = await q.answer("shop", "web", 60, T0 + 60, T0 + 3 * 3600)  # inside the cached range: no read
     assert len(store.queries) == 2 and a4.points == 179
-    clock.advance(int(SETTINGS.query_cache_max_age_s * 1000) + 1000)  # re-checked after the max age
+    clock.advance(int(SETTINGS.query.cache_max_age_s * 1000) + 1000)  # re-checked after the max age
     await q.answer("shop", "web", 60, T0 + 60, T0 + 3 * 3600)
     assert len(store.queries) == 3
 
@@ -68,10 +66,10 @@ async def test_a_series_due_for_a_re_read_is_not_served_from_the_cache() -> None
     clock = ManualClock((T0 + 86400) * 1000)
     store = MemoryStore(clock)
     put_minutes(store, [minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50) for i in range(10)])
-    final = FinalSeries(store, lambda app: 0, settings=SETTINGS, max_bytes=1 << 20)
+    final = FinalSeries(store, lambda app: 0, query=SETTINGS.query, max_bytes=1 << 20)
     points, series = await final.points("shop", "web", 60, T0, T0 + 600, clock.now_ms())
     assert len(points) == 10 and final.cached(("shop", "web", 60), clock.now_ms()) is series
-    clock.advance(int(SETTINGS.query_cache_max_age_s * 1000) + 1)
+    clock.advance(int(SETTINGS.query.cache_max_age_s * 1000) + 1)
     assert final.cached(("shop", "web", 60), clock.now_ms()) is None
     await final.points("shop", "web", 60, T0, T0 + 600, clock.now_ms())  # the whole range is read again
     assert store.queries[-1] == ("shop", "web", 60, T0, T0 + 600) and len(store.queries) == 2
@@ -82,6 +80,6 @@ async def test_a_range_read_while_its_partition_was_invalidated_is_not_cached() 
     store = MemoryStore(clock)
     put_minutes(store, [minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50) for i in range(10)])
     epochs = iter(range(100))  # every look moves it: the read always overlaps an invalidation
-    final = FinalSeries(store, lambda app: next(epochs), settings=SETTINGS, max_bytes=1 << 20)
+    final = FinalSeries(store, lambda app: next(epochs), query=SETTINGS.query, max_bytes=1 << 20)
     points, _ = await final.points("shop", "web", 60, T0, T0 + 600, clock.now_ms())
     assert len(points) == 10 and final.cached(("shop", "web", 60), clock.now_ms()) is None

@@ -41,14 +41,15 @@ async def test_the_first_request_waits_for_the_watermarks_and_later_ones_refresh
     clock = ManualClock(T0 * 1000)
     store = MemoryStore(clock)
     published(store, T0 - 60)
-    watch = ProgressWatch(store, PARTITION.__getitem__, Forgotten(), settings=SETTINGS)
+    watch = ProgressWatch(store, PARTITION.__getitem__, Forgotten(), query=SETTINGS.query,
+                          partitions=SETTINGS.kafka.partitions)
     assert watch.stored_through_s("shop") == -1
     await watch.poll(clock.now_ms())
     assert watch.stored_through_s("shop") == T0 - 60
     published(store, T0)
     await watch.poll(clock.now_ms())  # within the interval: not read
     assert watch.stored_through_s("shop") == T0 - 60
-    clock.advance(int(SETTINGS.progress_interval_s * 1000))
+    clock.advance(int(SETTINGS.query.progress_interval_s * 1000))
     await watch.poll(clock.now_ms())  # read in the background: this request goes on with the last ones
     assert watch.stored_through_s("shop") == T0 - 60
     await asyncio.sleep(0.01)
@@ -60,7 +61,8 @@ async def test_a_late_minute_drops_its_app_once_and_bumps_only_its_partitions_ep
     store = MemoryStore(clock)
     published(store, T0)
     forgotten, counters = Forgotten(), Counters()
-    watch = ProgressWatch(store, PARTITION.__getitem__, forgotten, settings=SETTINGS, counters=counters)
+    watch = ProgressWatch(store, PARTITION.__getitem__, forgotten, query=SETTINGS.query,
+                          partitions=SETTINGS.kafka.partitions, counters=counters)
     await watch.read(clock.now_ms())
     before = {app: watch.epoch(app) for app in PARTITION}
     published(store, T0, {1: {"shop": T0 * 1000}})
@@ -76,7 +78,8 @@ async def test_a_watermark_moving_back_drops_every_app_of_its_partition() -> Non
     store = MemoryStore(clock)
     published(store, T0)
     forgotten = Forgotten()
-    watch = ProgressWatch(store, PARTITION.__getitem__, forgotten, settings=SETTINGS)
+    watch = ProgressWatch(store, PARTITION.__getitem__, forgotten, query=SETTINGS.query,
+                          partitions=SETTINGS.kafka.partitions)
     await watch.read(clock.now_ms())
     assert store.progress_items is not None
     store.progress_items[2] = Progress(2, (T0 - 3600) * 1000, T0 * 1000, {})  # a backlog of old data
@@ -91,11 +94,12 @@ async def test_a_failed_read_keeps_the_last_watermarks_until_the_next_interval(
     clock = ManualClock(T0 * 1000)
     store = MemoryStore(clock)
     published(store, T0 - 60)
-    watch = ProgressWatch(store, PARTITION.__getitem__, Forgotten(), settings=SETTINGS)
+    watch = ProgressWatch(store, PARTITION.__getitem__, Forgotten(), query=SETTINGS.query,
+                          partitions=SETTINGS.kafka.partitions)
     await watch.poll(clock.now_ms())
     published(store, T0)
     store.fail_progress = 1
-    clock.advance(int(SETTINGS.progress_interval_s * 1000))
+    clock.advance(int(SETTINGS.query.progress_interval_s * 1000))
     with caplog.at_level(logging.WARNING, logger="app.api.query.progress"):
         await watch.read(clock.now_ms())
     assert watch.stored_through_s("shop") == T0 - 60 and "keeping the last ones" in caplog.text

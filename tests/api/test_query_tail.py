@@ -4,7 +4,6 @@ the edge are read again (the interval, a minute that closed in this worker)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import numpy as np
 import orjson
@@ -33,7 +32,7 @@ async def test_tail_starts_from_the_partial_rollup_item_and_merges_only_newer_mi
 
 
 async def test_live_refresh_reads_dynamodb_every_interval_or_when_a_minute_closed_here() -> None:
-    settings = replace(SETTINGS, query_tail_read_interval_s=5.0)
+    settings = SETTINGS.replace(query_tail_read_interval_s=5.0)
     now_s = T0 + 3600 + 10
     clock = ManualClock(now_s * 1000)
     store = MemoryStore(clock)

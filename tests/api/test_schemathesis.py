@@ -10,7 +10,6 @@ import asyncio
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -60,7 +59,7 @@ def build_app() -> web.Application:
             store.items[("shop", "web", res, b)] = orjson.dumps(agg.to_record())
     query = MetricsQuery(store, settings=SETTINGS, clock=store.clock, counters=Counters())
     worker = Worker()
-    webapp = make_web_app(query, replace(SETTINGS, max_query_points=1440), Counters(),
+    webapp = make_web_app(query, SETTINGS.replace(max_query_points=1440), Counters(),
                           lambda w: add_policy_routes(w, worker.backend(1.0), authorize=authorize_policies),
                           authorize=authorize)
     webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(SETTINGS)))
@@ -87,6 +86,7 @@ def base_url() -> Iterator[str]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+        loop.close()
 
 
 schema = schemathesis.openapi.from_dict(with_policy_routes(document(SETTINGS)))

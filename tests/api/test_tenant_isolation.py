@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,11 @@ from app.cli import LINGERING_S
 from app.clock import ManualClock
 from app.ingest.dedup import FrameDedup
 from app.ingest.server import Ingest, make_ingest_app
+from app.limits import Limits
 from app.local.loadgen import frame, logplex_headers
 from app.ops.stats import Counters
 from app.settings import Settings
+from app.storage.backends import frame_table, token_table
 from app.storage.tokens import TokenStore
 from tests.api.test_policies import MONITOR, POLICY, Worker
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute, put_minutes
@@ -44,11 +46,11 @@ class Tenants:
 
 @pytest.fixture
 async def tenants(aws: None, aiohttp_client: Any) -> AsyncIterator[Tenants]:  # noqa: F811
-    settings = replace(Settings(), table_name=f"iso-{time.monotonic_ns()}", dynamodb_endpoint="",
-                       ingest_max_body_bytes=64 * 1024, ingest_body_timeout_s=0.5)
-    store = TokenStore(settings)
+    settings = Settings.of(table_name=f"iso-{time.monotonic_ns()}", dynamodb_endpoint="",
+                           ingest_max_body_bytes=64 * 1024, ingest_body_timeout_s=0.5)
+    store = TokenStore(settings.web, table=token_table(settings))
     await store.start()
-    dedup = FrameDedup(settings)
+    dedup = FrameDedup(settings.ingest, table=frame_table(settings))
     await dedup.start()
     tokens: dict[str, str] = {}
     for app in ("shop", "other"):
@@ -71,7 +73,8 @@ async def tenants(aws: None, aiohttp_client: Any) -> AsyncIterator[Tenants]:  # 
     async def produce(topic: str, records: Any) -> None:
         produced.append((topic, list(records)))
 
-    ingest_app = make_ingest_app(Ingest(settings, tokens=store, dedup=dedup, produce=produce, counters=Counters()),
+    ingest_app = make_ingest_app(Ingest(settings.ingest, settings.kafka, settings.windows, tokens=store, dedup=dedup,
+                                        produce=produce, counters=Counters(), limits=Limits(settings.limits)),
                                  settings)
     server = TestServer(ingest_app)
     await server.start_server(lingering_time=LINGERING_S)  # as app/cli.py serves it
@@ -235,8 +238,8 @@ async def test_operator_endpoints_are_on_the_admin_port_only(aws: None, aiohttp_
     from app.ingest.server import build
     from app.ops.health import ADMIN_KEY
 
-    settings = replace(Settings(), table_name=f"ops-{time.monotonic_ns()}", dynamodb_endpoint="", create_table=True,
-                       broker_url="kafka://127.0.0.1:9", migration_wait_s=0.1, admin_port=0)
+    settings = Settings.of(table_name=f"ops-{time.monotonic_ns()}", dynamodb_endpoint="", create_table=True,
+                           broker_url="kafka://127.0.0.1:9", migration_wait_s=0.1, admin_port=0)
     webapp = build_web_role(settings, Counters()) if role == "web" else build(settings, Counters())
     tenant = await aiohttp_client(webapp)
     for path in OPERATOR_PATHS:
@@ -247,7 +250,7 @@ async def test_operator_endpoints_are_on_the_admin_port_only(aws: None, aiohttp_
     text = await r.text()
     ready = role == "web"
     assert r.status == (200 if ready else 503) and orjson.loads(text) == {"status": "ready" if ready else "not_ready"}
-    assert "127.0.0.1:9" not in text and settings.table_name not in text
+    assert "127.0.0.1:9" not in text and settings.dynamodb.table_name not in text
     admin_url = webapp[ADMIN_KEY].url
     assert admin_url.startswith("http://127.0.0.1:") and not admin_url.endswith(f":{tenant.port}")
     async with aiohttp.ClientSession() as s:

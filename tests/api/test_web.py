@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from app.clock import ManualClock
 from app.errors import StoreUnavailable
 from app.ops.stats import Counters
 from app.settings import Settings
+from app.storage.backends import token_table
 from app.storage.tokens import TokenStore
 from tables.aggregate import ROLLUP_RESOLUTIONS
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute, put_minutes
@@ -55,7 +55,7 @@ async def client(aiohttp_client: Any, store: MemoryStore) -> TestClient[Any, Any
     query = MetricsQuery(store, lambda a, p, s, u: [live] if a == "shop" and s <= live.key.start_ms < u else [],
                          settings=SETTINGS, clock=store.clock, counters=Counters())
     c: TestClient[Any, Any] = await aiohttp_client(
-        make_web_app(query, replace(SETTINGS, max_query_points=1440), Counters(), authorize=authorize))
+        make_web_app(query, SETTINGS.replace(max_query_points=1440), Counters(), authorize=authorize))
     return c
 
 
@@ -278,14 +278,15 @@ async def test_migration_page_and_stats_are_on_the_admin_app_only(client: TestCl
 
 async def test_missing_chart_library_says_how_to_install(aiohttp_client: Any, tmp_path: Any) -> None:
     c = await aiohttp_client(make_web_app(MetricsQuery(MemoryStore(ManualClock(0))),
-                                          replace(SETTINGS, dashboard_assets_dir=str(tmp_path)), Counters()))
+                                          SETTINGS.replace(dashboard_assets_dir=str(tmp_path)), Counters()))
     r = await c.get("/dashboard/vendor/uPlot.iife.min.js")
     assert r.status == 404 and "make install" in (await r.json())["error"]["message"]
 
 
 @pytest.fixture
 async def token_store(aws: None) -> AsyncIterator[TokenStore]:  # noqa: F811
-    s = TokenStore(replace(Settings(), table_name=f"t-{uuid.uuid4().hex[:10]}", dynamodb_endpoint=""))
+    settings = Settings.of(table_name=f"t-{uuid.uuid4().hex[:10]}", dynamodb_endpoint="")
+    s = TokenStore(settings.web, table=token_table(settings))
     await s.start()
     yield s
     await s.stop()
@@ -310,7 +311,7 @@ async def test_events_endpoint_serves_stored_events_with_the_same_auth_rules(cli
     from agents.events import ALERT, AUTOSCALE, EventsJob
     from tests.agents.test_events import alert, decision
 
-    await EventsJob(store, SETTINGS, Counters()).write(
+    await EventsJob(store, SETTINGS.storage, Counters()).write(
         [(ALERT, alert(NOW_S - 600)), (AUTOSCALE, decision(NOW_S - 300, 2, 3)),
          (ALERT, alert(NOW_S - 7000))], now_s=NOW_S)
     r = await client.get(f"/v1/apps/shop/events?process_type=web&since={NOW_S - 3600}&until={NOW_S}",
@@ -359,7 +360,7 @@ async def test_a_store_slower_than_the_query_timeout_answers_503_at_once(aiohttp
         return await authorize(token)
 
     store = Hanging(ManualClock(NOW_S * 1000))
-    settings = replace(SETTINGS, query_timeout_s=0.3)
+    settings = SETTINGS.replace(query_timeout_s=0.3)
     c = await aiohttp_client(make_web_app(MetricsQuery(store, settings=settings, clock=store.clock), settings,
                                           Counters(), authorize=slow_authorize))
     for path, token in ((f"/v1/apps/shop/metrics?since={T0}&until={T0 + 600}", "tok-shop"),

@@ -4,7 +4,7 @@ aggregation.
 
 Run as ``python -m tests.bench.bare_faust worker``; BENCH_TOPIC, BENCH_N, BENCH_OUT, BENCH_BROKER set by
 the benchmark. Writes ``<messages> <seconds> <observations>`` counted after the first batch to BENCH_OUT.
-The consumer's fetch size is the worker's (Settings.fetch_max_partition_bytes), so only the work differs.
+The consumer's fetch size is the worker's (settings.kafka.fetch_max_partition_bytes), so only the work differs.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ app = faust.App(f"bare-{uuid.uuid4().hex[:6]}", broker=os.environ["BENCH_BROKER"
                 value_serializer="raw", key_serializer="raw", web_enabled=False,
                 consumer_auto_offset_reset="earliest", broker_session_timeout=6, broker_heartbeat_interval=1,
                 broker_rebalance_timeout=4, topic_partitions=int(os.environ.get("BENCH_PARTITIONS", "4")),
-                consumer_max_fetch_size=Settings().fetch_max_partition_bytes)
+                consumer_max_fetch_size=Settings().kafka.fetch_max_partition_bytes)
 topic = app.topic(os.environ["BENCH_TOPIC"], value_type=bytes)
 N = int(os.environ["BENCH_N"])
 DECODE = os.environ.get("BENCH_DECODE") == "1"
-MAX_BYTES = Settings().max_message_bytes
+MAX_BYTES = Settings().windows.max_message_bytes
 
 
 def done(n: int, secs: float, obs: int) -> None:

@@ -32,6 +32,7 @@ from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.local.traffic import Generator
 from app.ops.topics import ensure_topics
 from app.settings import Settings
+from app.storage.backends import token_table
 from app.storage.tokens import TokenStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,10 +104,10 @@ def main() -> None:
                                      ("parse only, served requests and runtime samples only (baseline)", rate_classic),
                                      ("parse only, an outage: every line an H10/H14 with empty fields", rate_outage)]
     try:
-        asyncio.run(ensure_topics(broker.address, settings))
+        asyncio.run(ensure_topics(broker.address, settings.kafka))
 
         async def token() -> str:
-            store = TokenStore(settings)
+            store = TokenStore(settings.web, table=token_table(settings))
             await store.start()
             try:
                 return (await store.create("app-0", "drain"))[0]

@@ -109,7 +109,7 @@ def worker_run(broker: KafkaBroker, dynamo: DynamoServer, msgs: list[tuple[bytes
                minutes: int) -> tuple[int, float, dict[str, int]]:
     tmp = Path(tempfile.mkdtemp())
     p = Pipeline(broker, dynamo, tmp, METRICS_GRACE_S="5", METRICS_IDLE_TIMEOUT_S="600")
-    asyncio.run(produce(broker.address, p.settings.observations_topic, msgs))
+    asyncio.run(produce(broker.address, p.settings.kafka.observations_topic, msgs))
     p.start(data_dir=tmp / "state")
     try:
         s = p.wait_stats(lambda s: s["observations_accepted"] > 0, 300, "first batch")
@@ -123,7 +123,7 @@ def worker_run(broker: KafkaBroker, dynamo: DynamoServer, msgs: list[tuple[bytes
 
 def hot_loop(msgs: list[tuple[bytes, bytes]]) -> tuple[int, float]:
     pw = PartitionWindows(0, clock=SystemClock(), grace_ms=5000, idle_timeout_ms=600_000, max_future_ms=300_000,
-                          max_message_bytes=8 << 20, max_centroids=Settings().digest_max_centroids)
+                          max_message_bytes=8 << 20, max_centroids=Settings().windows.digest_max_centroids)
     r = IngestResult()
     t0 = time.perf_counter()
     for i, (_, v) in enumerate(msgs):
@@ -148,7 +148,7 @@ def main() -> None:
         s = Settings()
         topics = {"single": f"bench-single-{uuid.uuid4().hex[:6]}", "batched": f"bench-batched-{uuid.uuid4().hex[:6]}"}
         for t in topics.values():
-            asyncio.run(ensure_topics(broker.address, Settings(observations_topic=t, partitions=4)))
+            asyncio.run(ensure_topics(broker.address, Settings.of(observations_topic=t, partitions=4).kafka))
         asyncio.run(produce(broker.address, topics["single"], single))
         asyncio.run(produce(broker.address, topics["batched"], batched))
 
@@ -180,7 +180,7 @@ def main() -> None:
     lines = [
         f"Benchmark ({os.cpu_count()} cores, Apache Kafka {broker.version} on loopback, "
         f"{args.single:,} single-observation messages, {batched_obs:,} observations in arrays of 500, "
-        f"{Settings().digest_max_centroids}-centroid digests)",
+        f"{Settings().windows.digest_max_centroids}-centroid digests)",
         "",
         "| what | messages | rate | unit |",
         "|---|---|---:|---|",

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from app.cli import start_role, wait_http, worker_env
 from app.local.embedded import DynamoServer, free_port
 from app.ops.stats import Counters
 from app.settings import Settings
-from app.storage.backends import metrics_store
+from app.storage.backends import metrics_store, token_table
 from app.storage.dynamodb import PROGRESS_PK, DynamoStore, item_size_bytes
 from app.storage.protocol import SUMMARY, MetricItem, Progress
 from app.storage.tokens import TokenStore
@@ -70,7 +69,7 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
     rng = np.random.default_rng(1)
     store = metrics_store(settings)  # METRICS_STORE's backend (tests/bench/bench_stores.py loads both)
     await store.start()
-    tokens = TokenStore(settings)
+    tokens = TokenStore(settings.web, table=token_table(settings))
     await tokens.start()
     try:
         first = (now_s - 86400) - (now_s - 86400) % 7200
@@ -79,7 +78,7 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
         # bench: the sink's minute items, then the rollup job over the same minutes (its batches of 500)
         await store.put_many([MetricItem(APP, PROC, 60, m.key.start_ms // 1000, r)
                                for m, r in zip(minutes, records, strict=True)])
-        rollup = Rollup({}, store, settings, Counters(), context_topic="metrics-1m")
+        rollup = Rollup({}, store, settings.storage, settings.query, Counters(), context_topic="metrics-1m")
         for i in range(0, len(records), 500):
             await rollup.process([(0, r) for r in records[i:i + 500]])
         # legacy: the same minutes and rollup items, without blocks
@@ -115,7 +114,7 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
             await store.put_many(items[i:i + 500])
         # A caught-up pipeline: every partition stored through the last closed minute (agents/progress.py).
         through_ms = (now_s - now_s % 60) * 1000
-        await store.put_progress([Progress(p, through_ms, now_s * 1000, {}) for p in range(settings.partitions)])
+        await store.put_progress([Progress(p, through_ms, now_s * 1000, {}) for p in range(settings.kafka.partitions)])
         return {app: (await tokens.create(app, "read"))[0] for app in (APP, LEGACY)}
     finally:
         await tokens.stop()
@@ -155,18 +154,18 @@ def etag_of(url: str, token: str) -> str:
 async def in_process(settings: Settings, now_s: int) -> list[tuple[str, float]]:
     """Uncached in-process cost per query: summary blocks, digests (rollup items), minutes merged at read
     time. Median of 5."""
-    store = DynamoStore(settings)
+    store = DynamoStore(settings.storage, settings.dynamodb)
     await store.start()
     out = []
     try:
-        off = replace(settings, query_cache_max_bytes=0, query_tail_ttl_s=0.0)
+        off = settings.replace(query_cache_max_bytes=0, query_tail_ttl_s=0.0)
         for label, res, since in (("24 h at 1 min", 60, now_s - 86400), ("24 h at 10 min", 600, now_s - 86400),
                                   ("7 d at 2 h", 7200, now_s - 7 * 86400)):
             ways = [("summary blocks", APP, True), ("digests: minutes or rollup items", LEGACY, True)]
             if res != 60:
                 ways.append(("digests: minutes merged at read time", LEGACY, False))
             for way, app, use in ways:
-                q = MetricsQuery(store, settings=replace(off, query_use_rollups=use))
+                q = MetricsQuery(store, settings=off.replace(query_use_rollups=use))
                 times = []
                 for _ in range(5):
                     t0 = time.perf_counter()
@@ -186,7 +185,7 @@ rounded up to 4 KB per page; an eventually consistent read costs half a unit per
 async def read_cost(settings: Settings, now_s: int) -> list[tuple[str, int, int, int, float]]:
     """(query, points, items, bytes read, read units) behind one uncached answer, as the query path runs it
     (final points and the live edge): every Query page it sends is sized as DynamoDB bills it."""
-    store = DynamoStore(settings)
+    store = DynamoStore(settings.storage, settings.dynamodb)
     await store.start()
     pages: list[tuple[int, int]] = []
     original = store._client.query
@@ -201,7 +200,7 @@ async def read_cost(settings: Settings, now_s: int) -> list[tuple[str, int, int,
     store._client.query = spy
     out = []
     try:
-        off = replace(settings, query_cache_max_bytes=0, query_tail_ttl_s=0.0)
+        off = settings.replace(query_cache_max_bytes=0, query_tail_ttl_s=0.0)
         for label, res, days in (("24 h, 1 min", 60, 1), ("7 d, 2 h", 7200, 7), ("30 d, 2 h", 7200, 30)):
             for layout, app in (("summary blocks", APP), ("digests (before)", LEGACY)):
                 pages.clear()

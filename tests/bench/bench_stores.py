@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +63,7 @@ async def query_latency(settings: Settings, now_s: int) -> dict[str, tuple[float
     store = metrics_store(settings)
     await store.start()
     try:
-        q = MetricsQuery(store, settings=replace(settings, query_cache_max_bytes=0, query_tail_ttl_s=0.0))
+        q = MetricsQuery(store, settings=settings.replace(query_cache_max_bytes=0, query_tail_ttl_s=0.0))
         out = {}
         for label, res, since in (("24 h at 1 min", 60, now_s - 86400), ("7 d at 2 h", 7200, now_s - 7 * 86400)):
             await q.answer(APP, PROC, res, since, now_s)  # warm the connection and the prepared statements
@@ -83,9 +82,9 @@ async def shadow_cost(settings: Settings, now_s: int, *,
                       cached: bool) -> dict[int, tuple[float, float, dict[str, int]]]:
     """Serving latency from DynamoDB with shadow 0 % and 100 % against Cassandra, caches off (every read goes
     to both stores) or on (the defaults: a repeated range is served from cache, its shadow too)."""
-    off = replace(settings, store="dynamodb")
+    off = settings.replace(store="dynamodb")
     if not cached:
-        off = replace(off, query_cache_max_bytes=0, query_tail_ttl_s=0.0)
+        off = off.replace(query_cache_max_bytes=0, query_tail_ttl_s=0.0)
     start = sm.start(sm.initial(off), off, "cassandra", backfill=False, now_ms=(now_s - 3 * 86400) * 1000)
     states = {0: start, 100: sm.shadow(start, 100, aa=False, now_ms=now_s * 1000)}
     current = [states[0]]
@@ -117,13 +116,13 @@ async def shadow_cost(settings: Settings, now_s: int, *,
 
 async def run(dynamo: DynamoServer, cassandra: CassandraServer) -> str:
     now_s = int(time.time())
-    base = replace(Settings(), dynamodb_endpoint=dynamo.endpoint, cassandra_port=cassandra.port,
-                   table_name="bench-stores", cassandra_keyspace="bench_stores")
+    base = Settings.of(dynamodb_endpoint=dynamo.endpoint, cassandra_port=cassandra.port, table_name="bench-stores",
+                       cassandra_keyspace="bench_stores")
     rows: list[str] = []
     writes: dict[str, float] = {}
     latency: dict[str, dict[str, tuple[float, float]]] = {}
     for store in ("dynamodb", "cassandra"):
-        s = replace(base, store=store)
+        s = base.replace(store=store)
         await load_data(s, now_s)
         writes[store] = await write_rate(s, now_s)
         latency[store] = await query_latency(s, now_s)

@@ -11,7 +11,7 @@ import asyncio
 import gzip
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from app.limits import Limits
 from app.local.loadgen import frame, logplex_headers
 from app.ops.stats import Counters
 from app.settings import Settings
+from app.storage.backends import frame_table, token_table
 from app.storage.tokens import TokenStore
 from tests.storage.test_dynamodb import _moto_aio, aws  # noqa: F401  (fixtures)
 
@@ -61,10 +62,10 @@ async def make_stack(aws: None, aiohttp_client: Any) -> AsyncIterator[Any]:  # n
     opened: list[tuple[TokenStore, FrameDedup]] = []
 
     async def make(**overrides: Any) -> Stack:
-        settings = replace(Settings(), table_name=f"adm-{time.monotonic_ns()}", dynamodb_endpoint="", **overrides)
-        tokens = TokenStore(settings)
+        settings = Settings.of(table_name=f"adm-{time.monotonic_ns()}", dynamodb_endpoint="", **overrides)
+        tokens = TokenStore(settings.web, table=token_table(settings))
         await tokens.start()
-        dedup = FrameDedup(settings)
+        dedup = FrameDedup(settings.ingest, table=frame_table(settings))
         await dedup.start()
         opened.append((tokens, dedup))
         made = {f"{app}-{kind}": (await tokens.create(app, kind))[0]
@@ -83,10 +84,10 @@ async def make_stack(aws: None, aiohttp_client: Any) -> AsyncIterator[Any]:  # n
 
         counters = Counters()
         clock = ManualClock(T0_MS)
-        limits = Limits(settings)
+        limits = Limits(settings.limits)
         await limits.start()
-        ingest = Ingest(settings, tokens=tokens, dedup=dedup, produce=kafka, counters=counters, limits=limits,
-                        clock=clock)
+        ingest = Ingest(settings.ingest, settings.kafka, settings.windows, tokens=tokens, dedup=dedup, produce=kafka,
+                        counters=counters, limits=limits, clock=clock)
         client = await aiohttp_client(make_ingest_app(ingest, settings))
         return Stack(client, ingest, made, counters, clock, produced, hold, waiting)
 
@@ -215,8 +216,8 @@ async def test_a_declared_length_holds_nothing_until_the_bytes_arrive(make_stack
 
 async def test_waiting_requests_are_served_app_by_app() -> None:
     """A quiet app's request waits for at most one request of each other app, not for a flood's backlog."""
-    settings = replace(Settings(), ingest_work_slots=1, ingest_max_waiting_per_app=100)
-    adm = Admission(settings, Limits(settings), Counters())
+    settings = Settings.of(ingest_work_slots=1, ingest_max_waiting_per_app=100)
+    adm = Admission(settings.ingest, Limits(settings.limits), Counters())
     order: list[str] = []
     gate = asyncio.Event()
 
@@ -239,8 +240,8 @@ async def test_waiting_requests_are_served_app_by_app() -> None:
 
 
 async def test_an_app_with_a_full_queue_is_refused_before_its_body_is_read() -> None:
-    settings = replace(Settings(), ingest_work_slots=1, ingest_max_waiting_per_app=2)
-    adm = Admission(settings, Limits(settings), Counters())
+    settings = Settings.of(ingest_work_slots=1, ingest_max_waiting_per_app=2)
+    adm = Admission(settings.ingest, Limits(settings.limits), Counters())
     gate = asyncio.Event()
 
     async def job(app: str) -> None:

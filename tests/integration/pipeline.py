@@ -23,7 +23,7 @@ from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.local.traffic import Generator, Truth, produce
 from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.storage.backends import metrics_store
+from app.storage.backends import metrics_store, token_table
 from app.storage.tokens import TokenStore
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -71,7 +71,7 @@ class Pipeline:
         self.others: list[subprocess.Popen[bytes]] = []
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"worker-{uid}.log"
-        asyncio.run(ensure_topics(broker.address, self.settings))
+        asyncio.run(ensure_topics(broker.address, self.settings.kafka))
 
     def start(self, *, data_dir: Path) -> None:
         env = worker_env(self.broker.url, self.dynamo.endpoint, data_dir=str(data_dir), web_port=self.web_port,
@@ -119,7 +119,7 @@ class Pipeline:
     def read_token(self, app: str, kind: str = "read") -> str:
         """A token for ``app`` (read: the metrics and policy reads; write: policy changes)."""
         async def go() -> str:
-            store = TokenStore(self.settings)
+            store = TokenStore(self.settings.web, table=token_table(self.settings))
             await store.start()
             try:
                 return (await store.create(app, kind))[0]

@@ -74,6 +74,7 @@ class Receiver:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def at(self, prefix: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -189,7 +190,7 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: KafkaBroker, dyn
     latency_ms = {i: 800.0 for i in range(10)} | {10: 100.0, 11: 100.0}
 
     def send_minute(i: int) -> None:
-        asyncio.run(produce(broker.address, s.observations_topic, [minute_batch(t0 + i * 60_000, latency_ms[i])]))
+        asyncio.run(produce(broker.address, s.kafka.observations_topic, [minute_batch(t0 + i * 60_000, latency_ms[i])]))
 
     try:
         p.start(data_dir=tmp_path / "state-1")
@@ -222,8 +223,8 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: KafkaBroker, dyn
         # changelogs: a SIGKILL loses nothing the changelog holds.
         deadline = time.monotonic() + 30
         while True:
-            mon_log = latest(read_topic(broker.address, f"{s.app_id}-monitors-changelog"))
-            as_log = latest(read_topic(broker.address, f"{s.app_id}-autoscale-changelog"))
+            mon_log = latest(read_topic(broker.address, f"{s.kafka.app_id}-monitors-changelog"))
+            as_log = latest(read_topic(broker.address, f"{s.kafka.app_id}-autoscale-changelog"))
             doc = orjson.loads(mon_log.get(b"m|shop") or b'{"monitors": []}')
             pdoc = orjson.loads(as_log.get(b"a|shop") or b'{"policies": []}')
             pending = [k for k, v in [*mon_log.items(), *as_log.items()] if k.startswith(b"o|") and v is not None]
@@ -278,18 +279,18 @@ def test_alerts_and_autoscaling_across_a_worker_restart(broker: KafkaBroker, dyn
             ("autoscale_pinned", 2, 4)]
 
         # --- exact topic contents ----------------------------------------------------------------------
-        alerts = [orjson.loads(r.value) for r in read_topic(broker.address, s.alerts_topic)]
+        alerts = [orjson.loads(r.value) for r in read_topic(broker.address, s.kafka.alerts_topic)]
         assert [(a["event"], (a["minute_start_ms"] - t0) // 60_000) for a in alerts] == [
             ("firing", 4), ("still_firing", 9), ("resolved", 10)]
-        decisions = [orjson.loads(r.value) for r in read_topic(broker.address, s.autoscale_topic)]
+        decisions = [orjson.loads(r.value) for r in read_topic(broker.address, s.kafka.autoscale_topic)]
         assert [((d["minute_start_ms"] - t0) // 60_000, d["action"], d["to_dynos"]) for d in decisions] == [
             (0, "up", 2), (1, "up", 3)] + [(i, "hold", 3) for i in range(2, 12)]
         assert [d["pinned_at_max"] for d in decisions] == [False, False] + [True] * 8 + [False, False]
 
         # --- latency: minute closed (record on metrics-1m) -> webhook received / event published -----
         closed_ms = {orjson.loads(r.value)["start_ms"]: r.timestamp
-                     for r in read_topic(broker.address, s.metrics_topic)}
-        alert_records = read_topic(broker.address, s.alerts_topic)
+                     for r in read_topic(broker.address, s.kafka.metrics_topic)}
+        alert_records = read_topic(broker.address, s.kafka.alerts_topic)
         lines = []
         for b, hook_req, rec in zip(bodies, hooks, alert_records, strict=False):
             closed = closed_ms[b["minute_start_ms"]]

@@ -72,13 +72,13 @@ def test_broker_fault_loses_and_doubles_nothing(dynamo: DynamoServer, tmp_path: 
         p.start(data_dir=tmp_path / "state")
         ingest = p.start_ingest() + "/v1/observations"
         apps = [f"app-{i}" for i in range(3)]  # FastTraffic's
-        app = probe_app(apps, p.settings.partitions)
+        app = probe_app(apps, p.settings.kafka.partitions)
         probe = Prober(ingest, p.read_token(app, "write"), app)
         deadline = time.monotonic() + 60
         while probe.send()[0] != 200:  # the ingest producer connects in the background
             assert time.monotonic() < deadline, "the ingest never accepted"
             time.sleep(0.5)
-        traffic = FastTraffic(broker, p.settings.observations_topic, duration_s=TRAFFIC_S, speedup=3.0, seed=43)
+        traffic = FastTraffic(broker, p.settings.kafka.observations_topic, duration_s=TRAFFIC_S, speedup=3.0, seed=43)
         time.sleep(TRAFFIC_S / 3)
 
         if fault == "killed":

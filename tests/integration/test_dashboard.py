@@ -79,8 +79,8 @@ def publish_events(broker: KafkaBroker, s: Served) -> None:
                 "reason": "p95 over target", "requests": 300, "p95_ms": 900.0, "p95_target_ms": 500.0,
                 "capacity_per_dyno": 100.0, "needed_dynos": 3, "min_dynos": 1, "max_dynos": 5,
                 "pinned_at_max": False}
-    asyncio.run(produce(broker.address, settings.alerts_topic, [(b"app-0", orjson.dumps(a)) for a in alerts]))
-    asyncio.run(produce(broker.address, settings.autoscale_topic, [(b"app-0", orjson.dumps(decision))]))
+    asyncio.run(produce(broker.address, settings.kafka.alerts_topic, [(b"app-0", orjson.dumps(a)) for a in alerts]))
+    asyncio.run(produce(broker.address, settings.kafka.autoscale_topic, [(b"app-0", orjson.dumps(decision))]))
     s.pipeline.wait_stats(lambda st: st["events_stored"] >= 3, 60, "alert/autoscale events stored")
 
 

@@ -39,20 +39,20 @@ def minute(app: str, start_ms: int, requests: int = 1) -> bytes:
 def test_a_dead_lettered_minute_replays_to_its_topic_keyed_by_app() -> None:
     value = minute("shop", 1_764_000_060_000)
     _, rec = dead_letter_record(value, "AccessDenied", topic="m1", max_bytes=1_000_000)
-    e = read_entry(rec, SETTINGS)
+    e = read_entry(rec, SETTINGS.kafka)
     assert (e.topic, e.key, e.value, e.unreplayable) == ("m1", b"shop", value, "")
     assert e.selected(None) and e.selected("Access") and not e.selected("throttl")
     # The record format before this change (no topic): back to METRICS_METRICS_TOPIC.
-    old = read_entry(orjson.dumps({"reason": "x", "record": value.decode()}), SETTINGS)
-    assert old.topic == SETTINGS.metrics_topic and old.value == value
+    old = read_entry(orjson.dumps({"reason": "x", "record": value.decode()}), SETTINGS.kafka)
+    assert old.topic == SETTINGS.kafka.metrics_topic and old.value == value
 
 
 def test_truncated_and_garbage_minutes_are_not_replayable() -> None:
     _, rec = dead_letter_record(minute("shop", 0) + b" " * 5000, "big", topic="m1", max_bytes=4000)
-    assert "truncated" in read_entry(rec, SETTINGS).unreplayable
+    assert "truncated" in read_entry(rec, SETTINGS.kafka).unreplayable
     _, rec = dead_letter_record(b"\xffnope", "not a metrics-1m record", topic="m1", max_bytes=4000)
-    assert read_entry(rec, SETTINGS).unreplayable and not read_entry(rec, SETTINGS).selected("not")
-    assert read_entry(b"{", SETTINGS).unreplayable
+    assert read_entry(rec, SETTINGS.kafka).unreplayable and not read_entry(rec, SETTINGS.kafka).selected("not")
+    assert read_entry(b"{", SETTINGS.kafka).unreplayable
 
 
 def test_observations_replay_only_when_their_reason_can_pass_or_is_chosen() -> None:
@@ -60,15 +60,15 @@ def test_observations_replay_only_when_their_reason_can_pass_or_is_chosen() -> N
     echoed = models.echo(obs)
     future = observation_dead_letter("obs", 3, Rejected("rejected", "ts is more than 300000 ms ahead of the wall "
                                                                     "clock", echoed, 41, 0, "shop"))
-    e = read_entry(future, SETTINGS)
+    e = read_entry(future, SETTINGS.kafka)
     assert e.topic == "obs" and e.key == b"shop" and e.selected(None)
     decoded = models.decode(e.value, 1 << 20)  # a valid one-observation message again
     assert isinstance(decoded, models.Decoded) and decoded.observations == [obs]
     late = read_entry(observation_dead_letter("obs", 3, Rejected("late", "minute already closed: ts 1 < 2",
-                                                                 echoed, 42, 0, "shop")), SETTINGS)
+                                                                 echoed, 42, 0, "shop")), SETTINGS.kafka)
     assert not late.unreplayable and not late.selected(None) and late.selected("already closed")
     prefix = read_entry(observation_dead_letter("obs", 3, Rejected("rejected", "malformed JSON", "{\"kind\":",
-                                                                   43, -1, None)), SETTINGS)
+                                                                   43, -1, None)), SETTINGS.kafka)
     assert prefix.unreplayable and not prefix.selected("malformed")
 
 
@@ -126,22 +126,22 @@ def test_replayed_minutes_are_stored_once_and_a_second_run_replays_nothing(
     apps = ["a1", "a2", "a3"]
     minutes = [minute(app, t0_ms + i * 60_000, requests=i + 1) for app in apps for i in range(2)]
     bounded = 900_000
-    dead = [dead_letter_record(v, "DynamoDB BatchWriteItem failed: AccessDeniedException", topic=s.metrics_topic,
+    dead = [dead_letter_record(v, "DynamoDB BatchWriteItem failed: AccessDeniedException", topic=s.kafka.metrics_topic,
                                max_bytes=bounded) for v in minutes]
-    dead.append(dead_letter_record(b"\xffgarbage", "not a metrics-1m record", topic=s.metrics_topic,
+    dead.append(dead_letter_record(b"\xffgarbage", "not a metrics-1m record", topic=s.kafka.metrics_topic,
                                    max_bytes=bounded))
-    dead.append(dead_letter_record(minute("a1", t0_ms + 600_000) + b" " * 5000, "too large", topic=s.metrics_topic,
-                                   max_bytes=4000))  # truncated: traced, not replayable
-    asyncio.run(_produce(broker, s.sink_dlq_topic, dead))
+    dead.append(dead_letter_record(minute("a1", t0_ms + 600_000) + b" " * 5000, "too large",
+                                   topic=s.kafka.metrics_topic, max_bytes=4000))  # truncated: traced, not replayable
+    asyncio.run(_produce(broker, s.kafka.sink_dlq_topic, dead))
     p.start(data_dir=tmp_path / "worker")
     try:
         out = _replay(p, "--dry-run")
         assert "dry run: 6 would be replayed, 0 would be requeued (not selected), 2 unreplayable" in out, out
-        assert asyncio.run(_end_offsets(broker, s.metrics_topic)) == 0  # a dry run sends nothing
+        assert asyncio.run(_end_offsets(broker, s.kafka.metrics_topic)) == 0  # a dry run sends nothing
 
         out = _replay(p)
         assert "6 replayed, 0 requeued (not selected), 2 unreplayable" in out, out
-        assert asyncio.run(_end_offsets(broker, s.metrics_topic)) == 6
+        assert asyncio.run(_end_offsets(broker, s.kafka.metrics_topic)) == 6
         want = {(app, "web", t0_ms + i * 60_000) for app in apps for i in range(2)}
         since_s = t0_ms // 1000
         _wait(lambda: set(p.stored(apps, ["web"], since_s, since_s + 3600)) == want, 90, "the replayed minutes")
@@ -150,10 +150,10 @@ def test_replayed_minutes_are_stored_once_and_a_second_run_replays_nothing(
         # Twice: nothing is sent again (the group committed past the replayed records) ...
         out = _replay(p)
         assert "0 replayed, 0 requeued (not selected), 0 unreplayable" in out, out
-        assert asyncio.run(_end_offsets(broker, s.metrics_topic)) == 6
+        assert asyncio.run(_end_offsets(broker, s.kafka.metrics_topic)) == 6
         # ... and a minute stored again anyway (a crash between send and commit) overwrites its item.
         again = minute("a1", t0_ms, requests=7)
-        asyncio.run(_produce(broker, s.metrics_topic, [(b"a1", again)]))
+        asyncio.run(_produce(broker, s.kafka.metrics_topic, [(b"a1", again)]))
         _wait(lambda: p.stored(["a1"], ["web"], since_s, since_s + 60).get(("a1", "web", t0_ms))
               == orjson.loads(again), 60, "the overwrite")
         assert len(p.stored(apps, ["web"], since_s, since_s + 3600)) == 6

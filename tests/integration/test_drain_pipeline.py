@@ -11,6 +11,7 @@ import pytest
 
 from app.local import loadgen
 from app.local.embedded import DynamoServer, KafkaBroker
+from app.storage.backends import token_table
 from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline, check_against_truth
 
@@ -38,7 +39,7 @@ def test_drain_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServ
         apps = ["app-0", "app-1"]
 
         async def make_tokens() -> dict[str, str]:
-            store = TokenStore(p.settings)
+            store = TokenStore(p.settings.web, table=token_table(p.settings))
             await store.start()
             try:
                 return {a: (await store.create(a, "drain"))[0] for a in apps}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
     proxy = CutProxy(int(dynamo.endpoint.rsplit(":", 1)[1]))
     p = Pipeline(broker, ViaProxy(proxy.endpoint), tmp_path,  # type: ignore[arg-type]
                  METRICS_QUERY_SETTLE_S="10", METRICS_BACKOFF_MAX_MS="1000", METRICS_MAX_ATTEMPTS="1")
-    p.settings = replace(p.settings, dynamodb_endpoint=dynamo.endpoint)  # the test's own reads: direct
+    p.settings = p.settings.replace(dynamodb_endpoint=dynamo.endpoint)  # the test's own reads: direct
     web = None
     traffic = None
     try:
@@ -43,7 +42,7 @@ def test_ranges_stay_live_while_the_sink_lags_and_equal_the_truth_once_stored(
 
         start_ms = int(time.time() * 1000) // 60_000 * 60_000
         gen = Generator(apps=1, dynos=2, seed=9, start_ms=start_ms, keep_truth=True)
-        traffic = LiveTraffic(broker, p.settings.observations_topic, gen)
+        traffic = LiveTraffic(broker, p.settings.kafka.observations_topic, gen)
 
         def ask(since_s: int, until_s: int) -> tuple[dict[str, Any], Any]:
             return get(f"{base}&since={since_s}&until={until_s}", tokens["app-0"])

@@ -21,6 +21,7 @@ from app.ops.health import ADMIN_KEY
 from app.ops.stats import Counters
 from app.ops.topics import ensure_topics
 from app.settings import Settings
+from app.storage.backends import token_table
 from app.storage.tokens import TokenStore
 from tests.ingest.test_logplex import LOAD, MEMORY, ROUTER_ERROR, ROUTER_INFO
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.integration
 def make_settings(broker_url: str, endpoint: str, **kw: Any) -> Settings:
     uid = uuid.uuid4().hex[:8]
     kw.setdefault("admin_port", 0)  # several apps in one test (and xdist workers): each its own free admin port
-    return Settings(broker_url=broker_url, dynamodb_endpoint=endpoint, table_name=f"ing-{uid}",
+    return Settings.of(broker_url=broker_url, dynamodb_endpoint=endpoint, table_name=f"ing-{uid}",
                     observations_topic=f"obs-{uid}", dlq_topic=f"dlq-{uid}", metrics_topic=f"m-{uid}",
                     sink_dlq_topic=f"sd-{uid}", partitions=2, app_id=f"ing{uid}", produce_timeout_s=3, **kw)
 
@@ -67,8 +68,8 @@ class Env:
 @pytest.fixture
 async def env(broker: KafkaBroker, dynamo: DynamoServer, aiohttp_client: Any) -> AsyncIterator[Env]:
     s = make_settings(broker.url, dynamo.endpoint, ingest_max_body_bytes=64 * 1024)
-    await ensure_topics(broker.address, s)
-    store = TokenStore(s)
+    await ensure_topics(broker.address, s.kafka)
+    store = TokenStore(s.web, table=token_table(s))
     await store.start()
     tokens = {kind: (await store.create("myapp", kind))[0] for kind in ("drain", "write", "read")}
     tokens["other-drain"] = (await store.create("other", "drain"))[0]
@@ -110,7 +111,7 @@ async def test_ingest_readiness_and_metrics(env: Env, dynamo: DynamoServer, aioh
     text = (await admin_get(env.client, "/metrics"))[1].decode()
     assert "minutely_drain_frames_total 1.0" in text
     # DynamoDB unreachable (tokens/dedup tables): not ready, with the reason.
-    down = make_settings(env.settings.broker_url, "http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0)
+    down = make_settings(env.settings.kafka.broker_url, "http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0)
     c = await aiohttp_client(build(down, Counters()))
     status, raw = await admin_get(c, "/readyz")
     body = orjson.loads(raw)
@@ -126,12 +127,12 @@ async def test_drain_frame_is_produced_once_with_bad_lines_dead_lettered(env: En
     for _ in range(3):  # Logplex retries with the same Frame-Id
         r = await env.client.post("/v1/drains/logplex", data=body, headers=headers)
         assert r.status == 204
-    records = await read_topic(broker, env.settings.observations_topic)
+    records = await read_topic(broker, env.settings.kafka.observations_topic)
     assert len(records) == 1 and records[0][0] == b"myapp"
     obs = orjson.loads(records[0][1])
     assert [o["kind"] for o in obs] == ["router", "router", "runtime", "runtime"]
     assert {o["app"] for o in obs} == {"myapp"}  # the token's app; host=myapp.herokuapp.com is not trusted
-    dead = await read_topic(broker, env.settings.dlq_topic, wait_s=1)
+    dead = await read_topic(broker, env.settings.kafka.dlq_topic, wait_s=1)
     assert len(dead) == 1 and "lacks" in orjson.loads(dead[0][1])["reason"]
     c = env.counters.values
     assert (c["drain_frames"], c["drain_frames_deduplicated"], c["drain_lines_ignored"]) == (1, 2, 1)
@@ -146,7 +147,7 @@ async def test_frame_dedup_survives_an_ingest_restart(env: Env, broker: KafkaBro
     r = await restarted.post("/v1/drains/logplex", data=body,
                              headers=drain_headers(env.tokens["drain"], 1, "f-restart"))
     assert r.status == 204
-    assert len(await read_topic(broker, env.settings.observations_topic)) == 1
+    assert len(await read_topic(broker, env.settings.kafka.observations_topic)) == 1
 
 
 async def test_protocol_errors_produce_nothing(env: Env, broker: KafkaBroker) -> None:
@@ -163,7 +164,7 @@ async def test_protocol_errors_produce_nothing(env: Env, broker: KafkaBroker) ->
         r = await env.client.post("/v1/drains/logplex", data=data, headers=headers)
         assert r.status == status, (code, await r.text())
         assert (await r.json())["error"]["code"] == code
-    assert await read_topic(broker, env.settings.observations_topic, wait_s=1) == []
+    assert await read_topic(broker, env.settings.kafka.observations_topic, wait_s=1) == []
 
 
 async def test_token_in_basic_auth_or_url(env: Env, broker: KafkaBroker) -> None:
@@ -175,7 +176,7 @@ async def test_token_in_basic_auth_or_url(env: Env, broker: KafkaBroker) -> None
     r3 = await env.client.post(f"/v1/drains/logplex?token={env.tokens['drain']}", data=frame([ROUTER_INFO]),
                                headers=logplex_headers(env.tokens["drain"], 1, in_url="query"))
     assert (r1.status, r2.status, r3.status) == (204, 204, 204)
-    assert len(await read_topic(broker, env.settings.observations_topic)) == 3
+    assert len(await read_topic(broker, env.settings.kafka.observations_topic)) == 3
 
 
 async def test_the_drain_id_header_is_never_taken_for_a_token(env: Env, broker: KafkaBroker) -> None:
@@ -184,7 +185,7 @@ async def test_the_drain_id_header_is_never_taken_for_a_token(env: Env, broker: 
         r = await env.client.post("/v1/drains/logplex", data=frame([ROUTER_INFO]),
                                   headers={"Logplex-Msg-Count": "1", "Logplex-Drain-Token": value})
         assert r.status == 401 and "drain URL" in (await r.json())["error"]["message"]
-    assert await read_topic(broker, env.settings.observations_topic, wait_s=1) == []
+    assert await read_topic(broker, env.settings.kafka.observations_topic, wait_s=1) == []
 
 
 async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broker: KafkaBroker) -> None:
@@ -206,7 +207,7 @@ async def test_json_api_array_and_ndjson_with_per_record_reasons(env: Env, broke
     assert r.status == 400 and (await r.json())["error"]["code"] == "no_valid_records"
     r = await env.client.post("/v1/observations", data=orjson.dumps([good]), headers=_bearer(env.tokens["read"]))
     assert r.status == 403
-    produced = [o for _, v in await read_topic(broker, env.settings.observations_topic) for o in orjson.loads(v)]
+    produced = [o for _, v in await read_topic(broker, env.settings.kafka.observations_topic) for o in orjson.loads(v)]
     assert len(produced) == 5 and {o["app"] for o in produced} == {"myapp"}
 
 
@@ -215,8 +216,8 @@ async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: Dynam
     own = KafkaBroker(data_dir=tmp_path / "kafka")
     await asyncio.to_thread(own.start)
     s = make_settings(own.url, dynamo.endpoint)
-    await ensure_topics(own.address, s)
-    store = TokenStore(s)
+    await ensure_topics(own.address, s.kafka)
+    store = TokenStore(s.web, table=token_table(s))
     await store.start()
     token = (await store.create("myapp", "drain"))[0]
     await store.stop()
@@ -242,7 +243,7 @@ async def test_kafka_down_answers_503_and_the_retry_succeeds_later(dynamo: Dynam
                 break
             await asyncio.sleep(0.5)
         assert r.status == 204
-        produced = await read_topic(own, s.observations_topic, wait_s=5.0)
+        produced = await read_topic(own, s.kafka.observations_topic, wait_s=5.0)
         # The frame acknowledged before the outage survived it, and the retried one arrived. (A retry whose
         # answer timed out while the broker came back may have been stored too: at least once.)
         assert len(produced) >= 2
@@ -257,7 +258,7 @@ async def test_tokens_cli_create_list_revoke_and_stored_hashed(broker: KafkaBrok
 
     s = make_settings("kafka://127.0.0.1:1", dynamo.endpoint)
     # The CLI reads the store-migration state from Kafka: during a migration tokens change in both stores.
-    env = {**os.environ, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint, "METRICS_TABLE_NAME": s.table_name,
+    env = {**os.environ, "METRICS_DYNAMODB_ENDPOINT": dynamo.endpoint, "METRICS_TABLE_NAME": s.dynamodb.table_name,
            "METRICS_BROKER_URL": broker.url, "METRICS_MIGRATION_TOPIC": f"mig-{uuid.uuid4().hex[:8]}"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -271,7 +272,7 @@ async def test_tokens_cli_create_list_revoke_and_stored_hashed(broker: KafkaBrok
     listed = await asyncio.to_thread(cli, "list", "--app", "shop")
     token_id = listed.stdout.split()[0]
     assert listed.returncode == 0 and "shop" in listed.stdout and token not in listed.stdout
-    store = TokenStore(s)
+    store = TokenStore(s.web, table=token_table(s))
     await store.start()
     try:
         assert (await store.verify(token, "read", "shop")) is not None
@@ -281,7 +282,7 @@ async def test_tokens_cli_create_list_revoke_and_stored_hashed(broker: KafkaBrok
         assert token not in orjson.dumps(items).decode()  # only the SHA-256 is stored
         revoked = await asyncio.to_thread(cli, "revoke", token_id)
         assert revoked.returncode == 0
-        fresh = TokenStore(s)  # another process: no cache
+        fresh = TokenStore(s.web, table=token_table(s))  # another process: no cache
         await fresh.start()
         assert (await fresh.verify(token, "read")) is None
         await fresh.stop()

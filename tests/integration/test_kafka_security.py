@@ -150,9 +150,9 @@ def test_a_wrong_password_is_refused(secure: SecureBroker, mechanism: str, user:
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
 
-    s = Settings(broker_url=secure.sasl_ssl.url, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism=mechanism,
+    s = Settings.of(broker_url=secure.sasl_ssl.url, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism=mechanism,
                  kafka_sasl_username=user, kafka_sasl_password="wrong", kafka_ssl_cafile=str(secure.ca_file))
-    kwargs: dict[str, Any] = kafka.client_kwargs(s)
+    kwargs: dict[str, Any] = kafka.client_kwargs(s.kafka)
 
     async def go() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=secure.sasl_ssl.address, request_timeout_ms=3000, **kwargs)

@@ -143,7 +143,7 @@ def test_a_whole_migration_from_cassandra_to_dynamodb_under_live_traffic(
         # Traffic first: the current minute fills while the worker and the web process start.
         start_ms = int(time.time() * 1000) // 60_000 * 60_000
         gen = Generator(apps=len(APPS), dynos=2, seed=11, start_ms=start_ms, keep_truth=True)
-        traffic = LiveTraffic(broker, p.settings.observations_topic, gen)
+        traffic = LiveTraffic(broker, p.settings.kafka.observations_topic, gen)
         first_s = start_ms // 1000
         p.start(data_dir=tmp_path / "worker")
         s.start_web()
@@ -223,7 +223,7 @@ def test_a_whole_migration_from_cassandra_to_dynamodb_under_live_traffic(
         s.migration("cutover", "100")
         s.wait_version(5)
         check_all()
-        assert s.report()["summary"]["stores"].keys() >= {f"{DYNAMO}:{p.settings.table_name}"}
+        assert s.report()["summary"]["stores"].keys() >= {f"{DYNAMO}:{p.settings.dynamodb.table_name}"}
 
         # 6. Rollback to 0, then cutover 100 % again.
         s.migration("rollback")
@@ -240,7 +240,7 @@ def test_a_whole_migration_from_cassandra_to_dynamodb_under_live_traffic(
         out = s.migration("finish", "--force")
         assert f"tokens to {DYNAMO}:" in out and "copied " in out, out  # the copy repeated before reads move
         s.wait_version(8)
-        assert s.report()["label"] == f"single({DYNAMO}:{p.settings.table_name})"
+        assert s.report()["label"] == f"single({DYNAMO}:{p.settings.dynamodb.table_name})"
         until(lambda: check_all() == len(APPS), 60, "final answers from DynamoDB alone")
         out = s.migration("status")
         assert "phase:    single(dynamodb:" in out and "lag" in out, out
@@ -266,7 +266,7 @@ def detect_divergence(s: Stack, tokens: dict[str, str], gen: Generator, both_sin
     counted and listed; then put the block back (unless the rollup writer rewrote it meanwhile)."""
     import asyncio
 
-    settings = replace(s.p.settings, store=DYNAMO)
+    settings = s.p.settings.replace(store=DYNAMO)
     minute_s = both_since_s + 60  # a minute both stores hold, long final
 
     async def bump() -> tuple[MetricItem, MetricItem]:
@@ -308,12 +308,13 @@ def detect_divergence(s: Stack, tokens: dict[str, str], gen: Generator, both_sin
 
     async def progress() -> Any:
         from app.ops.kafka import partition_of
-        out: dict[str, Any] = {"app-0 partition": partition_of("app-0", settings.partitions)}
+        out: dict[str, Any] = {"app-0 partition": partition_of("app-0", settings.kafka.partitions)}
         for st in (settings, s.p.settings):
             store = metrics_store(st)
             await store.start()
             try:
-                out[st.store] = [(pr.partition, pr.stored_through_ms // 1000) for pr in await store.progress()]
+                out[st.storage.backend] = [(pr.partition, pr.stored_through_ms // 1000)
+                                           for pr in await store.progress()]
             finally:
                 await store.stop()
         return out
@@ -418,17 +419,17 @@ def test_start_sets_the_new_writers_offsets_at_the_end_or_with_backfill_at_the_o
     settings = Settings.from_env({"METRICS_BROKER_URL": broker.url, "METRICS_APP_ID": f"o{uid}",
                                   "METRICS_METRICS_TOPIC": f"m1-{uid}", "METRICS_ALERTS_TOPIC": f"al-{uid}",
                                   "METRICS_AUTOSCALE_TOPIC": f"as-{uid}", "METRICS_PARTITIONS": "2"})
-    asyncio.run(ensure_topics(broker.address, settings))
+    asyncio.run(ensure_topics(broker.address, settings.kafka))
     minutes = [(f"app-{i}".encode(), orjson.dumps({"app": f"app-{i}", "start_ms": 1_800_000_000_000 + 60_000 * i}))
                for i in range(6)]
-    asyncio.run(produce(broker.address, settings.metrics_topic, minutes))
+    asyncio.run(produce(broker.address, settings.kafka.metrics_topic, minutes))
 
     async def committed(spec: str) -> dict[int, int | None]:
         consumer = AIOKafkaConsumer(bootstrap_servers=broker.address, group_id=writer_group(settings, spec),
                                     enable_auto_commit=False)
         await consumer.start()
         try:
-            return {p: await consumer.committed(TopicPartition(settings.metrics_topic, p)) for p in range(2)}
+            return {p: await consumer.committed(TopicPartition(settings.kafka.metrics_topic, p)) for p in range(2)}
         finally:
             await consumer.stop()
 
@@ -501,8 +502,8 @@ def test_status_reports_what_the_stores_hold_and_whether_the_writers_ran(
 
     env = _fresh_env(broker, dynamo)
     settings = Settings.from_env(env)
-    asyncio.run(ensure_topics(broker.address, settings))
-    target = f"dynamodb:{settings.table_name}-v2"
+    asyncio.run(ensure_topics(broker.address, settings.kafka))
+    target = f"dynamodb:{settings.dynamodb.table_name}-v2"
     r = _cli(env, "start", "--to", target)
     assert r.returncode == 0, r.stdout + r.stderr
     out = _cli(env, "status").stdout

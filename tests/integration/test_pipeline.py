@@ -35,7 +35,7 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
     bad = [(b"app-0", b"{oops"), (b"app-1", orjson.dumps([{"kind": "router", "app": "app-1"}]))]
     p.start(data_dir=tmp_path / "state")
     try:
-        asyncio.run(produce(broker.address, p.settings.observations_topic, batch + bad))
+        asyncio.run(produce(broker.address, p.settings.kafka.observations_topic, batch + bad))
         assert gen.truth is not None
         n_obs = sum(len(orjson.loads(v)) for _, v in batch)
         expected_minutes = len(set(gen.truth.service_ms) | set(gen.truth.rss_max))
@@ -104,7 +104,7 @@ def test_minutes_emitted_but_not_stored_survive_a_worker_kill(broker: KafkaBroke
         p.start(data_dir=tmp_path / "state-1")
         p.wait_stats(lambda s: True, 30, "the worker's stats")
         dynamo.stop()
-        asyncio.run(produce(broker.address, p.settings.observations_topic, batch))
+        asyncio.run(produce(broker.address, p.settings.kafka.observations_topic, batch))
         # Emitted to metrics-1m (idle close) and forgotten by the window table; none stored.
         p.wait_stats(lambda s: s["minutes_emitted"] >= minutes, 90, "every minute emitted")
         assert p.stats()["sink_items_written"] == 0

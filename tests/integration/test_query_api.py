@@ -19,6 +19,7 @@ import pytest
 
 from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import Generator, produce
+from app.storage.backends import token_table
 from app.storage.tokens import TokenStore
 from tests.integration.pipeline import Pipeline
 
@@ -50,7 +51,7 @@ class Served:
 
 def create_tokens(p: Pipeline, apps: list[str]) -> dict[str, str]:
     async def go() -> dict[str, str]:
-        store = TokenStore(p.settings)
+        store = TokenStore(p.settings.web, table=token_table(p.settings))
         await store.start()
         try:
             return {app: (await store.create(app, "read"))[0] for app in apps}
@@ -72,7 +73,7 @@ def start_served(broker: KafkaBroker, dynamo: DynamoServer, tmp: Path, *, minute
     msgs = gen.messages(per_message=300, span_ms=10_000)
     batch = [next(msgs) for _ in range(2 * 6 * minutes)]
     p.start(data_dir=tmp / "state")
-    asyncio.run(produce(broker.address, p.settings.observations_topic, batch))
+    asyncio.run(produce(broker.address, p.settings.kafka.observations_topic, batch))
     assert gen.truth is not None
     n_minutes = len(gen.truth.keys())
     p.wait_stats(lambda s: s["sink_items_written"] >= n_minutes and s["rollup_minutes_merged"] >= 3 * n_minutes,
@@ -129,7 +130,7 @@ def test_rollup_items_are_in_dynamodb(served: Served) -> None:
     from app.storage.dynamodb import DynamoStore
 
     async def go() -> list[int]:
-        store = DynamoStore(served.pipeline.settings)
+        store = DynamoStore(served.pipeline.settings.storage, served.pipeline.settings.dynamodb)
         await store.start()
         try:
             items = await store.query("app-0", "web", 600, served.start_s, served.start_s + served.minutes * 60)

@@ -12,7 +12,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -61,7 +60,8 @@ async def make_store(server: DynamoServer) -> AsyncIterator[StoreFactory]:
         values: dict[str, Any] = {"table_name": f"it-{uuid.uuid4().hex[:12]}",
                                   "dynamodb_endpoint": server.endpoint}
         values.update(overrides)
-        store = DynamoStore(replace(Settings(), **values), clock=clock or ManualClock(NOW_MS))
+        settings = Settings.of(**values)
+        store = DynamoStore(settings.storage, settings.dynamodb, clock=clock or ManualClock(NOW_MS))
         stores.append(store)
         await store.start()
         return store

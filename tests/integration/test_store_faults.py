@@ -12,7 +12,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +37,12 @@ def behind_proxy(store: str, broker: KafkaBroker, dynamo: DynamoServer, request:
     if store == "dynamodb":
         http = FaultProxy(dynamo.endpoint)
         p = Pipeline(broker, ViaProxy(http.endpoint), tmp_path, **COMMON)  # type: ignore[arg-type]
-        p.settings = replace(p.settings, dynamodb_endpoint=dynamo.endpoint)
+        p.settings = p.settings.replace(dynamodb_endpoint=dynamo.endpoint)
         return p, http
     node: CassandraServer = request.getfixturevalue("cassandra")
     tcp = CutProxy(node.port)
     p = Pipeline(broker, dynamo, tmp_path, METRICS_STORE="cassandra", METRICS_CASSANDRA_PORT=str(tcp.port), **COMMON)
-    p.settings = replace(p.settings, cassandra_port=node.port)
+    p.settings = p.settings.replace(cassandra_port=node.port)
     return p, tcp
 
 
@@ -76,7 +75,7 @@ def test_slow_failing_and_down_store_lose_nothing_and_queries_answer_503(
 
         # 1. Slow, throttling and failing while the minutes are closed and stored.
         bad_day(proxy, True)
-        asyncio.run(produce(broker.address, p.settings.observations_topic, batch))
+        asyncio.run(produce(broker.address, p.settings.kafka.observations_topic, batch))
         statuses: list[int] = []
 
         def ask(i: int) -> None:
@@ -100,7 +99,7 @@ def test_slow_failing_and_down_store_lose_nothing_and_queries_answer_503(
         retries_before = p.stats().get("sink_retries", 0)
         proxy.down()
         more = [next(msgs) for _ in range(2 * 6 * 2)]  # two more minutes arrive while it is gone
-        asyncio.run(produce(broker.address, p.settings.observations_topic, more))
+        asyncio.run(produce(broker.address, p.settings.kafka.observations_topic, more))
         # Down for DOWN_S at least, and until the sink has met the outage (the new minutes close first; on a
         # busy machine that can take longer than DOWN_S).
         t_down, i = time.monotonic(), 100
@@ -152,7 +151,8 @@ def test_sink_under_an_auth_error_stops_and_stores_every_minute_once_after_the_f
         start_ms = (int(time.time() * 1000) // 60_000 - 5) * 60_000
         gen = Generator(apps=2, dynos=2, seed=5, start_ms=start_ms, keep_truth=True, realistic=True)
         msgs = gen.messages(per_message=300, span_ms=10_000)
-        asyncio.run(produce(broker.address, p.settings.observations_topic, [next(msgs) for _ in range(2 * 6 * 4)]))
+        asyncio.run(produce(broker.address, p.settings.kafka.observations_topic,
+                            [next(msgs) for _ in range(2 * 6 * 4)]))
         deadline = time.monotonic() + 120
         while True:
             try:

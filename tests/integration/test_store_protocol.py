@@ -9,7 +9,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -64,7 +64,7 @@ async def make(backend: tuple[str, dict[str, Any]]) -> AsyncIterator[PartsFactor
     made: list[Parts] = []
 
     async def factory(**overrides: Any) -> Parts:
-        settings = replace(Settings(), store=name, **where, **overrides)
+        settings = Settings.of(store=name, **where, **overrides)
         clock = ManualClock(NOW_MS)
         parts = Parts(settings, clock, metrics_store(settings, clock=clock), token_table(settings),
                       frame_table(settings))
@@ -82,8 +82,9 @@ async def drop(name: str, parts: Parts) -> None:
     """Delete what the test created, then stop."""
     if name == "cassandra":
         from app.storage.cassandra import CassandraSession
-        await CassandraSession.of(parts.settings).rows(f"DROP KEYSPACE IF EXISTS {parts.settings.cassandra_keyspace}",
-                                                       [], operation="DROP KEYSPACE")
+        session = CassandraSession.of(parts.settings.storage, parts.settings.cassandra)
+        await session.rows(f"DROP KEYSPACE IF EXISTS {parts.settings.cassandra.keyspace}", [],
+                           operation="DROP KEYSPACE")
     else:
         for table in (parts.metrics, parts.tokens, parts.frames):
             client = getattr(table, "_client", None)
@@ -241,7 +242,7 @@ async def test_an_unreachable_store_is_retriable_and_the_process_stays_up(
     from app.local.embedded import free_port
     dead = {"dynamodb_endpoint": f"http://127.0.0.1:{free_port()}"} if name == "dynamodb" else {
         "cassandra_port": free_port()}
-    settings = replace(Settings(), store=name, **{**where, **dead}, connect_timeout_s=0.5, max_attempts=0)
+    settings = Settings.of(store=name, **{**where, **dead}, connect_timeout_s=0.5, max_attempts=0)
     store = metrics_store(settings)
     await store.start()  # does not raise: not ready until the store answers
     try:
@@ -256,8 +257,8 @@ async def test_an_unreachable_store_is_retriable_and_the_process_stays_up(
 def test_one_cassandra_session_object_serves_loop_after_loop(cassandra: CassandraServer) -> None:
     """A CLI (or a test) runs several event loops in turn with the same settings: the shared session's
     asyncio primitives and prepared statements must follow the running loop."""
-    settings = replace(Settings(), store="cassandra", cassandra_port=cassandra.port,
-                       cassandra_keyspace=f"it_{uuid.uuid4().hex[:12]}", cassandra_max_inflight=2)
+    settings = Settings.of(store="cassandra", cassandra_port=cassandra.port,
+                           cassandra_keyspace=f"it_{uuid.uuid4().hex[:12]}", cassandra_max_inflight=2)
 
     async def round_trip(ts_s: int) -> list[MetricItem]:
         store = metrics_store(settings)

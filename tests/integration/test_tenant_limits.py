@@ -60,7 +60,7 @@ def test_a_minute_of_12_timers_x_4000_distinct_values_is_emitted_degraded(broker
     assert p.proc is not None
     worker = p.proc
     try:
-        asyncio.run(produce_to_partition(broker.address, p.settings.observations_topic, PARTITION,
+        asyncio.run(produce_to_partition(broker.address, p.settings.kafka.observations_topic, PARTITION,
                                          _chunks("big", big, 1_000) + others))
         assert gen.truth is not None
         stored = wait_truth_stored(p, gen.truth, start_ms, 180)
@@ -71,7 +71,7 @@ def test_a_minute_of_12_timers_x_4000_distinct_values_is_emitted_degraded(broker
         assert list(minute) == [("big", "web", start_ms)], minute.keys()
         rec = minute[("big", "web", start_ms)]
         size = len(orjson.dumps(rec))
-        assert size <= p.settings.minute_max_bytes
+        assert size <= p.settings.windows.minute_max_bytes
         agg = Aggregate.from_record(rec)
         # Whatever was kept is exact in count, sum and max; what was left out is in the DLQ with a reason.
         kept = set(agg.timers)
@@ -80,7 +80,7 @@ def test_a_minute_of_12_timers_x_4000_distinct_values_is_emitted_degraded(broker
             t = agg.timers[name]
             assert (t.n, t.max) == (4_000, max(values)), name
             assert abs(t.sum - sum(values)) <= 1e-9 * sum(values)
-        dead = [d for d in read_topic(broker.address, p.settings.dlq_topic, min_records=12 - len(kept))
+        dead = [d for d in read_topic(broker.address, p.settings.kafka.dlq_topic, min_records=12 - len(kept))
                 if d["app"] == "big"]
         assert {d["record"]["metric"] for d in dead} == {f"timer.{t}" for t in range(12)} - kept
         assert all("minute over" in d["reason"] for d in dead)
@@ -123,7 +123,7 @@ def test_50k_process_types_and_50k_metric_names_are_refused_past_the_limits(brok
     try:
         rss_before = peak_rss_mb(worker.pid)
         t0 = time.monotonic()
-        asyncio.run(produce_to_partition(broker.address, p.settings.observations_topic, PARTITION,
+        asyncio.run(produce_to_partition(broker.address, p.settings.kafka.observations_topic, PARTITION,
                                          _chunks("flood", metrics[:1_000], 500) + _chunks("flood", routers, 500)
                                          + _chunks("flood", metrics[1_000:], 500) + others))
         assert gen.truth is not None
@@ -134,13 +134,14 @@ def test_50k_process_types_and_50k_metric_names_are_refused_past_the_limits(brok
                          and s["limit_refused_metric_names"] >= n - 100, 60, "the refusals counted")
         elapsed_s = time.monotonic() - t0
         limits = p.settings
-        assert s["limit_refused_process_types"] == n - limits.limit_process_types
-        assert s["limit_refused_metric_names"] == n - limits.max_metric_names
-        procs = [f"p{i}" for i in range(limits.limit_process_types + 1)]
+        assert s["limit_refused_process_types"] == n - limits.limits.process_types
+        assert s["limit_refused_metric_names"] == n - limits.limits.max_metric_names
+        procs = [f"p{i}" for i in range(limits.limits.process_types + 1)]
         flood = p.stored(["flood"], procs, start_ms // 1000, start_ms // 1000 + 3600)
         assert {proc for _, proc, _ in flood} == set(procs[:-1])  # exactly the first 50 process types
-        assert len(flood[("flood", "p0", start_ms)].get("cnt", {})) == limits.max_metric_names
-        dead = [d for d in read_topic(broker.address, p.settings.dlq_topic, min_records=200) if d["app"] == "flood"]
+        assert len(flood[("flood", "p0", start_ms)].get("cnt", {})) == limits.limits.max_metric_names
+        dead = [d for d in read_topic(broker.address, p.settings.kafka.dlq_topic, min_records=200)
+                if d["app"] == "flood"]
         reasons = [d["reason"] for d in dead]
         # The first 100 refusals per limit and minute are dead-lettered with their reason, the rest counted.
         assert sum("process types in minute" in r for r in reasons) == 100

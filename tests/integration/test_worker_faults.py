@@ -35,7 +35,7 @@ def test_crash_loop_loses_and_doubles_nothing(broker: KafkaBroker, dynamo: Dynam
     rng = random.Random(29)
     kills, restart_s = 0, []
     p.start(data_dir=tmp_path / "state-0")
-    traffic = FastTraffic(broker, p.settings.observations_topic, duration_s=CRASH_LOOP_S, speedup=SPEEDUP,
+    traffic = FastTraffic(broker, p.settings.kafka.observations_topic, duration_s=CRASH_LOOP_S, speedup=SPEEDUP,
                           seed=31 if state == "own" else 37)
     try:
         while True:
@@ -70,7 +70,7 @@ def test_two_workers_one_killed_loses_and_doubles_nothing(broker: KafkaBroker, d
     once the dead one's session expires."""
     p = Pipeline(broker, dynamo, tmp_path, METRICS_IDLE_TIMEOUT_S="8")
     p.start(data_dir=tmp_path / "a")
-    traffic = FastTraffic(broker, p.settings.observations_topic, duration_s=PAIR_S, speedup=SPEEDUP, seed=41)
+    traffic = FastTraffic(broker, p.settings.kafka.observations_topic, duration_s=PAIR_S, speedup=SPEEDUP, seed=41)
     try:
         time.sleep(PAIR_S / 3)
         _, url_b = p.start_second_worker(data_dir=tmp_path / "b")

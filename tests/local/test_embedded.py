@@ -29,14 +29,15 @@ def test_local_ports_are_the_settings_defaults() -> None:
     assert [(port, variable) for port, _, variable in local_ports(Settings(), {})] == [
         (9092, "METRICS_BROKER_URL"), (9093, "METRICS_KAFKA_CONTROLLER_PORT"), (8000, "METRICS_DYNAMODB_ENDPOINT"),
         (6066, "METRICS_WEB_PORT"), (6067, "METRICS_INGEST_PORT")]
-    moved = Settings(broker_url="kafka://127.0.0.1:19092", dynamodb_endpoint="http://localhost:18000", web_port=16066)
+    moved = Settings.of(broker_url="kafka://127.0.0.1:19092", dynamodb_endpoint="http://localhost:18000",
+                        web_port=16066)
     env = {"METRICS_KAFKA_CONTROLLER_PORT": "19093", "METRICS_INGEST_PORT": "16067"}
     assert [port for port, _, _ in local_ports(moved, env)] == [19092, 19093, 18000, 16066, 16067]
 
 
 @pytest.mark.parametrize("settings, match", [
-    (Settings(broker_url="kafka://b1.example:9092"), "METRICS_BROKER_URL"),
-    (Settings(dynamodb_endpoint=""), "METRICS_DYNAMODB_ENDPOINT"),
+    (Settings.of(broker_url="kafka://b1.example:9092"), "METRICS_BROKER_URL"),
+    (Settings.of(dynamodb_endpoint=""), "METRICS_DYNAMODB_ENDPOINT"),
 ])
 def test_local_mode_refuses_remote_parts(settings: Settings, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -5,7 +5,6 @@ state read and published on Kafka replaced by a list."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -23,18 +22,19 @@ from tests.storage.test_dynamodb import _moto_aio, aws  # noqa: F401  (fixtures)
 async def test_finish_copies_a_tombstone_only_the_old_store_holds_before_publishing(
         aws: None, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     uid = uuid.uuid4().hex[:8]
-    settings = replace(Settings(), dynamodb_endpoint="", create_table=True, table_name=f"old-{uid}")
+    settings = Settings.of(dynamodb_endpoint="", create_table=True, table_name=f"old-{uid}")
     old, new = f"dynamodb:old-{uid}", f"dynamodb:new-{uid}"
     cut = MigrationState("cutover", old, new, shadow_pct=100, cutover_pct=100, version=7, both_since_ms=1)
-    raw = {spec: DynamoTokens(replace(settings, table_name=spec.partition(":")[2])) for spec in (old, new)}
+    at = {spec: settings.replace(table_name=spec.partition(":")[2]) for spec in (old, new)}
+    raw = {spec: DynamoTokens(s.storage, s.dynamodb) for spec, s in at.items()}
     for t in raw.values():
         await t.start()
     try:
         # A token copied at `migration start`, then revoked where only the old store took the tombstone.
-        tok, info = await TokenStore(settings, table=raw[old]).create("shop", "read")
+        tok, info = await TokenStore(settings.web, table=raw[old]).create("shop", "read")
         await raw[new].put_token(digest(tok), info)
-        assert await TokenStore(settings, table=raw[old]).revoke(info.id)
-        live, _ = await TokenStore(settings, table=raw[old]).create("blog", "read")  # created before the copy
+        assert await TokenStore(settings.web, table=raw[old]).revoke(info.id)
+        live, _ = await TokenStore(settings.web, table=raw[old]).create("blog", "read")  # created before the copy
         got = await raw[new].get_token(digest(tok))
         assert got is not None and not got.revoked_s  # the new store missed the revocation
 
@@ -54,7 +54,7 @@ async def test_finish_copies_a_tombstone_only_the_old_store_holds_before_publish
         [(state, at_publish)] = published
         assert state.phase == "single" and state.source == new and state.version == 8
         assert at_publish is not None and at_publish.revoked_s > 0  # the tombstone, before the publish
-        after = TokenStore(settings, table=FollowingTokens(settings, lambda: state))  # single(new store)
+        after = TokenStore(settings.web, table=FollowingTokens(settings, lambda: state))  # single(new store)
         try:
             assert await after.verify(tok, "read") is None
             assert (await after.verify(live, "read")) is not None  # live tokens are copied too

@@ -20,7 +20,7 @@ from app.ops.stats import Counters
 from app.storage.protocol import MetricItem
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute, put_minutes
 
-S = replace(SETTINGS, store="cassandra")
+S = SETTINGS.replace(store="cassandra")
 A, B = "cassandra:minutely", "dynamodb:minutely-metrics"
 
 
@@ -123,7 +123,7 @@ async def test_a_failing_or_slow_shadow_never_reaches_the_user() -> None:
         return []
 
     g = Fixture(shadow_pct=100)
-    g.query.settings = replace(S, shadow_timeout_s=0.05)
+    g.query.settings = S.replace(shadow_timeout_s=0.05)
     g.stores[B].query = hang  # type: ignore[method-assign]
     assert len((await g.ask())["points"]) == 90  # type: ignore[arg-type]
     assert g.counters.snapshot()["shadow_timeouts"] == 1

@@ -11,7 +11,7 @@ from app.migration import state as sm
 from app.migration.state import MigrationError, MigrationState
 from app.settings import Settings
 
-S = replace(Settings(), store="cassandra")
+S = Settings.of(store="cassandra")
 T0 = 1_800_000_000_000
 A, B = "cassandra:minutely", "dynamodb:minutely-metrics"
 
@@ -75,14 +75,14 @@ def test_finish_waits_for_the_retention_and_a_rollback_after_it_resumes_the_old_
     with pytest.raises(MigrationError, match="ages out at"):
         sm.finish(full, S, now_ms=T0 + 400_000)
     assert sm.finish(full, S, now_ms=T0 + 400_000, force=True).label == f"single({B})"
-    done = sm.finish(full, S, now_ms=T0 + S.ttl_s * 1000)
+    done = sm.finish(full, S, now_ms=T0 + S.storage.ttl_s * 1000)
     assert done.phase == "single" and done.source == B and done.writes == (B,)
     # The phase before finish: cutover 100 % with both writers (the old one resumes from its offsets) ...
-    back = sm.rollback(done, now_ms=T0 + S.ttl_s * 1000 + 1)
+    back = sm.rollback(done, now_ms=T0 + S.storage.ttl_s * 1000 + 1)
     assert back.phase == "cutover" and back.writes == (A, B) and back.cutover_pct == 100
     assert back.serving("anything", T0 // 1000) == B
     # ... and one more step serves everything from the old store again.
-    assert sm.rollback(back, now_ms=T0 + S.ttl_s * 1000 + 2).serving("anything", T0 // 1000) == A
+    assert sm.rollback(back, now_ms=T0 + S.storage.ttl_s * 1000 + 2).serving("anything", T0 // 1000) == A
 
 
 def test_commands_that_do_not_apply_say_what_would() -> None:
@@ -103,10 +103,10 @@ def test_commands_that_do_not_apply_say_what_would() -> None:
 
 
 def test_a_move_between_two_dynamodb_tables_and_aa_mode() -> None:
-    s = replace(Settings(), store="dynamodb")
+    s = Settings.of(store="dynamodb")
     st = sm.start(sm.initial(s), s, "dynamodb:metrics-v2", backfill=False, now_ms=T0)
     assert st.writes == ("dynamodb:minutely-metrics", "dynamodb:metrics-v2")
-    assert sm.store_settings(s, st.target).table_name == "metrics-v2"
+    assert sm.store_settings(s, st.target).dynamodb.table_name == "metrics-v2"
     assert sm.writer_group(s, st.target) == "minutely-writer-dynamodb-metrics-v2"
     aa = sm.shadow(st, 100, aa=True, now_ms=T0)
     assert aa.shadow("x") == aa.serving("x") == "dynamodb:minutely-metrics"
@@ -131,7 +131,7 @@ def test_a_bad_spec_is_a_config_error_with_the_operators_action(spec: str) -> No
 
 
 def test_a_good_keyspace_spec_points_the_settings_there() -> None:
-    assert sm.store_settings(S, "cassandra:metrics_v2").cassandra_keyspace == "metrics_v2"
+    assert sm.store_settings(S, "cassandra:metrics_v2").cassandra.keyspace == "metrics_v2"
 
 
 @pytest.mark.parametrize("field", ["source", "target"])

@@ -15,7 +15,7 @@ from app.settings import STORES, Settings
 from app.storage.backends import BACKENDS, backend
 from app.writer import writer_settings
 
-S = replace(Settings(), partitions=4)
+S = Settings.of(partitions=4)
 T0 = 1_800_000_000_000
 A, B = "dynamodb:minutely-metrics", "cassandra:minutely"
 DUAL = sm.start(sm.initial(S), S, "cassandra", backfill=False, now_ms=T0)
@@ -97,11 +97,13 @@ def test_each_command_runs_its_own_transition(monkeypatch: pytest.MonkeyPatch) -
 def test_the_registry_names_every_store_and_its_namespace() -> None:
     assert tuple(BACKENDS) == STORES
     assert backend("dynamodb").env(S) == {"METRICS_STORE": "dynamodb", "METRICS_TABLE_NAME": "minutely-metrics"}
-    assert backend("cassandra").settings_for(S, "ks2").cassandra_keyspace == "ks2"
+    assert backend("cassandra").settings_for(S, "ks2").cassandra.keyspace == "ks2"
     assert sm.home_spec(backend("cassandra").settings_for(S)) == "cassandra:minutely"
 
 
 def test_a_writers_settings_name_its_store_and_namespace_through_the_registry() -> None:
     w = writer_settings(S, "cassandra:ks2")
-    assert w.store == "cassandra" and w.cassandra_keyspace == "ks2" and w.table_name == S.table_name
-    assert w.app_id == "minutely-writer-cassandra-ks2" and w.data_dir.endswith("minutely-writer-cassandra-ks2")
+    assert (w.storage.backend, w.cassandra.keyspace, w.dynamodb.table_name) == ("cassandra", "ks2",
+                                                                               S.dynamodb.table_name)
+    assert w.kafka.app_id == "minutely-writer-cassandra-ks2"
+    assert w.windows.data_dir.endswith("minutely-writer-cassandra-ks2")

@@ -89,7 +89,7 @@ def settings(**kw: Any) -> Settings:
     base: dict[str, Any] = dict(notify_timeout_s=2.0, notify_backoff_base_ms=20, notify_backoff_max_ms=1000,
                                 notify_max_attempts=4, notify_concurrency=4,
                                 webhook_allowed_networks="127.0.0.0/8")  # the receivers here are on loopback
-    return Settings(**{**base, **kw})
+    return Settings.of(**{**base, **kw})
 
 
 def hook(rec: Any, path: str, n: int = 0) -> Delivery:
@@ -110,7 +110,7 @@ class Results:
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "169.254.169.254"])
 async def test_webhooks_reach_only_public_or_allowed_addresses(receiver: Any, host: str) -> None:
     counters = Counters()
-    n = Notifier(settings(webhook_allowed_networks="", notify_max_attempts=4), counters)
+    n = Notifier(settings(webhook_allowed_networks="", notify_max_attempts=4).alerting, counters)
     res = Results()
     port = receiver.url.rsplit(":", 1)[1]
     n.submit(Delivery("x/webhook/0", "x", WEBHOOK, f"http://{host}:{port}/ok", "{}", secret=SECRET), res)
@@ -123,14 +123,14 @@ async def test_webhooks_reach_only_public_or_allowed_addresses(receiver: Any, ho
 
 
 async def test_an_allowed_network_and_the_formation_api_are_reached(receiver: Any) -> None:
-    n = Notifier(settings(webhook_allowed_networks="10.0.0.0/8, 127.0.0.0/8"), Counters())
+    n = Notifier(settings(webhook_allowed_networks="10.0.0.0/8, 127.0.0.0/8").alerting, Counters())
     res = Results()
     n.submit(hook(receiver, "/ok"), res)
     await n.join()
     assert res.done["ev-0/webhook/0"].state == DELIVERED
     await n.stop()
     # The operator's formation API is trusted: no allow-list needed even on loopback.
-    n = Notifier(settings(webhook_allowed_networks=""), Counters())
+    n = Notifier(settings(webhook_allowed_networks="").alerting, Counters())
     n.submit(Delivery("m/formation", "m", FORMATION, f"{receiver.url}/formation/shop", "{}"), res)
     await n.join()
     assert res.done["m/formation"].state == DELIVERED
@@ -139,10 +139,10 @@ async def test_an_allowed_network_and_the_formation_api_are_reached(receiver: An
 
 def test_webhook_allowed_networks_must_be_cidrs() -> None:
     with pytest.raises(ConfigError, match="WEBHOOK_ALLOWED_NETWORKS"):
-        validate_settings(Settings(webhook_allowed_networks="10.0.0.0/8,not-a-network"))
+        validate_settings(Settings.of(webhook_allowed_networks="10.0.0.0/8,not-a-network").alerting)
 
 async def test_webhook_is_signed_with_hmac_over_timestamp_and_body(receiver: Any) -> None:
-    n = Notifier(settings(), Counters())
+    n = Notifier(settings().alerting, Counters())
     res = Results()
     assert n.submit(hook(receiver, "/ok"), res)
     await n.join()
@@ -164,7 +164,8 @@ async def test_webhook_is_signed_with_hmac_over_timestamp_and_body(receiver: Any
 
 async def test_retries_with_exponential_backoff_then_delivers(receiver: Any) -> None:
     counters = Counters()
-    n = Notifier(settings(notify_backoff_base_ms=100), counters, rand=lambda: 1.0)  # jitter pinned to the ceiling
+    # jitter pinned to the ceiling
+    n = Notifier(settings(notify_backoff_base_ms=100).alerting, counters, rand=lambda: 1.0)
     res = Results()
     n.submit(hook(receiver, "/flaky"), res)
     await n.join()
@@ -177,13 +178,14 @@ async def test_retries_with_exponential_backoff_then_delivers(receiver: Any) -> 
 
 
 def test_backoff_is_full_jitter_capped_and_respects_retry_after() -> None:
-    n = Notifier(settings(notify_backoff_base_ms=1000, notify_backoff_max_ms=8000), Counters(), rand=lambda: 0.5)
+    n = Notifier(settings(notify_backoff_base_ms=1000, notify_backoff_max_ms=8000).alerting, Counters(),
+                 rand=lambda: 0.5)
     assert [n.backoff_s(a) for a in (1, 2, 3, 4, 5, 6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     assert n.backoff_s(1, retry_after_s=3.0) == 3.0 and n.backoff_s(1, retry_after_s=60.0) == 8.0
 
 
 async def test_retry_after_is_honoured(receiver: Any) -> None:
-    n = Notifier(settings(), Counters(), rand=lambda: 0.0)
+    n = Notifier(settings().alerting, Counters(), rand=lambda: 0.0)
     res = Results()
     n.submit(hook(receiver, "/busy"), res)
     await n.join()
@@ -195,7 +197,7 @@ async def test_retry_after_is_honoured(receiver: Any) -> None:
 @pytest.mark.parametrize("path", ["/gone", "/redirect"])
 async def test_refusals_are_not_retried(receiver: Any, path: str) -> None:
     counters = Counters()
-    n = Notifier(settings(), counters)
+    n = Notifier(settings().alerting, counters)
     res = Results()
     n.submit(hook(receiver, path), res)
     await n.join()
@@ -206,7 +208,7 @@ async def test_refusals_are_not_retried(receiver: Any, path: str) -> None:
 
 
 async def test_timeouts_are_retried_and_bounded(receiver: Any) -> None:
-    n = Notifier(settings(notify_timeout_s=0.2, notify_max_attempts=2), Counters())
+    n = Notifier(settings(notify_timeout_s=0.2, notify_max_attempts=2).alerting, Counters())
     res = Results()
     started = time.monotonic()
     n.submit(hook(receiver, "/slow"), res)
@@ -218,7 +220,7 @@ async def test_timeouts_are_retried_and_bounded(receiver: Any) -> None:
 
 
 async def test_unreachable_receiver_is_retried_then_given_up() -> None:
-    n = Notifier(settings(notify_max_attempts=3), Counters(), rand=lambda: 1.0)
+    n = Notifier(settings(notify_max_attempts=3).alerting, Counters(), rand=lambda: 1.0)
     res = Results()
     d = Delivery("x/webhook/0", "x", WEBHOOK, f"http://127.0.0.1:{free_port()}/hook", "{}", secret=SECRET)
     started = time.monotonic()
@@ -232,7 +234,7 @@ async def test_unreachable_receiver_is_retried_then_given_up() -> None:
 
 async def test_submit_never_blocks_and_the_queue_is_bounded(receiver: Any) -> None:
     counters = Counters()
-    n = Notifier(settings(notify_concurrency=1, notify_queue_max=2, notify_timeout_s=10), counters)
+    n = Notifier(settings(notify_concurrency=1, notify_queue_max=2, notify_timeout_s=10).alerting, counters)
     res = Results()
     started = time.perf_counter()
     accepted = [n.submit(hook(receiver, "/slow", i), res) for i in range(5)]
@@ -254,7 +256,8 @@ def n_ids(*ns: int) -> list[str]:
 
 
 async def test_formation_calls_are_serialized_and_superseded(receiver: Any) -> None:
-    n = Notifier(settings(notify_concurrency=4, formation_token="tok-123", formation_secret=SECRET), Counters())
+    n = Notifier(settings(notify_concurrency=4, formation_token="tok-123", formation_secret=SECRET).alerting,
+                 Counters())
     res = Results()
     for q in (2, 3, 4, 5):
         body = orjson.dumps({"quantity": q}).decode()
@@ -304,7 +307,7 @@ class KeyErrorSender:
 async def test_a_dead_worker_is_logged_and_replaced(caplog: pytest.LogCaptureFixture) -> None:
     counters = BrokenBookkeeping()
     sender = KeyErrorSender()
-    n = Notifier(settings(notify_concurrency=1), counters, senders={WEBHOOK: sender})
+    n = Notifier(settings(notify_concurrency=1).alerting, counters, senders={WEBHOOK: sender})
     res = Results()
     n.submit(Delivery("a", "a", WEBHOOK, "http://x/", "{}"), res)
     await asyncio.sleep(0.05)
@@ -329,7 +332,7 @@ async def test_a_failing_sender_costs_only_its_delivery() -> None:
             if d.id == "bad":
                 raise KeyError("bug")
 
-    n = Notifier(settings(), Counters(), senders={WEBHOOK: Broken()})
+    n = Notifier(settings().alerting, Counters(), senders={WEBHOOK: Broken()})
     res = Results()
     n.submit(Delivery("bad", "e", WEBHOOK, "http://x/", "{}"), res)
     n.submit(Delivery("good", "e", WEBHOOK, "http://x/", "{}"), res)
@@ -412,7 +415,7 @@ async def test_email_over_starttls_with_auth(smtp_starttls: tuple[Inbox, int], c
     inbox, port = smtp_starttls
     s = settings(smtp_host="127.0.0.1", smtp_port=port, smtp_tls="starttls", smtp_username="alerts",
                  smtp_password="s3cret", smtp_ca_file=str(ca[1]), smtp_from="minutely <alerts@example.com>")
-    n = Notifier(s, Counters())
+    n = Notifier(s.alerting, Counters())
     res = Results()
     n.submit(mail("ops@example.com"), res)
     await n.join()
@@ -431,12 +434,12 @@ async def test_email_bad_credentials_and_refused_recipients_are_not_retried(
     base = dict(smtp_host="127.0.0.1", smtp_port=port, smtp_tls="starttls", smtp_ca_file=str(ca[1]),
                 smtp_username="alerts")
     res = Results()
-    wrong = Notifier(settings(**base, smtp_password="wrong"), Counters())
+    wrong = Notifier(settings(**base, smtp_password="wrong").alerting, Counters())
     wrong.submit(mail("ops@example.com"), res)
     await wrong.join()
     r = res.done["ev-0/email/ops@example.com"]
     assert (r.state, r.attempts) == (FAILED, 1) and "535" in r.error
-    right = Notifier(settings(**base, smtp_password="s3cret"), Counters())
+    right = Notifier(settings(**base, smtp_password="s3cret").alerting, Counters())
     right.submit(mail("nobody@example.com", 1), res)
     right.submit(mail("later@example.com", 2), res)
     await right.join()
@@ -452,7 +455,8 @@ async def test_email_bad_credentials_and_refused_recipients_are_not_retried(
 async def test_email_over_implicit_tls_and_plaintext_refused_by_a_tls_server(
         smtp_implicit_tls: tuple[Inbox, int], ca: tuple[trustme.CA, Path]) -> None:
     inbox, port = smtp_implicit_tls
-    n = Notifier(settings(smtp_host="127.0.0.1", smtp_port=port, smtp_tls="tls", smtp_ca_file=str(ca[1])), Counters())
+    n = Notifier(settings(smtp_host="127.0.0.1", smtp_port=port, smtp_tls="tls", smtp_ca_file=str(ca[1])).alerting,
+                 Counters())
     res = Results()
     n.submit(mail("ops@example.com"), res)
     await n.join()
@@ -460,7 +464,7 @@ async def test_email_over_implicit_tls_and_plaintext_refused_by_a_tls_server(
     await n.stop()
     # The wrong TLS mode is a connection failure (retriable), bounded by the attempts.
     plain = Notifier(settings(smtp_host="127.0.0.1", smtp_port=port, smtp_tls="none", notify_timeout_s=0.5,
-                              notify_max_attempts=2), Counters())
+                              notify_max_attempts=2).alerting, Counters())
     plain.submit(mail("ops@example.com", 1), res)
     await plain.join()
     assert res.done["ev-1/email/ops@example.com"].state == FAILED
@@ -468,7 +472,7 @@ async def test_email_over_implicit_tls_and_plaintext_refused_by_a_tls_server(
 
 
 async def test_email_without_smtp_server_configured_fails_with_the_setting_named() -> None:
-    n = Notifier(settings(), Counters())
+    n = Notifier(settings().alerting, Counters())
     res = Results()
     n.submit(mail("ops@example.com"), res)
     await n.join()
@@ -482,5 +486,5 @@ async def test_email_without_smtp_server_configured_fails_with_the_setting_named
                                     {"max_monitors_per_app": 0}])
 def test_nonsensical_settings_are_refused_at_start(change: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
-        validate_settings(settings(**change))
-    validate_settings(settings())
+        validate_settings(settings(**change).alerting)
+    validate_settings(settings().alerting)

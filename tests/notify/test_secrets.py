@@ -37,7 +37,7 @@ OTHER_KEY = base64.urlsafe_b64encode(b"x" * 32).decode()
 
 @pytest.fixture
 def keyed() -> Iterator[SecretBox]:
-    """The process's box holds KEY for the test (the worker installs Settings.secrets_key at start)."""
+    """The process's box holds KEY for the test (the worker installs settings.alerting.secrets_key at start)."""
     box = use_secrets_key(KEY)
     yield box
     use_secrets_key("")
@@ -152,13 +152,13 @@ async def receiver() -> Any:
 
 
 def settings(**kw: Any) -> Settings:
-    return Settings(**{**dict(notify_timeout_s=2.0, notify_backoff_base_ms=20, notify_backoff_max_ms=100,
+    return Settings.of(**{**dict(notify_timeout_s=2.0, notify_backoff_base_ms=20, notify_backoff_max_ms=100,
                               notify_max_attempts=3, webhook_allowed_networks="127.0.0.0/8"), **kw})
 
 
 async def test_a_sealed_secret_signs_exactly_like_the_plaintext(receiver: Any, keyed: SecretBox) -> None:
     now = 1_764_000_000
-    sender = WebhookSender(timeout_s=2.0, clock_s=lambda: now, allowed_networks=allowed_networks(settings()))
+    sender = WebhookSender(timeout_s=2.0, clock_s=lambda: now, allowed_networks=allowed_networks(settings().alerting))
     try:
         stored = Delivery.from_record(delivery(target=f"{receiver.base}/hook").to_record())  # from the outbox
         assert isinstance(stored.secret, SealedSecret)
@@ -174,7 +174,7 @@ async def test_a_sealed_secret_signs_exactly_like_the_plaintext(receiver: Any, k
 
 async def test_a_missing_key_fails_that_delivery_only_and_logs_which_key(
         receiver: Any, keyed: SecretBox, caplog: pytest.LogCaptureFixture) -> None:
-    n = Notifier(settings(), Counters())
+    n = Notifier(settings().alerting, Counters())
     done: dict[str, DeliveryResult] = {}
 
     def on_done(d: Delivery, r: DeliveryResult) -> None:
@@ -200,8 +200,8 @@ async def test_a_missing_key_fails_that_delivery_only_and_logs_which_key(
 def test_settings_accept_one_or_several_keys_and_hide_them() -> None:
     for value in (KEY, f"{KEY},{OLD_KEY}", f" {KEY} , {OLD_KEY} "):
         s = Settings.from_env({"METRICS_SECRETS_KEY": value})
-        assert s.secrets_key == value and KEY not in repr(s)
-    assert Settings.from_env({}).secrets_key == ""
+        assert s.alerting.secrets_key.get_secret_value() == value and KEY not in repr(s)
+    assert Settings.from_env({}).alerting.secrets_key.get_secret_value() == ""
 
 
 @pytest.mark.parametrize("value, where", [
@@ -219,8 +219,8 @@ def test_settings_reject_a_bad_key_with_the_action(value: str, where: str) -> No
     assert "generate_key" in err.value.action
     assert KEY not in text and "not-a-key" not in text and "short" not in text
     with pytest.raises(ConfigError):
-        Settings(secrets_key=value).validate()
+        Settings.of(secrets_key=value)
 
 
 def test_keys_made_as_documented_are_valid() -> None:
-    Settings(secrets_key=Fernet.generate_key().decode()).validate()  # what docs/alerting.md's command prints
+    Settings.of(secrets_key=Fernet.generate_key().decode())  # what docs/alerting.md's command prints

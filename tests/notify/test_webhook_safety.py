@@ -269,8 +269,8 @@ async def test_failures_log_only_the_targets_origin(refusing: str, kind: str,
     path = "/services/T0001/B0002/s3cr3tPathPart?token=s3cr3tQuery"
     base = {"refused": refusing, "unreachable": f"http://127.0.0.1:{free_port()}",
             "forbidden": "http://10.1.2.3:8080"}[kind]
-    n = Notifier(Settings(notify_timeout_s=2.0, notify_backoff_base_ms=10, notify_backoff_max_ms=20,
-                          notify_max_attempts=2, webhook_allowed_networks="127.0.0.0/8"), Counters())
+    n = Notifier(Settings.of(notify_timeout_s=2.0, notify_backoff_base_ms=10, notify_backoff_max_ms=20,
+                          notify_max_attempts=2, webhook_allowed_networks="127.0.0.0/8").alerting, Counters())
     done: dict[str, Any] = {}
     caplog.set_level(logging.DEBUG)
     n.submit(Delivery("x/webhook/0", "x", WEBHOOK, base + path, "{}", secret=SECRET),

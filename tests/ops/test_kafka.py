@@ -15,8 +15,8 @@ from app.settings import Settings
 
 def test_plaintext_by_default() -> None:
     s = Settings()
-    assert kafka.client_kwargs(s) == {} and kafka.faust_kwargs(s) == {}
-    assert kafka.bootstrap(Settings(broker_url="kafka://a:9092;kafka://b:9093")) == "a:9092,b:9093"
+    assert kafka.client_kwargs(s.kafka) == {} and kafka.faust_kwargs(s.kafka) == {}
+    assert kafka.bootstrap(Settings.of(broker_url="kafka://a:9092;kafka://b:9093").kafka) == "a:9092,b:9093"
 
 
 def test_ssl_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
@@ -29,11 +29,11 @@ def test_ssl_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
                            "METRICS_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem"),
                            "METRICS_KAFKA_SSL_CERTFILE": str(tmp_path / "cert.pem"),
                            "METRICS_KAFKA_SSL_KEYFILE": str(tmp_path / "key.pem")})
-    kw = kafka.client_kwargs(s)
+    kw = kafka.client_kwargs(s.kafka)
     ctx = kw["ssl_context"]
     assert kw["security_protocol"] == "SSL" and isinstance(ctx, ssl.SSLContext)
     assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
-    assert isinstance(kafka.faust_kwargs(s)["broker_credentials"], ssl.SSLContext)
+    assert isinstance(kafka.faust_kwargs(s.kafka)["broker_credentials"], ssl.SSLContext)
 
 
 @pytest.mark.parametrize("env, match", [
@@ -55,17 +55,17 @@ def test_sasl_reaches_aiokafka_and_faust_alike(protocol: str, mechanism: str) ->
 
     s = Settings.from_env({"METRICS_KAFKA_SECURITY_PROTOCOL": protocol, "METRICS_KAFKA_SASL_MECHANISM": mechanism,
                            "METRICS_KAFKA_SASL_USERNAME": "svc", "METRICS_KAFKA_SASL_PASSWORD": "s3cret"})
-    kw = kafka.client_kwargs(s)
+    kw = kafka.client_kwargs(s.kafka)
     assert (kw["security_protocol"], kw["sasl_mechanism"]) == (protocol, mechanism)
     assert (kw["sasl_plain_username"], kw["sasl_plain_password"]) == ("svc", "s3cret")
     assert isinstance(kw.get("ssl_context"), ssl.SSLContext) == (protocol == "SASL_SSL")
-    creds = kafka.faust_kwargs(s)["broker_credentials"]
+    creds = kafka.faust_kwargs(s.kafka)["broker_credentials"]
     assert isinstance(creds, SASLCredentials) and creds.protocol.value == protocol
     assert (creds.username, creds.password, creds.mechanism.value) == ("svc", "s3cret", mechanism)
     assert "s3cret" not in repr(s)  # settings may be logged; the password is not in their repr
 
 
 def test_unreadable_tls_files_name_the_settings(tmp_path: Path) -> None:
-    s = Settings(kafka_security_protocol="SSL", kafka_ssl_cafile=str(tmp_path / "missing.pem"))
+    s = Settings.of(kafka_security_protocol="SSL", kafka_ssl_cafile=str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigError, match="KAFKA_SSL_CAFILE"):
-        kafka.client_kwargs(s)
+        kafka.client_kwargs(s.kafka)

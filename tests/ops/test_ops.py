@@ -22,7 +22,7 @@ from app.errors import RetriableError, StoreError, StoreUnavailable
 from app.ops import health as ops
 from app.ops import kafka, logs, topics
 from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, Counters
-from app.settings import Settings
+from app.settings import KafkaSettings, Settings
 from app.storage.dynamodb import DynamoStore
 from app.storage.protocol import MetricItem
 from tests.api.test_query import MemoryStore
@@ -325,7 +325,7 @@ async def test_sink_records_batch_latency_including_retries() -> None:
         await asyncio.sleep(0.02)
 
     counters = Counters()
-    sink = Sink(Flaky(ManualClock()), Settings(), dead_letter=no_dlq, counters=counters, sleep=sleep)
+    sink = Sink(Flaky(ManualClock()), Settings().storage, dead_letter=no_dlq, counters=counters, sleep=sleep)
     record = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_000_000, "res_s": 60})
     await sink.write([record])
     h = counters.histograms["sink_batch_seconds"]
@@ -345,7 +345,7 @@ async def test_sink_records_no_latency_for_a_batch_refused_for_good() -> None:
 
     counters = Counters()
     record = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_000_000, "res_s": 60})
-    await Sink(Refusing(ManualClock()), Settings(), dead_letter=dlq, counters=counters).write([record])
+    await Sink(Refusing(ManualClock()), Settings().storage, dead_letter=dlq, counters=counters).write([record])
     assert counters.histograms["sink_batch_seconds"].count == 0 and len(dead) == 1
 
 
@@ -367,7 +367,7 @@ async def test_store_counts_unprocessed_items() -> None:
         return None
 
     counters = Counters()
-    store = DynamoStore(Settings(), sleep=no_sleep, jitter=lambda: 0.0, counters=counters)
+    store = DynamoStore(Settings().storage, Settings().dynamodb, sleep=no_sleep, jitter=lambda: 0.0, counters=counters)
     client = Client()
     store._client = client  # the transport is what this test replaces; put_many's own logic runs
     await store.put_many([MetricItem("shop", "web", 60, 1_764_000_000 + 60 * i, b"{}") for i in range(5)])
@@ -475,8 +475,8 @@ def test_setup_json_logging_configures_the_root_logger(capsys: pytest.CaptureFix
 def test_ensure_topics_command_uses_the_bootstrap_servers(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, int]] = []
 
-    async def fake_ensure_topics(bootstrap: str, settings: Settings) -> list[str]:
-        seen.append((bootstrap, settings.partitions))
+    async def fake_ensure_topics(bootstrap: str, kafka: KafkaSettings) -> list[str]:
+        seen.append((bootstrap, kafka.partitions))
         return ["observations"]
 
     import app.ops.topics
@@ -514,7 +514,7 @@ async def test_tenant_readyz_says_only_ready_or_not_and_the_admin_port_says_why(
         a.router.add_get("/extra", ops.healthz)
 
     tenant = web.Application()
-    admin = ops.add_admin_port(tenant, Settings(admin_port=0), counters=Counters(), checks={"dynamodb": flaky},
+    admin = ops.add_admin_port(tenant, Settings.of(admin_port=0).ops, counters=Counters(), checks={"dynamodb": flaky},
                                routes=extra)
     tenant[ops.READINESS_KEY].cache_s = 0
     client = await aiohttp_client(tenant)
@@ -551,7 +551,7 @@ async def test_an_admin_port_in_use_is_a_config_error_naming_the_setting() -> No
         held.bind(("127.0.0.1", 0))
         held.listen()
         tenant = web.Application()
-        ops.add_admin_port(tenant, Settings(admin_port=held.getsockname()[1]), counters=Counters(), checks={})
+        ops.add_admin_port(tenant, Settings.of(admin_port=held.getsockname()[1]).ops, counters=Counters(), checks={})
         with pytest.raises(ConfigError, match="METRICS_ADMIN_PORT"):
             await web.AppRunner(tenant).setup()  # not aiohttp_client: its session would leak when startup fails
 

@@ -3,8 +3,6 @@ bad value is a ConfigError saying what to fix instead of a statement someone els
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from app.errors import ConfigError
@@ -59,19 +57,22 @@ def test_anything_but_a_map_of_class_and_values_is_refused(value: str) -> None:
 
 
 def test_schema_uses_only_checked_values() -> None:
-    cql = schema(Settings())
+    cql = schema(Settings().cassandra)
     assert cql[0] == ("CREATE KEYSPACE IF NOT EXISTS minutely WITH replication = "
                       "{'class': 'SimpleStrategy', 'replication_factor': 1}")
     with pytest.raises(ConfigError):
-        schema(replace(Settings(), cassandra_keyspace="minutely.items; --"))
+        schema(Settings.of(cassandra_keyspace="minutely.items; --").cassandra)
     with pytest.raises(ConfigError):
-        schema(replace(Settings(), cassandra_replication="{'class': 'SimpleStrategy'} AND durable_writes = false"))
+        schema(Settings.of(cassandra_replication="{'class': 'SimpleStrategy'} AND durable_writes = false").cassandra)
 
 
 def test_a_session_is_refused_at_start_on_a_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CassandraSession, "_shared", {})
     with pytest.raises(ConfigError):
-        CassandraSession.of(replace(Settings(), store="cassandra", cassandra_keyspace="x y"))
+        bad = Settings.of(store="cassandra", cassandra_keyspace="x y")
+        CassandraSession.of(bad.storage, bad.cassandra)
     with pytest.raises(ConfigError):
-        cassandra.CassandraStore(replace(Settings(), store="cassandra", cassandra_replication="{'class': x}"))
-    assert CassandraSession.of(replace(Settings(), store="cassandra")).settings.cassandra_keyspace == "minutely"
+        bad = Settings.of(store="cassandra", cassandra_replication="{'class': x}")
+        cassandra.CassandraStore(bad.storage, bad.cassandra)
+    good = Settings.of(store="cassandra")
+    assert CassandraSession.of(good.storage, good.cassandra).cassandra.keyspace == "minutely"

@@ -30,7 +30,7 @@ E = acsylla.errors
     (TimeoutError(), StoreUnavailable),
 ])
 def test_operator_errors_are_fatal(exc: BaseException, kind: type[Exception]) -> None:
-    err = classify(exc, operation="INSERT items", settings=Settings())
+    err = classify(exc, operation="INSERT items", cassandra=Settings().cassandra, storage=Settings().storage)
     assert type(err) is kind and err.action
     assert err.retriable is (kind is StoreUnavailable)
 
@@ -38,9 +38,9 @@ def test_operator_errors_are_fatal(exc: BaseException, kind: type[Exception]) ->
 def test_grants_and_credentials_say_what_to_fix() -> None:
     s = Settings()
     assert "grant this role MODIFY" in classify(E.CassErrorServerUnauthorized("x"), operation="INSERT items",
-                                                settings=s).action
+                                                cassandra=s.cassandra, storage=s.storage).action
     assert "CASSANDRA_PASSWORD" in classify(E.CassErrorServerBadCredentials("x"), operation="connect",
-                                            settings=s).action
+                                            cassandra=s.cassandra, storage=s.storage).action
 
 
 class FakeSession:
@@ -54,7 +54,7 @@ class FakeSession:
 
 async def test_an_oversize_item_is_refused_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cassandra, "MAX_VALUE_BYTES", 1000)
-    store = CassandraStore(Settings(), clock=ManualClock((T0 + 60) * 1000))
+    store = CassandraStore(Settings().storage, Settings().cassandra, clock=ManualClock((T0 + 60) * 1000))
     fake = FakeSession()
     monkeypatch.setattr(store, "db", type("DB", (), {"rows": fake.rows_})())
     ok = MetricItem("shop", "web", 60, T0, b'{"ok":1}')

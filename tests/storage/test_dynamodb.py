@@ -14,7 +14,6 @@ import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -92,9 +91,9 @@ async def make_store(aws: None) -> AsyncIterator[StoreFactory]:
                    jitter: Callable[[], float] = lambda: 1.0, **overrides: Any) -> DynamoStore:
         values: dict[str, Any] = {"table_name": f"test-{uuid.uuid4().hex[:12]}", "dynamodb_endpoint": ""}
         values.update(overrides)
-        settings = replace(Settings(), **values)
-        store = DynamoStore(settings, clock=clock or ManualClock(NOW_MS), sleep=sleep or Sleeps(),
-                            jitter=jitter)
+        settings = Settings.of(**values)
+        store = DynamoStore(settings.storage, settings.dynamodb, clock=clock or ManualClock(NOW_MS),
+                            sleep=sleep or Sleeps(), jitter=jitter)
         await store.start()
         stores.append(store)
         return store
@@ -154,7 +153,7 @@ async def test_round_trip_range_is_half_open_and_sorted(make_store: StoreFactory
     assert await store.query("shop", "web", 600, 0, T0 + 10**6) == [item(T0 + 60, b"10m", res=600)]
     assert await store.query("nobody", "web", 60, 0, T0 + 10**6) == []
     raw = await raw_item(store, "shop#web#60", T0)
-    assert raw["expires_at"] == {"N": str(T0 + store._settings.ttl_s)}
+    assert raw["expires_at"] == {"N": str(T0 + store.storage.ttl_s)}
     assert "z" not in raw
 
 
@@ -388,7 +387,8 @@ async def test_missing_table_is_not_retriable_and_says_what_to_do(make_store: St
     (client_error("SomethingNew", 400), False),
 ])
 def test_error_classification(exc: BaseException, retriable: bool) -> None:
-    err = classify_error(exc, operation="BatchWriteItem", table="t", settings=Settings())
+    err = classify_error(exc, operation="BatchWriteItem", table="t", dynamodb=Settings().dynamodb,
+                         storage=Settings().storage)
     assert err.retriable is retriable
     assert isinstance(err, StoreUnavailable if retriable else StoreError)
     assert err.action
@@ -408,7 +408,8 @@ def test_error_classification(exc: BaseException, retriable: bool) -> None:
 def test_operator_errors_are_fatal_and_item_errors_are_not(exc: BaseException, fatal: bool) -> None:
     """Fatal: every request fails until an operator acts, so no item may be dead-lettered for it. Not fatal:
     this item is refused, another may pass."""
-    err = classify_error(exc, operation="BatchWriteItem", table="metrics", settings=Settings())
+    err = classify_error(exc, operation="BatchWriteItem", table="metrics", dynamodb=Settings().dynamodb,
+                         storage=Settings().storage)
     assert isinstance(err, StoreError) and not err.retriable
     assert isinstance(err, StoreFatal) is fatal
     assert err.action
@@ -416,7 +417,7 @@ def test_operator_errors_are_fatal_and_item_errors_are_not(exc: BaseException, f
 
 def test_access_denied_names_the_permission() -> None:
     err = classify_error(client_error("AccessDeniedException"), operation="Query", table="metrics",
-                         settings=Settings())
+                         dynamodb=Settings().dynamodb, storage=Settings().storage)
     assert "grant dynamodb:Query on table metrics" in err.action
 
 
@@ -454,17 +455,17 @@ async def test_hash_in_names_is_refused(make_store: StoreFactory) -> None:
 
 
 async def test_use_before_start_is_a_programming_error() -> None:
-    store = DynamoStore(Settings())
+    store = DynamoStore(Settings().storage, Settings().dynamodb)
     with pytest.raises(RuntimeError):
         await store.put_many([item(T0)])
 
 
 def test_emulator_gets_dummy_credentials_only_without_real_ones() -> None:
-    local = replace(Settings(), dynamodb_endpoint="http://127.0.0.1:8000")
-    assert client_credentials(local, {}) == {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
-    assert client_credentials(local, {"AWS_ACCESS_KEY_ID": "AKIA..."}) == {}
-    assert client_credentials(local, {"AWS_PROFILE": "dev"}) == {}
-    assert client_credentials(Settings(dynamodb_endpoint=""), {}) == {}  # AWS: the standard chain decides
+    local = Settings.of(dynamodb_endpoint="http://127.0.0.1:8000")
+    assert client_credentials(local.dynamodb, {}) == {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+    assert client_credentials(local.dynamodb, {"AWS_ACCESS_KEY_ID": "AKIA..."}) == {}
+    assert client_credentials(local.dynamodb, {"AWS_PROFILE": "dev"}) == {}
+    assert client_credentials(Settings.of(dynamodb_endpoint="").dynamodb, {}) == {}  # AWS: the standard chain decides
 
 
 async def test_bulk_compression_runs_off_the_event_loop(make_store: StoreFactory,
@@ -495,9 +496,10 @@ async def test_unreachable_endpoint_is_retriable() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing listens there
-    settings = replace(Settings(), dynamodb_endpoint=f"http://127.0.0.1:{port}", create_table=False,
-                       max_attempts=0, connect_timeout_s=1.0)  # botocore: 0 retries, one request
-    store = DynamoStore(settings)
+    # botocore: 0 retries, one request
+    settings = Settings.of(dynamodb_endpoint=f"http://127.0.0.1:{port}", create_table=False, max_attempts=0,
+                           connect_timeout_s=1.0)
+    store = DynamoStore(settings.storage, settings.dynamodb)
     await store.start()
     try:
         with pytest.raises(StoreUnavailable) as err:
@@ -511,8 +513,8 @@ async def test_unreachable_endpoint_is_retriable() -> None:
 
 async def test_start_with_dynamodb_down_keeps_running_and_ping_reports() -> None:
     """A process started while DynamoDB is unreachable stays up (not ready) instead of crash-looping."""
-    s = Settings(dynamodb_endpoint="http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0, table_name="down")
-    store = DynamoStore(s)
+    s = Settings.of(dynamodb_endpoint="http://127.0.0.1:9", connect_timeout_s=0.2, max_attempts=0, table_name="down")
+    store = DynamoStore(s.storage, s.dynamodb)
     await store.start()
     try:
         with pytest.raises(StoreUnavailable):

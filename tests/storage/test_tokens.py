@@ -64,7 +64,7 @@ def table() -> CountingTable:
 
 @pytest.fixture
 def store(table: CountingTable) -> TokenStore:
-    return TokenStore(Settings(), table=table, clock=ManualClock(NOW_MS))
+    return TokenStore(Settings().web, table=table, clock=ManualClock(NOW_MS))
 
 
 # --- M1: junk and floods --------------------------------------------------------------------------------
@@ -154,11 +154,12 @@ Stores = tuple[Callable[[str], FollowingTokens], dict[str, DynamoTokens], dict[s
 @pytest.fixture
 async def stores(aws: None) -> AsyncIterator[Stores]:  # noqa: F811
     uid = uuid.uuid4().hex[:8]
-    settings = replace(Settings(), dynamodb_endpoint="", create_table=True, table_name=f"a-{uid}")
+    settings = Settings.of(dynamodb_endpoint="", create_table=True, table_name=f"a-{uid}")
     a, b = f"dynamodb:a-{uid}", f"dynamodb:b-{uid}"
     states = {"single_a": MigrationState("single", a), "dual": MigrationState("dual_write", a, b),
               "single_b": MigrationState("single", b, a)}
-    raw = {spec: DynamoTokens(replace(settings, table_name=spec.partition(":")[2])) for spec in (a, b)}
+    at = {spec: settings.replace(table_name=spec.partition(":")[2]) for spec in (a, b)}
+    raw = {spec: DynamoTokens(s.storage, s.dynamodb) for spec, s in at.items()}
     for t in raw.values():
         await t.start()
     made: list[FollowingTokens] = []
@@ -177,7 +178,7 @@ async def stores(aws: None) -> AsyncIterator[Stores]:  # noqa: F811
 
 async def test_revoke_writes_a_tombstone_to_every_store_of_the_migration(stores: Stores) -> None:
     following, raw, _ = stores
-    dual = TokenStore(Settings(), table=following("dual"))
+    dual = TokenStore(Settings().web, table=following("dual"))
     await dual.start()
     tok, info = await dual.create("shop", "drain")
     assert (await raw["a"].get_token(digest(tok))) == info == (await raw["b"].get_token(digest(tok)))
@@ -186,7 +187,7 @@ async def test_revoke_writes_a_tombstone_to_every_store_of_the_migration(stores:
         got = await t.get_token(digest(tok))
         assert got is not None and got.revoked_s > 0 and got.app == "shop"
     for phase in ("single_a", "dual", "single_b"):  # before, during and after the move
-        fresh = TokenStore(Settings(), table=following(phase))
+        fresh = TokenStore(Settings().web, table=following(phase))
         assert await fresh.verify(tok, "drain") is None, phase
         assert await fresh.list() == []
 
@@ -194,19 +195,19 @@ async def test_revoke_writes_a_tombstone_to_every_store_of_the_migration(stores:
 async def test_a_tombstone_in_either_store_wins_over_the_live_copy_in_the_other(stores: Stores) -> None:
     following, raw, _ = stores
     # Revoked by a process still in single(A), after `migration start` had copied the live token to B:
-    single = TokenStore(Settings(), table=following("single_a"))
+    single = TokenStore(Settings().web, table=following("single_a"))
     tok, info = await single.create("shop", "read")
     await raw["b"].put_token(digest(tok), info)  # the copy
     assert await single.revoke(info.id)
     assert (await raw["b"].get_token(digest(tok))) == info  # B missed it
-    assert await TokenStore(Settings(), table=following("dual")).verify(tok, "read") is None
+    assert await TokenStore(Settings().web, table=following("dual")).verify(tok, "read") is None
     # The other way round: only the target holds the tombstone (a revocation that failed half-way).
-    tok2, info2 = await TokenStore(Settings(), table=following("dual")).create("shop", "read")
+    tok2, info2 = await TokenStore(Settings().web, table=following("dual")).create("shop", "read")
     await raw["b"].put_token(digest(tok2), replace(info2, revoked_s=123))
-    assert await TokenStore(Settings(), table=following("dual")).verify(tok2, "read") is None
+    assert await TokenStore(Settings().web, table=following("dual")).verify(tok2, "read") is None
     # Revoking again during the migration completes it in every store, so single(B) agrees after finish.
-    assert await TokenStore(Settings(), table=following("dual")).revoke(info.id)
-    assert await TokenStore(Settings(), table=following("single_b")).verify(tok, "read") is None
+    assert await TokenStore(Settings().web, table=following("dual")).revoke(info.id)
+    assert await TokenStore(Settings().web, table=following("single_b")).verify(tok, "read") is None
 
 
 async def test_a_copy_of_a_live_token_never_undoes_a_tombstone(stores: Stores) -> None:
@@ -226,7 +227,7 @@ async def test_revoke_finds_a_token_only_the_target_holds(stores: Stores) -> Non
     following, raw, _ = stores
     info = TokenInfo(digest("t")[:12], "shop", "write", 1)
     await raw["b"].put_token(digest("t"), info)
-    assert await TokenStore(Settings(), table=following("dual")).revoke(info.id)
+    assert await TokenStore(Settings().web, table=following("dual")).revoke(info.id)
     got = await raw["b"].get_token(digest("t"))
     assert got is not None and got.revoked_s > 0
 
@@ -236,14 +237,14 @@ async def test_an_unreachable_target_does_not_stop_verification(stores: Stores,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     following, _raw, states = stores
     f = following("dual")
-    tok, info = await TokenStore(Settings(), table=f).create("shop", "drain")
+    tok, info = await TokenStore(Settings().web, table=f).create("shop", "drain")
     target = await f.table(states["dual"].target)
 
     async def down(key: str) -> Any:
         raise StoreUnavailable("GetItem failed: could not connect", action="check the endpoint")
 
     monkeypatch.setattr(target, "get_token", down)
-    assert await TokenStore(Settings(), table=f).verify(tok, "drain") == info
+    assert await TokenStore(Settings().web, table=f).verify(tok, "drain") == info
     assert "revocations not consulted" in caplog.text
 
 
@@ -256,7 +257,7 @@ async def test_a_client_guessing_tokens_costs_the_store_nothing_past_its_budget(
     from app.ops.stats import Counters
 
     counters = Counters()
-    store = TokenStore(replace(Settings(), auth_failures_per_s=1.0, auth_failures_burst=5), table=table, clock=clock,
+    store = TokenStore(Settings.of(auth_failures_per_s=1.0, auth_failures_burst=5).web, table=table, clock=clock,
                        counters=counters)
     known, _ = await store.create("shop", "drain")
     new, _ = await store.create("blog", "drain")

@@ -321,7 +321,7 @@ def limited(**given: int) -> Any:
     from app.limits import AppLimits
     from app.settings import Settings
 
-    lim = replace(AppLimits.defaults(Settings()), **given)
+    lim = replace(AppLimits.defaults(Settings().limits), **given)
     return lambda app: lim
 
 
@@ -393,7 +393,7 @@ def test_a_limit_override_applies_to_one_app_and_without_a_restart(clock: Manual
     from app.limits import Limits, parse_overrides
     from app.settings import Settings
 
-    limits = Limits(Settings(limit_process_types=2))
+    limits = Limits(Settings.of(limit_process_types=2).limits)
     pw = _limited_pw(clock, limits.of)
     six = [router(T0 + i, app=a, dyno=f"p{i}.1") for a in ("shop", "blog") for i in range(6)]
     r = ingest(pw, 0, msg(*six))

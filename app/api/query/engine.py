@@ -95,7 +95,7 @@ class QueryEngine(Protocol):
 
 class MetricsQuery:
     """``partition_of``: app -> the metrics-1m partition whose watermark covers it; by default Kafka's
-    partitioner over ``settings.partitions``, as the producers use."""
+    partitioner over ``settings.kafka.partitions``, as the producers use."""
 
     def __init__(self, store: MetricsStore, live: LiveSource | None = None, *, settings: Settings | None = None,
                  counters: Counters | None = None, clock: Clock | None = None,
@@ -105,16 +105,16 @@ class MetricsQuery:
         self.settings = settings or Settings()
         self.counters = counters
         self.clock = clock or SystemClock()
-        parts = self.settings.partitions
+        parts = self.settings.kafka.partitions
         self.progress = ProgressWatch(store, partition_of or (lambda app: kafka_partition_of(app, parts)),
-                                      self._forget, settings=self.settings, counters=counters)
-        eighth = self.settings.query_cache_max_bytes // 8
-        self.final = FinalSeries(store, self.progress.epoch, settings=self.settings, counters=counters,
+                                      self._forget, query=self.settings.query, partitions=parts, counters=counters)
+        eighth = self.settings.query.cache_max_bytes // 8
+        self.final = FinalSeries(store, self.progress.epoch, query=self.settings.query, counters=counters,
                                  max_bytes=4 * eighth)
         self._answers: ByteLRU[AnswerKey, tuple[Answer, int, _Prefix | None]] = ByteLRU(3 * eighth)
         """rendered answer, fresh until (ms), reusable prefix; kept STALE_GRACE_S longer for
         stale-while-revalidate"""
-        self.tail = LiveTail(store, live, self.progress.epoch, settings=self.settings, counters=counters,
+        self.tail = LiveTail(store, live, self.progress.epoch, query=self.settings.query, counters=counters,
                              clock=self.clock, max_bytes=eighth)
         self._inflight: dict[AnswerKey, asyncio.Future[Answer]] = {}
         self._refreshes: set[asyncio.Future[Answer]] = set()
@@ -178,7 +178,7 @@ class MetricsQuery:
             epoch = self.progress.epoch(key[0])
             ans, prefix = await self._compute(*key, now_ms, prev)
             s = self.settings
-            fresh_ms = int((s.query_cache_max_age_s if ans.final else s.query_tail_ttl_s) * 1000)
+            fresh_ms = int((s.query.cache_max_age_s if ans.final else s.query.tail_ttl_s) * 1000)
             if fresh_ms > 0 and epoch == self.progress.epoch(key[0]):
                 keep_ms = fresh_ms if ans.final else fresh_ms + int(STALE_GRACE_S * 1000)
                 self._answers.put(key, (ans, now_ms + fresh_ms, None if ans.final else prefix),
@@ -210,9 +210,9 @@ class MetricsQuery:
                        prev: _Prefix | None = None) -> tuple[Answer, _Prefix]:
         now_s = now_ms // 1000
         # Final: settled, and stored (the app's partition's stored-through watermark has passed its end).
-        edge = bucket_of(min(now_s - int(self.settings.query_settle_s), max(self.stored_through_s(app), 0)), res)
+        edge = bucket_of(min(now_s - int(self.settings.query.settle_s), max(self.stored_through_s(app), 0)), res)
         # Items expire ts + ttl after their bucket start (app/storage/dynamodb.py); cached ones must too.
-        oldest = now_s - self.settings.ttl_s
+        oldest = now_s - self.settings.storage.ttl_s
         final_hi = min(until, edge)
         # The live edge is read while the final part is: the two store reads overlap.
         tail_task = (asyncio.ensure_future(self.tail.points(app, proc, res, max(since, edge), until))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from app.api.query.cache import POINT_OVERHEAD_BYTES, ByteLRU, SeriesKey
 from app.api.query.points import OFFLOAD_ITEMS, decode_item, merge_buckets
 from app.ops.stats import CounterName, Counters
-from app.settings import WINDOW_S, Settings
+from app.settings import WINDOW_S, QuerySettings
 from app.storage.protocol import SUMMARY, MetricsStore
 from tables.aggregate import bucket_of
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, point_json
@@ -48,11 +48,11 @@ class FinalSeries:
     ``epoch``: app -> its partition's invalidation epoch (:class:`ProgressWatch.epoch`); a range read while
     it moved is returned but not cached."""
 
-    def __init__(self, store: MetricsStore, epoch: Callable[[str], int], *, settings: Settings,
+    def __init__(self, store: MetricsStore, epoch: Callable[[str], int], *, query: QuerySettings,
                  counters: Counters | None = None, max_bytes: int) -> None:
         self.store = store
         self.epoch = epoch
-        self.settings = settings
+        self.query = query
         self.counters = counters
         self.cache: ByteLRU[SeriesKey, Series] = ByteLRU(max_bytes)
 
@@ -63,7 +63,7 @@ class FinalSeries:
     def cached(self, skey: SeriesKey, now_ms: int) -> Series | None:
         """The cached final range of a series, unless it is due for a re-read."""
         s = self.cache.get(skey, now_ms)
-        if s is not None and now_ms - s.filled_ms > self.settings.query_cache_max_age_s * 1000:
+        if s is not None and now_ms - s.filled_ms > self.query.cache_max_age_s * 1000:
             return None
         return s
 
@@ -84,8 +84,8 @@ class FinalSeries:
                 s.points.update(await self._fetch(app, proc, res, s.hi, hi))
                 s.hi = hi
                 s.version += 1
-        if self.settings.query_cache_max_bytes > 0 and epoch == self.epoch(app):
-            self.cache.put(skey, s, s.size(), s.filled_ms + int(self.settings.query_cache_max_age_s * 1000) + 1)
+        if self.query.cache_max_bytes > 0 and epoch == self.epoch(app):
+            self.cache.put(skey, s, s.size(), s.filled_ms + int(self.query.cache_max_age_s * 1000) + 1)
         return [(ts, s.points[ts]) for ts in sorted(s.points) if lo <= ts < hi], s
 
     async def _fetch(self, app: str, proc: str, res: int, lo: int, hi: int) -> dict[int, bytes]:
@@ -93,7 +93,7 @@ class FinalSeries:
         A block span without a usable block falls back to the digests (written before blocks existed, a
         ``partial`` block), unless a later block vouches that the span had no data; with rollups off,
         coarser points are merged from minutes."""
-        if res != WINDOW_S and not self.settings.query_use_rollups:
+        if res != WINDOW_S and not self.query.use_rollups:
             return await self._fetch_digests(app, proc, res, lo, hi)
         span_s = BLOCK_SPAN_S[res]
         first = bucket_of(lo, span_s)
@@ -137,7 +137,7 @@ class FinalSeries:
     async def _fetch_digests(self, app: str, proc: str, res: int, lo: int, hi: int) -> dict[int, bytes]:
         """Points in ``[lo, hi)`` computed from digest items: minutes, rollup items, or (rollups off)
         minutes merged now."""
-        if res == WINDOW_S or self.settings.query_use_rollups:
+        if res == WINDOW_S or self.query.use_rollups:
             items = await self.store.query(app, proc, res, lo, hi)
             self._count("query_items_read", len(items))
 

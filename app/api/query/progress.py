@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from app.errors import PipelineError
 from app.ops.stats import CounterName, Counters
-from app.settings import Settings
+from app.settings import QuerySettings
 from app.storage.protocol import MetricsStore
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,14 @@ class ProgressWatch:
     for the apps concerned and bumps their partition's epoch: a computation that started before reads the
     epoch again before caching, and does not cache what it read."""
 
-    def __init__(self, store: MetricsStore, partition_of: PartitionOf, forget: Forget, *, settings: Settings,
-                 counters: Counters | None = None) -> None:
+    def __init__(self, store: MetricsStore, partition_of: PartitionOf, forget: Forget, *, query: QuerySettings,
+                 partitions: int, counters: Counters | None = None) -> None:
+        """``partitions``: of metrics-1m (METRICS_PARTITIONS), to notice watermarks of partitions beyond it."""
         self.store = store
         self.partition_of = partition_of
         self.forget = forget
-        self.settings = settings
+        self.query = query
+        self.partitions = partitions
         self.counters = counters
         self._through_ms: dict[int, int] = {}
         """Stored-through watermark per metrics-1m partition, as last read (agents/progress.py)."""
@@ -55,7 +57,7 @@ class ProgressWatch:
         """Called by every request: the first one waits for the watermarks, later ones start a refresh once
         the interval has passed and go on with the last watermarks (at most one interval old); answers
         computed meanwhile are not cached past a change the refresh finds."""
-        if now_ms - self._read_ms >= self.settings.progress_interval_s * 1000:
+        if now_ms - self._read_ms >= self.query.progress_interval_s * 1000:
             if self._read_ms < 0:
                 await self.read(now_ms)  # nothing known yet: wait for the first read
             elif self._reading is None:
@@ -75,12 +77,12 @@ class ProgressWatch:
         try:
             progress = await self.store.progress()
             self._read_ms = now_ms
-            beyond = [pr.partition for pr in progress if pr.partition >= self.settings.partitions]
+            beyond = [pr.partition for pr in progress if pr.partition >= self.partitions]
             if beyond and not self._warned_partitions:
                 self._warned_partitions = True
                 log.error("the workers publish watermarks of partitions %s, beyond METRICS_PARTITIONS=%d: set "
                           "METRICS_PARTITIONS on this process to the topics' partition count, or apps are "
-                          "mapped to the wrong partition's watermark", beyond, self.settings.partitions)
+                          "mapped to the wrong partition's watermark", beyond, self.partitions)
             for pr in progress:
                 if pr.stored_through_ms < self._through_ms.get(pr.partition, -1):
                     self.invalidate_partition(pr.partition)  # moved back: a backlog of old data
@@ -89,7 +91,7 @@ class ProgressWatch:
                     if changed_ms > self._seen_changes.get(app, -1):
                         self._seen_changes[app] = changed_ms
                         self.invalidate(app)
-            keep_ms = int(self.settings.query_cache_max_age_s * 1000)
+            keep_ms = int(self.query.cache_max_age_s * 1000)
             self._seen_changes = {a: ms for a, ms in self._seen_changes.items() if now_ms - ms < 2 * keep_ms}
             if self.counters is not None and progress:
                 self.counters.set("query_watermark_lag_seconds",

@@ -16,7 +16,7 @@ from app.api.query.cache import POINT_OVERHEAD_BYTES, AnswerKey, ByteLRU
 from app.api.query.points import OFFLOAD_ITEMS, decode_item, merge_buckets
 from app.clock import Clock
 from app.ops.stats import CounterName, Counters
-from app.settings import WINDOW_S, Settings
+from app.settings import WINDOW_S, QuerySettings
 from app.storage.protocol import SUMMARY, MetricItem, MetricsStore
 from tables.aggregate import Aggregate, bucket_of
 from tables.summary import SummaryBlock, block_of, point_json
@@ -75,11 +75,11 @@ class LiveTail:
     cached."""
 
     def __init__(self, store: MetricsStore, live: LiveSource | None, epoch: Callable[[str], int], *,
-                 settings: Settings, counters: Counters | None = None, clock: Clock, max_bytes: int) -> None:
+                 query: QuerySettings, counters: Counters | None = None, clock: Clock, max_bytes: int) -> None:
         self.store = store
         self.live = live
         self.epoch = epoch
-        self.settings = settings
+        self.query = query
         self.counters = counters
         self.clock = clock
         self.cache: ByteLRU[AnswerKey, _TailCache] = ByteLRU(max_bytes)
@@ -112,8 +112,8 @@ class LiveTail:
                           and not cached.holds(m, res) for m in open_now) and res != WINDOW_S
         t = _TailCache()
         if (cached.lo != lo or waiting or unmergeable
-                or now_ms - cached.read_ms >= self.settings.query_tail_read_interval_s * 1000
-                or self.settings.query_cache_max_bytes <= 0):
+                or now_ms - cached.read_ms >= self.query.tail_read_interval_s * 1000
+                or self.query.cache_max_bytes <= 0):
             await self._read(t, cached, app, proc, res, lo, hi, open_now)
             t.read_ms = now_ms
             t.pending = frozenset(ts for ts in waiting if lo <= ts < hi and ts not in t.minutes
@@ -170,8 +170,8 @@ class LiveTail:
         fresh = await asyncio.to_thread(build) if decode > OFFLOAD_ITEMS and not live else build()
         t.points.update((b, rendered[b]) for b in reuse)
         t.points.update((b, (tuple(inputs[b]), p)) for b, p in fresh.items() if b in inputs and b not in dirty)
-        if self.settings.query_cache_max_bytes > 0 and epoch == self.epoch(app):
-            self.cache.put(tkey, t, t.size(), now_ms + int(self.settings.query_cache_max_age_s * 1000))
+        if self.query.cache_max_bytes > 0 and epoch == self.epoch(app):
+            self.cache.put(tkey, t, t.size(), now_ms + int(self.query.cache_max_age_s * 1000))
         points = {**fresh, **reuse}
         return [(b, points[b]) for b in sorted(points)]
 
@@ -179,7 +179,7 @@ class LiveTail:
                          hi: int, open_now: frozenset[int]) -> None:
         """The stored items of the live edge into ``t``: block points; rollup items for the buckets a point
         cannot serve; then the minutes neither holds."""
-        rollups_on = res == WINDOW_S or self.settings.query_use_rollups
+        rollups_on = res == WINDOW_S or self.query.use_rollups
         if rollups_on:
             blocks = await self.store.query(app, proc, res, block_of(lo, res), hi, SUMMARY)
             self._count("query_items_read", len(blocks))
@@ -209,7 +209,7 @@ class LiveTail:
                 else:
                     held.update(int(m) for m in orjson.loads(it.payload).get("mins", ()))
 
-        if res != WINDOW_S and self.settings.query_use_rollups:
+        if res != WINDOW_S and self.query.use_rollups:
             await read_rollups([b for b in range(lo, hi, res) if b not in t.base])
         # Buckets are contiguous from lo: minutes are needed from the first bucket with neither, or after
         # the newest minute they hold.
