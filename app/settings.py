@@ -208,7 +208,7 @@ class WindowSettings(Section):
     """Keep a closed minute in the window table this long after it was emitted; a worker restarted within
     it sends the minute again, identical (``minutes_resent``). Off by default: it was a workaround for
     restarted sinks skipping minutes emitted but not stored, whose cause was Faust's consumer
-    (app/faust_patches.py fixes it; README "Windows"). Set e.g. 30 for a second line of defence."""
+    (app/faust_patches.py fixes it; docs/design/windows.md). Set e.g. 30 for a second line of defence."""
     max_future_s: float = Field(300.0, validation_alias="METRICS_MAX_FUTURE_S")
     """Events stamped further than this ahead of the wall clock are rejected (they would close windows
     of everyone else on the partition)."""
@@ -270,7 +270,8 @@ class StorageSettings(Section):
 
     backend: str = Field("dynamodb", validation_alias="METRICS_STORE")
     """Where minutes, rollups, summary blocks, events, tokens and frame ids live: ``dynamodb`` or
-    ``cassandra``. A move between stores without downtime: ``python -m app migration`` (README)."""
+    ``cassandra``. A move between stores without downtime: ``python -m app migration``
+    (docs/operations/migration.md)."""
     ttl_days: float = Field(30.0, validation_alias="METRICS_TTL_DAYS")
     """Retention: items expire this long after the minute they describe (event time, so replays do not
     extend retention)."""
@@ -397,7 +398,7 @@ class IngestSettings(Section):
     max_active_requests: int = Field(16, validation_alias="METRICS_INGEST_MAX_ACTIVE_REQUESTS")
     """Requests one ingest process works on at once (reading, parsing, producing) before apps are held to
     their share of them (this over the apps with requests in progress); past its share an app's request is
-    refused before its body is read. A trade-off, measured (README "Reliability"): at 8 a quiet app beside a
+    refused before its body is read. A trade-off, measured (docs/reliability.md): at 8 a quiet app beside a
     saturating one had a p99 2.3-3.8x its own alone, but two equal apps at twice the capacity got 132-207
     frames/s through; at 16, 5.1-6.8x, and 223-261 frames/s (the capacity held)."""
     max_waiting_per_app: int = Field(8, validation_alias="METRICS_INGEST_MAX_WAITING_PER_APP")
@@ -533,7 +534,7 @@ class QuerySettings(Section):
     worker's sink by up to this long; it keeps DynamoDB calls (~3 ms of event loop each) off most refreshes."""
     use_rollups: EnvBool = Field(True, validation_alias="METRICS_QUERY_USE_ROLLUPS")
     """Read 10 min / 1 h / 2 h points from the rollup items (agents/rollup.py). Off: merge the minutes at
-    read time (measured much slower; see README), e.g. while a new deployment backfills rollups."""
+    read time (measured much slower; docs/design/rollups.md), e.g. while a new deployment backfills rollups."""
     rollup_evict_after_s: float = Field(7200.0, validation_alias="METRICS_ROLLUP_EVICT_AFTER_S")
     """Partial rollup buckets stay in the worker's table until this long after their end, so a late or
     redelivered minute merges without a DynamoDB read; after it, the stored item is read back instead."""

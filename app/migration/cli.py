@@ -166,7 +166,8 @@ async def store_view(settings: Settings, spec: str, *, timeout_s: float = STORE_
             await store.start()
             progress = await store.progress()
     except (PipelineError, TimeoutError) as exc:
-        where = backend(sm.store_settings(settings, spec).storage.backend).where(sm.store_settings(settings, spec))
+        target = sm.store_settings(settings, spec)
+        where = backend(target.storage.backend).where(target)
         return StoreView(spec, None, 0, error=f"{where} did not answer: {exc or type(exc).__name__}")
     finally:
         await store.stop()
@@ -385,7 +386,7 @@ async def start(settings: Settings, to: str, *, backfill: bool) -> int:
     if backfill:
         nxt = sm.start(st, settings, to, backfill=True, now_ms=now_ms, earliest_ms=earliest)
     # Published first: from then on every process creates and revokes tokens in both stores, so the copy
-    # below (which may wait for the new store to come up: `make run` starts it on this state) is complete.
+    # below is complete (it retries for a while should the store, which answered the probe, fail now).
     await publish(settings, nxt)
     print(f"{st.label}  ->  {nxt.label}  (version {nxt.version}); the writer's group "
           f"{sm.writer_group(settings, nxt.target)} starts at the "

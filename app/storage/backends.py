@@ -51,10 +51,6 @@ class Backend:
         changes: dict[str, Any] = {self.namespace_field: namespace} if namespace else {}
         return settings.replace(store=self.name, **changes)
 
-    def env(self, settings: Settings) -> dict[str, str]:
-        """The environment variables that point a process at this backend and ``settings``' namespace."""
-        return {f"{PREFIX}STORE": self.name, self.namespace_env: self.namespace(settings)}
-
 
 def _dynamo_store(settings: Settings, clock: Clock | None, counters: Counters | None) -> MetricsBackend:
     from app.storage.dynamodb import DynamoStore

@@ -96,7 +96,8 @@ def test_each_command_runs_its_own_transition(monkeypatch: pytest.MonkeyPatch) -
 
 def test_the_registry_names_every_store_and_its_namespace() -> None:
     assert tuple(BACKENDS) == STORES
-    assert backend("dynamodb").env(S) == {"METRICS_STORE": "dynamodb", "METRICS_TABLE_NAME": "minutely-metrics"}
+    dynamodb = backend("dynamodb")
+    assert dynamodb.namespace(S) == "minutely-metrics" and dynamodb.namespace_env == "METRICS_TABLE_NAME"
     assert backend("cassandra").settings_for(S, "ks2").cassandra.keyspace == "ks2"
     assert sm.home_spec(backend("cassandra").settings_for(S)) == "cassandra:minutely"
 
