@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import click
@@ -111,14 +111,16 @@ class StoreView:
 
     spec: str
     through_ms: int | None
-    """Every partition's minutes are stored up to here (the lowest partition's); None: some partition
-    (or all) has no watermark in this store yet."""
+    """The minutes of every partition with a watermark are stored up to here (the lowest one's); None: no
+    watermark at all. A partition no minute was ever stored in has none: an app-less partition is idle."""
     partitions: int
     """Partitions with a watermark."""
     updated_ms: int = 0
     """Wall clock of the newest watermark write."""
     error: str = ""
     """Why the store could not be read ("" when it could)."""
+    watermarks: dict[int, int] = field(default_factory=dict)
+    """partition -> stored_through_ms, as read (status compares the stores partition by partition)."""
 
 
 async def writer_view(settings: Settings, spec: str) -> WriterView:
@@ -172,8 +174,17 @@ async def store_view(settings: Settings, spec: str, *, timeout_s: float = STORE_
     finally:
         await store.stop()
     covered = {p.partition: p for p in progress if p.partition < settings.kafka.partitions}
-    through = min(p.stored_through_ms for p in covered.values()) if len(covered) == settings.kafka.partitions else None
-    return StoreView(spec, through, len(covered), max((p.updated_ms for p in covered.values()), default=0))
+    through = min((p.stored_through_ms for p in covered.values()), default=None)
+    return StoreView(spec, through, len(covered), max((p.updated_ms for p in covered.values()), default=0),
+                     watermarks={n: p.stored_through_ms for n, p in covered.items()})
+
+
+def _lacking(stores: dict[str, StoreView]) -> dict[str, list[int]]:
+    """Per store, the partitions another store has minutes in but it has no watermark for: those minutes
+    it cannot be said to hold (a partition no store has minutes in is idle, not missing)."""
+    seen = {n for v in stores.values() if not v.error for n in v.watermarks}
+    return {spec: sorted(seen - v.watermarks.keys()) for spec, v in stores.items()
+            if not v.error and v.watermarks.keys() != seen and (v.watermarks or v.through_ms is None)}
 
 
 def _ago(now_ms: int, ms: int) -> str:
@@ -196,18 +207,26 @@ def describe(st: sm.MigrationState, settings: Settings, writers: list[WriterView
         else:
             run = f"not running (no member in the group); {w.lag} records behind"
         out.append(f"writer:   {w.spec:<32} group {w.group:<40} {run}")
+    lacking = _lacking(stores)
+    # A store lacking a partition the other has minutes in cannot be said to hold anything through a time.
+    shown = {spec: replace(v, through_ms=None) if lacking.get(spec) and v.through_ms is not None else v
+             for spec, v in stores.items()}
     for spec, v in stores.items():
         if v.error:
             held = f"unreachable: {v.error}"
         elif v.through_ms is None:
-            held = ("holds nothing yet (no stored-through watermark)" if not v.partitions else
-                    f"watermarks in {v.partitions} of {settings.kafka.partitions} partitions only")
+            held = "holds nothing yet (no stored-through watermark)"
+        elif lacking.get(spec):
+            held = (f"watermarks in {v.partitions} of {settings.kafka.partitions} partitions only: none for "
+                    f"partition {', '.join(map(str, lacking[spec]))}, which the other store has minutes in")
         else:
-            held = f"stored through {sm.iso(v.through_ms)} (updated {_ago(now_ms, v.updated_ms)})"
+            idle = settings.kafka.partitions - v.partitions
+            held = f"stored through {sm.iso(v.through_ms)} (updated {_ago(now_ms, v.updated_ms)})" + (
+                f"; {idle} of {settings.kafka.partitions} partitions have had no minute yet" if idle else "")
         out.append(f"store:    {spec:<32} {held}")
     if st.phase == "single":
         return out
-    source, target = stores.get(st.source), stores.get(st.target)
+    source, target = shown.get(st.source), shown.get(st.target)
     in_sync = sm.in_sync_at_ms(st, settings)
     if target is None or target.through_ms is None or target.through_ms <= st.both_since_ms:
         why = "it cannot be read" if target is not None and target.error else "its writer must run and catch up"

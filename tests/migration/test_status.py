@@ -55,9 +55,23 @@ def test_a_target_behind_the_source_shows_how_far_and_only_the_range_both_hold()
     assert f"{B} is 240 s behind {A}" in out and "finish refused before then" in out
 
 
-def test_watermarks_in_some_partitions_only_are_no_watermark() -> None:
-    out = lines([HOME], {A: StoreView(A, T0 + 540_000, 4), B: StoreView(B, None, 3)})
-    assert "watermarks in 3 of 4 partitions only" in out and "both stores hold" not in out
+def view(spec: str, through_ms: dict[int, int]) -> StoreView:
+    return StoreView(spec, min(through_ms.values(), default=None), len(through_ms), T0, watermarks=through_ms)
+
+
+def test_a_partition_the_other_store_has_minutes_in_and_this_one_lacks_is_no_watermark() -> None:
+    out = lines([HOME], {A: view(A, dict.fromkeys(range(4), T0 + 540_000)),
+                         B: view(B, dict.fromkeys(range(3), T0 + 540_000))})
+    assert "watermarks in 3 of 4 partitions only: none for partition 3" in out and "both stores hold" not in out
+
+
+def test_a_partition_no_store_has_minutes_in_is_idle_not_missing() -> None:
+    """Three apps hash to two of four partitions: the other two never get a minute, in either store."""
+    out = lines([HOME], {A: view(A, {0: T0 + 540_000, 2: T0 + 540_000}),
+                         B: view(B, {0: T0 + 300_000, 2: T0 + 360_000})})
+    assert f"store:    {A:<32} stored through {sm.iso(T0 + 540_000)}" in out
+    assert "2 of 4 partitions have had no minute yet" in out
+    assert f"to {sm.iso(T0 + 300_000)}" in out and f"{B} is 240 s behind {A}" in out
 
 
 def test_an_unknown_command_is_refused_before_anything_is_read_or_published(monkeypatch: pytest.MonkeyPatch) -> None:
