@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
 TEST_PROCESSES ?= 3
 
-.PHONY: run test chaos install install-test install-cassandra lock bench bench-parse bench-query bench-stores typecheck lint docs clean browser
+.PHONY: run test chaos install install-test install-cassandra lock bench bench-parse bench-query bench-stores bench-store typecheck lint docs clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 # Cassandra's jars come too, whatever METRICS_STORE says: a store migration started while this runs
@@ -142,6 +142,12 @@ browser:
 # Both stores from one process: write rate, uncached query latency, and the cost of shadow reads.
 bench-stores: install-test
 	$(PY) -m tests.bench.bench_stores
+
+# Store cost (issue 23): DynamoDB write units, bytes at rest and Cassandra bytes per series-minute of the working
+# tree against the commit before the compact layout (a git worktree in /tmp, made when absent), from the same
+# seeds; then the stored digests' percentile error against numpy. `--quick` (4 h, no 30 d) while developing.
+bench-store: install-test
+	$(PY) -m tests.bench.bench_store
 
 bench-query: install-test
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,10 +34,16 @@ an older answer for an app until its cache entry's max age."""
 class Watermarks:
     """Per partition: checkpoints of the aggregator, the stored-through watermark, late-minute notices."""
 
-    def __init__(self, *, clock: Clock | None = None, changed_keep_ms: int = 600_000) -> None:
+    def __init__(self, *, clock: Clock | None = None, changed_keep_ms: int = 600_000, gated: bool = False) -> None:
+        """``gated``: the watermark moves only by :meth:`advance` (the publisher, once the rollup job stored
+        what the committed minutes made final); otherwise with the committed offsets."""
         self.clock = clock or SystemClock()
         self.changed_keep_ms = changed_keep_ms
+        self.gated = gated
         self._checkpoints: dict[int, deque[tuple[int, int]]] = {}
+        self.committed_ms: dict[int, int] = {}
+        """Per partition: every minute ending at or before it was processed by every agent (the sink stored
+        it, the rollup job merged it into its table)."""
         self.through_ms: dict[int, int] = {}
         self.changed: dict[int, dict[str, int]] = {}
         self._dirty: set[int] = set()
@@ -62,8 +68,15 @@ class Watermarks:
         latest = None
         while q and q[0][1] <= committed_offset:
             latest = q.popleft()[0]
-        if latest is not None and latest != self.through_ms.get(partition):
-            self.through_ms[partition] = latest
+        if latest is not None:
+            self.committed_ms[partition] = latest
+            if not self.gated:
+                self.advance(partition, latest)
+
+    def advance(self, partition: int, through_ms: int) -> None:
+        """Everything ending at or before ``through_ms`` is stored: move the published watermark there."""
+        if through_ms != self.through_ms.get(partition):
+            self.through_ms[partition] = through_ms
             self._dirty.add(partition)
 
     def adopt(self, partition: int, published: Progress) -> None:
@@ -88,11 +101,12 @@ class Watermarks:
 
     def known(self) -> set[int]:
         """Partitions with a watermark or pending checkpoints."""
-        return set(self.through_ms) | set(self._checkpoints)
+        return set(self.through_ms) | set(self._checkpoints) | set(self.committed_ms)
 
     def revoke(self, partition: int) -> None:
         self.last_checkpoint.pop(partition, None)
         self._checkpoints.pop(partition, None)
+        self.committed_ms.pop(partition, None)
         self.through_ms.pop(partition, None)
         self.changed.pop(partition, None)
         self._dirty.discard(partition)
@@ -113,11 +127,20 @@ class Watermarks:
         return out
 
 
+Flush = Callable[[dict[int, int]], Awaitable[dict[int, int]]]
+"""partition -> committed through (ms) in; partition -> stored through (ms) out (agents/rollup.py ``flush``)."""
+
+
 class Publisher:
-    """Moves watermarks with the committed offsets and writes them to the store."""
+    """Moves watermarks with the committed offsets and writes them to the store.
+
+    ``flush``: with a gated :class:`Watermarks`, called each round with the committed times; it stores what
+    they made final (rollup items, summary blocks) and says how far each partition is stored."""
 
     def __init__(self, watermarks: Watermarks, store: MetricsStore, counters: Counters, *,
-                 committed: Callable[[int], int | None], clock: Clock | None = None) -> None:
+                 committed: Callable[[int], int | None], clock: Clock | None = None,
+                 flush: Flush | None = None) -> None:
+        self.flush = flush
         self.watermarks = watermarks
         self.store = store
         self.counters = counters
@@ -143,6 +166,10 @@ class Publisher:
                 offset = self.committed(p)
                 if offset is not None:
                     wm.committed(p, offset)
+            if self.flush is not None:
+                stored = await self.flush({p: wm.committed_ms[p] for p in owned if p in wm.committed_ms})
+                for p, through_ms in stored.items():
+                    wm.advance(p, through_ms)
             now_ms = self.clock.now_ms()
             # Rewritten at least every 30 s even when nothing moved, so its age shows a stuck pipeline only.
             force = now_ms - self._last_full_ms >= 30_000
@@ -162,7 +189,7 @@ class Publisher:
 
 
 def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Counters, ready: asyncio.Event,
-         watermarks: Watermarks) -> Publisher:
+         watermarks: Watermarks, flush: Flush | None = None) -> Publisher:
     from agents.alerts import owned_partitions
     from app.faust_patches import committed_offset
 
@@ -171,7 +198,7 @@ def bind(wiring: Wiring, settings: Settings, store: MetricsStore, counters: Coun
     def committed(partition: int) -> int | None:
         return committed_offset(faust_app, settings.kafka.metrics_topic, partition)
 
-    publisher = Publisher(watermarks, store, counters, committed=committed)
+    publisher = Publisher(watermarks, store, counters, committed=committed, flush=flush)
 
     @faust_app.timer(settings.query.progress_interval_s, name="publish_progress")
     async def publish() -> None:

@@ -1,7 +1,10 @@
 """Stream job: ``metrics-1m`` -> 10 min / 1 h / 2 h rollup items, and the summary blocks charts read.
 
-Idempotent under at-least-once input: each bucket records the minutes merged into it, and the table is
-written only after the store accepted the batch's items, so a crash redoes the same merge or skips it.
+Minutes are merged into the changelogged table as they come; the store is written only when a bucket is
+final (:meth:`Rollup.flush`, called by the watermark publisher before it publishes), so each rollup item is
+written once and each open block once per ``METRICS_ROLLUP_FLUSH_S``, not every minute. Idempotent under
+at-least-once input: each bucket records the minutes merged into it, and what is not stored yet stays marked
+pending in the table, so a crash redoes the writes.
 Reference: docs/design/rollups.md, docs/design/storage.md#store-layout-summaries-apart-from-digests
 """
 
@@ -23,6 +26,7 @@ from app.ops.stats import Counters
 from app.retry import RetryPolicy, Sleep, retry_retriable
 from app.settings import WINDOW_S, QuerySettings, Settings, StorageSettings
 from app.storage.protocol import DIGEST, SUMMARY, MetricItem, MetricsStore
+from tables import record as records
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
 from tables.state import partition_context
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
@@ -43,6 +47,11 @@ HOUR_S = 3600
 assert BLOCK_SPAN_S[WINDOW_S] == HOUR_S and HOUR_S in ROLLUP_RESOLUTIONS
 
 
+PENDING = 0x01
+"""First byte of a table value not stored yet, followed by its due time (8 bytes, big-endian seconds) and the
+value; a stored value is the bare zlib stream (as before pending values existed, so old tables read clean)."""
+
+
 def table_key(b: BucketId) -> bytes:
     return f"r|{b[0]}|{b[1]}|{b[2]}|{b[3]}".encode()
 
@@ -55,24 +64,47 @@ def since_key(app: str, proc: str) -> bytes:
     return f"m|{app}|{proc}".encode()
 
 
+def bucket_id(key: bytes) -> BucketId:
+    _, app, proc, res, ts = key.decode().split("|")
+    return app, proc, int(res), int(ts)
+
+
+def pack(blob: bytes, due_s: int | None) -> bytes:
+    """A table value: ``blob`` (a zlib stream), marked pending until stored when ``due_s`` is set."""
+    return blob if due_s is None else bytes((PENDING,)) + due_s.to_bytes(8, "big", signed=True) + blob
+
+
+def unpack(value: bytes) -> tuple[bytes, int | None]:
+    """``(zlib stream, due time s or None when stored)`` of a table value."""
+    if value[0] == PENDING:
+        return value[9:], int.from_bytes(value[1:9], "big", signed=True)
+    return value, None
+
+
 class Block:
-    """A summary block held in the table, with the partition whose changelog carries it."""
+    """A summary block held in the table, with the partition whose changelog carries it and, while the store
+    lacks its latest version, when it is due (the end of the oldest minute it holds that is not stored)."""
 
-    __slots__ = ("block", "partition")
+    __slots__ = ("block", "due_s", "partition")
 
-    def __init__(self, block: SummaryBlock, partition: int) -> None:
+    def __init__(self, block: SummaryBlock, partition: int, due_s: int | None = None) -> None:
         self.block = block
         self.partition = partition
+        self.due_s = due_s
 
     def encode(self) -> bytes:
         b = self.block
-        return zlib.compress(orjson.dumps({"p": self.partition, "end_s": b.start_s + b.span_s,
-                                           "blk": b.encode().decode()}), 1)
+        return pack(zlib.compress(orjson.dumps({"p": self.partition, "end_s": b.start_s + b.span_s,
+                                                "blk": b.encode().decode()}), 1), self.due_s)
 
     @classmethod
     def decode(cls, raw: bytes) -> Block:
-        rec = orjson.loads(zlib.decompress(raw))
-        return cls(SummaryBlock.decode(rec["blk"].encode()), int(rec["p"]))
+        blob, due_s = unpack(raw)
+        rec = orjson.loads(zlib.decompress(blob))
+        return cls(SummaryBlock.decode(rec["blk"].encode()), int(rec["p"]), due_s)
+
+    def touch(self, due_s: int) -> None:
+        self.due_s = due_s if self.due_s is None else min(self.due_s, due_s)
 
     def item(self, app: str, proc: str) -> MetricItem:
         b = self.block
@@ -80,14 +112,20 @@ class Block:
 
 
 class Bucket:
-    """A partial rollup bucket: the merged aggregate and the minute starts (s) already merged."""
+    """A rollup bucket: the merged aggregate, the minute starts (s) already merged, and whether the store
+    lacks its latest version (``due_s``: its end, when it is final and written)."""
 
-    __slots__ = ("agg", "mins", "partition")
+    __slots__ = ("agg", "due_s", "mins", "partition")
 
-    def __init__(self, agg: Aggregate, mins: set[int], partition: int) -> None:
+    def __init__(self, agg: Aggregate, mins: set[int], partition: int, due_s: int | None = None) -> None:
         self.agg = agg
         self.mins = mins
         self.partition = partition
+        self.due_s = due_s
+
+    @property
+    def end_s(self) -> int:
+        return self.agg.key.start_ms // 1000 + self.agg.resolution_s
 
     def record(self) -> dict[str, Any]:
         rec = self.agg.to_record()
@@ -97,17 +135,18 @@ class Bucket:
     def encode(self) -> bytes:
         rec = self.record()
         rec["p"] = self.partition
-        rec["end_s"] = self.agg.key.start_ms // 1000 + self.agg.resolution_s
-        return zlib.compress(orjson.dumps(rec), 1)
+        rec["end_s"] = self.end_s
+        return pack(zlib.compress(orjson.dumps(rec), 1), self.due_s)
 
-    @classmethod
-    def from_record(cls, rec: dict[str, Any], partition: int) -> Bucket:
-        return cls(Aggregate.from_record(rec), {int(m) for m in rec.get("mins", ())}, partition)
+    def payload(self, version: int) -> bytes:
+        """The stored item (tables/record.py)."""
+        return records.encode(self.agg, mins=self.mins, version=version)
 
     @classmethod
     def decode(cls, raw: bytes) -> Bucket:
-        rec = orjson.loads(zlib.decompress(raw))
-        return cls.from_record(rec, int(rec["p"]))
+        blob, due_s = unpack(raw)
+        rec = orjson.loads(zlib.decompress(blob))
+        return cls(Aggregate.from_record(rec), {int(m) for m in rec.get("mins", ())}, int(rec["p"]), due_s)
 
 
 def decode_minute(value: bytes) -> Aggregate:
@@ -137,10 +176,17 @@ class Rollup:
         self.clock = clock or SystemClock()
         self.sleep = sleep
         self.policy = RetryPolicy.from_ms(storage.backoff_base_ms, storage.backoff_max_ms, jitter=jitter)
+        self._lock = asyncio.Lock()
+        """Merging and flushing both read a table value, await the store, then write the value back."""
+        self._pending: dict[bytes, tuple[int, int]] = {}
+        """Table keys of values the store lacks -> (partition, due s); rebuilt from the table by a scan for the
+        partitions this worker did not index yet (:meth:`_index`)."""
+        self._indexed: set[int] = set()
 
     async def process(self, batch: Sequence[tuple[int, bytes]]) -> int:
-        """Fold a batch of ``(partition, metrics-1m value)`` into the rollups and summary blocks; returns
-        buckets written. Returns only once the store accepted them (retrying while it is unavailable)."""
+        """Fold a batch of ``(partition, metrics-1m value)`` into the table's buckets and minute blocks;
+        returns the buckets changed. Store reads (a bucket or block the table lacks) are retried while the
+        store is unavailable; nothing is written to the store here (:meth:`flush` does)."""
         groups: dict[BucketId, tuple[int, list[Aggregate]]] = {}
         for partition, value in batch:
             try:
@@ -162,57 +208,138 @@ class Rollup:
         self.counters.inc("rollup_retries")
         log.warning("rollup: store unavailable (%s); retry %d in %.2f s", exc, retry, delay_s)
 
+    def _keep(self, key: bytes, partition: int, value: bytes, due_s: int | None) -> None:
+        with partition_context(self.context_topic, partition):
+            self.table[key] = value
+        if due_s is None:
+            self._pending.pop(key, None)
+        else:
+            self._pending[key] = (partition, due_s)
+
     async def _apply(self, groups: dict[BucketId, tuple[int, list[Aggregate]]]) -> int:
-        buckets = await self._load(groups)
-        changed: list[tuple[BucketId, Bucket]] = []
-        merged = replayed = 0
-        new_minutes: set[tuple[int, str, int]] = set()
-        for bid, (partition, minutes) in groups.items():
-            bucket = buckets[bid]
-            dirty = False
-            for m in minutes:
-                start_s = m.key.start_ms // 1000
-                if start_s in bucket.mins:
-                    replayed += 1
-                    continue
-                bucket.agg.merge(m)
-                bucket.mins.add(start_s)
-                merged += 1
-                dirty = True
-                new_minutes.add((partition, m.key.app, m.key.start_ms + WINDOW_S * 1000))
-            if dirty:
-                changed.append((bid, bucket))
-        blocks, blocks_changed, new_since = await self._summarize(groups, buckets, changed)
-        if changed or blocks_changed:
-            items = [MetricItem(bid[0], bid[1], bid[2], bid[3], orjson.dumps(b.record())) for bid, b in changed]
-            items += [blocks[k].item(k[0], k[1]) for k in blocks_changed]
-            refused = set(await self._put(items))
-            written = [i for i in items if i not in refused]
-            self.counters.inc("rollup_items_written", sum(1 for i in written if i.kind == DIGEST))
-            self.counters.inc("rollup_blocks_written", sum(1 for i in written if i.kind == SUMMARY))
+        async with self._lock:
+            buckets = await self._load(groups)
+            changed: list[tuple[BucketId, Bucket]] = []
+            merged = replayed = 0
+            new_minutes: set[tuple[int, str, int]] = set()
+            for bid, (partition, minutes) in groups.items():
+                bucket = buckets[bid]
+                dirty = False
+                for m in minutes:
+                    start_s = m.key.start_ms // 1000
+                    if start_s in bucket.mins:
+                        replayed += 1
+                        continue
+                    bucket.agg.merge(m)
+                    bucket.mins.add(start_s)
+                    merged += 1
+                    dirty = True
+                    new_minutes.add((partition, m.key.app, m.key.start_ms + WINDOW_S * 1000))
+                if dirty:
+                    bucket.due_s = bucket.end_s
+                    changed.append((bid, bucket))
+            blocks, blocks_changed, new_since = await self._summarize(groups, buckets)
             for bid, b in changed:
-                with partition_context(self.context_topic, b.partition):
-                    self.table[table_key(bid)] = b.encode()
+                self._keep(table_key(bid), b.partition, b.encode(), b.due_s)
             for k in blocks_changed:
-                with partition_context(self.context_topic, blocks[k].partition):
-                    self.table[block_key(k)] = blocks[k].encode()
+                self._keep(block_key(k), blocks[k].partition, blocks[k].encode(), blocks[k].due_s)
             for (app, proc), (partition, since_s) in new_since.items():
                 # Evicted a retention after it starts: a later batch takes it back from a stored block.
                 value = {"p": partition, "end_s": since_s + self.storage.ttl_s, "since": since_s}
                 with partition_context(self.context_topic, partition):
                     self.table[since_key(app, proc)] = zlib.compress(orjson.dumps(value), 1)
-        if self.watermarks is not None:
-            late = sum(self.watermarks.late(p, app, end_ms) for p, app, end_ms in new_minutes)
-            self.counters.inc("minutes_stored_late", late)
-        self.counters.inc("rollup_minutes_merged", merged)
-        self.counters.inc("rollup_minutes_replayed", replayed)
-        return len(changed)
+            if self.watermarks is not None:
+                late = sum(self.watermarks.late(p, app, end_ms) for p, app, end_ms in new_minutes)
+                self.counters.inc("minutes_stored_late", late)
+            self.counters.inc("rollup_minutes_merged", merged)
+            self.counters.inc("rollup_minutes_replayed", replayed)
+            return len(changed)
+
+    async def flush(self, through_ms: dict[int, int]) -> dict[int, int]:
+        """Store what is final: for each owned partition and how far its minutes are merged (``through_ms``:
+        every minute ending at or before it is in the table), write the pending buckets that ended by the
+        flush boundary (``through_ms`` floored to ``METRICS_ROLLUP_FLUSH_S``) and the blocks they and the
+        boundary's minutes changed. Returns, per partition, the stored-through watermark that may be
+        published: ``through_ms`` itself when nothing ending by it is still pending, else the boundary.
+        Raises RetriableError when the store is unavailable (the publisher retries next round)."""
+        flush_s = int(self.query.rollup_flush_s)
+        horizon = {p: ms // 1000 // flush_s * flush_s for p, ms in through_ms.items()}
+        async with self._lock:
+            self._index(set(through_ms))
+            due = [k for k, (p, due_s) in self._pending.items() if p in horizon and due_s <= horizon[p]]
+            if due:
+                await self._write(due)
+            behind = {p for p, due_s in self._pending.values() if p in through_ms and due_s <= through_ms[p] // 1000}
+        return {p: horizon[p] * 1000 if p in behind else ms for p, ms in through_ms.items()}
+
+    def _index(self, owned: set[int]) -> None:
+        """Know the pending values of every owned partition: a table scan for partitions newly owned (their
+        values came with the changelog, from this worker's or a previous owner's merges)."""
+        self._pending = {k: v for k, v in self._pending.items() if v[0] in owned}
+        self._indexed &= owned
+        new = owned - self._indexed
+        if not new:
+            return
+        for key, raw in list(self.table.items()):
+            if raw is None or raw[0] != PENDING or key in self._pending:
+                continue
+            blob, due_s = unpack(raw)
+            partition = int(orjson.loads(zlib.decompress(blob))["p"])
+            if partition in new and due_s is not None:
+                self._pending[key] = (partition, due_s)
+        self._indexed |= new
+
+    async def _write(self, due: list[bytes]) -> None:
+        buckets: dict[BucketId, Bucket] = {}
+        wanted: dict[BucketId, int] = {}
+        for key in due:
+            with partition_context(self.context_topic, self._pending[key][0]):
+                raw = self.table.get(key)
+            if raw is None:
+                self._pending.pop(key, None)
+                continue
+            bid = bucket_id(key)
+            if key.startswith(b"r|"):
+                buckets[bid] = b = Bucket.decode(raw)
+                wanted.setdefault((bid[0], bid[1], bid[2], block_of(bid[3], bid[2])), b.partition)
+            else:
+                wanted[bid] = self._pending[key][0]
+        blocks = await self._load_blocks(wanted)
+        for (app, proc, res, ts), b in buckets.items():
+            blk = blocks[(app, proc, res, block_of(ts, res))]
+            if blk.block.put(ts, point_json(b.agg), through_s=max(b.mins, default=ts)):
+                blk.touch(b.end_s)
+        for k, held in blocks.items():
+            since = self._series_since(k[0], k[1], held.partition)
+            if since is not None and held.block.since_s != since:
+                held.block.since_s = since
+                held.touch(k[3] + k[2])
+        written_blocks = {k: b for k, b in blocks.items() if b.due_s is not None}
+        items = [MetricItem(bid[0], bid[1], bid[2], bid[3], b.payload(self.storage.record_format))
+                 for bid, b in buckets.items()]
+        items += [b.item(k[0], k[1]) for k, b in written_blocks.items()]
+        refused = set(await self._put(items))
+        written = [i for i in items if i not in refused]
+        self.counters.inc("rollup_items_written", sum(1 for i in written if i.kind == DIGEST))
+        self.counters.inc("rollup_blocks_written", sum(1 for i in written if i.kind == SUMMARY))
+        # An item refused for good is logged and counted (rollup_failed), and no longer pending: retrying it
+        # every round would hold back the watermark of every app of its partition.
+        for bid, b in buckets.items():
+            b.due_s = None
+            self._keep(table_key(bid), b.partition, b.encode(), None)
+        for k, held in written_blocks.items():
+            held.due_s = None
+            self._keep(block_key(k), held.partition, held.encode(), None)
+
+    def _series_since(self, app: str, proc: str, partition: int) -> int | None:
+        with partition_context(self.context_topic, partition):
+            raw = self.table.get(since_key(app, proc))
+        return None if raw is None else int(orjson.loads(zlib.decompress(raw))["since"])
 
     async def _put(self, items: list[MetricItem]) -> list[MetricItem]:
-        """Write the items; returns those the store refused for good. Such a refusal (permissions, schema, an
-        item over the size limit) is not retried: the table below still holds the merge, so the bucket's next
-        minute writes it in full once the cause is fixed. One bad item must not cost the batch's others, so a
-        refused batch is written again item by item."""
+        """Write the items; returns those the store refused for good (permissions, schema, an item over the
+        size limit: not retried). One bad item must not cost the batch's others, so a refused batch is written
+        again item by item."""
         try:
             await self.store.put_many(items)
             return []
@@ -234,13 +361,12 @@ class Rollup:
         return refused
 
     async def _summarize(self, groups: dict[BucketId, tuple[int, list[Aggregate]]], buckets: dict[BucketId, Bucket],
-                         changed: list[tuple[BucketId, Bucket]],
                          ) -> tuple[dict[BucketId, Block], set[BucketId], dict[tuple[str, str], tuple[int, int]]]:
-        """Render the batch's minutes and changed buckets into their summary blocks; returns the blocks,
-        the ids of those that changed, and the series whose ``since`` the table must learn."""
+        """Render the batch's minutes into their minute blocks (coarser points are rendered when their bucket
+        is final: :meth:`_write`); returns the blocks, the ids of those that changed, and the series whose
+        ``since`` the table must learn."""
         wanted: dict[BucketId, int] = {}
         for (app, proc, res, ts), (partition, _minutes) in groups.items():
-            wanted.setdefault((app, proc, res, block_of(ts, res)), partition)
             if res == HOUR_S:
                 wanted.setdefault((app, proc, WINDOW_S, ts), partition)  # the hour's minute block
         blocks = await self._load_blocks(wanted)
@@ -250,30 +376,31 @@ class Rollup:
             if res != HOUR_S:
                 continue
             mblock = (app, proc, WINDOW_S, ts)
-            blk = blocks[mblock].block
+            held = blocks[mblock]
             for m in minutes:  # replays too: a re-emitted minute's point replaces the old one
-                if blk.put(m.key.start_ms // 1000, point_json(m)):
+                start_s = m.key.start_ms // 1000
+                if held.block.put(start_s, point_json(m)):
+                    held.touch(start_s + WINDOW_S)
                     dirty.add(mblock)
-        for (app, proc, res, ts), b in changed:
-            k = (app, proc, res, block_of(ts, res))
-            if blocks[k].block.put(ts, point_json(b.agg), through_s=max(b.mins)):
-                dirty.add(k)
         # A minute block must hold every minute its hour bucket holds. After an upgrade (a block seeded from
         # stored minutes) one the sink had not written yet may be missing: read back until it is there.
-        minute_blocks = [k for k in blocks if k[2] == WINDOW_S]
-        lacking = [k for k in minute_blocks if self._lacks(k, blocks[k], buckets)]
+        lacking = [k for k in blocks if self._lacks(k, blocks[k], buckets)]
         if lacking:
             sizes = {k: len(blocks[k].block.points) for k in lacking}
             await asyncio.gather(*(self._fill_minutes(blocks[k].block, k) for k in lacking))
-            dirty.update(k for k in lacking if len(blocks[k].block.points) != sizes[k])
-        for k in minute_blocks:
-            partial = self._lacks(k, blocks[k], buckets)
-            if partial != blocks[k].block.partial:
-                blocks[k].block.partial = partial
-                dirty.add(k)
+            for k in lacking:
+                if len(blocks[k].block.points) != sizes[k]:
+                    blocks[k].touch(k[3] + WINDOW_S)
+                    dirty.add(k)
         for k, held in blocks.items():
+            partial = self._lacks(k, held, buckets)
+            if partial != held.block.partial:
+                held.block.partial = partial
+                held.touch(k[3] + WINDOW_S)
+                dirty.add(k)
             if held.block.since_s != since[k[:2]]:
                 held.block.since_s = since[k[:2]]
+                held.touch(k[3] + WINDOW_S)
                 dirty.add(k)
         return blocks, dirty, new_since
 
@@ -292,10 +419,9 @@ class Rollup:
         since: dict[tuple[str, str], int] = {}
         new: dict[tuple[str, str], tuple[int, int]] = {}
         for series, (partition, start) in first.items():
-            with partition_context(self.context_topic, partition):
-                raw = self.table.get(since_key(*series))
-            if raw is not None:
-                since[series] = int(orjson.loads(zlib.decompress(raw))["since"])
+            known_since = self._series_since(*series, partition)
+            if known_since is not None:
+                since[series] = known_since
                 continue
             known = [b.block.since_s for k, b in blocks.items() if k[:2] == series and b.block.since_s is not None]
             since[series] = min(known) if known else start
@@ -313,7 +439,7 @@ class Rollup:
         for it in items:
             if it.ts_s not in block.points:
                 try:
-                    block.put(it.ts_s, point_json(decode_minute(it.payload)))
+                    block.put(it.ts_s, point_json(records.decode(it.payload)[0]))
                 except ValueError as exc:
                     log.warning("rollup: stored minute %s/%s at %d is unreadable: %s", k[0], k[1], it.ts_s, exc)
 
@@ -346,10 +472,10 @@ class Rollup:
                     span = await self.store.query(app, proc, res, start, start + block.span_s, DIGEST)
                     self.counters.inc("rollup_store_reads")
                     for it in span:
-                        rec = orjson.loads(it.payload)
-                        block.put(it.ts_s, point_json(Aggregate.from_record(rec)),
-                                  through_s=max(rec.get("mins") or [it.ts_s]))
-                out[k] = Block(block, partition)
+                        agg, mins = records.decode(it.payload)
+                        block.put(it.ts_s, point_json(agg), through_s=max(mins or [it.ts_s]))
+                # A block the store lacks is written with its bucket's next flush.
+                out[k] = Block(block, partition, start + res)
 
         await asyncio.gather(*(read_back(*m) for m in missing))
         return out
@@ -371,7 +497,8 @@ class Rollup:
                 items = await self.store.query(bid[0], bid[1], bid[2], bid[3], bid[3] + 1)
             self.counters.inc("rollup_store_reads")
             if items:
-                out[bid] = Bucket.from_record(orjson.loads(items[0].payload), partition)
+                agg, mins = records.decode(items[0].payload)
+                out[bid] = Bucket(agg, set(mins or ()), partition)
             else:
                 out[bid] = Bucket(Aggregate(BucketKey(bid[0], bid[1], bid[3] * 1000), resolution_s=bid[2],
                                             max_centroids=first.max_centroids), set(), partition)
@@ -380,11 +507,12 @@ class Rollup:
         return out
 
     def evict(self, owned: set[int]) -> int:
-        """Delete buckets of owned partitions that ended more than ``rollup_evict_after_s`` ago."""
+        """Delete stored buckets of owned partitions that ended more than ``rollup_evict_after_s`` ago (a
+        pending one stays until it is stored)."""
         cutoff_s = self.clock.now_ms() // 1000 - int(self.query.rollup_evict_after_s)
         doomed: list[tuple[bytes, int]] = []
         for key, raw in list(self.table.items()):
-            if raw is None:
+            if raw is None or raw[0] == PENDING:
                 continue
             rec = orjson.loads(zlib.decompress(raw))
             if int(rec["p"]) in owned and int(rec["end_s"]) <= cutoff_s:

@@ -2,7 +2,8 @@
 
 A batch's offsets are acknowledged only after every minute was stored or dead-lettered: retriable errors back
 off (consuming nothing meanwhile), an item refused for good goes alone to ``metrics-1m-dlq``, and an error no
-item is at fault for stops the sink, not ready, until the operator fixes it.
+item is at fault for stops the sink, not ready, until the operator fixes it. Minutes are stored in the
+record format set (tables/record.py); a dead letter carries the ``metrics-1m`` record itself, replayable.
 Reference: docs/design/storage.md#dynamodb-table
 """
 
@@ -24,6 +25,8 @@ from app.ops.topics import RECORD_OVERHEAD_BYTES
 from app.retry import RetryPolicy, Sleep, retry_retriable
 from app.settings import WINDOW_S, Settings, StorageSettings
 from app.storage.protocol import MetricItem, MetricsStore
+from tables import record as records
+from tables.aggregate import Aggregate
 
 if TYPE_CHECKING:
     from app.app import Wiring
@@ -39,10 +42,13 @@ MAX_REASON_CHARS = 2048
 """A dead-letter reason is cut to this: exception texts can quote whole requests."""
 PREFIX_BYTES = 1024
 """What a truncated dead-letter record keeps of the original record."""
+OFFLOAD_ITEMS = 32
+"""Converting more minutes than this (~0.1 ms each) runs in a worker thread, so the event loop keeps serving."""
 
 
-def decode_minute(value: bytes) -> MetricItem:
-    """A ``metrics-1m`` record -> the item stored for it. Raises ValueError when it is not one."""
+def decode_minute(value: bytes, record_format: int = records.VERSION) -> MetricItem:
+    """A ``metrics-1m`` record -> the item stored for it, in ``record_format`` (tables/record.py: version 1 is
+    the record itself). Raises ValueError when it is not one."""
     rec = orjson.loads(value)
     if not isinstance(rec, dict):
         raise ValueError("metrics-1m record must be a JSON object")
@@ -53,7 +59,14 @@ def decode_minute(value: bytes) -> MetricItem:
     if not (isinstance(app, str) and isinstance(proc, str) and isinstance(start_ms, int)
             and res_s == WINDOW_S):
         raise ValueError("metrics-1m record has wrong-typed app/proc/start_ms/res_s")
-    return MetricItem(app=app, process_type=proc, resolution_s=res_s, ts_s=start_ms // 1000, payload=value)
+    payload = value
+    if record_format != 1:
+        try:
+            agg = Aggregate.from_record(rec)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"malformed metrics-1m record: {exc!r}") from None
+        payload = records.encode(agg, version=record_format)
+    return MetricItem(app=app, process_type=proc, resolution_s=res_s, ts_s=start_ms // 1000, payload=payload)
 
 
 def _identity(value: bytes) -> dict[str, Any]:
@@ -82,6 +95,14 @@ def dead_letter_record(value: bytes, reason: str, *, topic: str, max_bytes: int)
     return key, orjson.dumps({**head, "truncated": True, "record_bytes": len(value),
                               "record_sha256": hashlib.sha256(value).hexdigest(),
                               "record_prefix": value[:PREFIX_BYTES].decode("utf-8", "replace")})
+
+
+def _original(item: MetricItem, source: dict[int, bytes]) -> bytes:
+    """The ``metrics-1m`` record an item was made from, to dead-letter it replayable."""
+    value = source.get(id(item))
+    if value is None:  # a store that hands back copies: the record again, from the item
+        value = records.encode_v1(records.decode(item.payload)[0])
+    return value
 
 
 def _describe(item: MetricItem) -> str:
@@ -193,20 +214,34 @@ class Sink:
     async def check(self) -> None:
         await self.writer.check()
 
-    async def write(self, values: Sequence[bytes]) -> int:
-        """Store a batch of minutes; returns (the number stored) when every one is stored or dead-lettered."""
+    def _decode(self, values: Sequence[bytes]) -> tuple[list[MetricItem], dict[int, bytes], list[tuple[bytes, str]]]:
+        """The items to store, the ``metrics-1m`` record of each (by ``id``: what a dead letter carries,
+        whatever the stored format), and the records that are no minutes."""
         items: list[MetricItem] = []
+        source: dict[int, bytes] = {}
         bad: list[tuple[bytes, str]] = []
+        fmt = self.storage.record_format
         for v in values:
             try:
-                items.append(decode_minute(v))
-            except (ValueError, orjson.JSONDecodeError) as exc:
+                item = decode_minute(v, fmt)
+            except ValueError as exc:  # orjson.JSONDecodeError is one
                 bad.append((v, f"not a metrics-1m record: {exc}"))
+                continue
+            items.append(item)
+            source[id(item)] = v
+        return items, source, bad
+
+    async def write(self, values: Sequence[bytes]) -> int:
+        """Store a batch of minutes; returns (the number stored) when every one is stored or dead-lettered."""
+        if len(values) > OFFLOAD_ITEMS:
+            items, source, bad = await asyncio.to_thread(self._decode, values)
+        else:
+            items, source, bad = self._decode(values)
         started = time.monotonic()
         refused = await self.writer.put(items)
         for item, why in refused:
             log.error("sink: the store refused %s for good (dead-lettered): %s", _describe(item), why)
-            bad.append((item.payload, str(why)))
+            bad.append((_original(item, source), str(why)))
         written = len(items) - len(refused)
         if written:
             self.counters.inc("sink_items_written", written)

@@ -287,6 +287,11 @@ class StorageSettings(Section):
     fatal_retry_s: float = Field(30.0, validation_alias="METRICS_STORE_FATAL_RETRY_S")
     """How often the sink (or the events job), stopped on an error only the operator can fix (credentials,
     permissions, a missing table), tries again; nothing is committed or dead-lettered meanwhile."""
+    record_format: int = Field(2, validation_alias="METRICS_STORE_RECORD_FORMAT")
+    """The format the sink and the rollup job write minute and rollup items in (tables/record.py): 2, compact
+    binary (~0.5 KB a minute, one DynamoDB write unit), or 1, JSON (1-5 KB). Every reader reads both. A
+    release that writes 2 must not run beside readers that know only 1: in a rolling upgrade from such a
+    release, set 1 until every process is upgraded, then 2."""
 
     @property
     def ttl_s(self) -> int:
@@ -299,6 +304,9 @@ class StorageSettings(Section):
                               action=f"set {PREFIX}STORE=dynamodb or {PREFIX}STORE=cassandra")
         if self.ttl_days <= 0:
             raise ConfigError("ttl_days must be > 0", action=f"set {PREFIX}TTL_DAYS")
+        if self.record_format not in (1, 2):
+            raise ConfigError(f"record_format must be 1 or 2, got {self.record_format}",
+                              action=f"set {PREFIX}STORE_RECORD_FORMAT=2 (or 1 while older readers run)")
         return self
 
 
@@ -538,8 +546,21 @@ class QuerySettings(Section):
     rollup_evict_after_s: float = Field(7200.0, validation_alias="METRICS_ROLLUP_EVICT_AFTER_S")
     """Partial rollup buckets stay in the worker's table until this long after their end, so a late or
     redelivered minute merges without a DynamoDB read; after it, the stored item is read back instead."""
+    rollup_flush_s: int = Field(600, validation_alias="METRICS_ROLLUP_FLUSH_S")
+    """How often the open summary blocks are written: the store gets each rollup item once, when its bucket
+    is final, and the minute block of the open hour at each boundary of this many seconds (docs/design/
+    rollups.md). Minutes after the last boundary are read from their minute items, so the stored-through
+    watermark of a busy partition moves in steps of this size. 600: ~0.3 write units per series-minute for
+    blocks; 60 writes the minute block every minute (~4)."""
     rollup_batch_max: int = Field(500, validation_alias="METRICS_ROLLUP_BATCH_MAX")
     rollup_within_s: float = Field(0.5, validation_alias="METRICS_ROLLUP_WITHIN_S")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.rollup_flush_s < WINDOW_S or self.rollup_flush_s % WINDOW_S or 3600 % self.rollup_flush_s:
+            raise ConfigError(f"rollup_flush_s must be whole minutes dividing an hour, got {self.rollup_flush_s}",
+                              action=f"set {PREFIX}ROLLUP_FLUSH_S to 60, 120, 300, 600, 900, 1200, 1800 or 3600")
+        return self
 
 
 class AlertingSettings(Section):

@@ -50,11 +50,12 @@ def create_worker(settings: Settings) -> faust.App:
     gate = WriteGate(home)
     control = MigrationControl(settings, counters=counters, on_change=gate.follow)
     # How far each metrics-1m partition is stored: what queries may call final (agents/progress.py).
-    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query.cache_max_age_s * 1000))
+    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query.cache_max_age_s * 1000), gated=True)
     aggregator = aggregate.bind(wiring, settings, counters, watermarks)
     sink.bind(wiring, settings, store, counters, gate.ready)
-    rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
-    progress.bind(wiring, settings, store, counters, gate.ready, watermarks)
+    rollups = rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
+    # The watermark moves once the rollup job stored what the committed minutes made final.
+    progress.bind(wiring, settings, store, counters, gate.ready, watermarks, flush=rollups.flush)
     events.bind(wiring, settings, store, counters, gate.ready)  # markers for the dashboard
     # While another store is written (a migration), its writer process needs this worker's checkpoints.
     progress.bind_checkpoint_sender(wiring, settings, watermarks,

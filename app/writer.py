@@ -56,10 +56,11 @@ def create_writer(settings: Settings, spec: str) -> faust.App:
     store = metrics_store(settings, counters=counters)
     gate = WriteGate(home)
     control = MigrationControl(settings, counters=counters, on_change=gate.follow)
-    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query.cache_max_age_s * 1000))
+    watermarks = progress.Watermarks(changed_keep_ms=int(settings.query.cache_max_age_s * 1000), gated=True)
     sink.bind(wiring, settings, store, counters, gate.ready)
-    rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
-    progress.bind(wiring, settings, store, counters, gate.ready, watermarks)
+    rollups = rollup.bind(wiring, settings, store, counters, gate.ready, watermarks)
+    # The watermark moves once the rollup job stored what the committed minutes made final.
+    progress.bind(wiring, settings, store, counters, gate.ready, watermarks, flush=rollups.flush)
     progress.bind_checkpoint_reader(wiring, watermarks)
     events.bind(wiring, settings, store, counters, gate.ready)
 

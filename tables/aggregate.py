@@ -4,12 +4,14 @@ The same class is the open window in the aggregation agent, the record on ``metr
 DynamoDB and (merged) a coarser point at query time: counts and sums add, max is max, means are weighted,
 percentiles come from merged t-digests -- never from averaging percentiles.
 
-Serialized with :meth:`to_record` (JSON-able, ``v`` is bumped when the layout or digest parameters change).
+Serialized with :meth:`to_record` (JSON-able, ``v`` is bumped when the layout or digest parameters change);
+stored in the compact form of tables/record.py.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,15 +121,17 @@ class Timer:
         if other._max is not None and (self._max is None or other._max > self._max):
             self._max = other._max
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, digest: Callable[[Digest], Any] = Digest.to_dict) -> dict[str, Any]:
+        """``digest``: how the digest is written (``Digest.to_bytes`` in stored items, tables/record.py)."""
         self.flush()
-        return {"n": self._n, "s": self._sum, "max": self._max, "d": self.digest.to_dict()}
+        return {"n": self._n, "s": self._sum, "max": self._max, "d": digest(self.digest)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], max_centroids: int) -> Timer:
+    def from_dict(cls, d: dict[str, Any], max_centroids: int,
+                  digest: Callable[[Any, int], Digest] = Digest.from_dict) -> Timer:
         t = cls(max_centroids)
         t._n, t._sum, t._max = int(d["n"]), float(d["s"]), d["max"]
-        t.digest = Digest.from_dict(d["d"], max_centroids)
+        t.digest = digest(d["d"], max_centroids)
         return t
 
     def summary(self) -> dict[str, Any]:
@@ -297,14 +301,15 @@ class Aggregate:
         self.offset = max(self.offset, other.offset)
 
     # --- serialization -----------------------------------------------------------------------------
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self, *, digest: Callable[[Digest], Any] = Digest.to_dict) -> dict[str, Any]:
+        """``digest``: as in :meth:`Timer.to_dict`."""
         rec: dict[str, Any] = {
             "v": RECORD_VERSION, "app": self.key.app, "proc": self.key.process_type,
             "start_ms": self.key.start_ms, "res_s": self.resolution_s, "off": self.offset,
             "mc": self.max_centroids,
         }
         if self.requests:  # "resp" always comes with "st", even empty: readers of the first layout need it
-            rec["resp"] = self.response.to_dict()
+            rec["resp"] = self.response.to_dict(digest)
             rec["st"] = self.status[1:]
             rec["fail"] = self.failed
         if self.errors:
@@ -315,7 +320,7 @@ class Aggregate:
         if self.load.n:
             rec["load"] = self.load.to_list()
         if self.timers:
-            rec["tim"] = {k: t.to_dict() for k, t in self.timers.items()}
+            rec["tim"] = {k: t.to_dict(digest) for k, t in self.timers.items()}
         if self.counters:
             rec["cnt"] = self.counters
         if self.gauges:
@@ -327,7 +332,9 @@ class Aggregate:
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Aggregate:
+    def from_record(cls, rec: dict[str, Any], *,
+                    digest: Callable[[Any, int], Digest] = Digest.from_dict) -> Aggregate:
+        """``digest``: as in :meth:`Timer.from_dict`."""
         if rec.get("v") != RECORD_VERSION:
             raise ValueError(f"unsupported aggregate record version {rec.get('v')!r}")
         mc = int(rec.get("mc", DEFAULT_MAX_CENTROIDS))
@@ -335,7 +342,7 @@ class Aggregate:
                   resolution_s=int(rec["res_s"]), max_centroids=mc)
         agg.offset = int(rec.get("off", -1))
         if "resp" in rec:
-            agg.response = Timer.from_dict(rec["resp"], mc)
+            agg.response = Timer.from_dict(rec["resp"], mc, digest)
             agg.status = [0, *(int(x) for x in rec["st"])]
             agg.failed = int(rec["fail"])
         agg.errors = {k: int(v) for k, v in rec.get("err", {}).items()}
@@ -345,7 +352,7 @@ class Aggregate:
             agg.quota_mb = mem.get("quota")
         if "load" in rec:
             agg.load = Stat.from_list(rec["load"])
-        agg.timers = {k: Timer.from_dict(v, mc) for k, v in rec.get("tim", {}).items()}
+        agg.timers = {k: Timer.from_dict(v, mc, digest) for k, v in rec.get("tim", {}).items()}
         agg.counters = {k: float(v) for k, v in rec.get("cnt", {}).items()}
         agg.gauges = {k: _gauge_of(v) for k, v in rec.get("gau", {}).items()}
         agg.addons = {src: {k: _gauge_of(v) for k, v in gs.items()} for src, gs in rec.get("add", {}).items()}

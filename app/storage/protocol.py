@@ -26,7 +26,7 @@ class MetricItem:
     ts_s: int
     """Bucket start, epoch seconds."""
     payload: bytes
-    """Opaque bytes (an orjson aggregate, or a summary block); the store never parses them."""
+    """Opaque bytes (an aggregate, tables/record.py, or a summary block); the store never parses them."""
     kind: Kind = DIGEST
     span_s: int = 0
     """How far past ``ts_s`` the item holds data (a summary block's span); retention counts from the end, so

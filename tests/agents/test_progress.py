@@ -130,3 +130,33 @@ async def test_the_publisher_adopts_moves_and_writes_and_survives_a_store_outage
     assert await pub.publish({1}) == 0  # the store is down: nothing lost, written next round
     assert await pub.publish({1}) == 1 and store.progress_items[1].stored_through_ms == T0 + 60_000
     assert counters.values["stored_through_lag_seconds"] == 30
+
+
+async def test_a_gated_watermark_moves_only_as_far_as_the_flush_stored() -> None:
+    """The rollup job stores what committed minutes made final before the watermark may say so; a flush that
+    fails (the store is down) publishes nothing, and the next round catches up."""
+    from app.errors import StoreUnavailable
+
+    clock = ManualClock(T0)
+    store = MemoryStore(clock)
+    wm = Watermarks(clock=clock, gated=True)
+    committed = {0: 3}
+    asked: list[dict[int, int]] = []
+    failing = [1]
+
+    async def flush(through: dict[int, int]) -> dict[int, int]:
+        asked.append(dict(through))
+        if failing[0]:
+            failing[0] -= 1
+            raise StoreUnavailable("DynamoDB throttling", retry_after_s=0.01)
+        return {p: ms - ms % 600_000 for p, ms in through.items()}  # stored to the last 10 min boundary
+
+    pub = Publisher(wm, store, Counters(), committed=committed.get, clock=clock, flush=flush)
+    wm.checkpoint(0, T0 + 1_260_000, end_offset=3)
+    wm.committed(0, 3)
+    assert 0 not in wm.through_ms  # gated: committing alone does not move it
+    assert await pub.publish({0}) == 0 and store.progress_items is None
+    assert await pub.publish({0}) == 1
+    assert asked == [{0: T0 + 1_260_000}] * 2
+    assert store.progress_items is not None
+    assert store.progress_items[0].stored_through_ms == T0 + 1_260_000 - (T0 + 1_260_000) % 600_000

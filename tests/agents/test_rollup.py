@@ -10,16 +10,18 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.progress import Watermarks
-from agents.rollup import Rollup, since_key, table_key
+from agents.rollup import PENDING, Rollup, since_key, table_key
 from app.api.query import STALE_GRACE_S, Answer, MetricsQuery, merge_buckets
 from app.clock import ManualClock
-from app.errors import StoreError
+from app.errors import StoreError, StoreUnavailable
 from app.ops.stats import Counters
 from app.storage.protocol import Progress
+from tables import record as records
 from tables.aggregate import Aggregate, BucketKey, bucket_of
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 from tests.api.test_query import SETTINGS, T0, MemoryStore, minute
@@ -39,9 +41,20 @@ def make(clock: ManualClock | None = None) -> tuple[Rollup, dict[bytes, Any], Me
     store = MemoryStore(clock)
     counters = Counters()
     sleeps = Sleeps()
-    r = Rollup(table, store, SETTINGS.storage, SETTINGS.query, counters, context_topic="metrics-1m", clock=clock,
-               sleep=sleeps)
+    r = Rollup(table, store, SETTINGS.storage, SETTINGS.query.replace(rollup_flush_s=60), counters,
+               context_topic="metrics-1m", clock=clock, sleep=sleeps)
     return r, table, store, counters, sleeps
+
+
+FAR_S = T0 + 365 * 86400
+
+
+async def fold(r: Rollup, batch: list[tuple[int, bytes]], through_s: int = FAR_S) -> int:
+    """The job's two halves, as a caught-up pipeline runs them: merge the batch, then store what
+    ``through_s`` (every minute ending by it merged; by default all) made final."""
+    n = await r.process(batch)
+    await r.flush({p: through_s * 1000 for p in {0, *(p for p, _ in batch)}})
+    return n
 
 
 def record(a: Aggregate) -> bytes:
@@ -49,7 +62,7 @@ def record(a: Aggregate) -> bytes:
 
 
 def stored(store: MemoryStore, res: int, ts: int) -> Aggregate:
-    return Aggregate.from_record(orjson.loads(store.items[("shop", "web", res, ts)]))
+    return records.decode(store.items[("shop", "web", res, ts)])[0]
 
 
 async def test_two_hours_of_minutes_roll_up_exactly_and_percentiles_match_raw() -> None:
@@ -58,7 +71,7 @@ async def test_two_hours_of_minutes_roll_up_exactly_and_percentiles_match_raw() 
     raw = [rng.lognormal(3.0 + (2.0 if i % 17 == 0 else 0.0), 0.7, rng.integers(100, 600)) for i in range(120)]
     values = [(0, record(minute(T0 + 60 * i, v))) for i, v in enumerate(raw)]
     for i in range(0, 120, 25):  # several batches, as the agent sees them
-        await r.process(values[i:i + 25])
+        await fold(r, values[i:i + 25])
     assert counters.values["rollup_minutes_merged"] == 3 * 120
     assert {k[2:] for k in store.items} == {(600, T0 + 600 * i) for i in range(12)} | {(3600, T0), (3600, T0 + 3600),
                                                                                       (7200, T0)}
@@ -72,7 +85,7 @@ async def test_two_hours_of_minutes_roll_up_exactly_and_percentiles_match_raw() 
             want = float(np.quantile(exact, q))
             assert abs(p["response_ms"][name] - want) <= 0.01 * want, (res, name, p["response_ms"][name], want)
     # The stored item lists its minutes, so a read-back knows what it already holds.
-    assert orjson.loads(store.items[("shop", "web", 7200, T0)])["mins"] == [T0 + 60 * i for i in range(120)]
+    assert records.decode(store.items[("shop", "web", 7200, T0)])[1] == [T0 + 60 * i for i in range(120)]
     # 15 rollup buckets, 5 summary blocks (two hours of minutes, one block each of 10 min, 1 h, 2 h points),
     # and since when the series' blocks are complete.
     assert len(table) == 21 and orjson.loads(zlib.decompress(table[since_key("shop", "web")]))["since"] == T0
@@ -83,10 +96,10 @@ async def test_two_hours_of_minutes_roll_up_exactly_and_percentiles_match_raw() 
 async def test_redelivered_minutes_are_not_merged_twice() -> None:
     r, _, store, counters, _ = make()
     batch = [(0, record(minute(T0 + 60 * i, np.arange(1.0, 101.0), mc=100))) for i in range(10)]
-    await r.process(batch)
+    await fold(r, batch)
     before = dict(store.items)
     puts = store.puts
-    assert await r.process(batch[3:7]) == 0  # redelivery after a restart: nothing changes, nothing written
+    assert await fold(r, batch[3:7]) == 0  # redelivery after a restart: nothing changes, nothing written
     assert store.items == before and store.puts == puts
     assert counters.values["rollup_minutes_replayed"] == 3 * 4
     assert stored(store, 600, T0).requests == 1000
@@ -95,7 +108,7 @@ async def test_redelivered_minutes_are_not_merged_twice() -> None:
 async def test_evicted_bucket_is_read_back_for_a_late_minute_and_replays_stay_idempotent() -> None:
     clock = ManualClock((T0 + 3600) * 1000)
     r, table, store, counters, _ = make(clock)
-    await r.process([(1, record(minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50))) for i in range(9)])
+    await fold(r, [(1, record(minute(T0 + 60 * i, np.arange(1.0, 11.0), mc=50))) for i in range(9)])
     clock.set((T0 + 7200 + int(SETTINGS.query.rollup_evict_after_s) + 1) * 1000)
     assert r.evict({0}) == 0  # partition 1 is not ours: its owner evicts it
     # The buckets and the minute block go; the coarser summary blocks stay until their own span ends.
@@ -104,7 +117,7 @@ async def test_evicted_bucket_is_read_back_for_a_late_minute_and_replays_stay_id
     assert r.evict({1}) == 3 + len(ended) and all(k.startswith((b"s|", b"m|")) for k in table)
     clock.set((T0 + 8 * 86400 + int(SETTINGS.query.rollup_evict_after_s) + 1) * 1000)
     assert r.evict({1}) == 4 - len(ended) and list(table) == [since_key("shop", "web")]
-    await r.process([(1, record(minute(T0 + 60 * 9, np.arange(1.0, 11.0), mc=50)))])  # late minute
+    await fold(r, [(1, record(minute(T0 + 60 * 9, np.arange(1.0, 11.0), mc=50)))])  # late minute
     # First sight: 3 buckets, 4 blocks, and the 3 coarser blocks seeded from their (empty) span. After
     # eviction: the 3 buckets and 4 blocks are read back from the store.
     assert counters.values["rollup_store_reads"] == 3 + 4 + 3 + 3 + 4
@@ -114,14 +127,25 @@ async def test_evicted_bucket_is_read_back_for_a_late_minute_and_replays_stay_id
     assert sorted(blocks[60].points) == [T0 + 60 * i for i in range(10)] and not blocks[60].partial
     assert orjson.loads(blocks[600].points[T0])["requests"] == 100
     r.evict({1})
-    await r.process([(1, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])  # an old redelivery
+    await fold(r, [(1, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])  # an old redelivery
     assert stored(store, 600, T0).requests == 100
     assert counters.values["rollup_minutes_replayed"] == 3
 
 
 async def test_dynamodb_unavailable_is_retried_and_state_is_written_only_after_success() -> None:
+    """Reads of a bucket the table lacks are retried by the backoff rule; a flush the store refuses raises
+    (the publisher publishes nothing and calls again), and the table marks a value stored only after the store
+    accepted it."""
     r, table, store, counters, sleeps = make()
-    store.fail_puts = 2
+    store.fail_queries = 1
+    await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])
+    assert counters.values["rollup_retries"] == 1 and len(sleeps.calls) == 1
+    assert all(0.01 <= s <= SETTINGS.storage.backoff_max_ms / 1000 for s in sleeps.calls)  # at least retry_after_s
+    assert store.items == {} and all(v[0] == PENDING for k, v in table.items() if not k.startswith(b"m|"))
+    store.fail_puts = 1
+    with pytest.raises(StoreUnavailable):
+        await r.flush({0: (T0 + 7200) * 1000})
+    assert store.items == {} and all(v[0] == PENDING for k, v in table.items() if not k.startswith(b"m|"))
     written: list[int] = []
     original = table.__setitem__
 
@@ -130,17 +154,17 @@ async def test_dynamodb_unavailable_is_retried_and_state_is_written_only_after_s
             written.append(store.puts)  # puts accepted by the store when the table is written
             original(k, v)
 
-    r.table = Watch()
-    await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])
-    assert counters.values["rollup_retries"] == 2 and len(sleeps.calls) == 2
-    assert all(0.01 <= s <= SETTINGS.storage.backoff_max_ms / 1000 for s in sleeps.calls)  # at least retry_after_s
-    assert written == [1] * 8  # 3 buckets, 4 summary blocks and the series' since, all after the successful put
+    watch = Watch(table)
+    r.table = watch
+    assert await r.flush({0: (T0 + 7200) * 1000}) == {0: (T0 + 7200) * 1000}
+    assert written == [1] * 7  # 3 buckets and 4 blocks, marked stored after the successful put
+    assert all(v[0] != PENDING for v in table.values())
     assert stored(store, 3600, T0).requests == 10
 
 
 async def test_invalid_records_are_counted_and_skipped() -> None:
     r, _, store, counters, _ = make()
-    assert await r.process([(0, b"{oops"), (0, b'{"res_s": 600}'),
+    assert await fold(r, [(0, b"{oops"), (0, b'{"res_s": 600}'),
                             (0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))]) == 3
     assert counters.values["rollup_minutes_invalid"] == 2 and len(store.items) == 3
 
@@ -151,7 +175,7 @@ async def test_query_reads_rollups_written_by_the_job_same_as_merging_minutes() 
     clock = ManualClock((T0 + 86400) * 1000)
     r, _, store, _, _ = make(clock)
     minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.8, 200), mc=300) for i in range(240)]
-    await r.process([(0, record(m)) for m in minutes])
+    await fold(r, [(0, record(m)) for m in minutes])
     for m in minutes:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     pre = MetricsQuery(store, settings=SETTINGS, clock=clock)
@@ -210,7 +234,7 @@ def test_summary_blocks_equal_what_the_digests_give(minutes: list[tuple[int, dic
         values = [(0, record(a)) for a in aggs]
         bounds = [0, *sorted(c for c in cuts if c < len(values)), len(values)]
         for lo, hi in itertools.pairwise(bounds):
-            await r.process(values[lo:hi])
+            await fold(r, values[lo:hi])
         for a in aggs:  # what the sink stores
             store.items[("shop", "web", 60, a.key.start_ms // 1000)] = record(a)
         store.queries = []
@@ -261,7 +285,7 @@ async def test_a_range_written_before_summary_blocks_reads_from_its_digests() ->
             rec = agg.to_record()
             rec["mins"] = [m.key.start_ms // 1000 for m in old if b <= m.key.start_ms // 1000 < b + res]
             store.items[("shop", "web", res, b)] = orjson.dumps(rec)
-    await r.process([(0, record(m)) for m in new])
+    await fold(r, [(0, record(m)) for m in new])
     for m in new:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     store.queries = []
@@ -295,11 +319,11 @@ async def test_a_minute_block_lacking_a_minute_of_its_hour_is_partial_until_read
     rec["mins"] = [T0, T0 + 60]
     store.items[("shop", "web", 3600, T0)] = orjson.dumps(rec)  # the old job's hour bucket
     store.items[("shop", "web", 60, T0)] = record(ms[0])  # minute 1 not stored yet
-    await r.process([(0, record(ms[2]))])
+    await fold(r, [(0, record(ms[2]))])
     block = SummaryBlock.decode(store.blocks[("shop", "web", 60, T0)])
     assert block.partial and sorted(block.points) == [T0, T0 + 120]
     store.items[("shop", "web", 60, T0 + 60)] = record(ms[1])  # the sink catches up
-    await r.process([(0, record(ms[3]))])
+    await fold(r, [(0, record(ms[3]))])
     block = SummaryBlock.decode(store.blocks[("shop", "web", 60, T0)])
     assert not block.partial and sorted(block.points) == [T0 + 60 * i for i in range(4)]
 
@@ -319,15 +343,16 @@ async def test_a_partial_or_unreadable_block_is_not_trusted() -> None:
 
 
 async def test_the_live_edge_is_served_from_block_points_and_merges_only_what_they_lack() -> None:
-    """The newest buckets: a bucket whose block point holds every stored minute is served as stored (no
-    digest read); a stored minute the rollup job has not folded in yet, or a minute open in this worker,
-    is merged onto the bucket's rollup item. Every point equals the truth (all minutes merged)."""
+    """The newest buckets: a final bucket whose block point holds every stored minute is served as stored
+    (no digest read); an open bucket (no rollup item yet: it is written once final) is merged from the
+    stored minutes after the last final bucket, and a minute open in this worker. Every point equals the
+    truth (all minutes merged)."""
     rng = np.random.default_rng(8)
     now_s = T0 + 3600 + 150  # settle 300 s: the edge is at T0 + 3600 - 300 (1 min) or T0 + 3000 (10 min)
     clock = ManualClock(now_s * 1000)
     r, _, store, _, _ = make(clock)
     ms = [minute(T0 + 60 * i, rng.lognormal(3, 0.7, 80), mc=100) for i in range(63)]
-    await r.process([(0, record(m)) for m in ms[:61]])  # the rollup job is one minute behind the sink
+    await fold(r, [(0, record(m)) for m in ms[:61]], T0 + 61 * 60)  # one minute behind the sink
     for m in ms[:62]:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     open_minute = ms[62]  # still open in this worker
@@ -342,8 +367,10 @@ async def test_the_live_edge_is_served_from_block_points_and_merges_only_what_th
         assert got == [orjson.loads(point_json(a)) for a in merge_buckets(ms, res).values()], res
         edge = (now_s - 300) - (now_s - 300) % res
         minute_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == 60]
-        # Only the minute the blocks do not hold is read as a digest; the rest of the edge is block points.
-        assert minute_reads == [(T0 + 61 * 60, -(-now_s // res) * res)], (res, minute_reads)
+        # Only the minutes no stored point holds are read as digests: the one the minute block lacks, or
+        # those of the open bucket; the rest of the edge is block points.
+        first = T0 + 61 * 60 if res == 60 else bucket_of(T0 + 61 * 60, res)
+        assert minute_reads == [(first, -(-now_s // res) * res)], (res, minute_reads)
         rollup_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == res and res != 60]
         assert rollup_reads == ([] if res == 60 else [(bucket_of(T0 + 61 * 60, res), bucket_of(T0 + 61 * 60, res) + 1)])
         assert edge <= T0 + 61 * 60
@@ -366,12 +393,12 @@ async def test_an_item_the_store_refuses_for_good_does_not_cost_the_others() -> 
 
     refusing = Refusing(store.clock)
     r.store = refusing
-    await r.process([(0, record(minute(T0, np.arange(1.0, 11.0), mc=50))),
+    await fold(r, [(0, record(minute(T0, np.arange(1.0, 11.0), mc=50))),
                      (0, record(minute(T0, np.arange(1.0, 11.0), mc=50, app="huge")))])
     assert {k[0] for k in refusing.items} == {"shop"} and {k[0] for k in refusing.blocks} == {"shop"}
     assert counters.values["rollup_failed"] == 7 and counters.values["rollup_items_written"] == 3
     refusing.bad_app, refusing.calls = "*", 0
-    await r.process([(0, record(minute(T0 + 60, np.arange(1.0, 11.0), mc=50, app=a))) for a in ("shop", "cart")])
+    await fold(r, [(0, record(minute(T0 + 60, np.arange(1.0, 11.0), mc=50, app=a))) for a in ("shop", "cart")])
     assert refusing.calls == 1 + 8 and counters.values["rollup_failed"] == 7 + 14
 
 
@@ -405,7 +432,7 @@ async def test_a_range_asked_before_it_was_stored_returns_the_stored_data_once_i
     for res, q in queries.items():
         ans = await q.answer("shop", "web", res, T0, T0 + 7200)
         assert orjson.loads(ans.body)["points"] == [] and not ans.final, res
-    await r.process([(0, record(m)) for m in minutes])  # the sink and the rollup job catch up
+    await fold(r, [(0, record(m)) for m in minutes])  # the sink and the rollup job catch up
     for m in minutes:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     clock.advance(int((SETTINGS.query.tail_ttl_s + STALE_GRACE_S) * 1000) + 1)  # past stale-while-revalidate
@@ -427,7 +454,7 @@ async def test_a_late_minute_drops_the_cached_answer_of_its_app() -> None:
     r, _, store, counters, _ = make(clock)
     r.watermarks = wm
     minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.6, 40), mc=100) for i in range(60) if i != 30]
-    await r.process([(0, record(m)) for m in minutes])
+    await fold(r, [(0, record(m)) for m in minutes])
     wm.checkpoint(0, (T0 + 3600) * 1000, end_offset=1)
     wm.committed(0, 1)
     _watermark(store, (T0 + 3600) * 1000, clock.now_ms())
@@ -436,7 +463,7 @@ async def test_a_late_minute_drops_the_cached_answer_of_its_app() -> None:
     assert first.final and len(orjson.loads(first.body)["points"]) == 59
     # Minute 30 arrives late (a new sender's backlog): stored behind the watermark, and noted.
     late = minute(T0 + 1800, rng.lognormal(3, 0.6, 40), mc=100)
-    await r.process([(0, record(late))])
+    await fold(r, [(0, record(late))])
     assert counters.values["minutes_stored_late"] == 1 and wm.changed[0] == {"shop": clock.now_ms()}
     assert (await q.answer("shop", "web", 60, T0, T0 + 3600)).body == first.body  # within the read interval
     _watermark(store, (T0 + 3600) * 1000, clock.now_ms(), wm.changed[0])
@@ -460,7 +487,7 @@ async def test_a_watermark_moving_back_drops_final_answers_of_its_partition() ->
     _watermark(store, T0 * 1000, clock.now_ms())  # the replay's windows open behind the watermark
     assert not (await _ask_after_refresh(q, clock, 600, T0, T0 + 3600)).final
     minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.6, 40), mc=100) for i in range(60)]
-    await r.process([(0, record(m)) for m in minutes])
+    await fold(r, [(0, record(m)) for m in minutes])
     for m in minutes:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     clock.advance(1_000)
@@ -468,3 +495,83 @@ async def test_a_watermark_moving_back_drops_final_answers_of_its_partition() ->
     ans = await _ask_after_refresh(q, clock, 600, T0, T0 + 3600)
     assert ans.final and [p["requests"] for p in orjson.loads(ans.body)["points"]] == [400] * 6
     assert counters.values["query_cache_invalidations"] >= 1
+
+
+# --- written once final (issue 23: write units per series-minute) ----------------------------------------
+
+async def _minute_by_minute(r: Rollup, minutes: list[Aggregate]) -> None:
+    """As the pipeline runs: each minute merged, then a flush with the watermark at its end."""
+    for m in minutes:
+        await r.process([(0, record(m))])
+        await r.flush({0: m.key.start_ms + 60_000})
+
+
+async def test_each_rollup_item_is_written_once_final_and_the_open_blocks_once_per_flush_interval() -> None:
+    clock = ManualClock((T0 + 3 * 3600) * 1000)
+    store = MemoryStore(clock)
+    counters = Counters()
+    r = Rollup({}, store, SETTINGS.storage, SETTINGS.query.replace(rollup_flush_s=600), counters,
+               context_topic="metrics-1m", clock=clock)
+    writes: list[tuple[int, int, str]] = []
+    put_many = store.put_many
+
+    async def counting(items: Any) -> None:
+        writes.extend((i.resolution_s, i.ts_s, i.kind) for i in items)
+        await put_many(items)
+
+    store.put_many = counting  # type: ignore[method-assign]
+    rng = np.random.default_rng(31)
+    minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.7, 50), mc=100) for i in range(125)]
+    await _minute_by_minute(r, minutes)
+    digests = [(res, ts) for res, ts, kind in writes if kind == "digest"]
+    # Every bucket that ended is written exactly once; the open ones (10 min at 120, 2 h at 7200) not yet.
+    assert sorted(digests) == sorted({(600, T0 + 600 * i) for i in range(12)} | {(3600, T0), (3600, T0 + 3600),
+                                                                               (7200, T0)})
+    minute_blocks = [ts for res, ts, kind in writes if kind == "summary" and res == 60]
+    assert minute_blocks == [T0] * 6 + [T0 + 3600] * 6  # once per 10 minutes, the hour's block
+    assert len(writes) <= 15 + 12 + 12 + 2 + 1 + 3  # items, minute blocks, 10 min blocks, 1 h, 2 h, seeds
+    # What the watermark may say: the last boundary while minutes after it are pending.
+    assert await r.flush({0: (T0 + 125 * 60) * 1000}) == {0: (T0 + 7200) * 1000}
+    # The query answers every point, final ones from blocks and the open edge from minute items.
+    for m in minutes:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    _watermark(store, (T0 + 7200) * 1000, clock.now_ms())
+    for res in (60, 600, 3600, 7200):
+        got = orjson.loads((await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
+            "shop", "web", res, T0, T0 + 3 * 3600)).body)["points"]
+        assert got == [orjson.loads(point_json(a)) for a in merge_buckets(minutes, res).values()], res
+
+
+async def test_pending_writes_survive_a_restart_and_are_never_evicted_before_stored() -> None:
+    """A new worker (rebalance, restart) finds what the previous one merged but did not store in the
+    changelogged table, and stores it on its first flush."""
+    clock = ManualClock((T0 + 30 * 86400) * 1000)
+    r, table, store, _, _ = make(clock)
+    await r.process([(3, record(minute(T0 + 60 * i, np.arange(1.0, 21.0), mc=50))) for i in range(10)])
+    assert r.evict({3}) == 0 and store.items == {}
+    again = Rollup(table, store, SETTINGS.storage, SETTINGS.query.replace(rollup_flush_s=60), Counters(),
+                   context_topic="metrics-1m", clock=clock)
+    assert await again.flush({3: (T0 + 600) * 1000}) == {3: (T0 + 600) * 1000}
+    assert stored(store, 600, T0).requests == 200 and ("shop", "web", 3600, T0) not in store.items
+    assert SummaryBlock.decode(store.blocks[("shop", "web", 60, T0)]).points.keys() == {T0 + 60 * i for i in range(10)}
+
+
+async def test_an_open_two_hour_bucket_is_merged_from_its_final_ten_minute_items() -> None:
+    """The live edge of a 2 h chart: no rollup item exists for the open bucket, so it is its stored 10 min
+    items plus only the minutes after them, never its two hours of minutes."""
+    rng = np.random.default_rng(32)
+    now_s = T0 + 95 * 60
+    clock = ManualClock(now_s * 1000)
+    r, _, store, _, _ = make(clock)
+    ms = [minute(T0 + 60 * i, rng.lognormal(3, 0.7, 30), mc=100) for i in range(95)]
+    await fold(r, [(0, record(m)) for m in ms], T0 + 95 * 60)
+    for m in ms:
+        store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
+    _watermark(store, (T0 + 90 * 60) * 1000, clock.now_ms())
+    store.queries = []
+    got = orjson.loads((await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
+        "shop", "web", 7200, T0, now_s)).body)["points"]
+    want = [orjson.loads(point_json(a)) for a in merge_buckets(ms, 7200).values()]
+    assert len(got) == len(want) and all(_close(p, q) for p, q in zip(got, want, strict=True))  # sums' order
+    assert ("shop", "web", 600, T0, now_s - now_s % 7200 + 7200) in store.queries
+    assert [(lo, hi) for (_, _, res, lo, hi) in store.queries if res == 60] == [(T0 + 90 * 60, T0 + 7200)]

@@ -4,20 +4,23 @@ DynamoStore on moto: items are refused one at a time, operator errors stop the s
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
+from unittest.mock import ANY
 
 import orjson
 import pytest
 
-from agents.sink import ISOLATE_STREAK, Sink, dead_letter_record, decode_minute
+from agents.sink import ISOLATE_STREAK, OFFLOAD_ITEMS, Sink, dead_letter_record, decode_minute
 from app.errors import ItemsRefused, PipelineError, StoreError, StoreFatal, StoreUnavailable
 from app.ops.health import Readiness
 from app.ops.stats import Counters
 from app.settings import Settings
 from app.storage.protocol import MetricItem
+from tables import record as records
 from tables.aggregate import Aggregate, BucketKey
 from tests.storage.test_dynamodb import T0, StoreFactory, _moto_aio, aws, client_error, make_store  # noqa: F401
 
@@ -78,6 +81,48 @@ def make(store: Any, *, during_sleep: Callable[[], Any] | None = None
 
     sink = Sink(store, Settings().storage, dead_letter=dead_letter, counters=counters, sleep=sleep)
     return sink, sleeps, dead, counters
+
+
+async def test_minutes_are_stored_in_the_record_format_set_and_read_back_the_same() -> None:
+    values = [minute(f"a{n}", 60_000 * n) for n in range(OFFLOAD_ITEMS + 8)]  # converted in a worker thread
+    for fmt in (2, 1):
+        store = FlakyStore([])
+        sink, _, dead, _ = make(store)
+        sink.storage = Settings.of(store_record_format=fmt).storage
+        assert await sink.write(values) == len(values) and not dead
+        for v in values:
+            rec = orjson.loads(v)
+            payload = store.items[(rec["app"], "web", rec["start_ms"] // 1000)].payload
+            assert payload[0] == (records.V2 if fmt == 2 else ord("{"))
+            assert fmt == 2 or payload == v  # version 1 is the record itself
+            assert records.decode(payload) == (ANY, None)
+            assert records.decode(payload)[0].to_record() == Aggregate.from_record(rec).to_record()
+
+
+async def test_a_refused_minute_is_dead_lettered_as_its_metrics_1m_record_not_the_stored_bytes() -> None:
+    store = FlakyStore([], pre_check=lambda i: i.app == "big")
+    sink, _, dead, _ = make(store)
+    value = minute("big", 0)
+    assert await sink.write([minute("a", 0), value]) == 1
+    assert [v for v, _ in dead] == [value] and store.items[("a", "web", 0)].payload[0] == records.V2
+
+    class Copying(FlakyStore):
+        """Refuses with copies of the items: the record is rebuilt from the stored bytes."""
+
+        async def put_many(self, items: Sequence[MetricItem]) -> None:
+            raise ItemsRefused("refused", refused=[(dataclasses.replace(i), StoreError("no", action="x"))
+                                                   for i in items], action="x")
+
+    sink, _, dead, _ = make(Copying([]))
+    assert await sink.write([value]) == 0
+    assert [orjson.loads(v) for v, _ in dead] == [orjson.loads(value)]
+
+
+def test_a_record_that_is_no_aggregate_is_refused_before_storing() -> None:
+    not_an_aggregate = orjson.dumps({"app": "a", "proc": "web", "start_ms": 0, "res_s": 60, "v": 99})
+    with pytest.raises(ValueError, match="malformed metrics-1m record"):
+        decode_minute(not_an_aggregate)
+    assert decode_minute(not_an_aggregate, 1).payload == not_an_aggregate  # version 1 stores it as it is
 
 
 async def test_retries_until_dynamodb_accepts() -> None:
@@ -210,8 +255,10 @@ async def test_on_dynamodb_one_oversize_minute_is_dead_lettered_and_the_rest_sto
         make_store: StoreFactory) -> None:  # noqa: F811  the fixture imported above
     store = await make_store()
     sink, _, dead, _ = make(store)
-    pad = base64.b64encode(os.urandom(600_000)).decode()
-    big = orjson.dumps({"app": "big", "proc": "web", "start_ms": T0 * 1000, "res_s": 60, "pad": pad})
+    agg = Aggregate(BucketKey("big", "web", T0 * 1000), max_centroids=50)
+    for n in range(10_000):  # random names: ~480 KB even deflated (tables/record.py)
+        agg.add_metric(base64.b64encode(os.urandom(48)).decode(), "counter", 1.0, T0 * 1000 + n)
+    big = orjson.dumps(agg.to_record())
     assert await sink.write([minute("a", T0 * 1000), big, minute("b", T0 * 1000)]) == 2
     assert [orjson.loads(v)["app"] for v, _ in dead] == ["big"] and "400 KB" in dead[0][1]
     for app in ("a", "b"):

@@ -40,6 +40,8 @@ from app.storage.dynamodb import PROGRESS_PK, DynamoStore, item_size_bytes
 from app.storage.protocol import SUMMARY, MetricItem, Progress
 from app.storage.tokens import TokenStore
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey
+from tables.record import decode as decode_stored
+from tables.record import encode as encode_stored
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -76,19 +78,20 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
         minutes = [minute(rng, APP, t, 1000) for t in range(first, now_s - now_s % 60, 60)]
         records = [orjson.dumps(m.to_record()) for m in minutes]
         # bench: the sink's minute items, then the rollup job over the same minutes (its batches of 500)
-        await store.put_many([MetricItem(APP, PROC, 60, m.key.start_ms // 1000, r)
-                               for m, r in zip(minutes, records, strict=True)])
+        await store.put_many([MetricItem(APP, PROC, 60, m.key.start_ms // 1000, encode_stored(m))
+                               for m in minutes])
         rollup = Rollup({}, store, settings.storage, settings.query, Counters(), context_topic="metrics-1m")
         for i in range(0, len(records), 500):
             await rollup.process([(0, r) for r in records[i:i + 500]])
+        # What a caught-up pipeline has stored: through the last closed minute's flush boundary.
+        through_ms = (await rollup.flush({0: (now_s - now_s % 60) * 1000}))[0]
         # legacy: the same minutes and rollup items, without blocks
-        items = [MetricItem(LEGACY, PROC, 60, m.key.start_ms // 1000, orjson.dumps(renamed(m, LEGACY).to_record()))
+        items = [MetricItem(LEGACY, PROC, 60, m.key.start_ms // 1000, encode_stored(renamed(m, LEGACY)))
                  for m in minutes]
         for res in ROLLUP_RESOLUTIONS:
             for it in await store.query(APP, PROC, res, first, now_s + 1):
-                rec = orjson.loads(it.payload)
-                rec["app"] = LEGACY
-                items.append(MetricItem(LEGACY, PROC, res, it.ts_s, orjson.dumps(rec)))
+                agg, mins = decode_stored(it.payload)
+                items.append(MetricItem(LEGACY, PROC, res, it.ts_s, encode_stored(renamed(agg, LEGACY), mins=mins)))
         # older days: one synthetic bucket-sized aggregate each (same size class as a real rollup), for both
         # apps; bench also gets the summary blocks the rollup job would have written for them
         blocks: dict[tuple[int, int], SummaryBlock] = {}
@@ -96,8 +99,8 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
             for b in range(first - OLDER_DAYS[res] * 86400, first, res):
                 agg = minute(rng, APP, b, 2000)
                 agg.resolution_s = res
-                items.append(MetricItem(APP, PROC, res, b, orjson.dumps(agg.to_record())))
-                items.append(MetricItem(LEGACY, PROC, res, b, orjson.dumps(renamed(agg, LEGACY).to_record())))
+                items.append(MetricItem(APP, PROC, res, b, encode_stored(agg)))
+                items.append(MetricItem(LEGACY, PROC, res, b, encode_stored(renamed(agg, LEGACY))))
                 key = (res, block_of(b, res))
                 if key not in blocks:
                     blocks[key] = SummaryBlock(res, key[1], since_s=first - OLDER_DAYS[res] * 86400)
@@ -112,8 +115,7 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
             items.append(MetricItem(APP, PROC, res, start, block.encode(), SUMMARY, BLOCK_SPAN_S[res]))
         for i in range(0, len(items), 500):
             await store.put_many(items[i:i + 500])
-        # A caught-up pipeline: every partition stored through the last closed minute (agents/progress.py).
-        through_ms = (now_s - now_s % 60) * 1000
+        # A caught-up pipeline: every partition stored as far as the flush said (agents/progress.py).
         await store.put_progress([Progress(p, through_ms, now_s * 1000, {}) for p in range(settings.kafka.partitions)])
         return {app: (await tokens.create(app, "read"))[0] for app in (APP, LEGACY)}
     finally:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 
 from app.local.embedded import DynamoServer, KafkaBroker
 from app.local.traffic import Generator, produce
 from app.storage.backends import token_table
 from app.storage.tokens import TokenStore
+from tables.record import decode as decode_stored
 from tests.integration.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -130,11 +130,18 @@ def test_rollup_items_are_in_dynamodb(served: Served) -> None:
     from app.storage.dynamodb import DynamoStore
 
     async def go() -> list[int]:
+        """A rollup item is written once its bucket is final: the watermark publisher's next round after
+        the bucket's minutes were committed."""
         store = DynamoStore(served.pipeline.settings.storage, served.pipeline.settings.dynamodb)
         await store.start()
         try:
-            items = await store.query("app-0", "web", 600, served.start_s, served.start_s + served.minutes * 60)
-            return [orjson.loads(i.payload)["res_s"] for i in items]
+            for _ in range(60):
+                items = await store.query("app-0", "web", 600, served.start_s,
+                                          served.start_s + served.minutes * 60)
+                if len(items) == served.minutes // 10:
+                    break
+                await asyncio.sleep(0.5)
+            return [decode_stored(i.payload)[0].resolution_s for i in items]
         finally:
             await store.stop()
     assert asyncio.run(go()) == [600] * (served.minutes // 10)

@@ -25,6 +25,7 @@ from app.ops.stats import CATALOGUE, GAUGES, HISTOGRAMS, Counters
 from app.settings import KafkaSettings, Settings
 from app.storage.dynamodb import DynamoStore
 from app.storage.protocol import MetricItem
+from tables.aggregate import Aggregate, BucketKey
 from tests.api.test_query import MemoryStore
 
 TP = namedtuple("TP", "topic partition")
@@ -326,7 +327,7 @@ async def test_sink_records_batch_latency_including_retries() -> None:
 
     counters = Counters()
     sink = Sink(Flaky(ManualClock()), Settings().storage, dead_letter=no_dlq, counters=counters, sleep=sleep)
-    record = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_000_000, "res_s": 60})
+    record = orjson.dumps(Aggregate(BucketKey("shop", "web", 1_764_000_000_000)).to_record())
     await sink.write([record])
     h = counters.histograms["sink_batch_seconds"]
     assert h.count == 1 and h.sum >= 0.02
@@ -344,7 +345,7 @@ async def test_sink_records_no_latency_for_a_batch_refused_for_good() -> None:
         dead.extend(bad)
 
     counters = Counters()
-    record = orjson.dumps({"app": "shop", "proc": "web", "start_ms": 1_764_000_000_000, "res_s": 60})
+    record = orjson.dumps(Aggregate(BucketKey("shop", "web", 1_764_000_000_000)).to_record())
     await Sink(Refusing(ManualClock()), Settings().storage, dead_letter=dlq, counters=counters).write([record])
     assert counters.histograms["sink_batch_seconds"].count == 0 and len(dead) == 1
 

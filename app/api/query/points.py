@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import orjson
-
 from app.storage.protocol import MetricItem
+from tables import record as records
 from tables.aggregate import Aggregate, BucketKey, bucket_of
 
 OFFLOAD_ITEMS = 32
@@ -14,8 +13,9 @@ OFFLOAD_ITEMS = 32
 
 
 def decode_item(item: MetricItem) -> Aggregate:
-    """A stored item's aggregate (minutes and rollups share the record; rollups add ``mins``, ignored here)."""
-    return Aggregate.from_record(orjson.loads(item.payload))
+    """A stored item's aggregate, in either record format (minutes and rollups share the record; rollups add
+    ``mins``, ignored here). ValueError when unreadable."""
+    return records.decode(item.payload)[0]
 
 
 def merge_buckets(minutes: Iterable[Aggregate], resolution_s: int) -> dict[int, Aggregate]:
