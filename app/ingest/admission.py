@@ -98,7 +98,11 @@ class Admission:
             return Refusal("queue_full", f"app {app!r} already has {waiting} requests waiting at this ingest "
                                          "process; retry after the delay", 1, "ingest_refused_queue")
         active = self._active.get(app, 0)
-        if self.active_total >= self.max_active and active >= max(1, self.max_active // len(self._active)):
+        # Past the cap, only the heaviest apps are shed (max-min fairness): an app that took every request
+        # slot before others arrived holds more than its share until its requests drain, and an app below
+        # it must not be refused meanwhile because the queue it waits in is that app's.
+        if (self.active_total >= self.max_active and active >= max(1, self.max_active // len(self._active))
+                and active >= max(self._active.values())):
             return Refusal("overloaded", "the ingest is at capacity and this app has more than its share of the "
                                          "requests in progress; retry after the delay", 1, "ingest_requests_shed")
         return None

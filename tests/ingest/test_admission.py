@@ -315,3 +315,23 @@ def test_per_app_counters_are_labelled_on_metrics() -> None:
     assert 'minutely_ingest_refused_rate_total{app="flood"} 3.0' in text
     assert 'minutely_ingest_refused_rate_total{app="other"} 1.0' in text
     assert counters.snapshot()["ingest_refused_rate"] == 4
+
+
+async def test_past_the_request_cap_only_the_heaviest_app_is_shed() -> None:
+    """A flood that took every request slot before a quiet app arrived drains to its share; meanwhile the
+    quiet app's requests pile up behind it (it waits in the flood's queue) and are still admitted."""
+    from contextlib import AsyncExitStack
+
+    settings = Settings.of(ingest_max_active_requests=4)
+    adm = Admission(settings.ingest, Limits(settings.limits), Counters())
+    async with AsyncExitStack() as held:
+        for _ in range(4):  # alone, the flood's share is every slot
+            assert await held.enter_async_context(adm.request("flood")) is None
+        for _ in range(3):  # at and past its share of 2, but the flood holds more
+            assert await held.enter_async_context(adm.request("quiet")) is None
+        refused = await held.enter_async_context(adm.request("flood"))
+        assert refused is not None and refused.code == "overloaded"
+        # Even: both at the heaviest count, so both are shed until requests finish.
+        assert await held.enter_async_context(adm.request("quiet")) is None
+        assert adm.refuse_early("quiet") is not None and adm.refuse_early("flood") is not None
+    assert adm.active_total == 0 and adm.refuse_early("quiet") is None
