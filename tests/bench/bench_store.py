@@ -253,11 +253,12 @@ class RecordingStore:
 
 def record_codec() -> tuple[Callable[[bytes], Aggregate], Callable[[Aggregate, list[int]], bytes] | None]:
     """(decode a stored digest item, encode a rollup item as the rollup job stores it) of this tree."""
-    try:
-        from tables import record
-    except ImportError:
+    import tables
+    # Not an ImportError: the venv's editable install would find the working tree's module for the before tree.
+    if not (Path(tables.__path__[0]) / "record.py").is_file():
         return (lambda payload: Aggregate.from_record(orjson.loads(payload))), None
     from agents.rollup import Bucket
+    from tables import record
     version = Settings.of().storage.record_format
     return ((lambda payload: record.decode(payload)[0]),
             (lambda agg, mins: Bucket(agg, set(mins), 0).payload(version)))
@@ -796,9 +797,16 @@ def main() -> int:
 
 
 def sourced(results: dict[str, Any]) -> dict[str, Any]:
-    """The results, with the tree their code came from."""
+    """The results, with the tree their code came from (all of it: the venv's editable install finds the
+    working tree's modules for names the before tree lacks)."""
     import agents.rollup
-    return {**results, "source": str(Path(agents.rollup.__file__).resolve().parents[1])}
+    root = Path(agents.rollup.__file__).resolve().parents[1]
+    foreign = sorted(name for name, m in list(sys.modules.items())
+                     if name.split(".")[0] in ("app", "agents", "tables") and getattr(m, "__file__", None)
+                     and not Path(m.__file__ or "").resolve().is_relative_to(root))
+    if foreign:
+        raise AssertionError(f"modules from outside {root}: {', '.join(foreign)}")
+    return {**results, "source": str(root)}
 
 
 def check_fast_minute() -> None:
