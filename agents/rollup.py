@@ -182,6 +182,10 @@ class Rollup:
         """Table keys of values the store lacks -> (partition, due s); rebuilt from the table by a scan for the
         partitions this worker did not index yet (:meth:`_index`)."""
         self._indexed: set[int] = set()
+        self._boundary: dict[int, int] = {}
+        """Per partition, the flush boundary (s) whose open 1 h / 2 h buckets were written."""
+        self._partial_through: dict[bytes, int] = {}
+        """Open buckets written partial -> the newest minute the stored copy holds."""
 
     async def process(self, batch: Sequence[tuple[int, bytes]]) -> int:
         """Fold a batch of ``(partition, metrics-1m value)`` into the table's buckets and minute blocks;
@@ -267,8 +271,15 @@ class Rollup:
         async with self._lock:
             self._index(set(through_ms))
             due = [k for k, (p, due_s) in self._pending.items() if p in horizon and due_s <= horizon[p]]
-            if due:
-                await self._write(due)
+            # At each boundary, the open 1 h and 2 h buckets too (partial, listing their minutes): a chart's
+            # live edge then merges one item and the minutes after it (measured: an open 2 h bucket merged
+            # from its 10 min items and minutes made the first look at 7 d 4x slower).
+            moved = {p for p, h in horizon.items() if self._boundary.get(p) != h}
+            partial = [k for k, (p, due_s) in self._pending.items() if p in moved and due_s > horizon[p]
+                       and k.startswith(b"r|") and bucket_id(k)[2] >= HOUR_S]
+            if due or partial:
+                await self._write(due, partial)
+            self._boundary.update((p, horizon[p]) for p in moved)
             behind = {p for p, due_s in self._pending.values() if p in through_ms and due_s <= through_ms[p] // 1000}
         return {p: horizon[p] * 1000 if p in behind else ms for p, ms in through_ms.items()}
 
@@ -289,7 +300,17 @@ class Rollup:
                 self._pending[key] = (partition, due_s)
         self._indexed |= new
 
-    async def _write(self, due: list[bytes]) -> None:
+    async def _write(self, due: list[bytes], partial: Sequence[bytes] = ()) -> None:
+        """Store the ``due`` buckets and blocks, then mark them stored; and the ``partial`` (open) buckets,
+        which stay pending, unless the store has them as they are."""
+        opened: dict[bytes, Bucket] = {}
+        for key in partial:
+            with partition_context(self.context_topic, self._pending[key][0]):
+                raw = self.table.get(key)
+            if raw is not None:
+                b = Bucket.decode(raw)
+                if b.mins and self._partial_through.get(key) != max(b.mins):
+                    opened[key] = b
         buckets: dict[BucketId, Bucket] = {}
         wanted: dict[BucketId, int] = {}
         for key in due:
@@ -318,6 +339,7 @@ class Rollup:
         items = [MetricItem(bid[0], bid[1], bid[2], bid[3], b.payload(self.storage.record_format))
                  for bid, b in buckets.items()]
         items += [b.item(k[0], k[1]) for k, b in written_blocks.items()]
+        items += [MetricItem(*bucket_id(key), b.payload(self.storage.record_format)) for key, b in opened.items()]
         refused = set(await self._put(items))
         written = [i for i in items if i not in refused]
         self.counters.inc("rollup_items_written", sum(1 for i in written if i.kind == DIGEST))
@@ -327,9 +349,11 @@ class Rollup:
         for bid, b in buckets.items():
             b.due_s = None
             self._keep(table_key(bid), b.partition, b.encode(), None)
+            self._partial_through.pop(table_key(bid), None)
         for k, held in written_blocks.items():
             held.due_s = None
             self._keep(block_key(k), held.partition, held.encode(), None)
+        self._partial_through.update((key, max(b.mins)) for key, b in opened.items())
 
     def _series_since(self, app: str, proc: str, partition: int) -> int | None:
         with partition_context(self.context_topic, partition):

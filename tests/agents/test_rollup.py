@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 import zlib
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -344,9 +345,9 @@ async def test_a_partial_or_unreadable_block_is_not_trusted() -> None:
 
 async def test_the_live_edge_is_served_from_block_points_and_merges_only_what_they_lack() -> None:
     """The newest buckets: a final bucket whose block point holds every stored minute is served as stored
-    (no digest read); an open bucket (no rollup item yet: it is written once final) is merged from the
-    stored minutes after the last final bucket, and a minute open in this worker. Every point equals the
-    truth (all minutes merged)."""
+    (no digest read); an open 10 min bucket (no rollup item yet: it is written once final) is merged from
+    its stored minutes, an open 1 h one from its partial item (written at each flush boundary) and the
+    minutes after it, and a minute open in this worker. Every point equals the truth (all minutes merged)."""
     rng = np.random.default_rng(8)
     now_s = T0 + 3600 + 150  # settle 300 s: the edge is at T0 + 3600 - 300 (1 min) or T0 + 3000 (10 min)
     clock = ManualClock(now_s * 1000)
@@ -369,7 +370,7 @@ async def test_the_live_edge_is_served_from_block_points_and_merges_only_what_th
         minute_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == 60]
         # Only the minutes no stored point holds are read as digests: the one the minute block lacks, or
         # those of the open bucket; the rest of the edge is block points.
-        first = T0 + 61 * 60 if res == 60 else bucket_of(T0 + 61 * 60, res)
+        first = bucket_of(T0 + 61 * 60, res) if res == 600 else T0 + 61 * 60  # the open 1 h one is partial
         assert minute_reads == [(first, -(-now_s // res) * res)], (res, minute_reads)
         rollup_reads = [(lo, hi) for (_, _, r_, lo, hi) in store.queries if r_ == res and res != 60]
         assert rollup_reads == ([] if res == 60 else [(bucket_of(T0 + 61 * 60, res), bucket_of(T0 + 61 * 60, res) + 1)])
@@ -523,13 +524,17 @@ async def test_each_rollup_item_is_written_once_final_and_the_open_blocks_once_p
     rng = np.random.default_rng(31)
     minutes = [minute(T0 + 60 * i, rng.lognormal(3, 0.7, 50), mc=100) for i in range(125)]
     await _minute_by_minute(r, minutes)
-    digests = [(res, ts) for res, ts, kind in writes if kind == "digest"]
-    # Every bucket that ended is written exactly once; the open ones (10 min at 120, 2 h at 7200) not yet.
-    assert sorted(digests) == sorted({(600, T0 + 600 * i) for i in range(12)} | {(3600, T0), (3600, T0 + 3600),
-                                                                               (7200, T0)})
+    digests = Counter((res, ts) for res, ts, kind in writes if kind == "digest")
+    # A 10 min bucket is written once, when final; the open one (at 120 min) not yet. A 1 h or 2 h bucket is
+    # also written partial at each 10 minute boundary while open (its live edge reads it).
+    assert {k: n for k, n in digests.items() if k[0] == 600} == {(600, T0 + 600 * i): 1 for i in range(12)}
+    # (The first hour: at the boundaries T0 .. T0 + 3000, then final; the second: 4200 .. 6600, as its first
+    # minute came after the boundary at its start; the third's first minute came after its boundary too.)
+    assert {k: n for k, n in digests.items() if k[0] != 600} == {(3600, T0): 7, (3600, T0 + 3600): 6,
+                                                                 (7200, T0): 13}
     minute_blocks = [ts for res, ts, kind in writes if kind == "summary" and res == 60]
     assert minute_blocks == [T0] * 6 + [T0 + 3600] * 6  # once per 10 minutes, the hour's block
-    assert len(writes) <= 15 + 12 + 12 + 2 + 1 + 3  # items, minute blocks, 10 min blocks, 1 h, 2 h, seeds
+    assert len(writes) <= 12 + 24 + 12 + 12 + 2 + 1 + 3  # 10 min items, 1 h / 2 h items, blocks, seeds
     # What the watermark may say: the last boundary while minutes after it are pending.
     assert await r.flush({0: (T0 + 125 * 60) * 1000}) == {0: (T0 + 7200) * 1000}
     # The query answers every point, final ones from blocks and the open edge from minute items.
@@ -552,13 +557,16 @@ async def test_pending_writes_survive_a_restart_and_are_never_evicted_before_sto
     again = Rollup(table, store, SETTINGS.storage, SETTINGS.query.replace(rollup_flush_s=60), Counters(),
                    context_topic="metrics-1m", clock=clock)
     assert await again.flush({3: (T0 + 600) * 1000}) == {3: (T0 + 600) * 1000}
-    assert stored(store, 600, T0).requests == 200 and ("shop", "web", 3600, T0) not in store.items
+    assert stored(store, 600, T0).requests == 200
+    # The open hour is stored partial, listing its minutes, and stays pending until it ends.
+    assert records.decode(store.items[("shop", "web", 3600, T0)])[1] == [T0 + 60 * i for i in range(10)]
+    assert table[table_key(("shop", "web", 3600, T0))][0] == PENDING
     assert SummaryBlock.decode(store.blocks[("shop", "web", 60, T0)]).points.keys() == {T0 + 60 * i for i in range(10)}
 
 
 async def test_an_open_two_hour_bucket_is_merged_from_its_final_ten_minute_items() -> None:
-    """The live edge of a 2 h chart: no rollup item exists for the open bucket, so it is its stored 10 min
-    items plus only the minutes after them, never its two hours of minutes."""
+    """The live edge of a 2 h chart: the open bucket's partial item and the minutes after it; without one,
+    its stored 10 min items plus only the minutes after them, never its two hours of minutes."""
     rng = np.random.default_rng(32)
     now_s = T0 + 95 * 60
     clock = ManualClock(now_s * 1000)
@@ -568,10 +576,18 @@ async def test_an_open_two_hour_bucket_is_merged_from_its_final_ten_minute_items
     for m in ms:
         store.items[("shop", "web", 60, m.key.start_ms // 1000)] = record(m)
     _watermark(store, (T0 + 90 * 60) * 1000, clock.now_ms())
+    want = [orjson.loads(point_json(a)) for a in merge_buckets(ms, 7200).values()]
+    # The open bucket's partial item (written at the last boundary) holds every minute: nothing else is read.
     store.queries = []
     got = orjson.loads((await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
         "shop", "web", 7200, T0, now_s)).body)["points"]
-    want = [orjson.loads(point_json(a)) for a in merge_buckets(ms, 7200).values()]
+    assert got == want
+    assert [(res, lo) for (_, _, res, lo, _) in store.queries] == [(7200, T0), (60, T0 + 95 * 60)]
+    # Without it (written by a version before partial items): its 10 min items and the minutes after them.
+    del store.items[("shop", "web", 7200, T0)]
+    store.queries = []
+    got = orjson.loads((await MetricsQuery(store, settings=SETTINGS, clock=clock).answer(
+        "shop", "web", 7200, T0, now_s)).body)["points"]
     assert len(got) == len(want) and all(_close(p, q) for p, q in zip(got, want, strict=True))  # sums' order
     assert ("shop", "web", 600, T0, now_s - now_s % 7200 + 7200) in store.queries
     assert [(lo, hi) for (_, _, res, lo, hi) in store.queries if res == 60] == [(T0 + 90 * 60, T0 + 7200)]
