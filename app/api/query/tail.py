@@ -8,7 +8,7 @@ Reference: docs/api.md#caching
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from app.api.query.cache import POINT_OVERHEAD_BYTES, AnswerKey, ByteLRU
 from app.api.query.points import OFFLOAD_ITEMS, decode_item, merge_buckets
@@ -191,40 +191,47 @@ class LiveTail:
         """The stored items of the live edge into ``t``: block points; rollup items for the buckets a point
         cannot serve; then the minutes neither holds."""
         rollups_on = res == WINDOW_S or self.query.use_rollups
+        coarse = res != WINDOW_S and self.query.use_rollups
+        # The edge's blocks and rollup items in one round trip: a coarse bucket past the watermark has no
+        # block point (its point is rendered once final), only its rollup item (partial while open).
+        reads: list[Awaitable[list[MetricItem]]] = []
         if rollups_on:
-            blocks = await self.store.query(app, proc, res, block_of(lo, res), hi, SUMMARY)
-            self._count("query_items_read", len(blocks))
-            for it in blocks:
-                try:
-                    block = SummaryBlock.decode(it.payload)
-                except ValueError:
-                    continue  # FinalSeries logs unreadable blocks; here the digests serve
-                if not block.partial:
-                    for ts, p in block.between(lo, hi):
-                        t.base[ts] = p
-                        t.through[ts] = block.holds_through(ts)
+            reads.append(self.store.query(app, proc, res, block_of(lo, res), hi, SUMMARY))
+        if coarse:
+            reads.append(self.store.query(app, proc, res, lo, hi))
+        found = await asyncio.gather(*reads)
+        blocks = found[0] if rollups_on else []
+        stored_rollups = {it.ts_s: it.payload for it in found[1]} if coarse else {}
+        self._count("query_items_read", sum(map(len, found)))
+        for it in blocks:
+            try:
+                block = SummaryBlock.decode(it.payload)
+            except ValueError:
+                continue  # FinalSeries logs unreadable blocks; here the digests serve
+            if not block.partial:
+                for ts, p in block.between(lo, hi):
+                    t.base[ts] = p
+                    t.through[ts] = block.holds_through(ts)
         held: set[int] = set()
 
-        async def read_rollups(buckets: list[int]) -> None:
-            """Rollup digest items for these buckets (one Query over their span)."""
-            if not buckets:
-                return
-            items = await self.store.query(app, proc, res, min(buckets), max(buckets) + 1)
-            self._count("query_items_read", len(items))
-            for it in items:
-                if it.ts_s not in buckets:
+        def use_rollups(buckets: list[int]) -> None:
+            """Serve these buckets from their rollup items (those that have one)."""
+            for b in buckets:
+                payload = stored_rollups.get(b)
+                if payload is None:
                     continue
-                t.rollups[it.ts_s] = it.payload
-                if cached.rollups.get(it.ts_s) == it.payload:  # parsing a 2 h digest costs ~1 ms: only if new
-                    held.update(m for m in cached.held if it.ts_s <= m < it.ts_s + res)
+                t.rollups[b] = payload
+                if cached.rollups.get(b) == payload:  # parsing a 2 h digest costs ~1 ms: only if new
+                    held.update(m for m in cached.held if b <= m < b + res)
                 else:
-                    held.update(records.decode(it.payload)[1] or ())
+                    held.update(records.decode(payload)[1] or ())
 
-        if res != WINDOW_S and self.query.use_rollups:
-            await read_rollups([b for b in range(lo, hi, res) if b not in t.base])
+        if coarse:
+            use_rollups([b for b in range(lo, hi, res) if b not in t.base])
             open_buckets = [b for b in range(lo, hi, res) if b not in t.base and b not in t.rollups]
             if res > SUB_S and open_buckets:
-                # An open bucket has no item yet: its final 10 min items, then only the minutes after them.
+                # An open bucket without an item (written by a version before partial items): its final
+                # 10 min items, then only the minutes after them.
                 items = await self.store.query(app, proc, SUB_S, min(open_buckets), hi)
                 self._count("query_items_read", len(items))
                 for it in items:
@@ -247,10 +254,9 @@ class LiveTail:
         items = await self.store.query(app, proc, WINDOW_S, minutes_from, hi) if minutes_from < hi else []
         self._count("query_items_read", len(items))
         t.minutes = {it.ts_s: it.payload for it in items}
-        if res != WINDOW_S and rollups_on:
+        if coarse:
             # A block point that lacks a stored or open minute is merged from its rollup item instead.
-            extend = sorted({bucket_of(m, res) for m in (*t.minutes, *open_now) if lo <= m < hi
-                             and bucket_of(m, res) in t.base and m > t.through[bucket_of(m, res)]})
-            await read_rollups(extend)
+            use_rollups(sorted({bucket_of(m, res) for m in (*t.minutes, *open_now) if lo <= m < hi
+                                and bucket_of(m, res) in t.base and m > t.through[bucket_of(m, res)]}))
         t.held = frozenset(held)
         t.lo = lo
