@@ -263,7 +263,8 @@ class Rollup:
         """Store what is final: for each owned partition and how far its minutes are merged (``through_ms``:
         every minute ending at or before it is in the table), write the pending buckets that ended by the
         flush boundary (``through_ms`` floored to ``METRICS_ROLLUP_FLUSH_S``) and the blocks they and the
-        boundary's minutes changed. Returns, per partition, the stored-through watermark that may be
+        boundary's minutes changed, and, once per boundary, the open 1 h and 2 h buckets as partial items
+        (they stay pending). Returns, per partition, the stored-through watermark that may be
         published: ``through_ms`` itself when nothing ending by it is still pending, else the boundary.
         Raises RetriableError when the store is unavailable (the publisher retries next round)."""
         flush_s = int(self.query.rollup_flush_s)
