@@ -82,7 +82,7 @@ def classify(exc: BaseException, *, operation: str, cassandra: CassandraSettings
     if isinstance(exc, (*_RETRIABLE, OSError, TimeoutError)):
         return StoreUnavailable(msg, action=f"the cluster is down, overloaded or unreachable: check the nodes "
                                             f"and {PREFIX}CASSANDRA_HOSTS; retrying",
-                                retry_after_s=storage.backoff_max_ms / 1000)
+                                retry_after_s=storage.backoff_base_ms / 1000)  # then the backoff rule
     e = acsylla.errors
     if isinstance(exc, (e.CassErrorServerBadCredentials,)):
         action = f"fix {PREFIX}CASSANDRA_USERNAME / {PREFIX}CASSANDRA_PASSWORD"

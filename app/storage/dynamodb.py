@@ -65,7 +65,9 @@ always has three parts after a non-empty app, so it cannot collide."""
 A_PK, A_TS, A_DATA, A_ZIP, A_EXPIRES = "pk", "ts", "d", "z", "expires_at"
 
 # Codes where the same request may succeed later. botocore's 'standard' retries have already retried these
-# max_attempts times when we see them; the caller backs off further using retry_after_s.
+# max_attempts times when we see them; the caller backs off further by the one backoff rule (app/retry.py),
+# floored at METRICS_BACKOFF_BASE_MS: exponential with full jitter, so writers that failed together do not
+# come back together (a floor of the maximum made every retry wait exactly that long).
 _RETRIABLE_CODES = frozenset({
     "ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
     "InternalServerError", "InternalFailure", "ServiceUnavailable", "ServiceUnavailableException",
@@ -338,7 +340,7 @@ class DynamoStore(DynamoTable):
             f"DynamoDB left {len(pending)} items unprocessed after {MAX_WRITE_ROUNDS} BatchWriteItem rounds",
             action=f"table {self._table} is throttling: raise its capacity (or on-demand limits) or lower "
                    f"{PREFIX}SINK_CONCURRENCY",
-            retry_after_s=self.storage.backoff_max_ms / 1000,
+            retry_after_s=self.storage.backoff_base_ms / 1000,
         )
 
     def _encode_all(self, items: Sequence[MetricItem]
@@ -466,7 +468,7 @@ def classify_error(exc: BaseException, *, operation: str, table: str,
     """Map a botocore/aiohttp failure to StoreUnavailable (retry later), StoreError (this item is refused)
     or StoreFatal (every request fails until an operator acts: nothing is the item's fault, so nothing may be
     dead-lettered). Callers decide from the type, never from the message."""
-    retry_after_s = storage.backoff_max_ms / 1000
+    retry_after_s = storage.backoff_base_ms / 1000
     where = dynamodb.endpoint or f"AWS region {dynamodb.region}"
     if isinstance(exc, (StoreError, StoreUnavailable)):
         return exc

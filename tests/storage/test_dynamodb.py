@@ -394,6 +394,22 @@ def test_error_classification(exc: BaseException, retriable: bool) -> None:
     assert err.action
 
 
+def test_an_outage_is_retried_with_jitter_not_at_a_fixed_delay() -> None:
+    """A throttled or unreachable store asks for at least the backoff base, so the one backoff rule's full
+    jitter spreads writers that failed together (a floor of the maximum made every wait exactly that)."""
+    import random
+
+    from app.retry import RetryPolicy
+
+    storage = Settings().storage
+    err = classify_error(client_error("ThrottlingException"), operation="BatchWriteItem", table="t",
+                         dynamodb=Settings().dynamodb, storage=storage)
+    assert isinstance(err, StoreUnavailable) and err.retry_after_s == storage.backoff_base_ms / 1000
+    policy = RetryPolicy.from_ms(storage.backoff_base_ms, storage.backoff_max_ms, jitter=random.Random(3).random)
+    delays = [policy.delay_s(7, err.retry_after_s) for _ in range(20)]
+    assert len(set(delays)) == 20 and all(err.retry_after_s <= d <= storage.backoff_max_ms / 1000 for d in delays)
+
+
 @pytest.mark.parametrize(("exc", "fatal"), [
     (client_error("AccessDeniedException"), True),
     (client_error("ResourceNotFoundException"), True),
