@@ -21,7 +21,8 @@ from tables.aggregate import Aggregate, bucket_of
 from tables.summary import SummaryBlock, block_of, point_json
 
 SUB_S = 600
-"""The 10 min rollups: an open 1 h or 2 h bucket is merged from those it holds and the minutes after them."""
+"""The 10 min rollups: an open 1 h or 2 h bucket without an item is merged from those it holds and the minutes
+after them."""
 LiveSource = Callable[[str, str, int, int], list[Aggregate]]
 """(app, process_type, since_ms, until_ms) -> open windows held by this worker."""
 
@@ -33,8 +34,8 @@ class _TailCache:
       they are), and the newest minute each holds;
     * ``rollups``: rollup digest items, read only for a bucket a point cannot serve (stored or open minutes
       it does not hold yet, or no block), with ``held`` (the minutes they hold);
-    * ``subs``: for a 1 h or 2 h bucket that has neither (it is open: its rollup item is written when it is
-      final), the stored 10 min rollup items inside it, whose minutes join ``held``;
+    * ``subs``: for an open 1 h or 2 h bucket that has neither (no partial item yet, or written by a version
+      without them), the stored 10 min rollup items inside it, whose minutes join ``held``;
     * ``minutes``: the stored minute items after what the points and rollups hold, read at ``read_ms``
       for the edge ``lo``;
     * ``points``: bucket start -> (the stored payloads it was made from, its rendered point);
