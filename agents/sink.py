@@ -97,14 +97,6 @@ def dead_letter_record(value: bytes, reason: str, *, topic: str, max_bytes: int)
                               "record_prefix": value[:PREFIX_BYTES].decode("utf-8", "replace")})
 
 
-def _original(item: MetricItem, source: dict[int, bytes]) -> bytes:
-    """The ``metrics-1m`` record an item was made from, to dead-letter it replayable."""
-    value = source.get(id(item))
-    if value is None:  # a store that hands back copies: the record again, from the item
-        value = records.encode_v1(records.decode(item.payload)[0])
-    return value
-
-
 def _describe(item: MetricItem) -> str:
     return f"{item.app}/{item.process_type} res {item.resolution_s} at {item.ts_s}"
 
@@ -214,11 +206,12 @@ class Sink:
     async def check(self) -> None:
         await self.writer.check()
 
-    def _decode(self, values: Sequence[bytes]) -> tuple[list[MetricItem], dict[int, bytes], list[tuple[bytes, str]]]:
-        """The items to store, the ``metrics-1m`` record of each (by ``id``: what a dead letter carries,
+    def _decode(self, values: Sequence[bytes]) -> tuple[list[MetricItem], dict[MetricItem, bytes],
+                                                          list[tuple[bytes, str]]]:
+        """The items to store, the ``metrics-1m`` record of each (what a dead letter carries,
         whatever the stored format), and the records that are no minutes."""
         items: list[MetricItem] = []
-        source: dict[int, bytes] = {}
+        source: dict[MetricItem, bytes] = {}
         bad: list[tuple[bytes, str]] = []
         fmt = self.storage.record_format
         for v in values:
@@ -228,7 +221,7 @@ class Sink:
                 bad.append((v, f"not a metrics-1m record: {exc}"))
                 continue
             items.append(item)
-            source[id(item)] = v
+            source[item] = v
         return items, source, bad
 
     async def write(self, values: Sequence[bytes]) -> int:
@@ -241,7 +234,7 @@ class Sink:
         refused = await self.writer.put(items)
         for item, why in refused:
             log.error("sink: the store refused %s for good (dead-lettered): %s", _describe(item), why)
-            bad.append((_original(item, source), str(why)))
+            bad.append((source[item], str(why)))
         written = len(items) - len(refused)
         if written:
             self.counters.inc("sink_items_written", written)

@@ -107,7 +107,7 @@ async def test_a_refused_minute_is_dead_lettered_as_its_metrics_1m_record_not_th
     assert [v for v, _ in dead] == [value] and store.items[("a", "web", 0)].payload[0] == records.V2
 
     class Copying(FlakyStore):
-        """Refuses with copies of the items: the record is rebuilt from the stored bytes."""
+        """Refuses with copies of the items: equal items, so the record is still found."""
 
         async def put_many(self, items: Sequence[MetricItem]) -> None:
             raise ItemsRefused("refused", refused=[(dataclasses.replace(i), StoreError("no", action="x"))

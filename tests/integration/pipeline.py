@@ -154,23 +154,15 @@ class Pipeline:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        for other in self.others:
-            if other.poll() is None:
-                other.send_signal(signal.SIGTERM)
-                try:
-                    other.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    other.kill()
         ingest = getattr(self, "ingest_proc", None)
-        if ingest is not None and ingest.poll() is None:
-            ingest.send_signal(signal.SIGTERM)
-            ingest.wait(timeout=20)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        for proc in (*self.others, *([ingest] if ingest is not None else []), self.proc):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:  # a slow shutdown under load: reap it, never leave it running
+                    proc.kill()
+                    proc.wait(timeout=10)
 
     def stored(self, apps: list[str], procs: list[str], since_s: int, until_s: int) -> dict[tuple[str, str, int], Any]:
         """Every minute DynamoDB holds for these series, decoded."""

@@ -20,9 +20,6 @@ from tables import record as records
 from tables.aggregate import Aggregate, bucket_of
 from tables.summary import SummaryBlock, block_of, point_json
 
-SUB_S = 600
-"""The 10 min rollups: an open 1 h or 2 h bucket without an item is merged from those it holds and the minutes
-after them."""
 LiveSource = Callable[[str, str, int, int], list[Aggregate]]
 """(app, process_type, since_ms, until_ms) -> open windows held by this worker."""
 
@@ -34,8 +31,6 @@ class _TailCache:
       they are), and the newest minute each holds;
     * ``rollups``: rollup digest items, read only for a bucket a point cannot serve (stored or open minutes
       it does not hold yet, or no block), with ``held`` (the minutes they hold);
-    * ``subs``: for an open 1 h or 2 h bucket that has neither (no partial item yet, or written by a version
-      without them), the stored 10 min rollup items inside it, whose minutes join ``held``;
     * ``minutes``: the stored minute items after what the points and rollups hold, read at ``read_ms``
       for the edge ``lo``;
     * ``points``: bucket start -> (the stored payloads it was made from, its rendered point);
@@ -43,15 +38,13 @@ class _TailCache:
       not found in the store yet (the sink writes them a moment after they close).
     """
 
-    __slots__ = ("base", "held", "lo", "minutes", "open_ts", "pending", "points", "read_ms", "rollups", "subs",
-                 "through")
+    __slots__ = ("base", "held", "lo", "minutes", "open_ts", "pending", "points", "read_ms", "rollups", "through")
 
     def __init__(self) -> None:
         self.points: dict[int, tuple[tuple[bytes, ...], bytes]] = {}
         self.base: dict[int, bytes] = {}
         self.through: dict[int, int] = {}
         self.rollups: dict[int, bytes] = {}
-        self.subs: dict[int, bytes] = {}
         self.minutes: dict[int, bytes] = {}
         self.held: frozenset[int] = frozenset()
         self.lo = -1
@@ -62,15 +55,14 @@ class _TailCache:
     def holds(self, minute_s: int, res: int) -> bool:
         """Whether the stored starting point of the minute's bucket (rollup item or block point) has it."""
         b = bucket_of(minute_s, res)
-        if b in self.rollups or bucket_of(minute_s, SUB_S) in self.subs:
+        if b in self.rollups:
             return minute_s in self.held
         return b in self.base and minute_s <= self.through[b]
 
     def size(self) -> int:
         return (300 + sum(len(p) + POINT_OVERHEAD_BYTES for _, p in self.points.values())
                 + sum(len(p) + POINT_OVERHEAD_BYTES
-                      for p in (*self.base.values(), *self.rollups.values(), *self.subs.values(),
-                                *self.minutes.values()))
+                      for p in (*self.base.values(), *self.rollups.values(), *self.minutes.values()))
                 + 8 * (len(self.held) + len(self.through)))
 
 
@@ -126,9 +118,8 @@ class LiveTail:
             t.pending = frozenset(ts for ts in waiting if lo <= ts < hi and ts not in t.minutes
                                   and not t.holds(ts, res))
         else:
-            t.base, t.through, t.rollups, t.subs, t.minutes, t.held, t.lo, t.read_ms = (
-                cached.base, cached.through, cached.rollups, cached.subs, cached.minutes, cached.held, cached.lo,
-                cached.read_ms)
+            t.base, t.through, t.rollups, t.minutes, t.held, t.lo, t.read_ms = (
+                cached.base, cached.through, cached.rollups, cached.minutes, cached.held, cached.lo, cached.read_ms)
             t.pending = cached.pending
         t.open_ts = open_now
         rendered = cached.points
@@ -138,8 +129,6 @@ class LiveTail:
         # changes every time).
         inputs: dict[int, list[bytes]] = {b: [t.rollups.get(b, p)] for b, p in t.base.items()}
         inputs.update((b, [p]) for b, p in t.rollups.items())
-        for ts in sorted(t.subs):
-            inputs.setdefault(bucket_of(ts, res), []).append(t.subs[ts])
         for ts in sorted(stored):
             inputs.setdefault(bucket_of(ts, res), []).append(stored[ts])
         dirty = {bucket_of(ts, res) for ts in open_ts}
@@ -148,7 +137,7 @@ class LiveTail:
         self._count("query_tail_points_reused", len(reuse))
         wanted = {b for b in inputs.keys() | dirty if b not in reuse}
         decode = sum(len(inputs.get(b, ())) for b in wanted)
-        base_points, base_payloads, subs = t.base, t.rollups, t.subs
+        base_points, base_payloads = t.base, t.rollups
 
         def build() -> dict[int, bytes]:
             minutes = {ts: decode_item(MetricItem(app, proc, WINDOW_S, ts, p)) for ts, p in stored.items()
@@ -161,9 +150,7 @@ class LiveTail:
             if res == WINDOW_S:
                 out = {ts: point_json(m) for ts, m in minutes.items()}
             else:
-                parts = [*minutes.values(), *(records.decode(p)[0] for ts, p in subs.items()
-                                              if bucket_of(ts, res) in wanted)]
-                merged = merge_buckets(parts, res)
+                merged = merge_buckets(minutes.values(), res)
                 out = {}
                 for b in wanted:
                     extra = merged.get(b)
@@ -229,16 +216,6 @@ class LiveTail:
 
         if coarse:
             use_rollups([b for b in range(lo, hi, res) if b not in t.base])
-            open_buckets = [b for b in range(lo, hi, res) if b not in t.base and b not in t.rollups]
-            if res > SUB_S and open_buckets:
-                # An open bucket without an item (written by a version before partial items): its final
-                # 10 min items, then only the minutes after them.
-                items = await self.store.query(app, proc, SUB_S, min(open_buckets), hi)
-                self._count("query_items_read", len(items))
-                for it in items:
-                    if bucket_of(it.ts_s, res) in open_buckets:
-                        t.subs[it.ts_s] = it.payload
-                        held.update(records.decode(it.payload)[1] or ())
         # Buckets are contiguous from lo: minutes are needed from the first bucket with neither, or after
         # the newest minute they hold.
         minutes_from = lo
@@ -249,8 +226,7 @@ class LiveTail:
                 mins = [m for m in held if b <= m < b + res]
                 minutes_from = max(mins) + WINDOW_S if mins else b
             else:
-                mins = [m for m in held if b <= m < b + res]  # from its 10 min items, if any
-                minutes_from = max(mins) + WINDOW_S if mins else b
+                minutes_from = b
                 break
         items = await self.store.query(app, proc, WINDOW_S, minutes_from, hi) if minutes_from < hi else []
         self._count("query_items_read", len(items))
