@@ -110,9 +110,10 @@ class Aggregator:
         missing = {p for p in partitions if p not in self.partitions}
         if not missing:
             return
-        for p, (wins, apps, offset) in self.state.load_all(missing).items():
+        for p, (wins, apps, offset, streams) in self.state.load_all(missing).items():
             pw = self._new(p)
             pw.restore(wins, apps, offset)
+            pw.restore_streams(streams)
             self.partitions[p] = pw
             if wins or apps:
                 log.info("partition %d restored: %d open windows, %d apps, offset %d",
@@ -262,6 +263,7 @@ class Aggregator:
             for pw, aggs in due:
                 # 2. ... then the lateness boundary is persisted, 3. the window is forgotten later.
                 pw.mark_closed(aggs)
+                pw.expire_streams()
                 self.counters.inc("table_records_written", self.state.persist(pw))
                 self.closed.setdefault(pw.partition, []).extend((now_ms, a) for a in aggs)
         cutoff_ms = self.clock.now_ms() - self.windows.closed_keep_ms

@@ -62,13 +62,45 @@ class Runtime(Struct, tag_field="kind", tag="runtime", frozen=True, gc=False):
     load_avg_1m: NonNegative | None = None
 
 
+MetricName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-:/]{0,199}$")]
+Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]  # the bounds also refuse NaN and infinities
+StreamId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16}$")]
+MAX_BUCKETS = 512
+"""Bounds of one histogram: OTLP SDKs default to 15 explicit ones and 160 exponential buckets per sign."""
+
+
 class Metric(Struct, tag_field="kind", tag="metric", frozen=True, gc=False):
+    """A custom metric sample. A counter with ``stream`` carries a cumulative total, since ``start``: the
+    worker differences it per stream (tables/streams.py)."""
     app: str
     dyno: str
     ts: EpochMs
-    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-:/]{0,199}$")]
+    name: MetricName
     type: Literal["timer", "counter", "gauge"]
-    value: Annotated[float, Meta(ge=-1e300, le=1e300)]  # bounds also refuse NaN and infinities
+    value: Finite
+    stream: StreamId | None = None
+    start: EpochMs | None = None
+
+
+class Histogram(Struct, tag_field="kind", tag="histogram", frozen=True, gc=False):
+    """Many values at once (an OTLP histogram point): ``counts[i]`` values in ``(bounds[i-1], bounds[i]]``,
+    the first bucket unbounded below and the last above, so ``len(counts) == len(bounds) + 1``.
+
+    ``name`` None is the app's request series: service times in ms, all of one ``status``. With ``stream``,
+    count, sum and counts are totals since ``start`` (cumulative temporality), differenced by the worker."""
+    app: str
+    dyno: str
+    ts: EpochMs
+    count: Annotated[int, Meta(ge=0, le=10**15)]
+    sum: Finite
+    bounds: Annotated[list[Finite], Meta(max_length=MAX_BUCKETS)]
+    counts: Annotated[list[Annotated[int, Meta(ge=0, le=10**15)]], Meta(min_length=1, max_length=MAX_BUCKETS + 1)]
+    min: Finite | None = None
+    max: Finite | None = None
+    name: MetricName | None = None
+    status: Annotated[int, Meta(ge=100, le=599)] | None = None
+    stream: StreamId | None = None
+    start: EpochMs | None = None
 
 
 class Addon(Struct, tag_field="kind", tag="addon", frozen=True, gc=False):
@@ -89,8 +121,8 @@ class Event(Struct, tag_field="kind", tag="event", frozen=True, gc=False):
     name: Literal[EVENT_NAMES]  # type: ignore[valid-type]
 
 
-Observation = Router | Runtime | Metric | Addon | Event
-KINDS = ("router", "runtime", "metric", "addon", "event")
+Observation = Router | Runtime | Metric | Addon | Event | Histogram
+KINDS = ("router", "runtime", "metric", "addon", "event", "histogram")
 # gc=False above: the structs hold only str/int/float/None and can never be part of a reference cycle, so
 # the collector need not track the ~500 of them a batched message creates (measured ~10 % faster decode).
 _many = msgspec.json.Decoder(list[Observation])
@@ -186,7 +218,8 @@ def _check_many(obs: list[Observation], future_ms: int) -> Decoded | None:
         if o.__class__ is Runtime:
             if not _has_field(o):
                 return None
-        elif o.__class__ is Metric and o.type == "timer" and o.value < 0:
+        elif ((o.__class__ is Metric and metric_problem(o) is not None)
+              or (o.__class__ is Histogram and histogram_problem(o) is not None)):
             return None
     return Decoded(obs, None, [], 0, apps, cast(dict[str, str], procs), mask, ts_ms)
 
@@ -212,11 +245,48 @@ def _check_few(obs: list[Observation], future_ms: int) -> Decoded | None:
                         and o.memory_total_mb is None and o.memory_quota_mb is None  # type: ignore[union-attr]
                         and o.load_avg_1m is None):  # type: ignore[union-attr]
                     return None
-            elif cls is Metric and o.type == "timer" and o.value < 0:  # type: ignore[union-attr]
+            elif cls is Metric:
+                if metric_problem(o) is not None:  # type: ignore[arg-type]
+                    return None
+            elif cls is Histogram and histogram_problem(o) is not None:  # type: ignore[arg-type]
                 return None
             procs[dyno] = proc
         apps.add(app)
     return Decoded(obs, None, [], 0, apps, procs)
+
+
+def metric_problem(m: Metric) -> str | None:
+    """What msgspec cannot check of a custom sample (None: it is valid)."""
+    if m.type == "timer" and m.value < 0:
+        return REASON_TIMER
+    if (m.stream is None) != (m.start is None):
+        return "stream and start come together (a cumulative counter's identity and start time)"
+    if m.stream is not None and m.type != "counter":
+        return "only a counter can be cumulative (stream)"
+    return None
+
+
+def histogram_problem(h: Histogram) -> str | None:
+    """What msgspec cannot check of a histogram (None: it is valid)."""
+    bounds, counts = h.bounds, h.counts
+    if len(counts) != len(bounds) + 1:
+        return f"a histogram has one count more than bounds: {len(counts)} counts, {len(bounds)} bounds"
+    if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
+        return "histogram bounds must be strictly ascending"
+    if sum(counts) != h.count:
+        return f"histogram counts add up to {sum(counts)}, not its count {h.count}"
+    if h.min is not None and h.max is not None and h.min > h.max:
+        return "histogram min is above its max"
+    if (h.stream is None) != (h.start is None):
+        return "stream and start come together (a cumulative histogram's identity and start time)"
+    if h.name is None:
+        if h.status is None:
+            return "a request histogram (no name) needs the response status"
+        if h.sum < 0 or (h.min is not None and h.min < 0):
+            return "service times must be >= 0"
+    elif h.status is not None:
+        return "status belongs to the request histogram only (no name)"
+    return None
 
 
 def _has_field(r: Runtime) -> bool:
@@ -226,7 +296,7 @@ def _has_field(r: Runtime) -> bool:
 
 def _split(d: Decoded, future_ms: int, max_future_ms: int, max_rejects: int | None) -> Decoded:
     """One record at a time: each bad record becomes a Reject with the first rule it breaks, in this order:
-    app, dyno, clock skew, runtime fields, timer sign."""
+    app, dyno, clock skew, then the kind's own rules (runtime fields, timer sign, histogram shape)."""
     apps: set[str] = set()
     procs: dict[str, str] = {}
     keep: list[Observation] = []
@@ -238,18 +308,23 @@ def _split(d: Decoded, future_ms: int, max_future_ms: int, max_rejects: int | No
     for i, o in enumerate(d.observations):
         app: str | None = o.app
         proc = None if isinstance(o, Addon) else procs.get(o.dyno) or process_type(o.dyno)
+        reason: str | None
         if not valid_app(app):
             reason, app = REASON_APP, None
         elif proc is None and not isinstance(o, Addon):
             reason = REASON_DYNO
         elif o.ts > future_ms:
             reason = f"ts is more than {max_future_ms} ms ahead of the wall clock"
-        elif isinstance(o, Runtime) and not _has_field(o):
-            reason = REASON_RUNTIME
-        elif isinstance(o, Metric) and o.type == "timer" and o.value < 0:
-            reason = REASON_TIMER
+        elif isinstance(o, Runtime):
+            reason = None if _has_field(o) else REASON_RUNTIME
+        elif isinstance(o, Metric):
+            reason = metric_problem(o)
+        elif isinstance(o, Histogram):
+            reason = histogram_problem(o)
         else:
-            apps.add(app)
+            reason = None
+        if reason is None:
+            apps.add(o.app)
             if proc is not None:
                 procs[o.dyno] = proc  # type: ignore[union-attr]  # every kind but Addon has a dyno
             keep.append(o)

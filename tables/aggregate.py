@@ -11,7 +11,7 @@ stored in the compact form of tables/record.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,16 @@ class Timer:
         if other._max is not None and (self._max is None or other._max > self._max):
             self._max = other._max
 
+    def add_histogram(self, weights: Mapping[float, int], n: int, total: float, maximum: float | None) -> None:
+        """``n`` values summing to ``total`` at once; ``weights`` (from :func:`spread`) feed the digest."""
+        self._n += n
+        self._sum += total
+        if maximum is None and weights:
+            maximum = max(weights)
+        if maximum is not None and (self._max is None or maximum > self._max):
+            self._max = maximum
+        self.digest.add_weighted(weights)
+
     def to_dict(self, digest: Callable[[Digest], Any] = Digest.to_dict) -> dict[str, Any]:
         """``digest``: how the digest is written (``Digest.to_bytes`` in stored items, tables/record.py)."""
         self.flush()
@@ -138,7 +148,7 @@ class Timer:
         self.flush()
         n = self._n
         return {
-            "count": n, "sum": self._sum, "max": self._max,
+            "count": n, "sum": self._sum, "max": self._max, "min": self.digest.min,
             "mean": self._sum / n if n else None,
             "p50": self.digest.quantile(0.5), "p95": self.digest.quantile(0.95),
             "p99": self.digest.quantile(0.99),
@@ -164,6 +174,51 @@ class Gauge:
         self.stat.merge(other.stat)
         if other.last_ts_ms >= self.last_ts_ms:
             self.last, self.last_ts_ms = other.last, other.last_ts_ms
+
+
+SPREAD_POINTS = 16
+"""Points a histogram bucket's values are spread over for the digest (docs/otlp.md#histograms)."""
+
+
+def spread(bounds: Sequence[float], counts: Sequence[int], lo: float | None, hi: float | None
+           ) -> dict[float, int]:
+    """A histogram's buckets as weighted values for the digest: each bucket's count spread evenly over at
+    most SPREAD_POINTS points across it, the open ends closed by ``lo``/``hi`` (the min and max, when the
+    histogram has them), and one value placed exactly at each of those, so the digest's extremes are exact.
+    """
+    out: dict[float, int] = {}
+    last = len(bounds)
+    nonempty = [i for i, c in enumerate(counts) if c]
+    if not nonempty:
+        return out
+    first_i, last_i = nonempty[0], nonempty[-1]
+    for i in nonempty:
+        c = counts[i]
+        a = bounds[i - 1] if i > 0 else (lo if lo is not None else (min(0.0, bounds[0]) if bounds else 0.0))
+        b = bounds[i] if i < last else (hi if hi is not None else (bounds[-1] if bounds else a))
+        if lo is not None and a < lo:
+            a = lo
+        if hi is not None and b > hi:
+            b = hi
+        if b < a:
+            a = b
+        pinned: list[float] = []
+        if i == first_i and lo is not None:
+            pinned.append(lo)
+        if i == last_i and hi is not None and c - len(pinned) > 0:
+            pinned.append(hi)
+        for v in pinned:
+            out[v] = out.get(v, 0) + 1
+        c -= len(pinned)
+        if c <= 0:
+            continue
+        k = min(c, SPREAD_POINTS)
+        each, extra = divmod(c, k)
+        step = (b - a) / k
+        for j in range(k):
+            v = a + (j + 0.5) * step
+            out[v] = out.get(v, 0) + each + (1 if j < extra else 0)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +315,23 @@ class Aggregate:
             if g is None:
                 g = self.gauges[name] = Gauge()
             g.add(value, ts_ms)
+
+    def add_histogram(self, name: str | None, status: int | None, n: int, total: float,
+                      bounds: Sequence[float], counts: Sequence[int], lo: float | None, hi: float | None) -> None:
+        """``n`` values at once (an OTLP histogram point): the request series when ``name`` is None (all of
+        one ``status``), else the custom timer ``name``. Count, sum, min and max exact (min and max when
+        given); percentiles from the spread buckets."""
+        if name is None:
+            assert status is not None
+            self.status[status // 100] += n
+            if status >= 500:
+                self.failed += n
+            timer = self.response
+        elif name in self.timers:
+            timer = self.timers[name]
+        else:
+            timer = self.timers[name] = Timer(self.max_centroids)
+        timer.add_histogram(spread(bounds, counts, lo, hi), n, total, hi)
 
     def add_addon(self, source: str, samples: dict[str, float], ts_ms: int) -> None:
         gauges = self.addons.setdefault(source, {})
@@ -366,7 +438,7 @@ class Aggregate:
             point["requests"] = self.requests
             if self.response.n:  # absent when no request of the bucket had a service time
                 r = self.response.summary()
-                point["response_ms"] = {k: r[k] for k in ("p50", "p95", "p99", "max", "mean")}
+                point["response_ms"] = {k: r[k] for k in ("p50", "p95", "p99", "max", "min", "mean")}
             point["status"] = {c: n for c, n in zip(STATUS_CLASSES, self.status[1:], strict=False) if n}
             point["failed"] = self.failed
         if self.errors:
@@ -385,7 +457,8 @@ class Aggregate:
         custom: dict[str, Any] = {}
         for name, t in self.timers.items():
             s = t.summary()
-            custom[name] = {"type": "timer", **{k: s[k] for k in ("p50", "p95", "p99", "max", "count", "sum")}}
+            custom[name] = {"type": "timer",
+                            **{k: s[k] for k in ("p50", "p95", "p99", "max", "min", "count", "sum")}}
         for name, v in self.counters.items():
             custom[name] = {"type": "counter", "sum": v}
         for name, g in self.gauges.items():

@@ -12,7 +12,7 @@ import operator
 import struct
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import accumulate
 from typing import Any
 
@@ -66,6 +66,27 @@ class Digest:
 
     def add_many(self, values: Iterable[float]) -> None:
         self._pending.extend(values)
+
+    def add_weighted(self, weights: Mapping[float, int]) -> None:
+        """Values with integral weights (a histogram's spread, tables/aggregate.py :func:`spread`)."""
+        if not weights:
+            return
+        self.flush()
+        self._sorted = None
+        if self._exact is not None:
+            self._exact.update(weights)
+            if len(self._exact) > self.exact_limit:
+                self._to_tdigest()
+        else:
+            self._td.merge_inplace(TDigest.from_dict(_centroid_dict(Counter(weights), self.max_centroids)))
+
+    @property
+    def min(self) -> float | None:
+        """The smallest value (exact in both modes: the t-digest keeps its extremes)."""
+        self.flush()
+        if self._exact is not None:
+            return min(self._exact) if self._exact else None
+        return float(self._td.min()) if self._td.n_values else None
 
     def flush(self) -> None:
         """Fold buffered values in. Called once per batch, before reading or serializing."""

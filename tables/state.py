@@ -18,6 +18,7 @@ import orjson
 from faust import streams as faust_streams
 
 from tables.aggregate import Aggregate, BucketKey
+from tables.streams import StreamPoint
 from tables.windows import AppProgress, PartitionWindows
 
 
@@ -47,8 +48,16 @@ def app_key(p: int, app: str) -> bytes:
     return f"{p}|a|{app}".encode()
 
 
+def stream_key(p: int, app: str, stream: str) -> bytes:
+    return f"{p}|s|{app}|{stream}".encode()
+
+
 def partition_key(p: int) -> bytes:
     return f"{p}|p".encode()
+
+
+Stored = tuple[list[Aggregate], dict[str, AppProgress], int, dict[tuple[str, str], StreamPoint]]
+"""One partition's state: open windows, app progress, offset, cumulative streams."""
 
 
 class WindowTableState:
@@ -65,14 +74,21 @@ class WindowTableState:
         the earlier ones already hold. Returns the number of records written.
         """
         wins, apps = pw.take_dirty()
+        streams, gone = pw.take_dirty_streams()
         p = pw.partition
         with partition_context(self.source_topic, p):
             for agg in wins:
                 self.table[window_key(p, agg.key)] = zlib.compress(orjson.dumps(agg.to_record()), 1)
+            for (app, stream), point in streams:  # after the windows their deltas went into
+                self.table[stream_key(p, app, stream)] = orjson.dumps(point.to_record())
+            for app, stream in gone:
+                k = stream_key(p, app, stream)
+                if k in self.table:
+                    del self.table[k]
             for app, prog in apps:
                 self.table[app_key(p, app)] = orjson.dumps(prog.to_record())
             self.table[partition_key(p)] = orjson.dumps(pw.offset)
-        return len(wins) + len(apps) + 1
+        return len(wins) + len(streams) + len(gone) + len(apps) + 1
 
     def forget(self, pw: PartitionWindows, closed: list[Aggregate]) -> None:
         """Delete closed windows (after their app progress was persisted)."""
@@ -83,10 +99,9 @@ class WindowTableState:
                 if k in self.table:
                     del self.table[k]
 
-    def load_all(self, partitions: set[int]) -> dict[int, tuple[list[Aggregate], dict[str, AppProgress], int]]:
+    def load_all(self, partitions: set[int]) -> dict[int, Stored]:
         """Everything stored for the given partitions, grouped by partition (one scan of the table)."""
-        out: dict[int, tuple[list[Aggregate], dict[str, AppProgress], int]] = {
-            p: ([], {}, -1) for p in partitions}
+        out: dict[int, Stored] = {p: ([], {}, -1, {}) for p in partitions}
         for raw_key, raw in self.table.items():
             if raw is None:
                 continue
@@ -98,14 +113,17 @@ class WindowTableState:
                 continue
             if p not in out:
                 continue
-            wins, apps, _offset = out[p]
+            wins, apps, _offset, streams = out[p]
             kind, _, name = rest.partition("|")
             if kind == "w":
                 wins.append(Aggregate.from_record(orjson.loads(zlib.decompress(raw))))
                 continue
             value = orjson.loads(raw)
-            if kind == "a":
+            if kind == "s":
+                app, _, stream = name.rpartition("|")
+                streams[app, stream] = StreamPoint.from_record(value)
+            elif kind == "a":
                 apps[name] = AppProgress.from_record(value)
             elif kind == "p":
-                out[p] = (wins, apps, int(value))
+                out[p] = (wins, apps, int(value), streams)
         return out

@@ -13,13 +13,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
-from typing import Any
+from typing import Any, cast
+
+import msgspec
 
 from app import models
 from app.clock import Clock
 from app.limits import AppLimits
 from tables.aggregate import Aggregate, BucketKey
 from tables.digest import DEFAULT_MAX_CENTROIDS
+from tables.streams import MAX_STREAMS_PER_APP, STREAM_IDLE_MS, StreamPoint, counter_delta, histogram_delta
 
 WINDOW_MS = 60_000
 COLUMN_MIN = 16
@@ -28,6 +31,8 @@ WinKey = tuple[str, str, int]
 """(app, process type, window start ms): a plain tuple hashes far faster than a dataclass on the hot path."""
 LIMIT_DEAD_LETTERS = 100
 """Refusals dead-lettered per (app, minute, limit); past it they are counted only (limit_refused_*)."""
+StreamKey = tuple[str, str]
+"""(app, stream id) of a cumulative stream (tables/streams.py)."""
 PROCESS_TYPES, ADDON_SOURCES, METRIC_NAMES = 0, 1, 2
 """Which limit refused an observation (index into Counts.refused)."""
 _UNLIMITED = AppLimits(ingest_rate_bytes_s=0.0, ingest_burst_bytes=0, inflight_bytes_per_token=0,
@@ -126,6 +131,11 @@ class PartitionWindows:
         from here, so a broker outage (end offsets unknown) never passes for idleness."""
         self.dirty_windows: set[WinKey] = set()
         self.dirty_apps: set[str] = set()
+        self.streams: dict[StreamKey, StreamPoint] = {}
+        """The last point of each cumulative stream (tables/streams.py)."""
+        self.stream_counts: dict[str, int] = {}
+        self.dirty_streams: set[StreamKey] = set()
+        self.gone_streams: set[StreamKey] = set()
 
     # --- input -------------------------------------------------------------------------------------
     def ingest(self, offset: int, value: bytes | None, result: IngestResult) -> None:
@@ -312,6 +322,8 @@ class PartitionWindows:
         Runtime = models.Runtime
         Metric = models.Metric
         Addon = models.Addon
+        Histogram = models.Histogram
+        streams, stream_counts = self.streams, self.stream_counts
         for i in positions:
             o = obs[i]
             app = o.app
@@ -334,6 +346,27 @@ class PartitionWindows:
                     "late", f"minute already closed: ts {ts} < {prog.closed_ms} (grace {self.grace_ms} ms)",
                     models.echo(o), offset, i if indexes is None else indexes[i], app))
                 continue
+            if (cls is Metric or cls is Histogram) and o.stream is not None:  # type: ignore[union-attr]
+                sk = (app, o.stream)  # type: ignore[union-attr]
+                last = streams.get(sk)
+                if last is None and stream_counts.get(app, 0) >= MAX_STREAMS_PER_APP:
+                    self._reject(result, f"more than {MAX_STREAMS_PER_APP} cumulative streams of {app} in this "
+                                 "partition: a new one is refused until old ones go quiet for "
+                                 f"{STREAM_IDLE_MS // 60_000} min; send delta temporality, or keep ids out of "
+                                 "attributes", o, offset, i, indexes, app)
+                    continue
+                delta, point = (counter_delta(last, o) if cls is Metric  # type: ignore[arg-type]
+                                else histogram_delta(last, o))  # type: ignore[arg-type]
+                if point is not None:
+                    if last is None:
+                        stream_counts[app] = stream_counts.get(app, 0) + 1
+                    streams[sk] = point
+                    self.dirty_streams.add(sk)
+                if delta is None:  # a baseline or a repeat: nothing to fold
+                    accepted += 1
+                    continue
+                o = (msgspec.structs.replace(o, value=delta, stream=None, start=None)
+                     if cls is Metric else cast(models.Histogram, delta))
             key = (app, proc, ts - ts % window_ms)
             slot = slots.get(key)
             if slot is None:
@@ -356,7 +389,7 @@ class PartitionWindows:
                 service = o.service_ms  # type: ignore[union-attr]
                 if service is not None:
                     slot[1](service)
-                status = o.status  # type: ignore[union-attr]
+                status: int = o.status  # type: ignore[union-attr,assignment]
                 slot[2][status // 100] += 1
                 if status >= 500:
                     slot[0].failed += 1
@@ -375,6 +408,15 @@ class PartitionWindows:
                     self._refuse(result, METRIC_NAMES, o, offset, i, indexes, key, lim)
                     continue
                 agg.add_metric(m.name, m.type, m.value, ts)
+            elif cls is Histogram:
+                h: models.Histogram = o  # type: ignore[assignment]
+                agg = slot[0]
+                if (h.name is not None and len(agg.timers) + len(agg.counters) + len(agg.gauges)
+                        >= lim.max_metric_names and h.name not in agg.timers and h.name not in agg.counters
+                        and h.name not in agg.gauges):
+                    self._refuse(result, METRIC_NAMES, o, offset, i, indexes, key, lim)
+                    continue
+                agg.add_histogram(h.name, h.status, h.count, h.sum, h.bounds, h.counts, h.min, h.max)
             elif cls is Addon:
                 a: models.Addon = o  # type: ignore[assignment]
                 addons = slot[0].addons
@@ -383,7 +425,7 @@ class PartitionWindows:
                     continue
                 slot[0].add_addon(a.source, a.samples, ts)
             else:
-                slot[0].add_event(o.name)  # type: ignore[union-attr]
+                slot[0].add_event(o.name)  # type: ignore[union-attr,arg-type]
             accepted += 1
             if ts > prog.wm_ms:
                 prog.wm_ms = ts
@@ -505,6 +547,36 @@ class PartitionWindows:
         self.dirty_windows = set()
         self.dirty_apps = set()
         return wins, apps
+
+    def take_dirty_streams(self) -> tuple[list[tuple[StreamKey, StreamPoint]], list[StreamKey]]:
+        """Streams changed and streams forgotten since the last call."""
+        changed = [(k, self.streams[k]) for k in self.dirty_streams if k in self.streams]
+        gone = list(self.gone_streams)
+        self.dirty_streams = set()
+        self.gone_streams = set()
+        return changed, gone
+
+    def expire_streams(self) -> int:
+        """Forget streams quiet for STREAM_IDLE_MS of their app's event time; returns how many."""
+        apps = self.apps
+        old = [k for k, p in self.streams.items()
+               if (prog := apps.get(k[0])) is not None and prog.wm_ms - p.ts_ms > STREAM_IDLE_MS]
+        for k in old:
+            del self.streams[k]
+            left = self.stream_counts.get(k[0], 1) - 1
+            if left > 0:
+                self.stream_counts[k[0]] = left
+            else:
+                self.stream_counts.pop(k[0], None)
+            self.dirty_streams.discard(k)
+            self.gone_streams.add(k)
+        return len(old)
+
+    def restore_streams(self, streams: dict[StreamKey, StreamPoint]) -> None:
+        for k, point in streams.items():
+            if k not in self.streams:
+                self.stream_counts[k[0]] = self.stream_counts.get(k[0], 0) + 1
+            self.streams[k] = point
 
     # --- recovery ----------------------------------------------------------------------------------
     def restore(self, windows: list[Aggregate], apps: dict[str, AppProgress], offset: int) -> None:
