@@ -20,9 +20,9 @@ from aiokafka.errors import KafkaError
 
 from app import models
 from app.api.web import COUNTERS_KEY, SETTINGS_KEY, error, get_stats, healthz, json_response
-from app.clock import Clock
+from app.clock import Clock, SystemClock
 from app.errors import PipelineError, RetriableError
-from app.ingest import logplex
+from app.ingest import logplex, otlp
 from app.ingest.admission import Admission, Refusal
 from app.ingest.dedup import Claim, FrameDedup
 from app.limits import Limits
@@ -131,39 +131,42 @@ class Ingest:
         self.produce = produce
         self.counters = counters
         self.limits = limits
+        self.clock: Clock = clock or SystemClock()
         self.admission = Admission(ingest, self.limits, counters, clock=clock)
         self._background: set[asyncio.Task[None]] = set()
 
-    async def _auth(self, request: web.Request, kind: str) -> Any:
+    async def _auth(self, request: web.Request, kind: str, *, reply: Reply = error,
+                    where: str = "Authorization: Bearer <token>") -> Any:
         # ?token= only for drains (Logplex can send nothing else on some setups); a write token in a query
         # string would end up in access logs.
         token = bearer(request.headers, request.query if kind == "drain" else {})
         if not token:
-            where = (DRAIN_TOKEN_WHERE if kind == "drain" else "Authorization: Bearer <token>")
-            return error(401, "missing_token", f"send a {kind} token: {where}")
+            return reply(401, "missing_token", f"send a {kind} token: "
+                                               f"{DRAIN_TOKEN_WHERE if kind == 'drain' else where}", None)
         info = await self.tokens.verify(token, kind)
         if info is None:
-            return error(403, "invalid_token", f"the token is unknown, revoked, or not a {kind} token")
+            return reply(403, "invalid_token", f"the token is unknown, revoked, or not a {kind} token", None)
         return info
 
-    def _refused(self, refusal: Refusal, app: str, *, drain: bool) -> web.Response:
+    def _refused(self, refusal: Refusal, app: str, *, drain: bool, reply: Reply = error) -> web.Response:
         """Logplex drops a frame on any 4xx and retries a 5xx, so a throttled drain gets 503; HTTP callers 429."""
         self.counters.inc_app(refusal.counter, app)
         status = refusal.status or (503 if drain else refusal.api_status)
-        resp = error(status, refusal.code, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
+        resp = reply(status, refusal.code, refusal.message, {"Retry-After": str(refusal.retry_after_s)})
         resp.force_close()  # the rest of the body stays unread
         return resp
 
     @asynccontextmanager
-    async def _admitted(self, request: web.Request, info: TokenInfo, *, drain: bool
+    async def _admitted(self, request: web.Request, info: TokenInfo, *, drain: bool, reply: Reply = error
                         ) -> AsyncIterator[bytes | web.Response]:
         """The body, read under the app's and token's budgets (held until the block ends), or the refusal."""
         async with self.admission.request(info.app) as refusal:
             if refusal is not None:
-                yield self._refused(refusal, info.app, drain=drain)
+                yield self._refused(refusal, info.app, drain=drain, reply=reply)
                 return
             async with self.admission.body(request, info.app, info.id) as body:
-                yield self._refused(body, info.app, drain=drain) if isinstance(body, Refusal) else body
+                yield (self._refused(body, info.app, drain=drain, reply=reply) if isinstance(body, Refusal)
+                       else body)
 
     async def _parse(self, app: str, body: bytes, parse: Callable[[bytes], T]) -> T:
         """In one of the process's parse slots, app by app. Small bodies are parsed inline (a thread hop costs
@@ -327,6 +330,63 @@ class Ingest:
         return json_response({"accepted": len(good), "rejected": rejected, **more})
 
 
+    async def otlp_metrics(self, request: web.Request) -> web.Response:
+        """OTLP/HTTP metrics: 200 (with ``partial_success`` when points were refused), 400 for a body that
+        cannot be read, 429/503 with Retry-After to retry; every answer in the request's encoding."""
+        ctype = request.content_type
+        if ctype not in (otlp.PROTOBUF, otlp.JSON):
+            return _otlp_reply(otlp.JSON)(415, "unsupported_media_type",
+                                          f"Content-Type {ctype!r}: send {otlp.PROTOBUF} or {otlp.JSON}", None)
+        reply = _otlp_reply(ctype)
+        try:
+            info = await self._auth(request, "write", reply=reply,
+                                    where="OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token>")
+            if isinstance(info, web.Response):
+                return info
+            app = info.app
+            async with self._admitted(request, info, drain=False, reply=reply) as body:
+                if isinstance(body, web.Response):
+                    return body
+                names = self.limits.of(app).max_metric_names
+                now_ms, future_ms = self.clock.now_ms(), self.windows.max_future_ms
+
+                def parse(b: bytes) -> otlp.Mapped:
+                    return otlp.map_request(otlp.decode(b, ctype), app, now_ms=now_ms, max_future_ms=future_ms,
+                                            max_metric_names=names)
+
+                try:
+                    mapped = await self._parse(app, body, parse)
+                except otlp.BodyError as exc:
+                    self.counters.inc_app("ingest_refused_bad_body", app)
+                    return reply(400, "malformed_body", str(exc), None)
+                if mapped.observations:
+                    await self.produce(self.kafka.observations_topic,
+                                       chunks(app, mapped.observations, self.ingest.chunk_observations))
+        except RetriableError as exc:
+            return reply(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
+        except PipelineError as exc:
+            log.error("%s failed: %s", request.path, exc)
+            return reply(503, "misconfigured", "the service is misconfigured; the operator has the cause in the "
+                                               "log", {"Retry-After": "30"})
+        self.counters.inc("otlp_requests")
+        self.counters.inc("ingest_observations_produced", len(mapped.observations))
+        self.counters.inc("ingest_records_rejected", mapped.rejected)
+        return web.Response(body=otlp.response(mapped, ctype), content_type=ctype)
+
+
+Reply = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
+"""(status, code, message, headers) -> the error answer in the caller's protocol."""
+GRPC_CODES = {400: 3, 401: 16, 403: 7, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
+"""HTTP status -> the google.rpc.Status code OTLP's error bodies carry."""
+
+
+def _otlp_reply(ctype: str) -> Reply:
+    def reply(status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
+        return web.Response(status=status, body=otlp.status(GRPC_CODES.get(status, 2), f"{code}: {message}", ctype),
+                            content_type=ctype, headers=headers)
+    return reply
+
+
 MAX_REJECTS_RETURNED = 1000
 """Reasons listed in a JSON API answer; past it only counted (``rejected_not_listed``)."""
 DRAIN_TOKEN_WHERE = ("put it in the drain URL, https://user:TOKEN@host/v1/drains/logplex (basic auth) or "
@@ -379,6 +439,7 @@ def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.
                              middlewares=[client_middleware(settings.web.forwarded_for_hops)])
     webapp.router.add_post("/v1/drains/logplex", ingest.drain)
     webapp.router.add_post("/v1/observations", ingest.observations)
+    webapp.router.add_post("/v1/metrics", ingest.otlp_metrics)
     webapp[SETTINGS_KEY] = settings
     webapp.router.add_get("/healthz", healthz)
     if extra is not None:

@@ -17,7 +17,7 @@ CounterName = Literal["observations_accepted", "observations_late", "observation
     "drain_lines_bad", "ingest_observations_produced", "ingest_requests_shed", "ingest_bytes_received",
     "ingest_refused_rate", "ingest_refused_inflight", "ingest_refused_queue", "ingest_refused_slow_body",
     "auth_lookups_refused", "ingest_refused_bad_body", "ingest_refused_too_large", "ingest_dead_letters_dropped",
-    "ingest_records_rejected", "sink_dead_lettered", "sink_unprocessed_items", "sink_batch_seconds",
+    "ingest_records_rejected", "otlp_requests", "language_reports", "sink_dead_lettered", "sink_unprocessed_items", "sink_batch_seconds",
     "consumer_lag_observations", "consumer_lag_minutes", "policy_commands_applied", "policy_commands_rejected",
     "policy_minutes_invalid", "alerts_published", "alert_lag_seconds", "autoscale_decisions", "autoscale_steps",
     "notifications_sent", "notification_retries", "notifications_failed", "notifications_deferred",
@@ -117,8 +117,10 @@ CATALOGUE: Final[dict[CounterName, str]] = {
     "ingest_dead_letters_dropped": "Bad lines or records past METRICS_INGEST_MAX_DEAD_LETTERS_PER_REQUEST in one "
                                    "request: counted and refused, but not each sent to the DLQ. Rising: one sender "
                                    "sends mostly garbage; the DLQ holds a sample of its reasons.",
-    "ingest_records_rejected": "JSON API records refused (reasons returned to the client). Rising: a producer "
-                               "sends bad or foreign-app records.",
+    "ingest_records_rejected": "JSON API records and OTLP points refused (reasons returned to the client, OTLP's "
+                               "in partial_success). Rising: a producer sends bad or foreign-app records.",
+    "otlp_requests": "OTLP/HTTP metrics requests taken (POST /v1/metrics), points refused or not.",
+    "language_reports": "Language-metrics agent reports taken (POST /v1/language-metrics/<dyno>).",
     "sink_dead_lettered": "Minutes DynamoDB rejected for good (sent to metrics-1m-dlq). Non-zero: read the "
                           "reason; usually permissions or table schema.",
     "sink_unprocessed_items": "Items DynamoDB returned as UnprocessedItems and re-sent with backoff. Rising: the "
