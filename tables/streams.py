@@ -5,7 +5,7 @@ partition, in the window table) and folds the difference. The rules are Promethe
 - a stream's first point counts in full if the stream is new (``start`` at most FIRST_POINT_MAX_AGE_MS before
   it), so a new process's first minute is not lost; an older stream's first point is only a baseline;
 - a reset (another ``start``, or a total that went down) starts the stream over: its new total counts in full;
-- a point not newer than the last one (an exporter's retry, a replay) adds nothing.
+- a point older than the last one adds nothing; an exporter's retry of the last one differs by nothing.
 Reference: docs/otlp.md#cumulative-streams
 """
 
@@ -51,9 +51,9 @@ class StreamPoint:
 
 def counter_delta(last: StreamPoint | None, m: models.Metric) -> tuple[float | None, StreamPoint | None]:
     """(what to add, the stream's new last point); (None, None) when the point adds nothing and changes
-    nothing (not newer than the last one)."""
+    nothing (older than the last one)."""
     assert m.start is not None
-    if last is not None and m.ts <= last.ts_ms:
+    if last is not None and m.ts < last.ts_ms:
         return None, None
     point = StreamPoint(m.start, m.ts, m.value)
     if last is None:
@@ -72,7 +72,7 @@ def histogram_delta(last: StreamPoint | None, h: models.Histogram
     first; any other change is a reset. Min and max are over the stream's life in OTLP: this interval's
     extreme is known exactly when it moved past the last one, otherwise the bucket bounds it."""
     assert h.start is not None
-    if last is not None and h.ts <= last.ts_ms:
+    if last is not None and h.ts < last.ts_ms:
         return None, None
     point = StreamPoint(h.start, h.ts, float(h.count), h.sum, list(h.bounds), list(h.counts), h.min, h.max)
     whole = msgspec.structs.replace(h, stream=None, start=None)
