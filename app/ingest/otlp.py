@@ -165,7 +165,7 @@ def _map_metric(metric: Any, app: str, dyno: str, out: Mapped, future_ms: int, t
         out.refuse(f"metric name {name[:60]!r} is not 1..200 characters of [A-Za-z0-9_.-:/]", len(points))
         return
     request = REQUEST_METRICS.get(name)
-    if request is not None and kind == "histogram":
+    if request is not None and kind in ("histogram", "exponential_histogram"):
         if data.aggregation_temporality not in (DELTA, CUMULATIVE):
             out.refuse("aggregation temporality unspecified", len(points))
             return
@@ -173,7 +173,7 @@ def _map_metric(metric: Any, app: str, dyno: str, out: Mapped, future_ms: int, t
         cumulative = data.aggregation_temporality == CUMULATIVE
         for p in points:
             if _usable(p, out, future_ms):
-                _request_histogram(p, app, dyno, request[0], factor, cumulative, out)
+                _request_histogram(p, kind, app, dyno, request[0], factor, cumulative, out)
         return
     runtime = RUNTIME_METRICS.get(name)
     if runtime is not None and kind in ("gauge", "sum"):
@@ -235,8 +235,8 @@ def _map_metric(metric: Any, app: str, dyno: str, out: Mapped, future_ms: int, t
         _summary(points, app, dyno, name, out, future_ms)
 
 
-def _request_histogram(p: Any, app: str, dyno: str, status_key: str, factor: float, cumulative: bool,
-                       out: Mapped) -> None:
+def _request_histogram(p: Any, kind: str, app: str, dyno: str, status_key: str, factor: float,
+                       cumulative: bool, out: Mapped) -> None:
     code = None
     for kv in p.attributes:
         if kv.key == status_key:
@@ -247,7 +247,7 @@ def _request_histogram(p: Any, app: str, dyno: str, status_key: str, factor: flo
     if not isinstance(code, int) or isinstance(code, bool) or not 100 <= code <= 599:
         out.refuse(f"a request duration point needs {status_key} (100..599)")
         return
-    shape = _shape(p, "histogram", factor, out)
+    shape = _shape(p, kind, factor, out)
     if shape is None:
         return
     bounds, counts, lo, hi, total = shape
