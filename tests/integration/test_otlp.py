@@ -22,7 +22,7 @@ from opentelemetry.sdk.resources import Resource
 
 from app.local.embedded import DynamoServer, KafkaBroker
 from tables.aggregate import Aggregate, BucketKey
-from tests.ingest.test_otlp import SEMCONV_BOUNDS_S, bucket_width_ms, true_quantile
+from tests.ingest.test_otlp import SEMCONV_BOUNDS_S, _reads, bucket_width_ms, true_quantile
 from tests.integration.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -75,10 +75,9 @@ def test_python_sdk_delta_and_cumulative_are_stored_exactly(broker: KafkaBroker,
         jobs = {"web": 0, "worker": 0}
         clients = [("web", *sdk(url, token, "web.1", AggregationTemporality.DELTA, exponential=False)),
                    ("worker", *sdk(url, token, "worker.1", AggregationTemporality.CUMULATIVE, exponential=True))]
-        depth = {"web": 0.0, "worker": 0.0}
+        depth = {"web": [0.0], "worker": [0.0]}
         for proc, mp, _ in clients:
-            meter = mp.get_meter("test")
-            meter.create_observable_gauge("queue.depth", [lambda _, proc=proc: [_obs(depth[proc])]])
+            mp.get_meter("test").create_observable_gauge("queue.depth", [_reads(depth[proc])])
         instruments = {proc: (mp.get_meter("test").create_histogram(
             "http.server.request.duration", unit="s", explicit_bucket_boundaries_advisory=SEMCONV_BOUNDS_S),
             mp.get_meter("test").create_counter("jobs.processed")) for proc, mp, _ in clients}
@@ -92,7 +91,7 @@ def test_python_sdk_delta_and_cumulative_are_stored_exactly(broker: KafkaBroker,
                     hist.record(v, {"http.response.status_code": status, "http.request.method": "GET"})
                 counter.add(round_ + 1)
                 jobs[proc] += round_ + 1
-                depth[proc] = float(round_ * 3)
+                depth[proc][0] = float(round_ * 3)
                 assert reader.force_flush(timeout_millis=10_000)
             time.sleep(0.5)
         for _, mp, _ in clients:
@@ -129,11 +128,6 @@ def test_python_sdk_delta_and_cumulative_are_stored_exactly(broker: KafkaBroker,
         assert stats["observations_rejected"] == 0 and stats["observations_late"] == 0
     finally:
         p.stop()
-
-
-def _obs(v: float) -> Any:
-    from opentelemetry.metrics import Observation
-    return Observation(v)
 
 
 JS_CLIENT = ROOT / "tests" / "clients" / "otel-js"
