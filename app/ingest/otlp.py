@@ -268,33 +268,57 @@ def _shape(p: Any, kind: str, factor: float, out: Mapped
     total = p.sum * factor if p.HasField("sum") else None
     lo = p.min * factor if p.HasField("min") else None
     hi = p.max * factor if p.HasField("max") else None
-    if any(v is not None and not math.isfinite(v) for v in (total, lo, hi)):
+    if ((total is not None and not math.isfinite(total)) or (lo is not None and not math.isfinite(lo))
+            or (hi is not None and not math.isfinite(hi))):
         out.refuse("histogram sum, min or max is NaN or infinite")
         return None
-    if kind == "histogram":
-        bounds = [b * factor for b in p.explicit_bounds]
-        counts = list(p.bucket_counts) or [p.count]
+    counts = list(p.bucket_counts) if kind == "histogram" else None
+    if counts is not None:
+        raw = tuple(p.explicit_bounds)
+        got = _BOUNDS.get((raw, factor))
+        if got is None:
+            got = _checked_bounds([b * factor for b in raw])
+            if len(_BOUNDS) >= _BOUNDS_MAX:
+                _BOUNDS.clear()
+            _BOUNDS[raw, factor] = got
+        if isinstance(got, str):
+            out.refuse(got)
+            return None
+        bounds = got
+        if not counts:
+            counts = [p.count]
         if len(counts) != len(bounds) + 1:
-            out.refuse(f"{len(p.bucket_counts)} bucket counts for {len(p.explicit_bounds)} explicit bounds "
-                       "(there must be one more)")
+            out.refuse(f"{len(counts)} bucket counts for {len(bounds)} explicit bounds (there must be one more)")
             return None
     else:
-        got = _exponential(p, factor, out)
-        if got is None:
+        exp = _exponential(p, factor, out)
+        if exp is None:
             return None
-        bounds, counts = got
-    if len(bounds) > models.MAX_BUCKETS:
-        out.refuse(f"more than {models.MAX_BUCKETS} histogram buckets")
-        return None
-    if not all(map(math.isfinite, bounds)) or any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
-        out.refuse("histogram bounds must be finite and strictly ascending")
-        return None
+        bounds, counts = exp
+        problem = _checked_bounds(bounds)
+        if isinstance(problem, str):
+            out.refuse(problem)
+            return None
     if sum(counts) != p.count:
         out.refuse(f"histogram bucket counts add up to {sum(counts)}, not its count {p.count}")
         return None
     if total is None:
         total = _midpoint_sum(bounds, counts, lo, hi)
     return bounds, counts, lo, hi, total
+
+
+_BOUNDS: dict[tuple[tuple[float, ...], float], list[float] | str] = {}
+"""Explicit bounds seen lately, scaled and checked once: an SDK sends the same few on every point."""
+_BOUNDS_MAX = 1024
+
+
+def _checked_bounds(bounds: list[float]) -> list[float] | str:
+    """The bounds, or why they cannot be used."""
+    if len(bounds) > models.MAX_BUCKETS:
+        return f"more than {models.MAX_BUCKETS} histogram buckets"
+    if not all(map(math.isfinite, bounds)) or any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
+        return "histogram bounds must be finite and strictly ascending"
+    return bounds
 
 
 def _midpoint_sum(bounds: list[float], counts: list[int], lo: float | None, hi: float | None) -> float:
