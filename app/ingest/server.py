@@ -22,7 +22,7 @@ from app import models
 from app.api.web import COUNTERS_KEY, SETTINGS_KEY, error, get_stats, healthz, json_response
 from app.clock import Clock, SystemClock
 from app.errors import PipelineError, RetriableError
-from app.ingest import logplex, otlp
+from app.ingest import language, logplex, otlp
 from app.ingest.admission import Admission, Refusal
 from app.ingest.dedup import Claim, FrameDedup
 from app.limits import Limits
@@ -136,10 +136,10 @@ class Ingest:
         self._background: set[asyncio.Task[None]] = set()
 
     async def _auth(self, request: web.Request, kind: str, *, reply: Reply = error,
-                    where: str = "Authorization: Bearer <token>") -> Any:
-        # ?token= only for drains (Logplex can send nothing else on some setups); a write token in a query
-        # string would end up in access logs.
-        token = bearer(request.headers, request.query if kind == "drain" else {})
+                    where: str = "Authorization: Bearer <token>", query: bool = False) -> Any:
+        # ?token= only for drains and language agents (they can send nothing else on some setups); a write
+        # token in a query string would end up in access logs.
+        token = bearer(request.headers, request.query if kind == "drain" or query else {})
         if not token:
             return reply(401, "missing_token", f"send a {kind} token: "
                                                f"{DRAIN_TOKEN_WHERE if kind == 'drain' else where}", None)
@@ -374,6 +374,36 @@ class Ingest:
         return web.Response(body=otlp.response(mapped, ctype), content_type=ctype)
 
 
+    @answers_unavailable
+    async def language_metrics(self, request: web.Request) -> web.Response:
+        """A Heroku language agent's report for the dyno in the path (``HEROKU_METRICS_URL``). 200 when taken:
+        the agents treat any other status as an error."""
+        info = await self._auth(request, "write", query=True,
+                                where=LANGUAGE_TOKEN_WHERE)
+        if isinstance(info, web.Response):
+            return info
+        app, dyno = info.app, request.match_info["dyno"]
+        if models.process_type(dyno) is None:
+            return error(400, "bad_dyno", "the path ends with the dyno's name, as $DYNO gives it (web.1)")
+        async with self._admitted(request, info, drain=False) as body:
+            if isinstance(body, web.Response):
+                return body
+            now_ms = self.clock.now_ms()
+            try:
+                report = await self._parse(app, body, lambda b: language.parse(b, app, dyno, now_ms))
+            except language.ReportError as exc:
+                return error(400, "malformed_report", str(exc))
+            if report.observations:
+                await self.produce(self.kafka.observations_topic,
+                                   chunks(app, report.observations, self.ingest.chunk_observations))
+        self.counters.inc("language_reports")
+        self.counters.inc("ingest_observations_produced", len(report.observations))
+        self.counters.inc("ingest_records_rejected", len(report.rejected))
+        return json_response({"accepted": len(report.observations), "rejected": report.rejected})
+
+
+LANGUAGE_TOKEN_WHERE = ("HEROKU_METRICS_URL=https://x:TOKEN@host/v1/language-metrics/$DYNO (basic auth) or "
+                        "https://host/v1/language-metrics/$DYNO?token=TOKEN")
 Reply = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
 """(status, code, message, headers) -> the error answer in the caller's protocol."""
 GRPC_CODES = {400: 3, 401: 16, 403: 7, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
@@ -440,6 +470,7 @@ def make_ingest_app(ingest: Ingest, settings: Settings, *, extra: Callable[[web.
     webapp.router.add_post("/v1/drains/logplex", ingest.drain)
     webapp.router.add_post("/v1/observations", ingest.observations)
     webapp.router.add_post("/v1/metrics", ingest.otlp_metrics)
+    webapp.router.add_post("/v1/language-metrics/{dyno}", ingest.language_metrics)
     webapp[SETTINGS_KEY] = settings
     webapp.router.add_get("/healthz", healthz)
     if extra is not None:
