@@ -29,8 +29,8 @@ def basic(token: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()}
 
 
-def produced(s: Stack) -> list[models.Observation]:
-    dec = msgspec.json.Decoder(list[models.Observation])
+def produced(s: Stack) -> list[models.Metric]:
+    dec = msgspec.json.Decoder(list[models.Metric])
     return [o for v in s.produced for o in dec.decode(v)]
 
 
@@ -41,7 +41,7 @@ async def test_an_hmetrics_report_becomes_counters_and_gauges_of_the_dyno(stack:
     assert r.status == 200  # hmetrics counts anything but 200 as a failed report
     assert (await r.json()) == {"accepted": 7, "rejected": []}
     obs = produced(s)
-    assert {(o.name, o.type, o.value) for o in obs} == {  # type: ignore[union-attr]
+    assert {(o.name, o.type, o.value) for o in obs} == {
         *((k, "counter", float(v)) for k, v in HMETRICS["counters"].items()),
         *((k, "gauge", float(v)) for k, v in HMETRICS["gauges"].items())}
     assert {(o.app, o.dyno, o.ts) for o in obs} == {("quiet", "web.2", T0_MS)}  # the arrival time
@@ -76,4 +76,4 @@ async def test_bad_reports_and_entries(stack: Any) -> None:
     assert {e["name"]: e["reason"][:20] for e in got["rejected"]} == {
         "neg.count": "a counter (what happ", "text": "the value must be a ", "bad name!": "a metric name is 1..",
         "flag": "the value must be a "}
-    assert sorted(o.name for o in produced(s)) == ["ok.count", "ok.gauge"]  # type: ignore[union-attr]
+    assert sorted(o.name for o in produced(s)) == ["ok.count", "ok.gauge"]
