@@ -41,6 +41,7 @@ def served(broker: KafkaBroker, dynamo: DynamoServer,
                      METRICS_ALERTS_TOPIC=f"alerts-{uid}", METRICS_AUTOSCALE_TOPIC=f"autoscale-{uid}")
     try:
         publish_events(broker, s)
+        publish_language_metrics(broker, s)
         yield s
     finally:
         s.pipeline.stop()
@@ -82,6 +83,24 @@ def publish_events(broker: KafkaBroker, s: Served) -> None:
     asyncio.run(produce(broker.address, settings.kafka.alerts_topic, [(b"app-0", orjson.dumps(a)) for a in alerts]))
     asyncio.run(produce(broker.address, settings.kafka.autoscale_topic, [(b"app-0", orjson.dumps(decision))]))
     s.pipeline.wait_stats(lambda st: st["events_stored"] >= 3, 60, "alert/autoscale events stored")
+
+
+LANGUAGE = {"go.memory.heap.bytes": ("gauge", 52_428_800.0), "go.gc.goal": ("gauge", 104_857_600.0),
+            "go.routines": ("gauge", 40.0), "go.gc.collections": ("counter", 3.0), "go.gc.pause.ns": ("counter", 9e5)}
+"""What heroku/x hmetrics reports, as the language-metrics endpoint turns it into observations."""
+
+
+def publish_language_metrics(broker: KafkaBroker, s: Served) -> None:
+    """Three reports of a Go dyno of app-0 in the current minute; waits until the worker stored them."""
+    settings = s.pipeline.settings
+    now_ms = int(time.time() * 1000)
+    before = s.pipeline.stats()
+    obs = [{"kind": "metric", "app": "app-0", "dyno": "web.1", "ts": now_ms - 1000 * i, "name": name, "type": kind,
+            "value": v} for i in range(3) for name, (kind, v) in LANGUAGE.items()]
+    asyncio.run(produce(broker.address, settings.kafka.observations_topic, [(b"app-0", orjson.dumps(obs))]))
+    s.pipeline.wait_stats(lambda st: st["observations_accepted"] >= before["observations_accepted"] + len(obs)
+                          and st["sink_items_written"] > before["sink_items_written"], 60,
+                          "the language metrics stored")
 
 
 def wait_for(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -160,6 +179,13 @@ def test_dashboard_plots_pipeline_data_refetches_on_range_switch_and_explains_ba
                       "DATABASE · other"], addons
     plotted = browser.execute_script(PLOTTED, [f"addon-0-{g}" for g in range(5)])
     assert all(n > 0 for n in plotted.values()), plotted
+    # Language runtime metrics (hmetrics' names): one chart per kind, with data.
+    languages = browser.execute_script("return window.dashboard.languages")
+    assert languages == ["Go · memory (MB)", "Go · GC", "Go · goroutines and threads"], languages
+    plotted = browser.execute_script(PLOTTED, ["lang-0-0", "lang-0-1", "lang-0-2"])
+    assert all(n > 0 for n in plotted.values()), plotted
+    heap = browser.execute_script("return window.dashboard.charts['lang-0-0'].data")
+    assert 50.0 in heap[1] + heap[2], heap  # go.gc.goal and go.memory.heap.bytes, in MB
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))

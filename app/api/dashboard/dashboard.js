@@ -18,9 +18,19 @@
   const ADDON_GROUPS = [["sizes (MB)", (k) => k.endsWith("_mb")], ["load", (k) => k.startsWith("load_avg")],
                         ["connections", (k) => k.includes("connections")],
                         ["ratios", (k) => k.endsWith("_rate") || k.includes("percentage")], ["other", () => true]];
+  // Language runtime metrics (Heroku's agents, OpenTelemetry runtime conventions): a custom metric whose name
+  // starts with a language's prefix is charted with that language, grouped by kind (docs/dashboard.md).
+  const LANGUAGES = [["Go", /^go\./], ["JVM", /^jvm\./], ["Node.js", /^(node|nodejs|v8js)\./],
+                     ["Ruby", /^ruby\./i], ["Python", /^(cpython|python)\./]];
+  const inBytes = (k) => /\.bytes$/.test(k) || /^(jvm|go|v8js)\.memory\./.test(k) || k === "go.gc.goal";
+  const LANGUAGE_KINDS = [["memory (MB)", inBytes],
+                          ["GC", (k) => /(gc|garbage)/i.test(k)],
+                          ["goroutines and threads", (k) => /(routines|threads)/i.test(k)],
+                          ["event-loop delay", (k) => /eventloop/i.test(k)], ["other", () => true]];
+  const MB = 1024 * 1024;
   const EVENTS_MAX_SPAN_S = 7 * 86400;
   const state = { fetches: 0, charts: {}, last: null, events: [], markers: {}, drawn: {}, token: null, app: null,
-                  timer: null, seq: 0, addons: [], appDoc: null };
+                  timer: null, seq: 0, addons: [], languages: [], appDoc: null };
   window.dashboard = state;
 
   function showError(message) {
@@ -153,6 +163,48 @@
     });
   }
 
+  // One chart per language and kind: gauges by their mean per bucket, counters by their sum per bucket,
+  // timers (histograms) by their p95; byte-valued names in MB.
+  function drawLanguages(doc) {
+    const box = $("language-charts");
+    for (const name of Object.keys(state.charts)) {
+      if (name.startsWith("lang-")) { state.charts[name].destroy(); delete state.charts[name]; }
+    }
+    box.textContent = "";
+    const pts = doc ? doc.points : [];
+    const names = [...new Set(pts.flatMap((p) => Object.keys(p.metrics || {})))].sort();
+    state.languages = [];
+    const xs = pts.map((p) => p.ts);
+    LANGUAGES.forEach(([lang, prefix], li) => {
+      const mine = names.filter((k) => prefix.test(k));
+      const taken = new Set();
+      LANGUAGE_KINDS.forEach(([kind, test], ki) => {
+        const group = mine.filter((k) => !taken.has(k) && test(k));
+        group.forEach((k) => taken.add(k));
+        if (!group.length) return;
+        const name = `lang-${li}-${ki}`;
+        const section = document.createElement("div");
+        const h = document.createElement("h3");
+        h.textContent = `${lang} · ${kind}`;
+        const el = document.createElement("div");
+        el.className = "chart";
+        el.id = "chart-" + name;
+        section.append(h, el);
+        box.appendChild(section);
+        const series = group.map((k, i) => [k, PALETTE[i % PALETTE.length],
+          pick(pts, (p) => {
+            const m = (p.metrics || {})[k];
+            if (!m) return undefined;
+            const v = m.type === "counter" ? m.sum : (m.type === "gauge" ? m.mean : m.p95);
+            return v === null || v === undefined ? undefined : (inBytes(k) ? v / MB : v);
+          })]);
+        draw(name, xs, series, false, [], doc.resolution_s);
+        state.languages.push(`${lang} · ${kind}`);
+      });
+    });
+    $("languages").hidden = !state.languages.length;
+  }
+
   function markerPlugin(name, markers) {
     return { hooks: { draw: [(u) => {
       const ctx = u.ctx;
@@ -220,6 +272,7 @@
            doc.resolution_s);
     }
     drawAddons(appDoc);
+    drawLanguages(doc);
   }
 
   async function load() {
