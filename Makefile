@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
 TEST_PROCESSES ?= 3
 
-.PHONY: run test chaos install install-test install-cassandra lock bench bench-parse bench-query bench-stores bench-store typecheck lint docs clean browser
+.PHONY: run test chaos install install-test install-cassandra clients lock bench bench-parse bench-query bench-stores bench-store typecheck lint docs clean browser
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 # Cassandra's jars come too, whatever METRICS_STORE says: a store migration started while this runs
@@ -69,10 +69,24 @@ bench-parse: install-test
 install: $(VENV)/.installed $(KAFKA_LIB)/.resolved $(DYNALITE) $(UPLOT_DIR)/dist/uPlot.iife.min.js
 
 # What the tests add: pytest and friends, moto's server, checkov in its own venv, Apache Cassandra.
-install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov install-cassandra
+install-test: install $(VENV)/.installed-test .deps/checkov/bin/checkov install-cassandra clients
 
 # Apache Cassandra for the embedded stack (METRICS_STORE=cassandra, or a store migration): 66 MB from Maven.
 install-cassandra: $(CASSANDRA_LIB)/.resolved
+
+# Real third-party clients for the tests (tests/clients/): the OpenTelemetry JS SDK's JSON exporter (npm, as
+# locked) and a Go program on heroku/x hmetrics (Go module proxy, as go.sum pins it; its module cache in .deps).
+HMETRICS_CLIENT := .deps/clients/hmetrics-client
+GO_ENV := GOPATH=$(CURDIR)/.deps/go GOMODCACHE=$(CURDIR)/.deps/go/mod GOCACHE=$(CURDIR)/.deps/go/cache GOFLAGS=-mod=readonly
+clients: $(HMETRICS_CLIENT) tests/clients/otel-js/node_modules/.installed
+
+$(HMETRICS_CLIENT): tests/clients/hmetrics/main.go tests/clients/hmetrics/go.mod tests/clients/hmetrics/go.sum
+	@command -v go >/dev/null 2>&1 || { echo "go not found: install Go (Debian golang)"; exit 1; }
+	cd tests/clients/hmetrics && $(GO_ENV) go build -o $(CURDIR)/$@ .
+
+tests/clients/otel-js/node_modules/.installed: tests/clients/otel-js/package-lock.json
+	npm ci --prefix tests/clients/otel-js --no-audit --no-fund --loglevel=error
+	touch $@
 
 # checkov (chart/Dockerfile scans in tests/test_deploy.py) pins boto3 versions that break aioboto3: own venv.
 .deps/checkov/bin/checkov:
