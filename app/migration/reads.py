@@ -237,7 +237,14 @@ class MigratingQuery:
             return
         for d in diffs:
             self._count(MISMATCH_COUNTERS[d.kind])
-        for d in diffs[:10]:  # one line per difference, a few per answer: a bad store must not flood the log
+        # One line per difference, a few per answer (a bad store must not flood the log): each minute's first
+        # difference of each kind first, so a missing minute is listed beside one with many differing fields.
+        first: dict[tuple[int, str], int] = {}
+        for i, d in enumerate(diffs):
+            first.setdefault((d.ts_s, d.kind), i)
+        leading = set(first.values())
+        order = sorted(leading) + [i for i in range(len(diffs)) if i not in leading]
+        for d in (diffs[i] for i in order[:10]):
             self.record(app, proc, res, serving, other, d, serving_ms=serving_ms, other_ms=other_ms)
 
     def record(self, app: str, proc: str, res: int, serving: str, other: str, d: Mismatch, *,
