@@ -68,7 +68,7 @@ def document(settings: Settings) -> dict[str, Any]:
                                                            "served (H10, H14, ...)"},
             "response_ms": {"type": "object", "description": "over the requests with a service time only; absent "
                             "when none had one", "properties": {k: _num() for k in ("p50", "p95", "p99", "max",
-                                                                                      "mean")}},
+                                                                                      "min", "mean")}},
             "status": {"type": "object", "description": "requests per status class (1xx..5xx), classes with 0 omitted",
                        "additionalProperties": {"type": "integer"}},
             "failed": {"type": "integer", "description": "requests with status >= 500"},
@@ -79,7 +79,8 @@ def document(settings: Settings) -> dict[str, Any]:
                                     "quota")}},
             "load": {"type": "object", "properties": {"mean": _num(), "max": _num()}},
             "metrics": {"type": "object", "description": "custom metrics by name (l2met count#/measure#/sample# "
-                        "lines become counter/timer/gauge)", "additionalProperties": stats_obj},
+                        "lines, OTLP points and language agents' reports become counter/timer/gauge)",
+                        "additionalProperties": stats_obj},
             "platform": {"type": "object", "description": "platform events in the bucket by name: crash, restart, "
                          "stop, exit, scale, R10..R99 (this process type's dynos); release (process type `app`)",
                          "additionalProperties": {"type": "integer"}},
