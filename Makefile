@@ -60,6 +60,7 @@ chaos: install-test browser
 bench: install-test
 	$(PY) -m tests.bench.bench_pipeline
 	$(PY) -m tests.bench.bench_ingest
+	$(PY) -m tests.bench.bench_otlp
 
 # Hostile drain lines: the parse rate of every line family with every field grown to 64 KB (linear = 4x).
 bench-parse: install-test
