@@ -114,24 +114,29 @@ def _encoded(msg: Any, content_type: str) -> bytes:
 
 
 def dyno_of(resource: dict[str, Any]) -> str:
-    """The dyno a resource's points count for (docs/otlp.md#process-type): ``service.instance.id`` when it
-    is a dyno name (``web.1``, as Heroku names them); else the process type from ``heroku.process.type``,
-    ``faas.name``-free ``process.type`` or the head of a Fir dyno name (``web-6b9d8c7f5-x2x9q``); else web."""
-    instance = resource.get("service.instance.id")
-    if isinstance(instance, str) and _DYNO.match(instance):
-        return instance
+    """The dyno a resource's points count for (docs/otlp.md#process-type), first match wins: a dyno name
+    (``web.1``, Heroku's ``$DYNO``) in ``service.instance.id``, ``host.name`` or ``host.id``; a process type
+    in ``heroku.process.type`` or ``process.type``; the head of a Fir dyno name (``web-6b9d8c7f5-x2x9q``) in
+    one of the first three; else ``web``. The semantic conventions put Heroku's dyno UUID
+    (``HEROKU_DYNO_ID``) in ``service.instance.id``: no process type can be read from that."""
+    names = [v for k in DYNO_KEYS if isinstance(v := resource.get(k), str)]
+    for name in names:
+        if _DYNO.match(name):
+            return name
     for key in ("heroku.process.type", "process.type"):
         ptype = resource.get(key)
         if isinstance(ptype, str) and _PROCESS_TYPE.match(ptype):
             return ptype
-    if isinstance(instance, str) and "-" in instance:
-        head = instance.split("-", 1)[0]
-        if _PROCESS_TYPE.match(head):
+    for name in names:
+        head, dash, rest = name.partition("-")
+        if dash and _PROCESS_TYPE.match(head) and _FIR_SUFFIX.match(rest):
             return head
     return "web"
 
 
-RESOURCE_KEYS = frozenset({"service.instance.id", "heroku.process.type", "process.type"})
+DYNO_KEYS = ("service.instance.id", "host.name", "host.id")
+_FIR_SUFFIX = re.compile(r"[0-9a-z]{5,10}-[0-9a-z]{5}\Z")
+RESOURCE_KEYS = frozenset({*DYNO_KEYS, "heroku.process.type", "process.type"})
 
 
 def map_request(req: ExportMetricsServiceRequest, app: str, *, now_ms: int, max_future_ms: int,

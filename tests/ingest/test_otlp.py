@@ -377,7 +377,9 @@ def test_unreadable_bodies_raise_body_error() -> None:
     ({"service.instance.id": "worker.12"}, "worker.12"),
     ({"heroku.process.type": "clock", "service.instance.id": "8f2c-uuid"}, "clock"),
     ({"service.instance.id": "worker-6b9d8c7f5-x2x9q"}, "worker"),
-    ({"service.instance.id": "9b2f0f4e-3f2a-4b7e-8f0e-3d6b8f7c2a11"}, "web"),
+    ({"service.instance.id": "9b2f0f4e-3f2a-4b7e-8f0e-3d6b8f7c2a11"}, "web"),  # HEROKU_DYNO_ID, semconv's
+    ({"service.instance.id": "9b2f0f4e-3f2a-4b7e-8f0e-3d6b8f7c2a11", "host.name": "clock.1"}, "clock.1"),
+    ({"service.instance.id": "api-7c9f-x", "process.type": "worker"}, "worker"),
     ({}, "web"),
 ])
 def test_process_type_comes_from_the_resource(resource: dict[str, str], dyno: str) -> None:
