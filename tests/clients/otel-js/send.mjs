@@ -37,12 +37,14 @@ const otlp = new OTLPMetricExporter({
                                     : AggregationTemporalityPreference.DELTA,
 });
 const exportErrors = [];
+// An OTLPExporterError carries the HTTP status (code) and the answer's body (data).
+const describe = (err) => (err?.code !== undefined ? `${err} (HTTP ${err.code}: ${err.data ?? ""})` : String(err?.stack ?? err));
 let exportsDone = 0;
 const exporter = {
   export(metrics, done) {
     otlp.export(metrics, (result) => {
       exportsDone += 1;
-      if (result.code !== 0) exportErrors.push(String(result.error?.stack ?? result.error)); // 0: ExportResultCode.SUCCESS
+      if (result.code !== 0) exportErrors.push(describe(result.error)); // 0: ExportResultCode.SUCCESS
       done(result);
     });
   },
@@ -131,7 +133,7 @@ try {
   }
   await provider.shutdown();
 } catch (err) {
-  exportErrors.push(String(err?.stack ?? err));
+  exportErrors.push(describe(err));
 }
 const gauge = truth["queue.depth"];
 if (observedDepths.length) {
