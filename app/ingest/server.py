@@ -7,6 +7,7 @@ Reference: docs/ingest.md#what-senders-can-rely-on
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -104,18 +105,38 @@ def chunks(app: str, observations: Sequence[Any], size: int) -> list[tuple[bytes
 Handler = Callable[["Ingest", web.Request], Awaitable[web.Response]]
 
 
-def answers_unavailable(handler: Handler) -> Handler:
-    """Dependencies down -> 503 with Retry-After (the sender retries); never a 5xx without one."""
+Reply = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
+"""(status, code, message, headers) -> the error answer in the caller's protocol."""
+GRPC_CODES = {400: 3, 401: 16, 403: 7, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
+"""HTTP status -> the google.rpc.Status code OTLP's error bodies carry."""
+
+
+def otlp_reply(ctype: str) -> Reply:
+    def reply(status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
+        return web.Response(status=status, body=otlp.status(GRPC_CODES.get(status, 2), f"{code}: {message}", ctype),
+                            content_type=ctype, headers=headers)
+    return reply
+
+
+def _otlp_reply_of(request: web.Request) -> Reply:
+    ctype = request.content_type
+    return otlp_reply(ctype if ctype in (otlp.PROTOBUF, otlp.JSON) else otlp.JSON)
+
+
+def answers_unavailable(handler: Handler, reply_of: Callable[[web.Request], Reply] = lambda _: error) -> Handler:
+    """Dependencies down -> 503 with Retry-After (the sender retries); never a 5xx without one. ``reply_of``:
+    the request's protocol's error answer (OTLP's is a google.rpc.Status)."""
 
     async def wrapped(self: Ingest, request: web.Request) -> web.Response:
         try:
             return await handler(self, request)
         except RetriableError as exc:
-            return error(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
+            return reply_of(request)(503, "unavailable", str(exc),
+                                     {"Retry-After": str(max(1, int(exc.retry_after_s)))})
         except PipelineError as exc:
             log.error("%s failed: %s", request.path, exc)
-            return error(503, "misconfigured", "the service is misconfigured; the operator has the cause in the "
-                                               "log", {"Retry-After": "30"})
+            return reply_of(request)(503, "misconfigured", "the service is misconfigured; the operator has the "
+                                                           "cause in the log", {"Retry-After": "30"})
 
     return wrapped
 
@@ -330,49 +351,42 @@ class Ingest:
         return json_response({"accepted": len(good), "rejected": rejected, **more})
 
 
+    @functools.partial(answers_unavailable, reply_of=_otlp_reply_of)
     async def otlp_metrics(self, request: web.Request) -> web.Response:
         """OTLP/HTTP metrics: 200 (with ``partial_success`` when points were refused), 400 for a body that
         cannot be read, 429/503 with Retry-After to retry; every answer in the request's encoding."""
         ctype = request.content_type
         if ctype not in (otlp.PROTOBUF, otlp.JSON):
-            return _otlp_reply(otlp.JSON)(415, "unsupported_media_type",
-                                          f"Content-Type {ctype!r}: send {otlp.PROTOBUF} or {otlp.JSON}", None)
-        reply = _otlp_reply(ctype)
-        try:
-            info = await self._auth(request, "write", reply=reply,
-                                    where="OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token>")
-            if isinstance(info, web.Response):
-                return info
-            app = info.app
-            async with self._admitted(request, info, drain=False, reply=reply) as body:
-                if isinstance(body, web.Response):
-                    return body
-                names = self.limits.of(app).max_metric_names
-                now_ms, future_ms = self.clock.now_ms(), self.windows.max_future_ms
+            return otlp_reply(otlp.JSON)(415, "unsupported_media_type",
+                                         f"Content-Type {ctype!r}: send {otlp.PROTOBUF} or {otlp.JSON}", None)
+        reply = otlp_reply(ctype)
+        info = await self._auth(request, "write", reply=reply,
+                                where="OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20<token>")
+        if isinstance(info, web.Response):
+            return info
+        app = info.app
+        async with self._admitted(request, info, drain=False, reply=reply) as body:
+            if isinstance(body, web.Response):
+                return body
+            names = self.limits.of(app).max_metric_names
+            now_ms, future_ms = self.clock.now_ms(), self.windows.max_future_ms
 
-                def parse(b: bytes) -> otlp.Mapped:
-                    return otlp.map_request(otlp.decode(b, ctype), app, now_ms=now_ms, max_future_ms=future_ms,
-                                            max_metric_names=names)
+            def parse(b: bytes) -> otlp.Mapped:
+                return otlp.map_request(otlp.decode(b, ctype), app, now_ms=now_ms, max_future_ms=future_ms,
+                                        max_metric_names=names)
 
-                try:
-                    mapped = await self._parse(app, body, parse)
-                except otlp.BodyError as exc:
-                    self.counters.inc_app("ingest_refused_bad_body", app)
-                    return reply(400, "malformed_body", str(exc), None)
-                if mapped.observations:
-                    await self.produce(self.kafka.observations_topic,
-                                       chunks(app, mapped.observations, self.ingest.chunk_observations))
-        except RetriableError as exc:
-            return reply(503, "unavailable", str(exc), {"Retry-After": str(max(1, int(exc.retry_after_s)))})
-        except PipelineError as exc:
-            log.error("%s failed: %s", request.path, exc)
-            return reply(503, "misconfigured", "the service is misconfigured; the operator has the cause in the "
-                                               "log", {"Retry-After": "30"})
+            try:
+                mapped = await self._parse(app, body, parse)
+            except otlp.BodyError as exc:
+                self.counters.inc_app("ingest_refused_bad_body", app)
+                return reply(400, "malformed_body", str(exc), None)
+            if mapped.observations:
+                await self.produce(self.kafka.observations_topic,
+                                   chunks(app, mapped.observations, self.ingest.chunk_observations))
         self.counters.inc("otlp_requests")
         self.counters.inc("ingest_observations_produced", len(mapped.observations))
         self.counters.inc("ingest_records_rejected", mapped.rejected)
         return web.Response(body=otlp.response(mapped, ctype), content_type=ctype)
-
 
     @answers_unavailable
     async def language_metrics(self, request: web.Request) -> web.Response:
@@ -404,19 +418,6 @@ class Ingest:
 
 LANGUAGE_TOKEN_WHERE = ("HEROKU_METRICS_URL=https://x:TOKEN@host/v1/language-metrics/$DYNO (basic auth) or "
                         "https://host/v1/language-metrics/$DYNO?token=TOKEN")
-Reply = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
-"""(status, code, message, headers) -> the error answer in the caller's protocol."""
-GRPC_CODES = {400: 3, 401: 16, 403: 7, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
-"""HTTP status -> the google.rpc.Status code OTLP's error bodies carry."""
-
-
-def _otlp_reply(ctype: str) -> Reply:
-    def reply(status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
-        return web.Response(status=status, body=otlp.status(GRPC_CODES.get(status, 2), f"{code}: {message}", ctype),
-                            content_type=ctype, headers=headers)
-    return reply
-
-
 MAX_REJECTS_RETURNED = 1000
 """Reasons listed in a JSON API answer; past it only counted (``rejected_not_listed``)."""
 DRAIN_TOKEN_WHERE = ("put it in the drain URL, https://user:TOKEN@host/v1/drains/logplex (basic auth) or "
