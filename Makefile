@@ -85,7 +85,9 @@ $(HMETRICS_CLIENT): tests/clients/hmetrics/main.go tests/clients/hmetrics/go.mod
 	@command -v go >/dev/null 2>&1 || { echo "go not found: install Go (Debian golang)"; exit 1; }
 	cd tests/clients/hmetrics && $(GO_ENV) go build -o $(CURDIR)/$@ .
 
-tests/clients/otel-js/node_modules/.installed: tests/clients/otel-js/package-lock.json
+# npm ci: exactly package-lock.json's versions (it stops if package.json no longer matches the lock).
+tests/clients/otel-js/node_modules/.installed: tests/clients/otel-js/package.json tests/clients/otel-js/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 20 and npm"; exit 1; }
 	npm ci --prefix tests/clients/otel-js --no-audit --no-fund --loglevel=error
 	touch $@
 

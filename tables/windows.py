@@ -367,6 +367,9 @@ class PartitionWindows:
                     continue
                 o = (msgspec.structs.replace(o, value=delta, stream=None, start=None)
                      if cls is Metric else cast(models.Histogram, delta))
+            if cls is Histogram and not o.count:  # type: ignore[union-attr]
+                accepted += 1  # an idle stream's interval: no minute to open for it
+                continue
             key = (app, proc, ts - ts % window_ms)
             slot = slots.get(key)
             if slot is None:

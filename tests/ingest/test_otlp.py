@@ -384,3 +384,24 @@ def test_unreadable_bodies_raise_body_error() -> None:
 ])
 def test_process_type_comes_from_the_resource(resource: dict[str, str], dyno: str) -> None:
     assert otlp.dyno_of(resource) == dyno
+
+
+def test_an_idle_cumulative_histogram_opens_no_minute() -> None:
+    folder = Folder()
+    now = folder.clock.now_ms()
+    start_ns = (now - 200_000) * 1_000_000
+
+    def export(ts_ms: int, count: int) -> ExportMetricsServiceRequest:
+        req = ExportMetricsServiceRequest()
+        metric = req.resource_metrics.add().scope_metrics.add().metrics.add(name="job.duration")
+        metric.histogram.aggregation_temporality = otlp.CUMULATIVE
+        metric.histogram.data_points.add(time_unix_nano=ts_ms * 1_000_000, start_time_unix_nano=start_ns,
+                                         count=count, sum=2.0 * count, explicit_bounds=[1.0, 5.0],
+                                         bucket_counts=[0, count, 0])
+        return req
+
+    folder.fold(mapped(export(now - 150_000, 3)).observations)
+    folder.fold(mapped(export(now - 90_000, 3)).observations)  # a later minute, nothing new
+    folder.fold(mapped(export(now - 30_000, 5)).observations)
+    assert len(folder.pw.windows) == 2 and not folder.dead
+    assert folder.total().timers["job.duration"].n == 5

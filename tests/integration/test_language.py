@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.local.embedded import DynamoServer, KafkaBroker
-from tests.integration.pipeline import Pipeline
-from tests.integration.test_otlp import merged, wait_minutes
+from tests.integration.test_otlp import merged, stack_for, wait_minutes
 
 pytestmark = pytest.mark.integration
 CLIENT = Path(__file__).resolve().parents[2] / ".deps" / "clients" / "hmetrics-client"
@@ -23,13 +21,8 @@ CLIENT = Path(__file__).resolve().parents[2] / ".deps" / "clients" / "hmetrics-c
 def test_hmetrics_reports_are_stored_as_the_dynos_language_metrics(broker: KafkaBroker, dynamo: DynamoServer,
                                                                   tmp_path: Path) -> None:
     assert CLIENT.exists(), "run `make clients` (part of `make install-test`)"
-    p = Pipeline(broker, dynamo, tmp_path)
-    p.start(data_dir=tmp_path / "state")
-    try:
-        url = p.start_ingest()
-        app = "go-app"
-        token = p.read_token(app, "write")
-        start_ms = int(time.time() * 1000)
+    app = "go-app"
+    with stack_for(broker, dynamo, tmp_path, app) as (p, url, token, start_ms):
         host = url.removeprefix("http://")
         # Basic auth in the URL, as the docs tell: hmetrics sends no header of its own, Go's client sends it.
         env = {"HEROKU_METRICS_URL": f"http://x:{token}@{host}/v1/language-metrics/worker.3", "REPORTS": "1",
@@ -57,5 +50,3 @@ def test_hmetrics_reports_are_stored_as_the_dynos_language_metrics(broker: Kafka
                        token=p.read_token(app))["points"]
         shown = {k for pt in points for k in pt.get("metrics", {})}
         assert shown >= set(report["gauges"]) | set(report["counters"])
-    finally:
-        p.stop()

@@ -10,6 +10,8 @@ import random
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,20 @@ def wait_minutes(p: Pipeline, app: str, procs: list[str], since_ms: int, pred: A
         time.sleep(0.5)
 
 
+@contextmanager
+def stack_for(broker: KafkaBroker, dynamo: DynamoServer, tmp_path: Path, app: str
+              ) -> Iterator[tuple[Pipeline, str, str, int]]:
+    """A worker and an ingest process on the real parts: (pipeline, ingest URL, a write token of ``app``,
+    the wall time the test started sending)."""
+    p = Pipeline(broker, dynamo, tmp_path)
+    p.start(data_dir=tmp_path / "state")
+    try:
+        url = p.start_ingest()
+        yield p, url, p.read_token(app, "write"), int(time.time() * 1000)
+    finally:
+        p.stop()
+
+
 def sdk(url: str, token: str, dyno: str, temporality: AggregationTemporality, *, exponential: bool
         ) -> tuple[MeterProvider, PeriodicExportingMetricReader]:
     exporter = OTLPMetricExporter(endpoint=f"{url}/v1/metrics", headers={"Authorization": f"Bearer {token}"},
@@ -63,13 +79,8 @@ def sdk(url: str, token: str, dyno: str, temporality: AggregationTemporality, *,
 
 def test_python_sdk_delta_and_cumulative_are_stored_exactly(broker: KafkaBroker, dynamo: DynamoServer,
                                                            tmp_path: Path) -> None:
-    p = Pipeline(broker, dynamo, tmp_path)
-    p.start(data_dir=tmp_path / "state")
-    try:
-        url = p.start_ingest()
-        app = "otel-py"
-        token = p.read_token(app, "write")
-        start_ms = int(time.time() * 1000)
+    app = "otel-py"
+    with stack_for(broker, dynamo, tmp_path, app) as (p, url, token, start_ms):
         rng = random.Random(11)
         truth: dict[str, dict[int, list[float]]] = {"web": {}, "worker": {}}
         jobs = {"web": 0, "worker": 0}
@@ -126,8 +137,6 @@ def test_python_sdk_delta_and_cumulative_are_stored_exactly(broker: KafkaBroker,
         assert sum(pt.get("requests", 0) for pt in point) == total["web"]
         stats = p.stats()
         assert stats["observations_rejected"] == 0 and stats["observations_late"] == 0
-    finally:
-        p.stop()
 
 
 JS_CLIENT = ROOT / "tests" / "clients" / "otel-js"
@@ -137,13 +146,8 @@ JS_CLIENT = ROOT / "tests" / "clients" / "otel-js"
 def test_javascript_sdk_json_exporter_is_stored_exactly(broker: KafkaBroker, dynamo: DynamoServer,
                                                         tmp_path: Path) -> None:
     assert (JS_CLIENT / "node_modules").is_dir(), "run `make install-test` (npm ci of tests/clients/otel-js)"
-    p = Pipeline(broker, dynamo, tmp_path)
-    p.start(data_dir=tmp_path / "state")
-    try:
-        url = p.start_ingest()
-        app = "otel-js"
-        token = p.read_token(app, "write")
-        start_ms = int(time.time() * 1000)
+    app = "otel-js"
+    with stack_for(broker, dynamo, tmp_path, app) as (p, url, token, start_ms):
         truths = []
         for temporality in ("delta", "cumulative"):
             env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": url,
@@ -168,5 +172,3 @@ def test_javascript_sdk_json_exporter_is_stored_exactly(broker: KafkaBroker, dyn
         assert agg.response.max == pytest.approx(max(values), rel=1e-12)
         assert agg.response.sum == pytest.approx(math.fsum(values), rel=1e-9)
         assert agg.counters["jobs.processed"] == sum(t["jobs.processed"]["sum"] for t in truths)
-    finally:
-        p.stop()
