@@ -405,3 +405,25 @@ def test_an_idle_cumulative_histogram_opens_no_minute() -> None:
     folder.fold(mapped(export(now - 30_000, 5)).observations)
     assert len(folder.pw.windows) == 2 and not folder.dead
     assert folder.total().timers["job.duration"].n == 5
+
+
+def test_latency_and_error_rate_monitors_fire_on_otel_request_minutes() -> None:
+    """The monitors read the same minute fields (p95 of the response digest, failed / requests) whatever
+    reported the requests: an OTel app's slow, failing minute fires both, as a router-logged one would."""
+    from app.alerting.minute import Minute
+    from app.alerting.monitors import ERROR_RATE, LATENCY, Monitor, MonitorConfig
+
+    mp, reader = provider(AggregationTemporality.DELTA)
+    h = mp.get_meter("t").create_histogram("http.server.request.duration", unit="s",
+                                           explicit_bucket_boundaries_advisory=SEMCONV_BOUNDS_S)
+    for i in range(100):
+        h.record(0.9 if i % 10 else 0.02, {"http.response.status_code": 503 if i % 4 == 0 else 200})
+    folder = Folder()
+    folder.fold(mapped(request_of(reader)).observations)
+    [agg] = folder.pw.windows.values()
+    minute = Minute.from_aggregate(agg)
+    assert (minute.requests, minute.failed) == (100, 25)
+    assert minute.p95_ms is not None and 750 <= minute.p95_ms <= 1000  # in the (750, 1000] ms bucket
+    for metric, threshold in ((LATENCY, 500.0), (ERROR_RATE, 0.2)):
+        monitor = Monitor(MonitorConfig(f"m-{metric}", "web", metric, threshold, 1, 5))
+        assert [e.event for e in monitor.observe("shop", minute)] == ["firing"], metric
