@@ -1,10 +1,10 @@
 """Heroku language-metrics reports (``POST /v1/language-metrics/<dyno>``) -> custom metric observations.
 
 Heroku's language agents (heroku/x hmetrics for Go, barnes for Ruby, heroku-nodejs-plugin, the JVM agent) POST
-``{"counters": {name: n}, "gauges": {name: v}}`` to ``HEROKU_METRICS_URL`` every few seconds, per dyno, with no
-timestamp and no header of their own: counters are what happened since the agent's previous report (deltas),
-gauges the value now. Each becomes a custom counter or gauge at the time the report arrived; the dashboard
-charts them per language. Pure: app/ingest/server.py does the HTTP.
+``{"counters": {name: n}, "gauges": {name: v}}`` to ``HEROKU_METRICS_URL`` every 5 to 20 s, per dyno: counters are
+what happened since the agent's previous report (deltas), gauges the value now. Each becomes a custom counter or
+gauge at the report's ``Measurements-Time`` (the optional header of Heroku's agentmon contract), else at the time
+it arrived; the dashboard charts them per language. Pure: app/ingest/server.py does the HTTP.
 Reference: docs/otlp.md#heroku-language-metrics
 """
 
@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
 
 from app import models
 
+MAX_MEASUREMENTS_AGE_MS = 4 * 60_000
+"""An older ``Measurements-Time`` is refused as stale, as Heroku's own receiver (agentmon) does."""
 MAX_NAMES = 200
 """Names one report may carry: the agents send 5 (Go) to ~30 (JVM)."""
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-:/]{0,199}\Z")
@@ -32,6 +35,25 @@ class ReportError(ValueError):
 class Report:
     observations: list[models.Metric] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+def measured_at(header: str | None, now_ms: int, max_future_ms: int = 60_000) -> int | str:
+    """The report's time in epoch ms: its ``Measurements-Time`` (RFC 3339) if sent, else ``now_ms``; a str
+    says why the header cannot be used."""
+    if header is None:
+        return now_ms
+    try:
+        when = datetime.fromisoformat(header.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return f"Measurements-Time {header[:40]!r} is not an RFC 3339 time"
+    if when.tzinfo is None:
+        return "Measurements-Time needs a time zone (Z or +00:00)"
+    ts_ms = int(when.timestamp() * 1000)
+    if ts_ms < now_ms - MAX_MEASUREMENTS_AGE_MS:
+        return f"Measurements-Time is more than {MAX_MEASUREMENTS_AGE_MS // 60_000} minutes old: a stale report"
+    if ts_ms > now_ms + max_future_ms:
+        return "Measurements-Time is ahead of the ingest's clock"
+    return ts_ms
 
 
 def parse(body: bytes, app: str, dyno: str, ts_ms: int) -> Report:

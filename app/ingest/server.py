@@ -399,12 +399,14 @@ class Ingest:
         app, dyno = info.app, request.match_info["dyno"]
         if models.process_type(dyno) is None:
             return error(400, "bad_dyno", "the path ends with the dyno's name, as $DYNO gives it (web.1)")
+        ts_ms = language.measured_at(request.headers.get("Measurements-Time"), self.clock.now_ms())
+        if isinstance(ts_ms, str):
+            return error(400, "bad_measurements_time", ts_ms)
         async with self._admitted(request, info, drain=False) as body:
             if isinstance(body, web.Response):
                 return body
-            now_ms = self.clock.now_ms()
             try:
-                report = await self._parse(app, body, lambda b: language.parse(b, app, dyno, now_ms))
+                report = await self._parse(app, body, lambda b: language.parse(b, app, dyno, ts_ms))
             except language.ReportError as exc:
                 return error(400, "malformed_report", str(exc))
             if report.observations:

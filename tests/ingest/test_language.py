@@ -77,3 +77,15 @@ async def test_bad_reports_and_entries(stack: Any) -> None:
         "neg.count": "a counter (what happ", "text": "the value must be a ", "bad name!": "a metric name is 1..",
         "flag": "the value must be a "}
     assert sorted(o.name for o in produced(s)) == ["ok.count", "ok.gauge"]
+
+
+async def test_measurements_time_dates_the_report_and_a_stale_one_is_refused(stack: Any) -> None:
+    s: Stack = await stack()
+    auth = basic(s.tokens["quiet-write"])
+    body = orjson.dumps(HMETRICS)
+    r = await s.client.post("/v1/language-metrics/web.1", data=body,
+                            headers={**auth, "Measurements-Time": "2023-11-14T22:12:50Z"})  # T0 - 30 s
+    assert r.status == 200 and {o.ts for o in produced(s)} == {T0_MS - 30_000}
+    for stale in ("2023-11-14T22:00:00Z", "yesterday", "2023-11-14T22:12:50"):
+        r = await s.client.post("/v1/language-metrics/web.1", data=body, headers={**auth, "Measurements-Time": stale})
+        assert r.status == 400 and (await r.json())["error"]["code"] == "bad_measurements_time", stale

@@ -20,12 +20,13 @@
                         ["ratios", (k) => k.endsWith("_rate") || k.includes("percentage")], ["other", () => true]];
   // Language runtime metrics (Heroku's agents, OpenTelemetry runtime conventions): a custom metric whose name
   // starts with a language's prefix is charted with that language, grouped by kind (docs/dashboard.md).
-  const LANGUAGES = [["Go", /^go\./], ["JVM", /^jvm\./], ["Node.js", /^(node|nodejs|v8js)\./],
-                     ["Ruby", /^ruby\./i], ["Python", /^(cpython|python)\./]];
-  const inBytes = (k) => /\.bytes$/.test(k) || /^(jvm|go|v8js)\.memory\./.test(k) || k === "go.gc.goal";
+  const LANGUAGES = [["Go", /^go\./], ["JVM", /^jvm[._]/], ["Node.js", /^(node|nodejs|v8js)\./],
+                     ["Ruby", /^(ruby\.|Rack\.Server\.)/i], ["Python", /^(cpython|python)\./]];
+  const inBytes = (k) => /\.bytes$/.test(k) || /_bytes_/.test(k) || /^(jvm|go|v8js)\.memory\..*(used|limit|committed)$/.test(k) ||
+                         k === "go.gc.goal";
   const LANGUAGE_KINDS = [["memory (MB)", inBytes],
                           ["GC", (k) => /(gc|garbage)/i.test(k)],
-                          ["goroutines and threads", (k) => /(routines|threads)/i.test(k)],
+                          ["goroutines and threads", (k) => /(routine|thread)/i.test(k)],
                           ["event-loop delay", (k) => /eventloop/i.test(k)], ["other", () => true]];
   const MB = 1024 * 1024;
   const EVENTS_MAX_SPAN_S = 7 * 86400;
