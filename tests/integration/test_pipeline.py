@@ -52,7 +52,7 @@ def test_generated_traffic_is_stored_exactly(broker: KafkaBroker, dynamo: Dynamo
         assert body["resolution_s"] == 60 and len(body["points"]) == 4
         first = body["points"][0]
         assert first["ts"] == start_ms // 1000
-        assert set(first["response_ms"]) == {"p50", "p95", "p99", "max", "mean"}
+        assert set(first["response_ms"]) == {"p50", "p95", "p99", "max", "min", "mean"}
         assert first["requests"] == len(gen.truth.service_ms[("app-0", "web", start_ms)])
         assert {"rss_mean", "rss_max", "quota"} <= set(first["memory_mb"])
         # Operational endpoints on a real worker: ready (broker, recovery, DynamoDB) and Prometheus text.
