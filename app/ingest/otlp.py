@@ -391,12 +391,19 @@ def _summary(points: Iterable[Any], app: str, dyno: str, name: str, out: Mapped,
             out.refuse("summary sum or quantile is NaN or infinite")
             continue
         ts_ms, start_ms = p.time_unix_nano // 1_000_000, p.start_time_unix_nano // 1_000_000
+        if len(name) > 194:
+            out.refuse("a summary's name must leave room for .count and .sum (194 characters at most)")
+            continue
         for suffix, v in ((".count", float(p.count)), (".sum", p.sum)):
             out.observations.append(models.Metric(app, dyno, ts_ms, name + suffix, "counter", v,
                                                   _stream(dyno, name + suffix, p.attributes), start_ms))
         for q in p.quantile_values:
-            if 0.0 <= q.quantile <= 1.0:
-                out.observations.append(models.Metric(app, dyno, ts_ms, f"{name}.q{q.quantile:g}", "gauge", q.value))
+            qname = f"{name}.q{q.quantile:g}"
+            if not 0.0 <= q.quantile <= 1.0 or len(qname) > 200:
+                out.refuse("a summary quantile must be in 0..1, and its gauge's name (<name>.q<q>) 200 characters "
+                           "at most")
+                continue
+            out.observations.append(models.Metric(app, dyno, ts_ms, qname, "gauge", q.value))
 
 
 def _usable(p: Any, out: Mapped, future_ms: int) -> bool:

@@ -427,3 +427,28 @@ def test_latency_and_error_rate_monitors_fire_on_otel_request_minutes() -> None:
     for metric, threshold in ((LATENCY, 500.0), (ERROR_RATE, 0.2)):
         monitor = Monitor(MonitorConfig(f"m-{metric}", "web", metric, threshold, 1, 5))
         assert [e.event for e in monitor.observe("shop", minute)] == ["firing"], metric
+
+
+def test_json_with_hex_exemplar_ids_and_a_summary() -> None:
+    """OTLP JSON writes trace and span ids in hex (protobuf's JSON mapping would read base64): exemplars are
+    ignored, so their ids must not break the body. A summary keeps count, sum and each quantile."""
+    import orjson
+
+    now_ns = time.time_ns()
+    body = orjson.dumps({"resourceMetrics": [{"resource": {"attributes": [
+        {"key": "service.instance.id", "value": {"stringValue": "web.4"}}]}, "scopeMetrics": [{"metrics": [
+            {"name": "jobs", "sum": {"aggregationTemporality": 1, "isMonotonic": True, "dataPoints": [
+                {"asInt": "3", "timeUnixNano": str(now_ns), "exemplars": [
+                    {"asDouble": 1.0, "timeUnixNano": str(now_ns), "traceId": "5b8efff798038103d269b633813fc60c",
+                     "spanId": "eee19b7ec3c1b174"}]}]}},
+            {"name": "rpc.latency", "summary": {"dataPoints": [
+                {"timeUnixNano": str(now_ns), "startTimeUnixNano": str(now_ns - 10**9), "count": "4", "sum": 10.0,
+                 "quantileValues": [{"quantile": 0.5, "value": 2.0}, {"quantile": 1.0, "value": 4.0}]}]}}]}]}]})
+    m = otlp.map_request(otlp.decode(body, otlp.JSON), "shop", now_ms=now_ns // 1_000_000, max_future_ms=300_000,
+                         max_metric_names=10)
+    assert m.rejected == 0, m.message()
+    got = {(o.name, o.type, o.value, o.stream is not None) for o in m.observations}  # type: ignore[union-attr]
+    assert got == {("jobs", "counter", 3.0, False), ("rpc.latency.count", "counter", 4.0, True),
+                   ("rpc.latency.sum", "counter", 10.0, True), ("rpc.latency.q0.5", "gauge", 2.0, False),
+                   ("rpc.latency.q1", "gauge", 4.0, False)}
+    assert {o.dyno for o in m.observations} == {"web.4"}  # type: ignore[union-attr]
