@@ -115,3 +115,27 @@ def test_values_are_written_as_prometheus_writes_them(value: float, text: str) -
 def test_vector_type_alias() -> None:
     v: Vector = {(): 1.0}
     assert vec(v) == {"": 1.0}
+
+
+def test_the_metric_model_of_one_point() -> None:
+    from app.api.prometheus.model import METRICS, samples
+    from tables.aggregate import Aggregate, BucketKey
+
+    agg = Aggregate(BucketKey("a", "web", T0 * 1000), resolution_s=600)
+    for i in range(100):
+        agg.add_request(200 if i % 10 else 503, float(i), "H12" if i == 5 else None)
+    agg.add_runtime(300.0, 0.0, 310.0, 512.0, 1.5)
+    agg.add_metric("jobs", "counter", 50.0, T0 * 1000)
+    agg.add_metric("depth", "gauge", 4.0, T0 * 1000)
+    got = {(name, tuple(sorted(labels.items()))): v for name, labels, v in samples(agg.summary(), 600)}
+    assert got[("minutely_requests", (("status_class", "2xx"),))] == 9.0  # 90 in 10 min: 9 per minute
+    assert got[("minutely_requests", (("status_class", "5xx"),))] == 1.0
+    assert got[("minutely_failed_requests", ())] == 1.0
+    assert got[("minutely_response_time_ms", (("quantile", "1"),))] == 99.0
+    assert got[("minutely_router_errors", (("code", "H12"),))] == 0.1
+    assert got[("minutely_memory_mb", (("kind", "rss"), ("stat", "max")))] == 300.0
+    assert got[("minutely_memory_quota_mb", ())] == 512.0
+    assert got[("minutely_load", (("stat", "mean"),))] == 1.5
+    assert got[("minutely_custom", (("metric", "jobs"), ("stat", "per_minute"), ("type", "counter")))] == 5.0
+    assert got[("minutely_custom", (("metric", "depth"), ("stat", "last"), ("type", "gauge")))] == 4.0
+    assert {name for name, _ in got} <= set(METRICS)
