@@ -19,7 +19,17 @@ import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -73,6 +83,17 @@ class Section(BaseSettings):
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)  # only the values given: Settings.from_env reads the environment
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """A whole-number setting takes digits only: pydantic's lax mode would read ``4.0`` as 4, and an
+        operator who wrote 4.5 or 4.0 means something this setting cannot hold."""
+        field = cls.model_fields.get(info.field_name or "")
+        if (field is not None and field.annotation is int and isinstance(value, str)
+                and not value.strip().lstrip("+-").isdigit()):
+            raise ValueError(f"{value!r} is not a whole number")
+        return value
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

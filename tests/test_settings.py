@@ -101,7 +101,8 @@ def test_values_are_parsed_as_before() -> None:
 
 
 @pytest.mark.parametrize("env, kind", [
-    ({"METRICS_PARTITIONS": "eight"}, "int"), ({"METRICS_GRACE_S": "soon"}, "float"),
+    ({"METRICS_PARTITIONS": "eight"}, "int"), ({"METRICS_PARTITIONS": "4.0"}, "int"),
+    ({"METRICS_PARTITIONS": "4.5"}, "int"), ({"METRICS_GRACE_S": "soon"}, "float"),
     ({"METRICS_CREATE_TABLE": "on"}, "bool"), ({"METRICS_CREATE_TABLE": "2"}, "bool"),
 ])
 def test_a_malformed_value_is_a_config_error_naming_the_variable(env: dict[str, str], kind: str) -> None:
