@@ -39,6 +39,25 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 
 
+AT_CAPACITY = {  # one app at the process's capacity: its own limits lifted
+    "METRICS_LIMIT_INGEST_RATE_BYTES_S": str(10**9), "METRICS_LIMIT_INGEST_BURST_BYTES": str(10**9),
+    "METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN": str(10**9), "METRICS_INGEST_MAX_WAITING_PER_APP": "1000",
+    "METRICS_INGEST_MAX_ACTIVE_REQUESTS": "1000",
+}
+"""The ingest's settings for a benchmark of one app."""
+
+
+def create_token(settings: Settings, app: str, kind: str) -> str:
+    async def create() -> str:
+        store = TokenStore(settings.web, table=token_table(settings))
+        await store.start()
+        try:
+            return (await store.create(app, kind))[0]
+        finally:
+            await store.stop()
+    return asyncio.run(create())
+
+
 def build_frames(n_lines: int, per_frame: int = 500, *,
                  keep: Callable[[dict[str, Any]], bool] = lambda o: True) -> list[tuple[bytes, int]]:
     """The load generator's drain lines (app/local/traffic.py, realistic): router requests (with the
@@ -106,15 +125,7 @@ def main() -> None:
     try:
         asyncio.run(ensure_topics(broker.address, settings.kafka))
 
-        async def token() -> str:
-            store = TokenStore(settings.web, table=token_table(settings))
-            await store.start()
-            try:
-                return (await store.create("app-0", "drain"))[0]
-            finally:
-                await store.stop()
-
-        tok = asyncio.run(token())
+        tok = create_token(settings, "app-0", "drain")
         path = Path(tempfile.mkdtemp()) / "frames.json"
         path.write_bytes(orjson.dumps([(b.decode("latin-1"), n) for b, n in frames]))
         for batch_label, batch_bytes in (("1 MB batches, the default", 1_000_000),
@@ -122,13 +133,7 @@ def main() -> None:
             port = free_port()
             proc = start_role("ingest", worker_env(broker.url, dynamo.endpoint, data_dir=tempfile.mkdtemp(),
                                                    web_port=port, extra={**overrides,
-                                                   "METRICS_ADMIN_PORT": str(free_port()),
-                                                   # one app at the process's capacity: its own limits lifted
-                                                   "METRICS_LIMIT_INGEST_RATE_BYTES_S": str(10**9),
-                                                   "METRICS_LIMIT_INGEST_BURST_BYTES": str(10**9),
-                                                   "METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN": str(10**9),
-                                                   "METRICS_INGEST_MAX_WAITING_PER_APP": "1000",
-                                                   "METRICS_INGEST_MAX_ACTIVE_REQUESTS": "1000",
+                                                   "METRICS_ADMIN_PORT": str(free_port()), **AT_CAPACITY,
                                                    "METRICS_KAFKA_MAX_BATCH_BYTES": str(batch_bytes)}))
             try:
                 # Ready, not only alive: the producer has connected (a 503 before would count as a failure).

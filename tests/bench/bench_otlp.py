@@ -40,9 +40,8 @@ from app.ingest import otlp
 from app.local.embedded import DynamoServer, KafkaBroker, free_port
 from app.ops.topics import ensure_topics
 from app.settings import Settings
-from app.storage.backends import token_table
-from app.storage.tokens import TokenStore
 from tables.aggregate import Aggregate, BucketKey, Timer
+from tests.bench.bench_ingest import AT_CAPACITY, create_token
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
@@ -195,26 +194,11 @@ def main() -> None:
     try:
         asyncio.run(ensure_topics(broker.address, settings.kafka))
 
-        async def token() -> str:
-            store = TokenStore(settings.web, table=token_table(settings))
-            await store.start()
-            try:
-                return (await store.create("app-0", "write"))[0]
-            finally:
-                await store.stop()
-
-        tok = asyncio.run(token())
+        tok = create_token(settings, "app-0", "write")
         port = free_port()
         proc = start_role("ingest", worker_env(broker.url, dynamo.endpoint, data_dir=tempfile.mkdtemp(),
                                                web_port=port, extra={**overrides,
-                                               "METRICS_ADMIN_PORT": str(free_port()),
-                                               # one app at the process's capacity: its own limits lifted
-                                               "METRICS_LIMIT_INGEST_RATE_BYTES_S": str(10**10),
-                                               "METRICS_LIMIT_INGEST_BURST_BYTES": str(10**10),
-                                               "METRICS_LIMIT_INFLIGHT_BYTES_PER_TOKEN": str(10**10),
-                                               "METRICS_LIMIT_MAX_METRIC_NAMES": "1000",
-                                               "METRICS_INGEST_MAX_WAITING_PER_APP": "1000",
-                                               "METRICS_INGEST_MAX_ACTIVE_REQUESTS": "1000"}))
+                                               "METRICS_ADMIN_PORT": str(free_port()), **AT_CAPACITY}))
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz", 60, proc)
             for kind, distinct in bodies.items():
