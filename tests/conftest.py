@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.alerting.secrets import keyed  # noqa: F401  (a fixture: the alerting and agents tests use it)
+
 CASSANDRA_MODULES = frozenset({
     "tests/integration/test_cassandra_server.py",
     "tests/integration/test_migration.py",

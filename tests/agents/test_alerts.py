@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import orjson
 import pytest
-from cryptography.fernet import Fernet
 
 from agents.alerts import AlertEngine, Outbox, doc_key, partition_for
 from app.alerting.commands import MONITOR_CREATE, MONITOR_DELETE, MONITOR_REPLACE, Command, Result
@@ -21,6 +20,7 @@ from app.ops.stats import Counters
 from app.sealing import SealedSecret, SecretBox, key_id, use_secrets_key
 from app.settings import Settings
 from tables.aggregate import Aggregate, BucketKey
+from tests.alerting.secrets import HOOKS, KEY, OLD_KEY, PLAIN
 
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % 60_000
 MID = "mon_000000000001"
@@ -260,17 +260,6 @@ async def test_deleting_a_firing_monitor_resolves_it() -> None:
 
 # --- webhook secrets at rest (METRICS_SECRETS_KEY) ------------------------------------------------------------
 
-KEY = Fernet.generate_key().decode()
-OLD_KEY = Fernet.generate_key().decode()
-PLAIN = "whsec_plaintext_0123456789"
-HOOKS = Targets((), (Webhook("http://127.0.0.1:9/hook", PLAIN),))
-
-
-@pytest.fixture
-def keyed() -> Iterator[SecretBox]:
-    box = use_secrets_key(KEY)
-    yield box
-    use_secrets_key("")
 
 
 async def test_with_a_key_the_outbox_holds_no_plaintext_and_the_sender_gets_it_sealed(keyed: SecretBox) -> None:

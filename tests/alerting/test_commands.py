@@ -3,11 +3,10 @@ outcomes, and webhook secrets at rest in commands and table values."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import orjson
 import pytest
-from cryptography.fernet import Fernet
 
 from app.alerting.autoscale import AppPolicies, PolicyConfig
 from app.alerting.commands import (
@@ -22,8 +21,9 @@ from app.alerting.commands import (
     apply_policy_command,
 )
 from app.alerting.monitors import ERROR_RATE, LATENCY, AppMonitors, MonitorConfig
-from app.alerting.targets import Targets, Webhook
+from app.alerting.targets import Targets
 from app.sealing import SealedSecret, SecretBox, key_id, use_secrets_key
+from tests.alerting.secrets import HOOKS, KEY, PLAIN
 
 MID = "mon_000000000001"
 
@@ -83,17 +83,6 @@ def test_policy_commands_create_replace_and_delete() -> None:
 
 # --- webhook secrets at rest (METRICS_SECRETS_KEY) ------------------------------------------------------------
 
-KEY = Fernet.generate_key().decode()
-OLD_KEY = Fernet.generate_key().decode()
-PLAIN = "whsec_plaintext_0123456789"
-HOOKS = Targets((), (Webhook("http://127.0.0.1:9/hook", PLAIN),))
-
-
-@pytest.fixture
-def keyed() -> Iterator[SecretBox]:
-    box = use_secrets_key(KEY)
-    yield box
-    use_secrets_key("")
 
 
 def test_with_a_key_commands_and_table_values_never_hold_the_plaintext(keyed: SecretBox) -> None:
