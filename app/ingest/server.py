@@ -350,7 +350,6 @@ class Ingest:
         self.counters.inc("ingest_records_rejected", n_rejected)
         return json_response({"accepted": len(good), "rejected": rejected, **more})
 
-
     @functools.partial(answers_unavailable, reply_of=_otlp_reply_of)
     async def otlp_metrics(self, request: web.Request) -> web.Response:
         """OTLP/HTTP metrics: 200 (with ``partial_success`` when points were refused), 400 for a body that
