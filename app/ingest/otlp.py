@@ -416,8 +416,9 @@ def _usable(p: Any, out: Mapped, future_ms: int) -> bool:
         if len(attributes) > MAX_ATTRIBUTES:
             out.refuse(f"more than {MAX_ATTRIBUTES} attributes on a point")
             return False
-        size = sum(kv.ByteSize() for kv in attributes)
-        if size > MAX_ATTRIBUTE_BYTES:
+        # The whole point's size bounds its attributes': one C call, summed per attribute only when over.
+        size = p.ByteSize()
+        if size > MAX_ATTRIBUTE_BYTES and (size := sum(kv.ByteSize() for kv in attributes)) > MAX_ATTRIBUTE_BYTES:
             out.refuse(f"a point's attributes take {size} bytes, over {MAX_ATTRIBUTE_BYTES}")
             return False
     ts_ms = p.time_unix_nano // 1_000_000
