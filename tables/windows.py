@@ -31,6 +31,8 @@ WinKey = tuple[str, str, int]
 """(app, process type, window start ms): a plain tuple hashes far faster than a dataclass on the hot path."""
 LIMIT_DEAD_LETTERS = 100
 """Refusals dead-lettered per (app, minute, limit); past it they are counted only (limit_refused_*)."""
+STREAM_SCAN_EVERY_MS = 60_000
+"""Watermark progress between two scans for quiet streams (:meth:`PartitionWindows.expire_streams`)."""
 StreamKey = tuple[str, str]
 """(app, stream id) of a cumulative stream (tables/streams.py)."""
 PROCESS_TYPES, ADDON_SOURCES, METRIC_NAMES = 0, 1, 2
@@ -136,6 +138,7 @@ class PartitionWindows:
         self.stream_counts: dict[str, int] = {}
         self.dirty_streams: set[StreamKey] = set()
         self.gone_streams: set[StreamKey] = set()
+        self.streams_scanned_wm_ms = -STREAM_SCAN_EVERY_MS
 
     # --- input -------------------------------------------------------------------------------------
     def ingest(self, offset: int, value: bytes | None, result: IngestResult) -> None:
@@ -560,7 +563,11 @@ class PartitionWindows:
         return changed, gone
 
     def expire_streams(self) -> int:
-        """Forget streams quiet for STREAM_IDLE_MS of their app's event time; returns how many."""
+        """Forget streams quiet for STREAM_IDLE_MS of their app's event time; returns how many. A scan of
+        every stream, so at most once per minute of the partition's watermark (windows close far more often)."""
+        if not self.streams or self.wm_ms - self.streams_scanned_wm_ms < STREAM_SCAN_EVERY_MS:
+            return 0
+        self.streams_scanned_wm_ms = self.wm_ms
         apps = self.apps
         old = [k for k, p in self.streams.items()
                if (prog := apps.get(k[0])) is not None and prog.wm_ms - p.ts_ms > STREAM_IDLE_MS]

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from app.api.prometheus import engine
-from app.api.prometheus.engine import NAME, Evaluator, QueryError, Scalar, Series, Vector, format_value
+from app.api.prometheus.engine import NAME, Evaluator, QueryError, Scalar, Series, format_value
 
 T0 = 1_764_000_000 - 1_764_000_000 % 600
 
@@ -110,11 +110,6 @@ def test_functions() -> None:
                                              (-math.inf, "-Inf"), (-3.5, "-3.5")])
 def test_values_are_written_as_prometheus_writes_them(value: float, text: str) -> None:
     assert format_value(value) == text
-
-
-def test_vector_type_alias() -> None:
-    v: Vector = {(): 1.0}
-    assert vec(v) == {"": 1.0}
 
 
 def test_the_metric_model_of_one_point() -> None:

@@ -452,3 +452,34 @@ def test_json_with_hex_exemplar_ids_and_a_summary() -> None:
                    ("rpc.latency.sum", "counter", 10.0, True), ("rpc.latency.q0.5", "gauge", 2.0, False),
                    ("rpc.latency.q1", "gauge", 4.0, False)}
     assert {o.dyno for o in m.observations} == {"web.4"}  # type: ignore[union-attr]
+
+
+def test_a_stream_quiet_for_an_hour_is_forgotten_and_its_next_point_is_a_first_point() -> None:
+    from tables.streams import STREAM_IDLE_MS
+
+    folder = Folder()
+    now = folder.clock.now_ms()
+    old_start = now - 3 * STREAM_IDLE_MS
+    folder.fold(mapped(_point_request([_num(5, now - 2 * STREAM_IDLE_MS, old_start, q="quiet")])).observations)
+    folder.fold(mapped(_point_request([_num(1, now - 1000, now - 2000, q="busy")])).observations)
+    assert len(folder.pw.streams) == 2
+    assert folder.pw.expire_streams() == 1 and len(folder.pw.streams) == 1
+    assert folder.pw.expire_streams() == 0  # the next scan waits for the watermark to move a minute
+    _, gone = folder.pw.take_dirty_streams()
+    assert [k[1] for k in gone] and all(k not in folder.pw.streams for k in gone)
+    before = folder.total().counters["jobs"]
+    folder.fold(mapped(_point_request([_num(9, now - 500, old_start, q="quiet")])).observations)
+    assert folder.total().counters["jobs"] == before  # forgotten: an old stream's first point is a baseline
+
+
+def test_an_app_past_its_stream_limit_gets_new_streams_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tables.windows
+
+    monkeypatch.setattr(tables.windows, "MAX_STREAMS_PER_APP", 2)
+    folder = Folder()
+    now = folder.clock.now_ms()
+    points = [_num(1, now - 1000, now - 2000, q=f"q{i}") for i in range(3)]
+    folder.fold(mapped(_point_request(points)).observations)
+    assert len(folder.pw.streams) == 2 and folder.total().counters["jobs"] == 2
+    [dead] = folder.dead
+    assert "more than 2 cumulative streams of shop" in dead.reason

@@ -129,12 +129,40 @@
     return out;
   }
 
-  function drawAddons(appDoc) {
-    const box = $("addon-charts");
+  // The extra charts (add-ons, language runtimes): destroyed and their box emptied before each render.
+  function clearCharts(prefix, boxId) {
     for (const name of Object.keys(state.charts)) {
-      if (name.startsWith("addon-")) { state.charts[name].destroy(); delete state.charts[name]; }
+      if (name.startsWith(prefix)) { state.charts[name].destroy(); delete state.charts[name]; }
     }
+    const box = $(boxId);
     box.textContent = "";
+    return box;
+  }
+
+  function chartSection(box, name, title) {
+    const section = document.createElement("div");
+    const h = document.createElement("h3");
+    h.textContent = title;
+    const el = document.createElement("div");
+    el.className = "chart";
+    el.id = "chart-" + name;
+    section.append(h, el);
+    box.appendChild(section);
+  }
+
+  // Names into groups, each name in the first group whose test it passes; each(group, names, index) per
+  // non-empty group.
+  function grouped(names, groups, each) {
+    const taken = new Set();
+    groups.forEach(([group, test], gi) => {
+      const mine = names.filter((k) => !taken.has(k) && test(k));
+      mine.forEach((k) => taken.add(k));
+      if (mine.length) each(group, mine, gi);
+    });
+  }
+
+  function drawAddons(appDoc) {
+    const box = clearCharts("addon-", "addon-charts");
     const pts = appDoc ? appDoc.points : [];
     const sources = [...new Set(pts.flatMap((p) => Object.keys(p.addons || {})))].sort();
     $("addons").hidden = !sources.length;
@@ -142,20 +170,9 @@
     const xs = pts.map((p) => p.ts);
     sources.forEach((src, si) => {
       const samples = [...new Set(pts.flatMap((p) => Object.keys((p.addons || {})[src] || {})))].sort();
-      const taken = new Set();
-      ADDON_GROUPS.forEach(([group, test], gi) => {
-        const names = samples.filter((k) => !taken.has(k) && test(k));
-        names.forEach((k) => taken.add(k));
-        if (!names.length) return;
+      grouped(samples, ADDON_GROUPS, (group, names, gi) => {
         const name = `addon-${si}-${gi}`;
-        const section = document.createElement("div");
-        const h = document.createElement("h3");
-        h.textContent = `${src} · ${group}`;
-        const el = document.createElement("div");
-        el.className = "chart";
-        el.id = "chart-" + name;
-        section.append(h, el);
-        box.appendChild(section);
+        chartSection(box, name, `${src} · ${group}`);
         const series = names.map((k, i) => [k, PALETTE[i % PALETTE.length],
           pick(pts, (p) => { const g = ((p.addons || {})[src] || {})[k]; return g ? g.mean : undefined; })]);
         draw(name, xs, series, false, [], appDoc.resolution_s);
@@ -167,31 +184,15 @@
   // One chart per language and kind: gauges by their mean per bucket, counters by their sum per bucket,
   // timers (histograms) by their p95; byte-valued names in MB.
   function drawLanguages(doc) {
-    const box = $("language-charts");
-    for (const name of Object.keys(state.charts)) {
-      if (name.startsWith("lang-")) { state.charts[name].destroy(); delete state.charts[name]; }
-    }
-    box.textContent = "";
+    const box = clearCharts("lang-", "language-charts");
     const pts = doc ? doc.points : [];
     const names = [...new Set(pts.flatMap((p) => Object.keys(p.metrics || {})))].sort();
     state.languages = [];
     const xs = pts.map((p) => p.ts);
     LANGUAGES.forEach(([lang, prefix], li) => {
-      const mine = names.filter((k) => prefix.test(k));
-      const taken = new Set();
-      LANGUAGE_KINDS.forEach(([kind, test], ki) => {
-        const group = mine.filter((k) => !taken.has(k) && test(k));
-        group.forEach((k) => taken.add(k));
-        if (!group.length) return;
+      grouped(names.filter((k) => prefix.test(k)), LANGUAGE_KINDS, (kind, group, ki) => {
         const name = `lang-${li}-${ki}`;
-        const section = document.createElement("div");
-        const h = document.createElement("h3");
-        h.textContent = `${lang} · ${kind}`;
-        const el = document.createElement("div");
-        el.className = "chart";
-        el.id = "chart-" + name;
-        section.append(h, el);
-        box.appendChild(section);
+        chartSection(box, name, `${lang} · ${kind}`);
         const series = group.map((k, i) => [k, PALETTE[i % PALETTE.length],
           pick(pts, (p) => {
             const m = (p.metrics || {})[k];

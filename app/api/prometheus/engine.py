@@ -13,7 +13,7 @@ import heapq
 import math
 import re
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -462,7 +462,3 @@ def format_value(v: float) -> str:
         text = format(Decimal(text), "f")
     return text[:-2] if text.endswith(".0") else text
 
-
-def steps(start_s: float, end_s: float, step_s: float) -> Iterable[float]:
-    n = int((end_s - start_s) // step_s)
-    return (start_s + i * step_s for i in range(n + 1))
