@@ -25,6 +25,7 @@ from app.errors import RetriableError, StoreError
 from app.ops.stats import Counters
 from app.retry import RetryPolicy, Sleep, retry_retriable
 from app.settings import WINDOW_S, QuerySettings, Settings, StorageSettings
+from app.storage import catalog
 from app.storage.protocol import DIGEST, SUMMARY, MetricItem, MetricsStore
 from tables import record as records
 from tables.aggregate import ROLLUP_RESOLUTIONS, Aggregate, BucketKey, bucket_of
@@ -62,6 +63,10 @@ def block_key(b: BucketId) -> bytes:
 
 def since_key(app: str, proc: str) -> bytes:
     return f"m|{app}|{proc}".encode()
+
+
+def catalog_key(app: str, day_s: int) -> bytes:
+    return f"c|{app}|{day_s}".encode()
 
 
 def bucket_id(key: bytes) -> BucketId:
@@ -247,6 +252,7 @@ class Rollup:
                 self._keep(table_key(bid), b.partition, b.encode(), b.due_s)
             for k in blocks_changed:
                 self._keep(block_key(k), blocks[k].partition, blocks[k].encode(), blocks[k].due_s)
+            self._catalog(groups)
             for (app, proc), (partition, since_s) in new_since.items():
                 # Evicted a retention after it starts: a later batch takes it back from a stored block.
                 value = {"p": partition, "end_s": since_s + self.storage.ttl_s, "since": since_s}
@@ -258,6 +264,31 @@ class Rollup:
             self.counters.inc("rollup_minutes_merged", merged)
             self.counters.inc("rollup_minutes_replayed", replayed)
             return len(changed)
+
+    def _catalog(self, groups: dict[BucketId, tuple[int, list[Aggregate]]]) -> None:
+        """Mark the days whose process-type catalog (app/storage/catalog.py) lacks a process type of these
+        minutes: written with the flush that writes the minutes' blocks (due at the first new minute's end)."""
+        seen: dict[tuple[str, int], tuple[int, set[str], int]] = {}
+        for (app, proc, res, _), (partition, minutes) in groups.items():
+            if res != HOUR_S:
+                continue
+            for m in minutes:
+                start_s = m.key.start_ms // 1000
+                _, procs, due_s = seen.get((app, catalog.day_of(start_s)), (partition, set(), start_s + WINDOW_S))
+                seen[(app, catalog.day_of(start_s))] = (partition, procs | {proc}, min(due_s, start_s + WINDOW_S))
+        for (app, day), (partition, procs, due_s) in seen.items():
+            key = catalog_key(app, day)
+            with partition_context(self.context_topic, partition):
+                raw = self.table.get(key)
+            known: set[str] = set()
+            if raw is not None:
+                blob, pending_due = unpack(raw)
+                known = set(orjson.loads(zlib.decompress(blob))["procs"])
+                if procs <= known:
+                    continue
+                due_s = due_s if pending_due is None else min(due_s, pending_due)
+            value = {"p": partition, "end_s": day + catalog.DAY_S, "procs": sorted(known | procs)}
+            self._keep(key, partition, pack(zlib.compress(orjson.dumps(value), 1), due_s), due_s)
 
     async def flush(self, through_ms: dict[int, int]) -> dict[int, int]:
         """Store what is final: for each owned partition and how far its minutes are merged (``through_ms``:
@@ -312,6 +343,8 @@ class Rollup:
                 b = Bucket.decode(raw)
                 if b.mins and self._partial_through.get(key) != max(b.mins):
                     opened[key] = b
+        catalogs = [k for k in due if k.startswith(b"c|")]
+        due = [k for k in due if not k.startswith(b"c|")]
         buckets: dict[BucketId, Bucket] = {}
         wanted: dict[BucketId, int] = {}
         for key in due:
@@ -341,6 +374,8 @@ class Rollup:
                  for bid, b in buckets.items()]
         items += [b.item(k[0], k[1]) for k, b in written_blocks.items()]
         items += [MetricItem(*bucket_id(key), b.payload(self.storage.record_format)) for key, b in opened.items()]
+        catalog_values = await self._load_catalogs(catalogs)
+        items += [catalog.catalog_item(app, day, v["procs"]) for (app, day), (_, v) in catalog_values.items()]
         refused = set(await self._put(items))
         written = [i for i in items if i not in refused]
         self.counters.inc("rollup_items_written", sum(1 for i in written if i.kind == DIGEST))
@@ -355,6 +390,32 @@ class Rollup:
             held.due_s = None
             self._keep(block_key(k), held.partition, held.encode(), None)
         self._partial_through.update((key, max(b.mins)) for key, b in opened.items())
+        for (app, day), (partition, v) in catalog_values.items():
+            self._keep(catalog_key(app, day), partition, zlib.compress(orjson.dumps(v), 1), None)
+
+    async def _load_catalogs(self, keys: Sequence[bytes]) -> dict[tuple[str, int], tuple[int, dict[str, Any]]]:
+        """The pending catalog values, each with the process types the store already lists for its day (the
+        table may have been rebuilt since, or evicted the day): a write never drops one."""
+        out: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def load(key: bytes) -> None:
+            partition = self._pending[key][0]
+            with partition_context(self.context_topic, partition):
+                raw = self.table.get(key)
+            if raw is None:
+                self._pending.pop(key, None)
+                return
+            _, app, day = key.decode().split("|")
+            v = orjson.loads(zlib.decompress(unpack(raw)[0]))
+            async with gate:
+                stored = await catalog.process_types(self.store, app, int(day), int(day) + 1)
+            self.counters.inc("rollup_store_reads")
+            v["procs"] = sorted(set(v["procs"]) | stored)
+            out[(app, int(day))] = (partition, v)
+
+        await asyncio.gather(*(load(k) for k in keys))
+        return out
 
     def _series_since(self, app: str, proc: str, partition: int) -> int | None:
         with partition_context(self.context_topic, partition):

@@ -16,12 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.progress import Watermarks
-from agents.rollup import PENDING, Rollup, since_key, table_key
+from agents.rollup import PENDING, Rollup, catalog_key, since_key, table_key
 from app.api.query import STALE_GRACE_S, Answer, MetricsQuery, merge_buckets
 from app.clock import ManualClock
 from app.errors import StoreError, StoreUnavailable
 from app.ops.stats import Counters
-from app.storage.protocol import Progress
+from app.storage import catalog
+from app.storage.protocol import MetricItem, Progress
 from tables import record as records
 from tables.aggregate import Aggregate, BucketKey, bucket_of
 from tables.summary import BLOCK_SPAN_S, SummaryBlock, block_of, point_json
@@ -88,10 +89,13 @@ async def test_two_hours_of_minutes_roll_up_exactly_and_percentiles_match_raw() 
     # The stored item lists its minutes, so a read-back knows what it already holds.
     assert records.decode(store.items[("shop", "web", 7200, T0)])[1] == [T0 + 60 * i for i in range(120)]
     # 15 rollup buckets, 5 summary blocks (two hours of minutes, one block each of 10 min, 1 h, 2 h points),
-    # and since when the series' blocks are complete.
-    assert len(table) == 21 and orjson.loads(zlib.decompress(table[since_key("shop", "web")]))["since"] == T0
-    assert {(k[2], k[3]) for k in store.blocks} == {(60, T0), (60, T0 + 3600), (600, block_of(T0, 600)),
-                                                    (3600, block_of(T0, 3600)), (7200, block_of(T0, 7200))}
+    # since when the series' blocks are complete, and the day's process-type catalog.
+    assert len(table) == 22 and orjson.loads(zlib.decompress(table[since_key("shop", "web")]))["since"] == T0
+    day = catalog.day_of(T0)
+    assert orjson.loads(zlib.decompress(table[catalog_key("shop", day)]))["procs"] == ["web"]
+    assert await catalog.process_types(store, "shop", T0, T0 + 7200) == {"web"}
+    assert {(k[2], k[3]) for k in store.blocks if k[1] != catalog.CATALOG_PROCESS_TYPE} == {
+        (60, T0), (60, T0 + 3600), (600, block_of(T0, 600)), (3600, block_of(T0, 3600)), (7200, block_of(T0, 7200))}
 
 
 async def test_redelivered_minutes_are_not_merged_twice() -> None:
@@ -115,13 +119,14 @@ async def test_evicted_bucket_is_read_back_for_a_late_minute_and_replays_stay_id
     # The buckets and the minute block go; the coarser summary blocks stay until their own span ends.
     ended = [res for res in (60, 600, 3600, 7200) if block_of(T0, res) + BLOCK_SPAN_S[res] <= T0 + 7200]
     assert 60 in ended and 7200 not in ended
-    assert r.evict({1}) == 3 + len(ended) and all(k.startswith((b"s|", b"m|")) for k in table)
+    assert r.evict({1}) == 3 + len(ended) and all(k.startswith((b"s|", b"m|", b"c|")) for k in table)
     clock.set((T0 + 8 * 86400 + int(SETTINGS.query.rollup_evict_after_s) + 1) * 1000)
-    assert r.evict({1}) == 4 - len(ended) and list(table) == [since_key("shop", "web")]
+    # The coarser blocks and the day's catalog.
+    assert r.evict({1}) == 4 - len(ended) + 1 and list(table) == [since_key("shop", "web")]
     await fold(r, [(1, record(minute(T0 + 60 * 9, np.arange(1.0, 11.0), mc=50)))])  # late minute
-    # First sight: 3 buckets, 4 blocks, and the 3 coarser blocks seeded from their (empty) span. After
-    # eviction: the 3 buckets and 4 blocks are read back from the store.
-    assert counters.values["rollup_store_reads"] == 3 + 4 + 3 + 3 + 4
+    # First sight: 3 buckets, 4 blocks, the 3 coarser blocks seeded from their (empty) span, and the day's
+    # catalog before it is written. After eviction: the 3 buckets, 4 blocks and the catalog are read back.
+    assert counters.values["rollup_store_reads"] == 3 + 4 + 3 + 1 + 3 + 4 + 1
     assert stored(store, 600, T0).requests == 100 and stored(store, 7200, T0).requests == 100
     blocks = {res: SummaryBlock.decode(store.blocks[("shop", "web", res, block_of(T0, res))])
               for res in (60, 600, 3600, 7200)}
@@ -158,7 +163,7 @@ async def test_dynamodb_unavailable_is_retried_and_state_is_written_only_after_s
     watch = Watch(table)
     r.table = watch
     assert await r.flush({0: (T0 + 7200) * 1000}) == {0: (T0 + 7200) * 1000}
-    assert written == [1] * 7  # 3 buckets and 4 blocks, marked stored after the successful put
+    assert written == [1] * 8  # 3 buckets, 4 blocks and a catalog, marked stored after the successful put
     assert all(v[0] != PENDING for v in table.values())
     assert stored(store, 3600, T0).requests == 10
 
@@ -398,10 +403,12 @@ async def test_an_item_the_store_refuses_for_good_does_not_cost_the_others() -> 
     await fold(r, [(0, record(minute(T0, np.arange(1.0, 11.0), mc=50))),
                      (0, record(minute(T0, np.arange(1.0, 11.0), mc=50, app="huge")))])
     assert {k[0] for k in refusing.items} == {"shop"} and {k[0] for k in refusing.blocks} == {"shop"}
-    assert counters.values["rollup_failed"] == 7 and counters.values["rollup_items_written"] == 3
+    # huge's 3 buckets, 4 blocks and its day's catalog
+    assert counters.values["rollup_failed"] == 8 and counters.values["rollup_items_written"] == 3
     refusing.bad_app, refusing.calls = "*", 0
     await fold(r, [(0, record(minute(T0 + 60, np.arange(1.0, 11.0), mc=50, app=a))) for a in ("shop", "cart")])
-    assert refusing.calls == 1 + 8 and counters.values["rollup_failed"] == 7 + 14
+    # 7 items of each app and cart's new catalog (shop's already names web): one batch, then 8 single writes
+    assert refusing.calls == 1 + 8 and counters.values["rollup_failed"] == 8 + 15
 
 
 # --- "final" means stored (agents/progress.py) ----------------------------------------------------------
@@ -590,3 +597,34 @@ async def test_an_open_two_hour_bucket_is_merged_from_its_partial_item() -> None
         "shop", "web", 7200, T0, now_s)).body)["points"]
     assert got == want
     assert [(lo, hi) for (_, _, res, lo, hi) in store.queries if res == 60] == [(T0, T0 + 7200)]
+
+
+async def test_the_process_type_catalog_names_every_process_type_of_each_day_even_after_a_table_rebuild() -> None:
+    """One catalog item per (app, day) lists the process types that had a minute that day; a new process type
+    rewrites it, an old one does not, and a rebuilt table (or an evicted day) adds to the stored list."""
+    r, _, store, _, _ = make()
+    written: list[MetricItem] = []
+    put_many = store.put_many
+
+    async def logged(items: Any) -> None:
+        written.extend(items)
+        await put_many(items)
+
+    store.put_many = logged  # type: ignore[method-assign]
+    await fold(r, [(0, record(minute(T0, np.arange(1.0, 11.0), mc=50)))])
+    assert [i.process_type for i in written].count(catalog.CATALOG_PROCESS_TYPE) == 1
+    await fold(r, [(0, record(minute(T0 + 60, np.arange(1.0, 11.0), mc=50)))])  # web again: no catalog write
+    assert [i.process_type for i in written].count(catalog.CATALOG_PROCESS_TYPE) == 1
+    await fold(r, [(0, record(minute(T0 + 120, np.arange(1.0, 11.0), mc=50, proc="worker")))])
+    assert await catalog.process_types(store, "shop", T0, T0 + 60) == {"web", "worker"}
+    # Another worker with an empty table (a lost changelog) sees a third process type the same day.
+    fresh, _, _, _, _ = make(store.clock)
+    fresh.store = store
+    await fold(fresh, [(0, record(minute(T0 + 180, np.arange(1.0, 11.0), mc=50, proc="clock")))])
+    assert await catalog.process_types(store, "shop", T0, T0 + 60) == {"web", "worker", "clock"}
+    # The next day has its own item; a range over both days reads both.
+    next_day = catalog.day_of(T0) + catalog.DAY_S
+    await fold(fresh, [(0, record(minute(next_day, np.arange(1.0, 11.0), mc=50, proc="release")))])
+    assert await catalog.process_types(store, "shop", next_day, next_day + 60) == {"release"}
+    assert await catalog.process_types(store, "shop", T0, next_day + 60) == {"web", "worker", "clock", "release"}
+    assert await catalog.process_types(store, "other", T0, next_day + 60) == set()
