@@ -15,7 +15,7 @@ OPENAPI_PATH = "/v1/openapi.json"
 
 _ERROR_CODES = ["unauthorized", "invalid_token", "not_found", "invalid_app", "invalid_process_type",
                 "invalid_range", "invalid_resolution", "range_too_large", "too_many_points", "unavailable",
-                "store_error", "rate_limited", "overloaded"]
+                "store_error", "rate_limited", "overloaded", "timeout"]
 
 
 _EPOCH = {"type": "integer", "minimum": 0, "maximum": 10**11}

@@ -70,6 +70,15 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
+Reply = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
+"""How a route answers an error: (status, code, message, headers). :func:`error` for the native API; the
+OTLP receiver and the Prometheus API answer in their own protocol's shape."""
+
+
+class QueryTimeout(RetriableError):
+    """The work did not end within ``METRICS_QUERY_TIMEOUT_S`` (code ``timeout``: retry after the delay)."""
+
+
 MAX_EPOCH_S = 10**11
 """Year 5138: any since/until past it is a mistake (and past 2**63 it cannot even be written as JSON)."""
 
@@ -101,13 +110,16 @@ def parse_resolution(raw: str | None, span_s: int) -> int:
                      f"{', '.join(str(r) for r in RESOLUTIONS)}; got {raw!r}")
 
 
-def _unavailable(exc: RetriableError | StoreError) -> web.Response:
+def _unavailable(exc: RetriableError | StoreError, reply: Reply = error) -> web.Response:
+    if isinstance(exc, QueryTimeout):
+        log.warning("request timed out: %s", exc)
+        return reply(503, "timeout", f"{exc}; retry shortly", {"Retry-After": str(max(1, int(exc.retry_after_s)))})
     if isinstance(exc, RetriableError):
         log.warning("request failed, dependency unavailable: %s", exc)
-        return error(503, "unavailable", "metrics store unavailable, retry shortly",
+        return reply(503, "unavailable", "metrics store unavailable, retry shortly",
                      {"Retry-After": str(max(1, int(exc.retry_after_s)))})
     log.error("request failed: %s", exc)
-    return error(503, "store_error", "metrics store misconfigured; the operator has been logged the cause")
+    return reply(503, "store_error", "metrics store misconfigured; the operator has been logged the cause", None)
 
 
 T = TypeVar("T")
@@ -124,7 +136,7 @@ async def _bounded(request: web.Request, work: Awaitable[T]) -> T:
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout_s)
     except TimeoutError:
-        raise RetriableError(f"the metrics store did not answer within {timeout_s:g} s",
+        raise QueryTimeout(f"the metrics store did not answer within {timeout_s:g} s",
                              action="check the store (METRICS_DYNAMODB_ENDPOINT / Cassandra) and its latency",
                              retry_after_s=2) from None
 
@@ -155,14 +167,15 @@ class QueryRate:
         return Buckets.retry_after_s(level, 1, rate)
 
 
-async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]]) -> T | web.Response:
+async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]], reply: Reply = error,
+                 ) -> T | web.Response:
     """``make()`` in one of the process's query slots and within the query timeout; else the 503 to answer
     (no slot in time, the store down or slow). The slot is given back when the work ends, not when this
     request stops waiting for it."""
     gate = request.app[GATE_KEY]
     if not await gate.acquire(app):
         request.app[COUNTERS_KEY].inc_app("query_refused_busy", app)
-        return error(503, "overloaded", f"no query slot freed within {gate.wait_s:g} s (at most {gate.slots} "
+        return reply(503, "overloaded", f"no query slot freed within {gate.wait_s:g} s (at most {gate.slots} "
                      f"queries compute at once here, {gate.per_app} of one app); retry after the delay",
                      {"Retry-After": str(max(1, math.ceil(gate.wait_s or 1)))})
     try:
@@ -174,31 +187,31 @@ async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]
     try:
         return await _bounded(request, task)
     except (RetriableError, StoreError) as exc:
-        return _unavailable(exc)
+        return _unavailable(exc, reply)
 
 
-async def _token_app(request: web.Request) -> str | web.Response:
+async def _token_app(request: web.Request, reply: Reply = error) -> str | web.Response:
     """The app the request's read token grants, or the 401/503 to answer."""
     token = bearer(request.headers, {})  # not ?token=: query strings end up in access logs
     if not token:
         request.app[COUNTERS_KEY].inc("query_auth_refused")
-        return error(401, "unauthorized", "send Authorization: Bearer <read token>; create one with "
+        return reply(401, "unauthorized", "send Authorization: Bearer <read token>; create one with "
                      "`python -m app tokens create --app APP --kind read`",
                      {"WWW-Authenticate": 'Bearer realm="minutely"'})
     try:
         app = await _bounded(request, request.app[AUTH_KEY](token))
     except (RetriableError, StoreError) as exc:
-        return _unavailable(exc)
+        return _unavailable(exc, reply)
     if app is None:
         request.app[COUNTERS_KEY].inc("query_auth_refused")
-        return error(401, "invalid_token", "the token is not a valid read token (revoked, mistyped, or a "
+        return reply(401, "invalid_token", "the token is not a valid read token (revoked, mistyped, or a "
                      "drain/write token); create a read token for the app",
                      {"WWW-Authenticate": 'Bearer realm="minutely", error="invalid_token"'})
     retry_after_s = request.app[RATE_KEY].take(app)
     if retry_after_s is not None:
         request.app[COUNTERS_KEY].inc_app("query_refused_rate", app)
         lim = request.app[RATE_KEY].limits.of(app)
-        return error(429, "rate_limited", f"app {app!r} is over its read API rate of {lim.query_rate_per_s:g} "
+        return reply(429, "rate_limited", f"app {app!r} is over its read API rate of {lim.query_rate_per_s:g} "
                      f"requests/s (burst {lim.query_burst}); retry after the delay (the operator can raise the "
                      "app's limit)", {"Retry-After": str(retry_after_s)})
     return app

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from app import models
-from app.api.web import COUNTERS_KEY, SETTINGS_KEY, error, get_stats, healthz, json_response
+from app.api.web import COUNTERS_KEY, SETTINGS_KEY, Reply, error, get_stats, healthz, json_response
 from app.clock import Clock, SystemClock
 from app.errors import PipelineError, RetriableError
 from app.ingest import language, logplex, otlp
@@ -103,10 +103,6 @@ def chunks(app: str, observations: Sequence[Any], size: int) -> list[tuple[bytes
 
 
 Handler = Callable[["Ingest", web.Request], Awaitable[web.Response]]
-
-
-Reply = Callable[[int, str, str, "dict[str, str] | None"], web.Response]
-"""(status, code, message, headers) -> the error answer in the caller's protocol."""
 GRPC_CODES = {400: 3, 401: 16, 403: 7, 408: 4, 413: 8, 415: 3, 429: 8, 503: 14}
 """HTTP status -> the google.rpc.Status code OTLP's error bodies carry."""
 

@@ -260,6 +260,10 @@ class MigratingQuery:
         engine = await self.engine(self.state().serving(app, since_s), "serve")
         return await engine.events(app, process_type, since_s, until_s)
 
+    async def process_types(self, app: str, since_s: int, until_s: int) -> list[str]:
+        engine = await self.engine(self.state().serving(app, since_s), "serve")
+        return await engine.process_types(app, since_s, until_s)
+
     async def drain(self) -> None:
         """Wait for the shadow reads in flight (tests, shutdown)."""
         while self._shadows:

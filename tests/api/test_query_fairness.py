@@ -176,6 +176,10 @@ class SlowEngine:
         return orjson.dumps({"app": app, "process_type": process_type, "since": since_s, "until": until_s,
                              "events": []})
 
+    async def process_types(self, app: str, since_s: int, until_s: int) -> list[str]:
+        await self._run(app)
+        return ["web"]
+
 
 async def until(cond: Any, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
@@ -234,7 +238,7 @@ async def test_a_slot_is_held_until_the_work_ends_even_past_the_query_timeout(ai
     c = await slow_client(aiohttp_client, engine, counters, query_max_concurrent=2,
                           query_max_concurrent_per_app=1, query_queue_timeout_s=0.1, query_timeout_s=0.2)
     r = await c.get(METRICS.format(app="shop"), headers=auth())
-    assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"  # the store is slow
+    assert r.status == 503 and (await r.json())["error"]["code"] == "timeout"  # the store is slow
     assert engine.running["shop"] == 1 and c.app[GATE_KEY].held == {"shop": 1}  # its read goes on
     r = await c.get(METRICS.format(app="shop"), headers=auth())
     assert r.status == 503 and (await r.json())["error"]["code"] == "overloaded"

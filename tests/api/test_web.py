@@ -368,7 +368,7 @@ async def test_a_store_slower_than_the_query_timeout_answers_503_at_once(aiohttp
         t0 = time.monotonic()
         r = await c.get(path, headers=auth(token))
         assert r.status == 503 and r.headers["Retry-After"] == "2", path
-        assert (await r.json())["error"]["code"] == "unavailable"
+        assert (await r.json())["error"]["code"] == "timeout"
         assert time.monotonic() - t0 < 2, path
 
 

@@ -24,6 +24,7 @@ from app.clock import Clock, SystemClock
 from app.ops.kafka import partition_of as kafka_partition_of
 from app.ops.stats import CounterName, Counters
 from app.settings import WINDOW_S, Settings
+from app.storage import catalog
 from app.storage.protocol import MetricsStore
 from tables.aggregate import RESOLUTIONS, bucket_of
 
@@ -92,6 +93,9 @@ class QueryEngine(Protocol):
     async def events(self, app: str, process_type: str, since_s: int, until_s: int) -> bytes:
         ...
 
+    async def process_types(self, app: str, since_s: int, until_s: int) -> list[str]:
+        ...
+
 
 class MetricsQuery:
     """``partition_of``: app -> the metrics-1m partition whose watermark covers it; by default Kafka's
@@ -116,6 +120,7 @@ class MetricsQuery:
         stale-while-revalidate"""
         self.tail = LiveTail(store, live, self.progress.epoch, query=self.settings.query, counters=counters,
                              clock=self.clock, max_bytes=eighth)
+        self._catalog: ByteLRU[tuple[str, int, int], list[str]] = ByteLRU(eighth // 8)
         self._inflight: dict[AnswerKey, asyncio.Future[Answer]] = {}
         self._refreshes: set[asyncio.Future[Answer]] = set()
 
@@ -130,7 +135,7 @@ class MetricsQuery:
     def _forget(self, app_matches: Callable[[str], bool]) -> int:
         """Every cache's entries of the matching apps dropped (each key starts with the app)."""
         return sum(cache.pop_where(lambda k: app_matches(k[0]))
-                   for cache in (self.final.cache, self._answers, self.tail.cache))
+                   for cache in (self.final.cache, self._answers, self.tail.cache, self._catalog))
 
     def stored_through_s(self, app: str) -> int:
         """The stored-through watermark of ``app``'s partition in seconds; -1 before one is known."""
@@ -205,6 +210,19 @@ class MetricsQuery:
         events = [e for e in events_of(items) if since_s <= e["ts"] < until_s]
         return orjson.dumps({"app": app, "process_type": process_type, "since": since_s, "until": until_s,
                              "events": events})
+
+    async def process_types(self, app: str, since_s: int, until_s: int) -> list[str]:
+        """The process types ``app`` had in the days overlapping ``[since_s, until_s)``, sorted
+        (app/storage/catalog.py); kept for the tail TTL, as a new process type appears at the live edge."""
+        key = (app, catalog.day_of(since_s), catalog.day_of(until_s - 1))
+        now_ms = self.clock.now_ms()
+        hit = self._catalog.get(key, now_ms)
+        if hit is not None:
+            return hit
+        found = sorted(await catalog.process_types(self.store, app, since_s, until_s))
+        ttl_ms = int(max(self.settings.query.tail_ttl_s, 1.0) * 1000)
+        self._catalog.put(key, found, 100 + sum(len(p) + 50 for p in found), now_ms + ttl_ms)
+        return found
 
     async def _compute(self, app: str, proc: str, res: int, since: int, until: int, now_ms: int,
                        prev: _Prefix | None = None) -> tuple[Answer, _Prefix]:
