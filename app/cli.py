@@ -268,6 +268,7 @@ def build_web_role(settings: Settings, counters: Counters) -> web.Application:
     """Query API without stream jobs: closed minutes from the store (open ones are served by workers)."""
     from collections.abc import AsyncIterator
 
+    from app.api.prometheus.http import add_prometheus_routes
     from app.api.web import add_admin_routes, make_web_app, token_authorizer
     from app.migration.control import MigrationControl
     from app.migration.reads import Engines, MigratingQuery, ReadStats
@@ -304,6 +305,7 @@ def build_web_role(settings: Settings, counters: Counters) -> web.Application:
         add_migration_routes(a, query)
 
     def routes(w: web.Application) -> None:  # the operator's endpoints: on the admin port only
+        add_prometheus_routes(w)
         add_admin_port(w, settings.ops, counters=counters,
                        checks={"store": lambda: engines.ping(control.current().source)}, routes=admin_routes)
 

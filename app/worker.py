@@ -18,6 +18,7 @@ from agents import aggregate, alerts, autoscale, events, progress, rollup, sink
 from app.api.openapi import document, with_policy_routes
 from app.api.policies import CommandResults, Forwarder, add_policy_routes
 from app.api.policies import token_authorizer as policy_authorizer
+from app.api.prometheus.http import add_prometheus_routes
 from app.api.web import OPENAPI_KEY, add_admin_routes, make_web_app, token_authorizer
 from app.app import create_app
 from app.migration.control import MigrationControl
@@ -88,6 +89,7 @@ def create_worker(settings: Settings) -> faust.App:
         /migration and /v1/stats on its admin port (the tenant port keeps a bare /readyz)."""
         # Monitors/policies: the app's read token to look, its write token to change (same tokens as the APIs).
         add_policy_routes(webapp, policy_backend, authorize=policy_authorizer(tokens))
+        add_prometheus_routes(webapp)
         webapp[OPENAPI_KEY] = orjson.dumps(with_policy_routes(document(settings)))  # only workers serve them
         ops.add_admin_port(
             webapp, settings.ops, counters=counters, routes=admin_routes,

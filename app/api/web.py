@@ -42,6 +42,7 @@ AUTH_KEY: web.AppKey[Authorize] = web.AppKey("authorize")
 OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 RATE_KEY: web.AppKey[QueryRate] = web.AppKey("query_rate")
 GATE_KEY: web.AppKey[FairSlots] = web.AppKey("query_gate")
+CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 DASHBOARD_FILES = {"index.html": "text/html", "dashboard.js": "text/javascript", "dashboard.css": "text/css",
@@ -167,7 +168,7 @@ class QueryRate:
         return Buckets.retry_after_s(level, 1, rate)
 
 
-async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]], reply: Reply = error,
+async def query_slot(request: web.Request, app: str, make: Callable[[], Awaitable[T]], reply: Reply = error,
                  ) -> T | web.Response:
     """``make()`` in one of the process's query slots and within the query timeout; else the 503 to answer
     (no slot in time, the store down or slow). The slot is given back when the work ends, not when this
@@ -190,7 +191,7 @@ async def _query(request: web.Request, app: str, make: Callable[[], Awaitable[T]
         return _unavailable(exc, reply)
 
 
-async def _token_app(request: web.Request, reply: Reply = error) -> str | web.Response:
+async def token_app(request: web.Request, reply: Reply = error) -> str | web.Response:
     """The app the request's read token grants, or the 401/503 to answer."""
     token = bearer(request.headers, {})  # not ?token=: query strings end up in access logs
     if not token:
@@ -226,7 +227,7 @@ async def _series_request(request: web.Request) -> tuple[str, str, int, int] | w
     or the error to answer."""
     settings = request.app[SETTINGS_KEY]
     app = request.match_info["app"]
-    granted = await _token_app(request)
+    granted = await token_app(request)
     if isinstance(granted, web.Response):
         return granted
     if granted != app:  # also every nonexistent app: the same answer, before anything else is checked
@@ -264,7 +265,7 @@ async def get_metrics(request: web.Request) -> web.Response:
         return error(400, "too_many_points", f"{points} points at {res} s resolution; at most "
                      f"{settings.query.max_points} per request: use a coarser resolution or a shorter range")
     engine = request.app[QUERY_KEY]
-    ans = await _query(request, app, lambda: engine.answer(app, proc, res, since_s, until_s))
+    ans = await query_slot(request, app, lambda: engine.answer(app, proc, res, since_s, until_s))
     if isinstance(ans, web.Response):
         return ans
     headers = {"ETag": ans.etag, "Cache-Control": FINAL_CACHE_CONTROL if ans.final else LIVE_CACHE_CONTROL,
@@ -290,7 +291,7 @@ async def get_events(request: web.Request) -> web.Response:
         return error(400, "range_too_large", f"at most {max_days:g} days of events per request; narrow "
                      "since/until")
     engine = request.app[QUERY_KEY]
-    body = await _query(request, app, lambda: engine.events(app, proc, since_s, until_s))
+    body = await query_slot(request, app, lambda: engine.events(app, proc, since_s, until_s))
     if isinstance(body, web.Response):
         return body
     return web.Response(body=body, content_type="application/json",
@@ -298,7 +299,7 @@ async def get_events(request: web.Request) -> web.Response:
 
 
 async def whoami(request: web.Request) -> web.Response:
-    granted = await _token_app(request)
+    granted = await token_app(request)
     if isinstance(granted, web.Response):
         return granted
     return json_response({"app": granted, "kind": "read"}, headers={"Cache-Control": "private, no-store"})
@@ -399,6 +400,7 @@ def make_web_app(query: QueryEngine, settings: Settings, counters: Counters,
             await own.stop()
 
         webapp.cleanup_ctx.append(follow_limits)
+    webapp[CLOCK_KEY] = clock = clock or SystemClock()
     webapp[RATE_KEY] = QueryRate(limits, clock)
     webapp[GATE_KEY] = FairSlots(settings.query.max_concurrent, settings.query.max_concurrent_per_app,
                                  settings.query.queue_timeout_s)

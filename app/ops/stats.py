@@ -25,7 +25,8 @@ CounterName = Literal["observations_accepted", "observations_late", "observation
     "notify_worker_restarts", "query_cache_hits", "query_cache_misses", "query_cache_bytes", "query_items_read",
     "query_cache_invalidations", "query_digest_fallbacks", "query_prefix_reused", "query_tail_points_reused",
     "events_stored", "events_invalid", "events_retries", "events_failed", "query_auth_refused",
-    "query_refused_rate", "query_refused_busy", "rollup_minutes_merged", "rollup_minutes_replayed",
+    "query_refused_rate", "query_refused_busy", "prometheus_queries", "prometheus_queries_refused",
+    "prometheus_cache_hits", "rollup_minutes_merged", "rollup_minutes_replayed",
     "rollup_items_written", "minutes_stored_late", "stored_through_lag_seconds", "query_watermark_lag_seconds",
     "shadow_reads", "shadow_matched", "shadow_mismatch_missing", "shadow_mismatch_extra", "shadow_mismatch_value",
     "shadow_mismatch_percentile", "shadow_points_compared", "shadow_incomparable", "shadow_failed",
@@ -190,6 +191,13 @@ CATALOGUE: Final[dict[CounterName, str]] = {
                           "held its METRICS_QUERY_MAX_CONCURRENT_PER_APP, for METRICS_QUERY_QUEUE_TIMEOUT_S "
                           "(per app; 503 overloaded with Retry-After). One app: it sends many slow queries at "
                           "once; many apps: the store is slow (see query_cache_misses) or add web processes.",
+    "prometheus_queries": "Requests to the Prometheus API (/api/v1/*, docs/prometheus.md) with a valid read "
+                          "token, per app.",
+    "prometheus_queries_refused": "Prometheus API requests refused as bad_data or execution (an unsupported "
+                                  "PromQL feature, a bad parameter, too many points), per app. Steady for one "
+                                  "app: a dashboard panel uses what minutely's PromQL lacks; its answer names it.",
+    "prometheus_cache_hits": "Prometheus API answers served as rendered before (the native answers they came "
+                             "from had not changed).",
     "rollup_minutes_merged": "Minutes merged into 10 min / 1 h / 2 h rollup buckets (three per minute).",
     "rollup_minutes_replayed": "Minutes already in their rollup bucket (redelivery after a restart); skipped. "
                                "Non-zero only around restarts; steady growth means offsets do not commit.",
@@ -273,7 +281,7 @@ PER_APP: Final[frozenset[CounterName]] = frozenset({
     "ingest_requests_shed", "ingest_bytes_received", "ingest_refused_rate", "ingest_refused_inflight",
     "ingest_refused_queue", "ingest_refused_too_large", "ingest_refused_slow_body", "ingest_refused_bad_body",
     "limit_refused_process_types", "limit_refused_addon_sources", "limit_refused_metric_names",
-    "query_refused_rate", "query_refused_busy",
+    "query_refused_rate", "query_refused_busy", "prometheus_queries", "prometheus_queries_refused",
 })
 """Counters also kept per app (label ``app`` on ``/metrics``), so an operator sees which tenant a limit hit."""
 MAX_APPS_PER_COUNTER = 10_000

@@ -53,8 +53,11 @@ class Selector:
     range_s: float
     """0 for an instant selector (then the lookback applies)."""
 
-    def matches(self, labels: dict[str, str]) -> bool:
+    def matches(self, labels: dict[str, str], only: tuple[str, ...] | None = None) -> bool:
+        """Every matcher holds for ``labels`` (with ``only``: every matcher of those labels)."""
         for label, op, value in self.matchers:
+            if only is not None and label not in only:
+                continue
             have = labels.get(label, "")
             if op == "=":
                 ok = have == value

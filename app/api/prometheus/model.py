@@ -8,7 +8,7 @@ Reference: docs/prometheus.md#the-metric-model
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,56 +49,110 @@ METRICS: dict[str, MetricInfo] = {
 
 Sample = tuple[str, dict[str, str], float]
 """(metric name, labels without app and process_type, value)."""
+Point = Mapping[str, Any]
+Extract = Callable[[Point, float], Iterator[tuple[dict[str, str], float]]]
+"""(native point, minutes per bucket) -> the metric's (labels, value) in that point."""
 
 
-def samples(point: Mapping[str, Any], resolution_s: int) -> Iterator[Sample]:
-    """Every sample of one native point (app/api/query: ``Aggregate.summary()``)."""
-    minutes = resolution_s / 60
-    status = point.get("status")
-    if status:
-        for cls, n in status.items():
-            yield "minutely_requests", {"status_class": cls}, n / minutes
-    if "failed" in point:
-        yield "minutely_failed_requests", {}, point["failed"] / minutes
-    response = point.get("response_ms")
-    if response:
-        for quantile, key in QUANTILES:
-            if response.get(key) is not None:
-                yield "minutely_response_time_ms", {"quantile": quantile}, float(response[key])
-        if response.get("mean") is not None:
-            yield "minutely_response_time_mean_ms", {}, float(response["mean"])
-    for code, n in (point.get("errors") or {}).items():
-        yield "minutely_router_errors", {"code": code}, n / minutes
-    memory = point.get("memory_mb") or {}
+def _requests(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    for cls, n in (p.get("status") or {}).items():
+        yield {"status_class": cls}, n / minutes
+
+
+def _failed(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    if "failed" in p:
+        yield {}, p["failed"] / minutes
+
+
+def _response(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    response = p.get("response_ms") or {}
+    for quantile, key in QUANTILES:
+        if response.get(key) is not None:
+            yield {"quantile": quantile}, float(response[key])
+
+
+def _response_mean(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    response = p.get("response_ms") or {}
+    if response.get("mean") is not None:
+        yield {}, float(response["mean"])
+
+
+def _router_errors(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    for code, n in (p.get("errors") or {}).items():
+        yield {"code": code}, n / minutes
+
+
+def _memory(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    memory = p.get("memory_mb") or {}
     for kind in ("rss", "swap", "total"):
         for stat in ("mean", "max"):
             v = memory.get(f"{kind}_{stat}")
             if v is not None:
-                yield "minutely_memory_mb", {"kind": kind, "stat": stat}, float(v)
-    if memory.get("quota") is not None:
-        yield "minutely_memory_quota_mb", {}, float(memory["quota"])
-    for stat, v in (point.get("load") or {}).items():
+                yield {"kind": kind, "stat": stat}, float(v)
+
+
+def _memory_quota(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    quota = (p.get("memory_mb") or {}).get("quota")
+    if quota is not None:
+        yield {}, float(quota)
+
+
+def _load(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    for stat, v in (p.get("load") or {}).items():
         if v is not None:
-            yield "minutely_load", {"stat": stat}, float(v)
-    for event, n in (point.get("platform") or {}).items():
-        yield "minutely_platform_events", {"event": event}, n / minutes
-    for source, gauges in (point.get("addons") or {}).items():
+            yield {"stat": stat}, float(v)
+
+
+def _platform(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    for event, n in (p.get("platform") or {}).items():
+        yield {"event": event}, n / minutes
+
+
+def _addons(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    for source, gauges in (p.get("addons") or {}).items():
         for sample, g in gauges.items():
             for stat in ("mean", "max", "last"):
                 if g.get(stat) is not None:
-                    yield "minutely_addon", {"source": source, "sample": sample, "stat": stat}, float(g[stat])
-    for name, m in (point.get("metrics") or {}).items():
+                    yield {"source": source, "sample": sample, "stat": stat}, float(g[stat])
+
+
+def _custom(p: Point, minutes: float) -> Iterator[tuple[dict[str, str], float]]:
+    for name, m in (p.get("metrics") or {}).items():
         kind = m.get("type")
-        labels = {"metric": name, "type": kind}
         if kind == "counter":
-            yield "minutely_custom", {**labels, "stat": "per_minute"}, m["sum"] / minutes
+            yield {"metric": name, "type": kind, "stat": "per_minute"}, m["sum"] / minutes
         elif kind == "gauge":
             for stat in ("mean", "max", "last"):
                 if m.get(stat) is not None:
-                    yield "minutely_custom", {**labels, "stat": stat}, float(m[stat])
+                    yield {"metric": name, "type": kind, "stat": stat}, float(m[stat])
         elif kind == "timer":
             for stat in ("p50", "p95", "p99", "max", "min"):
                 if m.get(stat) is not None:
-                    yield "minutely_custom", {**labels, "stat": stat}, float(m[stat])
-            yield "minutely_custom", {**labels, "stat": "count_per_minute"}, m["count"] / minutes
-            yield "minutely_custom", {**labels, "stat": "sum_per_minute"}, m["sum"] / minutes
+                    yield {"metric": name, "type": kind, "stat": stat}, float(m[stat])
+            yield {"metric": name, "type": kind, "stat": "count_per_minute"}, m["count"] / minutes
+            yield {"metric": name, "type": kind, "stat": "sum_per_minute"}, m["sum"] / minutes
+
+
+EXTRACT: dict[str, Extract] = {
+    "minutely_requests": _requests, "minutely_failed_requests": _failed, "minutely_response_time_ms": _response,
+    "minutely_response_time_mean_ms": _response_mean, "minutely_router_errors": _router_errors,
+    "minutely_memory_mb": _memory, "minutely_memory_quota_mb": _memory_quota, "minutely_load": _load,
+    "minutely_platform_events": _platform, "minutely_addon": _addons, "minutely_custom": _custom,
+}
+assert EXTRACT.keys() == METRICS.keys()
+LABELS: dict[str, tuple[str, ...]] = {
+    "minutely_requests": ("status_class",), "minutely_failed_requests": (), "minutely_response_time_ms": ("quantile",),
+    "minutely_response_time_mean_ms": (), "minutely_router_errors": ("code",), "minutely_memory_mb": ("kind", "stat"),
+    "minutely_memory_quota_mb": (), "minutely_load": ("stat",), "minutely_platform_events": ("event",),
+    "minutely_addon": ("source", "sample", "stat"), "minutely_custom": ("metric", "type", "stat"),
+}
+"""Each metric's own labels (every series also has ``app`` and ``process_type``): what /api/v1/labels lists."""
+assert LABELS.keys() == METRICS.keys()
+
+
+def samples(point: Point, resolution_s: int, names: Iterable[str] = METRICS) -> Iterator[Sample]:
+    """The samples of one native point (app/api/query: ``Aggregate.summary()``) of the metrics ``names``."""
+    minutes = resolution_s / 60
+    for name in names:
+        for labels, v in EXTRACT[name](point, minutes):
+            yield name, labels, v
