@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): the integration tests mostly wait on real parts, so 3 fit on 2 cores.
 TEST_PROCESSES ?= 3
 
-.PHONY: run test chaos install install-test install-cassandra clients lock bench bench-parse bench-query bench-stores bench-store typecheck lint docs clean browser
+.PHONY: run test chaos install install-test install-cassandra clients lock bench bench-parse bench-query bench-stores bench-store typecheck lint docs clean browser prometheus
 
 # FRESH=1 empties data/ (Kafka's log, dynalite's tables, the worker's state) before starting.
 # Cassandra's jars come too, whatever METRICS_STORE says: a store migration started while this runs
@@ -33,7 +33,7 @@ run: install install-cassandra
 	$(if $(filter 1,$(FRESH)),rm -rf data,)
 	$(PY) -m app local $(if $(filter 0,$(DEMO)),--no-demo,)
 
-test: install-test lint typecheck docs browser
+test: install-test lint typecheck docs browser prometheus
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --durations=15 $(PYTEST_ARGS)
 
 typecheck: install-test
@@ -154,6 +154,15 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	else echo "chromium/chromedriver missing and not root: run 'apt-get install chromium chromium-driver'"; fi
+
+# A real Prometheus server and promtool (Debian's prometheus, 2.42) for the PromQL differential test
+# (tests/api/test_prometheus_differential.py); not started as a service: the test runs its own on loopback.
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+		&& { systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }; \
+	else echo "prometheus/promtool missing and not root: run 'apt-get install prometheus'"; fi
 
 # wrk (Debian) generates the query benchmark's load from a separate process.
 # Both stores from one process: write rate, uncached query latency, and the cost of shadow reads.
