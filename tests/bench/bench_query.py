@@ -8,8 +8,12 @@ fallback: the baseline, measured in the same run. A web process (``python -m app
 serves them; the load comes from ``wrk`` (Debian package) in a separate process. Measured: 24 h at 1 min
 (1,440 points), 7 d and 30 d at the automatic resolution (2 h: 84 and 360 points), uncached (caches off)
 and cached (default settings), the in-process cost of precomputed rollups against merging minutes at
-read time, and the bytes and DynamoDB read units behind each uncached query. Prints a Markdown table and
-writes artifacts/bench-query.md. No assertion on timings.
+read time, and the bytes and DynamoDB read units behind each uncached query. The Prometheus HTTP API
+(app/api/prometheus/http.py) is measured in the same runs: ``query_range`` over the same 24 h at step=60, two
+queries, uncached (the same settings turn its rendered-answer, series and process-type caches off: they are
+sized from METRICS_QUERY_CACHE_MAX_BYTES) and cached, each against the native 24 h row of the same mode and
+connections. Its process types come from the catalog (app/storage/catalog.py), written for every day of data.
+Prints a Markdown table and writes artifacts/bench-query.md. No assertion on timings.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from app.cli import start_role, wait_http, worker_env
 from app.local.embedded import DynamoServer, free_port
 from app.ops.stats import Counters
 from app.settings import Settings
+from app.storage import catalog
 from app.storage.backends import metrics_store, token_table
 from app.storage.dynamodb import PROGRESS_PK, DynamoStore, item_size_bytes
 from app.storage.protocol import SUMMARY, MetricItem, Progress
@@ -50,6 +57,10 @@ DURATION_S = int(os.environ.get("BENCH_DURATION_S", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "16"))
 OLDER_DAYS = {600: 6, 3600: 6, 7200: 29}
 """Days of rollups before the 24 h of minutes, per resolution (what the automatic resolution reads)."""
+PROM_QUERIES = ('sum by (status_class) (minutely_requests{app="bench"})', 'minutely_response_time_ms{quantile="0.99"}')
+"""The Prometheus rows' PromQL: an aggregation over the status classes, and one series picked by a label."""
+PROM_UNCACHED_TARGET = "target p99 <= 20 ms and <= 1.5x native"
+PROM_CACHED_TARGET = "target >= 2,000 req/s"
 
 
 def minute(rng: np.random.Generator, app: str, start_s: int, n: int) -> Aggregate:
@@ -113,6 +124,11 @@ async def load_data(settings: Settings, now_s: int) -> dict[str, str]:
                 block.points.update(written.points)
                 block.through.update(written.through)
             items.append(MetricItem(APP, PROC, res, start, block.encode(), SUMMARY, BLOCK_SPAN_S[res]))
+        # The process-type catalog, as the rollup job writes it (agents/rollup.py): one item per app and day
+        # of data, through the store; the Prometheus API reads the process types from it.
+        oldest = first - max(OLDER_DAYS.values()) * 86400
+        items += [catalog.catalog_item(app, day, [PROC]) for app in (APP, LEGACY)
+                  for day in range(catalog.day_of(oldest), now_s + 1, catalog.DAY_S)]
         for i in range(0, len(items), 500):
             await store.put_many(items[i:i + 500])
         # A caught-up pipeline: every partition stored as far as the flush said (agents/progress.py).
@@ -146,11 +162,26 @@ def wrk(url: str, token: str, *, connections: int, duration_s: int,
 
 
 def etag_of(url: str, token: str) -> str:
-    import urllib.request
-
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return str(r.headers["ETag"])
+
+
+def prom_url(port: int, query: str, start_s: int, end_s: int, step_s: int) -> str:
+    """A GET ``query_range`` with the expression URL-encoded (wrk sends one fixed request)."""
+    params = urllib.parse.urlencode({"query": query, "start": start_s, "end": end_s, "step": step_s})
+    return f"http://127.0.0.1:{port}/api/v1/query_range?{params}"
+
+
+def prom_warm(url: str, token: str) -> int:
+    """Warm-up: the answer's number of samples; raises if it has none, so no row measures an empty answer."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        doc = orjson.loads(r.read())
+    samples = sum(len(s["values"]) for s in doc["data"]["result"]) if doc.get("status") == "success" else 0
+    if samples == 0:
+        raise RuntimeError(f"Prometheus answer has no samples: {url}\n{str(doc)[:500]}")
+    return samples
 
 
 async def in_process(settings: Settings, now_s: int) -> list[tuple[str, float]]:
@@ -234,7 +265,9 @@ def main() -> int:
         print(f"loaded dynalite in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         in_proc = asyncio.run(in_process(settings, now_s))
         costs = asyncio.run(read_cost(settings, now_s))
-        rows: list[tuple[str, str, float, float, float]] = []
+        rows: list[tuple[str, str, float, float, float, str]] = []
+        # (mode, connections) -> the native 24 h row (summary blocks): what the Prometheus rows compare to
+        native: dict[tuple[str, int], tuple[float, float, float]] = {}
         for mode, extra in (("uncached", {"METRICS_QUERY_CACHE_MAX_BYTES": "0", "METRICS_QUERY_TAIL_TTL_S": "0"}),
                             ("cached", {})):
             port = free_port()
@@ -259,18 +292,36 @@ def main() -> int:
                     for conns in ((1, 4) if mode == "uncached" else (CONNECTIONS,)):
                         rps, p50, p99 = wrk(url, tokens[app], connections=conns, duration_s=DURATION_S)
                         rows.append((label, f"{mode}, {layout}, {conns} conn{'s' if conns > 1 else ''}",
-                                     rps, p50, p99))
+                                     rps, p50, p99, ""))
+                        if app == APP and label.startswith("24 h"):
+                            native[(mode, conns)] = (rps, p50, p99)
                     if mode == "cached":
                         tag = etag_of(url, tokens[app])
                         rps, p50, p99 = wrk(url, tokens[app], connections=CONNECTIONS, duration_s=DURATION_S,
                                             extra_header=f"If-None-Match: {tag}")
-                        rows.append((label, f"{mode}, 304 (If-None-Match), {CONNECTIONS} conns", rps, p50, p99))
+                        rows.append((label, f"{mode}, 304 (If-None-Match), {CONNECTIONS} conns", rps, p50, p99,
+                                     ""))
+            # The Prometheus API over the same 24 h of the summary-block app, against the native 24 h row.
+            for promql in PROM_QUERIES:
+                url = prom_url(port, promql, now_s - 86400, now_s, 60)
+                samples = prom_warm(url, tokens[APP])
+                for conns in ((1, 4) if mode == "uncached" else (CONNECTIONS,)):
+                    rps, p50, p99 = wrk(url, tokens[APP], connections=conns, duration_s=DURATION_S)
+                    n_rps, _, n_p99 = native[(mode, conns)]
+                    if mode == "uncached":
+                        target, vs = PROM_UNCACHED_TARGET, f"p99 {p99 / n_p99:.2f}x"
+                    else:
+                        target, vs = PROM_CACHED_TARGET, f"req/s {rps / n_rps:.2f}x"
+                    rows.append((f"Prometheus query_range `{promql}`, 24 h, step=60 ({samples:,} samples)",
+                                 f"{mode}, summary blocks, {conns} conn{'s' if conns > 1 else ''} ({target})",
+                                 rps, p50, p99, vs))
             proc.terminate()
             proc.wait(timeout=20)
         lines = [f"Read path (2 cores, dynalite, one `python -m app web` process, wrk -t1, {DURATION_S} s "
                  "per row; 1000-request minutes with ~1000-centroid digests)", "",
-                 "| query | mode | req/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {q} | {m} | {rps:,.0f} | {p50:.2f} | {p99:.2f} |" for q, m, rps, p50, p99 in rows]
+                 "| query | mode | req/s | p50 ms | p99 ms | vs native 24 h (same mode, conns) |",
+                 "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {q} | {m} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {vs} |" for q, m, rps, p50, p99, vs in rows]
         lines += ["", "Store reads behind one uncached answer (final points and live edge; whole items, as "
                   "DynamoDB bills them; eventually consistent)", "",
                   "| query | points | items | bytes read | bytes per point | read units |",
